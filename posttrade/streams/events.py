@@ -1,0 +1,215 @@
+"""The event contract: typed models for everything that flows on the bus.
+
+Decoding *is* validation: `decode(Fill, raw)` either returns a Fill whose every field
+has the right type and a sane value, or raises `InvalidEvent` with a reason that names
+the field. Money and quantities are `Decimal` (sent as JSON strings, numbers accepted),
+timestamps are integer nanoseconds since the epoch (UTC). `docs/events.md` documents
+the subjects and fields; keep the two in step.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Literal
+
+import msgspec
+
+Side = Literal["BUY", "SELL"]
+
+
+class InvalidEvent(ValueError):
+    """A message that cannot become an event; `reason` says why."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _finite(name: str, value: Decimal) -> None:
+    if not value.is_finite():
+        raise ValueError(f"{name} must be a finite number, got {value}")
+
+
+def _positive(name: str, value: Decimal) -> None:
+    _finite(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def _non_negative(name: str, value: Decimal) -> None:
+    _finite(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def _non_empty(name: str, value: str) -> None:
+    if not value or value != value.strip():
+        raise ValueError(f"{name} must be a non-empty string without surrounding spaces")
+
+
+def _timestamp(value: int) -> None:
+    # 1990-01-01 .. 2200-01-01 in ns: catches seconds or milliseconds sent by mistake.
+    if not 631_152_000_000_000_000 <= value <= 7_258_118_400_000_000_000:
+        raise ValueError(f"ts must be epoch nanoseconds, got {value}")
+
+
+class Event(msgspec.Struct, kw_only=True, frozen=True):
+    """Base of every event: `ts` is the event time in epoch nanoseconds."""
+
+    ts: int
+
+    def __post_init__(self) -> None:
+        _timestamp(self.ts)
+
+
+class Fill(Event, frozen=True):
+    """An execution of (part of) an order: what positions and P&L are built from."""
+
+    fill_id: str
+    account: str
+    symbol: str
+    side: Side
+    qty: Decimal
+    price: Decimal
+    fee: Decimal = Decimal(0)  # negative for a rebate
+    order_id: str | None = None
+    venue: str | None = None
+    liquidity: Literal["MAKER", "TAKER"] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _non_empty("fill_id", self.fill_id)
+        _non_empty("account", self.account)
+        _non_empty("symbol", self.symbol)
+        _positive("qty", self.qty)
+        _positive("price", self.price)
+        _finite("fee", self.fee)
+
+
+class Order(Event, frozen=True):
+    """An order as the OMS saw it; `ts` is the arrival time for a NEW order."""
+
+    order_id: str
+    account: str
+    symbol: str
+    side: Side
+    qty: Decimal
+    order_type: Literal["MARKET", "LIMIT"] = "MARKET"
+    limit_price: Decimal | None = None
+    venue: str | None = None
+    status: Literal["NEW", "CANCELED", "FILLED", "REJECTED", "EXPIRED"] = "NEW"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _non_empty("order_id", self.order_id)
+        _non_empty("account", self.account)
+        _non_empty("symbol", self.symbol)
+        _positive("qty", self.qty)
+        if self.order_type == "LIMIT" and self.limit_price is None:
+            raise ValueError("a LIMIT order needs limit_price")
+        if self.limit_price is not None:
+            _positive("limit_price", self.limit_price)
+
+
+class Quote(Event, frozen=True):
+    """Top of book for a symbol."""
+
+    symbol: str
+    bid: Decimal
+    ask: Decimal
+    bid_size: Decimal = Decimal(0)
+    ask_size: Decimal = Decimal(0)
+    venue: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _non_empty("symbol", self.symbol)
+        _positive("bid", self.bid)
+        _positive("ask", self.ask)
+        _non_negative("bid_size", self.bid_size)
+        _non_negative("ask_size", self.ask_size)
+        if self.ask < self.bid:
+            raise ValueError(f"crossed quote: ask {self.ask} < bid {self.bid}")
+
+    @property
+    def mid(self) -> Decimal:
+        return (self.bid + self.ask) / 2
+
+
+class MarketTrade(Event, frozen=True):
+    """A print on the tape (anyone's trade, not necessarily ours)."""
+
+    symbol: str
+    price: Decimal
+    size: Decimal
+    trade_id: str | None = None
+    venue: str | None = None
+    aggressor: Side | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _non_empty("symbol", self.symbol)
+        _positive("price", self.price)
+        _positive("size", self.size)
+
+
+class Bar(Event, frozen=True):
+    """OHLCV over [ts, ts + interval); `ts` is the bar's open time."""
+
+    symbol: str
+    interval: str  # "1s", "1m", "5m", ...
+    open: Decimal
+    high: Decimal
+    low: Decimal
+    close: Decimal
+    volume: Decimal
+    vwap: Decimal | None = None
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _non_empty("symbol", self.symbol)
+        _non_empty("interval", self.interval)
+        for name in ("open", "high", "low", "close"):
+            _positive(name, getattr(self, name))
+        _non_negative("volume", self.volume)
+        if not (self.low <= min(self.open, self.close) and self.high >= max(self.open, self.close)):
+            raise ValueError("bar must satisfy low <= open, close <= high")
+        if self.count < 0:
+            raise ValueError("count must be >= 0")
+
+
+_decoders: dict[type, msgspec.json.Decoder] = {}
+_encoder = msgspec.json.Encoder(decimal_format="string")
+
+
+def decode(event_type: type[msgspec.Struct], raw: bytes):
+    """Decode and validate one JSON message, raising InvalidEvent with the reason."""
+    decoder = _decoders.get(event_type)
+    if decoder is None:
+        decoder = _decoders[event_type] = msgspec.json.Decoder(event_type)
+    try:
+        return decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise InvalidEvent(f"invalid {event_type.__name__}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidEvent(f"malformed JSON: {exc}") from None
+
+
+def encode(event: msgspec.Struct | dict | list) -> bytes:
+    """Encode any event (or plain JSON data) with decimals as exact strings."""
+    return _encoder.encode(event)
+
+
+def subject_token(value: str) -> str:
+    """Make a value safe as one NATS subject token (symbols like `BRK.B` contain dots).
+
+    Only routing uses the token; the payload always carries the exact value.
+    """
+    out = []
+    for ch in value:
+        if ch.isalnum() or ch in "-_":
+            out.append(ch)
+        else:
+            out.append(f"%{ord(ch):02X}")
+    return "".join(out) or "%00"
