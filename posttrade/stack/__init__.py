@@ -1,0 +1,31 @@
+"""The local stack: real NATS (JetStream), Valkey and QuestDB servers on 127.0.0.1.
+
+`posttrade stack up|down|status|env` drives it from the shell; tests and benchmarks use
+`endpoints()` to find it and `up()` to make sure it runs. ClickHouse is embedded (chdb),
+so it is no server here: each process opens its own data path under `Endpoints.chdb_dir`.
+"""
+
+from .endpoints import HOME_ENV, PORT_ENV, Endpoints, endpoints
+from .servers import QUESTDB_VERSION, SERVERS, Server, StackError, chdb_version, fetch_questdb_jar
+from .supervisor import ServerState, StopResult, down, log_tail, logfile, pidfile, status, up
+
+__all__ = [
+    "HOME_ENV",
+    "PORT_ENV",
+    "QUESTDB_VERSION",
+    "SERVERS",
+    "Endpoints",
+    "Server",
+    "ServerState",
+    "StackError",
+    "StopResult",
+    "chdb_version",
+    "down",
+    "endpoints",
+    "fetch_questdb_jar",
+    "log_tail",
+    "logfile",
+    "pidfile",
+    "status",
+    "up",
+]

@@ -1,0 +1,225 @@
+"""Service configuration: YAML in `config/backend/<service>/config.yaml`, overridden
+from the environment, validated into typed structs before anything starts.
+
+Environment overrides name a path through the YAML with double underscores:
+
+    POSTTRADE__DATABASES__QUESTDB__HOST=127.0.0.1        every service
+    POSTTRADE_PTRC__SERVICE__PORT=18109                   only ptrc (wins over the above)
+
+Values are parsed as YAML scalars (`8123` is an int, `true` a bool). Credentials are
+never in the files: they come only from such variables (e.g.
+`POSTTRADE__NATS__PASSWORD`). A missing or wrong value stops the service at start with
+a `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import msgspec
+import yaml
+
+ENV_PREFIX = "POSTTRADE"
+SERVICES = ("ptrc", "pnl", "hot_cache", "questdb_writer", "feast_pipeline", "execution_quality")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class TLSSection(_Section):
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    verify: bool = True
+
+    def context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=self.ca_file)
+        if self.cert_file:
+            ctx.load_cert_chain(self.cert_file, self.key_file)
+        if not self.verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+
+class ServiceSection(_Section, kw_only=True):
+    name: str
+    host: str = "0.0.0.0"
+    port: int
+    metrics_port: int | None = None  # a second port serving only /metrics
+    auth_token: str | None = None  # bearer token for state-changing endpoints (env only)
+    log_level: str = "INFO"
+
+
+class NatsSection(_Section):
+    url: str = "nats://nats:4222"
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    creds_file: str | None = None
+    tls: TLSSection | None = None
+    replicas: int = 1
+
+
+class QuestDBSection(_Section):
+    host: str = "questdb"
+    port: int = 9000  # HTTP: SQL and ILP-over-HTTP
+    pg_port: int = 8812
+    ilp_port: int = 9009
+    user: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+
+class ClickHouseSection(_Section):
+    host: str = "clickhouse"
+    port: int = 8123
+    database: str = "posttrade"
+    user: str | None = None
+    password: str | None = None
+    secure: bool = False
+    # `chdb:///path`: the embedded engine instead of a server (one data path per process).
+    dsn: str | None = None
+
+
+class DatabasesSection(_Section):
+    questdb: QuestDBSection | None = None
+    clickhouse: ClickHouseSection | None = None
+
+
+class SeaweedFSSection(_Section):
+    endpoint: str = "http://seaweedfs:8333"
+    bucket: str = "trader2025"
+    access_key: str | None = None
+    secret_key: str | None = None
+    region: str = "us-east-1"
+
+
+class StorageSection(_Section):
+    seaweedfs: SeaweedFSSection | None = None
+    local_dir: str | None = None  # used instead of object storage when set
+
+
+class RedisSection(_Section):
+    host: str = "valkey"
+    port: int = 6379
+    db: int = 0
+    ttl: int = 300
+    username: str | None = None
+    password: str | None = None
+    ssl: bool = False
+
+
+class CacheSection(_Section):
+    redis: RedisSection | None = None
+
+
+class BatchSection(_Section):
+    size: int = 1000
+    interval_sec: float = 1.0
+    max_retry: int = 3
+
+
+class RuntimeSection(_Section):
+    """How agents consume: batch size, in-flight bound, lag that makes /health fail."""
+
+    batch_size: int = 1000
+    max_ack_pending: int = 20_000
+    ack_wait_s: float = 60.0
+    max_lag: int = 100_000
+    poison_attempts: int = 3  # an event that crashes its agent this often is dead-lettered
+
+
+class ServiceConfig(_Section):
+    """The sections every service shares; services subclass it with their own."""
+
+    service: ServiceSection
+    nats: NatsSection = msgspec.field(default_factory=NatsSection)
+    databases: DatabasesSection = msgspec.field(default_factory=DatabasesSection)
+    storage: StorageSection = msgspec.field(default_factory=StorageSection)
+    cache: CacheSection = msgspec.field(default_factory=CacheSection)
+    batch: BatchSection = msgspec.field(default_factory=BatchSection)
+    runtime: RuntimeSection = msgspec.field(default_factory=RuntimeSection)
+
+
+C = TypeVar("C", bound=ServiceConfig)
+
+
+def default_config_dir() -> Path:
+    if "POSTTRADE_CONFIG_DIR" in os.environ:
+        return Path(os.environ["POSTTRADE_CONFIG_DIR"])
+    here = Path.cwd() / "config" / "backend"
+    if here.is_dir():
+        return here
+    return Path(__file__).resolve().parent.parent / "config" / "backend"
+
+
+def _set_path(data: dict, path: list[str], value: Any, variable: str) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{variable}: `{part}` is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def apply_env_overrides(data: dict, service: str, env: Mapping[str, str]) -> dict:
+    generic = f"{ENV_PREFIX}__"
+    specific = f"{ENV_PREFIX}_{service.upper()}__"
+    # Generic first so that service-specific variables win.
+    for prefix in (generic, specific):
+        for variable in sorted(env):
+            if not variable.startswith(prefix):
+                continue
+            path = [p.lower() for p in variable[len(prefix):].split("__")]
+            if not all(path):
+                raise ConfigError(f"{variable}: empty path segment")
+            raw = env[variable]
+            try:
+                value = yaml.safe_load(raw) if raw != "" else ""
+            except yaml.YAMLError:
+                value = raw
+            if isinstance(value, (dict, list)):
+                value = raw  # a scalar variable never turns into a structure by accident
+            _set_path(data, path, value, variable)
+    return data
+
+
+def load_config(
+    service: str,
+    schema: type[C] = ServiceConfig,
+    *,
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> C:
+    env = os.environ if env is None else env
+    path = Path(path) if path else default_config_dir() / service / "config.yaml"
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{service}: no config file at {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    apply_env_overrides(data, service, env)
+    try:
+        return msgspec.convert(data, type=schema, strict=False)
+    except msgspec.ValidationError as exc:
+        # msgspec says e.g. "Expected `int`, got `str` - at `$.databases.questdb.port`".
+        message = str(exc)
+        if " - at `$." in message:
+            what, where = message.rsplit(" - at `$.", 1)
+            raise ConfigError(f"{service} config, key `{where.rstrip('`')}`: {what}") from None
+        raise ConfigError(f"{service} config: {message}") from None

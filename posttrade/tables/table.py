@@ -1,0 +1,209 @@
+"""Tables: dict-like keyed state that survives a restart.
+
+Every key remembers, per input stream, the sequence of the last event that changed
+it. Writing a key from inside an agent records the current event's sequence; asking
+`already_applied(key)` (or using `apply`) before changing it makes redelivered and
+replayed events no-ops, key by key. That is what turns JetStream's at-least-once
+delivery into an exactly-once *effect*, and it holds even when a crash interrupts a
+changelog flush half-way: the keys that were written skip the event, the rest apply it.
+
+The changelog is a JetStream key-value bucket holding the last value of each key
+(msgpack of `[value, {stream: seq}]`); recovery reads it back whole on start.
+Changes are buffered and written by `flush()`, which the stream's commit calls
+before acknowledging the input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+from typing import Any, Callable, Generic, Iterator, TypeVar
+
+import msgspec
+
+from ..streams.stream import current_event
+from ..streams.transport import KeyValueStore, Transport
+
+V = TypeVar("V")
+
+_MISSING = object()
+_BUCKET_SAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+class Table(Generic[V]):
+    def __init__(
+        self,
+        name: str,
+        *,
+        bucket: str,
+        value_type: Any = Any,
+        key_type: Any = str,
+        default: Callable[[], V] | None = None,
+    ):
+        self.name = name
+        self.bucket = _BUCKET_SAFE.sub("_", bucket)
+        self.default = default
+        self._data: dict[Any, V] = {}
+        self._seqs: dict[Any, dict[str, int]] = {}
+        self._dirty: set = set()
+        self._undo: dict[Any, tuple[Any, dict[str, int] | None]] = {}
+        self._kv: KeyValueStore | None = None
+        self._flush_lock = asyncio.Lock()
+        self._key_encoder = msgspec.msgpack.Encoder()
+        self._key_decoder = msgspec.msgpack.Decoder(key_type)
+        self._value_encoder = msgspec.msgpack.Encoder(decimal_format="string")
+        self._entry_decoder = msgspec.msgpack.Decoder(tuple[value_type, dict[str, int]])
+
+    # -- reading -----------------------------------------------------------------------
+
+    def __getitem__(self, key) -> V:
+        try:
+            return self._data[key]
+        except KeyError:
+            if self.default is None:
+                raise
+            return self.default()
+
+    def get(self, key, default=None):
+        return self._data.get(key, default)
+
+    def __contains__(self, key) -> bool:
+        return key in self._data
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __iter__(self) -> Iterator:
+        return iter(self._data)
+
+    def keys(self):
+        return self._data.keys()
+
+    def values(self):
+        return self._data.values()
+
+    def items(self):
+        return self._data.items()
+
+    def last_applied(self, key) -> dict[str, int]:
+        """{stream: seq} of the last events that changed `key`."""
+        return dict(self._seqs.get(key, {}))
+
+    # -- writing -------------------------------------------------------------------------
+
+    def already_applied(self, key) -> bool:
+        """True when the event being processed has already changed `key`."""
+        event = current_event.get()
+        if event is None:
+            return False
+        seqs = self._seqs.get(key)
+        return seqs is not None and seqs.get(event.stream, 0) >= event.seq
+
+    def apply(self, key, update: Callable[[V], V]) -> V:
+        """Set `key` to `update(current value)` unless this event already did.
+
+        The current value is the default when the key is absent. Returns the value
+        the key holds afterwards.
+        """
+        if self.already_applied(key):
+            return self._data[key]
+        value = update(self[key])
+        self[key] = value
+        return value
+
+    def __setitem__(self, key, value: V) -> None:
+        self._remember_undo(key)
+        self._data[key] = value
+        event = current_event.get()
+        if event is not None:
+            seqs = self._seqs.get(key)
+            if seqs is None:
+                self._seqs[key] = {event.stream: event.seq}
+            else:
+                seqs[event.stream] = max(seqs.get(event.stream, 0), event.seq)
+        self._dirty.add(key)
+
+    def __delitem__(self, key) -> None:
+        self._remember_undo(key)
+        del self._data[key]
+        self._seqs.pop(key, None)
+        self._dirty.add(key)
+
+    def pop(self, key, default=_MISSING):
+        if key in self._data:
+            value = self._data[key]
+            del self[key]
+            return value
+        if default is _MISSING:
+            raise KeyError(key)
+        return default
+
+    def _remember_undo(self, key) -> None:
+        if key not in self._undo:
+            seqs = self._seqs.get(key)
+            self._undo[key] = (self._data.get(key, _MISSING), dict(seqs) if seqs is not None else None)
+
+    def rollback(self) -> None:
+        """Forget changes not yet flushed (the agent that made them crashed)."""
+        for key, (value, seqs) in self._undo.items():
+            if value is _MISSING:
+                self._data.pop(key, None)
+            else:
+                self._data[key] = value
+            if seqs is None:
+                self._seqs.pop(key, None)
+            else:
+                self._seqs[key] = seqs
+        self._undo.clear()
+        self._dirty.clear()
+
+    # -- durability ------------------------------------------------------------------------
+
+    def _kv_key(self, key) -> str:
+        return base64.urlsafe_b64encode(self._key_encoder.encode(key)).decode()
+
+    async def open(self, transport: Transport) -> None:
+        """Attach the changelog and recover the table's contents from it."""
+        self._kv = await transport.key_value(self.bucket)
+        entries = await self._kv.load_all()
+        self._data.clear()
+        self._seqs.clear()
+        for kv_key, raw in entries.items():
+            key = self._key_decoder.decode(base64.urlsafe_b64decode(kv_key))
+            value, seqs = self._entry_decoder.decode(raw)
+            self._data[key] = value
+            self._seqs[key] = seqs
+        self._dirty.clear()
+        self._undo.clear()
+
+    @property
+    def dirty(self) -> int:
+        return len(self._dirty)
+
+    async def flush(self) -> None:
+        """Write every changed key to the changelog; returns when all are durable."""
+        if not self._dirty:
+            return
+        async with self._flush_lock:
+            dirty, self._dirty = self._dirty, set()
+            self._undo.clear()
+            items: dict[str, bytes | None] = {}
+            for key in dirty:
+                if key in self._data:
+                    items[self._kv_key(key)] = self._value_encoder.encode((self._data[key], self._seqs.get(key, {})))
+                else:
+                    items[self._kv_key(key)] = None
+            if self._kv is None:
+                raise RuntimeError(f"table {self.name} was written before it was opened")
+            try:
+                await self._kv.put_many(items)
+            except BaseException:
+                self._dirty |= dirty  # try again at the next commit
+                raise
+
+    async def clear(self) -> None:
+        """Delete every key, durably (used by resets and tests)."""
+        for key in list(self._data):
+            del self[key]
+        await self.flush()
