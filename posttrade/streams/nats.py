@@ -251,10 +251,11 @@ class NatsPullConsumer(Consumer):
         if reply and reply.startswith("$JS.ACK."):
             delivered, seq, ts = _parse_ack_reply(reply)
             self._buffer.append(Delivery(msg.subject, msg.data, seq, ts, msg.headers, delivered, reply))
-            if msg.subject == self._active_request:
-                self._active_left -= 1
-                if self._active_left <= 0:
-                    self._active_request = None
+            # Messages carry their original subject, so they are counted against the one
+            # pull in flight; when it has brought all it asked for, it is over.
+            self._active_left -= 1
+            if self._active_left <= 0:
+                self._active_request = None
         elif msg.subject == self._active_request:
             # A status message (408 expired, 409 limits, 404 nothing): that pull is over.
             self._active_request = None
@@ -279,11 +280,15 @@ class NatsPullConsumer(Consumer):
         self._max_messages = max_messages
         deadline = time.monotonic() + timeout
         while not self._buffer:
+            # Clear before pulling: a message that lands while we publish the pull
+            # request must wake the wait below, not be slept through.
+            self._arrived.clear()
             await self._ensure_pull()
+            if self._buffer:
+                break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
-            self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), min(remaining, self.PULL_EXPIRES_S))
             except asyncio.TimeoutError:

@@ -1,0 +1,228 @@
+"""The runtime on the real NATS JetStream server of the local stack."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import msgspec
+import nats
+import pytest
+
+from posttrade.app import App
+from posttrade.streams.nats import NatsTransport
+from posttrade.streams.transport import StartPosition
+
+from .counter_worker import Tick, Totals, build
+
+WORKER = Path(__file__).with_name("counter_worker.py")
+KEYS = [f"k{i}" for i in range(7)]
+
+
+def tick_bytes(i: int) -> bytes:
+    return msgspec.json.encode(Tick(KEYS[i % len(KEYS)], i))
+
+
+def expected_totals(n: int) -> dict[str, Totals]:
+    out: dict[str, Totals] = {}
+    for i in range(1, n + 1):
+        t = out.setdefault(KEYS[i % len(KEYS)], Totals())
+        t.count += 1
+        t.total += i
+    return out
+
+
+async def publish_ticks(url: str, stream: str, numbers, extra: dict[int, bytes] | None = None) -> None:
+    """Publish ticks with core NATS (fast) and confirm they are all in the stream."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    count = 0
+    for i in numbers:
+        data = (extra or {}).get(i, tick_bytes(i))
+        await nc.publish(f"{stream.lower()}.{KEYS[i % len(KEYS)]}", data)
+        count += 1
+    await nc.flush()
+    deadline = time.monotonic() + 20
+    while (await js.stream_info(stream)).state.messages < count and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await nc.close()
+
+
+async def read_totals(url: str, stream: str, name: str) -> dict[str, Totals]:
+    app, totals = build(url, stream, name)
+    await app.transport.connect()
+    await totals.open(app.transport)
+    await app.transport.close()
+    return dict(totals.items())
+
+
+async def consumer_floor(url: str, stream: str, durable: str) -> int:
+    nc = await nats.connect(url)
+    try:
+        info = await nc.jetstream().consumer_info(stream, durable)
+        return info.ack_floor.stream_seq
+    except nats.js.errors.NotFoundError:
+        return 0
+    finally:
+        await nc.close()
+
+
+async def wait_floor(url, stream, durable, target, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        floor = await consumer_floor(url, stream, durable)
+        if floor >= target:
+            return floor
+        if time.monotonic() > deadline:
+            raise AssertionError(f"consumer {durable} stuck at {floor} < {target}")
+        await asyncio.sleep(0.1)
+
+
+def start_worker(url: str, stream: str, name: str, batch: int = 100) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(WORKER.parents[2])}
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), url, stream, name, str(batch)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def stop_worker(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("worker did not stop on SIGTERM")
+    assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]
+
+
+@pytest.fixture
+def names():
+    suffix = uuid.uuid4().hex[:8].upper()
+    return f"ITEST_{suffix}", f"itest{suffix.lower()}"
+
+
+async def test_every_event_applied_exactly_once(stack, names):
+    stream, app_name = names
+    n = 5000
+    app, totals = build(stack.nats_url, stream, app_name, batch_size=250)
+    async with app:
+        await publish_ticks(stack.nats_url, stream, range(1, n + 1))
+        await wait_floor(stack.nats_url, stream, f"{app_name}-count", n)
+        assert dict(totals.items()) == expected_totals(n)
+    assert await read_totals(stack.nats_url, stream, app_name) == expected_totals(n)
+
+
+async def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(stack, names):
+    stream, app_name = names
+    n = 30_000
+    durable = f"{app_name}-count"
+    # Declare the stream first so publishing can start before the worker is up.
+    app, _ = build(stack.nats_url, stream, app_name)
+    await app.transport.connect()
+    await app.transport.ensure_stream(app.channels["ticks"].stream)
+    await app.transport.close()
+
+    worker = start_worker(stack.nats_url, stream, app_name, batch=100)
+    try:
+        await publish_ticks(stack.nats_url, stream, range(1, n + 1))
+        kills = 0
+        for fraction in (0.2, 0.5):  # kill it twice, at different points
+            await wait_floor(stack.nats_url, stream, durable, int(n * fraction))
+            worker.send_signal(signal.SIGKILL)
+            worker.wait(timeout=10)
+            kills += 1
+            worker = start_worker(stack.nats_url, stream, app_name, batch=100)
+        await wait_floor(stack.nats_url, stream, durable, n)
+        stop_worker(worker)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert kills == 2
+    assert await read_totals(stack.nats_url, stream, app_name) == expected_totals(n)
+
+
+async def test_malformed_message_goes_to_dead_letter_and_stream_continues(stack, names):
+    stream, app_name = names
+    bad = {3: b"{this is not json", 5: b'{"key": "k1", "value": "not an int"}'}
+    nc = await nats.connect(stack.nats_url)
+    js = nc.jetstream()
+    app, totals = build(stack.nats_url, stream, app_name)
+    async with app:
+        dlq_before = (await js.stream_info("DLQ")).state.last_seq
+        await publish_ticks(stack.nats_url, stream, range(1, 11), extra=bad)
+        await wait_floor(stack.nats_url, stream, f"{app_name}-count", 10)
+    good = [i for i in range(1, 11) if i not in bad]
+    assert sum(t.count for t in totals.values()) == len(good)
+    assert sum(t.total for t in totals.values()) == sum(good)
+
+    dead = []
+    for seq in range(dlq_before + 1, (await js.stream_info("DLQ")).state.last_seq + 1):
+        msg = await js.get_msg("DLQ", seq)
+        if msg.subject == f"posttrade.dlq.{app_name}":
+            dead.append(msg)
+    await nc.close()
+    assert [m.data for m in dead] == [bad[3], bad[5]]
+    assert "malformed JSON" in dead[0].headers["Posttrade-Reason"]
+    assert "Expected `int`" in dead[1].headers["Posttrade-Reason"]
+    assert dead[1].headers["Posttrade-Stream"] == stream
+    assert app.metrics.dead_letters.labels("count")._value.get() == 2
+
+
+async def test_replay_from_sequence_and_from_time(stack, names):
+    stream, app_name = names
+    app, _ = build(stack.nats_url, stream, app_name)
+    ticks = app.channels["ticks"]
+    await app.transport.connect()
+    try:
+        await app.transport.ensure_stream(ticks.stream)
+        await publish_ticks(stack.nats_url, stream, range(1, 21))
+        await asyncio.sleep(0.05)
+        middle = datetime.now(timezone.utc)
+        await asyncio.sleep(0.05)
+        await publish_ticks(stack.nats_url, stream, range(21, 31))
+
+        from_seq = [(r.seq, r.value.value) async for r in app.replay(ticks, StartPosition(seq=25))]
+        assert from_seq == [(s, s) for s in range(25, 31)]
+
+        from_time = [r.value.value async for r in app.replay(ticks, StartPosition(time=middle))]
+        assert from_time == list(range(21, 31))
+
+        everything = [r.value.value async for r in app.replay(ticks, StartPosition())]
+        assert everything == list(range(1, 31))
+    finally:
+        await app.transport.close()
+
+
+async def test_agent_restart_with_unacked_deliveries_resumes_in_order(stack, names):
+    """A consumer that delivered messages it never acknowledged comes back at its ack
+    floor at once, instead of after the ack wait with later messages first."""
+    stream, app_name = names
+    transport = NatsTransport(stack.nats_url)
+    await transport.connect()
+    app = App(app_name, transport)
+    ticks = app.channel("ticks", stream=stream, subjects=[f"{stream.lower()}.>"], value_type=Tick)
+    await transport.ensure_stream(ticks.stream)
+    await publish_ticks(stack.nats_url, stream, range(1, 11))
+    from posttrade.streams.transport import ConsumerSpec
+
+    spec = ConsumerSpec(stream=stream, durable="orderly")
+    first = await transport.open_consumer(spec)
+    batch = await first.next_batch(4, timeout=5)
+    await first.ack_through(batch[1])  # seq 2 done; 3 and 4 in flight when we "crash"
+    await transport.nc.flush()
+    await first.close()
+    second = await transport.open_consumer(spec)
+    again = await second.next_batch(10, timeout=5)
+    assert [d.seq for d in again] == list(range(3, 11))
+    await second.close()
+    await transport.close()
