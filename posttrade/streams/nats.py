@@ -78,16 +78,19 @@ class NatsTransport(Transport):
         self._request_timeout = request_timeout
         self.nc: NatsClient | None = None
         self.js = None
+        self._closing = False
 
     async def connect(self) -> None:
         if self.nc is not None and self.nc.is_connected:
             return
+        self._closing = False
 
         async def on_error(exc: Exception) -> None:
             log.warning("NATS error: %s", exc)
 
         async def on_disconnect() -> None:
-            log.warning("NATS disconnected from %s; reconnecting", self.url)
+            if not self._closing:
+                log.warning("NATS disconnected from %s; reconnecting", self.url)
 
         async def on_reconnect() -> None:
             log.info("NATS reconnected to %s", self.url)
@@ -107,11 +110,13 @@ class NatsTransport(Transport):
 
     async def close(self) -> None:
         if self.nc is not None:
+            self._closing = True
             try:
                 await self.nc.drain()
             except Exception:  # closing a broken connection must not hide the real error
                 await self.nc.close()
             self.nc = None
+            self._closing = False
 
     @property
     def connected(self) -> bool:
