@@ -117,7 +117,7 @@ class AgentRunner:
         self.running = False
         self.crashes = 0
         self.last_error: str | None = None
-        self._failures: dict[int, int] = {}  # seq -> times it crashed the agent
+        self.failed_seqs: dict[int, int] = {}  # seq -> times it crashed the agent
         self._task: asyncio.Task | None = None
 
     @property
@@ -136,7 +136,7 @@ class AgentRunner:
         )
 
     def poison_reason(self, seq: int) -> str | None:
-        failures = self._failures.get(seq, 0)
+        failures = self.failed_seqs.get(seq, 0)
         if failures >= self.app.runtime.poison_attempts:
             return f"agent {self.name} failed on this event {failures} times: {self.last_error}"
         return None
@@ -171,7 +171,7 @@ class AgentRunner:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 self.app.metrics.agent_crashes.labels(self.name).inc()
                 if self.current is not None:
-                    self._failures[self.current.seq] = self._failures.get(self.current.seq, 0) + 1
+                    self.failed_seqs[self.current.seq] = self.failed_seqs.get(self.current.seq, 0) + 1
                 log.exception("agent %s crashed on seq %s", self.name, self.current and self.current.seq)
                 self.app.rollback_tables()
             finally:

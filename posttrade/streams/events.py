@@ -25,32 +25,34 @@ class InvalidEvent(ValueError):
         self.reason = reason
 
 
+# Validation runs for every message on the hot path: one call checks several fields.
+
+
+def _positive(**values: Decimal) -> None:
+    for name, value in values.items():
+        if not value.is_finite() or value <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
+def _non_negative(**values: Decimal) -> None:
+    for name, value in values.items():
+        if not value.is_finite() or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+
+
 def _finite(name: str, value: Decimal) -> None:
     if not value.is_finite():
         raise ValueError(f"{name} must be a finite number, got {value}")
 
 
-def _positive(name: str, value: Decimal) -> None:
-    _finite(name, value)
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+def _names(**values: str) -> None:
+    for name, value in values.items():
+        if not value or value[0].isspace() or value[-1].isspace():
+            raise ValueError(f"{name} must be a non-empty string without surrounding spaces")
 
 
-def _non_negative(name: str, value: Decimal) -> None:
-    _finite(name, value)
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-
-
-def _non_empty(name: str, value: str) -> None:
-    if not value or value != value.strip():
-        raise ValueError(f"{name} must be a non-empty string without surrounding spaces")
-
-
-def _timestamp(value: int) -> None:
-    # 1990-01-01 .. 2200-01-01 in ns: catches seconds or milliseconds sent by mistake.
-    if not 631_152_000_000_000_000 <= value <= 7_258_118_400_000_000_000:
-        raise ValueError(f"ts must be epoch nanoseconds, got {value}")
+# 1990-01-01 .. 2200-01-01 in ns: catches seconds or milliseconds sent by mistake.
+_TS_MIN, _TS_MAX = 631_152_000_000_000_000, 7_258_118_400_000_000_000
 
 
 class Event(msgspec.Struct, kw_only=True, frozen=True):
@@ -59,7 +61,8 @@ class Event(msgspec.Struct, kw_only=True, frozen=True):
     ts: int
 
     def __post_init__(self) -> None:
-        _timestamp(self.ts)
+        if not _TS_MIN <= self.ts <= _TS_MAX:
+            raise ValueError(f"ts must be epoch nanoseconds, got {self.ts}")
 
 
 class Fill(Event, frozen=True):
@@ -77,13 +80,22 @@ class Fill(Event, frozen=True):
     liquidity: Literal["MAKER", "TAKER"] | None = None
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        _non_empty("fill_id", self.fill_id)
-        _non_empty("account", self.account)
-        _non_empty("symbol", self.symbol)
-        _positive("qty", self.qty)
-        _positive("price", self.price)
-        _finite("fee", self.fee)
+        # Inlined: this runs for every fill on the hot path (see benchmarks/runtime.py).
+        if not _TS_MIN <= self.ts <= _TS_MAX:
+            raise ValueError(f"ts must be epoch nanoseconds, got {self.ts}")
+        qty, price = self.qty, self.price
+        if not (qty.is_finite() and qty > 0 and price.is_finite() and price > 0):
+            _positive(qty=qty, price=price)
+        if not self.fee.is_finite():
+            _finite("fee", self.fee)
+        fill_id, account, symbol = self.fill_id, self.account, self.symbol
+        if not (
+            fill_id and account and symbol
+            and not fill_id[0].isspace() and not fill_id[-1].isspace()
+            and not account[0].isspace() and not account[-1].isspace()
+            and not symbol[0].isspace() and not symbol[-1].isspace()
+        ):
+            _names(fill_id=fill_id, account=account, symbol=symbol)
 
 
 class Order(Event, frozen=True):
@@ -101,14 +113,12 @@ class Order(Event, frozen=True):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _non_empty("order_id", self.order_id)
-        _non_empty("account", self.account)
-        _non_empty("symbol", self.symbol)
-        _positive("qty", self.qty)
+        _names(order_id=self.order_id, account=self.account, symbol=self.symbol)
+        _positive(qty=self.qty)
         if self.order_type == "LIMIT" and self.limit_price is None:
             raise ValueError("a LIMIT order needs limit_price")
         if self.limit_price is not None:
-            _positive("limit_price", self.limit_price)
+            _positive(limit_price=self.limit_price)
 
 
 class Quote(Event, frozen=True):
@@ -123,11 +133,9 @@ class Quote(Event, frozen=True):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _non_empty("symbol", self.symbol)
-        _positive("bid", self.bid)
-        _positive("ask", self.ask)
-        _non_negative("bid_size", self.bid_size)
-        _non_negative("ask_size", self.ask_size)
+        _names(symbol=self.symbol)
+        _positive(bid=self.bid, ask=self.ask)
+        _non_negative(bid_size=self.bid_size, ask_size=self.ask_size)
         if self.ask < self.bid:
             raise ValueError(f"crossed quote: ask {self.ask} < bid {self.bid}")
 
@@ -148,9 +156,8 @@ class MarketTrade(Event, frozen=True):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _non_empty("symbol", self.symbol)
-        _positive("price", self.price)
-        _positive("size", self.size)
+        _names(symbol=self.symbol)
+        _positive(price=self.price, size=self.size)
 
 
 class Bar(Event, frozen=True):
@@ -168,11 +175,9 @@ class Bar(Event, frozen=True):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _non_empty("symbol", self.symbol)
-        _non_empty("interval", self.interval)
-        for name in ("open", "high", "low", "close"):
-            _positive(name, getattr(self, name))
-        _non_negative("volume", self.volume)
+        _names(symbol=self.symbol, interval=self.interval)
+        _positive(open=self.open, high=self.high, low=self.low, close=self.close)
+        _non_negative(volume=self.volume)
         if not (self.low <= min(self.open, self.close) and self.high >= max(self.open, self.close)):
             raise ValueError("bar must satisfy low <= open, close <= high")
         if self.count < 0:

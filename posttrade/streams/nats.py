@@ -27,6 +27,7 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.js import api
 
+from .natslink import PullLink
 from .transport import (
     Consumer,
     ConsumerSpec,
@@ -40,17 +41,6 @@ from .transport import (
 log = logging.getLogger(__name__)
 
 _NS = 1_000_000_000
-
-
-def _parse_ack_reply(reply: str) -> tuple[int, int, int]:
-    """(delivery count, stream seq, timestamp ns) from a JetStream ack subject.
-
-    v1: $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
-    v2: $JS.ACK.<domain>.<account hash>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>[.<token>]
-    """
-    tokens = reply.split(".")
-    base = 4 if len(tokens) == 9 else 6
-    return int(tokens[base]), int(tokens[base + 1]), int(tokens[base + 3])
 
 
 class NatsTransport(Transport):
@@ -76,6 +66,8 @@ class NatsTransport(Transport):
             tls=tls,
         )
         self._request_timeout = request_timeout
+        # Consumers pull over their own lean connection unless auth needs nats-py (JWT).
+        self.fast_consumers = creds_file is None
         self.nc: NatsClient | None = None
         self.js = None
         self._closing = False
@@ -186,7 +178,8 @@ class NatsPullConsumer(Consumer):
         self.name: str | None = spec.durable
         self._buffer: list[Delivery] = []
         self._arrived = asyncio.Event()
-        self._sub = None
+        self._sub = None  # nats-py subscription (JWT auth) ...
+        self._link: PullLink | None = None  # ... or our lean pull connection
         self._inbox = ""
         self._request_seq = 0
         self._active_request: str | None = None  # reply subject of the pull in flight
@@ -247,24 +240,58 @@ class NatsPullConsumer(Consumer):
                     await js.delete_consumer(self.spec.stream, self.spec.durable)
                     info = await js.add_consumer(self.spec.stream, self._config(start_seq=restart))
         self.name = info.name
-        nc = self.transport.nc
-        self._inbox = nc.new_inbox()
-        self._sub = await nc.subscribe(f"{self._inbox}.*", cb=self._on_message, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        transport = self.transport
+        self._inbox = transport.nc.new_inbox()
+        if transport.fast_consumers:
+            options = transport._options
+            self._link = await PullLink.open(
+                transport.nc.connected_url.geturl() if transport.nc.connected_url else transport.url,
+                self._on_delivery,
+                user=options["user"],
+                password=options["password"],
+                token=options["token"],
+                tls=options["tls"],
+                name=f"{options['name']}-pull-{self.name}",
+            )
+            self._link.subscribe(f"{self._inbox}.*")
+        else:
+            self._sub = await transport.nc.subscribe(
+                f"{self._inbox}.*", cb=self._on_nats_py_message, pending_msgs_limit=-1, pending_bytes_limit=-1
+            )
 
-    async def _on_message(self, msg) -> None:
-        reply = msg.reply
-        if reply and reply.startswith("$JS.ACK."):
-            delivered, seq, ts = _parse_ack_reply(reply)
-            self._buffer.append(Delivery(msg.subject, msg.data, seq, ts, msg.headers, delivered, reply))
+    async def _on_nats_py_message(self, msg) -> None:
+        headers = msg.headers
+        status = headers.get("Status", "").encode() if headers and "Status" in headers else None
+        reply = msg.reply.encode() if msg.reply else None
+        self._on_delivery(msg.subject, reply, msg.data, status, headers)
+
+    def _on_delivery(self, subject: str, reply: bytes | None, data: bytes, status, headers) -> None:
+        if reply is not None and reply.startswith(b"$JS.ACK."):
+            # The ack subject carries the delivery's metadata (parsed inline: once per message):
+            #   v1: $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+            #   v2: $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>.<token>
+            tokens = reply.split(b".")
+            base = 4 if len(tokens) == 9 else 6
+            self._buffer.append(
+                Delivery(subject, data, int(tokens[base + 1]), int(tokens[base + 3]), headers, int(tokens[base]), reply)
+            )
             # Messages carry their original subject, so they are counted against the one
             # pull in flight; when it has brought all it asked for, it is over.
             self._active_left -= 1
             if self._active_left <= 0:
                 self._active_request = None
-        elif msg.subject == self._active_request:
+        elif subject == self._active_request:
             # A status message (408 expired, 409 limits, 404 nothing): that pull is over.
             self._active_request = None
         self._arrived.set()
+
+    async def _publish(self, subject: str | bytes, payload: bytes, reply: str | None = None) -> None:
+        if self._link is not None:
+            self._link.publish(subject, payload, reply)
+        else:
+            if isinstance(subject, bytes):
+                subject = subject.decode()
+            await self.transport.nc.publish(subject, payload, reply=reply or "")
 
     async def _ensure_pull(self) -> None:
         if self._active_request is not None and time.monotonic() < self._active_deadline:
@@ -277,9 +304,7 @@ class NatsPullConsumer(Consumer):
         self._active_left = self._max_messages
         self._active_deadline = time.monotonic() + self.PULL_EXPIRES_S + 1.0
         request = json.dumps({"batch": self._max_messages, "expires": int(self.PULL_EXPIRES_S * _NS)})
-        await self.transport.nc.publish(
-            f"$JS.API.CONSUMER.MSG.NEXT.{self.spec.stream}.{self.name}", request.encode(), reply=reply
-        )
+        await self._publish(f"$JS.API.CONSUMER.MSG.NEXT.{self.spec.stream}.{self.name}", request.encode(), reply)
 
     async def next_batch(self, max_messages: int, timeout: float) -> list[Delivery]:
         self._max_messages = max_messages
@@ -304,10 +329,10 @@ class NatsPullConsumer(Consumer):
         return batch
 
     async def ack_through(self, delivery: Delivery) -> None:
-        await self.transport.nc.publish(delivery.token, b"+ACK")
+        await self._publish(delivery.token, b"+ACK")
 
     async def in_progress(self, delivery: Delivery) -> None:
-        await self.transport.nc.publish(delivery.token, b"+WPI")
+        await self._publish(delivery.token, b"+WPI")
 
     async def pending(self) -> int:
         now = time.monotonic()
@@ -319,16 +344,25 @@ class NatsPullConsumer(Consumer):
         return value
 
     async def close(self) -> None:
+        # The last +ACK must reach the server before the connection goes.
+        if self._link is not None:
+            if self._link.is_open:
+                try:
+                    await self._link.flush()
+                except (ConnectionError, asyncio.TimeoutError):
+                    log.warning("could not flush the last acknowledgement of %s", self.name)
+            await self._link.close()
+            self._link = None
         if self._sub is not None:
             await self._sub.unsubscribe()
             self._sub = None
+            if self.transport.connected:
+                await self.transport.nc.flush()
         if self.spec.durable is None and self.transport.connected:
             try:
                 await self.transport.js.delete_consumer(self.spec.stream, self.name)
             except nats.js.errors.NotFoundError:
                 pass
-        if self.transport.connected:
-            await self.transport.nc.flush()  # the last +ACK must reach the server
 
 
 class NatsKeyValue(KeyValueStore):

@@ -151,10 +151,11 @@ class Stream:
             if d.seq <= self._last_seq:
                 continue  # redelivered while we still hold it: already handed over
             self._last_seq = d.seq
-            poison = runner.poison_reason(d.seq)
-            if poison is not None:
-                await self.dead_letter(d, poison)
-                continue
+            if runner.failed_seqs:
+                poison = runner.poison_reason(d.seq)
+                if poison is not None:
+                    await self.dead_letter(d, poison)
+                    continue
             try:
                 value = decode(value_type, d.data)
             except InvalidEvent as exc:
