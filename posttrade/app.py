@@ -301,7 +301,8 @@ class App:
             key_type=tuple[key_type, int],
             default=default,
         )
-        table = WindowedTable(inner, size_s=size_s, step_s=step_s, grace_s=grace_s)
+        meta = Table(f"{name}.meta", bucket=f"{self.name}-{name}-meta", value_type=int)
+        table = WindowedTable(inner, meta, size_s=size_s, step_s=step_s, grace_s=grace_s)
         self.tables[name] = table
         return table
 
@@ -372,7 +373,10 @@ class App:
     # -- tables ------------------------------------------------------------------------
 
     def _plain_tables(self) -> list[Table]:
-        return [t.table if isinstance(t, WindowedTable) else t for t in self.tables.values()]
+        plain: list[Table] = []
+        for table in self.tables.values():
+            plain.extend((table.table, table.meta) if isinstance(table, WindowedTable) else (table,))
+        return plain
 
     async def flush_tables(self) -> None:
         for table in self._plain_tables():

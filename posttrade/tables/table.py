@@ -103,12 +103,15 @@ class Table(Generic[V]):
     def apply(self, key, update: Callable[[V], V]) -> V:
         """Set `key` to `update(current value)` unless this event already did.
 
-        The current value is the default when the key is absent. Returns the value
-        the key holds afterwards.
+        The current value is the default (None without one) when the key is absent.
+        Returns the value the key holds afterwards.
         """
         if self.already_applied(key):
             return self._data[key]
-        value = update(self[key])
+        current = self._data.get(key, _MISSING)
+        if current is _MISSING:
+            current = self.default() if self.default is not None else None
+        value = update(current)
         self[key] = value
         return value
 

@@ -8,7 +8,9 @@ watermark passes `end + grace`; an event for a window that is already closed is 
 it is counted and dropped, never silently folded into a newer window.
 
 Underneath is an ordinary changelog-backed `Table` keyed by `(key, window_start)`, so
-windows survive restarts and the per-key sequences make replays idempotent.
+windows survive restarts and the per-key sequences make replays idempotent. The
+watermark is kept in a second, one-key table: after a restart, a window that was
+already closed (and emitted) stays closed.
 """
 
 from __future__ import annotations
@@ -23,13 +25,16 @@ _NS = 1_000_000_000
 
 
 class WindowedTable(Generic[V]):
-    def __init__(self, table: Table, *, size_s: float, step_s: float | None = None, grace_s: float = 0.0):
+    def __init__(
+        self, table: Table, meta: Table, *, size_s: float, step_s: float | None = None, grace_s: float = 0.0
+    ):
         if size_s <= 0:
             raise ValueError("window size must be > 0")
         step_s = size_s if step_s is None else step_s
         if step_s <= 0 or step_s > size_s:
             raise ValueError("hop step must be > 0 and <= the window size")
         self.table = table
+        self.meta = meta
         self.size = int(round(size_s * _NS))
         self.step = int(round(step_s * _NS))
         if self.size % self.step:
@@ -44,8 +49,8 @@ class WindowedTable(Generic[V]):
 
     async def open(self, transport) -> None:
         await self.table.open(transport)
-        # The newest window held tells roughly how far event time had got.
-        self.watermark = max((start for _, start in self.table.keys()), default=0)
+        await self.meta.open(transport)
+        self.watermark = self.meta.get("watermark", 0)
 
     def windows_for(self, ts: int) -> list[int]:
         """Start times (ns) of every window that contains event time `ts`."""
@@ -61,7 +66,9 @@ class WindowedTable(Generic[V]):
 
         Returns the (window_start, new value) pairs; empty when the event was late.
         """
-        self.watermark = max(self.watermark, ts)
+        if ts > self.watermark:
+            self.watermark = ts
+            self.meta["watermark"] = ts
         result = []
         for start in self.windows_for(ts):
             if self.is_closed(start):

@@ -264,9 +264,16 @@ async def test_windowed_table_survives_restart():
     app = App("w", transport)
     table = app.windowed_table("t", size_s=1, value_type=Ohlc, key_type=str)
     await table.open(transport)
-    table.table[("X", 5)] = Ohlc(Decimal(1), Decimal(2), Decimal("0.5"), Decimal("1.5"), 3)
-    await table.table.flush()
+    s = 1_000_000_000
+    bar = Ohlc(Decimal(1), Decimal(2), Decimal("0.5"), Decimal("1.5"), 3)
+    table.apply("X", 5 * s, lambda _: bar)
+    table.apply("X", 9 * s, lambda _: bar)  # moves the watermark: window 5 s is closed
+    assert [start for _, start, _ in table.pop_closed()] == [5 * s]
+    await app.flush_tables()
+
     app2 = App("w", transport)
     again = app2.windowed_table("t", size_s=1, value_type=Ohlc, key_type=str)
     await again.open(transport)
-    assert again.get("X", 5) == Ohlc(Decimal(1), Decimal(2), Decimal("0.5"), Decimal("1.5"), 3)
+    assert again.get("X", 9 * s) == bar
+    assert again.watermark == 9 * s
+    assert again.apply("X", 5 * s, lambda _: bar) == []  # still closed after the restart
