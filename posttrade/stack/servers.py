@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sysconfig
 import tempfile
@@ -27,7 +28,7 @@ import redis
 
 from .endpoints import Endpoints
 
-QUESTDB_VERSION = "9.3.1"  # the last release that runs on Java 17; 9.4+ needs Java 25
+QUESTDB_VERSION = "9.3.1"  # pinned: runs on Java 17, which 9.4+ (Java 25) no longer does
 
 
 class StackError(Exception):
@@ -91,9 +92,21 @@ def _nats_command(ep: Endpoints, folder: Path) -> list[str]:
     return [str(_nats_binary()), "--config", str(conf)]
 
 
+def _nats_client_port_answers(ep: Endpoints) -> bool:
+    # A NATS server greets every new client with an INFO line.
+    try:
+        with socket.create_connection((ep.host, ep.nats_port), timeout=2) as client:
+            return client.recv(5) == b"INFO "
+    except OSError:
+        return False
+
+
 def _nats_healthy(ep: Endpoints) -> bool:
-    # js-enabled-only: healthy means JetStream is up too, not only the client port.
-    return _http_ok(f"http://{ep.host}:{ep.nats_monitor_port}/healthz?js-enabled-only=true")
+    # js-enabled-only: healthy means JetStream is up too. The monitor port alone could belong
+    # to a server whose client port is not the one configured now, so ask that one as well.
+    return _http_ok(
+        f"http://{ep.host}:{ep.nats_monitor_port}/healthz?js-enabled-only=true"
+    ) and _nats_client_port_answers(ep)
 
 
 NATS = Server(

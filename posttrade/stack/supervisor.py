@@ -198,6 +198,8 @@ def up(ep: Endpoints | None = None) -> list[ServerState]:
             running[server] = _spawn(ep, server, argv)
         pids = {server: pid for server, pid in running.items() if pid is not None}
         failures = _wait_healthy(ep, pids)
+        for server in failures.keys() - commands.keys():
+            failures[server] += " (it was already running: if its ports changed since, `down` it first)"
         if failures:
             # The log tails first: stopping a server adds its shutdown lines to its log.
             message = "\n\n".join(
@@ -214,6 +216,14 @@ def _signal(pid: int, signum: int) -> None:
         os.kill(pid, signum)
     except ProcessLookupError:  # it exited between our check and the signal: what we wanted
         pass
+
+
+def _wait_reaped(pid: int, timeout: float = 2.0) -> None:
+    # A stopped server is a zombie until init reaps it; waiting a moment for that means a
+    # `pgrep` right after `down` shows nothing. A pid 1 that never reaps costs us 2 s, no more.
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _stop(ep: Endpoints, servers: Iterable[Server]) -> list[StopResult]:
@@ -236,6 +246,8 @@ def _stop(ep: Endpoints, servers: Iterable[Server]) -> list[StopResult]:
             time.sleep(0.1)
         if outcome != "still running":
             pidfile(ep, server).unlink(missing_ok=True)
+            if pid is not None:
+                _wait_reaped(pid)
         results.append(StopResult(server, pid, outcome))
     return results
 

@@ -74,35 +74,38 @@ async def consumer_floor(url: str, stream: str, durable: str) -> int:
         await nc.close()
 
 
-async def wait_floor(url, stream, durable, target, timeout=60.0):
+async def wait_floor(url, stream, durable, target, timeout=60.0, log: Path | None = None):
     deadline = time.monotonic() + timeout
     while True:
         floor = await consumer_floor(url, stream, durable)
         if floor >= target:
             return floor
         if time.monotonic() > deadline:
-            raise AssertionError(f"consumer {durable} stuck at {floor} < {target}")
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            raise AssertionError(f"consumer {durable} stuck at {floor} < {target}\n{tail}")
         await asyncio.sleep(0.1)
 
 
-def start_worker(url: str, stream: str, name: str, batch: int = 100) -> subprocess.Popen:
+def start_worker(url: str, stream: str, name: str, log: Path, batch: int = 100) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(WORKER.parents[2])}
-    return subprocess.Popen(
-        [sys.executable, str(WORKER), url, stream, name, str(batch)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    # The log goes to a file: a pipe nobody reads would block the worker once full.
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, str(WORKER), url, stream, name, str(batch)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+        )
 
 
-def stop_worker(proc: subprocess.Popen) -> None:
+def stop_worker(proc: subprocess.Popen, log: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
         raise AssertionError("worker did not stop on SIGTERM")
-    assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]
+    assert proc.returncode == 0, log.read_text()[-3000:]
 
 
 @pytest.fixture
@@ -122,7 +125,7 @@ async def test_every_event_applied_exactly_once(stack, names):
     assert await read_totals(stack.nats_url, stream, app_name) == expected_totals(n)
 
 
-async def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(stack, names):
+async def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(stack, names, tmp_path):
     stream, app_name = names
     n = 30_000
     durable = f"{app_name}-count"
@@ -132,18 +135,19 @@ async def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(stack,
     await app.transport.ensure_stream(app.channels["ticks"].stream)
     await app.transport.close()
 
-    worker = start_worker(stack.nats_url, stream, app_name, batch=100)
+    log = tmp_path / "worker.log"
+    worker = start_worker(stack.nats_url, stream, app_name, log, batch=100)
     try:
         await publish_ticks(stack.nats_url, stream, range(1, n + 1))
         kills = 0
         for fraction in (0.2, 0.5):  # kill it twice, at different points
-            await wait_floor(stack.nats_url, stream, durable, int(n * fraction))
+            await wait_floor(stack.nats_url, stream, durable, int(n * fraction), log=log)
             worker.send_signal(signal.SIGKILL)
             worker.wait(timeout=10)
             kills += 1
-            worker = start_worker(stack.nats_url, stream, app_name, batch=100)
-        await wait_floor(stack.nats_url, stream, durable, n)
-        stop_worker(worker)
+            worker = start_worker(stack.nats_url, stream, app_name, log, batch=100)
+        await wait_floor(stack.nats_url, stream, durable, n, log=log)
+        stop_worker(worker, log)
     finally:
         if worker.poll() is None:
             worker.kill()

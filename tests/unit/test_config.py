@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from posttrade.config import SERVICES, ConfigError, load_config
+from posttrade.config import SERVICES, ConfigError, ServiceConfig, load_config
+from posttrade.services import service_module
 
 SPEC_PORTS = {
     "ptrc": 8109,
@@ -14,9 +15,17 @@ SPEC_PORTS = {
 }
 
 
+def schema_of(service: str) -> type[ServiceConfig]:
+    """The service's own schema (its extra sections), or the shared one if not built yet."""
+    try:
+        return service_module(service).CONFIG
+    except LookupError:
+        return ServiceConfig
+
+
 @pytest.mark.parametrize("service", SERVICES)
 def test_every_service_config_loads_with_spec_shapes(service):
-    config = load_config(service, env={})
+    config = load_config(service, schema_of(service), env={})
     assert config.service.name == service
     assert config.service.port == SPEC_PORTS[service]
     assert config.nats.url == "nats://nats:4222"

@@ -1,0 +1,41 @@
+# posttrade developer commands. Run from the repository root; the local stack keeps its data
+# in ./.posttrade (git-ignored) unless POSTTRADE_HOME says otherwise.
+#
+#   make setup   .venv with posttrade and its dev tools, plus the pinned QuestDB jar
+#   make up      start the local servers (NATS JetStream, Valkey, QuestDB); `make down` stops them
+#   make test    unit and integration tests against a stack it starts and stops again
+#   make bench   every benchmarks/*.py against the stack; results in benchmarks/results/
+
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# pip runs again only when pyproject.toml is newer than this stamp.
+STAMP := $(VENV)/.posttrade-installed
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup up down test bench
+
+help:
+	@sed -n 's/^#   //p' Makefile
+
+setup: $(STAMP)
+	@$(BIN)/posttrade stack fetch >/dev/null
+
+$(STAMP): pyproject.toml
+	@[ -x $(BIN)/python ] || { [ -n "$(PYTHON)" ] || { echo "python3.11 (or python3) not found" >&2; exit 1; }; $(PYTHON) -m venv $(VENV); }
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-input -e '.[dev]'
+	@touch $@
+
+up: setup
+	@$(BIN)/posttrade stack up
+
+down:
+	@if [ -x $(BIN)/posttrade ]; then $(BIN)/posttrade stack down; else echo "no $(BIN)/posttrade: nothing to stop"; fi
+
+test: setup
+	@scripts/with-stack.sh $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS) tests/
+
+bench: setup
+	@scripts/with-stack.sh scripts/bench.sh
