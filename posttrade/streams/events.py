@@ -218,3 +218,44 @@ def subject_token(value: str) -> str:
         else:
             out.append(f"%{ord(ch):02X}")
     return "".join(out) or "%00"
+
+
+class PositionUpdate(Event, frozen=True):
+    """ptrc's output on `posttrade.positions.<account>.<symbol>` after every change.
+
+    The full state a consumer needs to value the position itself at any mark:
+    `unrealized = (net_qty × mark − open_cost) × multiplier` (average cost) and the same
+    with `fifo_open_cost` (FIFO); `day_pnl = realized_pnl_net + unrealized −
+    (sod_realized_pnl_net + sod_unrealized_pnl)`. `mark`/`unrealized_pnl` are ptrc's
+    valuation at publish time (None without a mark). `reason` says what changed it;
+    for a fill, the fill's fields and the P&L it realized are included.
+    """
+
+    account: str
+    symbol: str
+    reason: Literal["fill", "roll"]
+    multiplier: Decimal
+    net_qty: Decimal
+    avg_open_price: Decimal | None
+    open_cost: Decimal
+    realized_pnl_gross: Decimal
+    fees: Decimal
+    realized_pnl_net: Decimal
+    fifo_open_cost: Decimal
+    fifo_realized_pnl_gross: Decimal
+    sod_realized_pnl_net: Decimal
+    sod_unrealized_pnl: Decimal | None
+    mark: Decimal | None = None
+    unrealized_pnl: Decimal | None = None
+    fifo_unrealized_pnl: Decimal | None = None
+    day_pnl: Decimal | None = None
+    fill_count: int = 0
+    # The fill that caused it (reason == "fill").
+    fill_id: str | None = None
+    side: Side | None = None
+    qty: Decimal | None = None
+    price: Decimal | None = None
+    fee: Decimal | None = None
+    realized_pnl_fill: Decimal | None = None  # average-cost gross P&L this fill realized
+    order_id: str | None = None
+    venue: str | None = None
