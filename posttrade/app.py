@@ -155,10 +155,11 @@ class AgentRunner:
     async def _supervise(self) -> None:
         attempt = 0
         while not self.app.stopping:
-            self.consumer = await self.app.transport.open_consumer(self.consumer_spec())
-            self.stream = Stream(self, self.consumer, self.batch_size, self.app.runtime.poll_timeout_s)
-            self.running = True
+            self.consumer = None
             try:
+                self.consumer = await self.app.transport.open_consumer(self.consumer_spec())
+                self.stream = Stream(self, self.consumer, self.batch_size, self.app.runtime.poll_timeout_s)
+                self.running = True
                 await self.fn(self.stream)
                 await self.stream.commit()
                 if self.app.stopping:
@@ -178,10 +179,11 @@ class AgentRunner:
                 self.running = False
                 self.current = None
                 current_event.set(None)
-                try:
-                    await self.consumer.close()
-                except Exception:
-                    log.warning("closing the consumer of %s failed", self.name, exc_info=True)
+                if self.consumer is not None:
+                    try:
+                        await self.consumer.close()
+                    except Exception:
+                        log.warning("closing the consumer of %s failed", self.name, exc_info=True)
             delay = self.RESTART_BACKOFF_S[min(attempt, len(self.RESTART_BACKOFF_S) - 1)]
             attempt += 1
             await asyncio.sleep(delay)
@@ -206,6 +208,7 @@ class RuntimeSettings:
     max_lag: int = 100_000
     poison_attempts: int = 3
     poll_timeout_s: float = 1.0  # how long an idle agent waits before checking for stop
+    start_from: str = "all"  # "all" or "new": where agents without their own start begin
 
 
 @dataclass
@@ -259,8 +262,9 @@ class App:
             if agent_name in self.agents:
                 raise ValueError(f"agent {agent_name} is declared twice")
             self.channels.setdefault(channel.name, channel)
+            default_start = StartPosition(new_only=self.runtime.start_from == "new")
             self.agents[agent_name] = AgentRunner(
-                self, fn, channel, agent_name, batch_size or self.runtime.batch_size, start or StartPosition()
+                self, fn, channel, agent_name, batch_size or self.runtime.batch_size, start or default_start
             )
             return fn
 

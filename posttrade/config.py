@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import ssl
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Literal, Mapping, TypeVar
 
 import msgspec
 import yaml
@@ -136,6 +136,9 @@ class RuntimeSection(_Section):
     ack_wait_s: float = 60.0
     max_lag: int = 100_000
     poison_attempts: int = 3  # an event that crashes its agent this often is dead-lettered
+    # Where a *new* durable consumer starts when its agent does not say: "all" the
+    # stream's history (what positions need), or only "new" messages.
+    start_from: Literal["all", "new"] = "all"
 
 
 class ServiceConfig(_Section):
@@ -190,8 +193,8 @@ def apply_env_overrides(data: dict, service: str, env: Mapping[str, str]) -> dic
                 value = yaml.safe_load(raw) if raw != "" else ""
             except yaml.YAMLError:
                 value = raw
-            if isinstance(value, (dict, list)):
-                value = raw  # a scalar variable never turns into a structure by accident
+            if isinstance(value, dict):
+                value = raw  # a variable sets one value (or a list), never a whole section
             _set_path(data, path, value, variable)
     return data
 

@@ -29,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
         level=config.service.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Per-request client logs would drown the service's own.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     app = module.build(config)
     asyncio.run(
         app.run(

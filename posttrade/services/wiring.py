@@ -29,5 +29,41 @@ def new_app(config: ServiceConfig) -> App:
         ack_wait_s=r.ack_wait_s,
         max_lag=r.max_lag,
         poison_attempts=r.poison_attempts,
+        start_from=r.start_from,
     )
     return App(config.service.name, nats_transport(config), runtime)
+
+
+def chdb_dsn_for(dsn: str | None, service: str) -> str | None:
+    """Give each service its own embedded ClickHouse directory.
+
+    chdb allows one data path per process and one process per path, so a shared
+    `chdb:///root` (what `posttrade stack env` sets) becomes `chdb:///root/<service>`.
+    A server DSN (or None: host/port from config) is returned unchanged.
+    """
+    if dsn is None or not dsn.startswith("chdb://") or dsn.startswith("chdb://memory"):
+        return dsn
+    path, sep, query = dsn.partition("?")
+    path = path.rstrip("/")
+    if not path.endswith("/" + service):
+        path = f"{path}/{service}"
+    return path + sep + query
+
+
+def clickhouse_store(config: ServiceConfig):
+    """The service's ClickHouse: embedded chdb (own directory) or the configured server."""
+    from ..stores.clickhouse import open_clickhouse
+
+    ch = config.databases.clickhouse
+    dsn = chdb_dsn_for(ch.dsn, config.service.name)
+    if dsn and dsn.startswith("chdb:"):
+        return open_clickhouse(dsn, database=ch.database, create_database=True)
+    return open_clickhouse(
+        dsn,
+        host=None if dsn else ch.host,
+        port=ch.port,
+        user=ch.user,
+        password=ch.password,
+        database=ch.database,
+        secure=ch.secure,
+    )

@@ -123,7 +123,12 @@ class MemoryTransport(Transport):
             else:
                 floor = 0
             self.ack_floors[key] = floor
-        return MemoryConsumer(self, spec, key)
+        consumer = MemoryConsumer(self, spec, key)
+        if spec.start.last_per_subject:
+            # Of what exists now, only the newest message per subject is delivered.
+            latest = {m[0]: i for i, m in enumerate(stream.messages)}
+            consumer.skip = set(range(len(stream.messages))) - set(latest.values())
+        return consumer
 
     async def key_value(self, bucket: str) -> KeyValueStore:
         return MemoryKeyValue(self.buckets.setdefault(bucket, {}), self, bucket)
@@ -136,6 +141,7 @@ class MemoryConsumer(Consumer):
         self.key = key
         self.stream = transport.streams[spec.stream]
         self.cursor = transport.ack_floors[key]  # index of the next message to deliver
+        self.skip: set[int] = set()  # indexes never to deliver (last_per_subject start)
 
     def _wanted(self, subject: str) -> bool:
         filters = self.spec.filter_subjects
@@ -149,7 +155,7 @@ class MemoryConsumer(Consumer):
             while self.cursor < len(messages) and len(batch) < max_messages:
                 subject, data, headers, ts = messages[self.cursor]
                 self.cursor += 1
-                if self._wanted(subject):
+                if self.cursor - 1 not in self.skip and self._wanted(subject):
                     batch.append(Delivery(subject, data, self.cursor, ts, headers, 1, self.cursor))
             if batch:
                 return batch

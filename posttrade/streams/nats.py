@@ -202,9 +202,14 @@ class NatsPullConsumer(Consumer):
             )
         elif start.new_only:
             kwargs = dict(deliver_policy=api.DeliverPolicy.NEW)
+        elif start.last_per_subject:
+            kwargs = dict(deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT)
         else:
             kwargs = dict(deliver_policy=api.DeliverPolicy.ALL)
         filters = list(self.spec.filter_subjects)
+        if start.last_per_subject and not filters and start_seq is None:
+            # JetStream wants a filter to know what "per subject" ranges over.
+            filters = list(self._stream_subjects)
         if len(filters) == 1:
             kwargs["filter_subject"] = filters[0]
         elif filters:
@@ -221,6 +226,7 @@ class NatsPullConsumer(Consumer):
 
     async def start(self) -> None:
         js = self.transport.js
+        self._stream_subjects = (await js.stream_info(self.spec.stream)).config.subjects or []
         if self.spec.durable is None:
             info = await js.add_consumer(self.spec.stream, self._config())
         else:

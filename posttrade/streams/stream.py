@@ -60,6 +60,7 @@ class Stream:
         self.batch_size = batch_size
         self.poll_timeout = poll_timeout
         self._uncommitted: Delivery | None = None  # last delivery of the batch in hand
+        self._in_hand: list[Delivery] = []  # every delivery not yet acknowledged
         self._last_seq = 0  # highest sequence handed to the agent
         self._outbox: list[asyncio.Future] = []  # pubacks the commit must wait for
         self._stopping = False
@@ -135,6 +136,7 @@ class Stream:
                     return []
                 continue
             self._uncommitted = deliveries[-1]
+            self._in_hand.extend(deliveries)
             records = await self._decode(deliveries)
             self.runner.metrics_batch(len(deliveries))
             if records or timeout is not None:
@@ -177,12 +179,16 @@ class Stream:
         if delivery is not None:
             await self.consumer.ack_through(delivery)
             self._uncommitted = None
+            self._in_hand.clear()
         self.runner.metrics_commit(time.perf_counter() - started)
 
     async def keep_alive(self) -> None:
-        """Tell the server the batch in hand is still being worked on (long retries)."""
-        if self._uncommitted is not None:
-            await self.consumer.in_progress(self._uncommitted)
+        """Tell the server the batch in hand is still being worked on (long retries).
+
+        Every message has its own ack timer, so each one is told.
+        """
+        for delivery in self._in_hand:
+            await self.consumer.in_progress(delivery)
 
     def add_pending_publish(self, future: asyncio.Future) -> None:
         self._outbox.append(future)

@@ -40,10 +40,12 @@ class StartPosition:
     seq: int | None = None  # first stream sequence to deliver
     time: datetime | None = None  # first message at or after this time
     new_only: bool = False  # only messages published after the consumer exists
+    last_per_subject: bool = False  # the latest message of each subject, then new ones
 
     def __post_init__(self) -> None:
-        if sum(x is not None and x is not False for x in (self.seq, self.time, self.new_only or None)) > 1:
-            raise ValueError("StartPosition takes at most one of seq, time, new_only")
+        chosen = (self.seq is not None, self.time is not None, self.new_only, self.last_per_subject)
+        if sum(chosen) > 1:
+            raise ValueError("StartPosition takes at most one of seq, time, new_only, last_per_subject")
         if self.seq is not None and self.seq < 1:
             raise ValueError("stream sequences start at 1")
 

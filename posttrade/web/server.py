@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -21,6 +23,8 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from ..core.exact import format_decimal
 
 if TYPE_CHECKING:
     from ..app import App
@@ -38,12 +42,25 @@ class BadRequest(HTTPException):
 
 
 class JSON(JSONResponse):
-    """JSON that renders Decimals as exact strings and accepts msgspec structs."""
+    """JSON that accepts msgspec structs and renders every Decimal as its canonical
+    exact string (plain notation, no trailing zeros: `"121"`, `"-0.5"`), so the same
+    number always reads the same in every answer."""
 
     def render(self, content: Any) -> bytes:
-        from ..streams.events import encode
+        return _json.encode(_canonical(msgspec.to_builtins(content, builtin_types=(Decimal,))))
 
-        return encode(content)
+
+_json = msgspec.json.Encoder()
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return format_decimal(value)
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    return value
 
 
 def query_int(request: Request, name: str, default: int | None = None, *, minimum: int | None = None, maximum: int | None = None) -> int | None:

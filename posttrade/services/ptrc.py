@@ -1,0 +1,186 @@
+"""ptrc — post-trade, risk and compliance (API 8109, metrics 9109).
+
+Positions and P&L from fills (average cost and FIFO), marks from market data,
+compliance alerts, storage of trades and position snapshots in QuestDB and of alerts
+in ClickHouse, reconciliation and reports. See docs/ptrc.md.
+"""
+
+from __future__ import annotations
+
+from datetime import time as dtime
+from decimal import Decimal
+
+import msgspec
+
+from ..agents.positions import PositionKeeper
+from ..agents.ptrc_storage import ALERTS_TABLE, PtrcStorage
+from ..app import App
+from ..config import ServiceConfig, _Section
+from ..core.compliance import ComplianceRules
+from ..core.marks import DEFAULT_PRIORITY, MarkSource
+from ..core.positions import Method, position_row
+from ..stores.questdb import QuestDBClient, QuestDBWriter
+from ..web.server import JSON, BadRequest, query_int
+from .wiring import clickhouse_store, new_app
+
+
+class InstrumentSection(_Section):
+    multiplier: Decimal = Decimal(1)
+
+
+class MarksSection(_Section):
+    priority: tuple[MarkSource, ...] = DEFAULT_PRIORITY
+
+
+class ComplianceSection(ComplianceRules, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    check_interval_s: float = 1.0  # how often price moves are checked against account limits
+
+
+class TradingDaySection(_Section):
+    timezone: str = "UTC"
+    roll_at: str = "00:00"  # local time the trading day starts
+
+    def roll_time(self) -> dtime:
+        return dtime.fromisoformat(self.roll_at)
+
+
+class PtrcConfig(ServiceConfig, kw_only=True):
+    instruments: dict[str, InstrumentSection] = {}
+    marks: MarksSection = msgspec.field(default_factory=MarksSection)
+    compliance: ComplianceSection = msgspec.field(default_factory=ComplianceSection)
+    trading_day: TradingDaySection = msgspec.field(default_factory=TradingDaySection)
+
+
+CONFIG = PtrcConfig
+
+METHODS = ("avg", "fifo", "both")
+
+
+def build(config: PtrcConfig) -> App:
+    app = new_app(config)
+    rules = ComplianceRules(**{f: getattr(config.compliance, f) for f in ComplianceRules.__struct_fields__})
+    keeper = PositionKeeper(
+        app,
+        multipliers={symbol: inst.multiplier for symbol, inst in config.instruments.items()},
+        mark_priority=config.marks.priority,
+        rules=rules,
+        compliance_check_interval_s=config.compliance.check_interval_s,
+        day_timezone=config.trading_day.timezone,
+        day_roll_at=config.trading_day.roll_time(),
+    )
+    qdb = config.databases.questdb
+    questdb = QuestDBClient(host=qdb.host, port=qdb.port, username=qdb.user, password=qdb.password, tls=qdb.tls)
+    writer = QuestDBWriter(host=qdb.host, port=qdb.port, username=qdb.user, password=qdb.password, tls=qdb.tls)
+    ch = config.databases.clickhouse
+    clickhouse = clickhouse_store(config)
+    storage = PtrcStorage(
+        app,
+        keeper,
+        questdb=questdb,
+        writer=writer,
+        clickhouse=clickhouse,
+        batch_size=config.batch.size,
+        interval_s=config.batch.interval_sec,
+    )
+
+    @app.health_check("questdb")
+    async def questdb_health():
+        return await questdb.ping(), f"{qdb.host}:{qdb.port}"
+
+    @app.health_check("clickhouse")
+    async def clickhouse_health():
+        return await clickhouse.ping(), ch.dsn or f"{ch.host}:{ch.port}"
+
+    async def close_stores() -> None:
+        await writer.close()
+        await questdb.close()
+        await clickhouse.close()
+
+    app.on_shutdown.append(close_stores)
+
+    @app.page("/positions")
+    async def positions(request):
+        """Positions with P&L at the current marks; filters account, symbol; method."""
+        method = request.query_params.get("method", "both")
+        if method not in METHODS:
+            raise BadRequest({"parameter": "method", "error": f"must be one of {', '.join(METHODS)}"})
+        account = request.query_params.get("account") or None
+        symbol = request.query_params.get("symbol") or None
+        rows = []
+        for position in keeper.book.positions(account, symbol):
+            row = position_row(position, keeper.mark_of(position.symbol), method)  # type: ignore[arg-type]
+            row["multiplier"] = position.multiplier
+            row["day_pnl"] = position.day_pnl(keeper.mark_of(position.symbol))
+            row["fill_count"] = position.fill_count
+            row["last_fill_ts"] = position.last_ts
+            row["mark_source"] = (keeper.mark_detail(position.symbol) or {}).get("source")
+            rows.append(row)
+        return JSON({"positions": rows, "count": len(rows), "method": method})
+
+    @app.page("/pnl/summary")
+    async def pnl_summary(request):
+        """P&L by account (totals) and by symbol (summed over accounts)."""
+        account = request.query_params.get("account") or None
+        accounts = [account] if account else keeper.book.accounts()
+        by_account = [keeper.book.account_totals(a) for a in accounts if keeper.book.positions(a)]
+        by_symbol: dict[str, dict] = {}
+        for position in keeper.book.positions(account):
+            mark = keeper.mark_of(position.symbol)
+            entry = by_symbol.setdefault(
+                position.symbol,
+                {"symbol": position.symbol, "net_qty": Decimal(0), "realized_pnl_gross": Decimal(0),
+                 "fees": Decimal(0), "realized_pnl_net": Decimal(0), "unrealized_pnl": Decimal(0),
+                 "total_pnl": Decimal(0), "day_pnl": Decimal(0), "mark": mark},
+            )
+            entry["net_qty"] += position.net_qty
+            entry["realized_pnl_gross"] += position.realized_pnl_gross
+            entry["fees"] += position.fees
+            entry["realized_pnl_net"] += position.realized_pnl_net
+            for name, value in (("unrealized_pnl", position.unrealized_pnl(mark)),
+                                ("total_pnl", position.total_pnl(mark)),
+                                ("day_pnl", position.day_pnl(mark))):
+                entry[name] = None if value is None or entry[name] is None else entry[name] + value
+        return JSON({"by_account": by_account, "by_symbol": sorted(by_symbol.values(), key=lambda e: e["symbol"])})
+
+    @app.page("/marks")
+    async def marks(request):
+        symbol = request.query_params.get("symbol")
+        symbols = [symbol] if symbol else sorted(keeper.marks.keys())
+        return JSON({"marks": {s: keeper.mark_detail(s) for s in symbols}})
+
+    @app.page("/compliance/alerts")
+    async def compliance_alerts(request):
+        """Stored alerts, newest first; filters account, rule, severity; limit/offset."""
+        limit = query_int(request, "limit", 100, minimum=1, maximum=10_000)
+        offset = query_int(request, "offset", 0, minimum=0)
+        where, params = [], {}
+        for name in ("account", "rule", "severity", "symbol"):
+            value = request.query_params.get(name)
+            if value:
+                where.append(f"{'`limit`' if name == 'limit' else name} = {{{name}:String}}")
+                params[name] = value
+        sql = (
+            f"SELECT alert_id, toUnixTimestamp64Nano(ts) AS ts, rule, severity, account, symbol, message, "
+            f"observed, `limit`, fill_id FROM {ALERTS_TABLE} FINAL"
+            + (f" WHERE {' AND '.join(where)}" if where else "")
+            + f" ORDER BY ts DESC, alert_id LIMIT {limit} OFFSET {offset}"
+        )
+        rows = await clickhouse.query(sql, parameters=params)
+        return JSON({"alerts": rows.dicts(), "limit": limit, "offset": offset})
+
+    @app.page("/stats")
+    async def stats(request):
+        return JSON(
+            {
+                "positions": len(keeper.positions),
+                "symbols_marked": len(keeper.marks),
+                "alerts_raised": keeper.alerts_raised,
+                "rows_written": storage.rows_written,
+                "storage_retries": storage.retries,
+                "trading_day": keeper.calendar.get("trading_day"),
+            }
+        )
+
+    app.ptrc = keeper  # for tests and the installable modules
+    return app
+

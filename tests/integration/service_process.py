@@ -1,0 +1,100 @@
+"""Run a service as its own process (`posttrade worker <service>`) for integration tests.
+
+Services run as separate processes in production, and chdb allows one data path per
+process, so tests do the same: each test gets a service with a unique name (so its
+durable consumers, tables and chdb directory are its own) on free ports.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServiceProcess:
+    def __init__(self, service: str, stack, tmp_path: Path, config_yaml: str | None = None, env: dict | None = None):
+        self.service = service
+        self.name = f"{service}_it_{uuid.uuid4().hex[:8]}"
+        self.port = free_port()
+        self.log = tmp_path / f"{self.name}.log"
+        prefix = f"POSTTRADE_{service.upper()}__"
+        self.env = {
+            **os.environ,
+            **stack.service_env(),
+            f"{prefix}SERVICE__NAME": self.name,
+            f"{prefix}SERVICE__PORT": str(self.port),
+            f"{prefix}SERVICE__HOST": "127.0.0.1",
+            # The shared streams hold other tests' history: a fresh test service starts
+            # at the end of them (a restarted one resumes where it was).
+            f"{prefix}RUNTIME__START_FROM": "new",
+            "PYTHONPATH": str(REPO),
+            **(env or {}),
+        }
+        if service == "ptrc":
+            self.env[f"{prefix}SERVICE__METRICS_PORT"] = str(free_port())
+        self.args = [sys.executable, "-m", "posttrade.cli", "worker", service]
+        if config_yaml is not None:
+            path = tmp_path / f"{self.name}.yaml"
+            path.write_text(config_yaml)
+            self.args += ["--config", str(path)]
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(self.args, env=self.env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.service} exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"{self.service} not healthy after {timeout}s:\n{self.tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no last commit."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"{self.service} did not stop on SIGTERM:\n{self.tail()}")
+        assert self.proc.returncode == 0, self.tail()
+
+    def tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+    def get(self, path: str, **params) -> httpx.Response:
+        return httpx.get(f"{self.url}{path}", params=params, timeout=10)
+
+    def post(self, path: str, **kwargs) -> httpx.Response:
+        return httpx.post(f"{self.url}{path}", timeout=60, **kwargs)
