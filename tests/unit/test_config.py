@@ -55,7 +55,7 @@ def test_environment_overrides_generic_then_service_specific():
         "POSTTRADE_PNL__SERVICE__PORT": "18100",
         "POSTTRADE_PTRC__SERVICE__PORT": "99",  # another service's: ignored
     }
-    config = load_config("pnl", env=env)
+    config = load_config("pnl", schema_of("pnl"), env=env)
     assert config.databases.questdb.host == "127.0.0.1"
     assert config.databases.questdb.port == 19000
     assert config.nats.password == "s3cret"
@@ -64,7 +64,7 @@ def test_environment_overrides_generic_then_service_specific():
 
 def test_wrong_value_names_the_key():
     with pytest.raises(ConfigError, match=r"databases\.questdb\.port"):
-        load_config("pnl", env={"POSTTRADE__DATABASES__QUESTDB__PORT": "not-a-port"})
+        load_config("pnl", schema_of("pnl"), env={"POSTTRADE__DATABASES__QUESTDB__PORT": "not-a-port"})
 
 
 def test_unknown_key_is_refused(tmp_path: Path):
