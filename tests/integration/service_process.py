@@ -72,6 +72,8 @@ class ServiceProcess:
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
+        self.proc.kill()  # a service that never got healthy must not outlive the test
+        self.proc.wait(timeout=10)
         raise AssertionError(f"{self.service} not healthy after {timeout}s:\n{self.tail()}")
 
     def kill(self) -> None:
