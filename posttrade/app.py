@@ -37,7 +37,7 @@ from typing import Any, Awaitable, Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .streams.channel import Channel
-from .streams.stream import EventRecord, Stream, current_event
+from .streams.stream import EventRecord, Stream, current_agent, current_event
 from .streams.transport import ConsumerSpec, StartPosition, StreamSpec, Transport
 from .tables.table import Table
 from .tables.windowed import WindowedTable
@@ -153,6 +153,7 @@ class AgentRunner:
         self._task = asyncio.create_task(self._supervise(), name=f"agent:{self.name}")
 
     async def _supervise(self) -> None:
+        current_agent.set(self.name)  # this task's context only
         attempt = 0
         while not self.app.stopping:
             self.consumer = None
@@ -174,7 +175,7 @@ class AgentRunner:
                 if self.current is not None:
                     self.failed_seqs[self.current.seq] = self.failed_seqs.get(self.current.seq, 0) + 1
                 log.exception("agent %s crashed on seq %s", self.name, self.current and self.current.seq)
-                self.app.rollback_tables()
+                self.app.rollback_tables(self.name)
             finally:
                 self.running = False
                 self.current = None
@@ -387,9 +388,10 @@ class App:
             if table.dirty:
                 await table.flush()
 
-    def rollback_tables(self) -> None:
+    def rollback_tables(self, agent: str) -> None:
+        """Undo what `agent` changed since its last commit (it crashed); others keep theirs."""
         for table in self._plain_tables():
-            table.rollback()
+            table.rollback(agent)
 
     # -- replay ------------------------------------------------------------------------
 

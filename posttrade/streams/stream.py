@@ -18,11 +18,12 @@ sequences make re-applying it a no-op.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
 
 from .events import InvalidEvent, decode
 from .transport import Consumer, Delivery
@@ -50,6 +51,9 @@ class EventRecord:
 current_event: contextvars.ContextVar[EventRecord | None] = contextvars.ContextVar(
     "posttrade_current_event", default=None
 )
+# The agent whose task this is: tables remember who changed a key, so a crash rolls
+# back only that agent's uncommitted changes.
+current_agent: contextvars.ContextVar[str | None] = contextvars.ContextVar("posttrade_current_agent", default=None)
 
 
 class Stream:
@@ -114,11 +118,24 @@ class Stream:
                 await self.commit()
                 return
             if records:
-                self.runner.current = records[-1]
                 yield records
-                self.runner.current = None
             else:
                 await self.commit()
+
+    @contextlib.contextmanager
+    def processing(self, record: EventRecord) -> Iterator[EventRecord]:
+        """Handle one record of a `take_events` batch as the current event.
+
+        Inside it, table writes record this event's sequence (so `table.apply` is
+        exactly-once per record), `app.send` joins the batch's commit, and a crash is
+        charged to this record (after `poison_attempts` it is dead-lettered).
+        """
+        token = current_event.set(record)
+        self.runner.current = record
+        try:
+            yield record
+        finally:
+            current_event.reset(token)
 
     # -- batches and commits ------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Generic, Iterator, TypeVar
 
 import msgspec
 
-from ..streams.stream import current_event
+from ..streams.stream import current_agent, current_event
 from ..streams.transport import KeyValueStore, Transport
 
 V = TypeVar("V")
@@ -47,7 +47,7 @@ class Table(Generic[V]):
         self._data: dict[Any, V] = {}
         self._seqs: dict[Any, dict[str, int]] = {}
         self._dirty: set = set()
-        self._undo: dict[Any, tuple[Any, dict[str, int] | None]] = {}
+        self._undo: dict[Any, tuple[Any, dict[str, int] | None, str | None]] = {}
         self._kv: KeyValueStore | None = None
         self._flush_lock = asyncio.Lock()
         self._key_encoder = msgspec.msgpack.Encoder()
@@ -145,11 +145,21 @@ class Table(Generic[V]):
     def _remember_undo(self, key) -> None:
         if key not in self._undo:
             seqs = self._seqs.get(key)
-            self._undo[key] = (self._data.get(key, _MISSING), dict(seqs) if seqs is not None else None)
+            self._undo[key] = (
+                self._data.get(key, _MISSING),
+                dict(seqs) if seqs is not None else None,
+                current_agent.get(),
+            )
 
-    def rollback(self) -> None:
-        """Forget changes not yet flushed (the agent that made them crashed)."""
-        for key, (value, seqs) in self._undo.items():
+    def rollback(self, agent: str | None) -> None:
+        """Forget the changes `agent` made that are not flushed yet (it crashed).
+
+        A key written by two agents between flushes is restored to before the first
+        write; keep each key's writer single (partition keys between agents).
+        """
+        for key, (value, seqs, owner) in list(self._undo.items()):
+            if owner != agent:
+                continue
             if value is _MISSING:
                 self._data.pop(key, None)
             else:
@@ -158,8 +168,8 @@ class Table(Generic[V]):
                 self._seqs.pop(key, None)
             else:
                 self._seqs[key] = seqs
-        self._undo.clear()
-        self._dirty.clear()
+            del self._undo[key]
+            self._dirty.discard(key)
 
     # -- durability ------------------------------------------------------------------------
 

@@ -277,3 +277,50 @@ async def test_windowed_table_survives_restart():
     assert again.get("X", 9 * s) == bar
     assert again.watermark == 9 * s
     assert again.apply("X", 5 * s, lambda _: bar) == []  # still closed after the restart
+
+
+async def test_processing_makes_batch_records_exactly_once_and_charges_crashes_to_them():
+    transport = MemoryTransport()
+    app, fills, totals = make_app(transport, batch_size=5)
+    app.runtime.poison_attempts = 2
+    attempts: list[str] = []
+
+    @app.agent(fills)
+    async def sink(stream):
+        async for batch in stream.take_events(10, within=0.05):
+            for record in batch:
+                with stream.processing(record):
+                    totals.apply(record.value.account, lambda t: t + record.value.qty)
+                    attempts.append(record.value.fill_id)
+                    if record.value.fill_id == "f4":
+                        raise RuntimeError("bad row")
+
+    app.agents["sink"].RESTART_BACKOFF_S = (0.01,)
+    async with app:
+        await publish_fills(transport, [(i, "A", "1") for i in range(1, 8)])
+        await wait_for(lambda: floor(transport, "svc-sink") == 7)
+    assert totals["A"] == 6  # f4 dead-lettered after 2 crashes; the others once each
+    dlq = transport.streams["DLQ"].messages
+    assert len(dlq) == 1 and dlq[0][2]["Posttrade-Seq"] == "4"
+    assert totals.last_applied("A") == {"FILLS": 7}
+
+
+async def test_a_crash_rolls_back_only_the_crashing_agents_changes():
+    transport = MemoryTransport()
+    app, fills, totals = make_app(transport)
+    other = app.table("other", value_type=int, default=lambda: 0)
+    await transport.ensure_stream(fills.stream)
+    await totals.open(transport)
+    await other.open(transport)
+    from posttrade.streams.stream import current_agent
+
+    token = current_agent.set("steady")
+    other["k"] = 1  # uncommitted work of another agent
+    current_agent.reset(token)
+    token = current_agent.set("crasher")
+    totals["A"] = Decimal(5)
+    current_agent.reset(token)
+
+    app.rollback_tables("crasher")
+    assert "A" not in totals
+    assert other["k"] == 1 and other.dirty == 1
