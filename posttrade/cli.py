@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Module names under posttrade.commands, in the order `posttrade --help` lists them.
-COMMANDS = ("stack", "worker", "positions")
+COMMANDS = ("stack", "worker", "positions", "reconcile")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,11 +7,17 @@ does arithmetic in the caller's context. It uses `EXACT`, a context with unbound
 precision in which addition, subtraction and multiplication can never round.
 
 Division is the one operation that can have no finite decimal answer (an average cost
-of 302 / 3). `divide` gives the exact quotient whenever it is a terminating decimal of
-at most `DIVISION_DIGITS` significant digits, and otherwise the quotient rounded half to
-even at `10**-DIVISION_SCALE` (12 decimal places). That is the only rounding anywhere in
-the position core, and the core is arranged so that it never loses money: see
-`posttrade.core.positions`.
+of 302 / 3). Two rules, both rounding half to even at `10**-DIVISION_SCALE` (12
+decimal places) and both correctly rounded:
+
+- `divide`: the exact quotient whenever it terminates within 64 significant digits,
+  else rounded at 12 places. For one-off values (a VWAP, a ratio).
+- `divide_rounded`: at most 12 decimal places, always (exact when it has no more).
+  For values that feed state which accumulates: the position core uses it for the cost
+  a partial close takes out, because "exact while it terminates" would grow a few
+  digits with every partial close (dividing by a quantity like 400 adds decimals), and
+  for the average price it shows. The core is arranged so that this rounding never
+  loses money: see `posttrade.core.positions`.
 
 `format_decimal` is the one way numbers leave the core as text: plain notation (never
 `1E+2`), trailing fractional zeros stripped (`225.00` -> `225`, `0.10` -> `0.1`), no
@@ -25,11 +31,11 @@ from decimal import (
     MAX_EMAX,
     MAX_PREC,
     MIN_EMIN,
+    ROUND_05UP,
     ROUND_HALF_EVEN,
     Context,
     Decimal,
     DivisionByZero,
-    Inexact,
     InvalidOperation,
     Overflow,
 )
@@ -47,20 +53,28 @@ EXACT = Context(
     traps=[InvalidOperation, DivisionByZero, Overflow],
 )
 
-#: Significant digits within which a terminating quotient is returned exactly.
-DIVISION_DIGITS = 64
-#: Decimal places to which a quotient that does not terminate is rounded (half to even).
+#: Decimal places a quotient is rounded to (half to even) when it is not kept exact.
 DIVISION_SCALE = 12
+#: Significant digits within which `divide` keeps a terminating quotient exact.
+DIVISION_DIGITS = 64
 
+# Both divisions first divide to 64 significant digits rounding ROUND_05UP (decimal's
+# "round to odd"), then, if needed, round that half to even at 12 places. Rounding to
+# odd with at least two spare digits makes the second rounding give exactly what
+# rounding the true quotient would (no double-rounding error); with 64 digits that
+# holds for quotients below 10**50, and beyond that they use integer arithmetic
+# (`round_quotient`).
 _DIVIDE = Context(
     prec=DIVISION_DIGITS,
     Emax=MAX_EMAX,
     Emin=MIN_EMIN,
-    rounding=ROUND_HALF_EVEN,
-    traps=[Inexact, InvalidOperation, DivisionByZero, Overflow],
+    rounding=ROUND_05UP,
+    traps=[InvalidOperation, DivisionByZero, Overflow],
 )
-#: `numerator / denominator` when it terminates within 64 digits, else raises Inexact.
-divide_exact = _DIVIDE.divide
+_divide_05up = _DIVIDE.divide
+_multiply = EXACT.multiply
+_QUANTUM = Decimal(1).scaleb(-DIVISION_SCALE)
+_MAX_ADJUSTED = DIVISION_DIGITS - DIVISION_SCALE - 3
 
 
 def divide(numerator: Decimal, denominator: Decimal) -> Decimal:
@@ -68,12 +82,32 @@ def divide(numerator: Decimal, denominator: Decimal) -> Decimal:
 
     Exact means: the true quotient is a terminating decimal with at most 64 significant
     digits. Otherwise the result is the true quotient rounded half to even to 12 decimal
-    places, computed with integer arithmetic (no double rounding).
+    places (correctly rounded: no double rounding).
     """
-    try:
-        return divide_exact(numerator, denominator)
-    except Inexact:
+    quotient = _divide_05up(numerator, denominator)
+    if _multiply(quotient, denominator) == numerator:
+        return quotient
+    if quotient.adjusted() > _MAX_ADJUSTED:
         return round_quotient(numerator, denominator, DIVISION_SCALE)
+    return quotient.quantize(_QUANTUM, ROUND_HALF_EVEN, EXACT)
+
+
+def divide_rounded(numerator: Decimal, denominator: Decimal) -> Decimal:
+    """`numerator / denominator` rounded half to even to at most 12 decimal places.
+
+    For quotients that feed state which accumulates (the cost a partial close takes
+    out of a position) or are shown to people (an average price): exact whenever the
+    quotient has at most 12 decimal places (and then in its natural form: 2100 x 15 / 20
+    is `1575`, not `1575.000000000000`), otherwise correctly rounded at the 12th place,
+    whether or not it terminates. Unlike `divide`, repeated use cannot grow the digits.
+    """
+    quotient = _divide_05up(numerator, denominator)
+    if quotient.adjusted() > _MAX_ADJUSTED:
+        return round_quotient(numerator, denominator, DIVISION_SCALE)
+    rounded = quotient.quantize(_QUANTUM, ROUND_HALF_EVEN, EXACT)
+    if rounded != quotient:
+        return rounded
+    return quotient if quotient else ZERO  # not 0E-13
 
 
 def round_quotient(numerator: Decimal, denominator: Decimal, scale: int) -> Decimal:
@@ -84,7 +118,7 @@ def round_quotient(numerator: Decimal, denominator: Decimal, scale: int) -> Deci
     quotient, remainder = EXACT.divmod(scaled, denominator)  # quotient truncated toward 0
     twice = EXACT.multiply(EXACT.abs(remainder), 2)
     half = EXACT.abs(denominator)
-    if twice > half or (twice == half and quotient % 2 == 1):
+    if twice > half or (twice == half and EXACT.remainder(quotient, 2)):
         negative = (numerator < 0) != (denominator < 0)
         quotient = EXACT.add(quotient, -1 if negative else 1)
     return quotient.scaleb(-scale, EXACT)

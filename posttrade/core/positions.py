@@ -48,13 +48,23 @@ exactly, under both methods.
 The average itself is `open_cost / net_qty`, and a quotient need not terminate (buy 1 at
 100 and 2 at 101: the average is 100.666...). So:
 
-- `avg_open_price` is exact when it terminates, else rounded half to even to 12 decimal
-  places (display only: unrealized P&L is computed from `open_cost`, exactly).
-- A *partial* close of a position whose average does not terminate realizes the exact
-  amount rounded half to even to 12 decimal places (before the multiplier); the
-  rounding difference stays in `open_cost`, so the average of the remainder moves by at
-  most 0.5e-12 / remaining_qty. Full closes and flips never round. FIFO never divides
-  and never rounds.
+- `avg_open_price` is shown rounded half to even to 12 decimal places (so it is exact
+  whenever it has at most 12). It is for display: unrealized P&L is computed from the
+  cost, `(net_qty x mark - open_cost) x multiplier`, which is exactly
+  `net_qty x (mark - open_cost / net_qty) x multiplier`.
+- A *partial* close of `closed_qty` takes `open_cost x closed_qty / abs(net_qty)`
+  (closed_qty x average) out of the cost and realizes the difference to what the fill
+  paid or received. That closed cost is rounded half to even to 12 decimal places when
+  it has more (before the multiplier), so each partial close realizes at most
+  0.5e-12 x multiplier away from the rational value; the rounding difference stays in
+  `open_cost` (the average of the remainder moves by at most 0.5e-12 / remaining_qty)
+  and is realized when the rest is closed. Full closes and flips never round. FIFO
+  never divides and never rounds.
+
+  Example: buy 1 @ 100, buy 2 @ 101 (cost 302, average 100.666666666667 shown), sell
+  1 @ 101: the closed cost 100.666... is taken as 100.666666666667, realized
+  0.333333333333, cost left 201.333333333333 (average 100.666666666666 shown); at a
+  mark of 101 unrealized is 0.666666666667, and realized + unrealized is exactly 1.
 
 Day P&L
 -------
@@ -76,30 +86,43 @@ Average cost depends on the order of fills; the core applies them in the order g
 (the CLI sorts by `ts`, ties in file order). The core does not deduplicate: the caller
 does, using `last_fill_id` / its own input sequence.
 
+Using it
+--------
+    book = PositionBook(multipliers={"ES": 50})   # instrument reference data
+    position = book.apply(fill)                   # a validated events.Fill; in place
+    book.apply_many(fills)                        # a batch: faster, returns the
+                                                  # positions changed, each once
+    book.set_mark("ES", price)
+    position.unrealized_pnl(book.mark("ES")); position.day_pnl(book.mark("ES"))
+    position_row(position, book.mark("ES"))       # the CLI / API row, as text
+    book.roll_day()                               # at the start of each trading day
+    book.account_totals("ACC")                    # sums per account
+    raw = encode_position(position)               # changelog; then, on recovery:
+    book.restore(decode_position(raw))
+
 Serialization
 -------------
-`Position` is a `msgspec.Struct`: `msgspec.json.encode(position)` writes every Decimal as
-a string and `msgspec.json.decode(raw, type=Position)` gives back an equal position
-(`to_dict` / `from_dict` do the same with plain Python data).
+`encode_position` / `decode_position` (JSON bytes), `Position.to_state` / `from_state`
+(a `PositionState` msgspec Struct, for any msgspec codec) and `Position.to_dict` /
+`from_dict` (plain data) all round-trip exactly: every Decimal travels as its exact
+string, and the decoded position compares equal to the original.
 """
 
 from __future__ import annotations
 
-from decimal import Decimal, Inexact, getcontext, setcontext
-from typing import Any, Iterable, Iterator, Literal, Mapping, Protocol
+from decimal import Decimal, getcontext, setcontext
+from operator import attrgetter
+from typing import Any, Collection, Iterable, Iterator, Literal, Mapping, Protocol
 
 import msgspec
 
 from posttrade.core.exact import (
-    DIVISION_SCALE,
     EXACT,
     ONE,
     ZERO,
-    divide,
-    divide_exact,
+    divide_rounded,
     format_decimal,
     parse_decimal,
-    round_quotient,
 )
 
 Method = Literal["avg", "fifo", "both"]
@@ -133,32 +156,22 @@ class FillLike(Protocol):
     fee: Decimal  # negative for a rebate
 
 
-class Lot(msgspec.Struct, array_like=True, gc=False):
-    """An open FIFO lot: `qty` (> 0, the side is the position's) left at `price`."""
-
-    qty: Decimal
-    price: Decimal
-    ts: int  # of the fill that opened it
-
+#: An open FIFO lot: (qty > 0 left open, price, ts of the fill that opened it). The lot's
+#: side is the position's. A plain tuple because the hot path creates one per opening fill.
+Lot = tuple[Decimal, Decimal, int]
 
 _add = EXACT.add
 _sub = EXACT.subtract
 _mul = EXACT.multiply
 
 
-class Position(msgspec.Struct, kw_only=True, gc=False):
-    """The position and P&L of one account in one symbol, under both methods.
+class PositionState(msgspec.Struct):
+    """The serialized form of a `Position`: a snapshot for a changelog or the wire.
 
-    Mutable: `apply` updates it in place. State fields (all serialized):
-
-    - `net_qty`: signed quantity.
-    - `open_cost`: signed sum of qty x price of the open position by average cost
-      (`avg_open_price = open_cost / net_qty`); 0 when flat.
-    - `realized_pnl_gross`, `fees`: money; `realized_pnl_net` = gross - fees.
-    - `fifo_lots`, `fifo_open_cost` (signed sum over the lots of qty x price),
-      `fifo_realized_pnl_gross`.
-    - `fill_count`, `last_ts`, `last_fill_id`: the fills applied so far.
-    - `sod_*`: the start-of-day snapshot (see the module doc, "Day P&L").
+    Encode with msgspec (every Decimal becomes an exact string, lots become
+    `[qty, price, ts]` arrays); `Position.from_state` gives back an equal position.
+    A snapshot shares nothing mutable with the live position, so it can be stored in
+    a table (whose undo keeps old values) while the position moves on.
     """
 
     account: str
@@ -168,7 +181,7 @@ class Position(msgspec.Struct, kw_only=True, gc=False):
     open_cost: Decimal = ZERO
     realized_pnl_gross: Decimal = ZERO
     fees: Decimal = ZERO
-    fifo_lots: list[Lot] = []
+    fifo_lots: list[tuple[Decimal, Decimal, int]] = []
     fifo_open_cost: Decimal = ZERO
     fifo_realized_pnl_gross: Decimal = ZERO
     fill_count: int = 0
@@ -178,6 +191,70 @@ class Position(msgspec.Struct, kw_only=True, gc=False):
     sod_fees: Decimal = ZERO
     sod_unrealized_pnl: Decimal | None = ZERO
     sod_mark: Decimal | None = None
+
+
+_STATE_FIELDS: tuple[str, ...] = PositionState.__struct_fields__
+_state_values = attrgetter(*_STATE_FIELDS)
+
+
+class Position:
+    """The position and P&L of one account in one symbol, under both methods.
+
+    Mutable: `apply` updates it in place. State (the fields of `PositionState`):
+
+    - `net_qty`: signed quantity.
+    - `open_cost`: signed sum of qty x price of the open position by average cost
+      (`avg_open_price = open_cost / net_qty`); 0 when flat.
+    - `realized_pnl_gross`, `fees`: money; `realized_pnl_net` = gross - fees.
+    - `fifo_lots` (oldest first), `fifo_open_cost` (signed sum over the lots of
+      qty x price), `fifo_realized_pnl_gross`.
+    - `fill_count`, `last_ts`, `last_fill_id`: the fills applied so far.
+    - `sod_*`: the start-of-day snapshot (see the module doc, "Day P&L").
+
+    A plain class with `__slots__` rather than a msgspec Struct because attribute
+    writes on it are about three times cheaper, and the hot path makes about ten per
+    fill; `to_state` / `from_state` / `to_dict` / `from_dict` serialize it.
+    """
+
+    __slots__ = _STATE_FIELDS
+
+    account: str
+    symbol: str
+    multiplier: Decimal
+    net_qty: Decimal
+    open_cost: Decimal
+    realized_pnl_gross: Decimal
+    fees: Decimal
+    fifo_lots: list[Lot]
+    fifo_open_cost: Decimal
+    fifo_realized_pnl_gross: Decimal
+    fill_count: int
+    last_ts: int | None
+    last_fill_id: str | None
+    sod_realized_pnl_gross: Decimal
+    sod_fees: Decimal
+    sod_unrealized_pnl: Decimal | None
+    sod_mark: Decimal | None
+
+    def __init__(self, account: str, symbol: str, multiplier: Decimal = ONE):
+        """A flat position with no history."""
+        self.account = account
+        self.symbol = symbol
+        self.multiplier = multiplier
+        self.net_qty = ZERO
+        self.open_cost = ZERO
+        self.realized_pnl_gross = ZERO
+        self.fees = ZERO
+        self.fifo_lots = []
+        self.fifo_open_cost = ZERO
+        self.fifo_realized_pnl_gross = ZERO
+        self.fill_count = 0
+        self.last_ts = None
+        self.last_fill_id = None
+        self.sod_realized_pnl_gross = ZERO
+        self.sod_fees = ZERO
+        self.sod_unrealized_pnl = ZERO
+        self.sod_mark = None
 
     # -- updates -------------------------------------------------------------------
 
@@ -196,81 +273,110 @@ class Position(msgspec.Struct, kw_only=True, gc=False):
         qty = fill.qty
         price = fill.price
         fee = fill.fee
-        if not (qty > 0 and price > 0 and fee.is_finite()):
+        side = fill.side
+        if side == "BUY":
+            buy = True
+        elif side == "SELL":
+            buy = False
+        else:
+            raise ValueError(f"side must be BUY or SELL, got {side!r}")
+        if not (qty > ZERO and price > ZERO and fee.is_finite()):
             raise ValueError(f"fill needs qty > 0, price > 0 and a finite fee: {fill!r}")
-        buy = fill.side == "BUY"
-        if not buy and fill.side != "SELL":
-            raise ValueError(f"side must be BUY or SELL, got {fill.side!r}")
         net = self.net_qty
+        long = net > ZERO
+        # Signs are handled by branching rather than by negating Decimals: every
+        # arithmetic operation allocates, and this path runs for every fill.
 
-        if not net or (net > 0) is buy:
+        if not net or long is buy:
             # Opens or adds: both methods just accumulate cost.
-            signed = qty if buy else -qty
-            cost = signed * price
-            self.net_qty = net + signed
-            self.open_cost += cost
-            self.fifo_open_cost += cost
-            self.fifo_lots.append(Lot(qty, price, fill.ts))
-        elif qty < (net if net > 0 else -net):
-            # Partial close. `closing` is the closed quantity signed like the position,
-            # so one formula serves longs and shorts: realized = closing x price - the
-            # closed share of the cost.
-            closing = qty if net > 0 else -qty
-            proceeds = closing * price
+            cost = qty * price
+            if buy:
+                self.net_qty = net + qty
+                self.open_cost += cost
+                self.fifo_open_cost += cost
+            else:
+                self.net_qty = net - qty
+                self.open_cost -= cost
+                self.fifo_open_cost -= cost
+            self.fifo_lots.append((qty, price, fill.ts))
+            if fee:
+                self.fees += fee
+            self.fill_count += 1
+            self.last_ts = fill.ts
+            self.last_fill_id = fill.fill_id
+            return
+
+        size = net if long else -net
+        if qty < size:
+            # Partial close of `qty`. Average cost takes the closed share of the cost,
+            # qty x avg = open_cost x qty / size (signed like the position), out of the
+            # cost: the one division. FIFO takes the oldest lots.
             cost = self.open_cost
-            try:
-                realized = proceeds - divide_exact(cost * closing, net)
-            except Inexact:
-                # closing x (price - cost/net) = closing x (price x net - cost) / net
-                realized = round_quotient(closing * (price * net - cost), net, DIVISION_SCALE)
-            # FIFO: consume the oldest lots.
+            closed_cost = divide_rounded(cost * qty, size)
             lots = self.fifo_lots
             left = qty
-            consumed = ZERO
+            consumed = ZERO  # unsigned
             done = 0
-            for lot in lots:
-                lot_qty = lot.qty
+            for lot_qty, lot_price, lot_ts in lots:
                 if lot_qty <= left:
-                    consumed += lot_qty * lot.price
+                    consumed += lot_qty * lot_price
                     left -= lot_qty
                     done += 1
                     if not left:
                         break
                 else:
-                    consumed += left * lot.price
-                    lot.qty = lot_qty - left
+                    consumed += left * lot_price
+                    lots[done] = (lot_qty - left, lot_price, lot_ts)
                     break
             if done:
                 del lots[:done]
-            if net < 0:
-                consumed = -consumed
+            value = qty * price
+            self.open_cost = cost - closed_cost
             mult = self.multiplier
-            self.net_qty = net - closing
-            self.open_cost = cost - (proceeds - realized)
-            self.realized_pnl_gross += realized * mult
-            self.fifo_open_cost -= consumed
-            self.fifo_realized_pnl_gross += (proceeds - consumed) * mult
+            if long:
+                # realized = qty x price - closed cost
+                self.net_qty = net - qty
+                realized = value - closed_cost
+                fifo_realized = value - consumed
+                self.fifo_open_cost -= consumed
+            else:
+                # realized = -qty x price - closed cost (which is negative for a short)
+                self.net_qty = net + qty
+                realized = -(value + closed_cost)
+                fifo_realized = consumed - value
+                self.fifo_open_cost += consumed
+            if mult != ONE:
+                realized *= mult
+                fifo_realized *= mult
+            self.realized_pnl_gross += realized
+            self.fifo_realized_pnl_gross += fifo_realized
         else:
             # Closes everything (no rounding: the whole cost goes), then maybe flips.
             proceeds = net * price
+            realized = proceeds - self.open_cost
+            fifo_realized = proceeds - self.fifo_open_cost
             mult = self.multiplier
-            self.realized_pnl_gross += (proceeds - self.open_cost) * mult
-            self.fifo_realized_pnl_gross += (proceeds - self.fifo_open_cost) * mult
-            rest = qty - (net if net > 0 else -net)
+            if mult != ONE:
+                realized *= mult
+                fifo_realized *= mult
+            self.realized_pnl_gross += realized
+            self.fifo_realized_pnl_gross += fifo_realized
+            rest = qty - size
             if rest:
-                signed = rest if buy else -rest
-                cost = signed * price
-                self.net_qty = signed
-                self.open_cost = cost
-                self.fifo_open_cost = cost
-                self.fifo_lots = [Lot(rest, price, fill.ts)]
+                cost = rest * price
+                if buy:
+                    self.net_qty = rest
+                    self.open_cost = self.fifo_open_cost = cost
+                else:
+                    self.net_qty = -rest
+                    self.open_cost = self.fifo_open_cost = -cost
+                self.fifo_lots = [(rest, price, fill.ts)]
             else:
-                self.net_qty = ZERO
-                self.open_cost = ZERO
-                self.fifo_open_cost = ZERO
+                self.net_qty = self.open_cost = self.fifo_open_cost = ZERO
                 self.fifo_lots = []
 
-        self.fees += fee
+        if fee:
+            self.fees += fee
         self.fill_count += 1
         self.last_ts = fill.ts
         self.last_fill_id = fill.fill_id
@@ -290,13 +396,13 @@ class Position(msgspec.Struct, kw_only=True, gc=False):
 
     @property
     def avg_open_price(self) -> Decimal | None:
-        """Average cost of the open position (None when flat); see the module doc."""
-        return divide(self.open_cost, self.net_qty) if self.net_qty else None
+        """`open_cost / net_qty` to at most 12 decimal places (None when flat)."""
+        return divide_rounded(self.open_cost, self.net_qty) if self.net_qty else None
 
     @property
     def fifo_avg_open_price(self) -> Decimal | None:
-        """Quantity-weighted average price of the remaining FIFO lots (None when flat)."""
-        return divide(self.fifo_open_cost, self.net_qty) if self.net_qty else None
+        """Weighted average price of the remaining FIFO lots, like `avg_open_price`."""
+        return divide_rounded(self.fifo_open_cost, self.net_qty) if self.net_qty else None
 
     @property
     def realized_pnl_net(self) -> Decimal:
@@ -353,18 +459,59 @@ class Position(msgspec.Struct, kw_only=True, gc=False):
     # -- copies and serialization ----------------------------------------------------------
 
     def copy(self) -> Position:
-        """An independent copy (lots included): a snapshot that later fills won't touch."""
-        return msgspec.structs.replace(
-            self, fifo_lots=[Lot(lot.qty, lot.price, lot.ts) for lot in self.fifo_lots]
-        )
+        """An independent copy: a snapshot that later fills won't touch."""
+        return Position.from_state(self.to_state())
+
+    def to_state(self) -> PositionState:
+        """A snapshot of the state (independent of later fills)."""
+        state = PositionState(*_state_values(self))
+        state.fifo_lots = state.fifo_lots.copy()  # lots are tuples: a shallow copy will do
+        return state
+
+    @classmethod
+    def from_state(cls, state: PositionState) -> Position:
+        position = cls.__new__(cls)
+        for name in _STATE_FIELDS:
+            setattr(position, name, getattr(state, name))
+        position.fifo_lots = [tuple(lot) for lot in state.fifo_lots]
+        return position
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (Decimals as strings, lots as [qty, price, ts])."""
-        return msgspec.to_builtins(self)
+        return msgspec.to_builtins(self.to_state())
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Position:
-        return msgspec.convert(data, cls)
+        return cls.from_state(msgspec.convert(data, PositionState))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Position):
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in _STATE_FIELDS)
+
+    __hash__ = None  # mutable
+
+    def __repr__(self) -> str:
+        avg = self.avg_open_price
+        return (
+            f"Position({self.account!r}, {self.symbol!r}, net_qty={self.net_qty}, "
+            f"avg_open_price={avg}, realized_pnl_gross={self.realized_pnl_gross}, "
+            f"fees={self.fees}, fifo_realized_pnl_gross={self.fifo_realized_pnl_gross}, "
+            f"lots={len(self.fifo_lots)}, fills={self.fill_count})"
+        )
+
+
+def encode_position(position: Position) -> bytes:
+    """JSON bytes of the position's state (what a changelog stores)."""
+    return _encoder.encode(position.to_state())
+
+
+def decode_position(raw: bytes) -> Position:
+    return Position.from_state(_state_decoder.decode(raw))
+
+
+_encoder = msgspec.json.Encoder(decimal_format="string")
+_state_decoder = msgspec.json.Decoder(PositionState)
 
 
 def position_row(position: Position, mark: Decimal | None, method: Method = "both") -> dict:
@@ -508,32 +655,54 @@ class PositionBook:
     # -- updates -------------------------------------------------------------------
 
     def apply(self, fill: FillLike) -> Position:
-        position = self._position_for(fill)
+        """Apply one fill to its position (created on first use) and return it.
+
+        An invalid fill (qty or price not > 0, fee not finite, unknown side) raises
+        ValueError and changes nothing.
+        """
+        symbols = self._accounts.get(fill.account)
+        position = None if symbols is None else symbols.get(fill.symbol)
+        if position is None:
+            position = self._position_for(fill)
         saved = getcontext()
         setcontext(EXACT)
         try:
             position._apply(fill)
+        except BaseException:
+            self._forget_if_unused(position)
+            raise
         finally:
             setcontext(saved)
         return position
 
-    def apply_many(self, fills: Iterable[FillLike]) -> int:
-        """Apply fills in order; returns how many. Stops at the first invalid fill."""
-        count = 0
+    def apply_many(self, fills: Iterable[FillLike]) -> list[Position]:
+        """Apply fills in order; return the positions they changed, each once.
+
+        The positions come in the order they were first touched, in their state after
+        the last fill. Faster than `apply` in a loop: the exact decimal context is set
+        once for the batch instead of once per fill (about a fifth of the cost of a
+        fill). At the first invalid fill it raises ValueError; the fills before it stay
+        applied.
+        """
+        touched: dict[int, Position] = {}
+        accounts = self._accounts
         saved = getcontext()
         setcontext(EXACT)
         try:
-            accounts = self._accounts
             for fill in fills:
                 symbols = accounts.get(fill.account)
-                position = symbols.get(fill.symbol) if symbols is not None else None
+                position = None if symbols is None else symbols.get(fill.symbol)
                 if position is None:
                     position = self._position_for(fill)
-                position._apply(fill)
-                count += 1
+                try:
+                    position._apply(fill)
+                except BaseException:
+                    self._forget_if_unused(position)
+                    raise
+                touched[id(position)] = position
         finally:
             setcontext(saved)
-        return count
+        return list(touched.values())
 
     def _position_for(self, fill: FillLike) -> Position:
         symbols = self._accounts.get(fill.account)
@@ -542,15 +711,24 @@ class PositionBook:
         position = symbols.get(fill.symbol)
         if position is None:
             position = symbols[fill.symbol] = Position(
-                account=fill.account,
-                symbol=fill.symbol,
-                multiplier=self.multipliers.get(fill.symbol, ONE),
+                fill.account, fill.symbol, self.multipliers.get(fill.symbol, ONE)
             )
         return position
 
-    def restore(self, position: Position) -> None:
-        """Put a position (e.g. decoded from a changelog) into the book, replacing any."""
+    def _forget_if_unused(self, position: Position) -> None:
+        # A position created for a fill that turned out invalid must not linger.
+        if position.fill_count == 0:
+            symbols = self._accounts[position.account]
+            del symbols[position.symbol]
+            if not symbols:
+                del self._accounts[position.account]
+
+    def restore(self, position: Position | PositionState) -> Position:
+        """Put a position (e.g. from a changelog) into the book, replacing any; return it."""
+        if isinstance(position, PositionState):
+            position = Position.from_state(position)
         self._accounts.setdefault(position.account, {})[position.symbol] = position
+        return position
 
     def set_mark(self, symbol: str, price: Decimal | str | int) -> None:
         self.marks[symbol] = parse_decimal(f"mark of {symbol}", price, positive=True)
@@ -602,6 +780,29 @@ class PositionBook:
 
     def __len__(self) -> int:
         return sum(len(symbols) for symbols in self._accounts.values())
+
+    def account_positions(self, account: str) -> Collection[Position]:
+        """The account's positions, unsorted (a live view: do not mutate it)."""
+        return self._accounts.get(account, {}).values()
+
+    def gross_notional(self, account: str) -> Decimal:
+        """`sum abs(net_qty x mark x multiplier)` over the account (unmarked: at cost)."""
+        marks = self.marks
+        total = ZERO
+        for position in self.account_positions(account):
+            if position.net_qty:
+                total = _add(total, position.notional(marks.get(position.symbol)))
+        return total
+
+    def day_pnl(self, account: str) -> Decimal | None:
+        """The account's day P&L (sum over its positions); None if any is unknown."""
+        marks = self.marks
+        total: Decimal | None = ZERO
+        for position in self.account_positions(account):
+            total = _add_known(total, position.day_pnl(marks.get(position.symbol)))
+            if total is None:
+                return None
+        return total
 
     def account_totals(self, account: str) -> AccountTotals:
         return account_totals(account, self._accounts.get(account, {}).values(), self.marks)

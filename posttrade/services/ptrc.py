@@ -14,6 +14,8 @@ import msgspec
 
 from ..agents.positions import PositionKeeper
 from ..agents.ptrc_storage import ALERTS_TABLE, PtrcStorage
+from ..agents.reconciliation import ReconciliationSection, install_reconciliation
+from ..agents.reports import ReportsSection, install_reports
 from ..app import App
 from ..config import ServiceConfig, _Section
 from ..core.compliance import ComplianceRules
@@ -21,7 +23,7 @@ from ..core.marks import DEFAULT_PRIORITY, MarkSource
 from ..core.positions import Method, position_row
 from ..stores.questdb import QuestDBClient, QuestDBWriter
 from ..web.server import JSON, BadRequest, query_int
-from .wiring import clickhouse_store, new_app
+from .wiring import clickhouse_store, new_app, object_store
 
 
 class InstrumentSection(_Section):
@@ -49,6 +51,8 @@ class PtrcConfig(ServiceConfig, kw_only=True):
     marks: MarksSection = msgspec.field(default_factory=MarksSection)
     compliance: ComplianceSection = msgspec.field(default_factory=ComplianceSection)
     trading_day: TradingDaySection = msgspec.field(default_factory=TradingDaySection)
+    reconciliation: ReconciliationSection = msgspec.field(default_factory=ReconciliationSection)
+    reports: ReportsSection = msgspec.field(default_factory=ReportsSection)
 
 
 CONFIG = PtrcConfig
@@ -81,6 +85,28 @@ def build(config: PtrcConfig) -> App:
         clickhouse=clickhouse,
         batch_size=config.batch.size,
         interval_s=config.batch.interval_sec,
+    )
+
+    multipliers = {symbol: inst.multiplier for symbol, inst in config.instruments.items()}
+    install_reconciliation(
+        app,
+        fills=keeper.fills,
+        positions=keeper.positions,
+        multipliers=multipliers,
+        mark_of=keeper.mark_of,
+        settings=config.reconciliation,
+    )
+    install_reports(
+        app,
+        positions=keeper.positions,
+        mark_of=keeper.mark_of,
+        multipliers=multipliers,
+        object_store=object_store(config),
+        questdb=questdb,
+        clickhouse=clickhouse,
+        settings=config.reports,
+        day_timezone=config.trading_day.timezone,
+        day_starts_at=config.trading_day.roll_time(),
     )
 
     @app.health_check("questdb")

@@ -67,3 +67,21 @@ def clickhouse_store(config: ServiceConfig):
         database=ch.database,
         secure=ch.secure,
     )
+
+
+def object_store(config: ServiceConfig):
+    """Reports and exports go to S3-compatible storage, or a local directory when
+    `storage.local_dir` is set (local runs) or no endpoint is configured."""
+    from ..stores.objects import open_object_store
+
+    storage = config.storage
+    if storage.local_dir or storage.seaweedfs is None:
+        return open_object_store(local_dir=storage.local_dir or "objects")
+    s3 = storage.seaweedfs
+    return open_object_store(
+        endpoint=s3.endpoint,
+        bucket=s3.bucket,
+        access_key=s3.access_key,
+        secret_key=s3.secret_key,
+        region=s3.region,
+    )

@@ -1,0 +1,520 @@
+"""Reconciliation for ptrc: replay the fill stream into a fresh book, compare, keep the result.
+
+`install_reconciliation(app, ...)` registers on a service's App:
+
+* `POST /reconciliation` — start a run (202 with its id); one run at a time (409 while
+  one is running). JSON body, every field optional:
+  `{"from_seq": 1 | "from_time": "2026-11-23T00:00:00Z", "statement": "<CSV text>" |
+  "statement_path": "name.csv", "tolerance": {"qty": "0", "avg_price": "0.0001",
+  "realized_pnl": "0.01"}}`; or the statement itself as a `text/csv` body with the
+  other fields as query parameters (`from_seq`, `from_time`, `tolerance_qty`,
+  `tolerance_avg_price`, `tolerance_realized_pnl`). Invalid input → 400 JSON (a bad
+  statement lists its bad lines).
+* `GET /reconciliation/{id}` — the run: status, the cut, counts, breaks (404 if unknown).
+* `GET /reconciliation` — recent runs, newest first, without their breaks (`limit`).
+
+A run
+-----
+1. **Snapshot the live table** (one synchronous pass, so one instant): every key's
+   figures, and the FILLS sequence it last applied (`positions.last_applied(key)`).
+2. **The cut**: `cut = max(last applied sequence over the live keys)`. The live agent
+   applies fills in stream order, so at that instant every key reflects exactly the
+   fills at or below `cut` that belong to it (a fill after the last one that changed
+   some key has not been applied anywhere yet). Replaying the stream up to `cut`, and no
+   further, gives the book the live table should equal, however many fills arrive
+   while the replay runs.
+3. **Replay** `app.replay(fills, StartPosition(seq=from_seq | time=from_time))`
+   (default: the stream's start) through `cut` into a fresh `PositionBook` with the
+   same multipliers. The replay book starts flat at the start position, so a start
+   later than the live history's start makes every earlier position a break: use it
+   when the live book itself began there (e.g. the stream was truncated or reset).
+4. **Compare** (`posttrade.core.reconciliation.compare_positions`): the replay against
+   the live snapshot, and the replay against the statement when one was given.
+5. **Keep** the run in the changelog table `reconciliations` (key: the run id) — the
+   last `keep_runs` runs survive restarts; a run interrupted by a stop is marked failed.
+   At most `max_breaks` breaks are stored per run (`break_count` has the total,
+   `breaks_truncated` says so), quantity breaks first: a changelog entry must stay
+   small.
+
+Statement paths are read only inside the configured `statement_dir` (none: uploads only),
+so a request can never read an arbitrary file of the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Callable, Literal, Mapping
+
+import msgspec
+from prometheus_client import Counter, Gauge
+from starlette.requests import Request
+
+from ..app import App
+from ..config import _Section
+from ..core.positions import Position, PositionBook
+from ..core.reconciliation import (
+    Break,
+    PositionFigures,
+    StatementError,
+    Tolerance,
+    compare_positions,
+    figures_of,
+    parse_statement,
+    value_breaks,
+)
+from ..streams.channel import Channel
+from ..streams.transport import StartPosition
+from ..tables.table import Table
+from ..web.server import JSON, BadRequest, query_int
+
+log = logging.getLogger(__name__)
+
+MarkOf = Callable[[str], Decimal | None]
+
+# A break on a figure that moves money first; then averages; missing keys are money too.
+_FIELD_ORDER = {"position": 0, "net_qty": 1, "realized_pnl": 2, "avg_open_price": 3}
+
+
+class ReconciliationSection(_Section):
+    """ptrc config `reconciliation:`."""
+
+    tolerance: Tolerance = Tolerance()  # defaults for runs that do not give their own
+    statement_dir: str | None = None  # where `statement_path` may point; None: uploads only
+    keep_runs: int = 100
+    max_breaks: int = 500  # stored per run
+    max_statement_bytes: int = 50_000_000
+    replay_batch_size: int = 2000
+
+
+class StatementSource(msgspec.Struct, kw_only=True):
+    source: Literal["upload", "path"]
+    path: str | None = None
+    positions: int = 0
+
+
+class ReconciliationRun(msgspec.Struct, kw_only=True):
+    """One run as stored and served (times are ISO-8601 UTC)."""
+
+    id: str
+    status: Literal["running", "done", "failed"]
+    requested_at: str
+    stream: str
+    tolerance: Tolerance
+    from_seq: int | None = None
+    from_time: str | None = None
+    statement: StatementSource | None = None
+    finished_at: str | None = None
+    seconds: float | None = None
+    cut_seq: int | None = None  # replayed through this FILLS sequence (see the module doc)
+    stream_last_seq: int | None = None  # the stream's end when the run started
+    fills_replayed: int = 0
+    fills_rejected: int = 0  # fills the core refused (the live agent dead-letters those)
+    live_positions: int = 0
+    replay_positions: int = 0
+    break_count: int = 0
+    breaks_by_field: dict[str, int] = {}
+    breaks: list[Break] = []
+    breaks_truncated: bool = False
+    error: str | None = None
+
+    def summary(self) -> dict:
+        data = msgspec.to_builtins(self)
+        data.pop("breaks")
+        data["url"] = f"/reconciliation/{self.id}"
+        return data
+
+
+class _ToleranceRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    qty: Decimal | None = None
+    avg_price: Decimal | None = None
+    realized_pnl: Decimal | None = None
+
+
+class RunRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The JSON body of `POST /reconciliation`."""
+
+    from_seq: int | None = None
+    from_time: str | None = None
+    statement: str | None = None
+    statement_path: str | None = None
+    tolerance: _ToleranceRequest | None = None
+
+
+class RunPlan(msgspec.Struct, kw_only=True):
+    """A validated request: where to start, what to compare with, how strictly."""
+
+    start: StartPosition
+    tolerance: Tolerance
+    statement: dict[tuple[str, str], PositionFigures] | None = None
+    statement_source: StatementSource | None = None
+    from_seq: int | None = None
+    from_time: str | None = None
+
+
+class ReconciliationService:
+    """The pages, the runs and their table; `install_reconciliation` builds one."""
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        fills: Channel,
+        positions: Table,
+        multipliers: Mapping[str, Decimal],
+        mark_of: MarkOf | None = None,
+        settings: ReconciliationSection = ReconciliationSection(),
+        table_name: str = "reconciliations",
+    ):
+        self.app = app
+        self.fills = fills
+        self.positions = positions
+        self.multipliers = multipliers
+        self.mark_of = mark_of
+        self.settings = settings
+        self.statement_dir = Path(settings.statement_dir).resolve() if settings.statement_dir else None
+        self.runs: Table = app.table(table_name, value_type=ReconciliationRun, key_type=str)
+        self._task: asyncio.Task | None = None
+        self._running_id: str | None = None
+        registry = app.metrics.registry
+        self.runs_total = Counter(
+            "posttrade_reconciliations_total", "Reconciliation runs finished", ["status"], registry=registry
+        )
+        self.last_breaks = Gauge(
+            "posttrade_reconciliation_breaks", "Breaks found by the last finished reconciliation", registry=registry
+        )
+        app.page("/reconciliation", methods=("POST",))(self.post_run)
+        app.page("/reconciliation")(self.list_runs)
+        app.page("/reconciliation/{run_id}")(self.get_run)
+        app.on_startup.append(self._fail_interrupted_runs)
+        app.on_shutdown.append(self._stop_running)
+
+    # -- pages ---------------------------------------------------------------------------
+
+    async def post_run(self, request: Request) -> JSON:
+        self._ensure_idle()  # before reading a large statement for nothing
+        plan = await self.plan_from_request(request)
+        run = await self.start(plan)
+        return JSON(
+            {"id": run.id, "status": run.status, "url": f"/reconciliation/{run.id}"},
+            status_code=202,
+            headers={"Location": f"/reconciliation/{run.id}"},
+        )
+
+    async def list_runs(self, request: Request) -> JSON:
+        limit = query_int(request, "limit", 20, minimum=1, maximum=max(1, self.settings.keep_runs))
+        runs = sorted(self.runs.values(), key=lambda r: r.id, reverse=True)[:limit]
+        return JSON({"runs": [run.summary() for run in runs], "count": len(runs)})
+
+    async def get_run(self, request: Request) -> JSON:
+        run_id = request.path_params["run_id"]
+        run = self.runs.get(run_id)
+        if run is None:
+            raise BadRequest({"id": run_id, "error": "no reconciliation with this id"}, status_code=404)
+        data = msgspec.to_builtins(run)
+        data["url"] = f"/reconciliation/{run.id}"
+        return JSON(data)
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def plan_from_request(self, request: Request) -> RunPlan:
+        """Validate a POST (JSON or text/csv) into a plan; BadRequest says what is wrong."""
+        body = await request.body()
+        if len(body) > self.settings.max_statement_bytes:
+            raise BadRequest({"error": f"request body over {self.settings.max_statement_bytes} bytes"}, 413)
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type == "text/csv":
+            params = request.query_params
+            unknown = set(params) - {"from_seq", "from_time", "tolerance_qty", "tolerance_avg_price",
+                                     "tolerance_realized_pnl"}
+            if unknown:
+                raise BadRequest({"error": f"unknown query parameters: {', '.join(sorted(unknown))}"})
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise BadRequest({"error": f"the statement is not UTF-8 text: {exc}"}) from None
+            tolerance = {
+                name: params[f"tolerance_{name}"]
+                for name in ("qty", "avg_price", "realized_pnl")
+                if params.get(f"tolerance_{name}")
+            }
+            raw = {"statement": text, "tolerance": tolerance or None}
+            if params.get("from_seq"):
+                raw["from_seq"] = params["from_seq"]
+            if params.get("from_time"):
+                raw["from_time"] = params["from_time"]
+            try:
+                run_request = msgspec.convert(raw, RunRequest, strict=False)
+            except msgspec.ValidationError as exc:
+                raise BadRequest({"error": str(exc)}) from None
+        elif content_type in ("", "application/json"):
+            try:
+                run_request = msgspec.json.decode(body or b"{}", type=RunRequest)
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                raise BadRequest({"error": f"invalid request body: {exc}"}) from None
+        else:
+            raise BadRequest({"error": f"send application/json or text/csv, not {content_type}"}, 415)
+        return await self.plan(run_request)
+
+    async def plan(self, req: RunRequest) -> RunPlan:
+        if req.from_seq is not None and req.from_time is not None:
+            raise BadRequest({"error": "give from_seq or from_time, not both"})
+        if req.statement is not None and req.statement_path is not None:
+            raise BadRequest({"error": "give statement or statement_path, not both"})
+        start = StartPosition()
+        from_time = None
+        if req.from_seq is not None:
+            if req.from_seq < 1:
+                raise BadRequest({"field": "from_seq", "error": "stream sequences start at 1"})
+            start = StartPosition(seq=req.from_seq)
+        elif req.from_time is not None:
+            when = parse_time(req.from_time)
+            from_time = when.isoformat()
+            start = StartPosition(time=when)
+        defaults = self.settings.tolerance
+        given = req.tolerance or _ToleranceRequest()
+        try:
+            tolerance = Tolerance(
+                qty=defaults.qty if given.qty is None else given.qty,
+                avg_price=defaults.avg_price if given.avg_price is None else given.avg_price,
+                realized_pnl=defaults.realized_pnl if given.realized_pnl is None else given.realized_pnl,
+            )
+        except ValueError as exc:
+            raise BadRequest({"field": "tolerance", "error": str(exc)}) from None
+        statement = source = None
+        if req.statement is not None or req.statement_path is not None:
+            if req.statement is not None:
+                text, source = req.statement, StatementSource(source="upload")
+            else:
+                text, path = self.read_statement_file(req.statement_path)
+                source = StatementSource(source="path", path=str(path))
+            try:
+                statement = await asyncio.to_thread(parse_statement, text)
+            except StatementError as exc:
+                raise BadRequest(exc.detail()) from None
+            source.positions = len(statement)
+        return RunPlan(
+            start=start, tolerance=tolerance, statement=statement, statement_source=source,
+            from_seq=req.from_seq, from_time=from_time,
+        )
+
+    def read_statement_file(self, name: str) -> tuple[str, Path]:
+        if self.statement_dir is None:
+            raise BadRequest(
+                {"field": "statement_path",
+                 "error": "statement paths are disabled (set reconciliation.statement_dir); upload the CSV instead"}
+            )
+        path = (self.statement_dir / name).resolve()
+        if path != self.statement_dir and self.statement_dir not in path.parents:
+            raise BadRequest({"field": "statement_path", "error": "the path leaves the statement directory"})
+        try:
+            if path.stat().st_size > self.settings.max_statement_bytes:
+                raise BadRequest({"field": "statement_path", "error": "the statement file is too large"})
+            return path.read_text(encoding="utf-8"), path
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise BadRequest({"field": "statement_path", "error": f"no statement file {name!r}"}) from None
+        except UnicodeDecodeError as exc:
+            raise BadRequest({"field": "statement_path", "error": f"not UTF-8 text: {exc}"}) from None
+
+    # -- runs ------------------------------------------------------------------------------
+
+    def _ensure_idle(self) -> None:
+        if self._task is not None and not self._task.done():
+            raise BadRequest(
+                {"error": "a reconciliation is already running", "id": self._running_id,
+                 "url": f"/reconciliation/{self._running_id}"},
+                status_code=409,
+            )
+
+    async def start(self, plan: RunPlan) -> ReconciliationRun:
+        """Record a new run and start it in the background; returns the running record.
+
+        Raises BadRequest(409) while another run is in progress.
+        """
+        self._ensure_idle()
+        now = datetime.now(timezone.utc)
+        run = ReconciliationRun(
+            id=f"{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}",
+            status="running",
+            requested_at=now.isoformat(),
+            stream=self.fills.stream.name,
+            tolerance=plan.tolerance,
+            from_seq=plan.from_seq,
+            from_time=plan.from_time,
+            statement=plan.statement_source,
+        )
+        # From the check above to here nothing awaits: two requests cannot both start.
+        self._running_id = run.id
+        self._task = asyncio.create_task(self._execute(run, plan), name=f"reconciliation:{run.id}")
+        await self._store(run)
+        return run
+
+    async def run(self, plan: RunPlan) -> ReconciliationRun:
+        """Start a run and wait for it (tests, and callers that want the result inline)."""
+        run = await self.start(plan)
+        assert self._task is not None
+        await asyncio.shield(self._task)
+        return self.runs[run.id]
+
+    async def _execute(self, run: ReconciliationRun, plan: RunPlan) -> None:
+        started = time.perf_counter()
+        cancelled = False
+        try:
+            await self.reconcile(run, plan)
+            run.status = "done"
+        except asyncio.CancelledError:
+            run.status, run.error = "failed", "interrupted: the service stopped during the run"
+            cancelled = True
+        except Exception as exc:
+            log.exception("reconciliation %s failed", run.id)
+            run.status, run.error = "failed", f"{type(exc).__name__}: {exc}"
+        run.finished_at = datetime.now(timezone.utc).isoformat()
+        run.seconds = round(time.perf_counter() - started, 6)
+        self.runs_total.labels(run.status).inc()
+        if run.status == "done":
+            self.last_breaks.set(run.break_count)
+        await self._store(run)
+        await self._prune()
+        if cancelled:
+            raise asyncio.CancelledError
+
+    def live_snapshot(self) -> tuple[dict[tuple[str, str], PositionFigures], int]:
+        """The live figures and the cut (max FILLS sequence applied), at one instant.
+
+        Synchronous on purpose: no other task can change the table during it.
+        """
+        stream = self.fills.stream.name
+        figures: dict[tuple[str, str], PositionFigures] = {}
+        cut = 0
+        for key, state in self.positions.items():
+            position = state if isinstance(state, Position) else Position.from_state(state)
+            figures[tuple(key)] = figures_of(position)
+            cut = max(cut, self.positions.last_applied(key).get(stream, 0))
+        return figures, cut
+
+    async def replay(self, start: StartPosition, cut: int) -> tuple[PositionBook, int, int]:
+        """A fresh book from the fills of `start`..`cut`; returns (book, applied, rejected)."""
+        book = PositionBook(self.multipliers)
+        applied = rejected = 0
+        if cut == 0 or (start.seq is not None and start.seq > cut):
+            return book, 0, 0
+        records = self.app.replay(self.fills, start, batch_size=self.settings.replay_batch_size)
+        async with contextlib.aclosing(records):
+            async for record in records:
+                if record.seq > cut:
+                    break
+                try:
+                    book.apply(record.value)
+                    applied += 1
+                except ValueError:
+                    rejected += 1
+        return book, applied, rejected
+
+    async def reconcile(self, run: ReconciliationRun, plan: RunPlan) -> ReconciliationRun:
+        """Snapshot, replay through the cut, compare; returns `run` filled in."""
+        live, cut = self.live_snapshot()
+        state = await self.app.transport.stream_state(self.fills.stream.name)
+        run.cut_seq, run.stream_last_seq = cut, state.last_seq
+        book, run.fills_replayed, run.fills_rejected = await self.replay(plan.start, cut)
+        replayed = {(p.account, p.symbol): figures_of(p) for p in book}
+        run.live_positions, run.replay_positions = len(live), len(replayed)
+        breaks = compare_positions(replayed, live, against="live", tolerance=plan.tolerance)
+        if plan.statement is not None:
+            breaks += compare_positions(replayed, plan.statement, against="statement", tolerance=plan.tolerance)
+        if self.mark_of is not None:
+            symbols = {b.symbol for b in breaks}
+            breaks = value_breaks(breaks, {s: self.mark_of(s) for s in symbols}, self.multipliers)
+        run.break_count = len(breaks)
+        by_field: dict[str, int] = {}
+        for item in breaks:
+            by_field[f"{item.against}.{item.field}"] = by_field.get(f"{item.against}.{item.field}", 0) + 1
+        run.breaks_by_field = by_field
+        ordered = sorted(breaks, key=lambda b: (_FIELD_ORDER[b.field], b.account, b.symbol, b.against))
+        run.breaks = ordered[: self.settings.max_breaks]
+        run.breaks_truncated = len(ordered) > self.settings.max_breaks
+        return run
+
+    # -- storage ------------------------------------------------------------------------
+
+    async def _store(self, run: ReconciliationRun) -> None:
+        # The table is shared with the agents' commits: an agent that crashes rolls back
+        # every table's unflushed keys, ours included, so write until ours is durable.
+        while True:
+            self.runs[run.id] = run
+            await self.runs.flush()
+            if self.runs.get(run.id) is run:
+                return
+
+    async def _prune(self) -> None:
+        finished = sorted(rid for rid, r in self.runs.items() if r.status != "running")
+        excess = len(self.runs) - self.settings.keep_runs
+        if excess <= 0:
+            return
+        for run_id in finished[:excess]:
+            del self.runs[run_id]
+        await self.runs.flush()
+
+    async def _fail_interrupted_runs(self) -> None:
+        for run in list(self.runs.values()):
+            if run.status == "running":
+                run.status = "failed"
+                run.error = "interrupted: the service stopped during the run"
+                await self._store(run)
+
+    async def _stop_running(self) -> None:
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+def parse_time(text: str) -> datetime:
+    """ISO-8601; a time without a zone is UTC."""
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise BadRequest({"field": "from_time", "error": f"not an ISO-8601 time: {text!r}"}) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.astimezone(timezone.utc)
+
+
+def install_reconciliation(
+    app: App,
+    *,
+    fills: Channel,
+    positions: Table,
+    multipliers: Mapping[str, Decimal],
+    mark_of: MarkOf | None = None,
+    settings: ReconciliationSection = ReconciliationSection(),
+    table_name: str = "reconciliations",
+) -> ReconciliationService:
+    """Register reconciliation on `app` (pages, the `reconciliations` table, hooks).
+
+    `fills`: the channel the live positions are built from (FILLS); `positions`: the
+    live changelog table keyed (account, symbol) with `PositionState` values, written
+    by an agent on `fills` (so `last_applied(key)` carries the FILLS sequence);
+    `multipliers`: the contract multipliers the live book uses; `mark_of`: optional,
+    values quantity breaks at the mark.
+    """
+    return ReconciliationService(
+        app, fills=fills, positions=positions, multipliers=multipliers, mark_of=mark_of,
+        settings=settings, table_name=table_name,
+    )
+
+
+__all__ = [
+    "ReconciliationRun",
+    "ReconciliationSection",
+    "ReconciliationService",
+    "RunPlan",
+    "RunRequest",
+    "install_reconciliation",
+]

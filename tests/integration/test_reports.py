@@ -1,0 +1,244 @@
+"""Reports on the real QuestDB of the local stack and embedded ClickHouse.
+
+A past trading day's fills, position snapshots (with ptrc's day rolls) and compliance
+alerts are stored the way ptrc stores them — in tables of this test's own (unique
+names: the QuestDB server is shared) — then `POST /reports` generates the day, `GET
+/reports` lists it and every file is downloaded and checked: the blotter's CSV and
+Parquet carry exactly the stored fills of that day, the P&L report the close from the
+roll snapshots, the compliance report the day's alerts.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import uuid
+from collections.abc import Iterator
+from datetime import date
+from decimal import Decimal as D
+
+import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from posttrade.agents.reports import ReportsSection, install_reports
+from posttrade.app import App
+from posttrade.core.positions import PositionState
+from posttrade.core.reports import TradingDay, iso_ns
+from posttrade.stores import clickhouse as clickhouse_store
+from posttrade.stores.clickhouse import open_clickhouse
+from posttrade.stores.objects import LocalObjectStore
+from posttrade.stores.questdb import QuestDBClient, QuestDBWriter
+from posttrade.streams.memory import MemoryTransport
+from posttrade.web.server import build_web_app
+
+DEC = "DECIMAL(38, 12)"
+TRADES_COLUMNS = {  # ptrc's ptrc_trades (the contract)
+    "ts": "TIMESTAMP_NS", "fill_id": "VARCHAR", "account": "SYMBOL", "symbol": "SYMBOL", "side": "SYMBOL",
+    "qty": DEC, "price": DEC, "fee": DEC, "realized_pnl_fill": DEC, "order_id": "VARCHAR", "venue": "SYMBOL",
+    "net_qty_after": DEC,
+}
+SNAPSHOT_COLUMNS = {  # ptrc's position_snapshots
+    "ts": "TIMESTAMP_NS", "account": "SYMBOL", "symbol": "SYMBOL", "reason": "SYMBOL", "net_qty": DEC,
+    "avg_open_price": DEC, "realized_pnl_gross": DEC, "fees": DEC, "realized_pnl_net": DEC, "mark": DEC,
+    "unrealized_pnl": DEC, "day_pnl": DEC,
+}
+ALERTS_DDL = """
+CREATE TABLE IF NOT EXISTS {table} (
+    alert_id String, ts DateTime64(9, 'UTC'), rule String, severity String, account String, symbol String,
+    message String, observed String, `limit` String
+) ENGINE = ReplacingMergeTree ORDER BY alert_id
+"""
+
+DAY = date(2026, 11, 20)
+START, END = TradingDay().window_ns(DAY)
+HOUR = 3_600_000_000_000
+
+
+def trade(ts, fill_id, side, qty, price, fee, realized, net_after, symbol="XYZ", venue="XNAS"):
+    return {"ts": ts, "fill_id": fill_id, "account": "ACC1", "symbol": symbol, "side": side, "qty": D(qty),
+            "price": D(price), "fee": D(fee), "realized_pnl_fill": D(realized), "order_id": f"o-{fill_id}",
+            "venue": venue, "net_qty_after": D(net_after)}
+
+
+# The worked example on DAY (fee 1 per fill), one fill the day before and one the day after.
+TRADES = [
+    trade(START - HOUR, "before", "BUY", "1", "50", "0", "0", "1", symbol="ABC"),
+    trade(START + 9 * HOUR, "x1", "BUY", "10", "100", "1", "0", "10"),
+    trade(START + 9 * HOUR + 1, "x2", "BUY", "10", "110", "1", "0", "20"),
+    trade(START + 10 * HOUR, "x3", "SELL", "15", "120", "1", "225", "5"),
+    trade(START + 11 * HOUR + 123_456_789, "x4", "SELL", "10", "90", "1", "-75", "-5", venue="XNYS"),
+    trade(END + HOUR, "after", "SELL", "1", "51", "0", "1", "0", symbol="ABC"),
+]
+
+
+def snapshot(ts, symbol, reason, net, avg, gross, fees, mark, unrealized, day_pnl):
+    d = lambda v: None if v is None else D(v)  # noqa: E731
+    return {"ts": ts, "account": "ACC1", "symbol": symbol, "reason": reason, "net_qty": D(net), "avg_open_price": d(avg),
+            "realized_pnl_gross": D(gross), "fees": D(fees), "realized_pnl_net": D(gross) - D(fees), "mark": d(mark),
+            "unrealized_pnl": d(unrealized), "day_pnl": d(day_pnl)}
+
+
+SNAPSHOTS = [
+    snapshot(START + 5, "ABC", "roll", "1", "50", "0", "0", "52", "2", "0"),  # ABC opened the day worth 2
+    snapshot(START + 9 * HOUR, "XYZ", "fill", "10", "100", "0", "1", "100", "0", "-1"),
+    snapshot(START + 11 * HOUR, "XYZ", "fill", "-5", "90", "150", "4", "90", "0", "146"),
+    snapshot(END + 5, "ABC", "roll", "1", "50", "0", "0", "55", "5", "0"),  # ... and closed it worth 5
+    snapshot(END + 6, "XYZ", "roll", "-5", "90", "150", "4", "95", "-25", "0"),  # closed at 95
+]
+
+ALERTS = [
+    ("a1", START + 10 * HOUR, "max_position", "warning", "ACC1", "XYZ", "position 20 over 15", "20", "15"),
+    ("a0", START + 10 * HOUR, "wash_trade", "critical", "ACC1", "XYZ", "opposite fills", "", ""),
+    ("a2", END + 1, "daily_loss", "critical", "ACC1", "", "next day", "-1000", "-500"),
+]
+
+
+@pytest.fixture(scope="module")
+def clickhouse(tmp_path_factory) -> Iterator:
+    """chdb allows one engine path per process: share one already open (every name
+    here is qualified by a database of our own)."""
+    opened = next(iter(clickhouse_store._EMBEDDED), None)
+    if opened is not None and opened != ":memory:":
+        store = open_clickhouse(f"chdb://{opened}")
+    else:
+        store = open_clickhouse(f"chdb://{tmp_path_factory.mktemp('reports') / 'engine'}")
+    yield store
+    store.close_sync()
+
+
+@pytest.fixture
+async def stored_day(stack, clickhouse):
+    suffix = uuid.uuid4().hex[:8]
+    trades, snapshots, database = f"rept_{suffix}_trades", f"rept_{suffix}_snapshots", f"rept_{suffix}"
+    questdb = QuestDBClient(host=stack.questdb_host, port=stack.questdb_http_port)
+    writer = QuestDBWriter(host=stack.questdb_host, port=stack.questdb_http_port)
+    try:
+        await questdb.create_table(trades, TRADES_COLUMNS, dedup_keys=("ts", "fill_id"))
+        await questdb.create_table(snapshots, SNAPSHOT_COLUMNS, dedup_keys=("ts", "account", "symbol", "reason"))
+        await writer.write_batch(trades, TRADES, symbols=("account", "symbol", "side", "venue"))
+        await writer.write_batch(snapshots, SNAPSHOTS, symbols=("account", "symbol", "reason"))
+        await questdb.wait_visible(trades, len(TRADES))
+        await questdb.wait_visible(snapshots, len(SNAPSHOTS))
+        await clickhouse.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+        await clickhouse.command(ALERTS_DDL.format(table=f"{database}.compliance_alerts"))
+        # As ptrc stores them: DateTime64(9) from epoch-ns integers.
+        await clickhouse.insert(
+            f"{database}.compliance_alerts", [list(a) for a in ALERTS],
+            column_names=["alert_id", "ts", "rule", "severity", "account", "symbol", "message", "observed", "limit"],
+        )
+        yield {"questdb": questdb, "trades": trades, "snapshots": snapshots, "alerts": f"{database}.compliance_alerts"}
+    finally:
+        for table in (trades, snapshots):
+            await questdb.execute(f"DROP TABLE IF EXISTS {table}")
+        await clickhouse.command(f"DROP DATABASE IF EXISTS {database}")
+        await writer.close()
+        await questdb.close()
+
+
+async def test_a_days_reports_are_generated_listed_and_downloaded(stored_day, clickhouse, tmp_path):
+    app = App("ptrc", MemoryTransport())
+    positions = app.table("positions", value_type=PositionState, key_type=tuple[str, str])
+    install_reports(
+        app, positions=positions, mark_of=lambda symbol: None, multipliers={}, object_store=LocalObjectStore(tmp_path),
+        questdb=stored_day["questdb"], clickhouse=clickhouse,
+        settings=ReportsSection(trades_table=stored_day["trades"], snapshots_table=stored_day["snapshots"],
+                                alerts_table=stored_day["alerts"], export_slices=3),
+    )
+    web = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_web_app(app)), base_url="http://ptrc")
+    async with app, web as http:
+        generated = await http.post("/reports", json={"date": DAY.isoformat()})
+        assert generated.status_code == 201, generated.text
+        listed = (await http.get("/reports", params={"date": DAY.isoformat()})).json()
+        files = {r["name"]: (await http.get(r["url"])) for r in listed["reports"]}
+    body = generated.json()
+    rows = {r["name"]: r["rows"] for r in body["reports"]}
+    prefix = DAY.isoformat()
+    assert rows == {
+        f"{prefix}/{kind}.{fmt}": count
+        for kind, count in (("compliance", 2), ("daily_pnl", 3), ("positions", 2), ("trade_blotter", 4))
+        for fmt in ("csv", "parquet")
+    }
+    assert body["generation_seconds"] > 0 and body["steps"]["trade_blotter.export"] > 0
+    assert sorted(r["name"] for r in listed["reports"]) == sorted(rows)
+    assert all(response.status_code == 200 for response in files.values())
+    sizes = {r["name"]: r["size"] for r in listed["reports"]}
+    assert all(len(files[name].content) == size for name, size in sizes.items())
+
+    # The blotter: exactly the day's four fills, in time order, every digit kept.
+    blotter_csv = list(csv.DictReader(io.StringIO(files[f"{prefix}/trade_blotter.csv"].text)))
+    assert [r["fill_id"] for r in blotter_csv] == ["x1", "x2", "x3", "x4"]
+    x4 = blotter_csv[3]
+    assert x4["ts"] == iso_ns(TRADES[4]["ts"])
+    assert (D(x4["qty"]), D(x4["price"]), D(x4["realized_pnl_fill"]), D(x4["net_qty_after"]), x4["venue"]) == (
+        D(10), D(90), D(-75), D(-5), "XNYS")
+    blotter = pq.read_table(io.BytesIO(files[f"{prefix}/trade_blotter.parquet"].content))
+    assert blotter.schema.field("price").type == pa.decimal128(38, 12)
+    assert blotter.schema.field("ts").type == pa.timestamp("ns", tz="UTC")
+    stored = [{k: v for k, v in t.items()} for t in TRADES[1:5]]
+    got = blotter.to_pylist()
+    assert [r["fill_id"] for r in got] == [t["fill_id"] for t in stored]
+    for row, expected in zip(got, stored):
+        for name in ("qty", "price", "fee", "realized_pnl_fill", "net_qty_after", "side", "order_id", "venue"):
+            assert row[name] == expected[name], name
+    assert blotter.column("ts").cast(pa.int64()).to_pylist() == [t["ts"] for t in stored]
+    assert files[f"{prefix}/trade_blotter.parquet"].headers["content-type"] == "application/vnd.apache.parquet"
+
+    # Daily P&L: the close is the roll into the next day; day P&L the change between the rolls.
+    pnl = {(r["level"], r["symbol"]): r for r in csv.DictReader(io.StringIO(files[f"{prefix}/daily_pnl.csv"].text))}
+    xyz, abc, total = pnl[("position", "XYZ")], pnl[("position", "ABC")], pnl[("account", "")]
+    assert (xyz["net_qty"], xyz["mark"], xyz["realized_pnl_net"], xyz["unrealized_pnl"], xyz["total_pnl"],
+            xyz["day_pnl"]) == ("-5", "95", "146", "-25", "121", "121")  # first traded that day
+    assert (abc["total_pnl"], abc["day_pnl"]) == ("5", "3")  # worth 2 at the open, 5 at the close
+    assert (total["realized_pnl_net"], total["total_pnl"], total["day_pnl"]) == ("146", "126", "124")
+    assert xyz["valued_at"] == iso_ns(SNAPSHOTS[4]["ts"])
+    positions_table = pq.read_table(io.BytesIO(files[f"{prefix}/positions.parquet"].content))
+    assert positions_table.column("net_qty").to_pylist() == [D(1), D(-5)]
+
+    # Compliance: the day's alerts only, oldest first.
+    alerts = list(csv.DictReader(io.StringIO(files[f"{prefix}/compliance.csv"].text)))
+    assert [(a["alert_id"], a["rule"], a["observed"], a["limit"]) for a in alerts] == [
+        ("a0", "wash_trade", "", ""), ("a1", "max_position", "20", "15")]
+    assert alerts[0]["ts"] == iso_ns(ALERTS[1][1])
+    alerts_parquet = pq.read_table(io.BytesIO(files[f"{prefix}/compliance.parquet"].content))
+    assert alerts_parquet.column("alert_id").to_pylist() == ["a0", "a1"]
+
+
+async def test_a_day_without_data_gives_empty_reports_with_their_columns(stored_day, clickhouse, tmp_path):
+    app = App("ptrc", MemoryTransport())
+    positions = app.table("positions", value_type=PositionState, key_type=tuple[str, str])
+    reports = install_reports(
+        app, positions=positions, mark_of=lambda symbol: None, multipliers={}, object_store=LocalObjectStore(tmp_path),
+        questdb=stored_day["questdb"], clickhouse=clickhouse,
+        settings=ReportsSection(trades_table=stored_day["trades"], snapshots_table=f"{stored_day['snapshots']}_none",
+                                alerts_table=stored_day["alerts"]),
+    )
+    async with app:
+        generation = await reports.generate(date(2026, 1, 5))
+    assert {f.name: f.rows for f in generation.files if f.format == "csv"} == {
+        "2026-01-05/compliance.csv": 0, "2026-01-05/daily_pnl.csv": 0, "2026-01-05/positions.csv": 0,
+        "2026-01-05/trade_blotter.csv": 0,
+    }
+    blotter = pq.read_table(tmp_path / "reports" / "2026-01-05" / "trade_blotter.parquet")
+    assert blotter.num_rows == 0 and blotter.schema.field("qty").type == pa.decimal128(38, 12)
+    header = (tmp_path / "reports" / "2026-01-05" / "trade_blotter.csv").read_text().splitlines()[0]
+    assert header.replace('"', "") == "ts,fill_id,account,symbol,side,qty,price,fee,realized_pnl_fill,order_id,venue,net_qty_after"
+
+
+async def test_without_a_roll_into_the_next_day_the_days_last_snapshots_are_reported(stored_day, clickhouse, tmp_path):
+    app = App("ptrc", MemoryTransport())
+    positions = app.table("positions", value_type=PositionState, key_type=tuple[str, str])
+    reports = install_reports(
+        app, positions=positions, mark_of=lambda symbol: None, multipliers={}, object_store=LocalObjectStore(tmp_path),
+        questdb=stored_day["questdb"], clickhouse=clickhouse,
+        settings=ReportsSection(trades_table=stored_day["trades"], snapshots_table=stored_day["snapshots"],
+                                alerts_table=stored_day["alerts"]),
+    )
+    next_day = date.fromordinal(DAY.toordinal() + 1)  # its own closing roll is not stored
+    async with app:
+        await reports.generate(next_day, ["daily_pnl"])
+    text = (tmp_path / "reports" / next_day.isoformat() / "daily_pnl.csv").read_text()
+    rows = {(r["level"], r["symbol"]): r for r in csv.DictReader(io.StringIO(text))}
+    xyz = rows[("position", "XYZ")]
+    assert (xyz["net_qty"], xyz["mark"], xyz["day_pnl"], xyz["valued_at"]) == ("-5", "95", "0", iso_ns(SNAPSHOTS[4]["ts"]))
