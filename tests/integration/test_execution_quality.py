@@ -1,0 +1,393 @@
+"""execution_quality on the real NATS server of the local stack and embedded ClickHouse.
+
+The worked example of docs/execution_quality.md goes through NATS, the four agents and
+ClickHouse, and comes back out of `/metrics/execution` and `/analytics/summary` with the
+numbers the document prints. Then: a replay through a fresh service and a restart leave
+one row per fill and order, and `posttrade worker execution_quality` serves it all as a
+process.
+
+Every test uses its own namespace (streams `<NS>_FILLS`, ... on `<ns>.trading.fills.>`,
+...), service name (changelog buckets) and ClickHouse database, and removes its streams
+and buckets at the end: the NATS server is shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import nats
+import pytest
+
+from posttrade.config import load_config
+from posttrade.services import execution_quality as eq
+from posttrade.stores import clickhouse as clickhouse_store
+from posttrade.stores.clickhouse import open_clickhouse
+from posttrade.streams.events import encode
+from posttrade.web.server import build_web_app
+from tests.unit.test_execution_tracker import T0, example_events
+
+ROOT = Path(__file__).resolve().parents[2]
+SUBJECTS = {"quotes": "md.quotes.XYZ", "trades": "md.trades.XYZ", "orders": "trading.orders.ACC1.XYZ",
+            "fills": "trading.fills.ACC1.XYZ"}
+
+
+@pytest.fixture(scope="module")
+def chdb_location(tmp_path_factory) -> Iterator[str]:
+    """The process's chdb engine path. chdb allows one per process: when another test
+    module already holds an engine open (a session fixture), share it — every name here
+    is qualified by a database of our own."""
+    # posttrade.stores.clickhouse keeps the open path in its registry; nothing public says it.
+    opened = next(iter(clickhouse_store._EMBEDDED), None)
+    if opened is not None and opened != ":memory:":
+        store = open_clickhouse(f"chdb://{opened}")
+    else:
+        store = open_clickhouse(f"chdb://{tmp_path_factory.mktemp('eq') / 'engine'}")
+    yield store.location
+    store.close_sync()
+
+
+class Names:
+    def __init__(self) -> None:
+        suffix = uuid.uuid4().hex[:8]
+        self.namespace = f"eqt{suffix}"
+        self.service = f"eqt{suffix}"
+        self.database = f"eqt_{suffix}"
+
+    def env(self, nats_url: str, dsn: str, **extra: str) -> dict[str, str]:
+        p = "POSTTRADE_EXECUTION_QUALITY__"
+        return {
+            "POSTTRADE__NATS__URL": nats_url,
+            "POSTTRADE__DATABASES__CLICKHOUSE__DSN": dsn,
+            f"{p}SERVICE__NAME": self.service,
+            f"{p}DATABASES__CLICKHOUSE__DATABASE": self.database,
+            f"{p}EXECUTION__NAMESPACE": self.namespace,
+            f"{p}BATCH__INTERVAL_SEC": "0.1",
+            f"{p}EXECUTION__OPEN_ORDER_MARK_INTERVAL_S": "0.5",
+            **extra,
+        }
+
+    def subject(self, stream: str) -> str:
+        return f"{self.namespace}.{SUBJECTS[stream]}"
+
+
+async def publish(nats_url: str, names: Names, events: dict[str, list], streams=("fills", "orders", "trades", "quotes")):
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    try:
+        for stream in streams:
+            for event in events[stream]:
+                await js.publish(names.subject(stream), encode(event))
+    finally:
+        await nc.close()
+
+
+async def cleanup(nats_url: str, names: Names, services: list[str]) -> None:
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    try:
+        for stream in ("ORDERS", "FILLS", "QUOTES", "TRADES"):
+            try:
+                await js.delete_stream(f"{names.namespace.upper()}_{stream}")
+            except nats.js.errors.NotFoundError:
+                pass
+        for service in services:
+            for table in ("fills", "orders", "quote_book", "tape"):
+                try:
+                    await js.delete_key_value(f"{service}-{table}")
+                except nats.js.errors.NotFoundError:
+                    pass
+    finally:
+        await nc.close()
+
+
+async def eventually(fetch, predicate, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = await fetch()
+        if predicate(last):
+            return last
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"condition not reached; last: {last}")
+
+
+async def connected(service: eq.ExecutionQualityService) -> None:
+    """ClickHouse opens in the background at start; queries answer 503 until then."""
+    await eventually(lambda: asyncio.sleep(0, service.store), lambda store: store is not None)
+
+
+def web_client(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=build_web_app(app)), base_url="http://eq")
+
+
+async def get_json(client: httpx.AsyncClient, url: str, status: int = 200) -> dict:
+    response = await client.get(url)
+    assert response.status_code == status, response.text
+    return response.json()
+
+
+def order_final(body: dict) -> bool:
+    return body["total"] == 1 and body["rows"][0]["is_final"]
+
+
+def fills_complete(body: dict) -> bool:
+    return body["total"] == 2 and all(r["complete"] for r in body["rows"])
+
+
+EXPECTED_FILL_ROWS = {
+    "F1": {"ts": T0 + 500_000_000, "qty": "600", "price": "100.05", "fee": "3", "notional": "60030", "venue": "XNAS",
+           "liquidity": "TAKER", "arrival_ts": T0, "arrival_mid": "100", "slippage_bps": "5", "slippage_cost": "30",
+           "mid_at_fill": "100.02", "effective_spread_bps": "5.99880024", "mid_1s": "100.04", "mid_5s": "100.08",
+           "mid_60s": "100.12", "markout_1s_bps": "-0.99950025", "markout_5s_bps": "2.99850075",
+           "markout_60s_bps": "6.99650175", "complete": True},
+    "F2": {"ts": T0 + 2_500_000_000, "slippage_bps": "10", "slippage_cost": "20", "mid_at_fill": "100.06",
+           "effective_spread_bps": "7.99520288", "markout_1s_bps": "-3.996004", "markout_5s_bps": "-1.998002",
+           "markout_60s_bps": "-7.99200799", "complete": True},
+}
+EXPECTED_ORDER_ROW = {
+    "order_id": "O1", "account": "ACC1", "symbol": "XYZ", "venue": "XNAS", "side": "BUY", "order_type": "LIMIT",
+    "limit_price": "100.1", "status": "CANCELED", "qty": "1000", "arrival_ts": T0, "end_ts": T0 + 30_000_000_000,
+    "arrival_mid": "100", "fills": 2, "filled_qty": "800", "unfilled_qty": "200", "fill_ratio": "0.8",
+    "filled_notional": "80050", "fees": "4", "avg_fill_price": "100.0625", "first_fill_ts": T0 + 500_000_000,
+    "last_fill_ts": T0 + 2_500_000_000, "time_to_first_fill_ns": 500_000_000, "time_to_last_fill_ns": 2_500_000_000,
+    "market_vwap": "100.077", "market_volume": "2000", "vwap_slippage_bps": "-1.44888436",
+    "unfilled_price": "100.12", "unfilled_price_ts": T0 + 30_000_000_000, "benchmark_notional": "100000",
+    "execution_cost": "50", "opportunity_cost": "24", "implementation_shortfall": "78",
+    "implementation_shortfall_bps": "7.8", "is_final": True,
+}
+
+
+def assert_example_rows(fills: dict, orders: dict) -> None:
+    by_id = {r["fill_id"]: r for r in fills["rows"]}
+    for fill_id, expected in EXPECTED_FILL_ROWS.items():
+        assert {k: by_id[fill_id][k] for k in expected} == expected, fill_id
+    assert orders["rows"][0] == EXPECTED_ORDER_ROW
+
+
+async def test_worked_example_end_to_end(stack, chdb_location):
+    names = Names()
+    config = load_config("execution_quality", eq.CONFIG, env=names.env(stack.nats_url, f"chdb://{chdb_location}"))
+    service = eq.build_service(config)
+    try:
+        async with service.app, web_client(service.app) as client:
+            await connected(service)
+            # Trading events first, market data last: every value waits for event time.
+            await publish(stack.nats_url, names, example_events())
+            orders = await eventually(lambda: get_json(client, "/metrics/execution?level=order"), order_final)
+            fills = await eventually(lambda: get_json(client, "/metrics/execution"), fills_complete)
+            assert_example_rows(fills, orders)
+            assert fills["rows"][0]["fill_id"] == "F2"  # newest first
+
+            # Filters and pagination.
+            page = await get_json(client, "/metrics/execution?limit=1&offset=1")
+            assert [r["fill_id"] for r in page["rows"]] == ["F1"] and page["total"] == 2 and page["next_offset"] is None
+            page = await get_json(client, "/metrics/execution?limit=1")
+            assert page["next_offset"] == 1
+            assert (await get_json(client, "/metrics/execution?side=SELL"))["total"] == 0
+            assert (await get_json(client, "/metrics/execution?account=ACC1&symbol=XYZ&venue=XNAS"))["total"] == 2
+            window = f"from={T0 + 1_000_000_000}&to=2024-01-02T14:30:03Z"
+            assert [r["fill_id"] for r in (await get_json(client, f"/metrics/execution?{window}"))["rows"]] == ["F2"]
+            assert (await get_json(client, "/metrics/execution?level=order&order_id=O1"))["total"] == 1
+            await get_json(client, "/metrics/execution?limit=0", status=400)
+
+            # The summary, computed in ClickHouse: the document's numbers.
+            summary = await get_json(client, "/analytics/summary")
+            assert summary["total"] == 1
+            group = summary["groups"][0]
+            assert (group["account"], group["symbol"], group["venue"], group["side"]) == ("ACC1", "XYZ", "XNAS", "BUY")
+            f, o = group["fills"], group["orders"]
+            assert f["count"] == 2 and f["notional"] == "80050" and f["fees"] == "4"
+            assert f["slippage_bps"] == {"count": 2, "mean": "7.5", "median": "10", "p95": "10",
+                                         "notional_weighted": "6.25", "cost": "50"}
+            assert f["effective_spread_bps"] == {"count": 2, "mean": "6.99700156"}
+            assert f["markout_bps"] == {"1s": {"count": 2, "mean": "-2.49775212"},
+                                        "5s": {"count": 2, "mean": "0.50024938"},
+                                        "60s": {"count": 2, "mean": "-0.49775312"}}
+            assert o["count"] == 1 and o["ended"] == 1 and o["fill_ratio"] == "0.8" and o["mean_fill_ratio"] == "0.8"
+            assert o["implementation_shortfall"] == {"count": 1, "total": "78", "bps": "7.8"}
+            assert o["vwap_slippage_bps"] == {"count": 1, "mean": "-1.44888436"}
+            assert o["time_to_first_fill_ns"] == {"count": 1, "mean": 500_000_000}
+
+            bucketed = await get_json(client, "/analytics/summary?group_by=symbol&bucket=1m")
+            assert [(g["symbol"], g["bucket_start"]) for g in bucketed["groups"]] == [("XYZ", T0 - T0 % 60_000_000_000)]
+            overall = await get_json(client, "/analytics/summary?group_by=&side=BUY")
+            assert overall["groups"][0]["fills"]["count"] == 2 and "account" not in overall["groups"][0]
+            assert (await get_json(client, "/analytics/summary?side=SELL"))["total"] == 0
+
+            health = await get_json(client, "/health")
+            assert health["status"] == "ok" and health["checks"]["clickhouse"]["ok"]
+            metrics = (await client.get("/metrics")).text
+            assert 'posttrade_execution_events_total{kind="fill"} 2.0' in metrics
+            assert 'posttrade_execution_rows_written_total{table="execution_fills"}' in metrics
+    finally:
+        await cleanup(stack.nats_url, names, [names.service])
+
+
+async def test_restart_and_replay_leave_one_row_per_fill_and_order(stack, chdb_location):
+    names = Names()
+    env = names.env(stack.nats_url, f"chdb://{chdb_location}")
+    replay_name = names.service + "r"
+    try:
+        service = eq.build_service(load_config("execution_quality", eq.CONFIG, env=env))
+        async with service.app, web_client(service.app) as client:
+            await connected(service)
+            await publish(stack.nats_url, names, example_events(), streams=("quotes", "trades", "orders", "fills"))
+            first_orders = await eventually(lambda: get_json(client, "/metrics/execution?level=order"), order_final)
+            first_fills = await eventually(lambda: get_json(client, "/metrics/execution"), fills_complete)
+
+        # A restart rewrites every row it holds (new versions, same values).
+        service = eq.build_service(load_config("execution_quality", eq.CONFIG, env=env))
+        async with service.app, web_client(service.app) as client:
+            await connected(service)
+            written = service.sink.stats
+            await eventually(lambda: asyncio.sleep(0, written.fill_rows), lambda n: n >= 2)
+            assert await get_json(client, "/metrics/execution?level=order") == first_orders
+            assert await get_json(client, "/metrics/execution") == first_fills
+
+        # A replay of the whole history through a fresh service (new consumers, empty
+        # tables) computes every row again; ClickHouse still has one of each.
+        replay_env = {**env, "POSTTRADE_EXECUTION_QUALITY__SERVICE__NAME": replay_name}
+        replay = eq.build_service(load_config("execution_quality", eq.CONFIG, env=replay_env))
+        async with replay.app, web_client(replay.app) as client:
+            await connected(replay)
+            await eventually(lambda: asyncio.sleep(0, replay.tracker.stats.quotes), lambda n: n == 8)
+            await eventually(lambda: asyncio.sleep(0, replay.sink.stats.fill_rows), lambda n: n >= 2)
+            assert await get_json(client, "/metrics/execution?level=order") == first_orders
+            assert await get_json(client, "/metrics/execution") == first_fills
+            store = replay.store
+            raw = (await store.query(f"SELECT count() FROM {names.database}.execution_fills")).scalar()
+            final = (await store.query(f"SELECT count() FROM {names.database}.execution_fills FINAL")).scalar()
+            assert raw > 2 and final == 2
+    finally:
+        await cleanup(stack.nats_url, names, [names.service, replay_name])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_worker_process_serves_the_service(stack, tmp_path):
+    names = Names()
+    port = free_port()
+    env = {
+        **os.environ,
+        **names.env(stack.nats_url, f"chdb://{tmp_path}/chdb"),  # the stack's shared-root form
+        "POSTTRADE_EXECUTION_QUALITY__SERVICE__PORT": str(port),
+        "POSTTRADE_EXECUTION_QUALITY__SERVICE__HOST": "127.0.0.1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "posttrade.cli", "worker", "execution_quality"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+
+            async def health():
+                try:
+                    response = await client.get("/health")
+                except httpx.TransportError:
+                    return None
+                return response.json()
+
+            await eventually(health, lambda h: h is not None and h["status"] == "ok", timeout=60)
+            await publish(stack.nats_url, names, example_events())
+            orders = await eventually(lambda: get_json(client, "/metrics/execution?level=order"), order_final)
+            fills = await eventually(lambda: get_json(client, "/metrics/execution"), fills_complete)
+            assert_example_rows(fills, orders)
+        assert (tmp_path / "chdb" / names.service).is_dir()  # <root>/<service name>
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        await cleanup(stack.nats_url, names, [names.service])
+    assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]
+
+
+class _Holder:
+    """What ExecutionQueries reads its store from (the sink, in the service)."""
+
+    def __init__(self, store):
+        self.store = store
+
+
+async def test_summary_sql_matches_a_python_reference(chdb_location):
+    """Random fills (some without an arrival mid), each first written with wrong values
+    and an older version: the summary must see only the newest rows, group and bucket
+    them as documented, and compute mean, exact median/p95 (element ⌊q·n⌋ of the sorted
+    values) and the notional-weighted mean exactly."""
+    import random
+    from decimal import Decimal as D
+
+    from posttrade.agents.execution import FILL_COLUMNS, arrow_table, schema_sql
+    from posttrade.core.exact import format_decimal, round_quotient
+    from posttrade.core.execution import slippage_bps, slippage_cost, to_bps
+
+    rng = random.Random(5)
+    database = f"eqt_{uuid.uuid4().hex[:8]}"
+    store = open_clickhouse(f"chdb://{chdb_location}")
+    try:
+        for statement in schema_sql(database):
+            await store.command(statement)
+        rows, reference = [], {}
+        for i in range(400):
+            account, side = rng.choice(["A", "B", "C"]), rng.choice(["BUY", "SELL"])
+            ts = T0 + rng.randrange(0, 180) * 1_000_000_000
+            qty, price = D(rng.randrange(1, 500)), D(rng.randrange(9900, 10100)) / 100
+            mid = None if i % 7 == 0 else D(rng.randrange(9900, 10100)) / 100
+            bps = slippage_bps(side, price, mid) if mid is not None else None
+            cost = slippage_cost(side, qty, price, mid) if mid is not None else None
+            row = dict.fromkeys(c.name for c in FILL_COLUMNS)
+            row.update(fill_id=f"f{i}", account=account, symbol="S", venue="V", side=side, liquidity="", ts=ts,
+                       qty=qty, price=price, fee=D(0), notional=qty * price, arrival_mid=mid,
+                       arrival_notional=qty * mid if mid is not None else None, slippage_bps=bps,
+                       slippage_cost=cost, complete=1, version=2)
+            stale = {**row, "slippage_bps": D("999"), "slippage_cost": D("999"), "version": 1}
+            rows += [tuple(stale.values()), tuple(row.values())]
+            group = reference.setdefault((account, side, ts - ts % 60_000_000_000), [])
+            group.append(row)
+        rng.shuffle(rows)
+        for start in range(0, len(rows), 200):  # several parts, so FINAL has work to do
+            await store.insert_arrow(f"{database}.execution_fills", arrow_table(FILL_COLUMNS, rows[start:start + 200]))
+
+        queries = eq.ExecutionQueries(_Holder(store), database)
+        groups = await queries.summary(eq.Filters(), ("account", "side"), 60_000_000_000)
+        assert len(groups) == len(reference)
+        for g in groups:
+            expected = reference[(g["account"], g["side"], g["bucket_start"])]
+            values = sorted(r["slippage_bps"] for r in expected if r["slippage_bps"] is not None)
+            n = len(values)
+            slip = g["fills"]["slippage_bps"]
+            assert g["fills"]["count"] == len(expected) and slip["count"] == n
+            if not n:
+                assert slip["mean"] is None and slip["median"] is None
+                continue
+            assert slip["mean"] == format_decimal(round_quotient(sum(values), D(n), 8))
+            assert slip["median"] == format_decimal(values[n // 2])
+            assert slip["p95"] == format_decimal(values[int(D("0.95") * n)])
+            weighted = to_bps(sum(r["slippage_cost"] for r in expected if r["slippage_cost"] is not None),
+                              sum(r["arrival_notional"] for r in expected if r["arrival_notional"] is not None))
+            assert slip["notional_weighted"] == format_decimal(weighted)
+            assert g["fills"]["notional"] == format_decimal(sum(r["notional"] for r in expected))
+        assert groups == sorted(groups, key=lambda g: (g["account"], g["side"], g["bucket_start"]))
+
+        # Filters narrow the same query.
+        only = await queries.summary(eq.Filters(account="A", side="SELL", from_ns=T0, to_ns=T0 + 60_000_000_000), (), None)
+        expected = [r for (a, s, b), rs in reference.items() if a == "A" and s == "SELL" and b == T0 for r in rs]
+        assert only[0]["fills"]["count"] == len(expected)
+    finally:
+        await store.command(f"DROP DATABASE IF EXISTS {database}")
+        await store.close()

@@ -1,0 +1,603 @@
+"""The execution-quality join (posttrade.agents.execution) without servers.
+
+The worked example of docs/execution_quality.md is fed through the tracker in many
+orders (fills before orders, quotes after fills, ...): the rows must always be the
+numbers the document prints. Then: late and duplicate events, quiet symbols, retention,
+and the agents on the in-memory transport across a restart and a redelivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+from decimal import Decimal as D
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from posttrade.agents.execution import (
+    FILL_COLUMNS,
+    FILLS_TABLE,
+    ORDER_COLUMNS,
+    ORDERS_TABLE,
+    BookEntry,
+    ExecutionSink,
+    ExecutionTables,
+    ExecutionTracker,
+    FillState,
+    OrderState,
+    TapeEntry,
+    TrackerSettings,
+    arrow_table,
+    declare_tables,
+    register_agents,
+    unstorable_reason,
+)
+from posttrade.app import App
+from posttrade.services.execution_quality import execution_channels
+from posttrade.streams.events import Fill, MarketTrade, Order, Quote, encode
+from posttrade.streams.memory import MemoryTransport
+from posttrade.tables.table import Table
+
+NS = 1_000_000_000
+MS = 1_000_000
+T0 = 1_704_205_800_000_000_000  # 2024-01-02 14:30:00 UTC
+
+
+# -- the worked example (docs/execution_quality.md) ----------------------------------------
+
+
+def example_events(symbol: str = "XYZ", account: str = "ACC1", prefix: str = "") -> dict[str, list]:
+    """The document's worked example, per stream, in stream order."""
+    quotes = [
+        Quote(ts=T0 + ms * MS, symbol=symbol, bid=D(bid), ask=D(ask))
+        for ms, bid, ask in [
+            (-1000, "99.98", "100.02"),
+            (400, "100.00", "100.04"),
+            (1200, "100.02", "100.06"),
+            (2000, "100.04", "100.08"),
+            (5000, "100.06", "100.10"),
+            (10000, "100.10", "100.14"),
+            (61000, "100.00", "100.04"),
+            (70000, "99.96", "100.00"),
+        ]
+    ]
+    trades = [
+        MarketTrade(ts=T0 + ms * MS, symbol=symbol, price=D(price), size=D(size))
+        for ms, price, size in [
+            (-500, "99.99", "500"),
+            (500, "100.05", "600"),
+            (1500, "100.02", "400"),
+            (2500, "100.10", "200"),
+            (20000, "100.12", "800"),
+            (40000, "100.00", "100"),
+        ]
+    ]
+    order = dict(order_id=f"{prefix}O1", account=account, symbol=symbol, side="BUY", qty=D("1000"),
+                 order_type="LIMIT", limit_price=D("100.10"), venue="XNAS")
+    orders = [Order(ts=T0, status="NEW", **order), Order(ts=T0 + 30 * NS, status="CANCELED", **order)]
+    fills = [
+        Fill(ts=T0 + 500 * MS, fill_id=f"{prefix}F1", order_id=f"{prefix}O1", account=account, symbol=symbol,
+             side="BUY", qty=D("600"), price=D("100.05"), fee=D("3.00"), venue="XNAS", liquidity="TAKER"),
+        Fill(ts=T0 + 2500 * MS, fill_id=f"{prefix}F2", order_id=f"{prefix}O1", account=account, symbol=symbol,
+             side="BUY", qty=D("200"), price=D("100.10"), fee=D("1.00"), venue="XNAS", liquidity="TAKER"),
+    ]
+    return {"quotes": quotes, "trades": trades, "orders": orders, "fills": fills}
+
+
+EXPECTED_FILLS = {
+    "F1": dict(ts=T0 + 500 * MS, arrival_ts=T0, arrival_mid=D("100.00"), arrival_notional=D("60000"),
+               slippage_bps=D("5"), slippage_cost=D("30"), mid_at_fill=D("100.02"),
+               effective_spread_bps=D("5.99880024"), mid_1s=D("100.04"), mid_5s=D("100.08"), mid_60s=D("100.12"),
+               markout_1s_bps=D("-0.99950025"), markout_5s_bps=D("2.99850075"), markout_60s_bps=D("6.99650175"),
+               notional=D("60030"), complete=1),
+    "F2": dict(ts=T0 + 2500 * MS, arrival_ts=T0, arrival_mid=D("100.00"), arrival_notional=D("20000"),
+               slippage_bps=D("10"), slippage_cost=D("20"), mid_at_fill=D("100.06"),
+               effective_spread_bps=D("7.99520288"), mid_1s=D("100.06"), mid_5s=D("100.08"), mid_60s=D("100.02"),
+               markout_1s_bps=D("-3.99600400"), markout_5s_bps=D("-1.99800200"), markout_60s_bps=D("-7.99200799"),
+               notional=D("20020"), complete=1),
+}
+EXPECTED_ORDER = dict(
+    status="CANCELED", qty=D("1000"), arrival_ts=T0, end_ts=T0 + 30 * NS, arrival_mid=D("100"), fills=2,
+    filled_qty=D("800"), unfilled_qty=D("200"), fill_ratio=D("0.8"), filled_notional=D("80050"), fees=D("4"),
+    avg_fill_price=D("100.0625"), first_fill_ts=T0 + 500 * MS, last_fill_ts=T0 + 2500 * MS,
+    time_to_first_fill_ns=500 * MS, time_to_last_fill_ns=2500 * MS, market_vwap=D("100.077"),
+    market_volume=D("2000"), vwap_slippage_bps=D("-1.44888436"), unfilled_price=D("100.12"),
+    unfilled_price_ts=T0 + 30 * NS, benchmark_notional=D("100000"), execution_cost=D("50"),
+    opportunity_cost=D("24"), implementation_shortfall=D("78"), implementation_shortfall_bps=D("7.8"), is_final=1,
+)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def make_tracker(**settings: Any) -> ExecutionTracker:
+    tables = ExecutionTables(
+        fills=Table("fills", bucket="t-fills", value_type=FillState),
+        orders=Table("orders", bucket="t-orders", value_type=OrderState),
+        quote_book=Table("quote_book", bucket="t-book", value_type=BookEntry),
+        tape=Table("tape", bucket="t-tape", value_type=TapeEntry),
+    )
+    return ExecutionTracker(tables, TrackerSettings(**settings))
+
+
+class Feeder:
+    """Feeds events to a tracker as the agents would, numbering each stream's sequence."""
+
+    def __init__(self, tracker: ExecutionTracker):
+        self.tracker = tracker
+        self.seqs = {"quotes": 0, "trades": 0}
+
+    def feed(self, stream: str, event) -> None:
+        t = self.tracker
+        if stream == "quotes":
+            self.seqs["quotes"] += 1
+            t.on_quote(event, self.seqs["quotes"])
+        elif stream == "trades":
+            self.seqs["trades"] += 1
+            t.on_trade(event, self.seqs["trades"])
+        elif stream == "orders":
+            t.on_order(event)
+        else:
+            t.on_fill(event)
+
+
+def written(tracker: ExecutionTracker) -> None:
+    """As if the writer had written every changed row."""
+    tracker.begin_write()
+    tracker.end_write()
+
+
+def fill_dict(tracker: ExecutionTracker, fill_id: str) -> dict:
+    row = tracker.fill_row(fill_id, 1)
+    return dict(zip((c.name for c in FILL_COLUMNS), row))
+
+
+def order_dict(tracker: ExecutionTracker, order_id: str) -> dict | None:
+    row = tracker.order_row(order_id, 1)
+    return None if row is None else dict(zip((c.name for c in ORDER_COLUMNS), row))
+
+
+def assert_example_rows(tracker: ExecutionTracker, prefix: str = "") -> None:
+    for fill_id, expected in EXPECTED_FILLS.items():
+        row = fill_dict(tracker, prefix + fill_id)
+        assert {k: row[k] for k in expected} == expected, fill_id
+    row = order_dict(tracker, prefix + "O1")
+    assert row is not None
+    assert {k: row[k] for k in EXPECTED_ORDER} == EXPECTED_ORDER
+
+
+def by_time(events: dict[str, list]) -> list[tuple[str, Any]]:
+    merged = [(e.ts, name, e) for name, stream in events.items() for e in stream]
+    merged.sort(key=lambda x: x[0])
+    return [(name, e) for _, name, e in merged]
+
+
+# -- the worked example in many orders ---------------------------------------------------------
+
+
+def test_worked_example_in_event_time_order():
+    tracker = make_tracker()
+    feeder = Feeder(tracker)
+    for stream, event in by_time(example_events()):
+        feeder.feed(stream, event)
+        tracker.resolve_due()
+    assert_example_rows(tracker)
+    assert tracker.stats.unavailable_mids == 0
+    assert len(tracker.quote_waits.by_symbol) == 0 and len(tracker.trade_waits.by_symbol) == 0
+
+
+@pytest.mark.parametrize(
+    "stream_order",
+    [
+        ("fills", "orders", "trades", "quotes"),  # fills before their order, market data last
+        ("quotes", "trades", "orders", "fills"),  # market data far ahead
+        ("orders", "quotes", "fills", "trades"),
+        ("trades", "fills", "quotes", "orders"),
+    ],
+)
+def test_worked_example_whole_streams_one_after_another(stream_order):
+    tracker = make_tracker()
+    feeder = Feeder(tracker)
+    events = example_events()
+    for stream in stream_order:
+        for event in events[stream]:
+            feeder.feed(stream, event)
+        tracker.resolve_due()
+    assert_example_rows(tracker)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.randoms(use_true_random=False))
+def test_worked_example_any_interleaving(rng: random.Random):
+    """Any interleaving that keeps each stream's own order, with batch ends anywhere."""
+    events = example_events()
+    queues = {name: list(stream) for name, stream in events.items()}
+    tracker = make_tracker()
+    feeder = Feeder(tracker)
+    while any(queues.values()):
+        name = rng.choice([n for n, q in queues.items() if q])
+        feeder.feed(name, queues[name].pop(0))
+        if rng.random() < 0.3:
+            tracker.resolve_due()
+    tracker.resolve_due()
+    assert_example_rows(tracker)
+
+
+def test_rows_before_everything_is_known():
+    tracker = make_tracker()
+    feeder = Feeder(tracker)
+    events = example_events()
+    feeder.feed("fills", events["fills"][0])
+    row = fill_dict(tracker, "F1")
+    assert row["slippage_bps"] is None and row["mid_at_fill"] is None and row["complete"] == 0
+    assert order_dict(tracker, "O1") is None  # a placeholder until the NEW is seen
+    assert "F1" in tracker.dirty_fills and "O1" in tracker.dirty_orders
+    feeder.feed("orders", events["orders"][0])
+    for quote in events["quotes"][:3]:  # up to T0+1.2 s
+        feeder.feed("quotes", quote)
+    tracker.resolve_due()
+    row = fill_dict(tracker, "F1")
+    assert (row["arrival_mid"], row["slippage_bps"], row["mid_at_fill"]) == (D("100.00"), D("5"), D("100.02"))
+    assert row["markout_1s_bps"] is None and row["complete"] == 0  # +1 s = 1.5 s not passed yet
+    order = order_dict(tracker, "O1")
+    # Open: the unfilled 400 is marked to the latest mid (100.04, the quote at +1.2 s).
+    assert order["status"] == "NEW" and order["end_ts"] is None and order["is_final"] == 0
+    assert (order["unfilled_price"], order["unfilled_price_ts"]) == (D("100.04"), T0 + 1200 * MS)
+    assert order["opportunity_cost"] == D("16.00") and order["execution_cost"] == D("30.00")
+    assert order["implementation_shortfall"] == D("49.00")  # 30 + 16 + fee 3
+
+
+def test_fill_without_order_has_no_slippage_but_the_rest():
+    tracker = make_tracker()
+    feeder = Feeder(tracker)
+    events = example_events()
+    for quote in events["quotes"]:
+        feeder.feed("quotes", quote)
+    feeder.feed("fills", Fill(ts=T0 + 500 * MS, fill_id="X", account="A", symbol="XYZ", side="SELL",
+                              qty=D("1"), price=D("100.00")))
+    row = fill_dict(tracker, "X")
+    assert row["order_id"] is None and row["arrival_mid"] is None and row["slippage_bps"] is None
+    assert row["effective_spread_bps"] == D("3.99920016")  # 2 x 0.02 / 100.02
+    assert row["markout_1s_bps"] == D("-4.00000000")  # sold at 100.00, mid then 100.04
+    assert row["complete"] == 1
+
+
+def test_no_quote_before_the_time_is_unavailable_not_zero():
+    tracker = make_tracker()
+    feeder = Feeder(tracker)
+    feeder.feed("quotes", Quote(ts=T0 + 100 * NS, symbol="XYZ", bid=D("1"), ask=D("3")))
+    feeder.feed("fills", Fill(ts=T0, fill_id="F", account="A", symbol="XYZ", side="BUY", qty=D("1"), price=D("2")))
+    row = fill_dict(tracker, "F")
+    assert row["mid_at_fill"] is None and row["effective_spread_bps"] is None
+    assert row["mid_60s"] is None and row["complete"] == 1
+    assert tracker.stats.unavailable_mids == 4
+
+
+def test_quiet_symbol_is_decided_by_the_other_symbols_time():
+    tracker = make_tracker(quiet_grace_ns=5 * NS)
+    feeder = Feeder(tracker)
+    feeder.feed("quotes", Quote(ts=T0 - NS, symbol="QUIET", bid=D("10"), ask=D("10.02")))
+    feeder.feed("fills", Fill(ts=T0, fill_id="F", account="A", symbol="QUIET", side="BUY", qty=D("1"), price=D("10.02")))
+    tracker.resolve_due()
+    assert fill_dict(tracker, "F")["mid_at_fill"] is None  # QUIET's time has not reached T0
+    feeder.feed("quotes", Quote(ts=T0 + 4 * NS, symbol="BUSY", bid=D("1"), ask=D("2")))
+    tracker.resolve_due()
+    assert fill_dict(tracker, "F")["mid_at_fill"] is None  # every symbol at T0+4 s: not past T0 + 5 s grace
+    feeder.feed("quotes", Quote(ts=T0 + 7 * NS, symbol="BUSY", bid=D("1"), ask=D("2")))
+    tracker.resolve_due()
+    row = fill_dict(tracker, "F")
+    assert row["mid_at_fill"] == D("10.01") and row["mid_1s"] == D("10.01")
+    assert row["mid_5s"] is None and row["complete"] == 0  # T0+5 s + 5 s grace not yet passed
+    feeder.feed("quotes", Quote(ts=T0 + 66 * NS, symbol="BUSY", bid=D("1"), ask=D("2")))
+    tracker.resolve_due()
+    assert fill_dict(tracker, "F")["mid_60s"] == D("10.01")
+    assert fill_dict(tracker, "F")["complete"] == 1
+
+
+def test_late_and_duplicate_market_data_change_nothing():
+    tracker = make_tracker()
+    tracker.on_quote(Quote(ts=T0, symbol="S", bid=D("10"), ask=D("12")), 1)
+    tracker.on_quote(Quote(ts=T0 + NS, symbol="S", bid=D("11"), ask=D("13")), 2)
+    tracker.on_quote(Quote(ts=T0 + NS, symbol="S", bid=D("50"), ask=D("60")), 2)  # redelivered seq
+    tracker.on_quote(Quote(ts=T0 - NS, symbol="S", bid=D("1"), ask=D("2")), 3)  # older than the book: late
+    assert tracker.quotes.value_at("S", T0) == D("11") and tracker.quotes.value_at("S", T0 + NS) == D("12")
+    assert tracker.tables.quote_book["S"].seq == 2
+    assert (tracker.stats.duplicate_quotes, tracker.stats.late_quotes) == (1, 1)
+    tracker.on_trade(MarketTrade(ts=T0, symbol="S", price=D("10"), size=D("2")), 1)
+    tracker.on_trade(MarketTrade(ts=T0, symbol="S", price=D("10"), size=D("2")), 1)
+    tracker.on_trade(MarketTrade(ts=T0 - 1, symbol="S", price=D("99"), size=D("1")), 2)
+    tracker.on_trade(MarketTrade(ts=T0 + 1, symbol="S", price=D("13"), size=D("1")), 3)
+    entry = tracker.tables.tape["S"]
+    assert (entry.notional, entry.volume, entry.seq) == (D("33"), D("3"), 3)
+    assert (tracker.stats.duplicate_trades, tracker.stats.late_trades) == (1, 1)
+
+
+def test_duplicate_fills_and_orders_do_not_double_count():
+    tracker = make_tracker()
+    feeder = Feeder(tracker)
+    events = example_events()
+    for stream, event in by_time(events):
+        feeder.feed(stream, event)
+        if stream in ("fills", "orders"):
+            feeder.feed(stream, event)  # every trading event delivered twice
+    tracker.resolve_due()
+    assert_example_rows(tracker)
+    assert tracker.stats.duplicate_fills == 2
+
+
+def test_a_crash_between_changelogs_is_repaired_by_the_redelivery():
+    """The fills changelog got the fill but the orders one did not (cut mid-commit)."""
+    tracker = make_tracker()
+    events = example_events()
+    tracker.on_order(events["orders"][0])
+    tracker.on_fill(events["fills"][0])
+    order = tracker.tables.orders["O1"]
+    tracker.tables.orders["O1"] = msgspec_replace(order, fill_ids=(), filled_qty=D(0), filled_notional=D(0), fees=D(0))
+    tracker.on_fill(events["fills"][0])  # redelivered: a duplicate fill, but it rejoins its order
+    assert tracker.tables.orders["O1"].filled_qty == D("600")
+    tracker.on_fill(events["fills"][0])
+    assert tracker.tables.orders["O1"].filled_qty == D("600")
+
+
+def msgspec_replace(struct, **changes):
+    import msgspec
+
+    return msgspec.structs.replace(struct, **changes)
+
+
+def test_orders_seen_only_through_their_terminal_event():
+    tracker = make_tracker()
+    tracker.on_order(Order(ts=T0, order_id="R", account="A", symbol="S", side="SELL", qty=D("5"), status="REJECTED"))
+    state = tracker.tables.orders["R"]
+    assert state.end_ts == T0 and state.side == "SELL" and state.arrival_ts is None
+    assert tracker.order_row("R", 1) is None  # never written: its arrival is unknown
+
+
+def test_unstorable_numbers_are_named():
+    ok = Fill(ts=T0, fill_id="F", account="A", symbol="S", side="BUY", qty=D("1"), price=D("1.5"))
+    assert unstorable_reason(ok) is None
+    fine = Fill(ts=T0, fill_id="F", account="A", symbol="S", side="BUY", qty=D("1"), price=D("0.0000000000000000001"))
+    assert "decimal places" in unstorable_reason(fine)
+    huge = Order(ts=T0, order_id="O", account="A", symbol="S", side="BUY", qty=D("1E+21"))
+    assert "too large" in unstorable_reason(huge)
+
+
+def test_retention_forgets_finished_state_and_old_history():
+    tracker = make_tracker(retention_ns=100 * NS, history_ns=30 * NS, open_order_ttl_ns=1000 * NS)
+    feeder = Feeder(tracker)
+    for stream, event in by_time(example_events()):
+        feeder.feed(stream, event)
+    tracker.resolve_due()
+    tracker.on_order(Order(ts=T0 + 60 * NS, order_id="OPEN", account="A", symbol="XYZ", side="BUY", qty=D("1")))
+    written(tracker)
+    tracker.prune()  # event time T0+70 s: nothing is 100 s old yet; history is cut at 40 s
+    assert set(tracker.tables.fills.keys()) == {"F1", "F2"}
+    assert tracker.quotes.points("XYZ") == 3  # the quote at +10 s still holds at +40 s, then 61 s, 70 s
+    assert tracker.tables.quote_book["XYZ"].history_from_seq == 6
+    assert tracker.trades.points("XYZ") == 3  # the trades' own time is +40 s: cut at +10 s
+    tape = tracker.tables.tape["XYZ"]
+    assert (tape.history_from_seq, tape.history_base_notional, tape.history_base_volume) == (4, D("150033.00"), D("1500"))
+    assert tracker.trades.value_at("XYZ", T0 + 30 * NS) == (D("250149.00"), D("2500"))
+    assert tracker.trades.value_at("XYZ", T0) is None  # pruned: unknown, not zero
+    tracker.on_quote(Quote(ts=T0 + 200 * NS, symbol="XYZ", bid=D("1"), ask=D("2")), 9)
+    written(tracker)
+    tracker.prune()
+    assert len(tracker.tables.fills) == 0
+    assert set(tracker.tables.orders.keys()) == {"OPEN"}  # open orders live for open_order_ttl
+    assert tracker.stats.pruned_fills == 2 and tracker.stats.pruned_orders == 1
+
+
+def test_open_orders_are_re_marked_when_their_symbol_moves():
+    tracker = make_tracker()
+    feeder = Feeder(tracker)
+    tracker.on_order(Order(ts=T0, order_id="O", account="A", symbol="S", side="BUY", qty=D("10")))
+    tracker.on_order(Order(ts=T0, order_id="P", account="A", symbol="OTHER", side="BUY", qty=D("10")))
+    feeder.feed("quotes", Quote(ts=T0 + NS, symbol="S", bid=D("1"), ask=D("3")))
+    written(tracker)
+    assert tracker.mark_open_orders({"S"}) == 1
+    assert tracker.dirty_orders == {"O"}
+
+
+def test_arrow_rows_match_the_columns():
+    tracker = make_tracker()
+    feeder = Feeder(tracker)
+    for stream, event in by_time(example_events()):
+        feeder.feed(stream, event)
+    tracker.resolve_due()
+    fills = arrow_table(FILL_COLUMNS, [tracker.fill_row("F1", 7), tracker.fill_row("F2", 7)])
+    orders = arrow_table(ORDER_COLUMNS, [tracker.order_row("O1", 7)])
+    assert fills.num_rows == 2 and orders.num_rows == 1
+    assert fills.column("markout_60s_bps").to_pylist() == [D("6.99650175"), D("-7.99200799")]
+    assert orders.column("implementation_shortfall").to_pylist() == [D("78.00")]
+    assert arrow_table(FILL_COLUMNS, []).num_rows == 0
+
+
+# -- the agents on the in-memory transport --------------------------------------------------------
+
+
+@dataclass
+class RecordingStore:
+    """Keeps inserted rows like a ReplacingMergeTree read with FINAL: newest version per id."""
+
+    fills: dict[str, dict]
+    orders: dict[str, dict]
+    inserts: int = 0
+    fail_next: int = 0
+    location: str = "memory"
+
+    async def insert_arrow(self, table: str, data) -> int:
+        if self.fail_next:
+            self.fail_next -= 1
+            raise ConnectionError("ClickHouse went away")
+        self.inserts += 1
+        target, key = (self.fills, "fill_id") if table.endswith(FILLS_TABLE) else (self.orders, "order_id")
+        assert table.endswith(FILLS_TABLE) or table.endswith(ORDERS_TABLE)
+        for row in data.to_pylist():
+            held = target.get(row[key])
+            if held is None or row["version"] >= held["version"]:
+                target[row[key]] = row
+        return data.num_rows
+
+
+def make_service_app(transport: MemoryTransport, store: RecordingStore, max_unwritten: int = 100_000):
+    app = App("eqtest", transport)
+    app.runtime.poll_timeout_s = 0.05
+    channels = execution_channels(app, None)
+    tracker = ExecutionTracker(declare_tables(app))
+    sink = ExecutionSink(tracker, "db", interval_s=0.05, batch_rows=4, max_unwritten=max_unwritten)
+    sink.attach(store)
+    sink.BACKOFF_S = (0.01,)
+    register_agents(app, tracker, sink, channels, batch_size=3, within_s=0.05)
+
+    async def start():
+        await tracker.rebuild_history(app, channels.quotes, channels.market_trades)
+        tracker.reevaluate_all()
+        sink.start()
+
+    app.on_startup.append(start)
+    app.on_shutdown.append(sink.stop)
+    return app, tracker, sink
+
+
+SUBJECTS = {"quotes": "md.quotes.XYZ", "trades": "md.trades.XYZ", "orders": "trading.orders.ACC1.XYZ",
+            "fills": "trading.fills.ACC1.XYZ"}
+STREAMS = {"quotes": "QUOTES", "trades": "TRADES", "orders": "ORDERS", "fills": "FILLS"}
+DURABLES = {"quotes": "eqtest-quotes", "trades": "eqtest-market_trades", "orders": "eqtest-orders",
+            "fills": "eqtest-fills"}
+
+
+async def wait_until(predicate, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+def floors_at_end(transport: MemoryTransport) -> bool:
+    return all(
+        transport.ack_floors.get((STREAMS[s], DURABLES[s]), 0) == len(transport.streams[STREAMS[s]].messages)
+        for s in STREAMS
+    )
+
+
+async def publish(transport: MemoryTransport, events: dict[str, list], streams=("fills", "orders", "trades", "quotes")):
+    for stream in streams:
+        for event in events[stream]:
+            await transport.publish(SUBJECTS[stream], encode(event))
+
+
+def ns_of(moment) -> int | None:
+    """Epoch ns of what pyarrow gives back for a timestamp (pandas or datetime)."""
+    if moment is None:
+        return None
+    if hasattr(moment, "value"):
+        return moment.value
+    return (moment.timestamp().__int__()) * NS + moment.microsecond * 1000
+
+
+def assert_store_has_example(store: RecordingStore) -> None:
+    for fill_id, expected in EXPECTED_FILLS.items():
+        row = store.fills[fill_id]
+        got = {k: row[k] for k in expected}
+        # Arrow gives datetimes back for timestamps; compare the nanoseconds.
+        for k in ("ts", "arrival_ts"):
+            got[k] = ns_of(row[k])
+        assert got == expected, fill_id
+    row = store.orders["O1"]
+    for k in ("qty", "implementation_shortfall", "implementation_shortfall_bps", "market_vwap", "fill_ratio"):
+        assert row[k] == EXPECTED_ORDER[k], k
+    assert row["is_final"] == 1
+
+
+async def test_agents_write_the_example_and_survive_restart_and_redelivery():
+    transport = MemoryTransport()
+    store = RecordingStore({}, {})
+    app, tracker, sink = make_service_app(transport, store)
+    async with app:
+        # Fills and orders first, market data later: everything waits, then resolves.
+        await publish(transport, example_events())
+        await wait_until(lambda: floors_at_end(transport) and store.fills.get("F2", {}).get("complete") == 1
+                         and store.orders.get("O1", {}).get("is_final") == 1)
+    assert_store_has_example(store)
+    rows_before = (dict(store.fills), dict(store.orders))
+
+    # A crash before the acknowledgements: every stream is redelivered from the start.
+    for stream in STREAMS:
+        transport.ack_floors[(STREAMS[stream], DURABLES[stream])] = 0
+    inserts = store.inserts
+    app2, tracker2, _ = make_service_app(transport, store)
+    async with app2:
+        # The restart rebuilt the quote history from the stream and rewrote every row.
+        assert tracker2.quotes.points("XYZ") == 8 and tracker2.trades.points("XYZ") == 6
+        await wait_until(lambda: floors_at_end(transport) and store.inserts > inserts)
+    assert tracker2.stats.duplicate_fills == 2 and tracker2.stats.duplicate_quotes == 8
+    assert tracker2.tables.orders["O1"].filled_qty == D("800")
+    for fill_id in ("F1", "F2"):
+        assert {k: v for k, v in store.fills[fill_id].items() if k != "version"} == {
+            k: v for k, v in rows_before[0][fill_id].items() if k != "version"
+        }
+    assert {k: v for k, v in store.orders["O1"].items() if k != "version"} == {
+        k: v for k, v in rows_before[1]["O1"].items() if k != "version"
+    }
+
+
+async def test_a_failing_store_is_retried_until_written():
+    transport = MemoryTransport()
+    store = RecordingStore({}, {}, fail_next=3)
+    app, tracker, sink = make_service_app(transport, store)
+    async with app:
+        await publish(transport, example_events(), streams=("quotes", "trades", "orders", "fills"))
+        await wait_until(lambda: floors_at_end(transport) and store.fills.get("F2", {}).get("complete") == 1)
+    assert sink.stats.write_errors == 3 and "went away" in sink.stats.last_error
+    assert_store_has_example(store)
+
+
+async def test_agents_hold_their_batches_while_too_many_rows_are_unwritten():
+    transport = MemoryTransport()
+    store = RecordingStore({}, {}, fail_next=10**9)  # ClickHouse down
+    app, tracker, sink = make_service_app(transport, store, max_unwritten=2)
+    async with app:
+        await publish(transport, example_events(), streams=("quotes", "trades", "orders", "fills"))
+        await asyncio.sleep(0.5)
+        assert not floors_at_end(transport)  # held, unacknowledged
+        assert sink.unwritten() > 2 and not store.fills
+        store.fail_next = 0  # ClickHouse is back
+        await wait_until(lambda: floors_at_end(transport) and store.fills.get("F2", {}).get("complete") == 1)
+    assert_store_has_example(store)
+
+
+async def test_unstorable_fill_is_dead_lettered():
+    transport = MemoryTransport()
+    store = RecordingStore({}, {})
+    app, tracker, sink = make_service_app(transport, store)
+    bad = Fill(ts=T0, fill_id="BAD", account="A", symbol="XYZ", side="BUY", qty=D("1"),
+               price=D("1.0000000000000000001"))
+    async with app:
+        await transport.publish(SUBJECTS["fills"], encode(bad))
+        await transport.publish(SUBJECTS["fills"], b'{"not": "a fill"}')
+        await wait_until(lambda: len(transport.streams["DLQ"].messages) == 2)
+    reasons = {m[2]["Posttrade-Seq"]: m[2]["Posttrade-Reason"] for m in transport.streams["DLQ"].messages}
+    assert "more than 18 decimal places" in reasons["1"] and "invalid Fill" in reasons["2"]
+    assert "BAD" not in tracker.tables.fills
+
+
+def test_values_finer_than_the_columns_are_rounded_and_overflow_is_rejected():
+    tracker = make_tracker()
+    sink = ExecutionSink(tracker, "db")
+    # 0.123456789 x 1.1234567891 = 0.1386983677625361999 has 19 decimals: the notional
+    # column holds 18, so it is rounded half to even there (and nowhere else).
+    tracker.on_fill(Fill(ts=T0, fill_id="FINE", account="A", symbol="S", side="BUY",
+                         qty=D("0.123456789"), price=D("1.1234567891")))
+    tracker.on_fill(Fill(ts=T0, fill_id="HUGE", account="A", symbol="S", side="BUY",
+                         qty=D("10000000000"), price=D("100000000000")))  # notional 1e21: too large
+    rows = [tracker.fill_row("FINE", 1), tracker.fill_row("HUGE", 1)]
+    table = sink.rows_to_arrow(FILL_COLUMNS, rows)
+    assert table.column("fill_id").to_pylist() == ["FINE"]
+    assert table.column("notional").to_pylist() == [D("0.138698367762536200")]
+    assert tracker.stats.rows_rejected == 1
