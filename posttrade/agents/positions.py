@@ -28,6 +28,7 @@ import msgspec
 
 from ..app import App
 from ..core.compliance import Alert, ComplianceEvaluator, ComplianceRules, ComplianceState
+from ..core.exact import EXACT
 from ..core.marks import DEFAULT_PRIORITY, MarkSource, MarkState
 from ..core.positions import Position, PositionBook, PositionState
 from ..streams import subjects
@@ -158,9 +159,8 @@ class PositionKeeper:
             position = book.apply(fill)
             positions[key] = position.to_state()
             mark = book.mark(fill.symbol)
-            update = position_update(
-                position, mark, "fill", fill.ts, fill, position.realized_pnl_gross - realized_before
-            )
+            realized = EXACT.subtract(position.realized_pnl_gross, realized_before)  # never rounds
+            update = position_update(position, mark, "fill", fill.ts, fill, realized)
             await app.send(subjects.position_subject(*key), update, msg_id=f"pos:{fill.fill_id}")
             alerts = self.evaluator.check_fill(fill, book)
             self.compliance["state"] = self.evaluator.state
