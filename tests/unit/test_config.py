@@ -43,7 +43,7 @@ def test_every_service_config_loads_with_spec_shapes(service):
 
 
 def test_ptrc_has_its_metrics_port():
-    assert load_config("ptrc", env={}).service.metrics_port == 9109
+    assert load_config("ptrc", schema_of("ptrc"), env={}).service.metrics_port == 9109
 
 
 def test_environment_overrides_generic_then_service_specific():
