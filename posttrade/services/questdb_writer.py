@@ -1,0 +1,270 @@
+"""questdb_writer (port 8090): the NATS flow into QuestDB, batched, retried, exactly once.
+
+One agent per route (a bus channel written to one table, see `writer.routes` in
+config/backend/questdb_writer/config.yaml). Each agent takes batches of up to
+`batch.size` events or whatever arrived within `batch.interval_sec`, and hands them to
+its `QuestDBSink` (posttrade/agents/questdb_sink.py), which writes the batch in one
+ILP/HTTP request and returns only when QuestDB has every row (or a row QuestDB can
+never take is dead-lettered). The runtime acknowledges the batch when the agent asks
+for the next one, so nothing is acknowledged before QuestDB has it; the tables' DEDUP
+UPSERT KEYS make the redelivery after a crash land on the rows already written.
+
+Pages: `/stats` (rows, batches, batch sizes, flush latency, errors, retries, dead
+letters, lag, rows/s per table) and the runtime's `/health` (503 when NATS or QuestDB is
+unreachable, a table is not ready, or an agent's lag passes `runtime.max_lag`) and
+`/metrics`. See docs/questdb_writer.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Literal
+
+import msgspec
+
+from ..agents.questdb_sink import LAYOUTS, QuestDBSink, RetryPolicy, WriterMetrics
+from ..app import App
+from ..config import ConfigError, QuestDBSection, ServiceConfig, _Section
+from ..stores.questdb import QuestDBClient, QuestDBUnavailableError, QuestDBWriter, check_identifier
+from ..streams import subjects as bus
+from ..streams.channel import Channel
+from ..streams.stream import Stream
+from ..web.server import JSON
+from .wiring import new_app
+
+log = logging.getLogger(__name__)
+
+ChannelName = Literal["market_trades", "quotes", "bars", "fills", "orders"]
+
+# The bus layout's declaration of each channel (same stream config as every service).
+BUS_CHANNELS = {
+    "market_trades": bus.market_trades,
+    "quotes": bus.quotes,
+    "bars": bus.bars,
+    "fills": bus.fills,
+    "orders": bus.orders,
+}
+
+
+class RouteSection(_Section):
+    """One channel written to one table."""
+
+    channel: ChannelName  # which events (and so which columns and dedup keys)
+    table: str
+    enabled: bool = True
+    # Both unset: the bus layout's stream (posttrade/streams/subjects.py). Set both to read
+    # another stream (tests, benchmarks, a second feed).
+    stream: str | None = None
+    subjects: list[str] | str | None = None
+
+    def stream_subjects(self) -> list[str]:
+        if self.subjects is None:
+            return []
+        if isinstance(self.subjects, str):  # one subject, or a comma-separated list (env)
+            return [s.strip() for s in self.subjects.split(",") if s.strip()]
+        return list(self.subjects)
+
+
+def _default_routes() -> dict[str, RouteSection]:
+    return {name: RouteSection(channel=name, table=name) for name in BUS_CHANNELS}
+
+
+class WriterSection(_Section):
+    routes: dict[str, RouteSection] = msgspec.field(default_factory=_default_routes)
+    retry_initial_s: float = 0.25  # first pause after a failed write; doubles
+    retry_max_s: float = 5.0  # longest pause between attempts while QuestDB is away
+    request_timeout_s: float = 30.0  # one ILP/HTTP request, QuestDB's answer included
+
+
+class QuestDBWriterConfig(ServiceConfig):
+    writer: WriterSection = msgspec.field(default_factory=WriterSection)
+
+
+CONFIG = QuestDBWriterConfig
+
+
+def enabled_routes(config: QuestDBWriterConfig) -> dict[str, RouteSection]:
+    """The routes to run, validated: names, tables, stream overrides."""
+    routes = {name: route for name, route in config.writer.routes.items() if route.enabled}
+    if not routes:
+        raise ConfigError("questdb_writer config, key `writer.routes`: no route is enabled")
+    tables: dict[str, str] = {}
+    for name, route in routes.items():
+        where = f"questdb_writer config, key `writer.routes.{name}`"
+        try:
+            check_identifier(name)
+            check_identifier(route.table)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if route.table in tables:
+            raise ConfigError(f"{where}: table {route.table} is already written by route {tables[route.table]}")
+        tables[route.table] = name
+        overridden = route.stream is not None, route.subjects is not None
+        if overridden[0] != overridden[1] or (overridden[1] and not route.stream_subjects()):
+            raise ConfigError(f"{where}: set both `stream` and `subjects`, or neither (the bus layout)")
+    return routes
+
+
+def route_channel(app: App, name: str, route: RouteSection) -> Channel:
+    if route.stream is None:
+        return BUS_CHANNELS[route.channel](app)
+    return app.channel(
+        name, stream=route.stream, subjects=route.stream_subjects(), value_type=LAYOUTS[route.channel].event_type
+    )
+
+
+def build(config: QuestDBWriterConfig) -> App:
+    """The service on NATS and QuestDB as configured (what `posttrade worker` runs)."""
+    routes = enabled_routes(config)
+    qdb = config.databases.questdb or QuestDBSection()
+    auth = dict(username=qdb.user, password=qdb.password, tls=qdb.tls)
+    client = QuestDBClient(host=qdb.host, port=qdb.port, timeout=10.0, **auth)
+    writer = QuestDBWriter(
+        host=qdb.host,
+        port=qdb.port,
+        # The sink does the retrying (with keep-alives and /stats); the client must not
+        # sit on a failed request for seconds on its own.
+        retry_timeout_ms=0,
+        request_timeout_ms=int(config.writer.request_timeout_s * 1000),
+        connections=len(routes),  # the routes' agents flush concurrently
+        **auth,
+    )
+    return wire(new_app(config), config, writer=writer, client=client)
+
+
+def wire(app: App, config: QuestDBWriterConfig, *, writer: QuestDBWriter, client: QuestDBClient) -> App:
+    """Declare the routes' agents, the table creation, /stats and the QuestDB health check
+    on `app`, writing through `writer` and creating tables through `client`."""
+    routes = enabled_routes(config)
+    if config.batch.size < 1 or config.batch.interval_sec <= 0 or config.batch.max_retry < 1:
+        raise ConfigError("questdb_writer config, key `batch`: size >= 1, interval_sec > 0, max_retry >= 1")
+    retry = RetryPolicy(
+        attempts=config.batch.max_retry,
+        initial_s=config.writer.retry_initial_s,
+        max_s=max(config.writer.retry_max_s, config.writer.retry_initial_s),
+        keep_alive_s=max(1.0, min(5.0, config.runtime.ack_wait_s / 4)),
+    )
+    metrics = WriterMetrics(app.metrics.registry)
+    sinks: dict[str, QuestDBSink] = {}
+    agent_names: dict[str, str] = {}
+    for name, route in routes.items():
+        sink = QuestDBSink(
+            table=route.table,
+            layout=LAYOUTS[route.channel],
+            writer=writer,
+            client=client,
+            retry=retry,
+            metrics=metrics,
+            stopping=lambda: app.stopping,
+        )
+        sinks[name] = sink
+        agent_names[name] = f"write_{name}"
+        channel = route_channel(app, name, route)
+        app.agent(channel, name=agent_names[name], batch_size=config.batch.size)(
+            _sink_agent(sink, config.batch.size, config.batch.interval_sec)
+        )
+
+    async def create_tables() -> None:
+        # Up front, so the tables (with their dedup keys) exist before any row; if QuestDB
+        # is not there yet the agents create them before their first write.
+        for sink in sinks.values():
+            try:
+                await sink.ensure_table()
+            except QuestDBUnavailableError as exc:
+                log.warning("QuestDB unreachable at start (%s); tables are created on first write", exc.message)
+                return
+
+    async def close_clients() -> None:
+        await writer.close()
+        await client.close()
+
+    app.on_startup.append(create_tables)
+    app.on_shutdown.append(close_clients)
+
+    @app.health_check("questdb")
+    async def questdb_writable():
+        await client.ping()
+        detail: dict = {"url": client.base_url}
+        for sink in sinks.values():
+            if not sink.stats.table_ready:
+                # Reachable, but the table could not be made ready yet: try now, say why not.
+                try:
+                    await sink.ensure_table()
+                except Exception as exc:  # noqa: BLE001 - the detail is the point
+                    return False, {**detail, "table": sink.table, "error": str(exc)}
+            if sink.stats.failing_since is not None:
+                # QuestDB answers SQL but the writes of this table keep failing.
+                failing = sink.stats.snapshot()
+                return False, {
+                    **detail,
+                    "table": sink.table,
+                    "writes_failing_since": failing["writes_failing_since"],
+                    "error": failing["last_error"],
+                }
+        return True, detail
+
+    @app.page("/stats")
+    async def stats(request):
+        tables = {}
+        totals = {"rows": 0, "batches": 0, "errors": 0, "retries": 0, "dead_lettered": 0, "lag": 0}
+        rate10 = rate60 = 0.0
+        for name, sink in sinks.items():
+            agent = agent_names[name]
+            snapshot = sink.stats.snapshot()
+            runner = app.agents[agent]
+            snapshot["route"] = name
+            snapshot["stream"] = runner.channel.stream.name
+            snapshot["subjects"] = list(runner.channel.filter_subjects or runner.channel.stream.subjects)
+            snapshot["dedup_keys"] = ["ts", *sink.layout.dedup_keys]
+            # Dead letters of the route: rows QuestDB refused plus messages that did not
+            # even decode (the runtime counts both per agent).
+            all_dead = int(_sample(app, "posttrade_dead_letters_total", agent))
+            snapshot["dead_lettered_undecodable"] = max(0, all_dead - sink.stats.dead_lettered)
+            snapshot["lag"] = await _lag(app, agent)
+            tables[sink.table] = snapshot
+            totals["rows"] += snapshot["rows"]
+            totals["batches"] += snapshot["batches"]
+            totals["errors"] += snapshot["errors"]
+            totals["retries"] += snapshot["retries"]
+            totals["dead_lettered"] += snapshot["dead_lettered"] + snapshot["dead_lettered_undecodable"]
+            totals["lag"] += snapshot["lag"] or 0
+            rate10 += snapshot["rows_per_s"]["10s"]
+            rate60 += snapshot["rows_per_s"]["60s"]
+        totals["rows_per_s"] = {"10s": round(rate10, 1), "60s": round(rate60, 1)}
+        return JSON(
+            {
+                "service": app.name,
+                "uptime_s": round(time.time() - app.started_at, 1) if app.started_at else 0.0,
+                "batch": msgspec.to_builtins(config.batch),
+                "totals": totals,
+                "tables": tables,
+            }
+        )
+
+    return app
+
+
+def _sample(app: App, metric: str, agent: str) -> float:
+    return app.metrics.registry.get_sample_value(metric, {"agent": agent}) or 0.0
+
+
+async def _lag(app: App, agent: str) -> int | None:
+    runner = app.agents[agent]
+    if runner.consumer is None or not app.transport.connected:
+        return None
+    try:
+        return await runner.consumer.pending()
+    except Exception:  # noqa: BLE001 - lag unknown while NATS is away; /health says so
+        return None
+
+
+def _sink_agent(sink: QuestDBSink, size: int, interval_s: float):
+    async def write(stream: Stream) -> None:
+        # take_events returns a batch at `size` events or when `interval_s` has passed,
+        # whichever comes first, even with a single event: the time bound is real.
+        async for records in stream.take_events(size, within=interval_s):
+            await sink.write(records, stream)
+            # The batch is acknowledged when the next one is asked for: after QuestDB took it.
+
+    return write

@@ -1,0 +1,485 @@
+"""questdb_writer without servers: layouts, back-off, statistics, and the sink's agent on
+the in-memory transport writing into `TableDouble`, a stand-in that behaves like QuestDB
+where the sink depends on it: one request is all-or-nothing, DEDUP UPSERT KEYS, refusal
+of bad values, and being away. The same behaviours are checked against the real QuestDB
+in tests/integration/test_questdb_writer.py."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import msgspec
+import numpy as np
+import pandas as pd
+import pytest
+
+from posttrade.agents.questdb_sink import (
+    DECIMAL_SQL,
+    LAYOUTS,
+    BadRows,
+    RateWindow,
+    RetryPolicy,
+    TableStats,
+    percentile,
+)
+from posttrade.app import App
+from posttrade.config import ConfigError, load_config
+from posttrade.services import questdb_writer as service
+from posttrade.stores.questdb import QuestDBUnavailableError, QuestDBWriteError, SqlResult
+from posttrade.streams.events import Bar, Fill, MarketTrade, Order, Quote, encode
+from posttrade.streams.memory import MemoryConsumer, MemoryTransport
+from posttrade.streams.stream import EventRecord
+from posttrade.web.server import build_web_app
+
+T0 = 1_700_000_000_000_000_000
+CONFIG_FILE = Path(__file__).parents[2] / "config" / "backend" / "questdb_writer" / "config.yaml"
+
+
+def record(value, seq: int) -> EventRecord:
+    return EventRecord(value, "S", seq, "subject", T0, 1, None)
+
+
+def quote(i: int, bid: str = "100.25") -> Quote:
+    venue = None if i % 2 else "XNAS"
+    price = Decimal(bid)
+    return Quote(ts=T0 + i, symbol=f"S{i % 3}", bid=price, ask=price + 1, bid_size=Decimal(i), venue=venue)
+
+
+def column_values(values) -> list:
+    """A built column as plain Python values, None for NULL."""
+    out = []
+    for v in list(values):
+        if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+            out.append(None)
+        elif isinstance(v, np.integer):
+            out.append(int(v))
+        else:
+            out.append(v)
+    return out
+
+
+# -- layouts ---------------------------------------------------------------------------
+
+
+SAMPLES = {
+    "market_trades": MarketTrade(
+        ts=T0, symbol="BRK.B", price=Decimal("412.5"), size=Decimal("10"), trade_id=None, venue="XNYS", aggressor="BUY"
+    ),
+    "quotes": Quote(ts=T0, symbol="AAPL", bid=Decimal("189.99"), ask=Decimal("190.01"), bid_size=Decimal(300)),
+    "bars": Bar(
+        ts=T0, symbol="AAPL", interval="1m", open=Decimal(1), high=Decimal(3), low=Decimal("0.5"), close=Decimal(2),
+        volume=Decimal(7), vwap=Decimal(2) / Decimal(3), count=4,
+    ),  # fmt: skip
+    "fills": Fill(
+        ts=T0, fill_id="F-1", account="ACC1", symbol="ESZ5", side="BUY", qty=Decimal(2), price=Decimal("4512.25"),
+        fee=Decimal("-0.35"), order_id="O-7",
+    ),  # fmt: skip
+    "orders": Order(
+        ts=T0, order_id="O-7", account="ACC1", symbol="ESZ5", side="SELL", qty=Decimal(2), order_type="LIMIT",
+        limit_price=Decimal("4500"),
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_layout_columns_match_the_event_and_the_table(name):
+    layout = LAYOUTS[name]
+    event = SAMPLES[name]
+    assert isinstance(event, layout.event_type)
+    table = layout.table_columns
+    assert table["ts"] == "TIMESTAMP_NS" and table["stream_seq"] == "LONG"
+    # Every field of the event is stored, nothing is invented but stream_seq.
+    assert set(table) == set(msgspec.structs.asdict(event)) | {"stream_seq"}
+    assert all(not key == "ts" for key in layout.dedup_keys)
+    built = layout.build_columns([record(event, 41), record(event, 42)])
+    assert list(built) == list(table)
+    assert column_values(built["ts"]) == [T0, T0]
+    assert column_values(built["stream_seq"]) == [41, 42]
+    for column in layout.columns:
+        if column.name in ("ts", "stream_seq"):
+            continue
+        expected = getattr(event, column.field or column.name)
+        got = column_values(built[column.name])[0]
+        if column.kind == "rounded_decimal":
+            assert got == expected.quantize(Decimal("1e-12"))
+        else:
+            assert got == expected, column.name
+        if column.kind in ("decimal", "rounded_decimal"):
+            assert table[column.name] == DECIMAL_SQL
+
+
+def test_decimals_are_exact_and_a_value_that_does_not_fit_is_refused_not_rounded():
+    layout = LAYOUTS["quotes"]
+    built = layout.build_columns([record(quote(1, bid="0.000000000001"), 1)])
+    assert column_values(built["bid"]) == [Decimal("0.000000000001")]
+    with pytest.raises(BadRows, match="bid"):
+        layout.build_columns([record(quote(1, bid="0.0000000000001"), 1)])  # 13 places
+    with pytest.raises(BadRows, match="bid"):
+        layout.build_columns([record(quote(1, bid="1" + "0" * 26), 1)])  # 27 integer digits
+
+
+def test_bar_vwap_is_rounded_half_even_to_the_column_scale():
+    bar = msgspec.structs.replace(SAMPLES["bars"], vwap=Decimal("2.0000000000005"))
+    built = LAYOUTS["bars"].build_columns([record(bar, 1)])
+    assert column_values(built["vwap"]) == [Decimal("2.000000000000")]
+    built = LAYOUTS["bars"].build_columns([record(msgspec.structs.replace(bar, vwap=None), 1)])
+    assert column_values(built["vwap"]) == [None]
+
+
+def test_dedup_keys_identify_a_row_per_message():
+    # Two quotes of one symbol at the same ns are two rows: the stream sequence tells them apart.
+    assert LAYOUTS["quotes"].dedup_keys == ("symbol", "stream_seq")
+    assert LAYOUTS["market_trades"].dedup_keys == ("symbol", "stream_seq")
+    assert LAYOUTS["fills"].dedup_keys == ("fill_id",)
+    assert LAYOUTS["orders"].dedup_keys == ("order_id", "status")
+    assert LAYOUTS["bars"].dedup_keys == ("symbol", "interval")
+
+
+# -- back-off and statistics -----------------------------------------------------------
+
+
+def test_retry_policy_backs_off_within_and_between_cycles():
+    policy = RetryPolicy(attempts=3, initial_s=0.25, max_s=5.0)
+    assert [policy.delay(0, a) for a in range(3)] == [0.25, 0.5, 2.0]
+    assert [policy.delay(1, a) for a in range(3)] == [0.25, 0.5, 4.0]
+    assert policy.delay(5, 2) == 5.0  # capped
+    with pytest.raises(ValueError):
+        RetryPolicy(attempts=0)
+
+
+def test_rate_window_counts_the_last_seconds():
+    now = [1000.0]
+    window = RateWindow(60, clock=lambda: now[0])
+    window.add(100)
+    now[0] = 1005.5
+    window.add(50)
+    assert window.rate(10) == 15.0
+    assert window.rate(60) == 2.5
+    now[0] = 1012.0  # the first bucket (second 1000) is now older than 10 s
+    assert window.rate(10) == 5.0
+    now[0] = 1070.0
+    assert window.rate(60) == 0.0
+    with pytest.raises(ValueError):
+        window.rate(61)
+
+
+def test_percentile_and_table_stats_snapshot():
+    assert percentile([], 50) is None
+    assert percentile([1, 2, 3, 4], 50) == 2
+    assert percentile(list(range(1, 101)), 99) == 99
+    stats = TableStats("t")
+    stats.batch_taken(10)
+    stats.batch_taken(30)
+    stats.flushed(40, 0.010)
+    snap = stats.snapshot()
+    assert snap["batch_size"] == {"mean": 20.0, "max": 30}
+    assert snap["rows"] == 40 and snap["flush_latency_ms"]["p50"] == 10.0
+    assert snap["rows_per_s"]["10s"] == 4.0
+
+
+# -- the sink on the in-memory transport -----------------------------------------------
+
+
+class TableDouble:
+    """Stands in for QuestDBWriter and QuestDBClient together (see the module docstring)."""
+
+    base_url = "http://questdb-double"
+
+    def __init__(self) -> None:
+        self.tables: dict[str, dict[tuple, dict]] = {}
+        self.keys: dict[str, list[str]] = {}
+        self.columns: dict[str, list[str]] = {}
+        self.down = False
+        self.refuse = lambda row: False  # rows QuestDB would reject as bad data
+        self.requests = 0
+
+    async def create_table(self, table, columns, *, timestamp, partition_by, dedup_keys, wal):
+        if self.down:
+            raise QuestDBUnavailableError("connection refused")
+        assert wal and partition_by == "DAY" and timestamp == "ts"
+        self.tables.setdefault(table, {})
+        self.keys[table] = ["ts", *dedup_keys]
+        self.columns.setdefault(table, list(columns))
+
+    async def query(self, sql):
+        (table,) = re.findall(r"table_columns\('(\w+)'\)", sql)
+        return SqlResult(["column"], ["STRING"], [[c] for c in self.columns[table]])
+
+    async def execute(self, sql):
+        table, added = re.fullmatch(r"ALTER TABLE (\w+) ADD COLUMN (.*)", sql).groups()
+        definitions = re.split(r",\s*(?![^()]*\))", added)  # commas outside DECIMAL(p, s)
+        self.columns[table] += [definition.split()[0] for definition in definitions]
+
+    async def write_batch(self, table, columns, *, symbols, at):
+        self.requests += 1
+        if self.down:
+            raise QuestDBWriteError("cannot connect", bad_data=False)
+        names = list(columns)
+        rows = [dict(zip(names, values)) for values in zip(*(column_values(c) for c in columns.values()))]
+        for i, row in enumerate(rows):
+            if self.refuse(row):
+                raise QuestDBWriteError(f"error in line {i + 1}: bad value", bad_data=True)
+        stored = self.tables[table]  # KeyError: written before create_table
+        assert set(names) <= set(self.columns[table]), "a column the table does not have"
+        for row in rows:
+            stored[tuple(row[k] for k in self.keys[table])] = row
+        return len(rows)
+
+    async def close(self):
+        pass
+
+    async def ping(self):
+        if self.down:
+            raise QuestDBUnavailableError("connection refused")
+        return True
+
+
+def writer_config(**batch) -> service.QuestDBWriterConfig:
+    routes = {name: {"channel": name, "table": f"t_{name}", "enabled": name == "quotes"} for name in LAYOUTS}
+    return msgspec.convert(
+        {
+            "service": {"name": "qw", "port": 0},
+            "batch": {"size": 100, "interval_sec": 0.05, "max_retry": 2, **batch},
+            "writer": {"routes": routes, "retry_initial_s": 0.01, "retry_max_s": 0.05},
+        },
+        service.QuestDBWriterConfig,
+    )
+
+
+def make_writer(config=None):
+    transport = MemoryTransport()
+    config = config or writer_config()
+    app = App("qw", transport)
+    app.runtime.poll_timeout_s = 0.05
+    db = TableDouble()
+    service.wire(app, config, writer=db, client=db)
+    return app, transport, db
+
+
+async def publish_quotes(transport, items):
+    for i in items:
+        data = i if isinstance(i, bytes) else encode(quote(i))
+        await transport.publish("md.quotes.X", data)
+
+
+def ack_floor(transport) -> int:
+    return transport.ack_floors.get(("QUOTES", "qw-write_quotes"), 0)
+
+
+async def wait_for(predicate, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+async def get_json(app, path):
+    web = build_web_app(app)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=web), base_url="http://writer") as http:
+        response = await http.get(path)
+    return response.status_code, response.json()
+
+
+async def test_rows_written_once_in_batches_and_acknowledged_after_the_write():
+    app, transport, db = make_writer()
+    async with app:
+        await publish_quotes(transport, range(1, 251))
+        await wait_for(lambda: ack_floor(transport) == 250)
+        assert len(db.tables["t_quotes"]) == 250
+        status, stats = await get_json(app, "/stats")
+    assert status == 200
+    table = stats["tables"]["t_quotes"]
+    assert table["rows"] == 250 and stats["totals"]["rows"] == 250
+    assert table["batch_size"]["max"] <= 100 and table["batches"] >= 3
+    assert table["errors"] == table["retries"] == table["dead_lettered"] == 0
+    assert table["dedup_keys"] == ["ts", "symbol", "stream_seq"]
+    assert table["stream"] == "QUOTES" and table["subjects"] == ["md.quotes.>"]
+
+
+async def test_a_small_batch_is_written_when_the_interval_passes():
+    app, transport, db = make_writer(writer_config(size=10_000, interval_sec=0.1))
+    async with app:
+        await publish_quotes(transport, [1, 2, 3])
+        await wait_for(lambda: ack_floor(transport) == 3, timeout=2.0)
+        assert len(db.tables["t_quotes"]) == 3
+
+
+async def test_questdb_away_holds_the_batch_unacknowledged_and_retries(monkeypatch):
+    keep_alives = []
+
+    async def in_progress(self, delivery):
+        keep_alives.append(delivery.seq)
+
+    monkeypatch.setattr(MemoryConsumer, "in_progress", in_progress)
+    app, transport, db = make_writer()
+    async with app:
+        await wait_for(lambda: db.keys.get("t_quotes") is not None)
+        db.down = True
+        await publish_quotes(transport, range(1, 51))
+        await wait_for(lambda: db.requests >= 6)  # three cycles of two attempts
+        assert ack_floor(transport) == 0  # nothing acknowledged while QuestDB is away
+        assert keep_alives and max(keep_alives) <= 50  # the batch in hand is kept alive
+        status, health = await get_json(app, "/health")
+        assert status == 503 and health["checks"]["questdb"]["ok"] is False
+        _, stats = await get_json(app, "/stats")
+        assert stats["tables"]["t_quotes"]["writes_failing_since"] is not None
+        db.down = False
+        await wait_for(lambda: ack_floor(transport) == 50)
+        assert len(db.tables["t_quotes"]) == 50
+        status, health = await get_json(app, "/health")
+        assert status == 200
+        _, stats = await get_json(app, "/stats")
+    table = stats["tables"]["t_quotes"]
+    assert table["retries"] >= 5 and table["errors"] == table["retries"]
+    assert table["dead_lettered"] == 0 and "DLQ" not in [n for n, s in transport.streams.items() if s.messages]
+    assert table["writes_failing_since"] is None
+
+
+async def test_tables_are_created_before_the_first_row_even_when_questdb_starts_late():
+    app, transport, db = make_writer()
+    db.down = True
+    async with app:  # the start-up creation fails: the service starts anyway
+        await publish_quotes(transport, range(1, 11))
+        await asyncio.sleep(0.1)
+        assert "t_quotes" not in db.tables
+        db.down = False
+        await wait_for(lambda: ack_floor(transport) == 10)
+    assert len(db.tables["t_quotes"]) == 10
+
+
+async def test_columns_missing_from_an_existing_table_are_added_before_writing():
+    app, transport, db = make_writer()
+    db.tables["t_quotes"] = {}
+    db.columns["t_quotes"] = ["ts", "symbol", "bid", "stream_seq"]  # made by an older layout
+    async with app:
+        await publish_quotes(transport, [1])
+        await wait_for(lambda: ack_floor(transport) == 1)
+    assert db.columns["t_quotes"] == ["ts", "symbol", "bid", "stream_seq", "venue", "ask", "bid_size", "ask_size"]
+    assert len(db.tables["t_quotes"]) == 1
+
+
+async def test_rows_questdb_refuses_are_dead_lettered_and_the_rest_written():
+    app, transport, db = make_writer()
+    bad_seqs = {7, 8, 40}
+    db.refuse = lambda row: row["stream_seq"] in bad_seqs
+    async with app:
+        await publish_quotes(transport, range(1, 61))
+        await publish_quotes(transport, [b'{"symbol": "X"}'])  # never decodes: the runtime's dead letter
+        await wait_for(lambda: ack_floor(transport) == 61)
+        _, stats = await get_json(app, "/stats")
+    written = sorted(row["stream_seq"] for row in db.tables["t_quotes"].values())
+    assert written == [s for s in range(1, 61) if s not in bad_seqs]
+    dlq = transport.streams["DLQ"].messages
+    refused = [m for m in dlq if "QuestDB table t_quotes cannot take the row" in m[2]["Posttrade-Reason"]]
+    assert sorted(int(m[2]["Posttrade-Seq"]) for m in refused) == sorted(bad_seqs)
+    assert all("bad value" in m[2]["Posttrade-Reason"] for m in refused)
+    assert refused[0][1] == encode(quote(7))  # the original bytes
+    table = stats["tables"]["t_quotes"]
+    assert table["dead_lettered"] == 3 and table["dead_lettered_undecodable"] == 1
+    assert table["rows"] == 57 and table["rejected_batches"] >= 3
+    assert stats["totals"]["dead_lettered"] == 4
+
+
+async def test_a_value_that_cannot_be_built_is_dead_lettered_without_asking_questdb():
+    app, transport, db = make_writer()
+    async with app:
+        await publish_quotes(transport, [1, 2])
+        await transport.publish("md.quotes.X", encode(quote(3, bid="1.0000000000001")))
+        await publish_quotes(transport, [4])
+        await wait_for(lambda: ack_floor(transport) == 4)
+    assert sorted(row["stream_seq"] for row in db.tables["t_quotes"].values()) == [1, 2, 4]
+    (dead,) = transport.streams["DLQ"].messages
+    assert dead[2]["Posttrade-Seq"] == "3" and "column bid" in dead[2]["Posttrade-Reason"]
+
+
+async def test_stopping_while_questdb_is_away_leaves_the_batch_for_the_next_run():
+    app, transport, db = make_writer()
+    async with app:
+        await wait_for(lambda: db.keys.get("t_quotes") is not None)
+        db.down = True
+        await publish_quotes(transport, range(1, 21))
+        await wait_for(lambda: db.requests >= 2)
+    assert ack_floor(transport) == 0
+    assert "DLQ" not in transport.streams or not transport.streams["DLQ"].messages
+    db.down = False
+    # The next run (same durable consumer) gets the batch again and writes it.
+    app2 = App("qw", transport)
+    app2.runtime.poll_timeout_s = 0.05
+    service.wire(app2, writer_config(), writer=db, client=db)
+    async with app2:
+        await wait_for(lambda: ack_floor(transport) == 20)
+    assert len(db.tables["t_quotes"]) == 20
+
+
+async def test_a_redelivered_batch_lands_on_the_rows_it_already_made():
+    app, transport, db = make_writer()
+    async with app:
+        await publish_quotes(transport, range(1, 31))
+        await wait_for(lambda: ack_floor(transport) == 30)
+    transport.ack_floors[("QUOTES", "qw-write_quotes")] = 0  # as if no ack had reached the server
+    app2 = App("qw", transport)
+    app2.runtime.poll_timeout_s = 0.05
+    service.wire(app2, writer_config(), writer=db, client=db)
+    async with app2:
+        await wait_for(lambda: ack_floor(transport) == 30)
+    assert len(db.tables["t_quotes"]) == 30
+
+
+# -- configuration ---------------------------------------------------------------------
+
+
+def test_the_shipped_config_routes_every_bus_channel():
+    config = load_config("questdb_writer", service.CONFIG, path=CONFIG_FILE, env={})
+    routes = service.enabled_routes(config)
+    assert {r.channel for r in routes.values()} == set(LAYOUTS)
+    assert config.service.port == 8090
+    assert config.batch.size == 10_000 and config.batch.interval_sec == 1 and config.batch.max_retry == 3
+    app = service.build(config)
+    streams = sorted(runner.channel.stream.name for runner in app.agents.values())
+    assert streams == ["BARS", "FILLS", "ORDERS", "QUOTES", "TRADES"]
+
+
+def test_routes_can_be_pointed_elsewhere_from_the_environment():
+    prefix = "POSTTRADE_QUESTDB_WRITER__WRITER__ROUTES__"
+    env = {
+        f"{prefix}QUOTES__STREAM": "TEST_Q",
+        f"{prefix}QUOTES__SUBJECTS": "test.q.>, test.q2.>",
+        f"{prefix}QUOTES__TABLE": "test_quotes",
+        f"{prefix}FILLS__ENABLED": "false",
+    }
+    config = load_config("questdb_writer", service.CONFIG, path=CONFIG_FILE, env=env)
+    routes = service.enabled_routes(config)
+    assert "fills" not in routes
+    assert routes["quotes"].stream_subjects() == ["test.q.>", "test.q2.>"]
+    app = service.build(config)
+    channel = app.agents["write_quotes"].channel
+    assert channel.stream.name == "TEST_Q" and channel.stream.subjects == ("test.q.>", "test.q2.>")
+
+
+@pytest.mark.parametrize(
+    "routes, message",
+    [
+        ({"a": {"channel": "quotes", "table": "t", "enabled": False}}, "no route is enabled"),
+        ({"a": {"channel": "quotes", "table": "t"}, "b": {"channel": "bars", "table": "t"}}, "already written"),
+        ({"a": {"channel": "quotes", "table": "t", "stream": "S"}}, "both `stream` and `subjects`"),
+        ({"a": {"channel": "quotes", "table": "bad-name"}}, "identifier"),
+    ],
+)
+def test_bad_routes_are_refused_at_start(routes, message):
+    config = msgspec.convert(
+        {"service": {"name": "qw", "port": 0}, "writer": {"routes": routes}}, service.QuestDBWriterConfig
+    )
+    with pytest.raises(ConfigError, match=message):
+        service.enabled_routes(config)
+
+
+def test_unknown_route_fields_are_refused():
+    with pytest.raises(ConfigError, match="unknown field `tabel`"):
+        env = {"POSTTRADE_QUESTDB_WRITER__WRITER__ROUTES__QUOTES__TABEL": "x"}
+        load_config("questdb_writer", service.CONFIG, path=CONFIG_FILE, env=env)
