@@ -1,0 +1,370 @@
+"""pnl latency: a PositionUpdate published on NATS → its P&L visible at /pnl/realtime.
+
+The pnl service runs in its own process (as `posttrade worker pnl` would, with its
+Valkey cache and QuestDB snapshots on) against the local stack, on uniquely named
+streams. This process publishes ptrc-shaped PositionUpdates at `--rate` per second
+over `--keys` positions (plus a quote every 10 ms so prices move too), and among them,
+every 20 ms, an update of one *probe* position with a rising `fill_count`. While a probe
+is unseen, a poller asks `/pnl/realtime?account=PROBE&symbol=XYZ` back to back (only
+then: constant polling would load the service more than the updates do); its latency is the
+time from just before its publish to the receipt of the first answer that shows it:
+an upper bound (the change became visible somewhere inside that last request). The
+lower bound is the time to when the previous request, which did not show it yet, went
+out.
+
+Also read from the service's /metrics: `pnl_position_visible_seconds`, measured inside
+the service from the moment JetStream stored each update to its P&L being in memory
+(coarse: histogram buckets).
+
+Writes benchmarks/results/pnl.json and prints a table.
+
+    python benchmarks/pnl.py [--rate 1000] [--seconds 10] [--keys 200]
+
+Run with the stack's environment (`eval "$(posttrade stack env)"`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import multiprocessing
+import os
+import random
+import socket
+import statistics
+import time
+import uuid
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import nats
+
+from posttrade import stack
+from posttrade.agents.pnl import PnlChannels
+from posttrade.config import load_config
+from posttrade.core.positions import Position
+from posttrade.services import pnl
+from posttrade.stores.questdb import QuestDBClient
+from posttrade.stores.valkey import open_valkey
+from posttrade.streams.events import Bar, Fill, MarketTrade, PositionUpdate, Quote, encode
+
+RESULTS = Path(__file__).parent / "results" / "pnl.json"
+T_MS = 10  # publishing tick
+PROBE_EVERY_TICKS = 2  # a probe every 20 ms
+SYMBOLS = ("S0", "S1", "S2", "S3")
+
+
+class BenchNames:
+    def __init__(self, suffix: str):
+        self.suffix = suffix
+        self.app = f"pnl_bench_{suffix}"
+        self.prefix = f"ptbench{suffix}"
+        self.table = f"pnl_bench_snap_{suffix}"
+        self.account_table = f"pnl_bench_acct_{suffix}"
+
+    def stream(self, kind: str) -> str:
+        return f"PNLB_{kind}_{self.suffix.upper()}"
+
+    def subject(self, kind: str, *tokens: str) -> str:
+        return ".".join([f"pnlb{self.suffix}", kind, *tokens])
+
+    def channels(self, app) -> PnlChannels:
+        def channel(name, kind, value_type):
+            return app.channel(name, stream=self.stream(kind), subjects=[self.subject(kind, ">")], value_type=value_type)
+
+        return PnlChannels(
+            positions=channel("positions", "POSITIONS", PositionUpdate),
+            quotes=channel("quotes", "QUOTES", Quote),
+            trades=channel("market_trades", "TRADES", MarketTrade),
+            bars=channel("bars", "BARS", Bar),
+        )
+
+    def env(self, port: int) -> dict[str, str]:
+        return {
+            **stack.endpoints().service_env(),
+            "POSTTRADE_PNL__SERVICE__NAME": self.app,
+            "POSTTRADE_PNL__SERVICE__PORT": str(port),
+            "POSTTRADE_PNL__PNL__KEY_PREFIX": self.prefix,
+            "POSTTRADE_PNL__PNL__SNAPSHOTS__TABLE": self.table,
+            "POSTTRADE_PNL__PNL__SNAPSHOTS__ACCOUNT_TABLE": self.account_table,
+        }
+
+
+def serve(suffix: str, port: int) -> None:
+    """The service process: pnl.build on the benchmark's streams, run until SIGTERM."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    names = BenchNames(suffix)
+    config = load_config("pnl", pnl.CONFIG, env={**os.environ, **names.env(port)})
+    app = pnl.build(config, channels=names.channels)
+    asyncio.run(app.run(host="127.0.0.1", port=port))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def update_of(position: Position, ts: int) -> PositionUpdate:
+    return PositionUpdate(
+        ts=ts, account=position.account, symbol=position.symbol, reason="fill",
+        multiplier=position.multiplier, net_qty=position.net_qty, avg_open_price=position.avg_open_price,
+        open_cost=position.open_cost, realized_pnl_gross=position.realized_pnl_gross, fees=position.fees,
+        realized_pnl_net=position.realized_pnl_net, fifo_open_cost=position.fifo_open_cost,
+        fifo_realized_pnl_gross=position.fifo_realized_pnl_gross,
+        sod_realized_pnl_net=position.sod_realized_pnl_net, sod_unrealized_pnl=position.sod_unrealized_pnl,
+        fill_count=position.fill_count,
+    )
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def histogram(text: str, name: str, labels: str = "") -> dict[float, float]:
+    """Cumulative bucket counts {le: count} of a Prometheus histogram."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(f"{name}_bucket{{{labels}"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def counter(text: str, name: str, labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{labels}}}"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float | None:
+    """The upper bound of the bucket holding quantile q of what was observed between."""
+    counts = {le: after.get(le, 0) - before.get(le, 0) for le in after}
+    total = counts.get(float("inf"), 0)
+    if not total:
+        return None
+    for le in sorted(counts):
+        if counts[le] >= q * total:
+            return le
+    return None
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def run(rate: int, seconds: float, key_count: int, port: int, names: BenchNames, pid: int) -> dict:
+    base = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if (await http.get("/health")).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the pnl service did not become healthy")
+            await asyncio.sleep(0.2)
+        text = (await http.get("/metrics")).text
+        metrics_before = histogram(text, "pnl_position_visible_seconds")
+        commits_before = histogram(text, "posttrade_commit_seconds", 'agent="value_positions",')
+        batches_before = counter(text, "posttrade_batches_total", 'agent="value_positions"')
+
+        nc = await nats.connect(stack.endpoints().nats_url, pending_size=64 * 1024 * 1024)
+        rng = random.Random(7)
+        accounts = [f"B{i}" for i in range(max(1, key_count // len(SYMBOLS)))]
+        positions = [Position(a, s) for a in accounts for s in SYMBOLS]
+        probe = Position("PROBE", "XYZ")
+        mids = {s: Decimal(100) for s in SYMBOLS}
+        published: dict[int, float] = {}  # probe fill_count -> perf_counter at publish
+        seen: dict[int, float] = {}  # probe fill_count -> latency upper bound (s)
+        seen_low: dict[int, float] = {}  # ... and lower bound (s)
+        request_s: list[float] = []
+        stop = asyncio.Event()
+        stop_at = [0.0]
+
+        outstanding = asyncio.Event()  # set while a published probe has not been seen
+
+        async def poll() -> None:
+            # Polls only while a probe is outstanding: back-to-back requests all the
+            # time would load the service (and the machine) more than the updates do.
+            shown = 0
+            previous_sent = 0.0  # when the last request that did not show the next probe went out
+            while True:
+                if shown >= probe.fill_count:
+                    if stop.is_set():
+                        return
+                    outstanding.clear()
+                    try:
+                        await asyncio.wait_for(outstanding.wait(), 0.5)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
+                sent = time.perf_counter()
+                body = (await http.get("/pnl/realtime?account=PROBE&symbol=XYZ")).json()
+                received = time.perf_counter()
+                request_s.append(received - sent)
+                count = body["positions"][0]["fill_count"] if body["positions"] else 0
+                for n in range(shown + 1, count + 1):
+                    if n in published:
+                        # Visible after the previous request was handled (it did not show
+                        # it) and before this answer arrived.
+                        seen[n] = received - published[n]
+                        seen_low[n] = max(0.0, previous_sent - published[n])
+                shown = max(shown, count)
+                previous_sent = sent
+                if stop.is_set() and time.perf_counter() - stop_at[0] > 10:
+                    return
+
+        poller = asyncio.create_task(poll())
+        per_tick = max(1, rate * T_MS // 1000)
+        ticks = int(seconds * 1000 / T_MS)
+        sent = 0
+        cpu_before = cpu_seconds(pid)
+        started = time.perf_counter()
+        fill_id = 0
+        for tick in range(ticks):
+            target = started + tick * T_MS / 1000
+            delay = target - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            now = time.time_ns()
+            for i in range(per_tick):
+                fill_id += 1
+                is_probe = i == 0 and tick % PROBE_EVERY_TICKS == 0
+                position = probe if is_probe else rng.choice(positions)
+                side = "BUY" if rng.random() < 0.5 else "SELL"
+                price = Decimal(rng.randint(9_000, 11_000)) / 100
+                position.apply(Fill(ts=now, fill_id=f"f{fill_id}", account=position.account, symbol=position.symbol,
+                                    side=side, qty=Decimal(rng.randint(1, 10)), price=price, fee=Decimal("0.5")))
+                data = encode(update_of(position, now))
+                subject = names.subject("POSITIONS", position.account, position.symbol)
+                if is_probe:
+                    published[probe.fill_count] = time.perf_counter()
+                await nc.publish(subject, data)
+                if is_probe:
+                    outstanding.set()
+                sent += 1
+            symbol = SYMBOLS[tick % len(SYMBOLS)]
+            mids[symbol] += Decimal(rng.randint(-5, 5)) / 100
+            await nc.publish(names.subject("QUOTES", symbol),
+                             encode(Quote(ts=now, symbol=symbol, bid=mids[symbol] - Decimal("0.01"), ask=mids[symbol] + Decimal("0.01"))))
+        elapsed = time.perf_counter() - started
+        service_cpu = cpu_seconds(pid) - cpu_before
+        await nc.flush()
+        stop_at[0] = time.perf_counter()
+        stop.set()
+        await poller
+        text = (await http.get("/metrics")).text
+        metrics_after = histogram(text, "pnl_position_visible_seconds")
+        commits_after = histogram(text, "posttrade_commit_seconds", 'agent="value_positions",')
+        batches = counter(text, "posttrade_batches_total", 'agent="value_positions"') - batches_before
+        final = (await http.get("/pnl/realtime?account=PROBE&symbol=XYZ")).json()["positions"][0]
+        await nc.close()
+
+    latencies = [seen[n] * 1000 for n in sorted(seen)]
+    lower = [seen_low[n] * 1000 for n in sorted(seen_low)]
+    missing = len(published) - len(seen)
+    return {
+        "rate_per_s": rate,
+        "achieved_rate_per_s": round(sent / elapsed),
+        "seconds": seconds,
+        "keys": len(positions),
+        "updates_published": sent,
+        "probes": len(published),
+        "probes_not_seen": missing,
+        "probe_final_fill_count_ok": final["fill_count"] == probe.fill_count,
+        "pnl_latency_ms_p50": round(percentile(latencies, 0.50), 3),
+        "pnl_latency_ms_p90": round(percentile(latencies, 0.90), 3),
+        "pnl_latency_ms_p99": round(percentile(latencies, 0.99), 3),
+        "pnl_latency_ms_max": round(max(latencies), 3),
+        "pnl_latency_lower_bound_ms_p50": round(percentile(lower, 0.50), 3),
+        "pnl_latency_lower_bound_ms_p99": round(percentile(lower, 0.99), 3),
+        "realtime_request_ms_p50": round(statistics.median(request_s) * 1000, 3),
+        "service_cpu_percent_of_a_core": round(100 * service_cpu / elapsed, 1),
+        "load_average_1m": os.getloadavg()[0],
+        "cpus": os.cpu_count(),
+        "service_visible_ms_p50_bucket": _ms(bucket_quantile(metrics_before, metrics_after, 0.50)),
+        "service_visible_ms_p99_bucket": _ms(bucket_quantile(metrics_before, metrics_after, 0.99)),
+        "positions_agent_batches": int(batches),
+        "positions_agent_mean_batch": round(sent / batches, 1) if batches else None,
+        "positions_commit_ms_p50_bucket": _ms(bucket_quantile(commits_before, commits_after, 0.50)),
+        "positions_commit_ms_p99_bucket": _ms(bucket_quantile(commits_before, commits_after, 0.99)),
+        "goal_pnl_latency_ms_p99": 10,
+    }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+async def cleanup(names: BenchNames) -> None:
+    endpoints = stack.endpoints()
+    nc = await nats.connect(endpoints.nats_url)
+    js = nc.jetstream()
+    for kind in ("POSITIONS", "QUOTES", "TRADES", "BARS"):
+        try:
+            await js.delete_stream(names.stream(kind))
+        except nats.js.errors.NotFoundError:
+            pass
+    for table in ("positions", "marks"):
+        try:
+            await js.delete_key_value(f"{names.app}-{table}")
+        except nats.js.errors.NotFoundError:
+            pass
+    await nc.close()
+    valkey = open_valkey(host=endpoints.valkey_host, port=endpoints.valkey_port, db=4)
+    keys = [k async for k in valkey.redis.scan_iter(match=f"{names.prefix}:*")]
+    if keys:
+        await valkey.redis.delete(*keys)
+    await valkey.close()
+    qdb = QuestDBClient(host=endpoints.questdb_host, port=endpoints.questdb_http_port)
+    await qdb.drop_table(names.table)
+    await qdb.drop_table(names.account_table)
+    await qdb.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rate", type=int, default=1000, help="PositionUpdates per second")
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--keys", type=int, default=200, help="positions the updates spread over")
+    args = parser.parse_args()
+    names = BenchNames(uuid.uuid4().hex[:8])
+    port = free_port()
+    process = multiprocessing.get_context("spawn").Process(target=serve, args=(names.suffix, port), daemon=True)
+    process.start()
+    try:
+        result = asyncio.run(run(args.rate, args.seconds, args.keys, port, names, process.pid))
+    finally:
+        process.terminate()  # SIGTERM: the app stops cleanly
+        process.join(15)
+        asyncio.run(cleanup(names))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'PositionUpdate published -> visible at /pnl/realtime':<58}{'ms':>10}")
+    for name in ("p50", "p90", "p99", "max"):
+        print(f"  {name + ' (upper bound, probe poll)':<56}{result[f'pnl_latency_ms_{name}']:>10}")
+    print(f"  {'p50 / p99 lower bound (previous poll did not show it)':<56}"
+          f"{result['pnl_latency_lower_bound_ms_p50']:>5}/{result['pnl_latency_lower_bound_ms_p99']}")
+    print(f"  {'p50 / p99 stored -> in memory (service histogram bucket)':<56}"
+          f"{result['service_visible_ms_p50_bucket']!s:>5}/{result['service_visible_ms_p99_bucket']!s}")
+    print(f"  {'one /pnl/realtime request, p50':<56}{result['realtime_request_ms_p50']:>10}")
+    print(f"positions agent: {result['positions_agent_batches']} batches (mean {result['positions_agent_mean_batch']}), "
+          f"commit p50/p99 <= {result['positions_commit_ms_p50_bucket']}/{result['positions_commit_ms_p99_bucket']} ms")
+    print(f"service CPU {result['service_cpu_percent_of_a_core']}% of a core; machine load average "
+          f"{result['load_average_1m']:.1f} on {result['cpus']} CPUs")
+    print(f"rate {result['achieved_rate_per_s']}/s over {result['keys']} positions, {result['probes']} probes "
+          f"({result['probes_not_seen']} not seen); goal p99 < 10 ms -> {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,639 @@
+"""Real-time P&L: ptrc's positions valued at market, per (account, symbol) and per account.
+
+pnl never re-derives a position from fills: ptrc owns positions and publishes a
+`PositionUpdate` after every change (`posttrade.streams.events.PositionUpdate`). That
+event carries the cost basis under both methods and the start-of-day values, so valuing
+it at any mark takes three exact formulas (`value_position`), the ones
+`posttrade.core.positions` defines:
+
+    unrealized      = (net_qty x mark - open_cost) x multiplier        (0 when flat)
+    fifo_unrealized = (net_qty x mark - fifo_open_cost) x multiplier
+    total           = realized_pnl_net + unrealized
+    day             = total - (sod_realized_pnl_net + sod_unrealized_pnl)
+
+An open position without a mark has `unrealized`, `total` and `day` None (a guess would
+look like a number); `day` is also None when the start-of-day value is unknown.
+
+State, and what makes it exact once
+-----------------------------------
+Two changelog tables hold everything pnl knows; the rest is derived from them:
+
+* `positions`: (account, symbol) -> the latest `PositionUpdate` (the POSITIONS stream is
+  ptrc's ordered output per key, so the latest in stream order wins);
+* `marks`: symbol -> `MarkState`, the latest quote mid, market trade and bar close.
+
+Both are written with the tables' per-key input sequences (`Table.apply`), so a
+redelivered or replayed message changes nothing. `PnlBook` keeps the derived values
+(`PositionPnl` rows, `AccountPnl` totals) in memory and can rebuild them from the
+tables at any time (`resync`: at start and after an agent crash rolled tables back).
+
+Revaluation is lazy, which is what coalesces price ticks: a mark change only marks its
+symbol stale (the price is compared first: a tick that leaves the mark unchanged costs
+nothing more). Stale symbols are revalued, each once, by `refresh()`, which every
+reader calls first: the web page (for the symbols it answers), the Valkey writer, the
+QuestDB snapshots. A position update is valued at once (one row). Readers learn what
+changed from `Changes` sets (one per consumer; the Valkey writer has one for position
+updates and one for price moves, written on different cadences), so each writes every
+changed row once however many ticks moved it.
+
+`as_of` on a row is the event time (epoch ns) of the newest input that changed its
+values: the position update's `ts` or the `ts` of the market data that set the current
+mark price (for a bar, its end: open time + interval).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from ..app import App
+from ..core.bars import NS_PER_S, interval_seconds
+from ..core.exact import EXACT, ZERO, format_decimal
+from ..core.marks import DEFAULT_PRIORITY, MarkSource, MarkState
+from ..streams.channel import Channel
+from ..streams.events import Bar, MarketTrade, PositionUpdate, Quote
+from ..streams.stream import Stream
+from ..streams.transport import StartPosition
+from ..tables.table import Table
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (account, symbol)
+#: (price, source, event time ns). Source "position" is ptrc's own mark, used only
+#: while no market data mark is known for the symbol.
+Mark = tuple[Decimal, str, int]
+
+_add = EXACT.add
+_sub = EXACT.subtract
+_mul = EXACT.multiply
+_abs = EXACT.abs
+_TWO = Decimal(2)
+
+
+# -- the values --------------------------------------------------------------------------
+
+
+class PositionPnl(msgspec.Struct, frozen=True, kw_only=True):
+    """One (account, symbol) valued at its mark. Money includes the multiplier."""
+
+    account: str
+    symbol: str
+    net_qty: Decimal
+    avg_open_price: Decimal | None
+    multiplier: Decimal
+    mark: Decimal | None
+    mark_source: str | None  # quote_mid | last_trade | bar_close | position
+    mark_ts: int | None
+    realized_pnl_gross: Decimal
+    fees: Decimal
+    realized_pnl_net: Decimal
+    unrealized_pnl: Decimal | None
+    fifo_realized_pnl_gross: Decimal
+    fifo_realized_pnl_net: Decimal
+    fifo_unrealized_pnl: Decimal | None
+    total_pnl: Decimal | None
+    day_pnl: Decimal | None
+    sod_realized_pnl_net: Decimal
+    sod_unrealized_pnl: Decimal | None
+    gross_notional: Decimal  # |net_qty x mark x multiplier|; unmarked: at cost
+    fill_count: int
+    position_ts: int  # ts of the PositionUpdate
+    as_of: int
+
+
+class AccountPnl(msgspec.Struct, frozen=True, kw_only=True):
+    """Sums over one account's positions. A sum that includes an unknown value
+    (an open position without a mark) is None, never a partial number."""
+
+    account: str
+    positions: int
+    open_positions: int
+    realized_pnl_gross: Decimal
+    fees: Decimal
+    realized_pnl_net: Decimal
+    unrealized_pnl: Decimal | None
+    fifo_realized_pnl_gross: Decimal
+    fifo_unrealized_pnl: Decimal | None
+    total_pnl: Decimal | None
+    day_pnl: Decimal | None
+    gross_notional: Decimal
+    as_of: int
+
+
+def value_position(update: PositionUpdate, mark: Mark | None) -> PositionPnl:
+    """The P&L of `update`'s position at `mark` (see the module doc for the formulas)."""
+    net = update.net_qty
+    multiplier = update.multiplier
+    price = mark[0] if mark is not None else None
+    if not net:
+        unrealized = fifo_unrealized = ZERO
+        notional = ZERO
+    elif price is None:
+        unrealized = fifo_unrealized = None
+        notional = _abs(_mul(update.open_cost, multiplier))
+    else:
+        value = _mul(net, price)
+        unrealized = _mul(_sub(value, update.open_cost), multiplier)
+        fifo_unrealized = _mul(_sub(value, update.fifo_open_cost), multiplier)
+        notional = _abs(_mul(value, multiplier))
+    realized_net = update.realized_pnl_net
+    total = None if unrealized is None else _add(realized_net, unrealized)
+    sod_unrealized = update.sod_unrealized_pnl
+    day = (
+        None
+        if total is None or sod_unrealized is None
+        else _sub(total, _add(update.sod_realized_pnl_net, sod_unrealized))
+    )
+    mark_ts = mark[2] if mark is not None else None
+    return PositionPnl(
+        account=update.account,
+        symbol=update.symbol,
+        net_qty=net,
+        avg_open_price=update.avg_open_price,
+        multiplier=multiplier,
+        mark=price,
+        mark_source=mark[1] if mark is not None else None,
+        mark_ts=mark_ts,
+        realized_pnl_gross=update.realized_pnl_gross,
+        fees=update.fees,
+        realized_pnl_net=realized_net,
+        unrealized_pnl=unrealized,
+        fifo_realized_pnl_gross=update.fifo_realized_pnl_gross,
+        fifo_realized_pnl_net=_sub(update.fifo_realized_pnl_gross, update.fees),
+        fifo_unrealized_pnl=fifo_unrealized,
+        total_pnl=total,
+        day_pnl=day,
+        sod_realized_pnl_net=update.sod_realized_pnl_net,
+        sod_unrealized_pnl=sod_unrealized,
+        gross_notional=notional,
+        fill_count=update.fill_count,
+        position_ts=update.ts,
+        as_of=update.ts if mark_ts is None or mark_ts < update.ts else mark_ts,
+    )
+
+
+def _add_known(total: Decimal | None, value: Decimal | None) -> Decimal | None:
+    return None if total is None or value is None else _add(total, value)
+
+
+def account_pnl(account: str, rows: Iterable[PositionPnl]) -> AccountPnl:
+    """Totals of `rows` (all of `account`'s positions): the definition. The book keeps
+    the same numbers incrementally (`AccountSums`)."""
+    count = open_count = 0
+    gross = fees = fifo_gross = notional = ZERO
+    unrealized: Decimal | None = ZERO
+    fifo_unrealized: Decimal | None = ZERO
+    day: Decimal | None = ZERO
+    as_of = 0
+    for row in rows:
+        count += 1
+        if row.net_qty:
+            open_count += 1
+        gross = _add(gross, row.realized_pnl_gross)
+        fees = _add(fees, row.fees)
+        fifo_gross = _add(fifo_gross, row.fifo_realized_pnl_gross)
+        notional = _add(notional, row.gross_notional)
+        unrealized = _add_known(unrealized, row.unrealized_pnl)
+        fifo_unrealized = _add_known(fifo_unrealized, row.fifo_unrealized_pnl)
+        day = _add_known(day, row.day_pnl)
+        if row.as_of > as_of:
+            as_of = row.as_of
+    net = _sub(gross, fees)
+    return AccountPnl(
+        account=account,
+        positions=count,
+        open_positions=open_count,
+        realized_pnl_gross=gross,
+        fees=fees,
+        realized_pnl_net=net,
+        unrealized_pnl=unrealized,
+        fifo_realized_pnl_gross=fifo_gross,
+        fifo_unrealized_pnl=fifo_unrealized,
+        total_pnl=None if unrealized is None else _add(net, unrealized),
+        day_pnl=day,
+        gross_notional=notional,
+        as_of=as_of,
+    )
+
+
+class AccountSums:
+    """Running sums of one account's rows, kept as rows change (`replace`): the same
+    numbers `account_pnl` computes, without going over every position again. Exact
+    (subtracting a row's old value and adding its new one never rounds). A sum that
+    may be unknown also counts its unknowns and is None while there are any.
+    `as_of` is the newest as_of any of the rows has had. Written out field by field:
+    it runs for every change."""
+
+    __slots__ = (
+        "positions", "open_positions", "realized_pnl_gross", "fees", "fifo_realized_pnl_gross",
+        "gross_notional", "unrealized_pnl", "fifo_unrealized_pnl", "day_pnl",
+        "unknown_unrealized", "unknown_fifo_unrealized", "unknown_day", "as_of",
+    )
+
+    def __init__(self) -> None:
+        self.positions = self.open_positions = 0
+        self.realized_pnl_gross = self.fees = self.fifo_realized_pnl_gross = self.gross_notional = ZERO
+        self.unrealized_pnl = self.fifo_unrealized_pnl = self.day_pnl = ZERO
+        self.unknown_unrealized = self.unknown_fifo_unrealized = self.unknown_day = 0
+        self.as_of = 0
+
+    def replace(self, old: PositionPnl | None, new: PositionPnl) -> None:
+        if old is not None:
+            self._add(old, _sub, -1)
+        self._add(new, _add, 1)
+        if new.as_of > self.as_of:
+            self.as_of = new.as_of
+
+    def _add(self, row: PositionPnl, op: Callable[[Decimal, Decimal], Decimal], sign: int) -> None:
+        self.positions += sign
+        if row.net_qty:
+            self.open_positions += sign
+        self.realized_pnl_gross = op(self.realized_pnl_gross, row.realized_pnl_gross)
+        self.fees = op(self.fees, row.fees)
+        self.fifo_realized_pnl_gross = op(self.fifo_realized_pnl_gross, row.fifo_realized_pnl_gross)
+        self.gross_notional = op(self.gross_notional, row.gross_notional)
+        value = row.unrealized_pnl
+        if value is None:
+            self.unknown_unrealized += sign
+        else:
+            self.unrealized_pnl = op(self.unrealized_pnl, value)
+        value = row.fifo_unrealized_pnl
+        if value is None:
+            self.unknown_fifo_unrealized += sign
+        else:
+            self.fifo_unrealized_pnl = op(self.fifo_unrealized_pnl, value)
+        value = row.day_pnl
+        if value is None:
+            self.unknown_day += sign
+        else:
+            self.day_pnl = op(self.day_pnl, value)
+
+    def totals(self, account: str) -> AccountPnl:
+        unrealized = None if self.unknown_unrealized else self.unrealized_pnl
+        net = _sub(self.realized_pnl_gross, self.fees)
+        return AccountPnl(
+            account=account,
+            positions=self.positions,
+            open_positions=self.open_positions,
+            realized_pnl_gross=self.realized_pnl_gross,
+            fees=self.fees,
+            realized_pnl_net=net,
+            unrealized_pnl=unrealized,
+            fifo_realized_pnl_gross=self.fifo_realized_pnl_gross,
+            fifo_unrealized_pnl=None if self.unknown_fifo_unrealized else self.fifo_unrealized_pnl,
+            total_pnl=None if unrealized is None else _add(net, unrealized),
+            day_pnl=None if self.unknown_day else self.day_pnl,
+            gross_notional=self.gross_notional,
+            as_of=self.as_of,
+        )
+
+
+def canonical(value: Decimal) -> str:
+    """`format_decimal(value)` (plain notation, no trailing fractional zeros, no
+    negative zero), about three times faster for the usual case: str() of a Decimal is
+    already plain unless it uses an exponent, and then only zeros need stripping."""
+    text = str(value)
+    if "E" in text:
+        return format_decimal(value)
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
+
+
+def plain_data(value: PositionPnl | AccountPnl) -> dict[str, Any]:
+    """JSON-ready fields: every number a canonical decimal string (as `format_decimal`
+    spells it), timestamps integer epoch ns, unknown values None."""
+    out: dict[str, Any] = {}
+    for name in value.__struct_fields__:
+        field = getattr(value, name)
+        out[name] = canonical(field) if type(field) is Decimal else field
+    return out
+
+
+_json = msgspec.json.Encoder()
+
+
+def to_json(value: PositionPnl | AccountPnl) -> bytes:
+    return _json.encode(plain_data(value))
+
+
+# -- change tracking ---------------------------------------------------------------------
+
+
+class Changes:
+    """Keys and accounts changed since a consumer last took them."""
+
+    __slots__ = ("keys", "accounts")
+
+    def __init__(self) -> None:
+        self.keys: set[Key] = set()
+        self.accounts: set[str] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self.keys or self.accounts)
+
+    def take(self) -> tuple[set[Key], set[str]]:
+        keys, accounts = self.keys, self.accounts
+        self.keys, self.accounts = set(), set()
+        return keys, accounts
+
+    def give_back(self, keys: Iterable[Key], accounts: Iterable[str]) -> None:
+        """Return what a failed write took, to be written with the next changes."""
+        self.keys.update(keys)
+        self.accounts.update(accounts)
+
+
+# -- the book ----------------------------------------------------------------------------
+
+
+class PnlBook:
+    """The P&L of every position pnl has heard of, kept current from two tables.
+
+    `positions`: Table[(account, symbol) -> PositionUpdate]; `marks`: Table[symbol ->
+    MarkState] (default `MarkState()`). Call the `on_*` methods from agents (they write
+    the tables, so they must run inside an agent for exactly-once effects).
+    """
+
+    def __init__(
+        self,
+        positions: Table,
+        marks: Table,
+        *,
+        priority: tuple[MarkSource, ...] = DEFAULT_PRIORITY,
+        use_position_mark: bool = True,
+    ):
+        self.positions = positions
+        self.marks = marks
+        self.priority = tuple(priority)
+        self.use_position_mark = use_position_mark
+        # What readers have not written yet. The Valkey writer keeps two: changes
+        # a position update made (written promptly) and revaluations a price move
+        # made (written on a slower cadence: prices move all the time, and every
+        # move rewrites every position in the symbol).
+        self.cache_changes = Changes()
+        self.cache_price_changes = Changes()
+        self.snapshot_changes = Changes()  # for the QuestDB snapshots
+        self.on_change: Callable[[], None] | None = None  # wakes the Valkey writer
+        self.revaluations = 0  # rows valued (after position updates and mark changes)
+        self._rows: dict[Key, PositionPnl] = {}
+        self._json: dict[Key, bytes] = {}
+        self._by_account: dict[str, dict[str, Key]] = {}
+        self._holders: dict[str, set[Key]] = {}  # symbol -> keys holding it
+        self._marks: dict[str, Mark] = {}  # the market data mark in use per symbol
+        self._stale: set[str] = set()  # symbols whose mark moved since their rows were valued
+        self._sums: dict[str, AccountSums] = {}
+        self._totals: dict[str, AccountPnl] = {}  # built from _sums on demand
+        self._totals_json: dict[str, bytes] = {}
+
+    # -- input ---------------------------------------------------------------------
+
+    def on_position(self, update: PositionUpdate) -> bool:
+        """Take ptrc's latest state of one position; False if this event already did."""
+        key = (update.account, update.symbol)
+        positions = self.positions
+        if positions.already_applied(key):
+            return False
+        positions[key] = update
+        self._index(key)
+        self._value(key, update)
+        return True
+
+    def on_quote(self, quote: Quote) -> None:
+        mid = EXACT.divide(_add(quote.bid, quote.ask), _TWO)  # exact: halving terminates
+        self._mark_input(quote.symbol, lambda state: state.with_quote(mid, quote.ts))
+
+    def on_trade(self, trade: MarketTrade) -> None:
+        self._mark_input(trade.symbol, lambda state: state.with_trade(trade.price, trade.ts))
+
+    def on_bar(self, bar: Bar) -> None:
+        self._mark_input(bar.symbol, lambda state: state.with_bar_close(bar.close, bar_end(bar)))
+
+    def _mark_input(self, symbol: str, change: Callable[[MarkState], MarkState]) -> None:
+        state = self.marks.apply(symbol, change)
+        selected = state.mark(self.priority)
+        if selected is None:
+            return
+        held = self._marks.get(symbol)
+        if held is not None and held[0] == selected[0]:
+            return  # same price: the P&L does not move (and as_of stays when it last did)
+        self._marks[symbol] = selected
+        if symbol in self._holders:
+            self._stale.add(symbol)
+
+    # -- derived state ---------------------------------------------------------------
+
+    def _index(self, key: Key) -> None:
+        account, symbol = key
+        symbols = self._by_account.get(account)
+        if symbols is None:
+            symbols = self._by_account[account] = {}
+        if symbol not in symbols:
+            symbols[symbol] = key
+            self._holders.setdefault(symbol, set()).add(key)
+
+    def _mark_of(self, update: PositionUpdate) -> Mark | None:
+        mark = self._marks.get(update.symbol)
+        if mark is None and self.use_position_mark and update.mark is not None:
+            return (update.mark, "position", update.ts)
+        return mark
+
+    def _value(self, key: Key, update: PositionUpdate, cache: Changes | None = None) -> None:
+        row = value_position(update, self._mark_of(update))
+        account = key[0]
+        sums = self._sums.get(account)
+        if sums is None:
+            sums = self._sums[account] = AccountSums()
+        sums.replace(self._rows.get(key), row)
+        self._rows[key] = row
+        self._json.pop(key, None)
+        self._totals.pop(account, None)
+        self._totals_json.pop(account, None)
+        self.revaluations += 1
+        cache = self.cache_changes if cache is None else cache
+        cache.keys.add(key)
+        cache.accounts.add(account)
+        self.snapshot_changes.keys.add(key)
+        self.snapshot_changes.accounts.add(account)
+        if cache is self.cache_changes and self.on_change is not None:
+            self.on_change()
+
+    def refresh(self, symbols: Iterable[str] | None = None, *, limit: int | None = None) -> bool:
+        """Revalue the positions in every symbol whose mark moved (each once), or
+        only in `symbols` (a reader that needs no more). With `limit`, stop once about
+        that many rows are done (whole symbols at a time) and return True if stale
+        symbols remain: a background writer refreshes in slices between which the
+        agents get to run."""
+        if not self._stale:
+            return False
+        if symbols is None:
+            stale = self._stale
+        else:
+            stale = self._stale.intersection(symbols)
+        positions = self.positions
+        done = 0
+        for symbol in list(stale):
+            if limit is not None and done >= limit:
+                return True
+            self._stale.discard(symbol)
+            for key in self._holders.get(symbol, ()):
+                update = positions.get(key)
+                if update is not None:
+                    self._value(key, update, self.cache_price_changes)
+                    done += 1
+        return False
+
+    def resync(self) -> None:
+        """Rebuild every derived value from the tables (at start; after a rollback)."""
+        self._rows.clear()
+        self._json.clear()
+        self._by_account.clear()
+        self._holders.clear()
+        self._marks.clear()
+        self._stale.clear()
+        self._sums.clear()
+        self._totals.clear()
+        self._totals_json.clear()
+        for symbol, state in self.marks.items():
+            selected = state.mark(self.priority)
+            if selected is not None:
+                self._marks[symbol] = selected
+        for key, update in self.positions.items():
+            self._index(key)
+            self._value(key, update)
+
+    def mark_all_changed(self, changes: Changes) -> None:
+        changes.keys.update(self._rows)
+        changes.accounts.update(self._by_account)
+
+    # -- reads (call refresh() first for current values) --------------------------------
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def row(self, key: Key) -> PositionPnl | None:
+        return self._rows.get(key)
+
+    def row_json(self, key: Key) -> bytes | None:
+        cached = self._json.get(key)
+        if cached is None:
+            row = self._rows.get(key)
+            if row is None:
+                return None
+            cached = self._json[key] = to_json(row)
+        return cached
+
+    def keys(self, account: str | None = None, symbol: str | None = None) -> list[Key]:
+        """Keys sorted by (account, symbol), optionally filtered."""
+        if account is not None and symbol is not None:
+            return [(account, symbol)] if (account, symbol) in self._rows else []
+        if symbol is not None:
+            return sorted(self._holders.get(symbol, ()))
+        if account is not None:
+            symbols = self._by_account.get(account, {})
+            return [symbols[s] for s in sorted(symbols)]
+        return sorted(self._rows)
+
+    def symbols(self, account: str) -> list[str]:
+        return list(self._by_account.get(account, ()))
+
+    def accounts(self) -> list[str]:
+        return sorted(self._by_account)
+
+    def totals(self, account: str) -> AccountPnl | None:
+        cached = self._totals.get(account)
+        if cached is None:
+            sums = self._sums.get(account)
+            if sums is None:
+                return None
+            cached = self._totals[account] = sums.totals(account)
+        return cached
+
+    def totals_json(self, account: str) -> bytes | None:
+        cached = self._totals_json.get(account)
+        if cached is None:
+            totals = self.totals(account)
+            if totals is None:
+                return None
+            cached = self._totals_json[account] = to_json(totals)
+        return cached
+
+
+def bar_end(bar: Bar) -> int:
+    """When a bar's close was the price: the end of its interval (its open time if
+    the interval is not one we can read)."""
+    try:
+        return bar.ts + interval_seconds(bar.interval) * NS_PER_S
+    except ValueError:
+        return bar.ts
+
+
+# -- agents ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PnlChannels:
+    positions: Channel
+    quotes: Channel
+    trades: Channel
+    bars: Channel
+
+
+class PnlAgentMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.visible_seconds = Histogram(
+            "pnl_position_visible_seconds",
+            "From a PositionUpdate stored in JetStream to its P&L being served from memory",
+            registry=registry,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+        )
+        self.mark_inputs = Counter("pnl_mark_inputs_total", "Market data events taken into marks", ["kind"], registry=registry)
+
+
+#: Where a new durable consumer starts: the newest message of every subject, i.e. the
+#: latest update of each position (`posttrade.positions.<account>.<symbol>`) and the
+#: latest quote / trade / bar of each symbol, then everything new. Later starts resume
+#: at the consumer's ack floor.
+START = StartPosition(last_per_subject=True)
+
+
+def add_pnl_agents(app: App, channels: PnlChannels, book: PnlBook) -> PnlAgentMetrics:
+    """The four agents that keep `book` current: positions and three market data feeds."""
+    metrics = PnlAgentMetrics(app.metrics.registry)
+    visible = metrics.visible_seconds
+
+    def resync_after_crash(stream: Stream) -> None:
+        # A crash rolled the tables back: derived values may be ahead of them.
+        if stream.runner.crashes:
+            book.resync()
+            book.mark_all_changed(book.cache_changes)
+            book.mark_all_changed(book.snapshot_changes)
+
+    @app.agent(channels.positions, name="value_positions", start=START)
+    async def value_positions(stream: Stream) -> None:
+        resync_after_crash(stream)
+        on_position = book.on_position
+        async for record in stream.events():
+            if on_position(record.value):
+                visible.observe(max(0, time.time_ns() - record.ts) / 1e9)
+
+    def market_agent(channel: Channel, name: str, take: Callable[[Any], None]) -> None:
+        counter = metrics.mark_inputs.labels(name)
+
+        @app.agent(channel, name=f"mark_{name}", start=START)
+        async def take_marks(stream: Stream) -> None:
+            resync_after_crash(stream)
+            async for event in stream:
+                take(event)
+                counter.inc()
+
+    market_agent(channels.quotes, "quotes", book.on_quote)
+    market_agent(channels.trades, "trades", book.on_trade)
+    market_agent(channels.bars, "bars", book.on_bar)
+    return metrics

@@ -1,0 +1,371 @@
+"""Feature arithmetic: pure, synchronous, no I/O.
+
+The agents fold events into window values with the `add_*` functions and turn closed
+windows into feature rows with the `*_features` functions. Window values are immutable
+in spirit: every fold returns a new struct (a table's undo log keeps the old object, so
+mutating it in place would corrupt a rollback).
+
+Money and quantities stay exact (`Decimal`, via `posttrade.core.exact`) through every
+sum and quotient; a feature leaves as a float only at the end (`to_float`), because a
+feature store column for ML is a float. Returns and volatilities are floats from the
+start (a logarithm has no exact decimal).
+
+Time is event time in epoch nanoseconds. A minute window is `[start, start + 60 s)`;
+its features carry the event time `start + 60 s` (the first instant they are known), so
+a point-in-time join never sees a minute before it has ended.
+"""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal
+from typing import Iterable, Protocol
+
+import msgspec
+
+from ..core.exact import EXACT, ZERO, divide
+
+NS_PER_S = 1_000_000_000
+MINUTE_NS = 60 * NS_PER_S
+DAY_NS = 24 * 3600 * NS_PER_S
+#: Lookback of the 5-minute features.
+FIVE_MINUTES_NS = 5 * MINUTE_NS
+TEN_THOUSAND = Decimal(10_000)
+
+_add = EXACT.add
+_sub = EXACT.subtract
+_mul = EXACT.multiply
+
+
+def to_float(value: Decimal | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def utc_day(ts: int) -> int:
+    """Days since the epoch of an event time (UTC): the key of every `*_today` feature."""
+    return ts // DAY_NS
+
+
+# -- trades ------------------------------------------------------------------------------
+
+
+class TradeTick(msgspec.Struct, kw_only=True, frozen=True):
+    """The newest print of a symbol: its price and the side the tick rule gave it."""
+
+    ts: int
+    price: Decimal
+    sign: int  # +1 buy, -1 sell, 0 not known yet
+
+
+def trade_sign(aggressor: str | None, price: Decimal, previous: TradeTick | None) -> int:
+    """+1 for a buyer-initiated print, -1 for seller-initiated, 0 when unknown.
+
+    The aggressor side when the venue reports it; otherwise the tick rule: above the
+    previous print is a buy, below a sell, the same price keeps the previous sign.
+    """
+    if aggressor == "BUY":
+        return 1
+    if aggressor == "SELL":
+        return -1
+    if previous is None:
+        return 0
+    if price > previous.price:
+        return 1
+    if price < previous.price:
+        return -1
+    return previous.sign
+
+
+def next_tick(previous: TradeTick | None, ts: int, price: Decimal, sign: int) -> TradeTick:
+    """The symbol's newest print after this one (an older, late print changes nothing)."""
+    if previous is not None and ts < previous.ts:
+        return previous
+    return TradeTick(ts=ts, price=price, sign=sign if sign else (previous.sign if previous else 0))
+
+
+class TradeMinute(msgspec.Struct, kw_only=True, frozen=True):
+    """One symbol's prints in one minute."""
+
+    count: int = 0
+    open_ts: int = 0
+    open: Decimal = ZERO
+    close_ts: int = 0
+    close: Decimal = ZERO
+    volume: Decimal = ZERO
+    notional: Decimal = ZERO
+    buy_volume: Decimal = ZERO
+    sell_volume: Decimal = ZERO
+
+
+def add_trade(minute: TradeMinute, ts: int, price: Decimal, size: Decimal, sign: int) -> TradeMinute:
+    """Fold one print into its minute (prints may arrive out of order within it)."""
+    first = minute.count == 0
+    opens = first or ts < minute.open_ts
+    closes = first or ts >= minute.close_ts
+    return TradeMinute(
+        count=minute.count + 1,
+        open_ts=ts if opens else minute.open_ts,
+        open=price if opens else minute.open,
+        close_ts=ts if closes else minute.close_ts,
+        close=price if closes else minute.close,
+        volume=_add(minute.volume, size),
+        notional=_add(minute.notional, _mul(price, size)),
+        buy_volume=_add(minute.buy_volume, size) if sign > 0 else minute.buy_volume,
+        sell_volume=_add(minute.sell_volume, size) if sign < 0 else minute.sell_volume,
+    )
+
+
+class ClosedMinute(msgspec.Struct, array_like=True, frozen=True):
+    """What the 5-minute features need to remember of a closed minute."""
+
+    start: int
+    close: Decimal
+    volume: Decimal
+    notional: Decimal
+
+
+class TradeHistory(msgspec.Struct, kw_only=True, frozen=True):
+    """A symbol's recent closed minutes, oldest first (see `trade_features`)."""
+
+    minutes: tuple[ClosedMinute, ...] = ()
+
+
+def _simple_return(price: Decimal, reference: Decimal) -> float:
+    return float(_sub(divide(price, reference), 1))
+
+
+def trade_features(start: int, minute: TradeMinute, history: TradeHistory) -> tuple[dict, TradeHistory]:
+    """The `symbol_trade_features` of the minute starting at `start`, and the new history.
+
+    Minutes without prints are not in the history; the price carries forward over them:
+
+    - `return_1m` = close / close of the previous traded minute - 1 (None if none);
+    - `return_5m` = close / the last price at `end - 5 min` - 1, that price being the
+      close of the newest minute that ended by then (None if the history has none);
+    - `realized_vol_5m` = sqrt(sum of ln(close_i / close_i-1)^2) over the traded
+      minutes ending in (end - 5 min, end], each against the traded minute before it
+      (a quiet minute has a zero return); None when there is no such pair;
+    - `vwap_5m` = sum(notional) / sum(volume) over the minutes starting in
+      [end - 5 min, end).
+
+    Minutes must be given oldest first (windows close in that order).
+    """
+    end = start + MINUTE_NS
+    horizon = end - FIVE_MINUTES_NS
+    past = [m for m in history.minutes if m.start < start]
+    this = ClosedMinute(start, minute.close, minute.volume, minute.notional)
+    window = [m for m in past if m.start >= horizon] + [this]
+    before = [m for m in past if m.start < horizon]  # ended at or before the horizon
+    reference_5m = before[-1] if before else None
+
+    return_1m = _simple_return(minute.close, past[-1].close) if past else None
+    return_5m = _simple_return(minute.close, reference_5m.close) if reference_5m else None
+
+    chain = ([reference_5m] if reference_5m else []) + window
+    squares = [math.log(float(divide(b.close, a.close))) ** 2 for a, b in zip(chain, chain[1:])]
+    realized_vol = math.sqrt(math.fsum(squares)) if squares else None
+
+    volume = notional = ZERO
+    for m in window:
+        volume = _add(volume, m.volume)
+        notional = _add(notional, m.notional)
+    vwap = divide(notional, volume) if volume else None
+
+    signed = _add(minute.buy_volume, minute.sell_volume)
+    imbalance = float(divide(_sub(minute.buy_volume, minute.sell_volume), signed)) if signed else None
+
+    values = {
+        "return_1m": return_1m,
+        "return_5m": return_5m,
+        "realized_vol_5m": realized_vol,
+        "vwap_5m": to_float(vwap),
+        "trade_count_1m": minute.count,
+        "volume_1m": to_float(minute.volume),
+        "trade_imbalance_1m": imbalance,
+    }
+    # Keep what any later minute can still need: the minutes of the last five, and the
+    # newest one before them (the 5-minute reference price of a later minute).
+    keep_from = end - FIVE_MINUTES_NS
+    recent = [m for m in past if m.start >= keep_from] + [this]
+    older = [m for m in past if m.start < keep_from]
+    return values, TradeHistory(minutes=tuple(older[-1:] + recent))
+
+
+# -- quotes ------------------------------------------------------------------------------
+
+
+class QuoteTop(msgspec.Struct, kw_only=True, frozen=True):
+    """A symbol's newest top of book: what the next quote's order-flow term compares to."""
+
+    ts: int
+    bid: Decimal
+    ask: Decimal
+    bid_size: Decimal
+    ask_size: Decimal
+
+
+def spread_bps(bid: Decimal, ask: Decimal) -> Decimal:
+    """(ask - bid) / mid x 10,000."""
+    return divide(_mul(_mul(_sub(ask, bid), 2), TEN_THOUSAND), _add(ask, bid))
+
+
+def order_flow_term(previous: QuoteTop | None, quote: QuoteTop) -> Decimal:
+    """One quote's order-flow imbalance e_n (Cont, Kukanov and Stoikov, 2014):
+
+        e_n = 1{Pb_n >= Pb_n-1} qb_n - 1{Pb_n <= Pb_n-1} qb_n-1
+            - 1{Pa_n <= Pa_n-1} qa_n + 1{Pa_n >= Pa_n-1} qa_n-1
+
+    Positive when bids grow or asks shrink (buying pressure). 0 for a first quote.
+    """
+    if previous is None:
+        return ZERO
+    e = ZERO
+    if quote.bid >= previous.bid:
+        e = _add(e, quote.bid_size)
+    if quote.bid <= previous.bid:
+        e = _sub(e, previous.bid_size)
+    if quote.ask <= previous.ask:
+        e = _sub(e, quote.ask_size)
+    if quote.ask >= previous.ask:
+        e = _add(e, previous.ask_size)
+    return e
+
+
+def next_top(previous: QuoteTop | None, quote: QuoteTop) -> QuoteTop:
+    """The newest top of book after `quote` (a late, older quote changes nothing)."""
+    if previous is not None and quote.ts < previous.ts:
+        return previous
+    return quote
+
+
+class QuoteMinute(msgspec.Struct, kw_only=True, frozen=True):
+    """One symbol's quotes in one minute."""
+
+    count: int = 0
+    last_ts: int = 0
+    bid: Decimal = ZERO
+    ask: Decimal = ZERO
+    spread_bps_sum: Decimal = ZERO
+    order_flow: Decimal = ZERO
+
+
+def add_quote(minute: QuoteMinute, quote: QuoteTop, flow_term: Decimal) -> QuoteMinute:
+    last = minute.count == 0 or quote.ts >= minute.last_ts
+    return QuoteMinute(
+        count=minute.count + 1,
+        last_ts=quote.ts if last else minute.last_ts,
+        bid=quote.bid if last else minute.bid,
+        ask=quote.ask if last else minute.ask,
+        spread_bps_sum=_add(minute.spread_bps_sum, spread_bps(quote.bid, quote.ask)),
+        order_flow=_add(minute.order_flow, flow_term),
+    )
+
+
+def quote_features(minute: QuoteMinute) -> dict:
+    """The `symbol_quote_features` of a closed minute with at least one quote."""
+    return {
+        "spread_bps": to_float(spread_bps(minute.bid, minute.ask)),
+        "spread_bps_avg_1m": to_float(divide(minute.spread_bps_sum, Decimal(minute.count))),
+        "mid": to_float(divide(_add(minute.bid, minute.ask), 2)),
+        "order_flow_imbalance_1m": to_float(minute.order_flow),
+        "quote_count_1m": minute.count,
+    }
+
+
+# -- accounts ----------------------------------------------------------------------------
+
+
+class AccountDay(msgspec.Struct, kw_only=True, frozen=True):
+    """An account's fills of one UTC day."""
+
+    day: int
+    fills: int = 0
+    filled_qty: Decimal = ZERO
+
+
+class OrdersDay(msgspec.Struct, kw_only=True, frozen=True):
+    """An account's new orders of one UTC day."""
+
+    day: int
+    orders: int = 0
+    ordered_qty: Decimal = ZERO
+
+
+def add_fill_to_day(current: AccountDay | None, ts: int, qty: Decimal) -> AccountDay:
+    day = utc_day(ts)
+    if current is None or current.day < day:
+        current = AccountDay(day=day)
+    elif current.day > day:
+        return current  # a fill of an earlier day arriving late: today's counts stay
+    return AccountDay(day=day, fills=current.fills + 1, filled_qty=_add(current.filled_qty, qty))
+
+
+def add_order_to_day(current: OrdersDay | None, ts: int, qty: Decimal) -> OrdersDay:
+    day = utc_day(ts)
+    if current is None or current.day < day:
+        current = OrdersDay(day=day)
+    elif current.day > day:
+        return current
+    return OrdersDay(day=day, orders=current.orders + 1, ordered_qty=_add(current.ordered_qty, qty))
+
+
+def fill_rate_features(day: int, fills: AccountDay | None, orders: OrdersDay | None) -> dict:
+    """`account_order_features` for UTC day `day` (counts of another day count as 0)."""
+    filled = fills.filled_qty if fills is not None and fills.day == day else ZERO
+    ordered = orders.ordered_qty if orders is not None and orders.day == day else ZERO
+    count = orders.orders if orders is not None and orders.day == day else 0
+    return {
+        "fill_rate_today": to_float(divide(filled, ordered)) if ordered else None,
+        "orders_today": count,
+        "ordered_qty_today": to_float(ordered),
+        "filled_qty_today": to_float(filled),
+    }
+
+
+class PositionLike(Protocol):
+    """What `account_features` reads of a `posttrade.core.positions.Position`."""
+
+    symbol: str
+    net_qty: Decimal
+    open_cost: Decimal
+    multiplier: Decimal
+    last_ts: int | None
+    day_realized_pnl_net: Decimal
+
+
+def account_features(
+    day: int,
+    positions: Iterable[PositionLike],
+    marks: dict[str, Decimal],
+    fills_today: int,
+) -> dict:
+    """`account_features` from an account's positions (average cost, `core.positions`).
+
+    A position is valued at its symbol's mark (the last market print) and, with no
+    mark yet, at its open cost. Realized P&L today sums the positions traded today:
+    each was rolled (start-of-day snapshot) at its first fill of the day, so its
+    `day_realized_pnl_net` is today's; a position untraded today realized nothing today.
+    """
+    gross = ZERO
+    net = ZERO
+    realized = ZERO
+    for p in positions:
+        mark = marks.get(p.symbol)
+        value = _mul(p.net_qty, mark) if mark is not None else p.open_cost
+        value = _mul(value, p.multiplier)
+        gross = _add(gross, EXACT.abs(value))
+        net = _add(net, value)
+        if p.last_ts is not None and utc_day(p.last_ts) == day:
+            realized = _add(realized, p.day_realized_pnl_net)
+    return {
+        "gross_exposure": to_float(gross),
+        "net_exposure": to_float(net),
+        "realized_pnl_today": to_float(realized),
+        "fills_today": fills_today,
+    }
+
+
+def row(entity: str, ts: int, values: dict, feature_names: Iterable[str]) -> tuple:
+    """A row tuple in a view's column order (see `views`)."""
+    return (entity, ts, *(values[name] for name in feature_names))
+

@@ -1,0 +1,335 @@
+"""feast_pipeline (port 8104): ML features computed from the NATS flow, served by Feast.
+
+Stream agents (`posttrade.agents.features`) compute per-symbol and per-account features
+in event-time windows and push them to Feast's online store (Valkey by default, SQLite
+as the local option) and offline store (Parquet). A timer computes the hourly batch view
+from the offline store and materializes it online with `materialize_incremental`.
+The Feast feature repository (`posttrade.features.repo`) is applied at start.
+
+Feast is imported only when the service starts, so the rest of posttrade works without
+it installed (`pip install -e '.[features]'` brings it).
+
+Endpoints (docs/feast_pipeline.md): `/health`, `/metrics`, `/features/status`,
+`/features/online?symbol=…|account=…&features=…`, `POST /features/materialize`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from ..agents.features import FeatureAgents, FeatureChannels
+from ..app import App
+from ..config import ConfigError, ServiceConfig, _Section
+from ..features.views import VIEWS, resolve_features
+from ..web.server import JSON, BadRequest
+from .wiring import new_app
+
+log = logging.getLogger(__name__)
+
+
+class FeastSection(_Section):
+    """Where the feature repository lives and which stores it uses."""
+
+    project: str = "posttrade"
+    # Registry, CLI config, SQLite file and Parquet parts. Default: $POSTTRADE_HOME/feast
+    # (./.posttrade/feast without POSTTRADE_HOME).
+    data_dir: str | None = None
+    online_store: Literal["valkey", "sqlite"] = "valkey"  # valkey: the `cache.redis` server
+    # direct: rows written in Feast's Redis layout, one pipelined write per batch;
+    # feast: Feast's own write_to_online_store (always used for SQLite).
+    online_writer: Literal["direct", "feast"] = "direct"
+    key_ttl_s: int | None = None  # expire online rows (Feast's key_ttl_seconds)
+    startup_timeout_s: float = 120.0  # keep retrying `feast apply` this long at start
+
+
+class FeaturesSection(_Section):
+    """How the features are computed and kept."""
+
+    window_grace_s: float = 5.0  # a minute closes this long (event time) after its end
+    batch_interval_s: float = 300.0  # hourly batch view + materialize_incremental
+    max_hours_per_run: int = 48  # hours the batch job computes per run at most
+    materialize_views: list[str] = msgspec.field(default_factory=lambda: ["symbol_hourly_features"])
+    compact_interval_s: float = 600.0
+    compact_after_parts: int = 200  # merge a view's Parquet parts when it has more
+
+    def __post_init__(self) -> None:
+        unknown = [v for v in self.materialize_views if v not in VIEWS]
+        if unknown:
+            raise ValueError(f"unknown feature views {unknown}; the views are {sorted(VIEWS)}")
+        if self.window_grace_s < 0 or self.batch_interval_s <= 0 or self.compact_interval_s <= 0:
+            raise ValueError("window_grace_s must be >= 0 and the intervals > 0")
+
+
+class FeastPipelineConfig(ServiceConfig):
+    feast: FeastSection = msgspec.field(default_factory=FeastSection)
+    features: FeaturesSection = msgspec.field(default_factory=FeaturesSection)
+
+
+CONFIG = FeastPipelineConfig
+
+
+def data_dir(config: FeastPipelineConfig) -> Path:
+    if config.feast.data_dir:
+        return Path(config.feast.data_dir).expanduser().absolute()
+    home = os.environ.get("POSTTRADE_HOME") or ".posttrade"
+    return (Path(home).expanduser() / "feast").absolute()
+
+
+def feast_settings(config: FeastPipelineConfig):
+    from ..features.repo import FeastSettings
+
+    redis = config.cache.redis
+    if config.feast.online_store == "valkey" and redis is None:
+        raise ConfigError("feast_pipeline: feast.online_store is valkey but cache.redis is not configured")
+    kwargs = {}
+    if redis is not None:
+        kwargs = dict(
+            redis_host=redis.host,
+            redis_port=redis.port,
+            redis_db=redis.db,
+            redis_username=redis.username,
+            redis_password=redis.password,
+            redis_ssl=redis.ssl,
+        )
+    return FeastSettings(
+        project=config.feast.project,
+        data_dir=data_dir(config),
+        online_store=config.feast.online_store,
+        key_ttl_s=config.feast.key_ttl_s,
+        **kwargs,
+    )
+
+
+class FeastRuntime:
+    """What exists once Feast is up: repository, publisher, batch job (set at start)."""
+
+    def __init__(self, config: FeastPipelineConfig, agents: FeatureAgents):
+        self.config = config
+        self.agents = agents
+        self.settings = None
+        self.repository = None
+        self.publisher = None
+        self.batch_job = None
+        self.valkey = None  # a RespConnection for /health
+        self.writer = None  # the direct FeastRedisWriter, when used
+        self.last_batch: dict | None = None
+        self.batch_runs = 0
+        self.batch_errors = 0
+        self.last_batch_error: str | None = None
+        self._batch_lock = asyncio.Lock()
+
+    async def start(self, app: App) -> None:
+        try:
+            from ..features.batch import HourlyBatchJob
+            from ..features.online import FeastRedisWriter, RespConnection
+            from ..features.publisher import FeaturePublisher
+            from ..features.store import FeatureRepository
+        except ModuleNotFoundError as exc:
+            raise RuntimeError(
+                f"feast_pipeline needs Feast ({exc.name} is missing): pip install -e '.[features]'"
+            ) from exc
+
+        self.settings = feast_settings(self.config)
+        repository = FeatureRepository(self.settings)
+        deadline = time.monotonic() + self.config.feast.startup_timeout_s
+        delay = 0.5
+        while True:
+            try:
+                await asyncio.to_thread(repository.apply)
+                break
+            except Exception as exc:  # a store not up yet: Feast raises many kinds
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("applying the feature repository failed (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        direct = None
+        if self.settings.online_store == "valkey":
+
+            def connection() -> RespConnection:
+                return RespConnection(
+                    self.settings.redis_host,
+                    self.settings.redis_port,
+                    db=self.settings.redis_db,
+                    username=self.settings.redis_username,
+                    password=self.settings.redis_password,
+                    ssl=self.settings.redis_ssl,
+                )
+
+            # Its own connection: a health check must not queue behind a large write.
+            self.valkey = connection()
+            if self.config.feast.online_writer == "direct":
+                self.writer = FeastRedisWriter(
+                    connection(), self.settings.project, repository.views.values(), key_ttl_s=self.settings.key_ttl_s
+                )
+                direct = self.writer
+        self.repository = repository
+        self.publisher = FeaturePublisher(repository, direct_writer=direct, registry=app.metrics.registry)
+        await self.publisher.recover()
+        self.batch_job = HourlyBatchJob(repository, max_hours_per_run=self.config.features.max_hours_per_run)
+        self.agents.publisher = self.publisher
+
+    async def stop(self) -> None:
+        for connection in (self.valkey, self.writer):
+            if connection is not None:
+                await connection.close()
+
+    async def run_batch(self) -> dict:
+        """Compute closed hours offline, then materialize the configured views online."""
+        async with self._batch_lock:
+            publisher = self.publisher
+            try:
+                run = await asyncio.to_thread(self.batch_job.run)
+            except Exception as exc:
+                self.batch_errors += 1
+                self.last_batch_error = f"{type(exc).__name__}: {exc}"
+                publisher.status[self.batch_job.target.name].error(f"batch: {self.last_batch_error}")
+                raise
+            target = publisher.status[self.batch_job.target.name]
+            if run.rows:
+                target.rows_pushed += run.rows
+                target.pushes += 1
+                target.last_push_at = time.time()
+                publisher.rows_pushed.labels(target.name).inc(run.rows)
+            if run.newest_ts is not None and (target.newest_event_ts or 0) < run.newest_ts:
+                target.newest_event_ts = run.newest_ts
+            materialized = {}
+            for view in self.config.features.materialize_views:
+                status = publisher.status[view]
+                if status.newest_event_ts is None:
+                    continue  # nothing offline yet
+                # Up to the newest offline row (not the wall clock): rows computed later
+                # for earlier event times would otherwise fall behind the materialized end.
+                end = datetime.fromtimestamp(status.newest_event_ts / 1e9 + 1, tz=timezone.utc)
+                result = await publisher.materialize(view, end)
+                materialized[view] = None if result is None else round(result.duration_s, 4)
+            self.batch_runs += 1
+            self.last_batch = {
+                "hours_computed": run.hours,
+                "rows": run.rows,
+                "duration_s": round(run.duration_s, 4),
+                "materialized_s": materialized,
+                "finished_at": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+            }
+            return self.last_batch
+
+    async def compact(self) -> dict[str, int]:
+        limit = self.config.features.compact_after_parts
+        merged = {}
+        for view in self.repository.views.values():
+            count = await asyncio.to_thread(self.repository.offline.compact, view, limit)
+            if count:
+                merged[view.name] = count
+                log.info("compacted %d parts of %s", count, view.name)
+        return merged
+
+
+def build(config: FeastPipelineConfig) -> App:
+    return assemble(new_app(config), config)
+
+
+def assemble(app: App, config: FeastPipelineConfig, channels: FeatureChannels | None = None) -> App:
+    """Declare the service on `app` (tests bring their own transport and streams)."""
+    agents = FeatureAgents(
+        app,
+        batch_size=config.batch.size,
+        batch_interval_s=config.batch.interval_sec,
+        window_grace_s=config.features.window_grace_s,
+        channels=channels,
+    )
+    runtime = FeastRuntime(config, agents)
+    app.feast = runtime  # type: ignore[attr-defined]  # for tests and operators
+
+    async def start_feast() -> None:
+        await runtime.start(app)
+
+    app.on_startup.append(start_feast)
+    app.on_shutdown.append(runtime.stop)
+
+    @app.timer(config.features.batch_interval_s, name="hourly_batch")
+    async def hourly_batch() -> None:
+        await runtime.run_batch()
+
+    @app.timer(config.features.compact_interval_s, name="compact_offline")
+    async def compact_offline() -> None:
+        await runtime.compact()
+
+    @app.health_check("feast")
+    async def feast_health():
+        if runtime.repository is None:
+            return False, "feature repository not applied yet"
+        detail = {"project": runtime.settings.project, "online_store": runtime.settings.online_store}
+        if runtime.valkey is not None:
+            await runtime.valkey.ping()
+            detail["valkey"] = runtime.valkey.location
+        return True, detail
+
+    @app.page("/features/status")
+    async def features_status(request):
+        if runtime.publisher is None:
+            raise BadRequest({"error": "the feature repository is not applied yet"}, status_code=503)
+        snapshot = runtime.publisher.snapshot()
+        return JSON(
+            {
+                "service": app.name,
+                "project": runtime.settings.project,
+                "data_dir": str(runtime.settings.data_dir),
+                **snapshot,
+                "views": list(snapshot["views"].values()),
+                "late_events": {
+                    "trade_minutes": agents.trade_minutes.late_events,
+                    "quote_minutes": agents.quote_minutes.late_events,
+                },
+                "batch": {
+                    "interval_s": config.features.batch_interval_s,
+                    "runs": runtime.batch_runs,
+                    "errors": runtime.batch_errors,
+                    "last_error": runtime.last_batch_error,
+                    "last_run": runtime.last_batch,
+                    "materialize_views": config.features.materialize_views,
+                },
+            }
+        )
+
+    @app.page("/features/online")
+    async def features_online(request):
+        params = request.query_params
+        given = [name for name in ("symbol", "account") if name in params]
+        if len(given) != 1:
+            raise BadRequest({"parameter": "symbol|account", "error": "give exactly one of symbol or account"})
+        entity = given[0]
+        value = params[entity]
+        if not value or value != value.strip() or len(value) > 200:
+            raise BadRequest({"parameter": entity, "error": "must be a non-empty name without surrounding spaces"})
+        raw = params.get("features", "")
+        requested = [name.strip() for name in raw.split(",") if name.strip()]
+        try:
+            refs = resolve_features(entity, requested)
+        except KeyError as exc:
+            raise BadRequest({"parameter": "features", "error": f"unknown {entity} feature {exc.args[0]!r}"}) from None
+        except ValueError as exc:
+            raise BadRequest({"parameter": "features", "error": str(exc)}) from None
+        if runtime.repository is None:
+            raise BadRequest({"error": "the feature repository is not applied yet"}, status_code=503)
+        started = time.perf_counter()
+        rows = await asyncio.to_thread(runtime.repository.online_features, entity, [value], refs)
+        values = {ref: rows[0][ref] for ref in refs}
+        return JSON(
+            {"entity": entity, entity: value, "features": values, "read_ms": round((time.perf_counter() - started) * 1e3, 3)}
+        )
+
+    @app.page("/features/materialize", methods=("POST",))
+    async def features_materialize(request):
+        if runtime.repository is None:
+            raise BadRequest({"error": "the feature repository is not applied yet"}, status_code=503)
+        return JSON(await runtime.run_batch())
+
+    return app

@@ -1,0 +1,1045 @@
+"""pnl (port 8100): real-time P&L of ptrc's positions at market, cached in Valkey,
+snapshotted to QuestDB, served at `/pnl/realtime` and `/pnl/history`.
+
+    positions (ptrc's PositionUpdate) ─┐
+    quotes / market trades / bars ─────┴─> PnlBook (posttrade.agents.pnl) ──> /pnl/realtime
+                                                 │                        (from memory)
+                                                 ├─> PnlCacheWriter ─> Valkey   (coalesced)
+                                                 └─> PnlSnapshots  ─> QuestDB  (interval)
+                                                                        └─> /pnl/history
+
+Valkey and QuestDB hold *copies* of what the book holds; the book itself is rebuilt from
+its changelog tables after a restart. So their writes are not part of an agent's
+commit: a writer that finds its store down keeps the changes (and QuestDB snapshots)
+and retries with back-off while the agents go on. docs/pnl.md has the endpoints, the
+Valkey key scheme and the QuestDB tables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from typing import Any
+
+import msgspec
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from redis.exceptions import BusyLoadingError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..agents.pnl import (
+    AccountPnl,
+    Key,
+    PnlBook,
+    PnlChannels,
+    PositionPnl,
+    add_pnl_agents,
+    plain_data,
+)
+from ..app import App
+from ..config import QuestDBSection, RedisSection, ServiceConfig, _Section
+from ..core.bars import NS_PER_S, interval_seconds
+from ..core.exact import EXACT, format_decimal
+from ..core.marks import DEFAULT_PRIORITY, MarkSource, MarkState
+from ..streams import subjects
+from ..streams.events import PositionUpdate, encode
+from ..streams.transport import Transport
+from ..stores.questdb import (
+    QuestDBClient,
+    QuestDBError,
+    QuestDBUnavailableError,
+    QuestDBWriteError,
+    QuestDBWriter,
+    check_identifier,
+    sql_literal,
+)
+from ..stores.valkey import ValkeyStore, open_valkey
+from ..web.server import JSON, BadRequest
+from .wiring import new_app
+
+log = logging.getLogger(__name__)
+
+
+# -- configuration -----------------------------------------------------------------------
+
+
+class SnapshotSection(_Section):
+    """QuestDB history: which tables, how often."""
+
+    table: str = "pnl_snapshots"  # one row per (snapshot, account, symbol)
+    account_table: str = "pnl_account_snapshots"  # one row per (snapshot, account)
+    interval_s: float = 1.0  # every interval: the rows that changed since the last one
+    full_every: int = 60  # ...and every this many intervals: every row (1 = always all)
+    max_pending_rows: int = 1_000_000  # kept in memory while QuestDB is down
+
+    def __post_init__(self) -> None:
+        check_identifier(self.table)
+        check_identifier(self.account_table)
+        if self.table == self.account_table:
+            raise ValueError("table and account_table must differ")
+        if self.interval_s <= 0 or self.full_every < 1 or self.max_pending_rows < 1:
+            raise ValueError("snapshots need interval_s > 0, full_every >= 1 and max_pending_rows >= 1")
+
+
+class HistorySection(_Section):
+    default_range_s: int = 3600  # /pnl/history without from/to: the last hour
+    default_interval: str = "1m"
+    max_points: int = 10_000  # buckets per series a request may ask for
+    max_rows: int = 100_000  # rows a response may hold (more: truncated, said so)
+    timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        interval_seconds(self.default_interval)
+        if self.default_range_s < 1 or self.max_points < 1 or self.max_rows < 1 or self.timeout_s <= 0:
+            raise ValueError("history needs default_range_s, max_points, max_rows >= 1 and timeout_s > 0")
+
+
+class PnlSection(_Section):
+    key_prefix: str = "pt"  # Valkey keys start `pt:pnl:`
+    mark_priority: list[MarkSource] = msgspec.field(default_factory=lambda: list(DEFAULT_PRIORITY))
+    # Without any market data mark for a symbol, value it at the mark ptrc sent with
+    # the position (its source is then "position"); false: unmarked (null P&L).
+    use_position_mark: bool = True
+    cache_min_interval_s: float = 0.05  # at most one Valkey write per this long
+    # Revaluations by price moves reach Valkey at most this often (position updates
+    # go at once): a move rewrites every position in its symbol, and prices move
+    # all the time. /pnl/realtime is always current.
+    cache_price_interval_s: float = 1.0
+    cache_refresh_s: float | None = None  # rewrite every key this often (default: ttl / 3)
+    snapshots: SnapshotSection = msgspec.field(default_factory=SnapshotSection)
+    history: HistorySection = msgspec.field(default_factory=HistorySection)
+
+    def __post_init__(self) -> None:
+        if not self.key_prefix or any(c.isspace() or c in ":*?[]{}" for c in self.key_prefix):
+            raise ValueError("key_prefix must be non-empty, without spaces, ':', braces or glob characters")
+        if not self.mark_priority or len(set(self.mark_priority)) != len(self.mark_priority):
+            raise ValueError("mark_priority must list each source at most once, and at least one")
+        if self.cache_min_interval_s < 0 or self.cache_price_interval_s < 0:
+            raise ValueError("cache_min_interval_s and cache_price_interval_s must be >= 0")
+        if self.cache_refresh_s is not None and self.cache_refresh_s <= 0:
+            raise ValueError("cache_refresh_s must be > 0")
+
+
+class PnlConfig(ServiceConfig):
+    pnl: PnlSection = msgspec.field(default_factory=PnlSection)
+
+
+CONFIG = PnlConfig
+
+
+class PnlMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.cache_writes = Counter("pnl_cache_keys_written_total", "Valkey keys written", ["kind"], registry=registry)
+        self.cache_flush_seconds = Histogram(
+            "pnl_cache_flush_seconds",
+            "One Valkey pipeline of changed P&L",
+            registry=registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1),
+        )
+        self.cache_errors = Counter("pnl_cache_errors_total", "Valkey writes that failed (retried)", registry=registry)
+        self.snapshot_rows = Counter("pnl_snapshot_rows_total", "Rows written to QuestDB", ["table"], registry=registry)
+        self.snapshot_errors = Counter("pnl_snapshot_errors_total", "QuestDB writes that failed", ["kind"], registry=registry)
+        self.snapshot_dropped = Counter(
+            "pnl_snapshot_rows_dropped_total", "Snapshot rows given up (over max_pending_rows, or unwritable)",
+            ["reason"], registry=registry,
+        )
+        self.snapshot_pending = Gauge("pnl_snapshot_pending_rows", "Snapshot rows waiting for QuestDB", registry=registry)
+
+
+# -- Valkey ------------------------------------------------------------------------------
+
+# Characters a key part must not carry as is: the separator, the escape itself, glob
+# characters (SCAN MATCH patterns), braces (cluster hash tags), spaces and controls.
+_KEY_UNSAFE = re.compile(r"[%:*?\[\]{}\\\s\x00-\x1f\x7f]")
+
+
+def key_part(value: str) -> str:
+    """An account or symbol as one key segment: unsafe characters as %XX (UTF-8)."""
+    return _KEY_UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), value)
+
+
+class PnlKeys:
+    """The Valkey key scheme (docs/pnl.md). `P` is `pnl.key_prefix`."""
+
+    def __init__(self, prefix: str):
+        self.base = f"{prefix}:pnl"
+
+    def position(self, account: str, symbol: str) -> str:
+        return f"{self.base}:pos:{key_part(account)}:{key_part(symbol)}"
+
+    def account(self, account: str) -> str:
+        return f"{self.base}:acct:{key_part(account)}"
+
+    def symbols(self, account: str) -> str:
+        return f"{self.base}:symbols:{key_part(account)}"
+
+    @property
+    def accounts(self) -> str:
+        return f"{self.base}:accounts"
+
+
+class ValkeyFull(ConnectionError):
+    """Valkey refuses writes for lack of memory (retried like an outage)."""
+
+
+_VALKEY_TRANSIENT = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError)
+RETRY_DELAYS_S = (0.1, 0.5, 1, 2, 5, 10)
+_CHUNK = 500  # keys per script call: bounds one call's packing and Valkey's time in it
+# Rows a background task (Valkey writer, snapshots) handles before it yields to the
+# event loop: a position update waiting behind it waits at most about this much work
+# (~64 rows x 30-50 us), not a whole flush or snapshot.
+SLICE = 64
+
+
+async def refresh_in_slices(book: PnlBook) -> None:
+    """`book.refresh()`, a slice at a time, yielding to the agents in between."""
+    while book.refresh(limit=SLICE):
+        await asyncio.sleep(0)
+
+
+class PnlCacheWriter:
+    """Copies changed P&L into Valkey: whole values (`SET ... EX ttl`), a batch per call.
+
+    Runs as a task woken by position updates. A write takes every change made since
+    the last one, so changes arriving during a write are coalesced into the next, and
+    writes are at least `min_interval_s` apart. Revaluations by price moves are taken
+    every `price_interval_s` only: each move rewrites every position in its symbol.
+    A failed write gives its changes back and is retried with back-off; every
+    `refresh_s` all keys are rewritten, which renews their TTL (a key whose service
+    stopped expires instead of showing stale P&L forever).
+    """
+
+    def __init__(
+        self,
+        book: PnlBook,
+        store: ValkeyStore,
+        keys: PnlKeys,
+        *,
+        ttl_s: int,
+        min_interval_s: float,
+        price_interval_s: float,
+        refresh_s: float,
+        metrics: PnlMetrics,
+    ):
+        if ttl_s < 1:
+            raise ValueError("the cache TTL must be >= 1 s")
+        self.book = book
+        self.store = store
+        self.keys = keys
+        self.ttl_s = ttl_s
+        self.min_interval_s = min_interval_s
+        self.price_interval_s = price_interval_s
+        self.refresh_s = refresh_s
+        self.metrics = metrics
+        self.flushes = 0
+        self.last_error: str | None = None
+        self.last_flush_at: float | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+        # redis-py's Script runs EVALSHA and loads the script when Valkey lacks it.
+        self._script = store.redis.register_script(_WRITE_BATCH)
+        book.on_change = self._wake.set
+
+    def start(self) -> None:
+        self._stopping = False
+        self.book.mark_all_changed(self.book.cache_changes)
+        self._wake.set()
+        self._task = asyncio.create_task(self._run(), name="pnl:valkey")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, timeout=5)
+            except asyncio.TimeoutError:
+                self._task.cancel()
+            self._task = None
+
+    @property
+    def pending(self) -> int:
+        book = self.book
+        return sum(len(c.keys) + len(c.accounts) for c in (book.cache_changes, book.cache_price_changes))
+
+    async def _run(self) -> None:
+        attempt = 0
+        now = time.monotonic()
+        next_refresh = now + self.refresh_s
+        next_prices = now
+        while True:
+            if not self._stopping:
+                timeout = max(0.0, min(next_refresh, next_prices) - time.monotonic())
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass
+            self._wake.clear()
+            now = time.monotonic()
+            if now >= next_refresh:
+                self.book.mark_all_changed(self.book.cache_changes)
+                next_refresh = now + self.refresh_s
+            prices = now >= next_prices or self._stopping
+            if prices:
+                next_prices = now + self.price_interval_s
+            started = time.monotonic()
+            try:
+                await self.flush(prices=prices)
+                attempt = 0
+            except _VALKEY_TRANSIENT as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.metrics.cache_errors.inc()
+                if self._stopping:
+                    log.warning("pnl: Valkey unavailable at shutdown, %d changes not cached: %s", self.pending, exc)
+                    return
+                delay = RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)]
+                attempt += 1
+                log.warning("pnl: writing Valkey failed (attempt %d), retrying in %.1fs: %s", attempt, delay, exc)
+                await asyncio.sleep(delay)
+                self._wake.set()
+                continue
+            except Exception:  # a bug: log it, keep the writer alive
+                log.exception("pnl: Valkey writer failed")
+                await asyncio.sleep(1)
+                continue
+            if self._stopping:
+                return
+            rest = self.min_interval_s - (time.monotonic() - started)
+            if rest > 0:
+                await asyncio.sleep(rest)
+
+    async def flush(self, *, prices: bool = True) -> int:
+        """Write what position updates changed since the last flush and, with
+        `prices`, what price moves did; return the keys written."""
+        book = self.book
+        if prices:
+            await refresh_in_slices(book)
+        keys, accounts = book.cache_changes.take()
+        if prices:
+            price_keys, price_accounts = book.cache_price_changes.take()
+            keys |= price_keys
+            accounts |= price_accounts
+        if not keys and not accounts:
+            return 0
+        started = time.perf_counter()
+        try:
+            written = await self._write(keys, accounts)
+        except ResponseError as exc:
+            if str(exc).startswith("OOM"):  # Valkey full: like being away, try again
+                book.cache_changes.give_back(keys, accounts)
+                raise ValkeyFull(str(exc)) from exc
+            # Refused (e.g. a foreign key of another type under one of our names):
+            # it would be refused again. What the script wrote before stays; the
+            # rest waits for the next full rewrite.
+            self.metrics.cache_errors.inc()
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.error("pnl: Valkey refused a write: %s", exc)
+            return 0
+        except BaseException:
+            book.cache_changes.give_back(keys, accounts)
+            raise
+        self.metrics.cache_flush_seconds.observe(time.perf_counter() - started)
+        self.flushes += 1
+        self.last_error = None
+        self.last_flush_at = time.time()
+        return written
+
+    async def _write(self, keys: set[Key], accounts: set[str]) -> int:
+        book, scheme = self.book, self.keys
+        names: list[str] = []
+        values: list[bytes] = []
+        by_account: dict[str, list[str]] = {}
+        for done, key in enumerate(keys, 1):
+            value = book.row_json(key)
+            if value is not None:
+                names.append(scheme.position(*key))
+                values.append(value)
+                by_account.setdefault(key[0], []).append(key[1])
+            if not done % SLICE:
+                await asyncio.sleep(0)  # let the agents in
+        for done, account in enumerate(accounts, 1):
+            value = book.totals_json(account)
+            if value is not None:
+                names.append(scheme.account(account))
+                values.append(value)
+            if not done % SLICE:
+                await asyncio.sleep(0)
+        sets = [(scheme.symbols(account), symbols) for account, symbols in by_account.items()]
+        if by_account:
+            sets.append((scheme.accounts, list(by_account)))
+        for start in range(0, max(len(names), len(sets)), _CHUNK):
+            chunk_names, chunk_values = names[start : start + _CHUNK], values[start : start + _CHUNK]
+            chunk_sets = sets[start : start + _CHUNK]
+            await self._script(
+                keys=[*chunk_names, *(name for name, _ in chunk_sets)],
+                args=[self.ttl_s, len(chunk_names), *chunk_values, *(_members(m) for _, m in chunk_sets)],
+            )
+        self.metrics.cache_writes.labels("position").inc(len(keys))
+        self.metrics.cache_writes.labels("account").inc(len(accounts))
+        return len(names) + len(sets)
+
+
+def _members(members: list[str]) -> bytes:
+    return _members_json.encode(members)
+
+
+_members_json = msgspec.json.Encoder()
+
+# One call writes a batch: KEYS are the string keys then the set keys; ARGV is the TTL,
+# the number of string keys, their values, then per set key a JSON array of members.
+# One command instead of one per key (redis-py packs each command in Python), and
+# atomic: a reader never sees a position updated but not its account's totals.
+_WRITE_BATCH = """
+local ttl = ARGV[1]
+local strings = tonumber(ARGV[2])
+for i = 1, strings do
+  redis.call('SET', KEYS[i], ARGV[2 + i], 'EX', ttl)
+end
+for i = strings + 1, #KEYS do
+  local members = cjson.decode(ARGV[2 + i])
+  for j = 1, #members, 1000 do
+    redis.call('SADD', KEYS[i], unpack(members, j, math.min(j + 999, #members)))
+  end
+  redis.call('EXPIRE', KEYS[i], ttl)
+end
+return #KEYS
+"""
+
+
+# -- QuestDB snapshots --------------------------------------------------------------------
+
+DECIMAL_SQL = "DECIMAL(38, 12)"
+_QUANTUM = Decimal(1).scaleb(-12)
+_MAX_ADJUSTED = 25  # DECIMAL(38, 12) holds 26 integer digits: adjusted exponent <= 25
+
+POSITION_MONEY = (
+    "net_qty", "avg_open_price", "multiplier", "mark", "realized_pnl_gross", "fees", "realized_pnl_net",
+    "unrealized_pnl", "fifo_realized_pnl_gross", "fifo_unrealized_pnl", "total_pnl", "day_pnl",
+    "sod_realized_pnl_net", "sod_unrealized_pnl", "gross_notional",
+)
+ACCOUNT_MONEY = (
+    "realized_pnl_gross", "fees", "realized_pnl_net", "unrealized_pnl", "fifo_realized_pnl_gross",
+    "fifo_unrealized_pnl", "total_pnl", "day_pnl", "gross_notional",
+)
+POSITION_COLUMNS: dict[str, str] = {
+    "ts": "TIMESTAMP",
+    "account": "SYMBOL",
+    "symbol": "SYMBOL",
+    "as_of": "TIMESTAMP_NS",
+    "mark_source": "SYMBOL",
+    "fill_count": "LONG",
+    **{name: DECIMAL_SQL for name in POSITION_MONEY},
+}
+ACCOUNT_COLUMNS: dict[str, str] = {
+    "ts": "TIMESTAMP",
+    "account": "SYMBOL",
+    "as_of": "TIMESTAMP_NS",
+    "positions": "LONG",
+    "open_positions": "LONG",
+    **{name: DECIMAL_SQL for name in ACCOUNT_MONEY},
+}
+#: Rows per `write_batch` call. Small on purpose: the writer serialises a batch in a
+#: thread holding the GIL, and on a busy machine a long hold stalls the agents (see
+#: docs/pnl.md, "Latency"); 32 rows keep it to a few ms.
+WRITE_ROWS = 32
+
+
+class Unfit(ValueError):
+    """A value DECIMAL(38, 12) cannot hold (26 integer digits or more)."""
+
+
+def snapshot_decimal(value: Decimal | None) -> Decimal | None:
+    """A value as DECIMAL(38, 12) stores it: rounded half to even at 12 places when it
+    has more (history only; /pnl/realtime and Valkey keep every digit). Raises Unfit
+    for a value of 26 integer digits or more."""
+    if value is None:
+        return None
+    value = value.quantize(_QUANTUM, ROUND_HALF_EVEN, EXACT)
+    if value and value.adjusted() > _MAX_ADJUSTED:
+        raise Unfit(f"{value} does not fit {DECIMAL_SQL}")
+    return value
+
+
+@dataclass
+class PendingSnapshot:
+    table: str
+    ts: int  # the snapshot's time (epoch ns, whole microseconds)
+    rows: list[PositionPnl] | list[AccountPnl]
+    account_level: bool
+    prepared: list[dict[str, Any]] | None = None  # the rows as the writer takes them
+    written: int = 0  # how many of `prepared` QuestDB has (a retry resumes there)
+
+
+async def snapshot_rows(snapshot: PendingSnapshot) -> tuple[list[dict[str, Any]], list[tuple[Any, str]]]:
+    """The snapshot's rows as `QuestDBWriter.write_batch` takes them, and the rows left
+    out as unwritable (with why). Built a slice at a time, yielding to the agents."""
+    money = ACCOUNT_MONEY if snapshot.account_level else POSITION_MONEY
+    ts = snapshot.ts
+    out: list[dict[str, Any]] = []
+    dropped: list[tuple[Any, str]] = []
+    for done, row in enumerate(snapshot.rows, 1):
+        data: dict[str, Any] = {"ts": ts, "account": row.account, "as_of": row.as_of}
+        if snapshot.account_level:
+            data["positions"] = row.positions
+            data["open_positions"] = row.open_positions
+        else:
+            data["symbol"] = row.symbol
+            data["fill_count"] = row.fill_count
+            if row.mark_source is not None:  # absent: NULL
+                data["mark_source"] = row.mark_source
+        try:
+            for name in money:
+                value = snapshot_decimal(getattr(row, name))
+                if value is not None:
+                    data[name] = value
+        except (Unfit, InvalidOperation) as exc:
+            dropped.append((row, str(exc)))
+        else:
+            out.append(data)
+        if not done % SLICE:
+            await asyncio.sleep(0)
+    return out, dropped
+
+
+class PnlSnapshots:
+    """Periodic snapshots of the book into QuestDB.
+
+    Every `interval_s` (`tick`): one row per position whose P&L changed since the last
+    snapshot and one per account whose totals did, all stamped with the snapshot's time;
+    every `full_every`-th tick (and the first) every position and account, so history
+    has a point at least that often for positions that do not move. Rows carry `as_of`
+    (the event time of the values) beside `ts` (when the snapshot was taken).
+
+    Snapshots queue in memory and a writer task sends them in order, `WRITE_ROWS`
+    rows per request. QuestDB down: the write is retried with back-off from the chunk
+    that failed (DEDUP UPSERT KEYS(ts, account[, symbol]) makes a retry of a write that
+    did land harmless) and new snapshots queue behind it, up to `max_pending_rows`
+    (then the oldest are dropped, counted and logged).
+    """
+
+    def __init__(
+        self,
+        app: App,
+        book: PnlBook,
+        client: QuestDBClient,
+        writer: QuestDBWriter,
+        section: SnapshotSection,
+        metrics: PnlMetrics,
+    ):
+        self.app = app
+        self.book = book
+        self.client = client
+        self.writer = writer
+        self.section = section
+        self.metrics = metrics
+        self.pending: deque[PendingSnapshot] = deque()
+        self.pending_rows = 0
+        self.ticks = 0
+        self.last_ts = 0
+        self.rows_written = 0
+        self.last_error: str | None = None
+        self.last_write_at: float | None = None
+        self.tables_ready = False
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+
+    # -- taking snapshots --------------------------------------------------------------
+
+    async def take(self, now_ns: int | None = None) -> list[PendingSnapshot]:
+        """Snapshot what changed (everything on a full tick) and queue it."""
+        book = self.book
+        await refresh_in_slices(book)
+        full = self.ticks % self.section.full_every == 0
+        self.ticks += 1
+        changes = book.snapshot_changes
+        if full:
+            changes.take()
+            keys: Iterable[Key] = book.keys()
+            accounts: Iterable[str] = book.accounts()
+        else:
+            keys, accounts = changes.take()
+        # Whole microseconds (the column's unit), strictly increasing: one snapshot, one ts.
+        now = (time.time_ns() if now_ns is None else now_ns) // 1000 * 1000
+        ts = self.last_ts = max(now, self.last_ts + 1000)
+        taken = []
+        position_rows = [row for row in map(book.row, sorted(keys)) if row is not None]
+        if position_rows:
+            taken.append(PendingSnapshot(self.section.table, ts, position_rows, account_level=False))
+        account_rows = [t for t in map(book.totals, sorted(accounts)) if t is not None]
+        if account_rows:
+            taken.append(PendingSnapshot(self.section.account_table, ts, account_rows, account_level=True))
+        for snapshot in taken:
+            self._queue(snapshot)
+        if taken:
+            self._wake.set()
+        return taken
+
+    def _queue(self, snapshot: PendingSnapshot) -> None:
+        self.pending.append(snapshot)
+        self.pending_rows += len(snapshot.rows)
+        # The newest snapshot always stays; the one in flight is not in the deque.
+        while self.pending_rows > self.section.max_pending_rows and len(self.pending) > 1:
+            oldest = self.pending.popleft()
+            self.pending_rows -= len(oldest.rows)
+            self.metrics.snapshot_dropped.labels("backlog").inc(len(oldest.rows))
+            log.error(
+                "pnl: QuestDB backlog over %d rows: dropped the %s snapshot of %d rows taken at %d",
+                self.section.max_pending_rows, oldest.table, len(oldest.rows), oldest.ts,
+            )
+        self.metrics.snapshot_pending.set(self.pending_rows)
+
+    # -- writing them --------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stopping = False
+        self._task = asyncio.create_task(self._run(), name="pnl:snapshots")
+
+    async def stop(self) -> None:
+        """Take a last snapshot and give the writer a few seconds to send the queue."""
+        await self.take()
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, timeout=5)
+            except asyncio.TimeoutError:
+                self._task.cancel()
+                log.warning("pnl: %d snapshot rows not written at shutdown", self.pending_rows)
+            self._task = None
+
+    async def ensure_tables(self) -> None:
+        if self.tables_ready:
+            return
+        keys = ("ts", "account", "symbol")
+        await self.client.create_table(self.section.table, POSITION_COLUMNS, dedup_keys=keys)
+        await self.client.create_table(self.section.account_table, ACCOUNT_COLUMNS, dedup_keys=keys[:2])
+        self.tables_ready = True
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            if not self.pending:
+                if self._stopping:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                await self.write_next()
+                attempt = 0
+            except (QuestDBUnavailableError, QuestDBError, OSError) as exc:
+                # Not the data's fault (that case is handled in write_next): try again.
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.metrics.snapshot_errors.labels("unavailable").inc()
+                if self._stopping:
+                    return
+                delay = RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)]
+                attempt += 1
+                log.warning("pnl: QuestDB write failed (attempt %d), retrying in %.1fs: %s", attempt, delay, exc)
+                await asyncio.sleep(delay)
+            except Exception:  # a bug: log it, keep the writer alive
+                log.exception("pnl: snapshot writer failed")
+                await asyncio.sleep(1)
+
+    async def write_next(self) -> None:
+        """Write the oldest queued snapshot; it leaves the queue once QuestDB has it
+        (or, for rows that can never be written, once they are dead-lettered)."""
+        await self.ensure_tables()
+        # Out of the queue while in flight, so that a backlog trim cannot drop it
+        # underneath the write; back at the front if the write fails.
+        snapshot = self.pending.popleft()
+        try:
+            await self._write(snapshot)
+        except BaseException:
+            self.pending.appendleft(snapshot)
+            raise
+        self.pending_rows -= len(snapshot.rows)
+        self.metrics.snapshot_pending.set(self.pending_rows)
+
+    async def _write(self, snapshot: PendingSnapshot) -> None:
+        if snapshot.prepared is None:
+            snapshot.prepared, dropped = await snapshot_rows(snapshot)
+            if dropped:
+                await self._dead_letter(snapshot, [plain_data(row) for row, _ in dropped], [r for _, r in dropped])
+        rows = snapshot.prepared
+        symbols = self._symbols(snapshot)
+        while snapshot.written < len(rows):
+            chunk = rows[snapshot.written : snapshot.written + WRITE_ROWS]
+            try:
+                await self.writer.write_batch(snapshot.table, chunk, symbols=symbols, at="ts", timestamp_columns=("as_of",))
+            except QuestDBWriteError as exc:
+                if not exc.bad_data:
+                    raise
+                # QuestDB refuses these rows (e.g. someone changed the table's
+                # columns): retrying cannot help. Keep them, with why.
+                self.metrics.snapshot_errors.labels("bad_data").inc()
+                await self._dead_letter(snapshot, chunk, [str(exc)])
+            else:
+                self.rows_written += len(chunk)
+                self.metrics.snapshot_rows.labels(snapshot.table).inc(len(chunk))
+                self.last_write_at = time.time()
+            snapshot.written += len(chunk)
+        self.last_error = None
+
+    @staticmethod
+    def _symbols(snapshot: PendingSnapshot) -> tuple[str, ...]:
+        return ("account",) if snapshot.account_level else ("account", "symbol", "mark_source")
+
+    async def _dead_letter(self, snapshot: PendingSnapshot, rows: list[dict[str, Any]], reasons: list[str]) -> None:
+        self.metrics.snapshot_dropped.labels("unwritable").inc(len(rows))
+        reason = "; ".join(sorted(set(reasons)))
+        log.error("pnl: %d snapshot rows for %s cannot be written: %s", len(rows), snapshot.table, reason)
+        data = encode({"table": snapshot.table, "ts": snapshot.ts, "rows": rows})
+        try:
+            await self.app.dead_letter(
+                data, reason=reason[:4000], agent="snapshots", stream=snapshot.table,
+                subject=snapshot.table, seq=snapshot.ts // 1000 + snapshot.written,
+            )
+        except Exception:  # noqa: BLE001 - the log above keeps the rows' story
+            log.exception("pnl: could not dead-letter unwritable snapshot rows")
+
+
+# -- /pnl/history ------------------------------------------------------------------------
+
+_EPOCH_NS = re.compile(r"^-?[0-9]+$")
+# 1990-01-01 .. 2200-01-01, as for events: catches seconds or milliseconds by mistake.
+_TS_MIN, _TS_MAX = 631_152_000_000_000_000, 7_258_118_400_000_000_000
+
+
+def parse_time(parameter: str, raw: str) -> int:
+    """ISO-8601 (a zone or Z; none means UTC) or integer epoch ns → epoch ns."""
+    text = raw.strip()
+    if _EPOCH_NS.match(text):
+        value = int(text)
+        if not _TS_MIN <= value <= _TS_MAX:
+            raise BadRequest({"parameter": parameter, "error": f"epoch nanoseconds expected (1990..2200), got {raw!r}"})
+        return value
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise BadRequest(
+            {"parameter": parameter, "error": f"must be ISO-8601 (2024-01-02T03:04:05Z) or epoch ns, got {raw!r}"}
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    delta = moment - datetime(1970, 1, 1, tzinfo=timezone.utc)
+    value = (delta.days * 86_400 + delta.seconds) * NS_PER_S + delta.microseconds * 1000
+    if not _TS_MIN <= value <= _TS_MAX:
+        raise BadRequest({"parameter": parameter, "error": f"must be between 1990 and 2200, got {raw!r}"})
+    return value
+
+
+def iso(ns: int) -> str:
+    seconds, rest = divmod(ns, NS_PER_S)
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{rest // 1000:06d}Z"
+
+
+@dataclass(frozen=True)
+class HistoryQuery:
+    account: str | None
+    symbol: str | None
+    start: int  # epoch ns, inclusive
+    end: int  # epoch ns, exclusive
+    interval: str
+
+    @property
+    def account_level(self) -> bool:
+        """Without a symbol the series are account totals; with one, positions."""
+        return self.symbol is None
+
+
+def name_parameter(request: Request, parameter: str) -> str | None:
+    value = request.query_params.get(parameter)
+    if value is None or value == "":
+        return None
+    if len(value) > 128 or any(not c.isprintable() for c in value) or value.strip() != value:
+        raise BadRequest({"parameter": parameter, "error": "must be 1-128 printable characters without surrounding spaces"})
+    return value
+
+
+def history_query(request: Request, section: HistorySection, now_ns: int | None = None) -> HistoryQuery:
+    params = request.query_params
+    interval = params.get("interval") or section.default_interval
+    try:
+        step = interval_seconds(interval) * NS_PER_S
+    except ValueError as exc:
+        raise BadRequest({"parameter": "interval", "error": str(exc)}) from None
+    now = time.time_ns() if now_ns is None else now_ns
+    raw_from, raw_to = params.get("from"), params.get("to")
+    end = parse_time("to", raw_to) if raw_to else now
+    start = parse_time("from", raw_from) if raw_from else end - section.default_range_s * NS_PER_S
+    if start >= end:
+        raise BadRequest({"parameter": "from", "error": f"must be before to ({iso(start)} >= {iso(end)})"})
+    points = math.ceil((end - start) / step)
+    if points > section.max_points:
+        raise BadRequest(
+            {"parameter": "interval", "error": f"{interval} makes {points} points over the range; at most {section.max_points}"}
+        )
+    return HistoryQuery(name_parameter(request, "account"), name_parameter(request, "symbol"), start, end, interval)
+
+
+POSITION_HISTORY = ("net_qty", "mark", "realized_pnl_net", "unrealized_pnl", "fifo_unrealized_pnl", "total_pnl", "day_pnl")
+ACCOUNT_HISTORY = ("realized_pnl_net", "unrealized_pnl", "fifo_unrealized_pnl", "total_pnl", "day_pnl", "gross_notional")
+
+
+def history_sql(query: HistoryQuery, section: SnapshotSection, limit: int) -> str:
+    """SAMPLE BY the interval: per bucket and key, each value's last one (P&L is a
+    level: the bucket's closing value), the total's low and high, the newest as_of."""
+    fields = ACCOUNT_HISTORY if query.account_level else POSITION_HISTORY
+    table = section.account_table if query.account_level else section.table
+    keys = "account" if query.account_level else "account, symbol"
+    select = ", ".join(
+        [f"ts, {keys}"]
+        + [f"last({name}) {name}" for name in fields]
+        + ["min(total_pnl) total_pnl_low", "max(total_pnl) total_pnl_high", "last(as_of) as_of", "count() snapshots"]
+    )
+    where = [f"ts >= {sql_literal(iso(query.start))}", f"ts < {sql_literal(iso(query.end))}"]
+    if query.account is not None:
+        where.append(f"account = {sql_literal(query.account)}")
+    if query.symbol is not None:
+        where.append(f"symbol = {sql_literal(query.symbol)}")
+    return (
+        f"SELECT {select} FROM {table} WHERE {' AND '.join(where)} "
+        f"SAMPLE BY {query.interval} ALIGN TO CALENDAR LIMIT {int(limit)}"
+    )
+
+
+def _history_value(value: Any) -> Any:
+    if isinstance(value, str) and value and (value[0].isdigit() or value[0] == "-"):
+        try:
+            return format_decimal(Decimal(value))
+        except InvalidOperation:
+            return value
+    return value
+
+
+async def read_history(client: QuestDBClient, query: HistoryQuery, snapshots: SnapshotSection, history: HistorySection) -> dict[str, Any]:
+    sql = history_sql(query, snapshots, history.max_rows + 1)
+    try:
+        result = await client.query(sql)
+    except QuestDBError as exc:
+        if "does not exist" in exc.message:  # nothing snapshotted yet
+            result = None
+        elif isinstance(exc, QuestDBUnavailableError):
+            raise BadRequest({"error": "QuestDB unavailable", "questdb": exc.message}, status_code=503) from None
+        else:
+            raise
+    rows = result.dicts() if result is not None else []
+    truncated = len(rows) > history.max_rows
+    del rows[history.max_rows :]
+    numbers = ACCOUNT_HISTORY if query.account_level else POSITION_HISTORY
+    series: dict[tuple, dict[str, Any]] = {}
+    for row in rows:
+        key = (row["account"],) if query.account_level else (row["account"], row["symbol"])
+        entry = series.get(key)
+        if entry is None:
+            entry = series[key] = {"account": row["account"], "points": []}
+            if not query.account_level:
+                entry["symbol"] = row["symbol"]
+        point = {"ts": row["ts"], "as_of": row["as_of"], "snapshots": row["snapshots"]}
+        for name in (*numbers, "total_pnl_low", "total_pnl_high"):
+            point[name] = _history_value(row[name])
+        entry["points"].append(point)
+    for entry in series.values():
+        entry["points"].sort(key=lambda p: p["ts"])
+    return {
+        "level": "account" if query.account_level else "position",
+        "account": query.account,
+        "symbol": query.symbol,
+        "from": iso(query.start),
+        "to": iso(query.end),
+        "interval": query.interval,
+        "series": [series[k] for k in sorted(series)],
+        "truncated": truncated,
+    }
+
+
+# -- assembly ----------------------------------------------------------------------------
+
+
+_raw_json = msgspec.json.Encoder()
+
+
+def bus_channels(app: App) -> PnlChannels:
+    """The platform's streams (posttrade.streams.subjects)."""
+    return PnlChannels(
+        positions=subjects.output(app, "positions", "POSITIONS", "posttrade.positions.>", PositionUpdate),
+        quotes=subjects.quotes(app),
+        trades=subjects.market_trades(app),
+        bars=subjects.bars(app),
+    )
+
+
+def build(
+    config: PnlConfig,
+    *,
+    channels: Callable[[App], PnlChannels] = bus_channels,
+    transport: Transport | None = None,
+) -> App:
+    """The pnl App. `channels` picks the streams (tests use uniquely named ones);
+    `transport` replaces NATS (unit tests). Without `cache.redis` nothing is cached;
+    without `databases.questdb` nothing is snapshotted and /pnl/history answers 503."""
+    section = config.pnl
+    app = new_app(config)
+    if transport is not None:
+        app.transport = transport  # nothing has used the NATS one yet: it connects at start
+    positions = app.table("positions", value_type=PositionUpdate, key_type=tuple[str, str])
+    marks = app.table("marks", value_type=MarkState, key_type=str, default=MarkState)
+    book = PnlBook(positions, marks, priority=tuple(section.mark_priority), use_position_mark=section.use_position_mark)
+    agent_metrics = add_pnl_agents(app, channels(app), book)
+    metrics = PnlMetrics(app.metrics.registry)
+    app.pnl_book = book  # type: ignore[attr-defined]  # for tests and benchmarks
+    app.pnl_agent_metrics = agent_metrics  # type: ignore[attr-defined]
+
+    async def resync() -> None:
+        book.resync()
+
+    app.on_startup.append(resync)
+
+    cache: PnlCacheWriter | None = None
+    if config.cache.redis is not None:
+        cache = _cache_writer(config, config.cache.redis, book, metrics)
+        app.pnl_cache = cache  # type: ignore[attr-defined]
+        _register_cache(app, cache)
+
+    snapshots: PnlSnapshots | None = None
+    client: QuestDBClient | None = None
+    if config.databases.questdb is not None:
+        client, writer = _questdb(config.databases.questdb, section.history.timeout_s)
+        snapshots = PnlSnapshots(app, book, client, writer, section.snapshots, metrics)
+        app.pnl_snapshots = snapshots  # type: ignore[attr-defined]
+        _register_snapshots(app, snapshots, client, writer)
+
+    @app.page("/pnl/realtime")
+    async def realtime(request: Request) -> JSON:
+        account = name_parameter(request, "account")
+        symbol = name_parameter(request, "symbol")
+        if symbol is not None:
+            book.refresh((symbol,))
+        elif account is not None:
+            book.refresh(book.symbols(account))
+        else:
+            book.refresh()
+        keys = book.keys(account, symbol)
+        rows = [msgspec.Raw(book.row_json(k)) for k in keys]
+        accounts = sorted({k[0] for k in keys})
+        as_of = max((book.row(k).as_of for k in keys), default=None)
+        # Rows and totals are JSON already (encoded once per change, shared with the
+        # Valkey writer): splice them in rather than decode and re-encode.
+        body = _raw_json.encode(
+            {
+                "as_of": as_of,
+                "count": len(rows),
+                "positions": rows,
+                "accounts": [msgspec.Raw(book.totals_json(a)) for a in accounts],
+            }
+        )
+        return Response(body, media_type="application/json")
+
+    @app.page("/pnl/history")
+    async def history(request: Request) -> JSON:
+        query = history_query(request, section.history)
+        if client is None:
+            raise BadRequest({"error": "no QuestDB configured (databases.questdb)"}, status_code=503)
+        return JSON(await read_history(client, query, section.snapshots, section.history))
+
+    return app
+
+
+def _cache_writer(config: PnlConfig, redis: RedisSection, book: PnlBook, metrics: PnlMetrics) -> PnlCacheWriter:
+    store = open_valkey(
+        host=redis.host,
+        port=redis.port,
+        db=redis.db,
+        username=redis.username,
+        password=redis.password,
+        ssl=redis.ssl,
+        client_name=f"posttrade-{config.service.name}",
+    )
+    section = config.pnl
+    refresh_s = section.cache_refresh_s if section.cache_refresh_s is not None else max(1.0, redis.ttl / 3)
+    return PnlCacheWriter(
+        book, store, PnlKeys(section.key_prefix), ttl_s=redis.ttl,
+        min_interval_s=section.cache_min_interval_s, price_interval_s=section.cache_price_interval_s,
+        refresh_s=refresh_s, metrics=metrics,
+    )
+
+
+def _register_cache(app: App, cache: PnlCacheWriter) -> None:
+    async def start() -> None:
+        cache.start()
+
+    async def stop() -> None:
+        await cache.stop()
+        await cache.store.close()
+
+    app.on_startup.append(start)
+    app.on_shutdown.append(stop)
+
+    @app.health_check("valkey")
+    async def valkey_check() -> tuple[bool, Any]:
+        detail: dict[str, Any] = {"location": cache.store.location, "pending_changes": cache.pending}
+        if cache.last_error:
+            detail["last_error"] = cache.last_error
+        try:
+            await cache.store.ping()
+        except Exception as exc:  # noqa: BLE001 - any failure means not healthy
+            detail["error"] = str(exc)
+            return False, detail
+        return True, detail
+
+
+def _questdb(section: QuestDBSection, timeout_s: float) -> tuple[QuestDBClient, QuestDBWriter]:
+    client = QuestDBClient(
+        host=section.host, port=section.port, username=section.user, password=section.password,
+        tls=section.tls, timeout=timeout_s,
+    )
+    writer = QuestDBWriter(
+        host=section.host, port=section.port, username=section.user, password=section.password,
+        tls=section.tls, retry_timeout_ms=2_000,
+    )
+    return client, writer
+
+
+def _register_snapshots(app: App, snapshots: PnlSnapshots, client: QuestDBClient, writer: QuestDBWriter) -> None:
+    async def start() -> None:
+        snapshots.start()
+
+    async def stop() -> None:
+        await snapshots.stop()
+        await writer.close()
+        await client.close()
+
+    app.on_startup.append(start)
+    app.on_shutdown.append(stop)
+
+    @app.timer(snapshots.section.interval_s, name="snapshot")
+    async def snapshot() -> None:
+        await snapshots.take()
+
+    @app.health_check("questdb")
+    async def questdb_check() -> tuple[bool, Any]:
+        detail: dict[str, Any] = {
+            "location": client.base_url,
+            "pending_rows": snapshots.pending_rows,
+            "rows_written": snapshots.rows_written,
+        }
+        if snapshots.last_error:
+            detail["last_error"] = snapshots.last_error
+        try:
+            await client.ping()
+        except Exception as exc:  # noqa: BLE001
+            detail["error"] = str(exc)
+            return False, detail
+        return True, detail

@@ -1,0 +1,387 @@
+"""pnl on the real servers: NATS JetStream, Valkey and QuestDB of the local stack.
+
+Every test gets its own streams, app name (durable consumers and changelog buckets),
+Valkey key prefix and QuestDB tables (uuid suffixes), and removes them afterwards:
+the stack is shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from decimal import Decimal
+
+import httpx
+import nats
+import pytest
+
+from posttrade.agents.pnl import PnlChannels
+from posttrade.config import load_config
+from posttrade.core.positions import Position
+from posttrade.services import pnl
+from posttrade.stores.questdb import QuestDBClient, QuestDBWriter
+from posttrade.stores.valkey import open_valkey
+from posttrade.streams.events import Bar, Fill, MarketTrade, PositionUpdate, Quote, encode, subject_token
+from posttrade.web.server import build_web_app
+
+D = Decimal
+S = 1_000_000_000
+WORKED_EXAMPLE = [("BUY", "10", "100"), ("BUY", "10", "110"), ("SELL", "15", "120"), ("SELL", "10", "90")]
+
+
+def update_of(position: Position, ts: int, reason: str = "fill") -> PositionUpdate:
+    """What ptrc publishes for `position` (the PositionUpdate contract)."""
+    return PositionUpdate(
+        ts=ts, account=position.account, symbol=position.symbol, reason=reason,
+        multiplier=position.multiplier, net_qty=position.net_qty, avg_open_price=position.avg_open_price,
+        open_cost=position.open_cost, realized_pnl_gross=position.realized_pnl_gross, fees=position.fees,
+        realized_pnl_net=position.realized_pnl_net, fifo_open_cost=position.fifo_open_cost,
+        fifo_realized_pnl_gross=position.fifo_realized_pnl_gross,
+        sod_realized_pnl_net=position.sod_realized_pnl_net, sod_unrealized_pnl=position.sod_unrealized_pnl,
+        fill_count=position.fill_count,
+    )
+
+
+def worked_example(account: str, symbol: str, t0: int) -> list[PositionUpdate]:
+    position = Position(account, symbol)
+    updates = []
+    for i, (side, qty, price) in enumerate(WORKED_EXAMPLE, 1):
+        position.apply(Fill(ts=t0 + i, fill_id=f"f{i}", account=account, symbol=symbol, side=side,
+                            qty=D(qty), price=D(price), fee=D(1)))
+        updates.append(update_of(position, t0 + i))
+    return updates
+
+
+@dataclass
+class Names:
+    suffix: str
+
+    @property
+    def app(self) -> str:
+        return f"pnl_{self.suffix}"
+
+    @property
+    def prefix(self) -> str:
+        return f"pt{self.suffix}"
+
+    @property
+    def table(self) -> str:
+        return f"pnl_snap_{self.suffix}"
+
+    @property
+    def account_table(self) -> str:
+        return f"pnl_acct_{self.suffix}"
+
+    def stream(self, kind: str) -> str:
+        return f"PNLT_{kind}_{self.suffix.upper()}"
+
+    def subject(self, kind: str, *tokens: str) -> str:
+        return ".".join([f"pnlt{self.suffix}", kind, *(subject_token(t) if t != ">" else t for t in tokens)])
+
+    def channels(self, app) -> PnlChannels:
+        def channel(name, kind, value_type):
+            return app.channel(name, stream=self.stream(kind), subjects=[self.subject(kind, ">")], value_type=value_type)
+
+        return PnlChannels(
+            positions=channel("positions", "POSITIONS", PositionUpdate),
+            quotes=channel("quotes", "QUOTES", Quote),
+            trades=channel("market_trades", "TRADES", MarketTrade),
+            bars=channel("bars", "BARS", Bar),
+        )
+
+
+@dataclass
+class Service:
+    names: Names
+    app: object
+    http: httpx.AsyncClient
+    js: object
+    valkey: object
+    qdb: QuestDBClient
+
+    async def publish_position(self, update: PositionUpdate) -> None:
+        await self.js.publish(self.names.subject("POSITIONS", update.account, update.symbol), encode(update))
+
+    async def publish_quote(self, q: Quote) -> None:
+        await self.js.publish(self.names.subject("QUOTES", q.symbol), encode(q))
+
+    async def get(self, path: str) -> tuple[int, dict]:
+        response = await self.http.get(path)
+        return response.status_code, response.json()
+
+    async def history_until(self, query: str, done: Callable[[dict], bool], timeout: float = 20.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            status, body = await self.get(f"/pnl/history{query}")
+            assert status == 200, body
+            if done(body):
+                return body
+            if time.monotonic() > deadline:
+                raise AssertionError(f"/pnl/history{query} never got there: {body}")
+            await asyncio.sleep(0.1)
+
+    async def realtime_until(self, query: str, done: Callable[[dict], bool], timeout: float = 15.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            status, body = await self.get(f"/pnl/realtime{query}")
+            assert status == 200, body
+            if done(body):
+                return body
+            if time.monotonic() > deadline:
+                raise AssertionError(f"/pnl/realtime{query} never got there: {body}")
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def service_factory(stack) -> AsyncIterator:
+    """Start pnl with its own names; the same `names` again is a restart."""
+    started: list[tuple] = []
+    all_names: list[Names] = []
+    nc = await nats.connect(stack.nats_url)
+    js = nc.jetstream()
+    valkey = open_valkey(host=stack.valkey_host, port=stack.valkey_port, db=4)
+    qdb = QuestDBClient(host=stack.questdb_host, port=stack.questdb_http_port)
+
+    async def start(names: Names | None = None, **overrides: str) -> Service:
+        if names is None:
+            names = Names(uuid.uuid4().hex[:10])
+        if names not in all_names:
+            all_names.append(names)
+        env = {
+            **stack.service_env(),
+            "POSTTRADE_PNL__SERVICE__NAME": names.app,
+            "POSTTRADE_PNL__CACHE__REDIS__DB": "4",
+            "POSTTRADE_PNL__PNL__KEY_PREFIX": names.prefix,
+            "POSTTRADE_PNL__PNL__SNAPSHOTS__TABLE": names.table,
+            "POSTTRADE_PNL__PNL__SNAPSHOTS__ACCOUNT_TABLE": names.account_table,
+            "POSTTRADE_PNL__PNL__SNAPSHOTS__INTERVAL_S": "0.2",
+            "POSTTRADE_PNL__PNL__SNAPSHOTS__FULL_EVERY": "5",
+        }
+        env.update({f"POSTTRADE_PNL__{k.upper()}": v for k, v in overrides.items()})
+        config = load_config("pnl", pnl.CONFIG, env=env)
+        app = pnl.build(config, channels=names.channels)
+        app.runtime.poll_timeout_s = 0.05
+        await app.start()
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_web_app(app)), base_url="http://test")
+        started.append((app, http))
+        return Service(names, app, http, js, valkey, qdb)
+
+    yield start
+
+    for app, http in started:
+        await http.aclose()
+        if app.started:
+            await app.stop()
+    for names in all_names:
+        for kind in ("POSITIONS", "QUOTES", "TRADES", "BARS"):
+            try:
+                await js.delete_stream(names.stream(kind))
+            except nats.js.errors.NotFoundError:
+                pass
+        for table in ("positions", "marks"):
+            try:
+                await js.delete_key_value(f"{names.app}-{table}")
+            except nats.js.errors.NotFoundError:
+                pass
+        keys = [k async for k in valkey.redis.scan_iter(match=f"{names.prefix}:*")]
+        if keys:
+            await valkey.redis.delete(*keys)
+        await qdb.drop_table(names.table)
+        await qdb.drop_table(names.account_table)
+    await valkey.close()
+    await qdb.close()
+    await nc.close()
+
+
+def has_total(expected: str) -> Callable[[dict], bool]:
+    return lambda body: bool(body["positions"]) and body["positions"][0]["total_pnl"] == expected
+
+
+async def test_positions_and_quotes_on_nats_become_pnl_in_memory_valkey_and_questdb(service_factory):
+    svc = await service_factory()
+    t0 = time.time_ns() - 60 * S
+    for update in worked_example("A1", "XYZ", t0):
+        await svc.publish_position(update)
+    await svc.publish_quote(Quote(ts=t0 + 10 * S, symbol="XYZ", bid=D("94.5"), ask=D("95.5")))
+
+    body = await svc.realtime_until("?account=A1&symbol=XYZ", has_total("121"))
+    (row,) = body["positions"]
+    assert {k: row[k] for k in ("net_qty", "avg_open_price", "mark", "realized_pnl_gross", "fees", "realized_pnl_net",
+                                "unrealized_pnl", "fifo_unrealized_pnl", "total_pnl", "day_pnl", "fill_count")} == {
+        "net_qty": "-5", "avg_open_price": "90", "mark": "95", "realized_pnl_gross": "150", "fees": "4",
+        "realized_pnl_net": "146", "unrealized_pnl": "-25", "fifo_unrealized_pnl": "-25", "total_pnl": "121",
+        "day_pnl": "121", "fill_count": 4,
+    }
+    assert body["as_of"] == t0 + 10 * S
+
+    # Valkey: the same values under the documented keys, each with the TTL.
+    redis, prefix = svc.valkey.redis, svc.names.prefix
+    deadline = time.monotonic() + 10
+    while (raw := await redis.get(f"{prefix}:pnl:pos:A1:XYZ")) is None or json.loads(raw)["total_pnl"] != "121":
+        assert time.monotonic() < deadline, "the position never reached Valkey"
+        await asyncio.sleep(0.02)
+    assert json.loads(raw) == row
+    totals = json.loads(await redis.get(f"{prefix}:pnl:acct:A1"))
+    assert (totals["total_pnl"], totals["day_pnl"], totals["positions"]) == ("121", "121", 1)
+    assert await redis.smembers(f"{prefix}:pnl:symbols:A1") == {b"XYZ"}
+    assert b"A1" in await redis.smembers(f"{prefix}:pnl:accounts")
+    for key in ("pos:A1:XYZ", "acct:A1", "symbols:A1", "accounts"):
+        assert 290 <= await redis.ttl(f"{prefix}:pnl:{key}") <= 300, key
+
+    # QuestDB: the snapshot lands; /pnl/history samples it by the interval.
+    history = await svc.history_until(
+        "?account=A1&symbol=XYZ&interval=1s", lambda h: h["series"] and h["series"][0]["points"][-1]["total_pnl"] == "121"
+    )
+    assert (history["level"], history["interval"], history["series"][0]["symbol"]) == ("position", "1s", "XYZ")
+
+    # A second account in the same symbol: one quote revalues both.
+    for update in worked_example("A2", "XYZ", t0)[:2]:  # long 20 @ 105
+        await svc.publish_position(update)
+    await svc.publish_quote(Quote(ts=t0 + 20 * S, symbol="XYZ", bid=D("100"), ask=D("100")))
+    body = await svc.realtime_until("?symbol=XYZ", lambda b: b["count"] == 2 and b["positions"][0]["total_pnl"] == "96")
+    assert [(r["account"], r["unrealized_pnl"]) for r in body["positions"]] == [("A1", "-50"), ("A2", "-100")]
+
+    history = await svc.history_until(
+        "?account=A1&symbol=XYZ&interval=1h", lambda h: h["series"] and h["series"][0]["points"][-1]["total_pnl"] == "96"
+    )
+    # Hour buckets: each has its last values, the total's low and high, how many snapshots.
+    points = history["series"][0]["points"]
+    assert (points[-1]["mark"], points[-1]["unrealized_pnl"], points[-1]["day_pnl"]) == ("100", "-50", "96")
+    assert min(D(p["total_pnl_low"]) for p in points) == 96 and max(D(p["total_pnl_high"]) for p in points) == 121
+    assert sum(p["snapshots"] for p in points) >= 2
+
+    # Without a symbol: the account's totals (written to the account table just after).
+    history = await svc.history_until(
+        "?account=A2&interval=1h", lambda h: h["series"] and h["series"][0]["points"][-1]["total_pnl"] == "-102"
+    )  # -100 unrealized - 2 fees
+    assert history["level"] == "account" and "symbol" not in history["series"][0]
+
+    status, history = await svc.get("/pnl/history?account=A1&symbol=XYZ&from=2020-01-01T00:00:00Z&to=2020-01-01T01:00:00Z")
+    assert (status, history["series"]) == (200, [])
+
+    status, health = await svc.get("/health")
+    assert status == 200, health
+    assert health["checks"]["valkey"]["ok"] and health["checks"]["questdb"]["ok"]
+
+
+async def test_snapshot_rows_and_dedup_keys(service_factory):
+    svc = await service_factory(pnl__snapshots__full_every="1000")
+    t0 = time.time_ns() - 60 * S
+    position = Position("A1", "ES", multiplier=D(50))
+    position.apply(Fill(ts=t0, fill_id="f1", account="A1", symbol="ES", side="SELL", qty=D(2), price=D("5000.25"), fee=D("2.5")))
+    await svc.publish_position(update_of(position, t0))
+    # No mark yet: the first snapshot row has null P&L (and a null mark source).
+    await svc.qdb.wait_visible(svc.names.table, 1, timeout=20)
+    (first,) = (await svc.qdb.query(f"SELECT * FROM {svc.names.table}")).dicts()
+    assert (first["mark"], first["mark_source"], first["unrealized_pnl"], first["total_pnl"]) == (None, None, None, None)
+    assert D(first["realized_pnl_net"]) == D("-2.5")
+    await svc.publish_quote(Quote(ts=t0 + S, symbol="ES", bid=D("4990.25"), ask=D("4990.75")))
+    await svc.realtime_until("?account=A1", has_total("972.5"))
+    deadline = time.monotonic() + 20
+    while True:
+        rows = (await svc.qdb.query(f"SELECT * FROM {svc.names.table} ORDER BY ts")).dicts()
+        if rows and rows[-1]["total_pnl"] is not None and D(rows[-1]["total_pnl"]) == D("972.5"):
+            break
+        assert time.monotonic() < deadline, rows
+        await asyncio.sleep(0.1)
+    row = rows[-1]
+    assert (row["account"], row["symbol"], row["mark_source"], row["fill_count"]) == ("A1", "ES", "quote_mid", 1)
+    assert D(row["unrealized_pnl"]) == D(975) and D(row["multiplier"]) == D(50)
+    assert row["as_of"].startswith(time.strftime("%Y-%m-%dT", time.gmtime((t0 + S) / S)))
+    keys = await svc.qdb.query(f"SELECT \"column\" FROM table_columns('{svc.names.table}') WHERE upsertKey")
+    assert set(keys.column("column")) == {"ts", "account", "symbol"}
+    keys = await svc.qdb.query(f"SELECT \"column\" FROM table_columns('{svc.names.account_table}') WHERE upsertKey")
+    assert set(keys.column("column")) == {"ts", "account"}
+    # Nothing changes: no more snapshot rows until the next full one (every 1000 ticks).
+    count = len(rows)
+    await asyncio.sleep(1.0)
+    assert len((await svc.qdb.query(f"SELECT ts FROM {svc.names.table}")).rows) == count
+
+
+async def test_restart_recovers_without_replaying(service_factory):
+    svc = await service_factory()
+    t0 = time.time_ns() - 60 * S
+    for update in worked_example("A1", "XYZ", t0):
+        await svc.publish_position(update)
+    await svc.publish_quote(Quote(ts=t0 + 10 * S, symbol="XYZ", bid=D("95"), ask=D("95")))
+    before = await svc.realtime_until("", has_total("121"))
+    await asyncio.sleep(0.3)  # let the last batch commit
+    await svc.app.stop()
+
+    again = await service_factory(svc.names)
+    _, body = await again.get("/pnl/realtime")
+    assert body == before  # recovered from the changelogs, not from a replay
+    await again.publish_quote(Quote(ts=t0 + 20 * S, symbol="XYZ", bid=D("100"), ask=D("100")))
+    await again.realtime_until("", has_total("96"))
+    consumer = await again.js.consumer_info(again.names.stream("POSITIONS"), f"{again.names.app}-value_positions")
+    assert consumer.num_pending == 0 and consumer.num_redelivered == 0
+
+
+async def test_a_new_service_starts_from_the_latest_update_of_each_position(service_factory):
+    """A fresh pnl takes the last message of each subject: the current state, not history."""
+    svc = await service_factory()
+    await svc.app.stop()  # the streams exist now; publish while no pnl runs
+    t0 = time.time_ns() - 60 * S
+    for update in worked_example("A9", "XYZ", t0):
+        await svc.publish_position(update)
+    for i, mid in enumerate(("90", "91", "95")):
+        await svc.publish_quote(Quote(ts=t0 + (10 + i) * S, symbol="XYZ", bid=D(mid), ask=D(mid)))
+    # Another app name: new durable consumers and changelogs on the same streams.
+    fresh = await service_factory(Renamed(svc.names.suffix, f"{svc.names.app}b"))
+    body = await fresh.realtime_until("?account=A9", has_total("121"))
+    assert body["positions"][0]["fill_count"] == 4
+    positions = await fresh.js.consumer_info(svc.names.stream("POSITIONS"), f"{fresh.names.app}-value_positions")
+    quotes = await fresh.js.consumer_info(svc.names.stream("QUOTES"), f"{fresh.names.app}-mark_quotes")
+    assert positions.delivered.consumer_seq == 1 and quotes.delivered.consumer_seq == 1  # the latest of each
+
+
+@dataclass
+class Renamed(Names):
+    """The same streams, key prefix and tables as `suffix`, under another app name."""
+
+    app_name: str = ""
+
+    @property
+    def app(self) -> str:
+        return self.app_name
+
+
+async def test_snapshots_wait_while_questdb_is_unreachable_and_none_are_lost(service_factory, monkeypatch):
+    """QuestDB away (an address nothing listens on): snapshots queue and are retried;
+    once it is back (the real server), every queued snapshot lands, in order."""
+    monkeypatch.setattr(pnl, "RETRY_DELAYS_S", (0.05,))
+    svc = await service_factory(pnl__snapshots__full_every="1")
+    snapshots = svc.app.pnl_snapshots
+    real_writer, real_client = snapshots.writer, snapshots.client
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    snapshots.writer = QuestDBWriter(host="127.0.0.1", port=dead_port, retry_timeout_ms=0)
+    snapshots.client = real_client
+    snapshots.tables_ready = False
+    t0 = time.time_ns() - 60 * S
+    await svc.publish_position(worked_example("A1", "XYZ", t0)[-1])
+    await svc.realtime_until("?account=A1", lambda b: b["count"] == 1)
+    deadline = time.monotonic() + 10
+    while len({p.ts for p in snapshots.pending}) < 3:  # three snapshots waiting
+        assert time.monotonic() < deadline, snapshots.pending
+        await asyncio.sleep(0.05)
+    status, health = await svc.get("/health")
+    assert "cannot connect" in health["checks"]["questdb"]["detail"]["last_error"]
+    assert health["checks"]["questdb"]["detail"]["pending_rows"] >= 3
+
+    await snapshots.writer.close()
+    snapshots.writer = real_writer  # QuestDB is back
+    times = sorted({p.ts for p in snapshots.pending})
+    deadline = time.monotonic() + 20
+    while snapshots.pending:
+        assert time.monotonic() < deadline, "the backlog was never written"
+        await asyncio.sleep(0.05)
+    await svc.qdb.wait_visible(svc.names.table, len(times))
+    rows = (await svc.qdb.query(f"SELECT cast(ts AS LONG) ts FROM {svc.names.table} ORDER BY ts")).column("ts")
+    assert {t // 1000 for t in times} <= set(rows)  # every queued snapshot, at its own time

@@ -1,0 +1,302 @@
+"""feast_pipeline end to end on the in-memory transport and Feast's SQLite online store.
+
+A known sequence of trades, quotes, orders and fills (the worked example of
+docs/feast_pipeline.md) must give the hand-computed features online (read through Feast)
+and offline (a point-in-time training set from `get_historical_features`), and the
+hourly batch view must be computed from the offline store and materialized online.
+The integration test runs the same scenario on NATS and Valkey.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from decimal import Decimal as D
+
+import httpx
+import msgspec
+import pandas as pd
+import pytest
+
+from posttrade.app import App
+from posttrade.features.math import DAY_NS, MINUTE_NS, NS_PER_S
+from posttrade.services.feast_pipeline import FeastPipelineConfig, assemble
+from posttrade.streams import subjects
+from posttrade.streams.events import Fill, MarketTrade, Order, Quote, encode
+from posttrade.streams.memory import MemoryTransport
+from posttrade.web.server import build_web_app
+
+S = NS_PER_S
+# Third-party noise: DuckDB deprecations seen through ibis, and Feast's own online write
+# truncating event times to the microsecond (as intended).
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:fetch_arrow_table:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:Discarding nonzero nanoseconds:UserWarning"),
+]
+# Yesterday 10:00 UTC: every event of the scenario falls on one UTC day.
+HOUR0 = (time.time_ns() // DAY_NS - 1) * DAY_NS + 10 * 3600 * S
+
+
+def at(minute: int, second: int = 0) -> int:
+    return HOUR0 + minute * MINUTE_NS + second * S
+
+
+# (ts, symbol, price, size, aggressor). ZZZ's prints move event time on: the one at
+# minute 8 closes ACME's minutes, the one at 61:10 closes minute 60 and so hour 0.
+TRADES = [
+    (at(0, 10), "ACME", "100", "10", "BUY"),
+    (at(0, 40), "ACME", "101", "5", None),
+    (at(1, 5), "ACME", "100.5", "20", None),
+    (at(1, 30), "ACME", "102", "10", "SELL"),
+    (at(3, 15), "ACME", "103", "10", None),
+    (at(6, 0), "ACME", "99", "4", None),
+    (at(8, 10), "ZZZ", "10", "1", None),
+    (at(60, 30), "ZZZ", "10.5", "2", None),
+    (at(61, 10), "ZZZ", "11", "3", None),
+]
+TRADE_ROWS = 6  # ACME minutes 0, 1, 3, 6; ZZZ minutes 8, 60
+# (ts, symbol, bid, ask, bid_size, ask_size); ZZZ's quote closes ACME's minutes 0 and 1.
+QUOTES = [
+    (at(0, 1), "ACME", "99.9", "100.1", "100", "200"),
+    (at(0, 20), "ACME", "100.0", "100.1", "150", "100"),
+    (at(1, 5), "ACME", "99.8", "100.0", "50", "60"),
+    (at(3, 10), "ZZZ", "9.9", "10.1", "1", "1"),
+]
+QUOTE_ROWS = 2
+ORDERS = [
+    (at(2, 0), "o1", "ACME", "BUY", "100"),
+    (at(2, 1), "o2", "XYZ", "BUY", "10"),
+]
+# (ts, fill id, order id, symbol, side, qty, price, fee)
+FILLS = [
+    (at(2, 10), "f1", "o1", "ACME", "BUY", "60", "100", "1"),
+    (at(4, 0), "f2", "o1", "ACME", "SELL", "20", "103", "0.5"),
+    (at(5, 0), "f3", "o2", "XYZ", "BUY", "10", "50", "0"),
+]
+ACCOUNT = "ACC1"
+
+# Hand-computed (docs/feast_pipeline.md, "worked example").
+ONLINE_SYMBOL = {
+    "symbol_trade_features:return_1m": -0.038834951456,  # 99 / 103 - 1
+    "symbol_trade_features:return_5m": -0.029411764706,  # 99 / 102 - 1
+    "symbol_trade_features:realized_vol_5m": math.hypot(math.log(103 / 102), math.log(99 / 103)),
+    "symbol_trade_features:vwap_5m": 101.857142857143,  # (1030 + 396) / 14
+    "symbol_trade_features:trade_count_1m": 1,
+    "symbol_trade_features:volume_1m": 4.0,
+    "symbol_trade_features:trade_imbalance_1m": -1.0,
+    "symbol_quote_features:spread_bps": 20.02002002002,  # 0.2 / 99.9 x 10,000
+    "symbol_quote_features:spread_bps_avg_1m": 20.02002002002,
+    "symbol_quote_features:mid": 99.9,
+    "symbol_quote_features:order_flow_imbalance_1m": -210.0,
+    "symbol_quote_features:quote_count_1m": 1,
+}
+ONLINE_ACCOUNT = {
+    "account_features:gross_exposure": 4460.0,  # 40 x 99 (mark) + 10 x 50 (XYZ: no print, open cost)
+    "account_features:net_exposure": 4460.0,
+    "account_features:realized_pnl_today": 58.5,  # 20 x (103 - 100) - 1 - 0.5
+    "account_features:fills_today": 3,
+    "account_order_features:fill_rate_today": 0.818181818182,  # 90 / 110
+    "account_order_features:orders_today": 2,
+    "account_order_features:ordered_qty_today": 110.0,
+    "account_order_features:filled_qty_today": 90.0,
+}
+HOURLY_ACME = {
+    "symbol_hourly_features:return_1h": 99 / 101 - 1,
+    "symbol_hourly_features:realized_vol_1h": math.sqrt(
+        math.log(102 / 101) ** 2 + math.log(103 / 102) ** 2 + math.log(99 / 103) ** 2
+    ),
+    "symbol_hourly_features:trade_count_1h": 6,
+    "symbol_hourly_features:volume_1h": 59.0,
+}
+
+
+def assert_features(actual: dict, expected: dict) -> None:
+    for name, value in expected.items():
+        if isinstance(value, float):
+            assert actual[name] == pytest.approx(value, rel=1e-9, abs=1e-12), name
+        else:
+            assert actual[name] == value, name
+
+
+def scenario_config(data_dir, *, online_store: str, redis: dict | None = None, project: str | None = None) -> FeastPipelineConfig:
+    raw = {
+        "service": {"name": "feast_pipeline", "port": 8104},
+        "feast": {
+            "project": project or f"t{uuid.uuid4().hex[:10]}",
+            "data_dir": str(data_dir),
+            "online_store": online_store,
+            "startup_timeout_s": 10,
+        },
+        "batch": {"size": 50, "interval_sec": 0.05},
+        "runtime": {"batch_size": 50},
+        "features": {"window_grace_s": 5, "batch_interval_s": 3600, "compact_interval_s": 3600},
+    }
+    if redis is not None:
+        raw["cache"] = {"redis": redis}
+    return msgspec.convert(raw, FeastPipelineConfig)
+
+
+async def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached in {timeout} s")
+        await asyncio.sleep(0.02)
+
+
+def pushed(app, view: str) -> int:
+    return app.feast.publisher.status[view].rows_pushed
+
+
+async def publish_scenario(app, publish) -> None:
+    """Publish the scenario in the order that makes its marks and fill rates deterministic."""
+    for ts, symbol, price, size, aggressor in TRADES:
+        event = MarketTrade(ts=ts, symbol=symbol, price=D(price), size=D(size), aggressor=aggressor)
+        await publish(subjects.trade_subject(symbol), encode(event))
+    await wait_for(lambda: pushed(app, "symbol_trade_features") >= TRADE_ROWS, what="trade features")
+    for ts, symbol, bid, ask, bid_size, ask_size in QUOTES:
+        event = Quote(ts=ts, symbol=symbol, bid=D(bid), ask=D(ask), bid_size=D(bid_size), ask_size=D(ask_size))
+        await publish(subjects.quote_subject(symbol), encode(event))
+    for ts, order_id, symbol, side, qty in ORDERS:
+        event = Order(ts=ts, order_id=order_id, account=ACCOUNT, symbol=symbol, side=side, qty=D(qty))
+        await publish(subjects.order_subject(ACCOUNT, symbol), encode(event))
+    await wait_for(lambda: pushed(app, "account_order_features") >= len(ORDERS), what="order features")
+    for ts, fill_id, order_id, symbol, side, qty, price, fee in FILLS:
+        event = Fill(
+            ts=ts, fill_id=fill_id, order_id=order_id, account=ACCOUNT, symbol=symbol,
+            side=side, qty=D(qty), price=D(price), fee=D(fee),
+        )
+        await publish(subjects.fill_subject(ACCOUNT, symbol), encode(event))
+    await wait_for(lambda: pushed(app, "account_features") >= len(FILLS), what="account features")
+    await wait_for(lambda: pushed(app, "symbol_quote_features") >= QUOTE_ROWS, what="quote features")
+
+
+def training_entities() -> tuple[pd.DataFrame, pd.DataFrame]:
+    def ts(ns):
+        return pd.Timestamp(ns, unit="ns", tz="UTC")
+
+    symbols = pd.DataFrame(
+        {
+            "symbol": ["ACME", "ACME", "ACME", "ACME", "ZZZ"],
+            "event_timestamp": [
+                ts(at(1) - 1000),  # before ACME's first minute is known: nothing
+                ts(at(1)),  # minute 0, known at its end
+                ts(at(4, 30)),  # minute 3
+                ts(at(27)),  # 20 minutes after minute 6: past the 15-minute TTL
+                ts(at(61)),  # ZZZ minute 60
+            ],
+        }
+    )
+    accounts = pd.DataFrame(
+        {"account": [ACCOUNT, ACCOUNT, ACCOUNT], "event_timestamp": [ts(at(2, 9)), ts(at(2, 10)), ts(at(4, 30))]}
+    )
+    return symbols, accounts
+
+
+def check_training_set(repository) -> None:
+    """Point-in-time values offline: each row gets the features as of its own time."""
+    symbols, accounts = training_entities()
+    refs = [
+        "symbol_trade_features:vwap_5m",
+        "symbol_trade_features:trade_count_1m",
+        "symbol_trade_features:return_1m",
+    ]
+    df = repository.training_set(symbols, refs)
+    df = df.sort_values(["symbol", "event_timestamp"]).reset_index(drop=True)
+    vwap = df["symbol_trade_features__vwap_5m"].tolist()
+    count = df["symbol_trade_features__trade_count_1m"].tolist()
+    assert math.isnan(vwap[0]) and math.isnan(count[0])
+    assert vwap[1] == pytest.approx(100.333333333333) and count[1] == 2  # minute 0: 1505 / 15
+    assert vwap[2] == pytest.approx(101.181818181818) and count[2] == 1  # minute 3: 5565 / 55
+    assert math.isnan(vwap[3])  # older than the TTL
+    assert vwap[4] == pytest.approx(10.5) and count[4] == 1
+    df = repository.training_set(accounts, ["account_features:gross_exposure", "account_features:realized_pnl_today"])
+    df = df.sort_values("event_timestamp").reset_index(drop=True)
+    assert math.isnan(df["account_features__gross_exposure"][0])  # before the first fill
+    assert df["account_features__gross_exposure"][1] == pytest.approx(5940.0)  # 60 x 99
+    assert df["account_features__realized_pnl_today"][1] == pytest.approx(-1.0)  # the fee
+    assert df["account_features__gross_exposure"][2] == pytest.approx(3960.0)  # 40 x 99
+    assert df["account_features__realized_pnl_today"][2] == pytest.approx(58.5)
+
+
+async def check_web(app) -> None:
+    web = build_web_app(app)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=web), base_url="http://test") as http:
+        body = (await http.get("/features/online", params={"symbol": "ACME"})).json()
+        assert_features(body["features"], ONLINE_SYMBOL | HOURLY_ACME)
+        body = (await http.get("/features/online", params={"account": ACCOUNT})).json()
+        assert_features(body["features"], ONLINE_ACCOUNT)
+        body = (await http.get("/features/online", params={"symbol": "ACME", "features": "vwap_5m,mid"})).json()
+        assert body["features"] == {
+            "symbol_trade_features:vwap_5m": pytest.approx(101.857142857143),
+            "symbol_quote_features:mid": pytest.approx(99.9),
+        }
+        missing = (await http.get("/features/online", params={"symbol": "NOPE"})).json()
+        assert all(v is None for v in missing["features"].values())
+        for params in ({}, {"symbol": "A", "account": "B"}, {"symbol": ""}, {"symbol": "ACME", "features": "nope"},
+                       {"symbol": "ACME", "features": "gross_exposure"}):
+            response = await http.get("/features/online", params=params)
+            assert response.status_code == 400, params
+            assert response.json()["error"] == "bad request"
+        status = (await http.get("/features/status")).json()
+        views = {v["view"]: v for v in status["views"]}
+        assert views["symbol_trade_features"]["rows_pushed"] == TRADE_ROWS
+        assert views["account_features"]["rows_pushed"] == len(FILLS)
+        assert views["account_order_features"]["rows_pushed"] == len(ORDERS) + len(FILLS)
+        assert views["symbol_trade_features"]["newest_event_time"] is not None
+        assert views["symbol_trade_features"]["freshness_s"] > 0
+        assert views["symbol_hourly_features"]["rows_pushed"] == 2  # ACME and ZZZ, hour 0
+        assert views["symbol_hourly_features"]["last_materialization"]["duration_s"] >= 0
+        assert all(v["errors"] == 0 for v in views.values())
+        health = await http.get("/health")
+        assert health.status_code == 200, health.json()
+
+
+async def run_scenario(app, publish) -> None:
+    await publish_scenario(app, publish)
+    run = await app.feast.run_batch()
+    assert run["hours_computed"] == 1 and run["rows"] == 2
+    assert run["materialized_s"]["symbol_hourly_features"] is not None
+    repository = app.feast.repository
+    online = await asyncio.to_thread(repository.online_features, "symbol", ["ACME"], list(ONLINE_SYMBOL) + list(HOURLY_ACME))
+    assert_features(online[0], ONLINE_SYMBOL | HOURLY_ACME)
+    online = await asyncio.to_thread(repository.online_features, "account", [ACCOUNT], list(ONLINE_ACCOUNT))
+    assert_features(online[0], ONLINE_ACCOUNT)
+    await asyncio.to_thread(check_training_set, repository)
+    await check_web(app)
+
+
+async def test_known_sequence_gives_hand_computed_features_sqlite(tmp_path):
+    transport = MemoryTransport()
+    config = scenario_config(tmp_path / "feast", online_store="sqlite")
+    app = App("feast_pipeline", transport)
+    app.runtime.poll_timeout_s = 0.05
+    assemble(app, config)
+    async with app:
+        await run_scenario(app, transport.publish)
+        # A second run finds no new closed hour and materializes nothing new.
+        again = await app.feast.run_batch()
+        assert again["hours_computed"] == 0 and again["rows"] == 0
+    # Restart: the status recovers the newest event time and the last materialization.
+    app2 = App("feast_pipeline", transport)
+    assemble(app2, config)
+    async with app2:
+        status = app2.feast.publisher.status
+        assert status["symbol_trade_features"].newest_event_ts == at(61)
+        assert status["symbol_hourly_features"].last_materialization["recovered_from_registry"] is True
+
+
+async def test_feature_repository_cli_config_has_no_secret(tmp_path):
+    config = scenario_config(
+        tmp_path / "feast", online_store="valkey", redis={"host": "127.0.0.1", "port": 1, "db": 3, "password": "s3cret"}
+    )
+    from posttrade.features.repo import write_cli_config
+    from posttrade.services.feast_pipeline import feast_settings
+
+    settings = feast_settings(config)
+    settings.data_dir.mkdir(parents=True)
+    text = write_cli_config(settings).read_text()
+    assert "s3cret" not in text and "127.0.0.1:1,db=3" in text and "duckdb" in text
+    assert "password=s3cret" in settings.redis_connection_string()

@@ -1,0 +1,745 @@
+"""pnl without servers: valuation of ptrc's PositionUpdates at market, the book, the
+service on the in-memory transport, snapshots, request validation, config."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+import httpx
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+
+from posttrade.agents.pnl import Changes, PnlBook, account_pnl, bar_end, canonical, plain_data, value_position
+from posttrade.config import ConfigError, load_config
+from posttrade.core.exact import format_decimal
+from posttrade.core.marks import MarkState
+from posttrade.core.positions import Position
+from posttrade.services import pnl
+from posttrade.services.pnl import (
+    PendingSnapshot,
+    PnlKeys,
+    PnlSnapshots,
+    key_part,
+    snapshot_rows,
+    snapshot_decimal,
+)
+from posttrade.stores.questdb import QuestDBWriteError
+from posttrade.streams import subjects
+from posttrade.streams.events import Bar, Fill, MarketTrade, PositionUpdate, Quote, encode
+from posttrade.streams.memory import MemoryTransport
+from posttrade.tables.table import Table
+from posttrade.web.server import build_web_app
+
+D = Decimal
+T0 = 1_700_000_000_000_000_000
+S = 1_000_000_000
+
+
+# -- helpers: ptrc's side, played by the core --------------------------------------------
+
+
+def fill(i: int, side: str, qty: str, price: str, fee: str = "1", account: str = "A1", symbol: str = "XYZ") -> Fill:
+    return Fill(ts=T0 + i * S, fill_id=f"f{i}", account=account, symbol=symbol, side=side, qty=D(qty), price=D(price), fee=D(fee))
+
+
+def update_of(position: Position, ts: int, reason: str = "fill") -> PositionUpdate:
+    """What ptrc publishes for `position` (the fields of the PositionUpdate contract)."""
+    return PositionUpdate(
+        ts=ts,
+        account=position.account,
+        symbol=position.symbol,
+        reason=reason,
+        multiplier=position.multiplier,
+        net_qty=position.net_qty,
+        avg_open_price=position.avg_open_price,
+        open_cost=position.open_cost,
+        realized_pnl_gross=position.realized_pnl_gross,
+        fees=position.fees,
+        realized_pnl_net=position.realized_pnl_net,
+        fifo_open_cost=position.fifo_open_cost,
+        fifo_realized_pnl_gross=position.fifo_realized_pnl_gross,
+        sod_realized_pnl_net=position.sod_realized_pnl_net,
+        sod_unrealized_pnl=position.sod_unrealized_pnl,
+        fill_count=position.fill_count,
+    )
+
+
+WORKED_EXAMPLE = [("BUY", "10", "100"), ("BUY", "10", "110"), ("SELL", "15", "120"), ("SELL", "10", "90")]
+
+
+def worked_example_updates(account: str = "A1", symbol: str = "XYZ") -> list[PositionUpdate]:
+    position = Position(account, symbol)
+    updates = []
+    for i, (side, qty, price) in enumerate(WORKED_EXAMPLE, 1):
+        position.apply(fill(i, side, qty, price, account=account, symbol=symbol))
+        updates.append(update_of(position, T0 + i * S))
+    return updates
+
+
+def quote(symbol: str, bid: str, ask: str, ts: int) -> Quote:
+    return Quote(ts=ts, symbol=symbol, bid=D(bid), ask=D(ask))
+
+
+MARK_95 = (D("95"), "quote_mid", T0 + 10 * S)
+
+
+# -- valuation -----------------------------------------------------------------------------
+
+
+def test_worked_example_valued_at_95():
+    row = value_position(worked_example_updates()[-1], MARK_95)
+    assert (row.net_qty, row.avg_open_price) == (D(-5), D(90))
+    assert (row.realized_pnl_gross, row.fees, row.realized_pnl_net) == (D(150), D(4), D(146))
+    assert (row.unrealized_pnl, row.fifo_unrealized_pnl) == (D(-25), D(-25))
+    assert row.fifo_realized_pnl_gross == D(150) and row.fifo_realized_pnl_net == D(146)
+    assert row.total_pnl == D(121)
+    assert row.day_pnl == D(121)  # first traded today: the start of day is all zero
+    assert row.gross_notional == D(475)
+    assert (row.mark, row.mark_source, row.as_of) == (D(95), "quote_mid", T0 + 10 * S)
+
+
+def test_worked_example_step_by_step():
+    u1, u2, u3, u4 = worked_example_updates()
+    mark = (D("95"), "quote_mid", T0)
+    # long 20 @ 105: unrealized 20 x (95 - 105) = -200, fees 2
+    row = value_position(u2, mark)
+    assert (row.unrealized_pnl, row.realized_pnl_net, row.total_pnl) == (D(-200), D(-2), D(-202))
+    # SELL 15 @ 120 realizes +225 (FIFO +250); 5 @ 105 left (FIFO: the lot 5 @ 110)
+    row = value_position(u3, mark)
+    assert (row.realized_pnl_gross, row.unrealized_pnl) == (D(225), D(-50))
+    assert (row.fifo_realized_pnl_gross, row.fifo_unrealized_pnl) == (D(250), D(-75))
+    assert row.total_pnl == D(172)  # 225 - 3 - 50
+    assert row.as_of == u3.ts  # the position update is newer than the mark
+
+
+def test_open_position_without_mark_is_null_and_flat_is_zero():
+    u1, *_ = worked_example_updates()
+    row = value_position(u1, None)
+    assert row.mark is None and row.mark_source is None and row.mark_ts is None
+    assert (row.unrealized_pnl, row.fifo_unrealized_pnl, row.total_pnl, row.day_pnl) == (None, None, None, None)
+    assert row.realized_pnl_net == D(-1)
+    assert row.gross_notional == D(1000)  # unmarked: at cost
+    position = Position("A1", "XYZ")
+    position.apply(fill(1, "BUY", "3", "10"))
+    position.apply(fill(2, "SELL", "3", "12"))
+    row = value_position(update_of(position, T0), None)
+    assert (row.unrealized_pnl, row.total_pnl, row.day_pnl) == (D(0), D(4), D(4))
+
+
+def test_day_pnl_after_a_roll():
+    position = Position("A1", "XYZ")
+    for i, (side, qty, price) in enumerate(WORKED_EXAMPLE, 1):
+        position.apply(fill(i, side, qty, price))
+    position.roll_day(D("95"))  # start of day: realized net 146, unrealized -25
+    rolled = update_of(position, T0 + 100 * S, reason="roll")
+    assert value_position(rolled, MARK_95).day_pnl == D(0)
+    row = value_position(rolled, (D("100"), "quote_mid", T0 + 101 * S))
+    assert (row.total_pnl, row.day_pnl) == (D(96), D(-25))  # -5 x (100 - 90) = -50 unrealized
+    position.apply(fill(5, "BUY", "5", "100"))  # covers the short: realizes -50, fee 1
+    row = value_position(update_of(position, T0 + 102 * S), (D("100"), "quote_mid", T0 + 101 * S))
+    assert (row.net_qty, row.realized_pnl_net, row.unrealized_pnl) == (D(0), D(95), D(0))
+    assert (row.total_pnl, row.day_pnl) == (D(95), D(-26))
+
+
+def test_day_pnl_unknown_when_the_start_of_day_had_no_mark():
+    position = Position("A1", "XYZ")
+    position.apply(fill(1, "BUY", "1", "10"))
+    position.roll_day(None)
+    row = value_position(update_of(position, T0, "roll"), (D("11"), "last_trade", T0))
+    assert row.total_pnl == D(0) and row.day_pnl is None
+
+
+def test_fifo_unrealized_against_the_remaining_lots():
+    position = Position("A1", "XYZ")
+    for i, (side, qty, price) in enumerate([("BUY", "10", "100"), ("BUY", "10", "110"), ("SELL", "5", "120")], 1):
+        position.apply(fill(i, side, qty, price, fee="0"))
+    row = value_position(update_of(position, T0), (D("115"), "quote_mid", T0))
+    assert (row.realized_pnl_gross, row.unrealized_pnl) == (D(75), D(150))  # avg 105
+    assert (row.fifo_realized_pnl_gross, row.fifo_unrealized_pnl) == (D(100), D(125))  # lots 5@100, 10@110
+    assert row.realized_pnl_gross + row.unrealized_pnl == row.fifo_realized_pnl_gross + row.fifo_unrealized_pnl
+
+
+def test_multiplier_and_a_short():
+    position = Position("A1", "ES", multiplier=D(50))
+    position.apply(fill(1, "SELL", "2", "5000.25", fee="2.5", symbol="ES"))
+    row = value_position(update_of(position, T0), (D("4990.5"), "quote_mid", T0))
+    assert row.unrealized_pnl == D("975")  # -2 x (4990.5 - 5000.25) x 50
+    assert row.total_pnl == D("972.5")
+    assert row.gross_notional == D("499050")
+
+
+def test_values_stay_exact_beyond_28_digits():
+    position = Position("A1", "XYZ")
+    position.apply(fill(1, "BUY", "1234567.12345678", "98765.4321", fee="0"))
+    mark = D("98765.43210001")
+    row = value_position(update_of(position, T0), (mark, "quote_mid", T0))
+    assert row.unrealized_pnl == D("1234567.12345678") * D("0.00000001")  # exact: 0.0123456712345678
+    assert str(row.unrealized_pnl) == "0.0123456712345678"
+
+
+prices = st.integers(min_value=1, max_value=50_000).map(lambda n: D(n) / 100)
+quantities = st.integers(min_value=1, max_value=5_000).map(lambda n: D(n) / 10)
+fills = st.lists(
+    st.tuples(st.sampled_from(["BUY", "SELL"]), quantities, prices, st.integers(min_value=-5, max_value=20).map(D)),
+    min_size=1,
+    max_size=30,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(fills=fills, roll_at=st.integers(min_value=0, max_value=30), sod_mark=st.one_of(st.none(), prices), mark=prices,
+       multiplier=st.sampled_from([D(1), D(50), D("0.1")]))
+def test_valuation_agrees_with_the_core(fills, roll_at, sod_mark, mark, multiplier):
+    """Valuing ptrc's PositionUpdate gives exactly what the core's Position says."""
+    position = Position("A1", "XYZ", multiplier=multiplier)
+    for i, (side, qty, price, fee) in enumerate(fills):
+        if i == roll_at:
+            position.roll_day(sod_mark)
+        position.apply(Fill(ts=T0 + i, fill_id=f"f{i}", account="A1", symbol="XYZ", side=side, qty=qty, price=price, fee=fee))
+    row = value_position(update_of(position, T0 + 999), (mark, "quote_mid", T0))
+    assert row.unrealized_pnl == position.unrealized_pnl(mark)
+    assert row.fifo_unrealized_pnl == position.fifo_unrealized_pnl(mark)
+    assert row.total_pnl == position.total_pnl(mark)
+    assert row.day_pnl == position.day_pnl(mark)
+    assert row.gross_notional == position.notional(mark)
+    assert row.realized_pnl_gross + row.unrealized_pnl == row.fifo_realized_pnl_gross + row.fifo_unrealized_pnl
+
+
+def test_account_totals_are_null_while_an_open_position_is_unmarked():
+    a = value_position(worked_example_updates("A1", "XYZ")[-1], MARK_95)
+    position = Position("A1", "ABC")
+    position.apply(fill(1, "BUY", "1", "10", symbol="ABC"))
+    b = value_position(update_of(position, T0 + 50 * S), None)
+    totals = account_pnl("A1", [a, b])
+    assert (totals.positions, totals.open_positions) == (2, 2)
+    assert (totals.realized_pnl_gross, totals.fees, totals.realized_pnl_net) == (D(150), D(5), D(145))
+    assert (totals.unrealized_pnl, totals.total_pnl, totals.day_pnl) == (None, None, None)
+    assert totals.as_of == T0 + 50 * S
+    b = value_position(update_of(position, T0 + 50 * S), (D("12"), "last_trade", T0))
+    totals = account_pnl("A1", [a, b])
+    assert (totals.unrealized_pnl, totals.total_pnl, totals.day_pnl) == (D(-23), D(122), D(122))
+    assert totals.gross_notional == D(487)
+
+
+def test_plain_data_spells_numbers_canonically():
+    row = value_position(worked_example_updates()[-1], (D("95.00"), "quote_mid", T0))
+    data = plain_data(row)
+    assert data["mark"] == "95" and data["unrealized_pnl"] == "-25" and data["fees"] == "4"
+    assert data["fill_count"] == 4 and data["as_of"] == T0 + 4 * S
+    assert msgspec.json.decode(encode(data))["total_pnl"] == "121"
+
+
+@given(st.decimals(allow_nan=False, allow_infinity=False) | st.sampled_from(
+    [D("-0"), D("0E-8"), D("-0.000"), D("1E+2"), D("100"), D("225.00"), D("1.50E-7"), D("-12.3400")]
+))
+def test_canonical_spells_numbers_as_format_decimal_does(value):
+    assert canonical(value) == format_decimal(value)
+
+
+def test_bar_close_is_the_price_at_the_end_of_the_bar():
+    bar = Bar(ts=T0, symbol="XYZ", interval="1m", open=D(1), high=D(2), low=D(1), close=D(2), volume=D(1))
+    assert bar_end(bar) == T0 + 60 * S
+    odd = msgspec.structs.replace(bar, interval="weird")
+    assert bar_end(odd) == T0
+
+
+# -- the book ------------------------------------------------------------------------------
+
+
+def make_book(**kwargs) -> PnlBook:
+    positions = Table("positions", bucket="p", value_type=PositionUpdate, key_type=tuple[str, str])
+    marks = Table("marks", bucket="m", value_type=MarkState, default=MarkState)
+    return PnlBook(positions, marks, **kwargs)
+
+
+def test_a_price_change_revalues_every_position_in_the_symbol_once():
+    book = make_book()
+    book.on_position(worked_example_updates("A1")[-1])
+    book.on_position(worked_example_updates("A2")[1])  # long 20 @ 105
+    book.cache_changes.take()
+    book.on_quote(quote("XYZ", "94", "96", T0 + 10 * S))
+    book.on_quote(quote("XYZ", "96", "98", T0 + 11 * S))
+    book.on_quote(quote("XYZ", "98", "100", T0 + 12 * S))
+    assert book.row(("A1", "XYZ")).mark is None  # lazily: nothing is valued until a read
+    before = book.revaluations
+    book.refresh()
+    assert book.revaluations - before == 2  # three ticks, two positions, each valued once
+    assert book.row(("A1", "XYZ")).unrealized_pnl == D(-45)  # -5 x (99 - 90)
+    assert book.row(("A2", "XYZ")).unrealized_pnl == D(-120)  # 20 x (99 - 105)
+    assert book.row(("A2", "XYZ")).as_of == T0 + 12 * S
+    assert not book.cache_changes  # price moves go to Valkey on their own cadence:
+    keys, accounts = book.cache_price_changes.take()
+    assert keys == {("A1", "XYZ"), ("A2", "XYZ")} and accounts == {"A1", "A2"}
+    assert book.snapshot_changes.keys == keys
+
+
+def test_a_reader_revalues_only_the_symbols_it_needs():
+    book = make_book()
+    book.on_position(worked_example_updates("A1", "XYZ")[-1])
+    book.on_position(worked_example_updates("A1", "ABC")[-1])
+    book.on_quote(quote("XYZ", "95", "95", T0 + 10 * S))
+    book.on_quote(quote("ABC", "95", "95", T0 + 10 * S))
+    book.refresh(["XYZ"])
+    assert book.row(("A1", "XYZ")).mark == D(95) and book.row(("A1", "ABC")).mark is None
+    book.refresh()
+    assert book.row(("A1", "ABC")).mark == D(95)
+
+
+def test_a_tick_that_leaves_the_mark_unchanged_changes_nothing():
+    book = make_book()
+    book.on_position(worked_example_updates()[-1])
+    book.on_quote(quote("XYZ", "94", "96", T0 + 10 * S))
+    book.refresh()
+    book.cache_price_changes.take()
+    book.on_quote(quote("XYZ", "93", "97", T0 + 11 * S))  # mid still 95
+    book.refresh()
+    assert not book.cache_price_changes
+    assert book.row(("A1", "XYZ")).as_of == T0 + 10 * S
+    assert book.marks["XYZ"].quote_ts == T0 + 11 * S  # the table still has the newest quote
+
+
+def test_mark_priority_and_position_mark_fallback():
+    book = make_book(priority=("last_trade", "quote_mid"))
+    update = msgspec.structs.replace(worked_example_updates()[-1], mark=D("91"))
+    book.on_position(update)
+    row = book.row(("A1", "XYZ"))
+    assert (row.mark, row.mark_source, row.unrealized_pnl) == (D(91), "position", D(-5))
+    book.on_quote(quote("XYZ", "94", "96", T0 + 10 * S))
+    book.refresh()
+    assert book.row(("A1", "XYZ")).mark_source == "quote_mid"
+    book.on_trade(MarketTrade(ts=T0 + 5 * S, symbol="XYZ", price=D("92"), size=D(1)))
+    book.refresh()
+    row = book.row(("A1", "XYZ"))
+    assert (row.mark, row.mark_source, row.mark_ts) == (D(92), "last_trade", T0 + 5 * S)
+    strict = make_book(use_position_mark=False)
+    strict.on_position(update)
+    assert strict.row(("A1", "XYZ")).unrealized_pnl is None
+
+
+def test_resync_rebuilds_the_same_values_from_the_tables():
+    book = make_book()
+    for update in worked_example_updates("A1") + worked_example_updates("A2", "ABC"):
+        book.on_position(update)
+    book.on_quote(quote("XYZ", "94", "96", T0 + 10 * S))
+    book.on_bar(Bar(ts=T0, symbol="ABC", interval="1s", open=D(1), high=D(99), low=D(1), close=D(99), volume=D(1)))
+    book.refresh()
+    before = {k: book.row(k) for k in book.keys()}
+    totals = {a: book.totals(a) for a in book.accounts()}
+    book.resync()
+    assert {k: book.row(k) for k in book.keys()} == before
+    assert {a: book.totals(a) for a in book.accounts()} == totals
+    assert book.keys(symbol="ABC") == [("A2", "ABC")] and book.keys(account="A1") == [("A1", "XYZ")]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.sampled_from(["BUY", "SELL"]), quantities, prices,
+                          st.one_of(st.none(), prices)), min_size=1, max_size=40))
+def test_running_account_totals_equal_the_sums_of_the_rows(steps):
+    """The book's incremental totals are exactly `account_pnl` over the current rows."""
+    book = make_book()
+    positions = {}
+    keys = [("A1", "XYZ"), ("A1", "ABC"), ("A2", "XYZ"), ("A2", "ABC"), ("A2", "DEF"), ("A3", "XYZ")]
+    for i, (k, side, qty, price, mark) in enumerate(steps):
+        account, symbol = keys[k]
+        position = positions.setdefault(keys[k], Position(account, symbol))
+        position.apply(Fill(ts=T0 + i, fill_id=f"f{i}", account=account, symbol=symbol, side=side, qty=qty, price=price))
+        if i % 7 == 3:
+            position.roll_day(mark)
+        book.on_position(update_of(position, T0 + i))
+        if mark is not None:
+            book.on_quote(quote(symbol, str(mark), str(mark), T0 + i))
+        if i % 3 == 0:
+            book.refresh()
+    book.refresh()
+    for account in book.accounts():
+        expected = account_pnl(account, [book.row(k) for k in book.keys(account=account)])
+        assert book.totals(account) == msgspec.structs.replace(expected, as_of=book.totals(account).as_of)
+        assert book.totals(account).as_of >= expected.as_of
+
+
+def test_changes_give_back():
+    changes = Changes()
+    changes.keys.add(("A", "X"))
+    keys, accounts = changes.take()
+    assert not changes
+    changes.give_back(keys, {"A"})
+    assert changes.keys == {("A", "X")} and changes.accounts == {"A"}
+
+
+# -- the service on the in-memory transport -------------------------------------------------
+
+
+def memory_config(**env: str):
+    base = {"POSTTRADE_PNL__CACHE__REDIS": "null", "POSTTRADE_PNL__DATABASES__QUESTDB": "null"}
+    return load_config("pnl", pnl.CONFIG, env={**base, **env})
+
+
+async def wait_for(predicate, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.005)
+
+
+class MemoryService:
+    def __init__(self, transport: MemoryTransport | None = None, **env: str):
+        self.transport = transport or MemoryTransport()
+        self.app = pnl.build(memory_config(**env), transport=self.transport)
+        self.app.runtime.poll_timeout_s = 0.02
+        self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_web_app(self.app)), base_url="http://t")
+
+    async def __aenter__(self) -> MemoryService:
+        await self.app.start()
+        # New consumers start at the latest message of each subject: let them exist
+        # before publishing, so that every message is delivered.
+        await wait_for(lambda: all(runner.running for runner in self.app.agents.values()))
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.http.aclose()
+        await self.app.stop()
+
+    def floor(self, stream: str, agent: str) -> int:
+        return self.transport.ack_floors.get((stream, f"pnl-{agent}"), 0)
+
+    async def publish_position(self, update: PositionUpdate) -> None:
+        await self.transport.publish(subjects.position_subject(update.account, update.symbol), encode(update))
+
+    async def publish_quote(self, q: Quote) -> None:
+        await self.transport.publish(subjects.quote_subject(q.symbol), encode(q))
+
+    async def settle(self) -> None:
+        """Wait until every agent has acknowledged everything published."""
+        for stream, agent in (("POSITIONS", "value_positions"), ("QUOTES", "mark_quotes"), ("TRADES", "mark_trades"), ("BARS", "mark_bars")):
+            count = len(self.transport.streams[stream].messages)
+            await wait_for(lambda: self.floor(stream, agent) >= count)
+
+    async def realtime(self, query: str = "") -> dict:
+        response = await self.http.get(f"/pnl/realtime{query}")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+
+async def test_worked_example_through_the_service():
+    async with MemoryService() as svc:
+        for update in worked_example_updates("A1"):
+            await svc.publish_position(update)
+        await svc.settle()
+        body = await svc.realtime("?account=A1&symbol=XYZ")
+        assert body["count"] == 1 and body["as_of"] == T0 + 4 * S
+        (row,) = body["positions"]
+        assert row["mark"] is None and row["unrealized_pnl"] is None and row["total_pnl"] is None  # no mark yet
+        assert (row["realized_pnl_gross"], row["fees"], row["realized_pnl_net"]) == ("150", "4", "146")
+
+        await svc.publish_quote(quote("XYZ", "94.5", "95.5", T0 + 10 * S))
+        await svc.settle()
+        body = await svc.realtime("?account=A1")
+        (row,) = body["positions"]
+        assert {k: row[k] for k in ("net_qty", "avg_open_price", "mark", "mark_source", "unrealized_pnl",
+                                    "fifo_unrealized_pnl", "total_pnl", "day_pnl")} == {
+            "net_qty": "-5", "avg_open_price": "90", "mark": "95", "mark_source": "quote_mid",
+            "unrealized_pnl": "-25", "fifo_unrealized_pnl": "-25", "total_pnl": "121", "day_pnl": "121",
+        }
+        assert body["as_of"] == row["as_of"] == T0 + 10 * S
+        (account,) = body["accounts"]
+        assert (account["account"], account["total_pnl"], account["day_pnl"], account["positions"]) == ("A1", "121", "121", 1)
+
+
+async def test_prices_revalue_every_account_and_filters_work():
+    async with MemoryService() as svc:
+        await svc.publish_position(worked_example_updates("A1")[-1])  # short 5 @ 90
+        await svc.publish_position(worked_example_updates("A2")[1])  # long 20 @ 105
+        await svc.publish_position(worked_example_updates("A2", "ABC")[0])  # long 10 @ 100
+        await svc.publish_quote(quote("XYZ", "99", "101", T0 + 10 * S))
+        await svc.publish_quote(quote("ABC", "101", "101", T0 + 10 * S))
+        await svc.settle()
+        body = await svc.realtime()
+        assert [(r["account"], r["symbol"], r["unrealized_pnl"]) for r in body["positions"]] == [
+            ("A1", "XYZ", "-50"), ("A2", "ABC", "10"), ("A2", "XYZ", "-100"),
+        ]
+        assert [(a["account"], a["unrealized_pnl"], a["realized_pnl_net"], a["total_pnl"]) for a in body["accounts"]] == [
+            ("A1", "-50", "146", "96"), ("A2", "-90", "-3", "-93"),
+        ]
+        body = await svc.realtime("?symbol=XYZ")
+        assert [r["account"] for r in body["positions"]] == ["A1", "A2"]
+        body = await svc.realtime("?account=nobody")
+        assert body == {"as_of": None, "count": 0, "positions": [], "accounts": []}
+        response = await svc.http.get("/pnl/realtime?account=%20A1")
+        assert response.status_code == 400 and response.json()["detail"]["parameter"] == "account"
+
+
+async def test_roll_update_moves_day_pnl():
+    position = Position("A1", "XYZ")
+    for i, (side, qty, price) in enumerate(WORKED_EXAMPLE, 1):
+        position.apply(fill(i, side, qty, price))
+    async with MemoryService() as svc:
+        await svc.publish_position(update_of(position, T0 + 4 * S))
+        await svc.publish_quote(quote("XYZ", "95", "95", T0 + 10 * S))
+        await svc.settle()
+        assert (await svc.realtime())["positions"][0]["day_pnl"] == "121"
+        position.roll_day(D("95"))
+        await svc.publish_position(update_of(position, T0 + 20 * S, reason="roll"))
+        await svc.publish_quote(quote("XYZ", "100", "100", T0 + 21 * S))
+        await svc.settle()
+        row = (await svc.realtime())["positions"][0]
+        assert (row["total_pnl"], row["day_pnl"], row["sod_realized_pnl_net"], row["sod_unrealized_pnl"]) == (
+            "96", "-25", "146", "-25",
+        )
+
+
+async def test_restart_recovers_from_the_changelogs_and_redelivery_changes_nothing():
+    transport = MemoryTransport()
+    async with MemoryService(transport) as svc:
+        for update in worked_example_updates("A1"):
+            await svc.publish_position(update)
+        await svc.publish_quote(quote("XYZ", "95", "95", T0 + 10 * S))
+        await svc.settle()
+        before = await svc.realtime()
+    # A crash after the changelog was written but before the acknowledgement:
+    transport.ack_floors[("POSITIONS", "pnl-value_positions")] = 1
+    transport.ack_floors[("QUOTES", "pnl-mark_quotes")] = 0
+    async with MemoryService(transport) as svc:
+        assert await svc.realtime() == before  # recovered, before anything is redelivered
+        await svc.settle()
+        assert await svc.realtime() == before
+        assert svc.app.tables["positions"].last_applied(("A1", "XYZ")) == {"POSITIONS": 4}
+
+
+async def test_an_invalid_position_update_is_dead_lettered():
+    async with MemoryService() as svc:
+        await svc.transport.publish("posttrade.positions.A1.XYZ", b'{"ts": 5, "account": "A1"}')
+        await svc.transport.publish("posttrade.positions.A1.ABC", b'not json')
+        await svc.publish_position(worked_example_updates()[0])
+        await svc.settle()
+        assert len(transport_dlq(svc.transport)) == 2
+        assert (await svc.realtime())["count"] == 1
+
+
+def transport_dlq(transport: MemoryTransport) -> list:
+    return transport.streams["DLQ"].messages
+
+
+async def test_history_parameters_are_validated_before_anything_else():
+    async with MemoryService() as svc:
+        for query, parameter in [
+            ("?interval=7x", "interval"),
+            ("?interval=0m", "interval"),
+            ("?from=yesterday", "from"),
+            ("?to=1700000000", "to"),  # seconds, not ns
+            ("?from=2024-01-02T00:00:00Z&to=2024-01-01T00:00:00Z", "from"),
+            ("?from=2024-01-01T00:00:00Z&to=2024-01-02T00:00:00Z&interval=1s", "interval"),  # 86,400 points
+            ("?symbol=%00", "symbol"),
+        ]:
+            response = await svc.http.get(f"/pnl/history{query}")
+            assert response.status_code == 400, (query, response.text)
+            assert response.json()["detail"]["parameter"] == parameter, query
+        response = await svc.http.get("/pnl/history?from=2024-01-01T00:00:00Z&to=1704078000000000000&interval=1h")
+        assert response.status_code == 503  # valid, but this app has no QuestDB
+        assert "QuestDB" in response.json()["detail"]["error"]
+
+
+def test_history_sql_and_time_parsing():
+    from starlette.requests import Request
+
+    def request(query: str) -> Request:
+        return Request({"type": "http", "query_string": query.encode(), "headers": []})
+
+    section = pnl.HistorySection()
+    q = pnl.history_query(request("account=A'1&symbol=XYZ&from=2024-01-01T00:00:00%2B01:00&to=1704067200000000000&interval=5m"), section)
+    assert (q.start, q.end) == (1704063600 * S, 1704067200 * S)
+    assert not q.account_level
+    sql = pnl.history_sql(q, pnl.SnapshotSection(), 1001)
+    assert "FROM pnl_snapshots" in sql and "account = 'A''1'" in sql and "SAMPLE BY 5m ALIGN TO CALENDAR" in sql
+    assert "ts >= '2023-12-31T23:00:00.000000Z'" in sql and "LIMIT 1001" in sql
+    q = pnl.history_query(request(""), section, now_ns=T0)
+    assert (q.start, q.end, q.interval, q.account_level) == (T0 - 3600 * S, T0, "1m", True)
+    assert "FROM pnl_account_snapshots" in pnl.history_sql(q, pnl.SnapshotSection(), 10)
+    assert pnl.parse_time("from", "2024-01-01T00:00:00.123456") == 1704067200123456000
+
+
+# -- Valkey key scheme -----------------------------------------------------------------------
+
+
+def test_key_scheme_escapes_what_would_make_keys_ambiguous():
+    keys = PnlKeys("pt")
+    assert keys.position("A1", "XYZ") == "pt:pnl:pos:A1:XYZ"
+    assert keys.position("A:1", "B") != keys.position("A", "1:B")
+    assert keys.position("A:1", "BRK.B") == "pt:pnl:pos:A%3A1:BRK.B"
+    assert keys.account("desk 1") == "pt:pnl:acct:desk%201"
+    assert keys.symbols("A1") == "pt:pnl:symbols:A1" and keys.accounts == "pt:pnl:accounts"
+    assert key_part("%*?[]{}") == "%25%2A%3F%5B%5D%7B%7D"
+    assert key_part("ÄÖ") == "ÄÖ"
+
+
+# -- QuestDB snapshots -----------------------------------------------------------------------
+
+
+async def test_snapshot_values_round_only_beyond_12_places_and_refuse_what_cannot_fit():
+    assert snapshot_decimal(D("1.5")) == D("1.5")
+    assert snapshot_decimal(D("0.0123456712345678")) == D("0.012345671235")
+    assert snapshot_decimal(D("0.0000000000005")) == D(0)  # half to even
+    assert snapshot_decimal(D(10) ** 26 - 1) == D(10) ** 26 - 1
+    assert snapshot_decimal(None) is None
+    with pytest.raises(ValueError, match="does not fit"):
+        snapshot_decimal(-(D(10) ** 26))
+    rows = [value_position(u, MARK_95) for u in worked_example_updates()]
+    huge = msgspec.structs.replace(rows[0], total_pnl=D(10) ** 26)
+    prepared, dropped = await snapshot_rows(PendingSnapshot("t", T0, [*rows, huge], account_level=False))
+    assert len(prepared) == 4 and [row for row, _ in dropped] == [huge] and "does not fit" in dropped[0][1]
+    last = prepared[3]
+    assert (last["ts"], last["account"], last["symbol"], last["mark_source"], last["as_of"]) == (
+        T0, "A1", "XYZ", "quote_mid", T0 + 10 * S,
+    )
+    assert (last["total_pnl"], last["unrealized_pnl"], last["fill_count"]) == (D(121), D(-25), 4)
+    unmarked, _ = await snapshot_rows(PendingSnapshot("t", T0, [value_position(u, None) for u in worked_example_updates()], False))
+    assert all("mark_source" not in r and "total_pnl" not in r and "mark" not in r for r in unmarked)  # NULLs
+    totals, _ = await snapshot_rows(PendingSnapshot("t", T0, [account_pnl("A1", rows[-1:])], account_level=True))
+    assert (totals[0]["positions"], totals[0]["day_pnl"]) == (1, D(121)) and "symbol" not in totals[0]
+
+
+async def test_large_snapshots_are_prepared_in_slices_with_the_same_result():
+    rows = [value_position(u, MARK_95) for u in worked_example_updates()] * 50  # 200 rows: 4 slices
+    huge = msgspec.structs.replace(rows[0], day_pnl=D(-(10**27)))
+    prepared, dropped = await snapshot_rows(PendingSnapshot("t", T0, [*rows[:130], huge, *rows[130:]], False))
+    assert [r["total_pnl"] for r in prepared] == [r.total_pnl for r in rows] and [r for r, _ in dropped] == [huge]
+
+
+class FlakyQuestDB:
+    """Stands in for QuestDB's client and writer to test the retry bookkeeping only
+    (the real thing is in tests/integration/test_pnl.py)."""
+
+    def __init__(self, failures: int):
+        self.failures = failures
+        self.batches: list[tuple[str, int, list]] = []
+        self.calls = 0
+
+    async def create_table(self, *args, **kwargs) -> None:
+        pass
+
+    async def write_batch(self, table, rows, **kwargs) -> int:
+        self.calls += 1
+        if self.failures:
+            self.failures -= 1
+            raise QuestDBWriteError("connection refused", bad_data=False)
+        self.batches.append((table, rows[0]["ts"], [r["account"] for r in rows]))
+        return len(rows)
+
+
+async def test_snapshots_wait_for_questdb_without_losing_any(monkeypatch):
+    monkeypatch.setattr(pnl, "RETRY_DELAYS_S", (0.01,))
+    svc = MemoryService()
+    book = svc.app.pnl_book
+    await svc.app.start()
+    try:
+        flaky = FlakyQuestDB(failures=3)
+        section = pnl.SnapshotSection(interval_s=1, full_every=3)
+        snapshots = PnlSnapshots(svc.app, book, flaky, flaky, section, pnl.PnlMetrics(fresh_registry()))
+        await svc.publish_position(worked_example_updates("A1")[-1])
+        await svc.publish_position(worked_example_updates("A2")[-1])
+        await svc.settle()
+        taken = await snapshots.take(now_ns=T0)  # the first one is full
+        assert [(s.table, len(s.rows)) for s in taken] == [("pnl_snapshots", 2), ("pnl_account_snapshots", 2)]
+        assert await snapshots.take(now_ns=T0) == []  # nothing changed (and ts would not repeat)
+        await svc.publish_quote(quote("XYZ", "95", "95", T0 + 10 * S))
+        await svc.settle()
+        await svc.publish_position(worked_example_updates("A3")[0])
+        await svc.settle()
+        taken = await snapshots.take(now_ns=T0)
+        assert [len(s.rows) for s in taken] == [3, 3]  # the quote moved A1 and A2; A3 is new
+        assert taken[0].ts == T0 + 2000  # strictly increasing, whole microseconds
+        full = await snapshots.take(now_ns=T0 + S)  # the third: full again
+        assert [len(s.rows) for s in full] == [3, 3]
+        snapshots.start()
+        await wait_for(lambda: not snapshots.pending)
+        await snapshots.stop()
+        assert [(t[0], t[1]) for t in flaky.batches] == [
+            ("pnl_snapshots", T0), ("pnl_account_snapshots", T0),
+            ("pnl_snapshots", T0 + 2000), ("pnl_account_snapshots", T0 + 2000),
+            ("pnl_snapshots", T0 + S), ("pnl_account_snapshots", T0 + S),
+        ]
+        assert snapshots.rows_written == 16 and snapshots.pending_rows == 0
+    finally:
+        await svc.http.aclose()
+        await svc.app.stop()
+
+
+async def test_a_large_snapshot_goes_in_chunks_and_a_retry_resumes_at_the_failed_one(monkeypatch):
+    monkeypatch.setattr(pnl, "WRITE_ROWS", 3)
+    book = make_book()
+    for i in range(7):
+        book.on_position(worked_example_updates(f"A{i}")[-1])
+    flaky = FlakyQuestDB(failures=0)
+    snapshots = PnlSnapshots(None, book, flaky, flaky, pnl.SnapshotSection(), pnl.PnlMetrics(fresh_registry()))
+    await snapshots.take(now_ns=T0)
+    position_snapshot = snapshots.pending[0]
+    flaky.failures = 0
+    original = flaky.write_batch
+
+    async def fail_the_second_chunk_once(table, rows, **kwargs):
+        if flaky.calls == 1 and not getattr(flaky, "failed", False):
+            flaky.failed = True
+            flaky.calls += 1
+            raise QuestDBWriteError("connection reset", bad_data=False)
+        return await original(table, rows, **kwargs)
+
+    flaky.write_batch = fail_the_second_chunk_once
+    with pytest.raises(QuestDBWriteError):
+        await snapshots.write_next()
+    assert snapshots.pending[0] is position_snapshot and position_snapshot.written == 3
+    await snapshots.write_next()
+    await snapshots.write_next()
+    assert [len(accounts) for table, _, accounts in flaky.batches if table == "pnl_snapshots"] == [3, 3, 1]
+    assert [a for table, _, accounts in flaky.batches if table == "pnl_snapshots" for a in accounts] == [f"A{i}" for i in range(7)]
+    assert not snapshots.pending and snapshots.pending_rows == 0
+
+
+async def test_the_snapshot_backlog_is_bounded():
+    book = make_book()
+    for account in ("A1", "A2", "A3"):
+        book.on_position(worked_example_updates(account)[-1])
+    flaky = FlakyQuestDB(failures=0)
+    section = pnl.SnapshotSection(full_every=1, max_pending_rows=7)
+    snapshots = PnlSnapshots(None, book, flaky, flaky, section, pnl.PnlMetrics(fresh_registry()))
+    for i in range(3):
+        await snapshots.take(now_ns=T0 + i * S)
+    # 3 snapshots x (3 position + 3 account rows) = 18 > 7: the oldest went, the newest stays.
+    assert [(s.table, s.ts) for s in snapshots.pending] == [
+        ("pnl_snapshots", T0 + 2 * S), ("pnl_account_snapshots", T0 + 2 * S),
+    ]
+    assert snapshots.pending_rows == 6
+
+
+def fresh_registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+# -- config ---------------------------------------------------------------------------------
+
+
+def test_the_shipped_config_loads():
+    config = load_config("pnl", pnl.CONFIG, env={})
+    assert config.service.port == 8100
+    assert (config.cache.redis.db, config.cache.redis.ttl) == (4, 300)
+    assert config.pnl.snapshots.table == "pnl_snapshots" and config.pnl.snapshots.interval_s == 1
+    assert config.pnl.mark_priority == ["quote_mid", "last_trade", "bar_close"]
+
+
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        ("POSTTRADE_PNL__PNL__KEY_PREFIX", "a:b"),
+        ("POSTTRADE_PNL__PNL__SNAPSHOTS__TABLE", "x; DROP TABLE y"),
+        ("POSTTRADE_PNL__PNL__SNAPSHOTS__INTERVAL_S", "0"),
+        ("POSTTRADE_PNL__PNL__HISTORY__DEFAULT_INTERVAL", "fortnight"),
+        ("POSTTRADE_PNL__PNL__MARK_PRIORITY", "[mid]"),
+        ("POSTTRADE_PNL__PNL__UNKNOWN", "1"),
+    ],
+)
+def test_bad_config_values_stop_the_service(variable, value):
+    with pytest.raises(ConfigError):
+        load_config("pnl", pnl.CONFIG, env={variable: value})
