@@ -137,7 +137,9 @@ async def get_json(client: httpx.AsyncClient, url: str, status: int = 200) -> di
 
 
 def order_final(body: dict) -> bool:
-    return body["total"] == 1 and body["rows"][0]["is_final"]
+    # Orders and fills are consumed by separate agents: the cancel can be applied
+    # before the order's fills are, so "final" alone is not yet the settled row.
+    return body["total"] == 1 and body["rows"][0]["is_final"] and body["rows"][0]["fills"] == 2
 
 
 def fills_complete(body: dict) -> bool:
