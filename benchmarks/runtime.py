@@ -105,8 +105,8 @@ async def run_agent(url: str, stream: str, kind: str, n: int, batch: int) -> flo
     for runner in app.agents.values():
         await runner.stream.commit()
     elapsed = time.perf_counter() - started
-    for table in app.tables.values():
-        await (await app.transport.key_value(table.bucket)).destroy()
+    for changelog in app.tables.values():
+        await (await app.transport.key_value(changelog.bucket)).destroy()
     await app.stop()
     return n / elapsed
 

@@ -20,7 +20,7 @@ from ..app import App
 from ..config import ServiceConfig, _Section
 from ..core.compliance import ComplianceRules
 from ..core.marks import DEFAULT_PRIORITY, MarkSource
-from ..core.positions import Method, position_row
+from ..core.positions import position_row
 from ..stores.questdb import QuestDBClient, QuestDBWriter
 from ..web.server import JSON, BadRequest, query_int
 from .wiring import clickhouse_store, new_app, object_store
@@ -207,6 +207,5 @@ def build(config: PtrcConfig) -> App:
             }
         )
 
-    app.ptrc = keeper  # for tests and the installable modules
     return app
 
