@@ -1,5 +1,6 @@
-"""ptrc on the real servers: fills on NATS → positions and P&L equal to what the
-reconciliation CLI computes from the same fills, through a SIGKILL; alerts stored."""
+"""ptrc (and pnl) on the real servers: fills on NATS → /positions, /pnl/summary and
+/pnl/realtime equal to what the reconciliation CLI computes from the same fills,
+through a SIGKILL of ptrc; alerts stored."""
 
 from __future__ import annotations
 
@@ -106,6 +107,37 @@ def assert_same_positions(live: dict, expected: dict) -> None:
             assert live[key][field] == row[field], (key, field, live[key][field], row[field])
 
 
+PNL_FIELDS = ("net_qty", "realized_pnl_gross", "fees", "realized_pnl_net", "mark", "unrealized_pnl",
+              "fifo_unrealized_pnl")
+
+
+def same_number(a: str | None, b: str | None) -> bool:
+    return a is None and b is None or (a is not None and b is not None and Decimal(a) == Decimal(b))
+
+
+def assert_same_numbers(live: dict, expected: dict) -> None:
+    assert live.keys() == expected.keys()
+    for key, row in expected.items():
+        for field in PNL_FIELDS:
+            assert same_number(live[key][field], row[field]), (key, field, live[key][field], row[field])
+
+
+def wait_realtime(pnl: ServiceProcess, accounts: list[str], expected: dict, timeout: float = 60) -> dict:
+    """/pnl/realtime rows once they match `expected` (or the last seen, at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = {}
+        for account in accounts:
+            for row in pnl.get("/pnl/realtime", account=account).json()["positions"]:
+                rows[(row["account"], row["symbol"])] = row
+        settled = rows.keys() == expected.keys() and all(
+            same_number(rows[k][f], expected[k][f]) for k in expected for f in PNL_FIELDS
+        )
+        if settled or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.3)
+
+
 @pytest.fixture
 def accounts():
     tag = uuid.uuid4().hex[:6].upper()
@@ -117,7 +149,9 @@ def test_fills_to_positions_and_pnl_match_the_cli_through_a_sigkill(stack, tmp_p
     marks = {"AAA": Decimal("100.25"), "BBB": Decimal("99.5"), "FUT": Decimal("101")}
     fills = random_fills(accounts, symbols, 3000, seed=7)
     ptrc = ServiceProcess("ptrc", stack, tmp_path, ptrc_config("NOPE"))
+    pnl = ServiceProcess("pnl", stack, tmp_path)
     ptrc.start()
+    pnl.start()
     try:
         asyncio.run(publish(stack.nats_url, fills[:1500], {}))
         wait_positions(ptrc, accounts, 300)  # some applied, most still coming
@@ -138,8 +172,13 @@ def test_fills_to_positions_and_pnl_match_the_cli_through_a_sigkill(stack, tmp_p
         expected = [r for k, r in cli_positions(tmp_path, fills, marks).items() if k[0] == accounts[0]]
         assert Decimal(totals["realized_pnl_net"]) == sum(Decimal(r["realized_pnl_net"]) for r in expected)
         assert Decimal(totals["unrealized_pnl"]) == sum(Decimal(r["unrealized_pnl"]) for r in expected)
+
+        # pnl values ptrc's positions at market: the same numbers as the CLI.
+        cli = cli_positions(tmp_path, fills, marks)
+        assert_same_numbers(wait_realtime(pnl, accounts, cli), cli)
     finally:
         ptrc.stop()
+        pnl.stop()
 
     # Every fill reached QuestDB's trade blotter exactly once.
     async def count_trades() -> int:
