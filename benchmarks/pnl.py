@@ -44,6 +44,7 @@ import nats
 
 from posttrade import stack
 from posttrade.agents.pnl import PnlChannels
+from posttrade.agents.positions import position_update
 from posttrade.config import load_config
 from posttrade.core.positions import Position
 from posttrade.services import pnl
@@ -109,15 +110,7 @@ def free_port() -> int:
 
 
 def update_of(position: Position, ts: int) -> PositionUpdate:
-    return PositionUpdate(
-        ts=ts, account=position.account, symbol=position.symbol, reason="fill",
-        multiplier=position.multiplier, net_qty=position.net_qty, avg_open_price=position.avg_open_price,
-        open_cost=position.open_cost, realized_pnl_gross=position.realized_pnl_gross, fees=position.fees,
-        realized_pnl_net=position.realized_pnl_net, fifo_open_cost=position.fifo_open_cost,
-        fifo_realized_pnl_gross=position.fifo_realized_pnl_gross,
-        sod_realized_pnl_net=position.sod_realized_pnl_net, sod_unrealized_pnl=position.sod_unrealized_pnl,
-        fill_count=position.fill_count,
-    )
+    return position_update(position, None, "fill", ts)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -31,7 +31,7 @@ from ..app import App
 from ..core.bars import SECONDS_PER_DAY, BarState, empty_bar_state, interval_seconds, plain_decimals
 from ..streams.channel import Channel
 from ..streams.events import Bar
-from ..streams.stream import EventRecord, Stream, current_event
+from ..streams.stream import EventRecord, Stream
 from ..tables.windowed import WindowedTable
 
 log = logging.getLogger(__name__)
@@ -114,15 +114,14 @@ class TradeBarBuilder:
         """Per interval: trades dropped because their window had already closed."""
         return {interval: table.late_events for interval, table in self.windows.items()}
 
-    def fold(self, records: Sequence[EventRecord]) -> list[Bar]:
+    def fold(self, stream: Stream, records: Sequence[EventRecord]) -> list[Bar]:
         """Fold a batch of MarketTrade records into the windows; return the bars of every
         window the batch changed (latest state, whole)."""
         changed: dict[tuple[str, str, int], BarState] = {}
-        try:
-            for record in records:
-                # Tables record the input sequence of the event being applied: a batch
-                # from `take_events` does not set it per event, so set it here.
-                current_event.set(record)
+        for record in records:
+            # Each record is the current event while it is folded, so the windows record
+            # its sequence and a replayed trade is a no-op.
+            with stream.processing(record):
                 trade = record.value
                 ts, price, size, symbol = trade.ts, trade.price, trade.size, trade.symbol
 
@@ -134,8 +133,6 @@ class TradeBarBuilder:
                         changed[(symbol, interval, start)] = state
                 if ts > self.newest_trade_ts:
                     self.newest_trade_ts = ts
-        finally:
-            current_event.set(None)
         self.trades_folded += len(records)
         for table in self.windows.values():
             self.windows_closed += len(table.pop_closed())
@@ -157,7 +154,7 @@ def add_trade_bar_agent(
     @app.agent(trades, name=name)
     async def build_bars(stream: Stream) -> None:
         async for records in stream.take_events(max_events, within_s):
-            bars = builder.fold(records)
+            bars = builder.fold(stream, records)
             if bars:
                 newest = builder.newest_trade_ts
                 await write_until_done(stream, lambda: sink.write_bars(bars, newest), what="built bars")

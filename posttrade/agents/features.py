@@ -24,11 +24,10 @@ for it are counted as late and dropped.
 
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Iterator
+from typing import Any
 
 from ..app import App
 from ..core.positions import Position
@@ -59,26 +58,11 @@ from ..features.math import (
 from ..features.views import ACCOUNT_FEATURES, ACCOUNT_ORDER_FEATURES, SYMBOL_QUOTE_FEATURES, SYMBOL_TRADE_FEATURES
 from ..streams import subjects
 from ..streams.channel import Channel
-from ..streams.stream import EventRecord, current_event
 
 
 def _none() -> None:
     """Default of tables whose update functions start from "nothing yet"."""
     return None
-
-
-@contextlib.contextmanager
-def processing(record: EventRecord) -> Iterator[None]:
-    """Make `record` the current event, so table writes record its sequence.
-
-    `stream.take_events` hands over a whole batch without setting the current event
-    (only per-event iteration does); tables need it for their exactly-once `apply`.
-    """
-    token = current_event.set(record)
-    try:
-        yield
-    finally:
-        current_event.reset(token)
 
 
 @dataclass(frozen=True)
@@ -157,7 +141,7 @@ class FeatureAgents:
         names = SYMBOL_TRADE_FEATURES.feature_names
         async for records in self.batches(stream):
             for record in records:
-                with processing(record):
+                with stream.processing(record):
                     self.fold_trade(record.value)
             rows = []
             for symbol, start, minute in self.trade_minutes.pop_closed():
@@ -178,7 +162,7 @@ class FeatureAgents:
         names = SYMBOL_QUOTE_FEATURES.feature_names
         async for records in self.batches(stream):
             for record in records:
-                with processing(record):
+                with stream.processing(record):
                     self.fold_quote(record.value)
             rows = [
                 row(symbol, start + MINUTE_NS, quote_features(minute), names)
@@ -213,7 +197,7 @@ class FeatureAgents:
             account_rows, rate_rows = [], []
             for record in records:
                 fill = record.value
-                with processing(record):
+                with stream.processing(record):
                     self.fold_fill(fill)
                 day = utc_day(fill.ts)
                 held = self._positions_by_account[fill.account]
@@ -256,7 +240,7 @@ class FeatureAgents:
                 order = record.value
                 if order.status != "NEW":
                     continue  # updates of an order already counted
-                with processing(record):
+                with stream.processing(record):
                     self.order_days.apply(order.account, lambda d: add_order_to_day(d, order.ts, order.qty))
                 rates = fill_rate_features(
                     utc_day(order.ts), self.account_days.get(order.account), self.order_days.get(order.account)

@@ -94,6 +94,9 @@ class FeaturePublisher:
     ):
         self.repository = repository
         self.direct_writer = direct_writer
+        # Feast's own online write path (SQLite: one shared connection) is not safe from
+        # several threads at once; the four agents and materialization take turns.
+        self._feast_online = asyncio.Lock()
         self.status = {
             name: ViewStatus(name, view.kind) for name, view in repository.views.items()
         }
@@ -171,7 +174,8 @@ class FeaturePublisher:
         if self.direct_writer is not None:
             return await self.direct_writer.write(view.name, rows)
         newest = newest_per_entity(rows)  # Feast's SQLite store keeps the last row it is given
-        await asyncio.to_thread(self.repository.write_online_through_feast, view, newest)
+        async with self._feast_online:
+            await asyncio.to_thread(self.repository.write_online_through_feast, view, newest)
         return len(newest)
 
     async def _retry(self, status: ViewStatus, keep_alive, attempt: Callable[[], Awaitable[Any]]):
@@ -195,7 +199,8 @@ class FeaturePublisher:
         """`materialize_incremental` of one view up to `end`; failures are recorded, not raised."""
         status = self.status[view_name]
         try:
-            result = await asyncio.to_thread(self.repository.materialize_incremental, view_name, end)
+            async with self._feast_online:  # materialization writes online too
+                result = await asyncio.to_thread(self.repository.materialize_incremental, view_name, end)
         except Exception as exc:
             status.materialization_errors += 1
             status.last_error = f"materialize: {type(exc).__name__}: {exc}"

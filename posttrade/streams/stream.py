@@ -131,9 +131,10 @@ class Stream:
         charged to this record (after `poison_attempts` it is dead-lettered).
         """
         token = current_event.set(record)
-        self.runner.current = record
+        previous, self.runner.current = self.runner.current, record
         try:
             yield record
+            self.runner.current = previous  # on a crash it stays: the crash is this record's
         finally:
             current_event.reset(token)
 

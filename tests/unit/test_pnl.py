@@ -17,6 +17,7 @@ from posttrade.agents.pnl import Changes, PnlBook, account_pnl, bar_end, canonic
 from posttrade.config import ConfigError, load_config
 from posttrade.core.exact import format_decimal
 from posttrade.core.marks import MarkState
+from posttrade.agents.positions import position_update
 from posttrade.core.positions import Position
 from posttrade.services import pnl
 from posttrade.services.pnl import (
@@ -47,25 +48,8 @@ def fill(i: int, side: str, qty: str, price: str, fee: str = "1", account: str =
 
 
 def update_of(position: Position, ts: int, reason: str = "fill") -> PositionUpdate:
-    """What ptrc publishes for `position` (the fields of the PositionUpdate contract)."""
-    return PositionUpdate(
-        ts=ts,
-        account=position.account,
-        symbol=position.symbol,
-        reason=reason,
-        multiplier=position.multiplier,
-        net_qty=position.net_qty,
-        avg_open_price=position.avg_open_price,
-        open_cost=position.open_cost,
-        realized_pnl_gross=position.realized_pnl_gross,
-        fees=position.fees,
-        realized_pnl_net=position.realized_pnl_net,
-        fifo_open_cost=position.fifo_open_cost,
-        fifo_realized_pnl_gross=position.fifo_realized_pnl_gross,
-        sod_realized_pnl_net=position.sod_realized_pnl_net,
-        sod_unrealized_pnl=position.sod_unrealized_pnl,
-        fill_count=position.fill_count,
-    )
+    """What ptrc publishes for `position` (ptrc's own mapping; no mark of its own)."""
+    return position_update(position, None, reason, ts)
 
 
 WORKED_EXAMPLE = [("BUY", "10", "100"), ("BUY", "10", "110"), ("SELL", "15", "120"), ("SELL", "10", "90")]
