@@ -22,7 +22,6 @@ so it is dead-lettered.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, TypeVar
@@ -32,13 +31,13 @@ from ..core.bars import SECONDS_PER_DAY, BarState, empty_bar_state, interval_sec
 from ..streams.channel import Channel
 from ..streams.events import Bar
 from ..streams.stream import EventRecord, Stream
+from .retry import until_done
 from ..tables.windowed import WindowedTable
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-RETRY_DELAYS_S = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 class SinkUnavailable(ConnectionError):
@@ -52,23 +51,20 @@ class BarSink(Protocol):
         input event time the bars include (for freshness)."""
 
 
-async def write_until_done(stream: Stream, write: Callable[[], Awaitable[T]], *, what: str) -> T:
-    """Run `write` until it succeeds, backing off while the store is unavailable.
+RETRY_FIRST_DELAY_S = 0.1  # doubling up to 10 s while Valkey is away
 
-    The batch in hand stays unacknowledged meanwhile; `keep_alive` stops the server from
-    redelivering it to someone else. Other errors propagate (the runtime restarts the
-    agent and eventually dead-letters an event that keeps failing).
-    """
-    attempt = 0
-    while True:
-        try:
-            return await write()
-        except SinkUnavailable as exc:
-            delay = RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)]
-            attempt += 1
-            log.warning("writing %s failed (attempt %d), retrying in %.1fs: %s", what, attempt, delay, exc)
-            await stream.keep_alive()
-            await asyncio.sleep(delay)
+
+async def write_until_done(stream: Stream, write: Callable[[], Awaitable[T]], *, what: str) -> T:
+    """Run `write` until it succeeds, backing off while Valkey is unavailable (the batch
+    stays unacknowledged). Other errors propagate: the runtime restarts the agent and
+    eventually dead-letters an event that keeps failing."""
+    return await until_done(
+        stream,
+        write,
+        what=what,
+        permanent=lambda exc: not isinstance(exc, SinkUnavailable),
+        first_delay=RETRY_FIRST_DELAY_S,
+    )
 
 
 def check_built_interval(interval: str) -> int:

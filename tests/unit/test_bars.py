@@ -243,15 +243,15 @@ async def test_the_batch_waits_for_the_sink_and_is_written_once_it_is_back():
     app, _ = bar_app(transport, sink, batch_size=10)
     import posttrade.agents.bars as bars_module
 
-    delays = bars_module.RETRY_DELAYS_S
-    bars_module.RETRY_DELAYS_S = (0.01,)
+    delays = bars_module.RETRY_FIRST_DELAY_S
+    bars_module.RETRY_FIRST_DELAY_S = 0.01
     try:
         async with app:
             await publish_tape(transport, TAPE[:2])
             await wait_for(lambda: sink.calls >= 1)
             await wait_for(lambda: floor(transport) == 2)
     finally:
-        bars_module.RETRY_DELAYS_S = delays
+        bars_module.RETRY_FIRST_DELAY_S = delays
     assert sink.failures == 0
     assert sink.bars[("XYZ", "1m", BASE)].count == 2
 
