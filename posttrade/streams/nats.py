@@ -27,7 +27,7 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.js import api
 
-from .natslink import PullLink
+from .natslink import AckedPublisher, DeliveryCallback, LeanLink
 from .transport import (
     Consumer,
     ConsumerSpec,
@@ -66,8 +66,12 @@ class NatsTransport(Transport):
             tls=tls,
         )
         self._request_timeout = request_timeout
-        # Consumers pull over their own lean connection unless auth needs nats-py (JWT).
+        # Consumers pull, and JetStream publishes go, over lean connections of their own
+        # unless auth needs nats-py (JWT credential files).
         self.fast_consumers = creds_file is None
+        self._publisher: AckedPublisher | None = (
+            AckedPublisher(self.open_lean_link, timeout_s=request_timeout * 2) if self.fast_consumers else None
+        )
         self.nc: NatsClient | None = None
         self.js = None
         self._closing = False
@@ -100,7 +104,22 @@ class NatsTransport(Transport):
         )
         self.js = self.nc.jetstream(timeout=self._request_timeout)
 
+    async def open_lean_link(self, on_message: DeliveryCallback, purpose: str = "publish") -> LeanLink:
+        options = self._options
+        nc = self.nc
+        return await LeanLink.open(
+            nc.connected_url.geturl() if nc is not None and nc.connected_url else self.url,
+            on_message,
+            user=options["user"],
+            password=options["password"],
+            token=options["token"],
+            tls=options["tls"],
+            name=f"{options['name']}-{purpose}",
+        )
+
     async def close(self) -> None:
+        if self._publisher is not None:
+            await self._publisher.close()
         if self.nc is not None:
             self._closing = True
             try:
@@ -136,20 +155,20 @@ class NatsTransport(Transport):
         return StreamState(info.state.first_seq, info.state.last_seq, info.state.messages)
 
     async def publish(self, subject, data, headers=None, msg_id=None) -> int:
-        if msg_id is not None:
-            headers = {**(headers or {}), "Nats-Msg-Id": msg_id}
-        ack = await self.js.publish(subject, data, headers=headers)
-        return ack.seq
+        return await (await self.publish_deferred(subject, data, headers, msg_id))
 
     async def publish_deferred(self, subject, data, headers=None, msg_id=None) -> asyncio.Future:
+        """The future resolves to the message's stream sequence."""
         if msg_id is not None:
             headers = {**(headers or {}), "Nats-Msg-Id": msg_id}
-        return await self.js.publish_async(subject, data, headers=headers)
+        if self._publisher is not None:
+            return await self._publisher.publish(subject, data, headers)
+        ack = await self.js.publish_async(subject, data, headers=headers)
+        return asyncio.ensure_future(_sequence_of(ack))
 
     async def publish_many(self, messages) -> list[int]:
         futures = [await self.publish_deferred(*message) for message in messages]
-        acks = await asyncio.gather(*futures)
-        return [ack.seq for ack in acks]
+        return list(await asyncio.gather(*futures))
 
     async def publish_fire(self, subject: str, data: bytes) -> None:
         await self.nc.publish(subject, data)
@@ -167,6 +186,10 @@ class NatsTransport(Transport):
         return NatsKeyValue(self, bucket, kv)
 
 
+async def _sequence_of(puback: asyncio.Future) -> int:
+    return (await puback).seq
+
+
 class NatsPullConsumer(Consumer):
     # A pull request that produced nothing for this long is presumed lost (e.g. across a
     # reconnect) and replaced.
@@ -179,7 +202,7 @@ class NatsPullConsumer(Consumer):
         self._buffer: list[Delivery] = []
         self._arrived = asyncio.Event()
         self._sub = None  # nats-py subscription (JWT auth) ...
-        self._link: PullLink | None = None  # ... or our lean pull connection
+        self._link: LeanLink | None = None  # ... or our lean pull connection
         self._inbox = ""
         self._request_seq = 0
         self._active_request: str | None = None  # reply subject of the pull in flight
@@ -249,16 +272,7 @@ class NatsPullConsumer(Consumer):
         transport = self.transport
         self._inbox = transport.nc.new_inbox()
         if transport.fast_consumers:
-            options = transport._options
-            self._link = await PullLink.open(
-                transport.nc.connected_url.geturl() if transport.nc.connected_url else transport.url,
-                self._on_delivery,
-                user=options["user"],
-                password=options["password"],
-                token=options["token"],
-                tls=options["tls"],
-                name=f"{options['name']}-pull-{self.name}",
-            )
+            self._link = await transport.open_lean_link(self._on_delivery, purpose=f"pull-{self.name}")
             self._link.subscribe(f"{self._inbox}.*")
         else:
             self._sub = await transport.nc.subscribe(
@@ -378,14 +392,14 @@ class NatsKeyValue(KeyValueStore):
         self._kv = kv
 
     async def put_many(self, items: dict[str, bytes | None]) -> None:
-        js = self.transport.js
+        publish = self.transport.publish_deferred
         futures = []
         for key, value in items.items():
             subject = f"$KV.{self.bucket}.{key}"
             if value is None:
-                futures.append(await js.publish_async(subject, b"", headers={"KV-Operation": "DEL"}))
+                futures.append(await publish(subject, b"", {"KV-Operation": "DEL"}))
             else:
-                futures.append(await js.publish_async(subject, value))
+                futures.append(await publish(subject, value))
         if futures:
             await asyncio.gather(*futures)
 
