@@ -26,41 +26,70 @@ How the join works
 * **Markouts** at +1 s, +5 s, +60 s are values at `fill.ts + horizon`, decided by the
   rule above: they appear when quote event time passes the horizon, not wall time.
 
-State, restarts and replays
----------------------------
-The quote book (`BookEntry`), the tape (`TapeEntry`), fills (`FillState`) and orders
-(`OrderState`) live in changelog-backed tables. Every handler is idempotent by
-content: a fill id already in the table is a duplicate, an order's NEW only sets the
-arrival once, a fill joins its order's aggregates once (`fill_ids`), a quote or trade
-whose stream sequence is not above the symbol's recorded one is skipped. So
-redeliveries and replays through the agents change nothing.
+State, writes and restarts
+--------------------------
+The tracker works on its own dictionaries (`fills`, `orders`, `book`, `tape`); the
+changelog tables are their durable copy, and what reaches a table follows one rule:
+
+    a fill's or order's state is copied to its table (persisted) only after the
+    ClickHouse row built from that state is written.
+
+So the changelog never holds a state newer than ClickHouse's row, and a restart has
+nothing to rewrite: it loads the tables, rebuilds the series history (below) and the
+waiting heaps, and writes only what then *progresses* (a value that has become
+decidable). Before this rule the service rewrote every row it held at start, from a
+changelog that could be older than ClickHouse (rows written, then the commit lost with
+a crash or an agent's roll-back), and a final order briefly became unsettled again.
+The tables also never see the agents' uncommitted work, so the runtime's roll-back of
+a crashed agent has nothing of ours to undo: persisting happens outside any agent's
+ownership (`_unowned`).
+
+ClickHouse can still be *ahead* of the changelog after a crash (a write done, its
+commit lost); the unacknowledged events then come again and re-derive the newer
+states step by step. So that no step writes a row behind the stored one, every fill
+and order loaded at start, or touched by an event that was in its stream before the
+process started, is compared with its stored row (`progress`) before its first write
+here; a row further along is kept (`hold`) until the state has caught up with it.
+
+Who waits for ClickHouse: the orders and fills agents acknowledge a batch only after
+its rows are in ClickHouse and its state is persisted (`ExecutionSink.write_through`:
+one write, i.e. one insert per table, for everything changed so far). The quote and
+trade agents persist the book and tape (which have no rows) at the end of each batch
+and do not wait: what their events change in fills and orders (a decided mid, a
+markout, a market VWAP) can be re-derived from the market-data history, which a
+restart rebuilds; the writer writes it within `interval_s`, and the agents are held
+only when more than `max_unwritten` rows wait (ClickHouse down).
+
+Every handler is idempotent by content: a fill id already held is a duplicate, an
+order's NEW only sets the arrival once, a fill joins its order's aggregates once
+(`fill_ids`), a quote or trade whose stream sequence is not above the symbol's
+recorded one is skipped.
 
 The series history (the last `history_s` of points per symbol) is memory only. On
 start it is rebuilt by replaying the QUOTES and TRADES streams from the sequence of
 the oldest point kept (`history_from_seq`, recorded in the book/tape entry) up to the
-last sequence applied; the waiting heaps are rebuilt by re-evaluating every fill and
-order held. Every held fill and order is then written to ClickHouse again: rows are
-upserts (ReplacingMergeTree), so this covers a change that reached a changelog but
-whose ClickHouse write was cut short by a crash.
+last sequence applied.
 
 Rows
 ----
-`ExecutionSink` turns changed fills and orders into rows (`fill_row`, `order_row`) and
-writes them in batched Arrow inserts, one per table for everything changed since its
-last write; it runs beside the agents, and why that loses nothing is in its docstring.
-Each write carries a `version` (nanosecond clock, strictly increasing in the process);
-tables are `ReplacingMergeTree(version)` keyed by the fill/order id, and readers use
-`FINAL`, so replays and rewrites never double a row.
+`fill_row` / `order_row` build a row from a state; `ExecutionStore` owns the
+ClickHouse tables (`ReplacingMergeTree(version)`, readers use `FINAL`) and the
+per-minute rollup the summary reads. Each write carries a `version`: a nanosecond
+clock, strictly increasing in the process, with bit 62 (`SETTLED`) set when the row is
+settled (a complete fill, a final order). A settled row therefore always outranks an
+unsettled one: whatever path tried to write a less settled row later (a replay, an
+operator's reset), readers keep seeing the settled one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 import time
 from bisect import bisect_right
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -69,7 +98,9 @@ import msgspec
 
 from ..core import execution as tca
 from ..core.exact import EXACT, ZERO
+from ..stores.clickhouse import ClickHouseError
 from ..streams.events import Fill, MarketTrade, Order, Quote
+from ..streams.stream import current_agent, current_event
 from ..streams.transport import StartPosition
 from ..tables.table import Table
 
@@ -83,6 +114,12 @@ log = logging.getLogger(__name__)
 
 NS = 1_000_000_000
 MARKOUT_HORIZONS: tuple[tuple[str, int], ...] = (("1s", 1 * NS), ("5s", 5 * NS), ("60s", 60 * NS))
+MINUTE_NS = 60 * NS
+
+# Bit 62 of a row's `version`: the row is settled (a complete fill, a final order).
+# Below it a nanosecond clock (< 2**62 until the year 2116). ReplacingMergeTree keeps
+# the highest version, so no unsettled row can ever replace a settled one.
+SETTLED = 1 << 62
 
 # FillState.resolved bits: which inputs are decided (a decided value may be None).
 FILL_MID = 1
@@ -443,35 +480,91 @@ def unstorable_reason(event: Fill | Order) -> str | None:
     return None
 
 
+@dataclass
+class PendingWrite:
+    """The fills and orders one ClickHouse write takes, as they were when it took them:
+    the rows are built from these states, and these states are what gets persisted."""
+
+    fills: dict[str, FillState] = field(default_factory=dict)
+    orders: dict[str, OrderState] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.fills or self.orders)
+
+
+def minute_of(ts: int) -> int:
+    """Start (epoch ns) of the minute `ts` falls in: the rollup row a fill counts in."""
+    return ts - ts % MINUTE_NS
+
+
+@contextlib.contextmanager
+def _unowned() -> Iterator[None]:
+    """Table writes that belong to no agent. Persisted states record rows already in
+    ClickHouse: a crashed agent's roll-back must not take them back (the runtime rolls
+    back the keys an agent wrote since its last commit)."""
+    agent, event = current_agent.set(None), current_event.set(None)
+    try:
+        yield
+    finally:
+        current_event.reset(event)
+        current_agent.reset(agent)
+
+
 class ExecutionTracker:
     """The join of orders, fills, quotes and market trades (see the module docstring).
 
-    Synchronous: agents call `on_*` for each event and `resolve_due()` after a batch;
-    the changed fill and order ids collect in `dirty_fills` / `dirty_orders` for the sink.
+    Synchronous: agents call `on_*` for each event and `resolve_due()` after a batch.
+    Changed fill and order ids collect in `changed_fills` / `changed_orders` until the
+    writer takes them (`take_changes`), writes their rows and persists them (`persist`).
     """
 
     def __init__(self, tables: ExecutionTables, settings: TrackerSettings | None = None):
         self.tables = tables
         self.settings = settings or TrackerSettings()
+        # The working state: what the tables hold plus changes not persisted yet.
+        self.fills: dict[str, FillState] = {}
+        self.orders: dict[str, OrderState] = {}
+        self.book: dict[str, BookEntry] = {}
+        self.tape: dict[str, TapeEntry] = {}
         self.quotes = EventTimeSeries(base=None)
         self.trades = EventTimeSeries(base=(ZERO, ZERO))
         self.quote_waits = _Waits()
         self.trade_waits = _Waits()
-        self.dirty_fills: set[str] = set()  # changed since handed to the writer
-        self.dirty_orders: set[str] = set()
-        self.writing_fills: set[str] = set()  # handed to the writer, not yet written
+        self.changed_fills: set[str] = set()  # rows to write, then states to persist
+        self.changed_orders: set[str] = set()
+        self.changed_book: set[str] = set()  # book / tape entries to persist (they have no rows)
+        self.changed_tape: set[str] = set()
+        self.writing_fills: set[str] = set()  # taken by a write that has not finished
         self.writing_orders: set[str] = set()
+        # After a restart ClickHouse may hold rows further along than the state the
+        # tables kept (see `hold`): ids to compare before their first write, and ids
+        # whose rows wait until their state has caught up with ClickHouse's.
+        self.replayed_up_to: dict[str, int] = {}  # stream kind -> last seq at start
+        self.unverified_fills: set[str] = set()
+        self.unverified_orders: set[str] = set()
+        self.held_fills: dict[str, Progress] = {}
+        self.held_orders: dict[str, Progress] = {}
         self.stats = TrackerStats()
         self.event_time = -1  # newest event time of any stream (retention clock)
         self._advanced_quotes: set[str] = set()
         self._advanced_trades: set[str] = set()
 
+    def load(self) -> None:
+        """Start from what the (opened) tables hold. Their rows may be further along in
+        ClickHouse (a crash after a write, before the commit): each is compared before
+        its first write here."""
+        self.fills = dict(self.tables.fills.items())
+        self.orders = dict(self.tables.orders.items())
+        self.book = dict(self.tables.quote_book.items())
+        self.tape = dict(self.tables.tape.items())
+        self.unverified_fills = set(self.fills)
+        self.unverified_orders = set(self.orders)
+
     # -- market data ------------------------------------------------------------------
 
     def on_quote(self, quote: Quote, seq: int) -> None:
         symbol = quote.symbol
-        book = self.tables.quote_book
-        entry: BookEntry | None = book.get(symbol)
+        entry = self.book.get(symbol)
         if entry is not None and seq <= entry.seq:
             self.stats.duplicate_quotes += 1
             return
@@ -482,23 +575,23 @@ class ExecutionTracker:
             return
         if verdict == "new":
             self.quotes.append(symbol, quote.ts, tca.mid_price(quote.bid, quote.ask), seq)
-        # 'duplicate' here: the series kept the point although the table change was
-        # rolled back (an agent crashed); the book entry must still be written.
+        # 'duplicate' here: the series has the point but the book entry does not (the
+        # entry was never persisted before a crash); the entry must still be written.
         self.stats.quotes += 1
-        book[symbol] = BookEntry(
+        self.book[symbol] = BookEntry(
             ts=quote.ts,
             seq=seq,
             bid=quote.bid,
             ask=quote.ask,
             history_from_seq=entry.history_from_seq if entry is not None else seq,
         )
+        self.changed_book.add(symbol)
         self._advanced_quotes.add(symbol)
         self._see(quote.ts)
 
     def on_trade(self, trade: MarketTrade, seq: int) -> None:
         symbol = trade.symbol
-        tape = self.tables.tape
-        entry: TapeEntry | None = tape.get(symbol)
+        entry = self.tape.get(symbol)
         if entry is not None and seq <= entry.seq:
             self.stats.duplicate_trades += 1
             return
@@ -512,7 +605,7 @@ class ExecutionTracker:
         if verdict == "new":
             self.trades.append(symbol, trade.ts, after, seq)
         self.stats.market_trades += 1
-        tape[symbol] = TapeEntry(
+        self.tape[symbol] = TapeEntry(
             ts=trade.ts,
             seq=seq,
             notional=after[0],
@@ -522,44 +615,51 @@ class ExecutionTracker:
             history_base_volume=entry.history_base_volume if entry is not None else ZERO,
             history_complete=entry.history_complete if entry is not None else True,
         )
+        self.changed_tape.add(symbol)
         self._advanced_trades.add(symbol)
         self._see(trade.ts)
 
     # -- orders and fills -------------------------------------------------------------
 
-    def on_order(self, order: Order) -> None:
+    def on_order(self, order: Order, replayed: bool = False) -> None:
+        """`replayed`: the event was in the stream before this process started (it may
+        be a redelivery whose rows a previous process wrote)."""
         self._see(order.ts)
-        orders = self.tables.orders
-        state: OrderState | None = orders.get(order.order_id)
+        if replayed:
+            self.unverified_orders.add(order.order_id)
+        state = self.orders.get(order.order_id)
         merged = _merge_order(state, order)
         if merged is state:
             return
         self.stats.orders += 1
-        orders[order.order_id] = merged
-        self.dirty_orders.add(order.order_id)
+        self.orders[order.order_id] = merged
+        self.changed_orders.add(order.order_id)
         self._refresh_order(order.order_id)
 
-    def on_fill(self, fill: Fill) -> None:
+    def on_fill(self, fill: Fill, replayed: bool = False) -> None:
         self._see(fill.ts)
-        fills = self.tables.fills
-        if fill.fill_id in fills:
+        if replayed:
+            self.unverified_fills.add(fill.fill_id)
+            if fill.order_id is not None:
+                self.unverified_orders.add(fill.order_id)
+        held = self.fills.get(fill.fill_id)
+        if held is not None:
             self.stats.duplicate_fills += 1
             if fill.order_id is not None:
-                # A crash may have cut the commit between the fills and orders changelogs.
-                self._attach(fills[fill.fill_id].fill)
+                # Joins its order once: a no-op unless the order's state lost the fill.
+                self._attach(held.fill)
             return
         self.stats.fills += 1
-        fills[fill.fill_id] = FillState(fill=fill, resolved=0 if fill.order_id is not None else FILL_ARRIVAL)
-        self.dirty_fills.add(fill.fill_id)
+        self.fills[fill.fill_id] = FillState(fill=fill, resolved=0 if fill.order_id is not None else FILL_ARRIVAL)
+        self.changed_fills.add(fill.fill_id)
         if fill.order_id is not None:
             self._attach(fill)
         self._refresh_fill(fill.fill_id)
 
     def _attach(self, fill: Fill) -> None:
         """Add the fill to its order's aggregates, once."""
-        orders = self.tables.orders
         order_id = fill.order_id
-        state: OrderState | None = orders.get(order_id)
+        state = self.orders.get(order_id)
         if state is None:
             state = OrderState(order_id=order_id, account=fill.account, symbol=fill.symbol, last_event_ts=fill.ts)
         if fill.fill_id in state.fill_ids:
@@ -574,8 +674,8 @@ class ExecutionTracker:
             last_fill_ts=fill.ts if state.last_fill_ts is None else max(state.last_fill_ts, fill.ts),
             last_event_ts=max(state.last_event_ts, fill.ts),
         )
-        orders[order_id] = state
-        self.dirty_orders.add(order_id)
+        self.orders[order_id] = state
+        self.changed_orders.add(order_id)
 
     # -- deciding values ----------------------------------------------------------------
 
@@ -586,7 +686,7 @@ class ExecutionTracker:
         return value
 
     def _refresh_fill(self, fill_id: str) -> None:
-        state: FillState | None = self.tables.fills.get(fill_id)
+        state = self.fills.get(fill_id)
         if state is None or state.complete:
             return
         fill = state.fill
@@ -615,7 +715,7 @@ class ExecutionTracker:
         if resolved & _MARKOUT_BITS != state.resolved & _MARKOUT_BITS:
             changes["markout_mids"] = tuple(mids)
         if not resolved & FILL_ARRIVAL:
-            order: OrderState | None = self.tables.orders.get(fill.order_id)
+            order = self.orders.get(fill.order_id)
             if order is not None and order.resolved & ORDER_ARRIVAL_MID:
                 changes["arrival_ts"] = order.arrival_ts
                 changes["arrival_mid"] = order.arrival_mid
@@ -623,11 +723,11 @@ class ExecutionTracker:
         if earliest_wait is not None:
             self.quote_waits.add(symbol, earliest_wait, "fill", fill_id)
         if resolved != state.resolved:
-            self.tables.fills[fill_id] = _replace(state, resolved=resolved, **changes)
-            self.dirty_fills.add(fill_id)
+            self.fills[fill_id] = _replace(state, resolved=resolved, **changes)
+            self.changed_fills.add(fill_id)
 
     def _refresh_order(self, order_id: str) -> None:
-        state: OrderState | None = self.tables.orders.get(order_id)
+        state = self.orders.get(order_id)
         if state is None or state.resolved == ORDER_ALL:
             return
         symbol = state.symbol
@@ -661,8 +761,8 @@ class ExecutionTracker:
         if resolved == state.resolved:
             return
         state = _replace(state, resolved=resolved, **changes)
-        self.tables.orders[order_id] = state
-        self.dirty_orders.add(order_id)
+        self.orders[order_id] = state
+        self.changed_orders.add(order_id)
         if "arrival_mid" in changes:
             for fill_id in state.fill_ids:
                 self._refresh_fill(fill_id)
@@ -686,28 +786,28 @@ class ExecutionTracker:
 
     # -- rows -------------------------------------------------------------------------
 
-    def fill_row(self, fill_id: str, version: int) -> tuple | None:
-        state: FillState | None = self.tables.fills.get(fill_id)
-        if state is None:
-            return None
+    def fill_row(self, state: FillState, clock: int) -> tuple:
+        """The ClickHouse row of a fill (FILL_COLUMNS order); `clock` is the write's
+        version clock, to which the row adds the SETTLED bit when the fill is complete."""
         f = state.fill
-        qty, price = f.qty, f.price
+        qty, price, side = f.qty, f.price, f.side
         arrival_mid = state.arrival_mid
         slippage = cost = arrival_notional = None
         if arrival_mid is not None:
-            slippage = tca.slippage_bps(f.side, price, arrival_mid)
-            cost = tca.slippage_cost(f.side, qty, price, arrival_mid)
+            slippage = tca.slippage_bps(side, price, arrival_mid)
+            cost = tca.slippage_cost(side, qty, price, arrival_mid)
             arrival_notional = EXACT.multiply(qty, arrival_mid)
         mid = state.mid_at_fill
         spread = tca.effective_spread_bps(price, mid) if mid is not None else None
-        markouts = [tca.markout_bps(f.side, price, m) if m is not None else None for m in state.markout_mids]
+        m1, m5, m60 = state.markout_mids
+        complete = state.complete
         return (
             f.fill_id,
             f.order_id,
             f.account,
             f.symbol,
             f.venue or "",
-            f.side,
+            side,
             f.liquidity or "",
             f.ts,
             qty,
@@ -721,19 +821,21 @@ class ExecutionTracker:
             cost,
             mid,
             spread,
-            state.markout_mids[0],
-            state.markout_mids[1],
-            state.markout_mids[2],
-            markouts[0],
-            markouts[1],
-            markouts[2],
-            1 if state.complete else 0,
-            version,
+            m1,
+            m5,
+            m60,
+            tca.markout_bps(side, price, m1) if m1 is not None else None,
+            tca.markout_bps(side, price, m5) if m5 is not None else None,
+            tca.markout_bps(side, price, m60) if m60 is not None else None,
+            1 if complete else 0,
+            state.resolved,
+            clock | SETTLED if complete else clock,
         )
 
-    def order_row(self, order_id: str, version: int) -> tuple | None:
-        state: OrderState | None = self.tables.orders.get(order_id)
-        if state is None or not state.known:
+    def order_row(self, state: OrderState, clock: int) -> tuple | None:
+        """The ClickHouse row of an order (ORDER_COLUMNS order), None before its NEW
+        event is known; settled (`is_final`) rows carry the SETTLED bit in `version`."""
+        if not state.known:
             return None  # orders are reported from their NEW event on
         symbol = state.symbol
         if state.end_ts is not None:
@@ -762,6 +864,7 @@ class ExecutionTracker:
                 market_vwap=market_vwap,
             )
         )
+        final = state.final
         return (
             state.order_id,
             state.account,
@@ -796,102 +899,213 @@ class ExecutionTracker:
             metrics.opportunity_cost,
             metrics.implementation_shortfall,
             metrics.implementation_shortfall_bps,
-            1 if state.final else 0,
-            version,
+            1 if final else 0,
+            state.resolved,
+            clock | SETTLED if final else clock,
         )
 
-    def begin_write(self) -> tuple[set[str], set[str]]:
-        """Hand the changed ids to the writer; they stay protected from pruning until
-        `end_write` (written) or go back to the changed set on `abort_write`."""
-        self.writing_fills, self.dirty_fills = self.dirty_fills, set()
-        self.writing_orders, self.dirty_orders = self.dirty_orders, set()
-        return self.writing_fills, self.writing_orders
+    # -- writing and persisting -----------------------------------------------------------
 
-    def end_write(self) -> None:
-        self.writing_fills, self.writing_orders = set(), set()
+    def unwritten(self) -> int:
+        return len(self.changed_fills) + len(self.changed_orders) + len(self.writing_fills) + len(self.writing_orders)
 
-    def abort_write(self) -> None:
-        self.dirty_fills |= self.writing_fills
-        self.dirty_orders |= self.writing_orders
-        self.end_write()
+    def take_changes(self) -> PendingWrite:
+        """Hand every changed fill and order, as it is now, to a write. The ids stay
+        protected from pruning until `persist` (written) or `restore_changes` (failed)."""
+        taken = PendingWrite(
+            fills={k: self.fills[k] for k in self.changed_fills if k in self.fills},
+            orders={k: self.orders[k] for k in self.changed_orders if k in self.orders},
+        )
+        self.writing_fills |= self.changed_fills
+        self.writing_orders |= self.changed_orders
+        self.changed_fills, self.changed_orders = set(), set()
+        return taken
+
+    def restore_changes(self, taken: PendingWrite) -> None:
+        """A write failed: its fills and orders are changed again (the next write takes them)."""
+        self.changed_fills |= taken.fills.keys()
+        self.changed_orders |= taken.orders.keys()
+        self._release(taken)
+
+    def persist(self, taken: PendingWrite) -> None:
+        """The rows of `taken` are in ClickHouse: copy those states to the tables (the
+        next commit makes them durable). A state changed again since then stays changed
+        and is persisted after its own write."""
+        fills, orders = self.tables.fills, self.tables.orders
+        with _unowned():
+            for key, state in taken.fills.items():
+                if fills.get(key) is not state:
+                    fills[key] = state
+            for key, state in taken.orders.items():
+                if orders.get(key) is not state:
+                    orders[key] = state
+        self._release(taken)
+
+    def _release(self, taken: PendingWrite) -> None:
+        self.writing_fills.difference_update(taken.fills.keys())
+        self.writing_orders.difference_update(taken.orders.keys())
+
+    def persist_market(self) -> None:
+        """Copy changed book and tape entries to their tables. They have no rows: the
+        quote and trade agents persist them at the end of every batch, so a restart
+        rebuilds the history up to everything acknowledged."""
+        with _unowned():
+            for symbol in self.changed_book:
+                self.tables.quote_book[symbol] = self.book[symbol]
+            for symbol in self.changed_tape:
+                self.tables.tape[symbol] = self.tape[symbol]
+        self.changed_book.clear()
+        self.changed_tape.clear()
+
+    # -- restarts: no row goes back behind what ClickHouse has ---------------------------------
+
+    def unverified(self, taken: PendingWrite) -> tuple[dict[str, int], dict[str, int]]:
+        """The taken fills and orders (id -> time, the tables' first key column) whose
+        rows must be compared with ClickHouse's before they are written: not yet
+        compared in this process (a complete fill is never behind; a final order can
+        still lack a fill the stored row has)."""
+        fills = {k: st.fill.ts for k, st in taken.fills.items() if k in self.unverified_fills and not st.complete}
+        orders = {k: st.arrival_ts for k, st in taken.orders.items() if k in self.unverified_orders and st.known}
+        return fills, orders
+
+    def hold(
+        self, checked: tuple[dict, dict], stored_fills: dict[str, Progress], stored_orders: dict[str, Progress]
+    ) -> None:
+        """Record how far along ClickHouse's rows of the `checked` ids are: until a state
+        has caught up with its stored row, the row is kept (`writable_*` say no)."""
+        fill_ids, order_ids = checked
+        self.unverified_fills.difference_update(fill_ids)
+        self.unverified_orders.difference_update(order_ids)
+        self.held_fills.update(stored_fills)
+        self.held_orders.update(stored_orders)
+
+    def writable_fill(self, key: str, state: FillState) -> bool:
+        """Whether a row of the fill at `state` may be written (not behind ClickHouse's)."""
+        stored = self.held_fills.get(key)
+        if stored is None:
+            return True
+        if _covers(_fill_progress(state), stored):
+            del self.held_fills[key]
+            return True
+        return False
+
+    def writable_order(self, key: str, state: OrderState) -> bool:
+        stored = self.held_orders.get(key)
+        if stored is None:
+            return True
+        if _covers(_order_progress(state), stored):
+            del self.held_orders[key]
+            return True
+        return False
 
     def mark_open_orders(self, symbols: set[str]) -> int:
         """Mark the open orders of `symbols` changed: their mark to the latest mid moved."""
         marked = 0
-        for order_id, state in self.tables.orders.items():
+        for order_id, state in self.orders.items():
             if state.end_ts is None and state.known and state.symbol in symbols:
-                self.dirty_orders.add(order_id)
+                self.changed_orders.add(order_id)
                 marked += 1
         return marked
 
     # -- restart and retention ---------------------------------------------------------------
 
     def reevaluate_all(self) -> None:
-        """Rebuild the waiting heaps from the tables and mark every row for rewriting."""
-        for order in self.tables.orders.values():
+        """Rebuild the waiting heaps from the state (after `load` and the history
+        rebuild). Only what progresses is marked changed (a value that has become
+        decidable); nothing is rewritten as it was: ClickHouse already has it."""
+        for order in self.orders.values():
             self._see(order.last_event_ts)
-        for order_id in list(self.tables.orders.keys()):
+        for order_id in list(self.orders):
             self._refresh_order(order_id)
-        for fill_id, state in list(self.tables.fills.items()):
+        for fill_id, state in list(self.fills.items()):
             self._see(state.fill.ts)
             self._refresh_fill(fill_id)
-        self.dirty_fills |= set(self.tables.fills.keys())
-        self.dirty_orders |= set(self.tables.orders.keys())
 
-    def prune(self) -> None:
-        """Forget what no event can change any more (by event time), and old history."""
+    def fill_minutes(self) -> set[int]:
+        """The rollup minutes of every fill held."""
+        return {minute_of(state.fill.ts) for state in self.fills.values()}
+
+    def prune(self, *, history: bool = True, stale_minutes: set[int] = frozenset()) -> None:
+        """Forget what no event can change any more (by event time), and old history.
+
+        `history=False` keeps the series history whole (the writer is failing: values
+        decided but not yet written must stay re-derivable after a restart). Fills of
+        `stale_minutes` (rollup rows not yet refreshed) are kept: a restart refreshes
+        the minutes of the fills it holds."""
         s = self.settings
         now = self.event_time
-        fills, orders = self.tables.fills, self.tables.orders
-        unwritten_fills = self.dirty_fills | self.writing_fills
-        unwritten_orders = self.dirty_orders | self.writing_orders
-        for fill_id, state in list(fills.items()):
+        unwritten_fills = self.changed_fills | self.writing_fills
+        unwritten_orders = self.changed_orders | self.writing_orders
+        gone_fills, gone_orders = [], []
+        for fill_id, state in self.fills.items():
             if fill_id in unwritten_fills or state.fill.ts >= now - s.retention_ns:
                 continue
+            if stale_minutes and minute_of(state.fill.ts) in stale_minutes:
+                continue
             # Complete fills are done; incomplete ones (no quotes came) are abandoned.
-            del fills[fill_id]
-            self.stats.pruned_fills += 1
-        for order_id, state in list(orders.items()):
+            gone_fills.append(fill_id)
+        for order_id, state in self.orders.items():
             if order_id in unwritten_orders:
                 continue
             ttl = s.retention_ns if state.end_ts is not None or not state.known else s.open_order_ttl_ns
             if state.last_event_ts < now - ttl:
-                del orders[order_id]
-                self.stats.pruned_orders += 1
+                gone_orders.append(order_id)
+        with _unowned():
+            for fill_id in gone_fills:
+                del self.fills[fill_id]
+                self.tables.fills.pop(fill_id, None)
+                self.held_fills.pop(fill_id, None)
+                self.unverified_fills.discard(fill_id)
+            for order_id in gone_orders:
+                del self.orders[order_id]
+                self.tables.orders.pop(order_id, None)
+                self.held_orders.pop(order_id, None)
+                self.unverified_orders.discard(order_id)
+        self.stats.pruned_fills += len(gone_fills)
+        self.stats.pruned_orders += len(gone_orders)
+        if history:
+            self._prune_history()
+        self.quote_waits.drop_decided(self.quotes, s.quiet_grace_ns)
+        self.trade_waits.drop_decided(self.trades, s.quiet_grace_ns)
+
+    def _prune_history(self) -> None:
+        keep = self.settings.history_ns
         for symbol in list(self.quotes.symbols()):
-            cut = self.quotes.prune(symbol, s.history_ns)
-            entry = self.tables.quote_book.get(symbol)
+            cut = self.quotes.prune(symbol, keep)
+            entry = self.book.get(symbol)
             if cut is not None and entry is not None:
-                self.tables.quote_book[symbol] = _replace(entry, history_from_seq=cut[0])
+                self.book[symbol] = _replace(entry, history_from_seq=cut[0])
+                self.changed_book.add(symbol)
         for symbol in list(self.trades.symbols()):
-            cut = self.trades.prune(symbol, s.history_ns)
-            entry = self.tables.tape.get(symbol)
+            cut = self.trades.prune(symbol, keep)
+            entry = self.tape.get(symbol)
             if cut is not None and entry is not None:
                 first_seq, (base_notional, base_volume) = cut
-                self.tables.tape[symbol] = _replace(
+                self.tape[symbol] = _replace(
                     entry,
                     history_from_seq=first_seq,
                     history_base_notional=base_notional,
                     history_base_volume=base_volume,
                     history_complete=False,
                 )
-        self.quote_waits.drop_decided(self.quotes, s.quiet_grace_ns)
-        self.trade_waits.drop_decided(self.trades, s.quiet_grace_ns)
+                self.changed_tape.add(symbol)
+        self.persist_market()
 
     async def rebuild_history(self, app: App, quotes: Channel, trades: Channel) -> None:
         """Re-read the kept history of quotes and trades from their streams (on start)."""
-        await self._rebuild(app, quotes, self.tables.quote_book, self.quotes, _quote_point)
-        await self._rebuild(app, trades, self.tables.tape, self.trades, _trade_point)
+        await self._rebuild(app, quotes, self.book, self.changed_book, self.quotes, _quote_point)
+        await self._rebuild(app, trades, self.tape, self.changed_tape, self.trades, _trade_point)
+        self.persist_market()
 
     async def _rebuild(
         self,
         app: App,
         channel: Channel,
-        table: Table,
+        entries: dict[str, Any],
+        changed: set[str],
         series: EventTimeSeries,
         point: Callable[[Any, Any, Any], Any],
     ) -> None:
-        entries = dict(table.items())
         if not entries:
             return
         for symbol, entry in entries.items():
@@ -914,7 +1128,7 @@ class ExecutionTracker:
                     series.skip(event.symbol, record.seq)
         except Exception:
             log.exception("rebuilding the %s history failed; keeping only the latest points", channel.name)
-        for symbol, entry in entries.items():
+        for symbol, entry in list(entries.items()):
             latest = series.latest(symbol)
             value = (entry.notional, entry.volume) if isinstance(entry, TapeEntry) else tca.mid_price(entry.bid, entry.ask)
             if latest is None or latest[0] != entry.ts or latest[1] != value:
@@ -922,7 +1136,7 @@ class ExecutionTracker:
                 # point, and start the next rebuild after it.
                 series.reset_to(symbol, entry.ts, value, entry.seq)
                 if isinstance(entry, TapeEntry):
-                    table[symbol] = _replace(
+                    entries[symbol] = _replace(
                         entry,
                         history_from_seq=entry.seq + 1,
                         history_base_notional=entry.notional,
@@ -930,7 +1144,28 @@ class ExecutionTracker:
                         history_complete=False,
                     )
                 else:
-                    table[symbol] = _replace(entry, history_from_seq=entry.seq)
+                    entries[symbol] = _replace(entry, history_from_seq=entry.seq)
+                changed.add(symbol)
+
+
+# How far along a row is: (decided values as a bit mask, fills joined, ended). States
+# only move forward in a process; after a restart one can start behind ClickHouse.
+Progress = tuple[int, int, bool]
+
+
+def _fill_progress(state: FillState) -> Progress:
+    return state.resolved, 0, False
+
+
+def _order_progress(state: OrderState) -> Progress:
+    return state.resolved, len(state.fill_ids), state.end_ts is not None
+
+
+def _covers(progress: Progress, stored: Progress) -> bool:
+    """Whether a row at `progress` has everything a row at `stored` has."""
+    mask, fills, ended = progress
+    stored_mask, stored_fills, stored_ended = stored
+    return mask & stored_mask == stored_mask and fills >= stored_fills and (ended or not stored_ended)
 
 
 def _quote_point(quote: Quote, series: EventTimeSeries, symbol: str) -> Decimal:
@@ -996,6 +1231,7 @@ def storable_row(columns: tuple[Column, ...], row: tuple) -> tuple:
 
 FILLS_TABLE = "execution_fills"
 ORDERS_TABLE = "execution_orders"
+MINUTES_TABLE = "execution_fill_minutes"  # the per-minute rollup of the fills
 
 
 @dataclass(frozen=True)
@@ -1036,6 +1272,7 @@ FILL_COLUMNS: tuple[Column, ...] = (
     Column("markout_5s_bps", f"Nullable({_BPS})", "bps"),
     Column("markout_60s_bps", f"Nullable({_BPS})", "bps"),
     Column("complete", "UInt8", "uint8"),
+    Column("progress", "UInt8", "uint8"),  # FillState.resolved: which values are decided
     Column("version", "UInt64", "uint64"),
 )
 
@@ -1074,26 +1311,207 @@ ORDER_COLUMNS: tuple[Column, ...] = (
     Column("implementation_shortfall", f"Nullable({_D18})", "d18"),
     Column("implementation_shortfall_bps", f"Nullable({_BPS})", "bps"),
     Column("is_final", "UInt8", "uint8"),
+    Column("progress", "UInt8", "uint8"),  # OrderState.resolved: which values are decided
     Column("version", "UInt64", "uint64"),
 )
 
 
-def schema_sql(database: str) -> list[str]:
-    """DDL of the two result tables: upserts keyed by id, newest `version` wins.
+# The per-minute rollup of the fills the summary reads: (column, type, aggregate over
+# the fills of one minute and one account / symbol / venue / side). Sums and counts
+# add up exactly across minutes; `slippage_values` keeps every slippage of the minute,
+# so quantiles over any set of minutes are exact (`quantilesExactArray`).
+MINUTE_AGGREGATES: tuple[tuple[str, str, str], ...] = (
+    ("fills", "UInt64", "count()"),
+    ("qty", _D18, "sum(qty)"),
+    ("notional", _D18, "sum(notional)"),
+    ("fee", _D18, "sum(fee)"),
+    ("slippage_count", "UInt64", "count(slippage_bps)"),
+    ("slippage_sum", _BPS, "ifNull(sum(slippage_bps), 0)"),
+    ("slippage_values", f"Array({_BPS})", "groupArray(slippage_bps)"),  # NULLs are left out
+    ("slippage_cost", _D18, "ifNull(sum(slippage_cost), 0)"),
+    ("arrival_notional", _D18, "ifNull(sum(arrival_notional), 0)"),
+    ("effective_spread_count", "UInt64", "count(effective_spread_bps)"),
+    ("effective_spread_sum", _BPS, "ifNull(sum(effective_spread_bps), 0)"),
+    ("markout_1s_count", "UInt64", "count(markout_1s_bps)"),
+    ("markout_1s_sum", _BPS, "ifNull(sum(markout_1s_bps), 0)"),
+    ("markout_5s_count", "UInt64", "count(markout_5s_bps)"),
+    ("markout_5s_sum", _BPS, "ifNull(sum(markout_5s_bps), 0)"),
+    ("markout_60s_count", "UInt64", "count(markout_60s_bps)"),
+    ("markout_60s_sum", _BPS, "ifNull(sum(markout_60s_bps), 0)"),
+)
+MINUTE_KEYS = ("account", "symbol", "venue", "side")
 
-    Fills are partitioned by month of the fill's time (immutable per fill, so a fill's
-    rewrites always meet in one partition and deduplicate)."""
+# The sorting key of each table (ClickHouse's spelling in system.tables): a table
+# created by an older version with another key is migrated at start.
+_SORTING_KEYS = {FILLS_TABLE: "ts, fill_id", ORDERS_TABLE: "arrival_ts, order_id",
+                 MINUTES_TABLE: "minute, account, symbol, venue, side"}
 
-    def columns(cols: tuple[Column, ...]) -> str:
-        return ",\n  ".join(f"{c.name} {c.clickhouse}" for c in cols)
 
-    return [
-        f"CREATE DATABASE IF NOT EXISTS {database}",
-        f"CREATE TABLE IF NOT EXISTS {database}.{FILLS_TABLE} (\n  {columns(FILL_COLUMNS)}\n) "
-        "ENGINE = ReplacingMergeTree(version) PARTITION BY toYYYYMM(ts) ORDER BY (account, symbol, fill_id)",
-        f"CREATE TABLE IF NOT EXISTS {database}.{ORDERS_TABLE} (\n  {columns(ORDER_COLUMNS)}\n) "
-        "ENGINE = ReplacingMergeTree(version) ORDER BY (account, symbol, order_id)",
-    ]
+def schema_sql(database: str) -> dict[str, str]:
+    """CREATE TABLE statements of the three tables, by table name.
+
+    Upserts keyed by id, the highest `version` wins (readers use FINAL). Fills and
+    orders are sorted by their time (immutable per row) then id: inserts arrive in time
+    order, so parts overlap only where rows were rewritten, and FINAL merges just those
+    ranges instead of the whole table. Partitions are months of that time, so a row's
+    versions always meet in one partition."""
+
+    def columns(cols: Iterable[tuple[str, str]]) -> str:
+        return ",\n  ".join(f"{name} {kind}" for name, kind in cols)
+
+    fills = ((c.name, c.clickhouse) for c in FILL_COLUMNS)
+    orders = ((c.name, c.clickhouse) for c in ORDER_COLUMNS)
+    minutes = (
+        ("minute", "DateTime('UTC')"),
+        *((key, "LowCardinality(String)") for key in MINUTE_KEYS),
+        *((name, kind) for name, kind, _ in MINUTE_AGGREGATES),
+        ("version", "UInt64"),
+    )
+    return {
+        FILLS_TABLE: f"CREATE TABLE IF NOT EXISTS {database}.{FILLS_TABLE} (\n  {columns(fills)}\n) "
+        f"ENGINE = ReplacingMergeTree(version) PARTITION BY toYYYYMM(ts) ORDER BY ({_SORTING_KEYS[FILLS_TABLE]})",
+        ORDERS_TABLE: f"CREATE TABLE IF NOT EXISTS {database}.{ORDERS_TABLE} (\n  {columns(orders)}\n) "
+        "ENGINE = ReplacingMergeTree(version) PARTITION BY toYYYYMM(arrival_ts) "
+        f"ORDER BY ({_SORTING_KEYS[ORDERS_TABLE]})",
+        MINUTES_TABLE: f"CREATE TABLE IF NOT EXISTS {database}.{MINUTES_TABLE} (\n  {columns(minutes)}\n) "
+        "ENGINE = ReplacingMergeTree(version) PARTITION BY toYYYYMM(minute) "
+        f"ORDER BY ({_SORTING_KEYS[MINUTES_TABLE]})",
+    }
+
+
+def minute_ranges(minutes: Iterable[int]) -> list[tuple[int, int]]:
+    """Minute starts (epoch ns) as sorted, merged `[start, end)` ranges."""
+    ranges: list[tuple[int, int]] = []
+    for start in sorted(set(minutes)):
+        if ranges and ranges[-1][1] == start:
+            ranges[-1] = (ranges[-1][0], start + MINUTE_NS)
+        else:
+            ranges.append((start, start + MINUTE_NS))
+    return ranges
+
+
+class ExecutionStore:
+    """The service's ClickHouse tables: fills, orders and the per-minute rollup.
+
+    `refresh_minutes` recomputes the rollup rows of some minutes from the fills table
+    (FINAL, so each fill counts once at its newest version) and writes them with a
+    newer version: the rollup is always a function of the fills table, never a running
+    total that a rewrite or a replay could double. The writer calls it after each fills
+    insert, for the minutes that insert touched."""
+
+    def __init__(self, clickhouse: ClickHouseStore, database: str):
+        self.clickhouse = clickhouse
+        self.database = database
+
+    @property
+    def location(self) -> str:
+        return self.clickhouse.location
+
+    async def ping(self) -> bool:
+        return await self.clickhouse.ping()
+
+    def table(self, name: str) -> str:
+        return f"{self.database}.{name}"
+
+    async def create_schema(self) -> None:
+        """Create the database and tables if missing; migrate a table an older version
+        created with another sorting key; fill a new rollup from the fills held."""
+        ch = self.clickhouse
+        try:
+            await ch.command(f"CREATE DATABASE IF NOT EXISTS {self.database}")
+        except ClickHouseError:
+            # A server account without the right to create databases: fine if it exists.
+            if not await ch.command(f"EXISTS DATABASE {self.database}"):
+                raise
+        existing = {
+            name: key
+            for name, key in (
+                await ch.query(
+                    "SELECT name, sorting_key FROM system.tables WHERE database = {db:String}", {"db": self.database}
+                )
+            ).rows
+        }
+        statements = schema_sql(self.database)
+        for name in (FILLS_TABLE, ORDERS_TABLE):
+            if name in existing and existing[name] != _SORTING_KEYS[name]:
+                await self._migrate(name, statements[name])
+        for statement in statements.values():
+            await ch.command(statement)
+        if MINUTES_TABLE not in existing or existing.get(FILLS_TABLE) != _SORTING_KEYS[FILLS_TABLE]:
+            await self._refresh(None, time.time_ns())  # the rollup of what the fills table already holds
+
+    async def _migrate(self, name: str, create: str) -> None:
+        """Copy a table into the current layout, marking settled rows' versions."""
+        ch, target, fresh = self.clickhouse, self.table(name), self.table(f"{name}__migrating")
+        settled, everything = ("complete", FILL_ALL) if name == FILLS_TABLE else ("is_final", ORDER_ALL)
+        columns = [c.name for c in (FILL_COLUMNS if name == FILLS_TABLE else ORDER_COLUMNS)]
+        log.warning("migrating %s to ORDER BY (%s)", target, _SORTING_KEYS[name])
+        await ch.command(f"DROP TABLE IF EXISTS {fresh}")
+        await ch.command(create.replace(f"{target} (", f"{fresh} (", 1))
+        # The old layout had no progress column: a settled row has decided everything.
+        select = ", ".join(columns[:-2]) + (
+            f", if({settled} = 1, {everything}, 0), if({settled} = 1, bitOr(version, {SETTLED}), version)"
+        )
+        await ch.command(f"INSERT INTO {fresh} ({', '.join(columns)}) SELECT {select} FROM {target}")
+        await ch.command(f"RENAME TABLE {target} TO {target}__old, {fresh} TO {target}")
+        await ch.command(f"DROP TABLE {target}__old")
+
+    async def insert(self, name: str, data: Any) -> int:
+        """One Arrow insert into `name` (FILLS_TABLE or ORDERS_TABLE)."""
+        return await self.clickhouse.insert_arrow(self.table(name), data)
+
+    async def stored_progress(
+        self, fills: dict[str, int], orders: dict[str, int]
+    ) -> tuple[dict[str, Progress], dict[str, Progress]]:
+        """How far along the stored rows of these fills and orders (id -> time) are."""
+
+        async def read(table: str, id_column: str, time_column: str, ids: dict[str, int], extra: str):
+            if not ids:
+                return []
+            result = await self.clickhouse.query(
+                f"SELECT {id_column}, progress{extra} FROM {self.table(table)} FINAL "
+                f"WHERE {time_column} >= fromUnixTimestamp64Nano({{first:Int64}}, 'UTC') "
+                f"AND {time_column} <= fromUnixTimestamp64Nano({{last:Int64}}, 'UTC') "
+                f"AND {id_column} IN {{ids:Array(String)}}",
+                {"first": min(ids.values()), "last": max(ids.values()), "ids": list(ids)},
+            )
+            return result.rows
+
+        stored_fills = {
+            key: (progress, 0, False) for key, progress in await read(FILLS_TABLE, "fill_id", "ts", fills, "")
+        }
+        stored_orders = {
+            key: (progress, joined, bool(ended))
+            for key, progress, joined, ended in await read(
+                ORDERS_TABLE, "order_id", "arrival_ts", orders, ", fills, end_ts IS NOT NULL"
+            )
+        }
+        return stored_fills, stored_orders
+
+    async def refresh_minutes(self, minutes: Iterable[int], version: int) -> None:
+        """Recompute the rollup rows of these minutes (epoch-ns starts)."""
+        ranges = minute_ranges(minutes)
+        if ranges:
+            await self._refresh(ranges, version)
+
+    async def _refresh(self, ranges: list[tuple[int, int]] | None, version: int) -> None:
+        where = ""
+        if ranges is not None:
+            # Integers computed here, not user input: inlined, and the primary key (ts
+            # first) narrows the read to these minutes.
+            where = " WHERE " + " OR ".join(
+                f"(ts >= fromUnixTimestamp64Nano(toInt64({start}), 'UTC') "
+                f"AND ts < fromUnixTimestamp64Nano(toInt64({end}), 'UTC'))"
+                for start, end in ranges
+            )
+        names = ", ".join(name for name, _, _ in MINUTE_AGGREGATES)
+        aggregates = ", ".join(expr for _, _, expr in MINUTE_AGGREGATES)
+        keys = ", ".join(MINUTE_KEYS)
+        await self.clickhouse.command(
+            f"INSERT INTO {self.table(MINUTES_TABLE)} (minute, {keys}, {names}, version) "
+            f"SELECT toStartOfMinute(ts) AS minute, {keys}, {aggregates}, toUInt64({int(version)}) "
+            f"FROM {self.table(FILLS_TABLE)} FINAL{where} GROUP BY minute, {keys}"
+        )
 
 
 def arrow_table(columns: tuple[Column, ...], rows: list[tuple]):
@@ -1121,62 +1539,72 @@ def arrow_table(columns: tuple[Column, ...], rows: list[tuple]):
 class SinkStats:
     fill_rows: int = 0
     order_rows: int = 0
-    writes: int = 0
+    writes: int = 0  # inserts and rollup refreshes that succeeded
     write_errors: int = 0
-    consecutive_failures: int = 0  # failed attempts since the last successful insert
+    consecutive_failures: int = 0  # failed attempts since the last successful one
     last_error: str | None = None
-    last_write_seconds: float = 0.0
+    last_write_seconds: float = 0.0  # the last whole write (inserts and refresh)
     write_seconds_total: float = 0.0
+    rows_held: int = 0  # rows not written: ClickHouse has them further along (after a restart)
 
 
 class ExecutionSink:
-    """Writes the tracker's changed fills and orders to ClickHouse: batched, retried,
-    off the agents' path.
+    """Writes changed fills and orders to ClickHouse, then persists them.
 
-    Why the agents do not wait for ClickHouse: the fills and orders tables are the
-    truth and the ClickHouse rows a projection of them. An agent's commit makes its
-    table changes durable (the changelog) before it acknowledges; this writer then
-    turns the changed entries into rows, one insert per table for everything changed
-    since its last write (every `interval_s`, sooner once `batch_rows` wait). If the
-    process dies before a change reached ClickHouse, the next start rewrites every
-    entry the tables hold (`ExecutionTracker.reevaluate_all`), and pruning never
-    forgets an entry whose row is not written yet. So every acknowledged event's rows
-    reach ClickHouse, and inserts are as large as the backlog instead of two small ones
-    per agent batch (an embedded chdb insert costs ~10-50 ms whatever its size).
+    One writer task does every write, so writes never overlap and each one takes
+    everything changed so far (`ExecutionTracker.take_changes`): rows built from those
+    states, one Arrow insert per table, then the states persisted to the tables
+    (`ExecutionTracker.persist`). A write runs when an agent asks for one
+    (`write_through`), when `batch_rows` changes wait, or every `interval_s`. A failing
+    step is retried with back-off, never dropped; the steps already done are not
+    repeated.
 
-    Backpressure: `after_batch` holds an agent (its batch unacknowledged, the server
-    told it is in progress) while more than `max_unwritten` rows wait, e.g. while
-    ClickHouse is down; a failing write is retried with back-off, never dropped.
+    The per-minute rollup follows the fills table at most `interval_s` behind: the
+    minutes a write touched become stale, and the writer refreshes all stale minutes in
+    one statement once per `interval_s` (not once per write: a busy minute is
+    recomputed once a second, not once per batch). Should the process die first, the
+    restart refreshes the minutes of every fill it holds, and retention keeps the fills
+    of stale minutes.
+
+    `write_through` is how the orders and fills agents acknowledge only what is in
+    ClickHouse: it returns once a write that started after the call has finished (it
+    covers every change made before the call), telling the server the agent's batch
+    is in progress while it waits. `after_market_batch` is the quote and trade agents'
+    end of batch: persist the book and tape, wake the writer when enough rows wait,
+    and hold the agent while more than `max_unwritten` do (ClickHouse down).
     """
 
     BACKOFF_S = (0.2, 0.5, 1, 2, 5, 10)
+    KEEP_ALIVE_S = 5.0  # how often a waiting agent tells the server its batch is in progress
 
     def __init__(
         self,
         tracker: ExecutionTracker,
-        database: str,
         *,
         interval_s: float = 1.0,
         batch_rows: int = 1000,
         max_unwritten: int = 100_000,
     ):
         self.tracker = tracker
-        self.database = database
         self.interval_s = interval_s
         self.batch_rows = batch_rows
         self.max_unwritten = max_unwritten
-        self.store: ClickHouseStore | None = None
+        self.store: ExecutionStore | None = None
         self.stats = SinkStats()
-        self._lock = asyncio.Lock()
-        self._last_version = 0
+        self.stale_minutes: set[int] = set()  # rollup minutes to refresh (epoch-ns starts)
+        self._last_refresh = 0.0
+        self._last_clock = 0
         self._attached = asyncio.Event()
         self._wake = asyncio.Event()
         self._written = asyncio.Event()
+        self._lock = asyncio.Lock()
+        # Resolved by the next write to take its changes: what `write_through` waits for.
+        self._next_write: asyncio.Future | None = None
         self._task: asyncio.Task | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def attach(self, store: ClickHouseStore) -> None:
+    def attach(self, store: ExecutionStore) -> None:
         self.store = store
         self._attached.set()
         self._wake.set()
@@ -1189,8 +1617,8 @@ class ExecutionSink:
         self._task = asyncio.create_task(self._run(), name="execution:writer")
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """Stop the writer, then try once more to write what is left (a restart
-        rewrites it anyway when ClickHouse does not answer in time)."""
+        """Stop the writer, then try once more to write what is left (what does not
+        make it is not persisted either: a restart re-derives it)."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -1198,8 +1626,11 @@ class ExecutionSink:
         if self.store is not None:
             try:
                 await asyncio.wait_for(self.flush(), timeout)
+                await asyncio.wait_for(self.refresh_rollup(), timeout)
             except (asyncio.TimeoutError, Exception):
-                log.warning("the last ClickHouse write did not finish; the next start rewrites it")
+                log.warning("the last ClickHouse write did not finish; a restart re-derives it")
+        if self._next_write is not None and not self._next_write.done():
+            self._next_write.cancel()
 
     async def _run(self) -> None:
         while True:
@@ -1210,6 +1641,8 @@ class ExecutionSink:
             self._wake.clear()
             try:
                 await self.flush()
+                if self.stale_minutes and time.monotonic() - self._last_refresh >= self.interval_s:
+                    await self.refresh_rollup()
             except asyncio.CancelledError:
                 raise
             except Exception:  # flush retries ClickHouse itself: this is a bug, keep writing
@@ -1217,12 +1650,24 @@ class ExecutionSink:
                 await asyncio.sleep(self.BACKOFF_S[-1])
 
     def unwritten(self) -> int:
-        t = self.tracker
-        return len(t.dirty_fills) + len(t.dirty_orders) + len(t.writing_fills) + len(t.writing_orders)
+        return self.tracker.unwritten()
 
-    async def after_batch(self, stream: Stream) -> None:
-        """An agent's batch is handled: wake the writer when enough rows wait, and hold
-        the agent while too many do."""
+    # -- what the agents call ------------------------------------------------------------------
+
+    async def write_through(self, stream: Stream | None = None) -> None:
+        """Return once every change made before this call is written and persisted."""
+        if self._next_write is None:
+            self._next_write = asyncio.get_running_loop().create_future()
+        done = self._next_write
+        self._wake.set()
+        while not done.done():
+            finished, _ = await asyncio.wait({done}, timeout=self.KEEP_ALIVE_S)
+            if not finished and stream is not None:
+                await stream.keep_alive()
+        done.result()
+
+    async def after_market_batch(self, stream: Stream) -> None:
+        self.tracker.persist_market()
         if self.unwritten() >= self.batch_rows:
             self._wake.set()
         while self.unwritten() > self.max_unwritten:
@@ -1230,29 +1675,50 @@ class ExecutionSink:
             await stream.keep_alive()
             self._written.clear()
             try:
-                await asyncio.wait_for(self._written.wait(), timeout=5)
+                await asyncio.wait_for(self._written.wait(), timeout=self.KEEP_ALIVE_S)
             except asyncio.TimeoutError:
                 pass
 
     # -- writing ---------------------------------------------------------------------------
 
-    async def _wait_for_store(self) -> ClickHouseStore:
-        """Until ClickHouse is connected (start-up): not an error, just a wait."""
-        while self.store is None:
-            await self._attached.wait()
-        return self.store
+    def _clock(self) -> int:
+        """A nanosecond clock, strictly increasing in the process (below bit 62)."""
+        self._last_clock = max(self._last_clock + 1, time.time_ns())
+        return self._last_clock
 
-    def _next_version(self) -> int:
-        self._last_version = max(self._last_version + 1, time.time_ns())
-        return self._last_version
+    async def flush(self) -> None:
+        """Write everything changed now; returns once it is written and persisted."""
+        async with self._lock:
+            waiting, self._next_write = self._next_write, None
+            taken = self.tracker.take_changes()
+            try:
+                if taken:
+                    await self._write(taken)
+            except BaseException:
+                self.tracker.restore_changes(taken)
+                if waiting is not None:  # the next write covers them
+                    self._hand_over(waiting)
+                raise
+            self.tracker.persist(taken)
+            if waiting is not None and not waiting.done():
+                waiting.set_result(None)
+            self._written.set()
 
-    def _rows(self, ids: Iterable[str], build: Callable[[str, int], tuple | None], version: int) -> list[tuple]:
-        rows = []
-        for key in ids:
-            row = build(key, version)
-            if row is not None:
-                rows.append(row)
-        return rows
+    async def refresh_rollup(self) -> None:
+        """Recompute the stale rollup minutes from the fills table (one statement)."""
+        async with self._lock:
+            minutes = set(self.stale_minutes)
+            if minutes:
+                clock = self._clock()
+                await self._retrying("rollup refresh", lambda store: store.refresh_minutes(minutes, clock))
+                self.stale_minutes -= minutes
+            self._last_refresh = time.monotonic()
+
+    def _hand_over(self, waiting: asyncio.Future) -> None:
+        if self._next_write is None:
+            self._next_write = waiting
+        else:
+            self._next_write.add_done_callback(lambda f: waiting.done() or waiting.set_result(None))
 
     def rows_to_arrow(self, columns: tuple[Column, ...], rows: list[tuple]):
         """One Arrow table for the rows. Nearly always every exact value fits its column
@@ -1271,48 +1737,43 @@ class ExecutionSink:
                 log.error("execution row %s cannot be written: %s", row[0], row)
         return arrow_table(columns, fitted)
 
-    async def flush(self) -> None:
-        """Write every changed fill and order now; returns once they are written."""
-        async with self._lock:
-            fill_ids, order_ids = self.tracker.begin_write()
-            if not fill_ids and not order_ids:
-                return
-            try:
-                version = self._next_version()
-                fills = self._rows(fill_ids, self.tracker.fill_row, version)
-                orders = self._rows(order_ids, self.tracker.order_row, version)
-                await self._write(fills, orders)
-            except BaseException:
-                self.tracker.abort_write()
-                raise
-            self.tracker.end_write()
-            self._written.set()
-
-    async def _write(self, fills: list[tuple], orders: list[tuple]) -> None:
-        payload = []
+    async def _write(self, taken: PendingWrite) -> None:
+        tracker = self.tracker
+        started = time.perf_counter()
+        unverified = tracker.unverified(taken)
+        if unverified[0] or unverified[1]:
+            # After a restart: never write over a row ClickHouse has further along.
+            stored = await self._retrying("read", lambda store: store.stored_progress(*unverified))
+            tracker.hold(unverified, *stored)
+        clock = self._clock()
+        written = [st for key, st in taken.fills.items() if tracker.writable_fill(key, st)]
+        order_states = [st for key, st in taken.orders.items() if tracker.writable_order(key, st)]
+        self.stats.rows_held += len(taken.fills) - len(written) + len(taken.orders) - len(order_states)
+        fills = [tracker.fill_row(st, clock) for st in written]
+        orders = [row for row in (tracker.order_row(st, clock) for st in order_states) if row is not None]
+        steps: list[tuple[str, Callable[[ExecutionStore], Any]]] = []
         if fills:
-            payload.append((FILLS_TABLE, self.rows_to_arrow(FILL_COLUMNS, fills)))
+            data = self.rows_to_arrow(FILL_COLUMNS, fills)
+            steps.append((FILLS_TABLE, lambda store: store.insert(FILLS_TABLE, data)))
         if orders:
-            payload.append((ORDERS_TABLE, self.rows_to_arrow(ORDER_COLUMNS, orders)))
-        payload = [(table, data) for table, data in payload if data.num_rows]
+            order_data = self.rows_to_arrow(ORDER_COLUMNS, orders)
+            steps.append((ORDERS_TABLE, lambda store: store.insert(ORDERS_TABLE, order_data)))
+        for table, step in steps:
+            await self._retrying(f"write to {table}", step)
+        self.stale_minutes.update(minute_of(st.fill.ts) for st in written)
+        elapsed = time.perf_counter() - started
+        self.stats.fill_rows += len(fills)
+        self.stats.order_rows += len(orders)
+        self.stats.last_write_seconds = elapsed
+        self.stats.write_seconds_total += elapsed
+
+    async def _retrying(self, what: str, step: Callable[[ExecutionStore], Any]) -> Any:
+        """Run one ClickHouse step until it succeeds, backing off between attempts."""
         attempt = 0
-        while payload:
+        while True:
             store = await self._wait_for_store()
-            started = time.perf_counter()
             try:
-                table, data = payload[0]
-                await store.insert_arrow(f"{self.database}.{table}", data)
-                payload.pop(0)
-                elapsed = time.perf_counter() - started
-                self.stats.writes += 1
-                self.stats.last_write_seconds = elapsed
-                self.stats.write_seconds_total += elapsed
-                if table == FILLS_TABLE:
-                    self.stats.fill_rows += data.num_rows
-                else:
-                    self.stats.order_rows += data.num_rows
-                self.stats.consecutive_failures = 0
-                attempt = 0
+                result = await step(store)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -1321,8 +1782,18 @@ class ExecutionSink:
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
                 delay = self.BACKOFF_S[min(attempt, len(self.BACKOFF_S) - 1)]
                 attempt += 1
-                log.warning("ClickHouse write failed (attempt %d), retrying in %ss: %s", attempt, delay, exc)
+                log.warning("ClickHouse %s failed (attempt %d), retrying in %ss: %s", what, attempt, delay, exc)
                 await asyncio.sleep(delay)
+                continue
+            self.stats.writes += 1
+            self.stats.consecutive_failures = 0
+            return result
+
+    async def _wait_for_store(self) -> ExecutionStore:
+        """Until ClickHouse is connected (start-up): not an error, just a wait."""
+        while self.store is None:
+            await self._attached.wait()
+        return self.store
 
 
 # -- agents ------------------------------------------------------------------------------------
@@ -1344,50 +1815,68 @@ def register_agents(
     *,
     batch_size: int,
     within_s: float,
+    market_within_s: float | None = None,
 ) -> None:
-    """One agent per input stream. Each folds a batch into the tracker and wakes the
-    waiters; asking for the next batch then commits the tables and acknowledges.
-    ClickHouse rows follow from the tables (see `ExecutionSink`)."""
+    """One agent per input stream; each folds a batch into the tracker and wakes the
+    waiters, and asking for the next batch commits the tables and acknowledges.
 
-    async def finish(stream: Stream) -> None:
+    Orders and fills: the batch's rows are written to ClickHouse and persisted before
+    the commit (`write_through`): one insert per table per batch, or fewer when
+    concurrent batches share a write. `within_s` is how long they gather a batch.
+    Quotes and trades: their book and tape entries are persisted at the end of the
+    batch; the rows they change follow with the writer (see the module docstring).
+    `market_within_s` (default `within_s`) keeps the join current on quiet streams.
+    """
+    market_within_s = within_s if market_within_s is None else market_within_s
+
+    async def trading_batch(stream: Stream, records, kind: str, handle: Callable[[Any, bool], None]) -> None:
+        replayed_up_to = tracker.replayed_up_to.get(kind, 0)
+        for record in records:
+            reason = unstorable_reason(record.value)
+            if reason is not None:
+                await stream.dead_letter(record.delivery, reason)
+                continue
+            handle(record.value, record.seq <= replayed_up_to)
         tracker.resolve_due()
-        await sink.after_batch(stream)
+        await sink.write_through(stream)
 
     @app.agent(channels.orders, name="orders")
     async def consume_orders(stream: Stream) -> None:
         async for records in stream.take_events(batch_size, within_s):
-            for record in records:
-                reason = unstorable_reason(record.value)
-                if reason is not None:
-                    await stream.dead_letter(record.delivery, reason)
-                    continue
-                tracker.on_order(record.value)
-            await finish(stream)
+            await trading_batch(stream, records, "orders", tracker.on_order)
 
     @app.agent(channels.fills, name="fills")
     async def consume_fills(stream: Stream) -> None:
         async for records in stream.take_events(batch_size, within_s):
-            for record in records:
-                reason = unstorable_reason(record.value)
-                if reason is not None:
-                    await stream.dead_letter(record.delivery, reason)
-                    continue
-                tracker.on_fill(record.value)
-            await finish(stream)
+            await trading_batch(stream, records, "fills", tracker.on_fill)
 
     @app.agent(channels.quotes, name="quotes")
     async def consume_quotes(stream: Stream) -> None:
-        async for records in stream.take_events(batch_size, within_s):
+        async for records in stream.take_events(batch_size, market_within_s):
             for record in records:
                 tracker.on_quote(record.value, record.seq)
-            await finish(stream)
+            tracker.resolve_due()
+            await sink.after_market_batch(stream)
 
     @app.agent(channels.market_trades, name="market_trades")
     async def consume_market_trades(stream: Stream) -> None:
-        async for records in stream.take_events(batch_size, within_s):
+        async for records in stream.take_events(batch_size, market_within_s):
             for record in records:
                 tracker.on_trade(record.value, record.seq)
-            await finish(stream)
+            tracker.resolve_due()
+            await sink.after_market_batch(stream)
+
+
+async def start_tracker(app: App, tracker: ExecutionTracker, channels: ExecutionChannels) -> None:
+    """What a (re)start does before the agents run: load the state the tables kept,
+    note where the trading streams end (events up to there may be redeliveries whose
+    rows a previous process wrote: compared before they are written), rebuild the
+    market-data history, then the waiting heaps. Nothing is rewritten as it was."""
+    tracker.load()
+    for kind, channel in (("orders", channels.orders), ("fills", channels.fills)):
+        tracker.replayed_up_to[kind] = (await app.transport.stream_state(channel.stream.name)).last_seq
+    await tracker.rebuild_history(app, channels.quotes, channels.market_trades)
+    tracker.reevaluate_all()
 
 
 @dataclass

@@ -1,12 +1,15 @@
 """execution_quality (port 8096): slippage and execution analytics stored in ClickHouse.
 
 Wiring: four agents (orders, fills, quotes, market trades) feed one
-`ExecutionTracker` (posttrade.agents.execution) whose state lives in changelog
-tables; an `ExecutionSink` writer turns changed fills and orders into batched
-ClickHouse inserts (`batch.size` rows or every `batch.interval_sec`). Two timers
-re-mark open orders to the latest mid and prune state nothing can change any more.
-`/metrics/execution` and `/analytics/summary` read ClickHouse (`FINAL`, so rewritten
-rows count once). docs/execution_quality.md documents formulas, joins and endpoints.
+`ExecutionTracker` (posttrade.agents.execution) whose state is persisted in changelog
+tables once its rows are in ClickHouse; an `ExecutionSink` writer does every write
+(one insert per table for everything changed, the rollup minutes refreshed): the
+orders and fills agents wait for it before acknowledging a batch, the market-data
+agents do not (see the agents module). Two timers re-mark open orders to the latest
+mid and prune state nothing can change any more. `/metrics/execution` reads the fill
+and order tables (`FINAL`: rewritten rows count once); `/analytics/summary` reads the
+per-minute rollup when the request's buckets and bounds are whole minutes, else the
+fills table. docs/execution_quality.md documents formulas, joins and endpoints.
 
 ClickHouse is the embedded chdb engine when `databases.clickhouse.dsn` is a `chdb://`
 dsn, else the server at `host:port` (or a `clickhouse://` / `http(s)://` dsn). A chdb
@@ -22,6 +25,7 @@ import asyncio
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -34,15 +38,18 @@ from starlette.requests import Request
 
 from ..agents.execution import (
     FILLS_TABLE,
+    MINUTE_NS,
+    MINUTES_TABLE,
     ORDERS_TABLE,
     ExecutionChannels,
     ExecutionSink,
+    ExecutionStore,
     ExecutionTracker,
     MarkTracker,
     TrackerSettings,
     declare_tables,
     register_agents,
-    schema_sql,
+    start_tracker,
 )
 from ..app import App
 from ..config import ClickHouseSection, ConfigError, ServiceConfig, _Section
@@ -59,8 +66,9 @@ from .wiring import new_app
 log = logging.getLogger(__name__)
 
 NS = 1_000_000_000
-# A partly filled agent batch is handled after this long: the join stays current on a
-# quiet stream (ClickHouse writes are batched separately, by `batch`).
+# A partly filled market-data batch is handled after this long: the join stays current
+# on a quiet stream. Orders and fills gather a batch for up to `batch.interval_sec`
+# (each of their batches waits for a ClickHouse write).
 AGENT_BATCH_WAIT_S = 0.2
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -173,19 +181,19 @@ class ExecutionQualityService:
         )
         self.sink = ExecutionSink(
             self.tracker,
-            self.database,
             interval_s=config.batch.interval_sec,
             batch_rows=config.batch.size,
             max_unwritten=ex.max_unwritten_rows,
         )
-        self.queries = ExecutionQueries(self.sink, self.database)
         self.store: ClickHouseStore | None = None
+        self.queries = ExecutionQueries(self.database, lambda: self.store)
         self.store_error: str | None = None
         self._connect_task: asyncio.Task | None = None
         self._marks = MarkTracker()
         register_agents(
             app, self.tracker, self.sink, self.channels,
-            batch_size=config.runtime.batch_size, within_s=min(AGENT_BATCH_WAIT_S, config.batch.interval_sec),
+            batch_size=config.runtime.batch_size, within_s=config.batch.interval_sec,
+            market_within_s=min(AGENT_BATCH_WAIT_S, config.batch.interval_sec),
         )
         app.on_startup.append(self._start)
         app.on_shutdown.append(self._stop)
@@ -199,9 +207,12 @@ class ExecutionQualityService:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def _start(self) -> None:
-        await self.tracker.rebuild_history(self.app, self.channels.quotes, self.channels.market_trades)
-        # Rewrites every fill and order held: covers rows a crash kept from ClickHouse.
-        self.tracker.reevaluate_all()
+        # No row is rewritten as it was: the tables only hold states whose rows are in
+        # ClickHouse. What the rebuilt history now decides is written as it progresses.
+        await start_tracker(self.app, self.tracker, self.channels)
+        # The rollup may have missed the last writes before a crash: redo the minutes
+        # of every fill held (retention keeps the fills of minutes not yet refreshed).
+        self.sink.stale_minutes |= self.tracker.fill_minutes()
         self.sink.start()
         self._connect_task = asyncio.create_task(self._connect(), name="execution_quality:clickhouse")
 
@@ -214,9 +225,10 @@ class ExecutionQualityService:
             store = None
             try:
                 store = await asyncio.to_thread(open_clickhouse, **options)
-                await self._create_schema(store)
+                tables = ExecutionStore(store, self.database)
+                await tables.create_schema()
                 self.store = store
-                self.sink.attach(store)
+                self.sink.attach(tables)
                 store = None  # owned by the service now: _stop closes it
                 self.store_error = None
                 log.info("ClickHouse ready at %s (database %s)", self.store.location, self.database)
@@ -233,17 +245,6 @@ class ExecutionQualityService:
                 attempt += 1
                 log.warning("ClickHouse not ready (%s); retrying in %ss", self.store_error, delay)
                 await asyncio.sleep(delay)
-
-    async def _create_schema(self, store: ClickHouseStore) -> None:
-        create_database, *tables = schema_sql(self.database)
-        try:
-            await store.command(create_database)
-        except ClickHouseError:
-            # A server account without the right to create databases: fine if it exists.
-            if not await store.command(f"EXISTS DATABASE {self.database}"):
-                raise
-        for statement in tables:
-            await store.command(statement)
 
     async def _stop(self) -> None:
         if self._connect_task is not None:
@@ -262,7 +263,10 @@ class ExecutionQualityService:
             self.tracker.mark_open_orders(moved)
 
     async def _prune(self) -> None:
-        self.tracker.prune()
+        # While rows cannot be written, keep the market-data history whole: what is
+        # decided but unwritten must stay re-derivable after a restart.
+        writing = self.sink.store is not None and self.sink.stats.consecutive_failures == 0
+        self.tracker.prune(history=writing, stale_minutes=self.sink.stale_minutes)
 
     async def _clickhouse_health(self) -> tuple[bool, Any]:
         if self.store is None:
@@ -280,6 +284,7 @@ class ExecutionQualityService:
             "failing_writes_in_a_row": stats.consecutive_failures,
             "last_error": stats.last_error,
             "unwritten_rows": self.sink.unwritten(),
+            "rollup_minutes_stale": len(self.sink.stale_minutes),
         }
 
     # -- pages -----------------------------------------------------------------------------------
@@ -374,6 +379,15 @@ class _ExecutionCollector:
         yield rows
         yield CounterMetricFamily("posttrade_execution_write_errors", "Failed ClickHouse writes (retried)", value=s.write_errors)
         yield CounterMetricFamily("posttrade_execution_rows_rejected", "Rows that could never be written", value=t.rows_rejected)
+        yield CounterMetricFamily(
+            "posttrade_execution_rows_held",
+            "Rows not written because ClickHouse has the row further along (after a restart)",
+            value=s.rows_held,
+        )
+        yield GaugeMetricFamily(
+            "posttrade_execution_rollup_minutes_stale", "Rollup minutes waiting for their refresh",
+            value=len(sink.stale_minutes),
+        )
         yield CounterMetricFamily(
             "posttrade_execution_write_seconds", "Time spent in ClickHouse writes", value=s.write_seconds_total
         )
@@ -565,15 +579,21 @@ class ExecutionQueries:
 
     Sums and exact quantiles come from ClickHouse as Decimals; the few divisions
     (means, weighted means, ratios) are done here exactly (ClickHouse's Decimal
-    division truncates at the dividend's scale)."""
+    division truncates at the dividend's scale).
 
-    def __init__(self, sink: ExecutionSink, database: str):
-        self.sink = sink
+    The fill half of a summary reads the per-minute rollup (`execution_fill_minutes`:
+    sums, counts and every slippage value per minute and account / symbol / venue /
+    side) when every bucket and bound is a whole number of minutes, since each minute
+    then lies wholly inside one bucket and inside or outside the bounds; otherwise it
+    reads the fills themselves. Both give the same numbers (a test compares them)."""
+
+    def __init__(self, database: str, connection: Callable[[], ClickHouseStore | None]):
         self.database = database
+        self.connection = connection
 
     @property
     def store(self) -> ClickHouseStore:
-        store = self.sink.store
+        store = self.connection()
         if store is None:
             raise ClickHouseError("ClickHouse is not connected")
         return store
@@ -594,8 +614,12 @@ class ExecutionQueries:
         rows = [{name: _out(kind, value) for (name, _, kind), value in zip(fields, row)} for row in result.rows]
         return int(total), rows
 
-    async def summary(self, filters: Filters, group_by: tuple[str, ...], bucket_ns: int | None) -> list[dict]:
-        fills = await self._fill_groups(filters, group_by, bucket_ns)
+    async def summary(
+        self, filters: Filters, group_by: tuple[str, ...], bucket_ns: int | None, *, use_rollup: bool = True
+    ) -> list[dict]:
+        """`use_rollup=False` reads the fills table even when the rollup could answer."""
+        rollup = use_rollup and whole_minutes(filters, bucket_ns)
+        fills = await self._fill_groups(filters, group_by, bucket_ns, rollup)
         orders = await self._order_groups(filters, group_by, bucket_ns)
         keys = sorted(set(fills) | set(orders), key=lambda k: tuple((v is None, v) for v in k))
         out = []
@@ -608,30 +632,48 @@ class ExecutionQueries:
             out.append(group)
         return out
 
-    def _group_sql(self, group_by: tuple[str, ...], bucket_ns: int | None, time_column: str) -> tuple[str, str]:
+    def _group_sql(self, group_by: tuple[str, ...], bucket_ns: int | None, time_ns: str) -> tuple[str, str]:
+        """SELECT prefix and GROUP BY of the keys; `time_ns` is the row's time in epoch ns."""
         exprs = list(group_by)
         if bucket_ns is not None:
-            exprs.append(
-                f"intDiv(toUnixTimestamp64Nano({time_column}), {{bucket_ns:Int64}}) * {{bucket_ns:Int64}}"
-            )
+            exprs.append(f"intDiv({time_ns}, {{bucket_ns:Int64}}) * {{bucket_ns:Int64}}")
         select = "".join(f"{e} AS g{i}, " for i, e in enumerate(exprs))
         group = (" GROUP BY " + ", ".join(f"g{i}" for i in range(len(exprs)))) if exprs else ""
         return select, group
 
-    async def _fill_groups(self, filters: Filters, group_by, bucket_ns) -> dict[tuple, dict]:
-        where, params = filters.where("ts")
-        select, group = self._group_sql(group_by, bucket_ns, "ts")
+    # The fill aggregates, in the order `_fill_groups` reads them: over the fills
+    # themselves, and the same figures over the rollup's per-minute partial sums.
+    _FILL_AGGREGATES = (
+        "count() AS n, sum(qty), sum(notional), sum(fee), "
+        "count(slippage_bps), sum(slippage_bps), quantilesExact(0.5, 0.95)(slippage_bps), "
+        "sum(slippage_cost), sum(arrival_notional), "
+        "count(effective_spread_bps), sum(effective_spread_bps), "
+        "count(markout_1s_bps), sum(markout_1s_bps), count(markout_5s_bps), sum(markout_5s_bps), "
+        "count(markout_60s_bps), sum(markout_60s_bps)"
+    )
+    _ROLLUP_AGGREGATES = (
+        "sum(fills) AS n, sum(qty), sum(notional), sum(fee), "
+        "sum(slippage_count), sum(slippage_sum), quantilesExactArray(0.5, 0.95)(slippage_values), "
+        "sum(slippage_cost), sum(arrival_notional), "
+        "sum(effective_spread_count), sum(effective_spread_sum), "
+        "sum(markout_1s_count), sum(markout_1s_sum), sum(markout_5s_count), sum(markout_5s_sum), "
+        "sum(markout_60s_count), sum(markout_60s_sum)"
+    )
+
+    async def _fill_groups(self, filters: Filters, group_by, bucket_ns, rollup: bool) -> dict[tuple, dict]:
+        if rollup:
+            table, time_column, time_ns, aggregates = (
+                MINUTES_TABLE, "minute", "toInt64(toUnixTimestamp(minute)) * 1000000000", self._ROLLUP_AGGREGATES
+            )
+        else:
+            table, time_column, time_ns, aggregates = (
+                FILLS_TABLE, "ts", "toUnixTimestamp64Nano(ts)", self._FILL_AGGREGATES
+            )
+        where, params = filters.where(time_column)
+        select, group = self._group_sql(group_by, bucket_ns, time_ns)
         if bucket_ns is not None:
             params["bucket_ns"] = bucket_ns
-        sql = (
-            f"SELECT {select}count() AS n, sum(qty), sum(notional), sum(fee), "
-            "count(slippage_bps), sum(slippage_bps), quantilesExact(0.5, 0.95)(slippage_bps), "
-            "sum(slippage_cost), sum(arrival_notional), "
-            "count(effective_spread_bps), sum(effective_spread_bps), "
-            "count(markout_1s_bps), sum(markout_1s_bps), count(markout_5s_bps), sum(markout_5s_bps), "
-            "count(markout_60s_bps), sum(markout_60s_bps) "
-            f"FROM {self.database}.{FILLS_TABLE} FINAL{where}{group}"
-        )
+        sql = f"SELECT {select}{aggregates} FROM {self.database}.{table} FINAL{where}{group}"
         result = await self.store.query(sql, params)
         width = len(group_by) + (bucket_ns is not None)
         groups = {}
@@ -665,7 +707,7 @@ class ExecutionQueries:
 
     async def _order_groups(self, filters: Filters, group_by, bucket_ns) -> dict[tuple, dict]:
         where, params = filters.where("arrival_ts")
-        select, group = self._group_sql(group_by, bucket_ns, "arrival_ts")
+        select, group = self._group_sql(group_by, bucket_ns, "toUnixTimestamp64Nano(arrival_ts)")
         if bucket_ns is not None:
             params["bucket_ns"] = bucket_ns
         sql = (
@@ -703,6 +745,13 @@ class ExecutionQueries:
                 "time_to_last_fill_ns": {"count": last_n, "mean": last_sum // last_n if last_n else None},
             }
         return groups
+
+
+def whole_minutes(filters: Filters, bucket_ns: int | None) -> bool:
+    """Whether the rollup answers exactly: buckets and bounds on whole minutes."""
+    return all(
+        value is None or value % MINUTE_NS == 0 for value in (bucket_ns, filters.from_ns, filters.to_ns)
+    )
 
 
 _EMPTY_FILLS = {"count": 0}

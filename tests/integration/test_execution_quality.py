@@ -2,9 +2,11 @@
 
 The worked example of docs/execution_quality.md goes through NATS, the four agents and
 ClickHouse, and comes back out of `/metrics/execution` and `/analytics/summary` with the
-numbers the document prints. Then: a replay through a fresh service and a restart leave
-one row per fill and order, and `posttrade worker execution_quality` serves it all as a
-process.
+numbers the document prints. Then: a restart after a crash that left ClickHouse ahead of
+the changelog never shows a settled row unsettled (the rows are polled all through it),
+a replay through a fresh service leaves one row per fill and order, the summary's two
+sources (per-minute rollup, fills table) agree with a Python reference, an older table
+layout is migrated, and `posttrade worker execution_quality` serves it all as a process.
 
 Every test uses its own namespace (streams `<NS>_FILLS`, ... on `<ns>.trading.fills.>`,
 ...), service name (changelog buckets) and ClickHouse database, and removes its streams
@@ -28,6 +30,7 @@ import httpx
 import nats
 import pytest
 
+from posttrade.agents.execution import SETTLED
 from posttrade.config import load_config
 from posttrade.services import execution_quality as eq
 from posttrade.stores import clickhouse as clickhouse_store
@@ -235,41 +238,183 @@ async def test_worked_example_end_to_end(stack, chdb_location):
         await cleanup(stack.nats_url, names, [names.service])
 
 
-async def test_restart_and_replay_leave_one_row_per_fill_and_order(stack, chdb_location):
+BUCKETS = ("fills", "orders", "quote_book", "tape")
+
+
+async def changelog_snapshot(nats_url: str, service: str) -> dict[str, dict[str, bytes]]:
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    snapshot: dict[str, dict[str, bytes]] = {}
+    try:
+        for table in BUCKETS:
+            kv = await js.key_value(f"{service}-{table}")
+            try:
+                keys = await kv.keys()
+            except nats.js.errors.NoKeysError:
+                keys = []
+            snapshot[table] = {key: (await kv.get(key)).value for key in keys}
+    finally:
+        await nc.close()
+    return snapshot
+
+
+async def restore_changelog(nats_url: str, service: str, snapshot: dict[str, dict[str, bytes]]) -> None:
+    """Put the changelog back as it was at `snapshot` (what a crash can leave behind)."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    try:
+        for table, entries in snapshot.items():
+            kv = await js.key_value(f"{service}-{table}")
+            try:
+                keys = await kv.keys()
+            except nats.js.errors.NoKeysError:
+                keys = []
+            for key in keys:
+                if key not in entries:
+                    await kv.delete(key)
+            for key, value in entries.items():
+                await kv.put(key, value)
+    finally:
+        await nc.close()
+
+
+async def redeliver_market_data(nats_url: str, names: Names) -> None:
+    """Forget the market-data consumers: the next start reads those streams from the start."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    try:
+        prefix = names.namespace.upper()
+        await js.delete_consumer(f"{prefix}_QUOTES", f"{names.service}-quotes")
+        await js.delete_consumer(f"{prefix}_TRADES", f"{names.service}-market_trades")
+    finally:
+        await nc.close()
+
+
+class RowWatcher:
+    """Polls /metrics/execution (orders and fills) until stopped, keeping every answer."""
+
+    def __init__(self, client: httpx.AsyncClient):
+        self.client = client
+        self.orders: list[dict] = []
+        self.fills: list[dict] = []
+        self._task = asyncio.create_task(self._poll())
+
+    async def _poll(self) -> None:
+        while True:
+            for url, seen in (("/metrics/execution?level=order", self.orders), ("/metrics/execution", self.fills)):
+                response = await self.client.get(url)
+                if response.status_code == 503:  # ClickHouse not connected yet
+                    continue
+                assert response.status_code == 200, response.text
+                seen += response.json()["rows"]
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        if self._task.done():
+            self._task.result()  # a failed poll fails the test
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+def assert_settled_throughout(watcher: RowWatcher) -> None:
+    assert watcher.orders and watcher.fills, "the rows were polled"
+    assert all(row["is_final"] for row in watcher.orders), [r for r in watcher.orders if not r["is_final"]][:1]
+    assert all(row["complete"] for row in watcher.fills), [r for r in watcher.fills if not r["complete"]][:1]
+
+
+async def rows_written_since(store, database: str, clock_ns: int) -> tuple[list, list]:
+    """Every row version written after `clock_ns` (not only the newest: FINAL is not used)."""
+    since = {"clock": clock_ns, "mask": SETTLED - 1}
+    newer = "WHERE bitAnd(version, {mask:UInt64}) > {clock:UInt64}"
+    orders = (await store.query(f"SELECT order_id, is_final FROM {database}.execution_orders {newer}", since)).rows
+    fills = (await store.query(f"SELECT fill_id, complete FROM {database}.execution_fills {newer}", since)).rows
+    return orders, fills
+
+
+async def test_restart_behind_clickhouse_never_unsettles_a_row_and_a_replay_leaves_one_row_each(stack, chdb_location):
     names = Names()
     env = names.env(stack.nats_url, f"chdb://{chdb_location}")
     replay_name = names.service + "r"
+    events = example_events()
     try:
         service = eq.build_service(load_config("execution_quality", eq.CONFIG, env=env))
         async with service.app, web_client(service.app) as client:
             await connected(service)
-            await publish(stack.nats_url, names, example_events(), streams=("quotes", "trades", "orders", "fills"))
+            # Orders and fills first: their rows are written, unsettled (no market data yet).
+            await publish(stack.nats_url, names, events, streams=("orders", "fills"))
+            await eventually(
+                lambda: get_json(client, "/metrics/execution?level=order"),
+                lambda b: b["total"] == 1 and b["rows"][0]["fills"] == 2 and not b["rows"][0]["is_final"],
+            )
+            await eventually(lambda: get_json(client, "/metrics/execution"), lambda b: b["total"] == 2)
+            await eventually(lambda: asyncio.sleep(0, service.sink.unwritten()), lambda n: n == 0)
+            before_market_data = await changelog_snapshot(stack.nats_url, names.service)
+            # The market data settles every row.
+            await publish(stack.nats_url, names, events, streams=("trades", "quotes"))
             first_orders = await eventually(lambda: get_json(client, "/metrics/execution?level=order"), order_final)
             first_fills = await eventually(lambda: get_json(client, "/metrics/execution"), fills_complete)
 
-        # A restart rewrites every row it holds (new versions, same values).
+        # A crash lost every changelog entry written since the market data came: the
+        # restart starts with unsettled states while ClickHouse has the settled rows
+        # (and, here, no market data to settle them again). It must write none of them.
+        await restore_changelog(stack.nats_url, names.service, before_market_data)
+        restart_clock = time.time_ns()
         service = eq.build_service(load_config("execution_quality", eq.CONFIG, env=env))
         async with service.app, web_client(service.app) as client:
-            await connected(service)
-            written = service.sink.stats
-            await eventually(lambda: asyncio.sleep(0, written.fill_rows), lambda n: n >= 2)
-            # Known defect: right after a restart the order row can be rewritten before the
-            # market-trade history is rebuilt, briefly showing it unsettled (is_final false,
-            # market VWAP null). It settles again; wait for that, then compare.
-            await eventually(lambda: get_json(client, "/metrics/execution?level=order"), lambda b: b == first_orders)
+            assert not service.tracker.orders["O1"].final and not service.tracker.fills["F2"].complete
+            watcher = RowWatcher(client)
+            try:
+                await connected(service)
+                await asyncio.sleep(1.0)  # ten writer intervals
+            finally:
+                await watcher.stop()
+            assert_settled_throughout(watcher)
+            assert await rows_written_since(service.store, names.database, restart_clock) == ([], [])
+            assert await get_json(client, "/metrics/execution?level=order") == first_orders
+
+        # The same changelog, and now the market data is delivered again too: the state
+        # settles batch by batch, and only settled rows reach ClickHouse on the way.
+        await redeliver_market_data(stack.nats_url, names)
+        restart_clock = time.time_ns()
+        service = eq.build_service(load_config("execution_quality", eq.CONFIG, env=env))
+        async with service.app, web_client(service.app) as client:
+            watcher = RowWatcher(client)
+            try:
+                await connected(service)
+                tracker = service.tracker
+                await eventually(
+                    lambda: asyncio.sleep(0, (tracker.stats.quotes, tracker.stats.market_trades,
+                                              tracker.orders["O1"].final, service.sink.unwritten())),
+                    lambda s: s == (8, 6, True, 0),
+                )
+                await asyncio.sleep(0.3)  # a few more polls after the state settled again
+            finally:
+                await watcher.stop()
+            assert_settled_throughout(watcher)
+            orders_written, fills_written = await rows_written_since(service.store, names.database, restart_clock)
+            assert all(final for _, final in orders_written) and all(done for _, done in fills_written)
+            assert await get_json(client, "/metrics/execution?level=order") == first_orders
             assert await get_json(client, "/metrics/execution") == first_fills
 
         # A replay of the whole history through a fresh service (new consumers, empty
-        # tables) computes every row again; ClickHouse still has one of each.
+        # tables) computes every row again; ClickHouse still has one of each, and no
+        # settled row was written over with an unsettled one on the way.
         replay_env = {**env, "POSTTRADE_EXECUTION_QUALITY__SERVICE__NAME": replay_name}
+        replay_clock = time.time_ns()
         replay = eq.build_service(load_config("execution_quality", eq.CONFIG, env=replay_env))
         async with replay.app, web_client(replay.app) as client:
             await connected(replay)
-            await eventually(lambda: asyncio.sleep(0, replay.tracker.stats.quotes), lambda n: n == 8)
-            await eventually(lambda: asyncio.sleep(0, replay.sink.stats.fill_rows), lambda n: n >= 2)
+            await eventually(
+                lambda: asyncio.sleep(0, (replay.tracker.stats.quotes, replay.tracker.stats.fills,
+                                          bool(replay.tracker.orders.get("O1") and replay.tracker.orders["O1"].final),
+                                          replay.sink.unwritten())),
+                lambda s: s == (8, 2, True, 0),
+            )
             assert await get_json(client, "/metrics/execution?level=order") == first_orders
             assert await get_json(client, "/metrics/execution") == first_fills
             store = replay.store
+            orders_written, fills_written = await rows_written_since(store, names.database, replay_clock)
+            assert all(final for _, final in orders_written) and all(done for _, done in fills_written)
             raw = (await store.query(f"SELECT count() FROM {names.database}.execution_fills")).scalar()
             final = (await store.query(f"SELECT count() FROM {names.database}.execution_fills FINAL")).scalar()
             assert raw > 2 and final == 2
@@ -322,35 +467,30 @@ async def test_worker_process_serves_the_service(stack, tmp_path):
     assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]
 
 
-class _Holder:
-    """What ExecutionQueries reads its store from (the sink, in the service)."""
-
-    def __init__(self, store):
-        self.store = store
-
-
 async def test_summary_sql_matches_a_python_reference(chdb_location):
     """Random fills (some without an arrival mid), each first written with wrong values
-    and an older version: the summary must see only the newest rows, group and bucket
-    them as documented, and compute mean, exact median/p95 (element ⌊q·n⌋ of the sorted
-    values) and the notional-weighted mean exactly."""
+    and an older version, through the service's own writes (fills table and rollup):
+    the summary must see only the newest rows, group and bucket them as documented, and
+    compute mean, exact median/p95 (element ⌊q·n⌋ of the sorted values) and the
+    notional-weighted mean exactly, from the per-minute rollup (whole-minute buckets
+    and bounds) and from the fills table (anything else) alike."""
     import random
     from decimal import Decimal as D
 
-    from posttrade.agents.execution import FILL_COLUMNS, arrow_table, schema_sql
+    from posttrade.agents.execution import FILL_COLUMNS, FILLS_TABLE, ExecutionStore, arrow_table
     from posttrade.core.exact import format_decimal, round_quotient
     from posttrade.core.execution import slippage_bps, slippage_cost, to_bps
 
     rng = random.Random(5)
     database = f"eqt_{uuid.uuid4().hex[:8]}"
     store = open_clickhouse(f"chdb://{chdb_location}")
+    tables = ExecutionStore(store, database)
     try:
-        for statement in schema_sql(database):
-            await store.command(statement)
-        rows, reference = [], {}
+        await tables.create_schema()
+        rows, fills = [], []
         for i in range(400):
             account, side = rng.choice(["A", "B", "C"]), rng.choice(["BUY", "SELL"])
-            ts = T0 + rng.randrange(0, 180) * 1_000_000_000
+            ts = T0 + rng.randrange(0, 180) * 1_000_000_000 + rng.randrange(0, 1000) * 1_000_000
             qty, price = D(rng.randrange(1, 500)), D(rng.randrange(9900, 10100)) / 100
             mid = None if i % 7 == 0 else D(rng.randrange(9900, 10100)) / 100
             bps = slippage_bps(side, price, mid) if mid is not None else None
@@ -359,40 +499,105 @@ async def test_summary_sql_matches_a_python_reference(chdb_location):
             row.update(fill_id=f"f{i}", account=account, symbol="S", venue="V", side=side, liquidity="", ts=ts,
                        qty=qty, price=price, fee=D(0), notional=qty * price, arrival_mid=mid,
                        arrival_notional=qty * mid if mid is not None else None, slippage_bps=bps,
-                       slippage_cost=cost, complete=1, version=2)
-            stale = {**row, "slippage_bps": D("999"), "slippage_cost": D("999"), "version": 1}
+                       slippage_cost=cost, complete=1, progress=31, version=2 | SETTLED)
+            stale = {**row, "slippage_bps": D("999"), "slippage_cost": D("999"), "complete": 0, "progress": 0,
+                     "version": 1}
             rows += [tuple(stale.values()), tuple(row.values())]
-            group = reference.setdefault((account, side, ts - ts % 60_000_000_000), [])
-            group.append(row)
+            fills.append(row)
         rng.shuffle(rows)
         for start in range(0, len(rows), 200):  # several parts, so FINAL has work to do
-            await store.insert_arrow(f"{database}.execution_fills", arrow_table(FILL_COLUMNS, rows[start:start + 200]))
+            chunk = rows[start:start + 200]
+            await tables.insert(FILLS_TABLE, arrow_table(FILL_COLUMNS, chunk))
+            await tables.refresh_minutes({r[7] - r[7] % 60_000_000_000 for r in chunk}, time.time_ns())
 
-        queries = eq.ExecutionQueries(_Holder(store), database)
-        groups = await queries.summary(eq.Filters(), ("account", "side"), 60_000_000_000)
-        assert len(groups) == len(reference)
-        for g in groups:
-            expected = reference[(g["account"], g["side"], g["bucket_start"])]
-            values = sorted(r["slippage_bps"] for r in expected if r["slippage_bps"] is not None)
-            n = len(values)
-            slip = g["fills"]["slippage_bps"]
-            assert g["fills"]["count"] == len(expected) and slip["count"] == n
-            if not n:
-                assert slip["mean"] is None and slip["median"] is None
-                continue
-            assert slip["mean"] == format_decimal(round_quotient(sum(values), D(n), 8))
-            assert slip["median"] == format_decimal(values[n // 2])
-            assert slip["p95"] == format_decimal(values[int(D("0.95") * n)])
-            weighted = to_bps(sum(r["slippage_cost"] for r in expected if r["slippage_cost"] is not None),
-                              sum(r["arrival_notional"] for r in expected if r["arrival_notional"] is not None))
-            assert slip["notional_weighted"] == format_decimal(weighted)
-            assert g["fills"]["notional"] == format_decimal(sum(r["notional"] for r in expected))
-        assert groups == sorted(groups, key=lambda g: (g["account"], g["side"], g["bucket_start"]))
+        def reference(bucket_ns, keep=lambda r: True):
+            groups = {}
+            for r in fills:
+                if keep(r):
+                    groups.setdefault((r["account"], r["side"], r["ts"] - r["ts"] % bucket_ns), []).append(r)
+            return groups
 
-        # Filters narrow the same query.
-        only = await queries.summary(eq.Filters(account="A", side="SELL", from_ns=T0, to_ns=T0 + 60_000_000_000), (), None)
-        expected = [r for (a, s, b), rs in reference.items() if a == "A" and s == "SELL" and b == T0 for r in rs]
+        def check(groups, expected_groups):
+            assert len(groups) == len(expected_groups)
+            for g in groups:
+                expected = expected_groups[(g["account"], g["side"], g["bucket_start"])]
+                values = sorted(r["slippage_bps"] for r in expected if r["slippage_bps"] is not None)
+                n = len(values)
+                slip = g["fills"]["slippage_bps"]
+                assert g["fills"]["count"] == len(expected) and slip["count"] == n
+                if not n:
+                    assert slip["mean"] is None and slip["median"] is None
+                    continue
+                assert slip["mean"] == format_decimal(round_quotient(sum(values), D(n), 8))
+                assert slip["median"] == format_decimal(values[n // 2])
+                assert slip["p95"] == format_decimal(values[int(D("0.95") * n)])
+                weighted = to_bps(sum(r["slippage_cost"] for r in expected if r["slippage_cost"] is not None),
+                                  sum(r["arrival_notional"] for r in expected if r["arrival_notional"] is not None))
+                assert slip["notional_weighted"] == format_decimal(weighted)
+                assert g["fills"]["notional"] == format_decimal(sum(r["notional"] for r in expected))
+            assert groups == sorted(groups, key=lambda g: (g["account"], g["side"], g["bucket_start"]))
+
+        queries = eq.ExecutionQueries(database, lambda: store)
+        minute = 60_000_000_000
+        from_rollup = await queries.summary(eq.Filters(), ("account", "side"), minute)
+        check(from_rollup, reference(minute))
+        assert await queries.summary(eq.Filters(), ("account", "side"), minute, use_rollup=False) == from_rollup
+        by_20s = await queries.summary(eq.Filters(), ("account", "side"), 20_000_000_000)  # not whole minutes
+        check(by_20s, reference(20_000_000_000))
+
+        # Filters narrow the same query, on both sources.
+        window = eq.Filters(account="A", side="SELL", from_ns=T0, to_ns=T0 + minute)
+        only = await queries.summary(window, (), None)
+        assert only == await queries.summary(window, (), None, use_rollup=False)
+        expected = [r for r in fills if r["account"] == "A" and r["side"] == "SELL" and T0 <= r["ts"] < T0 + minute]
         assert only[0]["fills"]["count"] == len(expected)
+        off_minute = eq.Filters(from_ns=T0 + 30_000_000_000)
+        assert eq.whole_minutes(window, minute) and not eq.whole_minutes(off_minute, None)
+        late = await queries.summary(off_minute, (), None)
+        assert late[0]["fills"]["count"] == sum(r["ts"] >= T0 + 30_000_000_000 for r in fills)
+    finally:
+        await store.command(f"DROP DATABASE IF EXISTS {database}")
+        await store.close()
+
+
+async def test_tables_of_the_older_layout_are_migrated(chdb_location):
+    """An older version created the tables sorted by (account, symbol, id), without
+    the progress column or the SETTLED bit, and no rollup: the start migrates them and
+    fills the rollup from what they hold."""
+    from posttrade.agents.execution import FILL_ALL, FILL_COLUMNS, ORDER_COLUMNS, ExecutionStore
+
+    database = f"eqt_{uuid.uuid4().hex[:8]}"
+    store = open_clickhouse(f"chdb://{chdb_location}")
+    try:
+        await store.command(f"CREATE DATABASE {database}")
+        old = lambda cols: ", ".join(f"{c.name} {c.clickhouse}" for c in cols if c.name != "progress")  # noqa: E731
+        await store.command(
+            f"CREATE TABLE {database}.execution_fills ({old(FILL_COLUMNS)}) ENGINE = ReplacingMergeTree(version) "
+            "PARTITION BY toYYYYMM(ts) ORDER BY (account, symbol, fill_id)"
+        )
+        await store.command(
+            f"CREATE TABLE {database}.execution_orders ({old(ORDER_COLUMNS)}) ENGINE = ReplacingMergeTree(version) "
+            "ORDER BY (account, symbol, order_id)"
+        )
+        await store.command(
+            f"INSERT INTO {database}.execution_fills (fill_id, account, symbol, venue, side, liquidity, ts, qty, price, fee, "
+            "notional, slippage_bps, complete, version) VALUES "
+            f"('F1', 'A', 'S', 'V', 'BUY', '', fromUnixTimestamp64Nano(toInt64({T0})), 2, 10, 0, 20, 5, 1, 7), "
+            f"('F2', 'A', 'S', 'V', 'BUY', '', fromUnixTimestamp64Nano(toInt64({T0 + 1})), 1, 10, 0, 10, NULL, 0, 7)"
+        )
+        await ExecutionStore(store, database).create_schema()
+        keys = dict((await store.query(
+            "SELECT name, sorting_key FROM system.tables WHERE database = {d:String}", {"d": database})).rows)
+        assert keys == {"execution_fills": "ts, fill_id", "execution_orders": "arrival_ts, order_id",
+                        "execution_fill_minutes": "minute, account, symbol, venue, side"}
+        rows = (await store.query(
+            f"SELECT fill_id, progress, version FROM {database}.execution_fills FINAL ORDER BY fill_id")).rows
+        assert rows == [("F1", FILL_ALL, 7 | SETTLED), ("F2", 0, 7)]
+        summary = await eq.ExecutionQueries(database, lambda: store).summary(eq.Filters(), (), None)
+        assert summary[0]["fills"]["count"] == 2 and summary[0]["fills"]["notional"] == "30"
+        assert summary[0]["fills"]["slippage_bps"]["median"] == "5"
+        await ExecutionStore(store, database).create_schema()  # the next start changes nothing
+        assert (await store.query(f"SELECT count() FROM {database}.execution_fills")).scalar() == 2
     finally:
         await store.command(f"DROP DATABASE IF EXISTS {database}")
         await store.close()

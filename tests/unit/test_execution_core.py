@@ -142,6 +142,23 @@ def test_bps_rounds_once_half_even_at_8_places():
         tca.to_bps(D("1"), D("0"))
 
 
+@settings(deadline=None, max_examples=500)
+@given(
+    numerator=st.decimals(allow_nan=False, allow_infinity=False, min_value=D("-1E+60"), max_value=D("1E+60")),
+    denominator=st.decimals(allow_nan=False, allow_infinity=False, min_value=D("1E-30"), max_value=D("1E+40")),
+    negative=st.booleans(),
+)
+def test_bps_is_the_true_quotient_rounded_once(numerator, denominator, negative):
+    """The fast division (to 64 digits rounding to odd, then half to even) gives exactly
+    the integer-arithmetic rounding of the true quotient, huge quotients included."""
+    from posttrade.core.exact import EXACT, round_quotient
+
+    denominator = -denominator if negative else denominator
+    expected = round_quotient(EXACT.multiply(numerator, D(10_000)), denominator, 8)
+    got = tca.to_bps(numerator, denominator)
+    assert got == expected and str(got) == str(expected)
+
+
 def test_side_must_be_buy_or_sell():
     with pytest.raises(ValueError):
         tca.side_sign("buy")

@@ -3,14 +3,16 @@
 The worked example of docs/execution_quality.md is fed through the tracker in many
 orders (fills before orders, quotes after fills, ...): the rows must always be the
 numbers the document prints. Then: late and duplicate events, quiet symbols, retention,
-and the agents on the in-memory transport across a restart and a redelivery.
+and the agents on the in-memory transport across a restart and a redelivery, including
+a crash that lost changelog entries whose rows ClickHouse already has (no row may
+become less settled).
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal as D
 from typing import Any
 
@@ -19,10 +21,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from posttrade.agents.execution import (
+    FILL_ALL,
     FILL_COLUMNS,
     FILLS_TABLE,
+    MINUTE_NS,
     ORDER_COLUMNS,
     ORDERS_TABLE,
+    SETTLED,
     BookEntry,
     ExecutionSink,
     ExecutionTables,
@@ -34,6 +39,7 @@ from posttrade.agents.execution import (
     arrow_table,
     declare_tables,
     register_agents,
+    start_tracker,
     unstorable_reason,
 )
 from posttrade.app import App
@@ -147,17 +153,16 @@ class Feeder:
 
 def written(tracker: ExecutionTracker) -> None:
     """As if the writer had written every changed row."""
-    tracker.begin_write()
-    tracker.end_write()
+    tracker.persist(tracker.take_changes())
 
 
 def fill_dict(tracker: ExecutionTracker, fill_id: str) -> dict:
-    row = tracker.fill_row(fill_id, 1)
+    row = tracker.fill_row(tracker.fills[fill_id], 1)
     return dict(zip((c.name for c in FILL_COLUMNS), row))
 
 
 def order_dict(tracker: ExecutionTracker, order_id: str) -> dict | None:
-    row = tracker.order_row(order_id, 1)
+    row = tracker.order_row(tracker.orders[order_id], 1)
     return None if row is None else dict(zip((c.name for c in ORDER_COLUMNS), row))
 
 
@@ -235,7 +240,7 @@ def test_rows_before_everything_is_known():
     row = fill_dict(tracker, "F1")
     assert row["slippage_bps"] is None and row["mid_at_fill"] is None and row["complete"] == 0
     assert order_dict(tracker, "O1") is None  # a placeholder until the NEW is seen
-    assert "F1" in tracker.dirty_fills and "O1" in tracker.dirty_orders
+    assert "F1" in tracker.changed_fills and "O1" in tracker.changed_orders
     feeder.feed("orders", events["orders"][0])
     for quote in events["quotes"][:3]:  # up to T0+1.2 s
         feeder.feed("quotes", quote)
@@ -305,13 +310,13 @@ def test_late_and_duplicate_market_data_change_nothing():
     tracker.on_quote(Quote(ts=T0 + NS, symbol="S", bid=D("50"), ask=D("60")), 2)  # redelivered seq
     tracker.on_quote(Quote(ts=T0 - NS, symbol="S", bid=D("1"), ask=D("2")), 3)  # older than the book: late
     assert tracker.quotes.value_at("S", T0) == D("11") and tracker.quotes.value_at("S", T0 + NS) == D("12")
-    assert tracker.tables.quote_book["S"].seq == 2
+    assert tracker.book["S"].seq == 2
     assert (tracker.stats.duplicate_quotes, tracker.stats.late_quotes) == (1, 1)
     tracker.on_trade(MarketTrade(ts=T0, symbol="S", price=D("10"), size=D("2")), 1)
     tracker.on_trade(MarketTrade(ts=T0, symbol="S", price=D("10"), size=D("2")), 1)
     tracker.on_trade(MarketTrade(ts=T0 - 1, symbol="S", price=D("99"), size=D("1")), 2)
     tracker.on_trade(MarketTrade(ts=T0 + 1, symbol="S", price=D("13"), size=D("1")), 3)
-    entry = tracker.tables.tape["S"]
+    entry = tracker.tape["S"]
     assert (entry.notional, entry.volume, entry.seq) == (D("33"), D("3"), 3)
     assert (tracker.stats.duplicate_trades, tracker.stats.late_trades) == (1, 1)
 
@@ -335,12 +340,12 @@ def test_a_crash_between_changelogs_is_repaired_by_the_redelivery():
     events = example_events()
     tracker.on_order(events["orders"][0])
     tracker.on_fill(events["fills"][0])
-    order = tracker.tables.orders["O1"]
-    tracker.tables.orders["O1"] = msgspec_replace(order, fill_ids=(), filled_qty=D(0), filled_notional=D(0), fees=D(0))
+    order = tracker.orders["O1"]
+    tracker.orders["O1"] = msgspec_replace(order, fill_ids=(), filled_qty=D(0), filled_notional=D(0), fees=D(0))
     tracker.on_fill(events["fills"][0])  # redelivered: a duplicate fill, but it rejoins its order
-    assert tracker.tables.orders["O1"].filled_qty == D("600")
+    assert tracker.orders["O1"].filled_qty == D("600")
     tracker.on_fill(events["fills"][0])
-    assert tracker.tables.orders["O1"].filled_qty == D("600")
+    assert tracker.orders["O1"].filled_qty == D("600")
 
 
 def msgspec_replace(struct, **changes):
@@ -352,9 +357,9 @@ def msgspec_replace(struct, **changes):
 def test_orders_seen_only_through_their_terminal_event():
     tracker = make_tracker()
     tracker.on_order(Order(ts=T0, order_id="R", account="A", symbol="S", side="SELL", qty=D("5"), status="REJECTED"))
-    state = tracker.tables.orders["R"]
+    state = tracker.orders["R"]
     assert state.end_ts == T0 and state.side == "SELL" and state.arrival_ts is None
-    assert tracker.order_row("R", 1) is None  # never written: its arrival is unknown
+    assert tracker.order_row(state, 1) is None  # never written: its arrival is unknown
 
 
 def test_unstorable_numbers_are_named():
@@ -375,9 +380,9 @@ def test_retention_forgets_finished_state_and_old_history():
     tracker.on_order(Order(ts=T0 + 60 * NS, order_id="OPEN", account="A", symbol="XYZ", side="BUY", qty=D("1")))
     written(tracker)
     tracker.prune()  # event time T0+70 s: nothing is 100 s old yet; history is cut at 40 s
-    assert set(tracker.tables.fills.keys()) == {"F1", "F2"}
+    assert set(tracker.fills) == {"F1", "F2"} and set(tracker.tables.fills.keys()) == {"F1", "F2"}
     assert tracker.quotes.points("XYZ") == 3  # the quote at +10 s still holds at +40 s, then 61 s, 70 s
-    assert tracker.tables.quote_book["XYZ"].history_from_seq == 6
+    assert tracker.tables.quote_book["XYZ"].history_from_seq == 6  # persisted by the prune
     assert tracker.trades.points("XYZ") == 3  # the trades' own time is +40 s: cut at +10 s
     tape = tracker.tables.tape["XYZ"]
     assert (tape.history_from_seq, tape.history_base_notional, tape.history_base_volume) == (4, D("150033.00"), D("1500"))
@@ -386,9 +391,24 @@ def test_retention_forgets_finished_state_and_old_history():
     tracker.on_quote(Quote(ts=T0 + 200 * NS, symbol="XYZ", bid=D("1"), ask=D("2")), 9)
     written(tracker)
     tracker.prune()
-    assert len(tracker.tables.fills) == 0
-    assert set(tracker.tables.orders.keys()) == {"OPEN"}  # open orders live for open_order_ttl
+    assert len(tracker.fills) == 0 and len(tracker.tables.fills) == 0
+    assert set(tracker.orders) == {"OPEN"} == set(tracker.tables.orders.keys())  # open orders live for open_order_ttl
     assert tracker.stats.pruned_fills == 2 and tracker.stats.pruned_orders == 1
+
+
+def test_retention_keeps_the_fills_of_rollup_minutes_not_yet_refreshed():
+    tracker = make_tracker(retention_ns=100 * NS)
+    feeder = Feeder(tracker)
+    for stream, event in by_time(example_events()):
+        feeder.feed(stream, event)
+    tracker.resolve_due()
+    tracker.on_quote(Quote(ts=T0 + 200 * NS, symbol="XYZ", bid=D("1"), ask=D("2")), 9)
+    written(tracker)
+    assert tracker.fill_minutes() == {T0 - T0 % MINUTE_NS}
+    tracker.prune(stale_minutes={T0 - T0 % MINUTE_NS})
+    assert set(tracker.fills) == {"F1", "F2"}
+    tracker.prune(stale_minutes=set())
+    assert not tracker.fills
 
 
 def test_open_orders_are_re_marked_when_their_symbol_moves():
@@ -399,7 +419,7 @@ def test_open_orders_are_re_marked_when_their_symbol_moves():
     feeder.feed("quotes", Quote(ts=T0 + NS, symbol="S", bid=D("1"), ask=D("3")))
     written(tracker)
     assert tracker.mark_open_orders({"S"}) == 1
-    assert tracker.dirty_orders == {"O"}
+    assert tracker.changed_orders == {"O"}
 
 
 def test_arrow_rows_match_the_columns():
@@ -408,12 +428,62 @@ def test_arrow_rows_match_the_columns():
     for stream, event in by_time(example_events()):
         feeder.feed(stream, event)
     tracker.resolve_due()
-    fills = arrow_table(FILL_COLUMNS, [tracker.fill_row("F1", 7), tracker.fill_row("F2", 7)])
-    orders = arrow_table(ORDER_COLUMNS, [tracker.order_row("O1", 7)])
+    fills = arrow_table(FILL_COLUMNS, [tracker.fill_row(tracker.fills[f], 7) for f in ("F1", "F2")])
+    orders = arrow_table(ORDER_COLUMNS, [tracker.order_row(tracker.orders["O1"], 7)])
     assert fills.num_rows == 2 and orders.num_rows == 1
     assert fills.column("markout_60s_bps").to_pylist() == [D("6.99650175"), D("-7.99200799")]
     assert orders.column("implementation_shortfall").to_pylist() == [D("78.00")]
     assert arrow_table(FILL_COLUMNS, []).num_rows == 0
+
+
+def test_settled_rows_outrank_any_later_unsettled_row():
+    """ClickHouse keeps the highest version: a settled row carries the SETTLED bit, so
+    no unsettled row written later (by any path) can replace it."""
+    tracker = make_tracker()
+    feeder = Feeder(tracker)
+    for stream, event in by_time(example_events()):
+        feeder.feed(stream, event)
+    tracker.resolve_due()
+    settled = tracker.fill_row(tracker.fills["F1"], 100)
+    unsettled = tracker.fill_row(msgspec_replace(tracker.fills["F1"], resolved=0), 200)
+    assert settled[-1] == 100 | SETTLED and unsettled[-1] == 200 and settled[-1] > unsettled[-1]
+    final = tracker.order_row(tracker.orders["O1"], 100)
+    open_again = tracker.order_row(msgspec_replace(tracker.orders["O1"], resolved=0), 200)
+    assert final[-3] == 1 and open_again[-3] == 0 and final[-1] > open_again[-1]
+
+
+def test_persisted_states_survive_an_agents_roll_back():
+    """A crashed agent's uncommitted table writes are rolled back by the runtime; the
+    states the writer persists (their rows are in ClickHouse) belong to no agent."""
+    from posttrade.streams.stream import current_agent
+
+    tracker = make_tracker()
+    token = current_agent.set("fills")
+    try:
+        tracker.on_fill(example_events()["fills"][0])
+        written(tracker)
+    finally:
+        current_agent.reset(token)
+    tracker.tables.fills.rollback("fills")
+    assert "F1" in tracker.tables.fills
+
+
+def test_a_write_persists_the_states_it_wrote_not_newer_ones():
+    tracker = make_tracker()
+    feeder = Feeder(tracker)
+    events = example_events()
+    feeder.feed("fills", events["fills"][0])
+    taken = tracker.take_changes()
+    assert set(taken.fills) == {"F1"}
+    for quote in events["quotes"][:3]:  # decides F1's mid while the write is in flight
+        feeder.feed("quotes", quote)
+    tracker.resolve_due()
+    tracker.persist(taken)
+    assert tracker.tables.fills["F1"].mid_at_fill is None  # the state that was written
+    assert tracker.fills["F1"].mid_at_fill == D("100.02") and tracker.changed_fills == {"F1"}
+    assert "F1" not in tracker.tables.quote_book  # market entries are persisted by their agents
+    tracker.persist_market()
+    assert tracker.tables.quote_book["XYZ"].seq == 3
 
 
 # -- the agents on the in-memory transport --------------------------------------------------------
@@ -421,26 +491,45 @@ def test_arrow_rows_match_the_columns():
 
 @dataclass
 class RecordingStore:
-    """Keeps inserted rows like a ReplacingMergeTree read with FINAL: newest version per id."""
+    """Stands in for ExecutionStore: keeps inserted rows like a ReplacingMergeTree read
+    with FINAL (highest version per id), and every row ever written (`log`)."""
 
     fills: dict[str, dict]
     orders: dict[str, dict]
     inserts: int = 0
     fail_next: int = 0
     location: str = "memory"
+    log: list[tuple[str, dict]] = field(default_factory=list)
+    refreshed: set[int] = field(default_factory=set)
+    progress_reads: int = 0
 
-    async def insert_arrow(self, table: str, data) -> int:
+    async def insert(self, table: str, data) -> int:
         if self.fail_next:
             self.fail_next -= 1
             raise ConnectionError("ClickHouse went away")
         self.inserts += 1
-        target, key = (self.fills, "fill_id") if table.endswith(FILLS_TABLE) else (self.orders, "order_id")
-        assert table.endswith(FILLS_TABLE) or table.endswith(ORDERS_TABLE)
+        assert table in (FILLS_TABLE, ORDERS_TABLE)
+        target, key = (self.fills, "fill_id") if table == FILLS_TABLE else (self.orders, "order_id")
         for row in data.to_pylist():
+            self.log.append((table, row))
             held = target.get(row[key])
             if held is None or row["version"] >= held["version"]:
                 target[row[key]] = row
         return data.num_rows
+
+    async def refresh_minutes(self, minutes, version: int) -> None:
+        self.refreshed |= set(minutes)
+
+    async def stored_progress(self, fills: dict[str, int], orders: dict[str, int]):
+        self.progress_reads += 1
+        return (
+            {k: (self.fills[k]["progress"], 0, False) for k in fills if k in self.fills},
+            {k: (self.orders[k]["progress"], self.orders[k]["fills"], self.orders[k]["end_ts"] is not None)
+             for k in orders if k in self.orders},
+        )
+
+    async def ping(self) -> bool:
+        return True
 
 
 def make_service_app(transport: MemoryTransport, store: RecordingStore, max_unwritten: int = 100_000):
@@ -448,14 +537,13 @@ def make_service_app(transport: MemoryTransport, store: RecordingStore, max_unwr
     app.runtime.poll_timeout_s = 0.05
     channels = execution_channels(app, None)
     tracker = ExecutionTracker(declare_tables(app))
-    sink = ExecutionSink(tracker, "db", interval_s=0.05, batch_rows=4, max_unwritten=max_unwritten)
+    sink = ExecutionSink(tracker, interval_s=0.05, batch_rows=4, max_unwritten=max_unwritten)
     sink.attach(store)
     sink.BACKOFF_S = (0.01,)
     register_agents(app, tracker, sink, channels, batch_size=3, within_s=0.05)
 
     async def start():
-        await tracker.rebuild_history(app, channels.quotes, channels.market_trades)
-        tracker.reevaluate_all()
+        await start_tracker(app, tracker, channels)
         sink.start()
 
     app.on_startup.append(start)
@@ -479,10 +567,10 @@ async def wait_until(predicate, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def floors_at_end(transport: MemoryTransport) -> bool:
+def floors_at_end(transport: MemoryTransport, streams=STREAMS) -> bool:
     return all(
         transport.ack_floors.get((STREAMS[s], DURABLES[s]), 0) == len(transport.streams[STREAMS[s]].messages)
-        for s in STREAMS
+        for s in streams
     )
 
 
@@ -515,6 +603,14 @@ def assert_store_has_example(store: RecordingStore) -> None:
     assert row["is_final"] == 1
 
 
+def settled(store: RecordingStore) -> bool:
+    return store.fills.get("F2", {}).get("complete") == 1 and store.orders.get("O1", {}).get("is_final") == 1
+
+
+def without_version(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "version"}
+
+
 async def test_agents_write_the_example_and_survive_restart_and_redelivery():
     transport = MemoryTransport()
     store = RecordingStore({}, {})
@@ -522,9 +618,9 @@ async def test_agents_write_the_example_and_survive_restart_and_redelivery():
     async with app:
         # Fills and orders first, market data later: everything waits, then resolves.
         await publish(transport, example_events())
-        await wait_until(lambda: floors_at_end(transport) and store.fills.get("F2", {}).get("complete") == 1
-                         and store.orders.get("O1", {}).get("is_final") == 1)
+        await wait_until(lambda: floors_at_end(transport) and settled(store))
     assert_store_has_example(store)
+    assert store.refreshed == {T0 - T0 % MINUTE_NS}  # the rollup minute of both fills
     rows_before = (dict(store.fills), dict(store.orders))
 
     # A crash before the acknowledgements: every stream is redelivered from the start.
@@ -533,18 +629,75 @@ async def test_agents_write_the_example_and_survive_restart_and_redelivery():
     inserts = store.inserts
     app2, tracker2, _ = make_service_app(transport, store)
     async with app2:
-        # The restart rebuilt the quote history from the stream and rewrote every row.
+        # The restart rebuilt the quote history from the stream; it rewrites nothing
+        # (ClickHouse has every persisted state), and the redelivered events are duplicates.
         assert tracker2.quotes.points("XYZ") == 8 and tracker2.trades.points("XYZ") == 6
-        await wait_until(lambda: floors_at_end(transport) and store.inserts > inserts)
+        await wait_until(lambda: floors_at_end(transport))
     assert tracker2.stats.duplicate_fills == 2 and tracker2.stats.duplicate_quotes == 8
-    assert tracker2.tables.orders["O1"].filled_qty == D("800")
-    for fill_id in ("F1", "F2"):
-        assert {k: v for k, v in store.fills[fill_id].items() if k != "version"} == {
-            k: v for k, v in rows_before[0][fill_id].items() if k != "version"
-        }
-    assert {k: v for k, v in store.orders["O1"].items() if k != "version"} == {
-        k: v for k, v in rows_before[1]["O1"].items() if k != "version"
-    }
+    assert tracker2.orders["O1"].filled_qty == D("800")
+    assert store.inserts == inserts and (store.fills, store.orders) == rows_before
+
+
+async def test_a_restart_behind_clickhouse_never_writes_a_less_settled_row():
+    """The crash the restart must survive: ClickHouse has settled rows whose states
+    never reached the changelog, and the market data that settled them is not
+    acknowledged. The restart must not write the older states over them."""
+    transport = MemoryTransport()
+    store = RecordingStore({}, {})
+    app, tracker, sink = make_service_app(transport, store)
+    events = example_events()
+    async with app:
+        await publish(transport, events, streams=("orders", "fills"))
+        await wait_until(lambda: floors_at_end(transport, ("orders", "fills")) and "O1" in store.orders)
+        assert not settled(store)
+        changelog_then = {bucket: dict(data) for bucket, data in transport.buckets.items()}
+        await publish(transport, events, streams=("trades", "quotes"))
+        await wait_until(lambda: floors_at_end(transport) and settled(store))
+    assert_store_has_example(store)
+    # The crash: the changelog as it was before the market data, which is redelivered.
+    for bucket, data in changelog_then.items():
+        transport.buckets[bucket].clear()
+        transport.buckets[bucket].update(data)
+    for stream in ("quotes", "trades"):
+        transport.ack_floors[(STREAMS[stream], DURABLES[stream])] = 0
+    written_before = len(store.log)
+    app2, tracker2, _ = make_service_app(transport, store)
+    async with app2:
+        assert not tracker2.fills["F2"].complete  # the restart started behind ClickHouse
+        await wait_until(lambda: floors_at_end(transport) and tracker2.fills["F2"].complete
+                         and tracker2.orders["O1"].final and not tracker2.unwritten())
+    after_restart = store.log[written_before:]
+    assert after_restart, "the redelivered market data settles the rows again"
+    for table, row in after_restart:
+        assert row["complete" if table == FILLS_TABLE else "is_final"] == 1, row
+    assert_store_has_example(store)
+
+
+async def test_a_state_that_moves_on_during_the_comparison_is_compared_as_taken():
+    """The write compares the states it took with ClickHouse's rows; the live state may
+    settle while the read is in flight, but the row to write is the one taken."""
+    events = example_events()
+    store = RecordingStore({}, {})
+    store.fills["F1"] = {"fill_id": "F1", "progress": FILL_ALL, "complete": 1, "version": 5 | SETTLED}
+    tracker = make_tracker()
+    feeder = Feeder(tracker)
+    sink = ExecutionSink(tracker)
+    sink.attach(store)
+    feeder.tracker.on_fill(events["fills"][0], replayed=True)  # a redelivery: compared first
+    read = store.stored_progress
+
+    async def read_while_the_market_moves(fills, orders):
+        for stream, event in by_time({"quotes": events["quotes"], "orders": events["orders"]}):
+            feeder.feed(stream, event)
+        tracker.resolve_due()
+        return await read(fills, orders)
+
+    store.stored_progress = read_while_the_market_moves
+    await sink.flush()
+    assert not [row for _, row in store.log if row["fill_id"] == "F1"]  # the taken state was behind
+    assert sink.stats.rows_held == 1 and tracker.changed_fills == {"F1"}
+    await sink.flush()  # now settled: written
+    assert store.fills["F1"]["complete"] == 1 and store.fills["F1"]["version"] > 5 | SETTLED
 
 
 async def test_a_failing_store_is_retried_until_written():
@@ -558,18 +711,23 @@ async def test_a_failing_store_is_retried_until_written():
     assert_store_has_example(store)
 
 
-async def test_agents_hold_their_batches_while_too_many_rows_are_unwritten():
+async def test_trading_batches_wait_for_clickhouse_and_market_data_is_held_when_too_much_waits():
     transport = MemoryTransport()
     store = RecordingStore({}, {}, fail_next=10**9)  # ClickHouse down
     app, tracker, sink = make_service_app(transport, store, max_unwritten=2)
     async with app:
         await publish(transport, example_events(), streams=("quotes", "trades", "orders", "fills"))
         await asyncio.sleep(0.5)
-        assert not floors_at_end(transport)  # held, unacknowledged
-        assert sink.unwritten() > 2 and not store.fills
+        # Orders and fills are never acknowledged before their rows are written; the
+        # market data goes on until more than max_unwritten rows wait.
+        assert transport.ack_floors.get(("FILLS", DURABLES["fills"]), 0) == 0
+        assert transport.ack_floors.get(("ORDERS", DURABLES["orders"]), 0) == 0
+        assert not floors_at_end(transport, ("quotes",))
+        assert sink.unwritten() > 2 and not store.fills and len(tracker.tables.fills) == 0
         store.fail_next = 0  # ClickHouse is back
         await wait_until(lambda: floors_at_end(transport) and store.fills.get("F2", {}).get("complete") == 1)
     assert_store_has_example(store)
+    assert set(tracker.tables.fills.keys()) == {"F1", "F2"}  # persisted once written
 
 
 async def test_unstorable_fill_is_dead_lettered():
@@ -584,19 +742,19 @@ async def test_unstorable_fill_is_dead_lettered():
         await wait_until(lambda: len(transport.streams["DLQ"].messages) == 2)
     reasons = {m[2]["Posttrade-Seq"]: m[2]["Posttrade-Reason"] for m in transport.streams["DLQ"].messages}
     assert "more than 18 decimal places" in reasons["1"] and "invalid Fill" in reasons["2"]
-    assert "BAD" not in tracker.tables.fills
+    assert "BAD" not in tracker.fills
 
 
 def test_values_finer_than_the_columns_are_rounded_and_overflow_is_rejected():
     tracker = make_tracker()
-    sink = ExecutionSink(tracker, "db")
+    sink = ExecutionSink(tracker)
     # 0.123456789 x 1.1234567891 = 0.1386983677625361999 has 19 decimals: the notional
     # column holds 18, so it is rounded half to even there (and nowhere else).
     tracker.on_fill(Fill(ts=T0, fill_id="FINE", account="A", symbol="S", side="BUY",
                          qty=D("0.123456789"), price=D("1.1234567891")))
     tracker.on_fill(Fill(ts=T0, fill_id="HUGE", account="A", symbol="S", side="BUY",
                          qty=D("10000000000"), price=D("100000000000")))  # notional 1e21: too large
-    rows = [tracker.fill_row("FINE", 1), tracker.fill_row("HUGE", 1)]
+    rows = [tracker.fill_row(tracker.fills["FINE"], 1), tracker.fill_row(tracker.fills["HUGE"], 1)]
     table = sink.rows_to_arrow(FILL_COLUMNS, rows)
     assert table.column("fill_id").to_pylist() == ["FINE"]
     assert table.column("notional").to_pylist() == [D("0.138698367762536200")]
