@@ -51,6 +51,16 @@ def _names(**values: str) -> None:
             raise ValueError(f"{name} must be a non-empty string without surrounding spaces")
 
 
+def _well_named(value: str) -> bool:
+    return bool(value) and not value[0].isspace() and not value[-1].isspace()
+
+
+def _is_positive(value: Decimal) -> bool:
+    return value.is_finite() and value > _ZERO
+
+
+_ZERO = Decimal(0)
+
 # 1990-01-01 .. 2200-01-01 in ns: catches seconds or milliseconds sent by mistake.
 _TS_MIN, _TS_MAX = 631_152_000_000_000_000, 7_258_118_400_000_000_000
 
@@ -112,12 +122,15 @@ class Order(Event, frozen=True):
     status: Literal["NEW", "CANCELED", "FILLED", "REJECTED", "EXPIRED"] = "NEW"
 
     def __post_init__(self) -> None:
+        # Each check is one fast test; the helpers only run to name what is wrong.
         super().__post_init__()
-        _names(order_id=self.order_id, account=self.account, symbol=self.symbol)
-        _positive(qty=self.qty)
+        if not (_well_named(self.order_id) and _well_named(self.account) and _well_named(self.symbol)):
+            _names(order_id=self.order_id, account=self.account, symbol=self.symbol)
+        if not _is_positive(self.qty):
+            _positive(qty=self.qty)
         if self.order_type == "LIMIT" and self.limit_price is None:
             raise ValueError("a LIMIT order needs limit_price")
-        if self.limit_price is not None:
+        if self.limit_price is not None and not _is_positive(self.limit_price):
             _positive(limit_price=self.limit_price)
 
 
@@ -133,10 +146,14 @@ class Quote(Event, frozen=True):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _names(symbol=self.symbol)
-        _positive(bid=self.bid, ask=self.ask)
-        _non_negative(bid_size=self.bid_size, ask_size=self.ask_size)
-        if self.ask < self.bid:
+        if not _well_named(self.symbol):
+            _names(symbol=self.symbol)
+        bid, ask, bid_size, ask_size = self.bid, self.ask, self.bid_size, self.ask_size
+        if not (_is_positive(bid) and _is_positive(ask)):
+            _positive(bid=bid, ask=ask)
+        if not (bid_size.is_finite() and bid_size >= _ZERO and ask_size.is_finite() and ask_size >= _ZERO):
+            _non_negative(bid_size=bid_size, ask_size=ask_size)
+        if ask < bid:
             raise ValueError(f"crossed quote: ask {self.ask} < bid {self.bid}")
 
     @property
@@ -156,8 +173,10 @@ class MarketTrade(Event, frozen=True):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _names(symbol=self.symbol)
-        _positive(price=self.price, size=self.size)
+        if not _well_named(self.symbol):
+            _names(symbol=self.symbol)
+        if not (_is_positive(self.price) and _is_positive(self.size)):
+            _positive(price=self.price, size=self.size)
 
 
 class Bar(Event, frozen=True):
@@ -175,10 +194,14 @@ class Bar(Event, frozen=True):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _names(symbol=self.symbol, interval=self.interval)
-        _positive(open=self.open, high=self.high, low=self.low, close=self.close)
-        _non_negative(volume=self.volume)
-        if not (self.low <= min(self.open, self.close) and self.high >= max(self.open, self.close)):
+        if not (_well_named(self.symbol) and _well_named(self.interval)):
+            _names(symbol=self.symbol, interval=self.interval)
+        open_, high, low, close = self.open, self.high, self.low, self.close
+        if not (_is_positive(open_) and _is_positive(high) and _is_positive(low) and _is_positive(close)):
+            _positive(open=open_, high=high, low=low, close=close)
+        if not (self.volume.is_finite() and self.volume >= _ZERO):
+            _non_negative(volume=self.volume)
+        if not (low <= open_ <= high and low <= close <= high):
             raise ValueError("bar must satisfy low <= open, close <= high")
         if self.count < 0:
             raise ValueError("count must be >= 0")
