@@ -18,33 +18,44 @@
 
 What each report holds and where its rows come from: `posttrade.core.reports`.
 
-The trade blotter is the big one (a day can hold millions of fills), so it is exported
-the fast way: QuestDB's `/exp` CSV endpoint, the day cut into `export_slices` time
-slices of which `export_parallelism` download at once (QuestDB serves at most two
-exports at once by default), each slice parsed into Arrow by pyarrow's multi-threaded
-CSV reader while the next ones download and appended to the Parquet file in order. The
-CSV file is QuestDB's bytes, concatenated. QuestDB's own Parquet export is not used:
-QuestDB 9.3.1 aborts (the whole server) on DECIMAL columns.
+The trade blotter is the big one (a day can hold millions of fills), and exporting it
+from QuestDB is most of the work (QuestDB formats every DECIMAL as text). So it is kept
+during the day, in a *spool* on local disk (`BlotterSpool`): a timer
+(`spool_interval_s`) exports each cell of the day (`spool_cell_s`) once it has ended,
+through QuestDB's `/exp` CSV endpoint, parses it into Arrow, encodes it as Parquet, and
+stores CSV rows + Parquet as one chunk file. A generation then asks QuestDB for a
+fingerprint of every cell (row count and exact sums of the decimal columns — one
+aggregate query), uses every chunk whose cells still match, exports the rest (the
+unfinished cell, cells whose rows changed: a late fill, a rewrite, a restart's
+catch-up), and assembles: the CSV is QuestDB's bytes, concatenated; the Parquet file is
+the chunks' row groups joined without re-encoding (`posttrade.core.reports.stitch_parquet`).
+Without the spool (`spool: false`, a fresh disk) the same code exports the whole day.
+
+QuestDB's own Parquet export is not used: QuestDB 9.3.1 aborts (the whole server) on
+DECIMAL columns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import logging
+import os
+import shutil
 import ssl
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import date, datetime, time as dtime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 from typing import Callable, Mapping
 from urllib.parse import urlencode, urlsplit
 from zoneinfo import ZoneInfo
 
 import httpx
 import msgspec
-import pyarrow as pa
-import pyarrow.parquet as pq
 from prometheus_client import Counter, Histogram
 from starlette.requests import Request
 from starlette.responses import Response
@@ -53,25 +64,39 @@ from ..app import App
 from ..config import _Section
 from ..core.positions import Position
 from ..core.reports import (
+    BLOTTER_CSV_HEADER,
+    BLOTTER_DECIMALS,
     COLUMNS,
     CONTENT_TYPES,
     FORMATS,
+    NS,
     REPORT_KINDS,
     SNAPSHOT_FIELDS,
+    BlotterPiece,
+    ChunkHead,
+    Fingerprint,
     SnapshotRow,
     TradingDay,
     Valuation,
-    arrow_table,
     blotter_from_questdb_csv,
-    csv_bytes,
+    blotter_parquet,
+    cell_bounds,
+    chunk_head_size,
     daily_pnl_rows,
+    decode_chunk_head,
     empty_blotter,
-    join_csv_exports,
-    parquet_bytes,
+    encode_chunk,
+    encode_report,
+    fingerprint_of,
+    parquet_layout,
+    parse_iso_ns,
     parse_report_name,
+    plan_blotter,
     positions_rows,
     report_name,
     snapshot_rows,
+    stitch_parquet,
+    to_ns,
     valuations_from_live,
     valuations_from_snapshots,
 )
@@ -87,6 +112,7 @@ MarkOf = Callable[[str], Decimal | None]
 
 SNAPSHOT_SELECT = ", ".join(SNAPSHOT_FIELDS)
 BLOTTER_FIELDS = ", ".join(name for name, _ in COLUMNS["trade_blotter"])
+SPOOL_STEP_NS = 3600 * NS  # the spool is brought up to date an hour of cells at a time
 
 
 class ReportsSection(_Section):
@@ -98,12 +124,20 @@ class ReportsSection(_Section):
     daily_delay_s: float | None = 900.0
     check_interval_s: float = 60.0
     export_parallelism: int = 2  # concurrent QuestDB exports of the trade blotter
-    export_slices: int = 8  # time slices the blotter's day is exported in (a pipeline)
+    export_chunk_rows: int = 50_000  # at most this many rows per export (and per spool chunk), as QuestDB counts them
     export_retry_s: float = 60.0  # how long to retry an export QuestDB turns away (busy)
     parquet_compression: str = "snappy"
     trades_table: str = "ptrc_trades"
     snapshots_table: str = "position_snapshots"
     alerts_table: str = "compliance_alerts"  # ClickHouse; may be qualified (db.table)
+    # The blotter spool: the day's fills exported as the day goes (see the module doc).
+    spool: bool = True
+    spool_dir: str | None = None  # null: <system temp dir>/posttrade-reports-spool
+    spool_cell_s: int = 300  # the day is checked and exported in cells this long
+    spool_interval_s: float = 60.0  # how often the spool is brought up to date
+    spool_settle_s: float = 10.0  # a cell is exported once it ended this long ago
+    spool_recheck_s: float = 900.0  # each run checks this much of the recent day again (late fills)
+    spool_keep_days: int = 3  # spooled days older than this are removed
 
 
 class GenerateRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -128,6 +162,7 @@ class Generation:
     files: list[ReportFile] = field(default_factory=list)
     seconds: float = 0.0
     steps: dict[str, float] = field(default_factory=dict)
+    blotter: dict[str, int] = field(default_factory=dict)  # where the blotter's rows came from
 
     def to_json(self) -> dict:
         return {
@@ -139,6 +174,7 @@ class Generation:
             ],
             "generation_seconds": round(self.seconds, 6),
             "steps": {k: round(v, 6) for k, v in self.steps.items()},
+            **({"trade_blotter": self.blotter} if self.blotter else {}),
         }
 
 
@@ -163,8 +199,10 @@ class ReportService:
         for part in settings.alerts_table.split("."):
             check_identifier(part)
         check_object_name(settings.prefix)
-        if settings.export_parallelism < 1 or settings.export_slices < 1:
-            raise ValueError("reports.export_parallelism and reports.export_slices must be >= 1")
+        if settings.export_parallelism < 1 or settings.export_chunk_rows < 1:
+            raise ValueError("reports.export_parallelism and reports.export_chunk_rows must be >= 1")
+        if settings.spool_cell_s < 1 or 86_400 % settings.spool_cell_s:
+            raise ValueError("reports.spool_cell_s must divide a day (e.g. 60, 300, 900, 3600)")
         self.app = app
         self.positions = positions
         self.mark_of = mark_of
@@ -177,7 +215,21 @@ class ReportService:
         self.calendar = trading_day
         self.prefix = settings.prefix
         self.last_daily: date | None = None  # the last day the timer saw complete
-        self._lock = asyncio.Lock()  # one generation at a time: they share the exports and the disk
+        # One generation at a time, and no spool update during one: they share the
+        # exports, the spool and the disk.
+        self._lock = asyncio.Lock()
+        self.cell_ns = settings.spool_cell_s * NS
+        self.spool: BlotterSpool | None = None
+        if settings.spool:
+            root = Path(settings.spool_dir) if settings.spool_dir else Path(tempfile.gettempdir()) / "posttrade-reports-spool"
+            source = urlsplit(questdb.base_url)
+            # Chunks are copies of one table of one QuestDB, cut by one calendar and cell
+            # size: the path says which, so processes that share a directory share chunks
+            # they can all use, and never remove each other's as "off the grid".
+            zone = str(trading_day.zone).replace("/", "_")
+            grid = f"{zone}-{trading_day.starts_at.strftime('%H%M%S')}-{settings.spool_cell_s}s"
+            self.spool = BlotterSpool(root / f"{source.hostname}-{source.port}" / settings.trades_table / grid)
+        self._checked_until: dict[date, int] = {}  # per day: the spool's cells checked by this process
         registry = app.metrics.registry
         self.generation_seconds = Histogram(
             "posttrade_report_generation_seconds", "Time to generate one day's reports", registry=registry,
@@ -191,6 +243,8 @@ class ReportService:
         app.page("/reports/{name:path}")(self.download)
         if settings.daily_delay_s is not None:
             app.timer(settings.check_interval_s, name="daily_reports")(self.daily)
+        if self.spool is not None:
+            app.timer(settings.spool_interval_s, name="reports_spool")(self._spool_timer)
 
         @app.health_check("object_store")
         async def object_store_health():
@@ -369,9 +423,7 @@ class ReportService:
     async def _write_rows(self, day: date, kind: str, rows: list[dict], generation: Generation) -> None:
         started = time.perf_counter()
         columns = COLUMNS[kind]
-        csv_data, parquet_data = await asyncio.to_thread(
-            lambda: (csv_bytes(columns, rows), parquet_bytes(arrow_table(columns, rows), self.settings.parquet_compression))
-        )
+        csv_data, parquet_data = await asyncio.to_thread(encode_report, columns, rows, self.settings.parquet_compression)
         generation.steps[f"{kind}.encode"] = time.perf_counter() - started
         await self._put(day, kind, {"csv": csv_data, "parquet": parquet_data}, len(rows), generation)
 
@@ -391,95 +443,395 @@ class ReportService:
     # -- the trade blotter -------------------------------------------------------------------------
 
     async def _trade_blotter(self, day: date, generation: Generation) -> None:
-        """Export, parse and encode the day's fills as a pipeline over time slices.
+        """The day's fills: stored chunks that still match QuestDB, plus fresh exports.
 
-        Up to `export_parallelism` slices download at once; each downloaded slice is
-        parsed into Arrow in a worker thread while later ones download, and the parsed
-        slices are appended, in order, to one Parquet file as row groups. The CSV file
-        is stored as soon as every slice is in, while the last slices are still being
-        encoded. Everything runs at once on purpose: QuestDB formats text on its
-        threads, pyarrow parses and encodes on ours, the disk writes in the kernel.
+        1. QuestDB's fingerprint of every cell of the day (one aggregate query) and the
+           spool's chunks of the day (their heads) → `plan_blotter`;
+        2. the pieces no chunk covers are exported now (`export_parallelism` at once),
+           each parsed into Arrow and encoded as Parquet in a worker thread;
+        3. the CSV file is QuestDB's header plus every piece's CSV rows, copied in time
+           order; the Parquet file is every piece's Parquet joined by row groups;
+        4. both are stored, and the exported pieces that cover whole cells go into the
+           spool for the next generation.
         """
-        start, end = self.calendar.window_ns(day)
-        end = min(end, _next_micro(time.time_ns()))  # nothing is stored in the future
-        slices = _slices(start, end, self.settings.export_slices)
         steps = generation.steps
-        gate = asyncio.Semaphore(self.settings.export_parallelism)
-        began = time.perf_counter()
-        parse_seconds: list[float] = []
-
-        async def export(lo: int, hi: int) -> bytes:
-            async with gate:
-                return await self._export_csv(
-                    f"SELECT {BLOTTER_FIELDS} FROM {self.settings.trades_table} "
-                    f"WHERE ts >= {_ts(lo)} AND ts < {_ts(hi)}"
-                )
-
-        async def parse(download: asyncio.Task) -> pa.Table:
-            data = await download
-            if not data:
-                return empty_blotter()
-            parse_started = time.perf_counter()
-            table = await asyncio.to_thread(blotter_from_questdb_csv, data)
-            parse_seconds.append(time.perf_counter() - parse_started)
-            return table
-
-        downloads = [asyncio.create_task(export(lo, hi)) for lo, hi in slices]
-        parses = [asyncio.create_task(parse(download)) for download in downloads]
-
-        async def store_csv() -> bytes:
-            parts = await asyncio.gather(*downloads)
-            steps["trade_blotter.export"] = time.perf_counter() - began
-            exported = [part for part in parts if part]
-            data = join_csv_exports(exported) if exported else csv_bytes(COLUMNS["trade_blotter"], [])
-            stored = time.perf_counter()
-            await self.store.put(report_name(self.prefix, day, "trade_blotter", "csv"), data, CONTENT_TYPES["csv"])
-            steps["trade_blotter.store_csv"] = time.perf_counter() - stored
-            return data
-
-        async def encode_parquet() -> tuple[bytes, int]:
-            sink = pa.BufferOutputStream()
-            writer = pq.ParquetWriter(
-                sink, empty_blotter().schema, compression=self.settings.parquet_compression,
-                # Only the few-valued columns gain from dictionaries; fill and order ids
-                # are unique, and trying costs more than the rest of the encoding.
-                use_dictionary=["account", "symbol", "side", "venue"],
-                write_statistics=["ts"],
-            )
-            encode_seconds = 0.0
-            rows = 0
-            try:
-                for task in parses:
-                    table = await task
-                    encode_started = time.perf_counter()
-                    await asyncio.to_thread(writer.write_table, table)
-                    encode_seconds += time.perf_counter() - encode_started
-                    rows += table.num_rows
-            finally:
-                writer.close()
-            steps["trade_blotter.parse_total"] = sum(parse_seconds)  # summed over slices parsed at once
-            steps["trade_blotter.parquet_encode"] = encode_seconds
-            blob = sink.getvalue().to_pybytes()
-            stored = time.perf_counter()
-            await self.store.put(report_name(self.prefix, day, "trade_blotter", "parquet"), blob, CONTENT_TYPES["parquet"])
-            steps["trade_blotter.store_parquet"] = time.perf_counter() - stored
-            return blob, rows
-
+        started = time.perf_counter()
+        start, day_end = self.calendar.window_ns(day)
+        end = min(day_end, _next_micro(time.time_ns()))  # nothing is stored in the future
+        cells = cell_bounds(start, end, self.cell_ns) if end > start else []
+        stored, spooled = await asyncio.gather(
+            self._fingerprints(start, start, end), asyncio.to_thread(self._spooled, day)
+        )
+        steps["trade_blotter.verify"] = time.perf_counter() - started
         try:
-            csv_data, (parquet_data, rows) = await asyncio.gather(store_csv(), encode_parquet())
-        finally:
-            for task in (*downloads, *parses):
-                task.cancel()
-        for fmt, blob in (("csv", csv_data), ("parquet", parquet_data)):
+            pieces, exported, (csv_data, parquet_data, rows) = await self._build_blotter(cells, stored, spooled, steps)
+        except SpoolReadError as exc:
+            # A chunk that cannot be read (removed or cut under us: another process
+            # sharing the spool, the disk): this generation exports the day in full.
+            log.warning("reports spool: %s; exporting %s without it", exc, day)
+            spooled = []
+            pieces, exported, (csv_data, parquet_data, rows) = await self._build_blotter(cells, stored, spooled, steps)
+
+        async def put(fmt: str, data) -> None:
+            stored_at = time.perf_counter()
+            await self.store.put(report_name(self.prefix, day, "trade_blotter", fmt), data, CONTENT_TYPES[fmt])
+            steps[f"trade_blotter.store_{fmt}"] = time.perf_counter() - stored_at
+
+        # Whole cells only: a piece cut at "now" is not a chunk a later plan could use.
+        keep = [c for c in exported.values() if c is not None and c.head.rows and self._on_grid(start, day_end, c.head.hi)]
+        used = {id(p.chunk) for p in pieces}
+        unused = [s for s in spooled if id(s.head) not in used]
+        await asyncio.gather(put("csv", csv_data), put("parquet", parquet_data), self._respool(day, keep, unused))
+        for fmt, data in (("csv", csv_data), ("parquet", parquet_data)):
             generation.files.append(
                 ReportFile(name=f"{day.isoformat()}/trade_blotter.{fmt}", kind="trade_blotter", format=fmt,
-                           size=len(blob), rows=rows)
+                           size=len(data), rows=rows)
             )
             self.files_written.labels("trade_blotter", fmt).inc()
+        generation.blotter = {
+            "rows": rows,
+            "chunks_from_spool": sum(1 for p in pieces if p.chunk is not None),
+            "rows_from_spool": sum(p.chunk.rows for p in pieces if p.chunk is not None),
+            "exports": len(exported),
+            "rows_exported": sum(c.head.rows for c in exported.values() if c is not None),
+        }
+
+    async def _build_blotter(
+        self, cells: list[tuple[int, int]], stored: dict[int, Fingerprint], spooled: list[SpooledChunk],
+        steps: dict[str, float],
+    ) -> tuple[list[BlotterPiece], dict[int, ExportedChunk | None], tuple[bytearray, bytes, int]]:
+        """Plan, export what the spool does not cover, assemble both files."""
+        pieces = plan_blotter(cells, stored, [s.head for s in spooled], self.settings.export_chunk_rows)
+        exported_at = time.perf_counter()
+        gate = asyncio.Semaphore(self.settings.export_parallelism)
+        exports = {
+            piece.lo: asyncio.create_task(self._export_piece(piece.lo, piece.hi, gate))
+            for piece in pieces if piece.chunk is None
+        }
+        try:
+            exported = {lo: await task for lo, task in exports.items()}
+        finally:
+            for task in exports.values():
+                task.cancel()
+        steps["trade_blotter.export"] = time.perf_counter() - exported_at
+
+        by_head = {id(s.head): s for s in spooled}
+        parts: list[SpooledChunk | ExportedChunk] = []
+        for piece in pieces:
+            part = by_head[id(piece.chunk)] if piece.chunk is not None else exported[piece.lo]
+            if part is not None and part.head.rows:
+                parts.append(part)
+        assembled_at = time.perf_counter()
+        assembled = await asyncio.to_thread(self._assemble, parts)
+        steps["trade_blotter.assemble"] = time.perf_counter() - assembled_at
+        return pieces, exported, assembled
+
+    def _on_grid(self, start: int, day_end: int, bound: int) -> bool:
+        return bound == day_end or (bound - start) % self.cell_ns == 0
+
+    async def _fingerprints(self, origin: int, lo: int, hi: int) -> dict[int, Fingerprint]:
+        """QuestDB's fingerprint of each cell (cells counted from `origin`) in [lo, hi)."""
+        if hi <= lo:
+            return {}
+        sums = ", ".join(f"sum({name})" for name in BLOTTER_DECIMALS)
+        try:
+            result = await self.questdb.query(
+                f"SELECT timestamp_floor('{self.cell_ns // NS}s', ts, {_ts(origin)}) AS cell, count() AS n, {sums} "
+                f"FROM {self.settings.trades_table} WHERE ts >= {_ts(lo)} AND ts < {_ts(hi)}"
+            )
+        except QuestDBError as exc:
+            if "does not exist" in exc.message:
+                return {}
+            raise
+        return {
+            parse_iso_ns(row[0]): Fingerprint(int(row[1]), tuple(None if v is None else Decimal(v) for v in row[2:]))
+            for row in result.rows
+        }
+
+    async def _export_piece(self, lo: int, hi: int, gate: asyncio.Semaphore) -> ExportedChunk | None:
+        """[lo, hi) of the trades table as CSV rows + Parquet (None: the table does not exist)."""
+        async with gate:
+            data = await self._export_csv(
+                f"SELECT {BLOTTER_FIELDS} FROM {self.settings.trades_table} WHERE ts >= {_ts(lo)} AND ts < {_ts(hi)}"
+            )
+        if not data:
+            return None
+        return await asyncio.to_thread(self._chunk_from_csv, lo, hi, data)
+
+    def _chunk_from_csv(self, lo: int, hi: int, data: bytes) -> ExportedChunk:
+        header_end = data.find(b"\n") + 1
+        if data[:header_end] != BLOTTER_CSV_HEADER:
+            raise QuestDBError(f"unexpected export header {bytes(data[:header_end])[:300]!r}")
+        table = blotter_from_questdb_csv(data)
+        parquet = blotter_parquet(table, self.settings.parquet_compression)
+        head = ChunkHead(lo=lo, hi=hi, fingerprint=fingerprint_of(table), csv_size=len(data) - header_end,
+                         parquet_size=len(parquet), layout=parquet_layout(parquet), exported_at=time.time_ns())
+        return ExportedChunk(head, memoryview(data)[header_end:], parquet)
+
+    def _assemble(self, parts: list[SpooledChunk | ExportedChunk]) -> tuple[bytearray, bytes, int]:
+        """The blotter's CSV (QuestDB's header, then every part's rows) and Parquet file."""
+        csv_data = bytearray(len(BLOTTER_CSV_HEADER) + sum(part.head.csv_size for part in parts))
+        view = memoryview(csv_data)
+        view[:len(BLOTTER_CSV_HEADER)] = BLOTTER_CSV_HEADER
+        at = len(BLOTTER_CSV_HEADER)
+        parquet_parts = []
+        for part in parts:
+            size = part.head.csv_size
+            if isinstance(part, SpooledChunk):
+                try:
+                    parquet = part.read(view[at:at + size])
+                except OSError as exc:
+                    raise SpoolReadError(f"cannot read {part.path}: {exc}") from exc
+            else:
+                view[at:at + size] = part.csv_rows
+                parquet = part.parquet
+            parquet_parts.append((parquet, part.head.layout))
+            at += size
+        if parquet_parts:
+            parquet_data = b"".join(stitch_parquet(parquet_parts))
+        else:
+            parquet_data = blotter_parquet(empty_blotter(), self.settings.parquet_compression)
+        return csv_data, parquet_data, sum(part.head.rows for part in parts)
+
+    # -- the spool: the day's blotter exported as the day goes --------------------------------
+
+    def _spooled(self, day: date) -> list[SpooledChunk]:
+        if self.spool is None:
+            return []
+        try:
+            return self.spool.chunks(day)
+        except OSError as exc:  # the spool is a cache: without it, everything is exported
+            log.warning("reports spool: cannot list %s: %s", self.spool.day_dir(day), exc)
+            return []
+
+    async def _respool(self, day: date, keep: list[ExportedChunk], unused: list[SpooledChunk]) -> None:
+        """Store exported chunks, and remove chunks a plan had no use for (they no longer
+        match QuestDB, or newer chunks cover their cells). A failure costs later exports
+        only: it is logged, never raised."""
+        if self.spool is None or not (keep or unused):
+            return
+        try:
+            await asyncio.to_thread(self.spool.update, day, keep, unused)
+        except OSError as exc:
+            log.warning("reports spool: cannot update %s: %s", self.spool.day_dir(day), exc)
+
+    async def spool_step(self, now: datetime | None = None) -> dict:
+        """Bring the spool of yesterday and today up to date with QuestDB (the timer's work).
+
+        A run does something when a cell has ended (`spool_settle_s` ago) since the last
+        one: it checks the cells not checked yet by this process (so a restart checks
+        the whole day once) and those of the last `spool_recheck_s` (late fills), and
+        exports those QuestDB has rows in that no stored chunk matches. The work is done
+        an hour of cells at a time, each under the generation lock: a `POST /reports`
+        waits for at most one such hour.
+        """
+        if self.spool is None:
+            return {}
+        now = now or datetime.now(timezone.utc)
+        settled = to_ns(now) - int(self.settings.spool_settle_s * NS)
+        today = self.calendar.of(now)
+        done = {"cells_checked": 0, "exports": 0, "rows_exported": 0, "chunks_removed": 0}
+        for day in (today - timedelta(days=1), today):
+            start, end = self.calendar.window_ns(day)
+            until = end if settled >= end else start + max(0, settled - start) // self.cell_ns * self.cell_ns
+            since = self._checked_until.get(day, start)
+            if since >= until:
+                continue  # no cell has ended since the last run
+            lo = min(since, max(start, settled - int(self.settings.spool_recheck_s * NS)))
+            lo = start + (lo - start) // self.cell_ns * self.cell_ns
+            while lo < until:
+                hi = min(until, lo + SPOOL_STEP_NS)
+                async with self._lock:
+                    hi = await self._spool_window(day, start, end, lo, hi, done)
+                self._checked_until[day] = max(self._checked_until.get(day, start), hi)
+                lo = hi
+        for day in [d for d in self._checked_until if d < today - timedelta(days=1)]:
+            del self._checked_until[day]
+        async with self._lock:
+            await asyncio.to_thread(self.spool.drop_days_before, today - timedelta(days=self.settings.spool_keep_days))
+        return done
+
+    async def _spool_window(self, day: date, start: int, end: int, lo: int, hi: int, done: dict) -> int:
+        """Check and export the cells in [lo, hi) (widened to whole stored chunks); the end."""
+        spooled = await asyncio.to_thread(self.spool.chunks, day)
+        widened = True
+        while widened:  # a chunk across either bound is checked whole
+            widened = False
+            for s in spooled:
+                if s.head.lo < lo < s.head.hi or s.head.lo < hi < s.head.hi:
+                    lo, hi, widened = min(lo, s.head.lo), max(hi, s.head.hi), True
+        inside = [s for s in spooled if lo <= s.head.lo and s.head.hi <= hi]
+        cells = [c for c in cell_bounds(start, end, self.cell_ns) if lo <= c[0] and c[1] <= hi]
+        stored = await self._fingerprints(start, lo, hi)
+        pieces = plan_blotter(cells, stored, [s.head for s in inside], self.settings.export_chunk_rows)
+        gate = asyncio.Semaphore(self.settings.export_parallelism)
+        exported = await asyncio.gather(*(self._export_piece(p.lo, p.hi, gate) for p in pieces if p.chunk is None))
+        keep = [c for c in exported if c is not None and c.head.rows]
+        used = {id(p.chunk) for p in pieces}
+        unused = [s for s in inside if id(s.head) not in used]
+        await self._respool(day, keep, unused)
+        done["cells_checked"] += len(cells)
+        done["exports"] += len(exported)
+        done["rows_exported"] += sum(c.head.rows for c in keep)
+        done["chunks_removed"] += len(unused)
+        return hi
+
+    async def _spool_timer(self) -> None:
+        try:
+            await self.spool_step()
+        except (QuestDBUnavailableError, OSError) as exc:
+            # Nothing is lost: the next run (or a generation) exports what is missing.
+            log.warning("reports spool: %s: %s", type(exc).__name__, exc)
 
     async def _export_csv(self, sql: str) -> bytes:
         """The CSV QuestDB's `/exp` gives for `sql` (b"" when the table does not exist)."""
         return await asyncio.to_thread(self._exporter.export_csv, sql)
+
+
+@dataclass
+class ExportedChunk:
+    """A piece of the blotter just exported: its head, CSV rows (no header), Parquet file."""
+
+    head: ChunkHead
+    csv_rows: memoryview
+    parquet: bytes
+
+
+@dataclass
+class SpooledChunk:
+    """A chunk file of the spool (its head read; its data read by `read`)."""
+
+    path: Path
+    head: ChunkHead
+    data_offset: int  # where the CSV rows start in the file
+    identity: tuple[int, int, int]  # inode, size, mtime (ns) of the file the head was read from
+
+    def read(self, csv_into: memoryview) -> bytes:
+        """Copy the CSV rows into `csv_into` (exactly their size); return the Parquet file.
+        OSError when the file is no longer the one the head was read from (replaced by
+        another process sharing the spool)."""
+        with open(self.path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if (st.st_ino, st.st_size, st.st_mtime_ns) != self.identity:
+                raise OSError(f"{self.path} was replaced")
+            f.seek(self.data_offset)
+            if f.readinto(csv_into) != self.head.csv_size:
+                raise OSError(f"{self.path} is shorter than its head says")
+            parquet = f.read(self.head.parquet_size)
+        if len(parquet) != self.head.parquet_size:
+            raise OSError(f"{self.path} is shorter than its head says")
+        return parquet
+
+
+class SpoolReadError(Exception):
+    """A spooled chunk could not be read while assembling a blotter."""
+
+
+class BlotterSpool:
+    """Chunk files of the trade blotter, one directory per trading day.
+
+    `<root>/<YYYY-MM-DD>/<lo>-<hi>.chunk` (epoch-ns bounds). A chunk is written to a
+    temporary file, fsync'd, and renamed into place, so a reader (or a restart) sees a
+    whole chunk or none; a file that does not hold what its head says is ignored. The
+    spool is a cache: losing it costs exports, never rows — every chunk is checked
+    against QuestDB before it is used. Processes may share a directory (each writes
+    whole files; one that finds a chunk gone while reading it exports instead).
+    """
+
+    SUFFIX = ".chunk"
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._heads: dict[Path, tuple[tuple[int, int, int], SpooledChunk | None]] = {}
+
+    def day_dir(self, day: date) -> Path:
+        return self.root / day.isoformat()
+
+    def chunks(self, day: date) -> list[SpooledChunk]:
+        """The day's whole chunks, by name. Heads are read once per file (a file is
+        known by its inode, size and mtime: a replaced chunk is a new file)."""
+        found = []
+        directory = self.day_dir(day)
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except FileNotFoundError:
+            return []
+        for entry in entries:
+            if not entry.name.endswith(self.SUFFIX) or entry.name.startswith("."):
+                continue
+            path = directory / entry.name
+            try:
+                st = entry.stat()
+            except FileNotFoundError:
+                continue
+            identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+            known = self._heads.get(path)
+            if known is None or known[0] != identity:
+                try:
+                    known = (identity, self._read_head(path, identity))
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    log.warning("reports spool: ignoring %s (%s)", path, exc)
+                    known = (identity, None)
+                self._heads[path] = known
+            if known[1] is not None:
+                found.append(known[1])
+        return found
+
+    @staticmethod
+    def _read_head(path: Path, identity: tuple[int, int, int]) -> SpooledChunk:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if (st.st_ino, st.st_size, st.st_mtime_ns) != identity:
+                raise OSError("replaced while listed")
+            first = f.read(16384)
+            size = chunk_head_size(first)
+            if size > len(first):
+                first += f.read(size - len(first))
+            head = decode_chunk_head(first[:size], st.st_size)
+        return SpooledChunk(path, head, size, identity)
+
+    def update(self, day: date, new: list[ExportedChunk], old: list[SpooledChunk]) -> None:
+        """Write `new` chunks, then remove `old` ones (unless a new one took their name)."""
+        directory = self.day_dir(day)
+        directory.mkdir(parents=True, exist_ok=True)
+        written = set()
+        for chunk in new:
+            path = directory / f"{chunk.head.lo}-{chunk.head.hi}{self.SUFFIX}"
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    for part in encode_chunk(chunk.head, chunk.csv_rows, chunk.parquet):
+                        f.write(part)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+            written.add(path)
+        for chunk in old:
+            if chunk.path not in written:
+                self._heads.pop(chunk.path, None)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(chunk.path)
+
+    def _forget(self, directory: Path) -> None:
+        for path in [p for p in self._heads if p.parent == directory]:
+            del self._heads[path]
+
+    def drop_days_before(self, day: date) -> None:
+        try:
+            entries = os.listdir(self.root)
+        except FileNotFoundError:
+            return
+        for name in entries:
+            try:
+                if date.fromisoformat(name) < day:
+                    shutil.rmtree(self.root / name, ignore_errors=True)
+                    self._forget(self.root / name)
+            except ValueError:
+                continue
 
 
 class QuestDBExporter:
@@ -563,14 +915,6 @@ def _ts(ns: int) -> str:
 
 def _next_micro(ns: int) -> int:
     return (ns // 1000 + 1) * 1000
-
-
-def _slices(start: int, end: int, count: int) -> list[tuple[int, int]]:
-    """[start, end) cut into `count` slices on whole microseconds (fewer if it is short)."""
-    if end <= start:
-        return [(start, start)]
-    bounds = [start] + [start + (end - start) * i // count // 1000 * 1000 for i in range(1, count)] + [end]
-    return [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo] or [(start, end)]
 
 
 def install_reports(

@@ -33,14 +33,17 @@ canonical form (`format_decimal`: `225`, `0.1`), timestamps ISO-8601 UTC with
 nanoseconds, empty cells for null. The trade blotter CSV is QuestDB's own export,
 passed through unchanged: every field quoted, decimals with their 12 stored decimal
 places, `null` for null. Parquet: decimals as `decimal128(38, 12)` (a wider scale, or
-`decimal256`, only when a value needs it: never rounded), timestamps as
-`timestamp[ns, UTC]`, text as UTF-8 strings.
+`decimal256`, only when a value needs it — trailing fractional zeros are not needed —
+never rounded), timestamps as `timestamp[ns, UTC]`, text as UTF-8 strings. The trade
+blotter's Parquet file has a row group per chunk it was assembled from (see "the trade
+blotter kept during the day" below).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 from functools import lru_cache
 from dataclasses import dataclass
@@ -50,6 +53,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from zoneinfo import ZoneInfo
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
@@ -336,9 +340,9 @@ def snapshot_rows(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> list
     i_ts, i_account, i_symbol, i_reason, *i_decimals = at
     out = []
     for row in rows:
-        net, avg, gross, fees, net_pnl, mark, unrealized, day = (
-            None if row[i] is None or row[i] == "" else Decimal(row[i]) for i in i_decimals
-        )
+        net, avg, gross, fees, net_pnl, mark, unrealized, day = [
+            Decimal(text) if text else None for text in map(row.__getitem__, i_decimals)
+        ]
         out.append(
             SnapshotRow(
                 ts=parse_iso_ns(row[i_ts]), account=row[i_account], symbol=row[i_symbol], reason=row[i_reason],
@@ -415,35 +419,58 @@ def positions_rows(day: date, valuations: Sequence[Valuation]) -> list[dict]:
 # -- encodings ----------------------------------------------------------------------------------
 
 
-def _csv_cell(value: Any, kind: str) -> str:
-    if value is None:
-        return ""
-    if kind == "decimal":
+# Both files of a report are made from one pass over each column: a decimal is turned
+# into its canonical text once, and that text is both the CSV cell and what Arrow
+# parses (in C++) into the Parquet column.
+
+
+def canonical_decimal(value: Decimal) -> str:
+    """`format_decimal`, faster for the usual case (a plain `str` with a fraction)."""
+    text = str(value)
+    if "E" in text:
         return format_decimal(value)
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
+
+
+def _column(values: Sequence[Any], kind: str) -> tuple[Sequence[str | None], pa.Array]:
+    """A column's CSV texts (None: an empty cell) and its Arrow array."""
+    if kind == "decimal":
+        texts = [None if value is None else canonical_decimal(value) for value in values]
+        return texts, _decimal_array(texts)
     if kind == "timestamp":
-        return iso_ns(value)
-    return str(value)
+        array = pa.array(values, type=pa.int64()).cast(pa.timestamp("ns", tz="UTC"))
+        return _iso_texts(array), array
+    if kind == "int":
+        return [None if value is None else str(value) for value in values], pa.array(values, type=pa.int64())
+    texts = [None if value is None else str(value) for value in values]
+    return texts, pa.array(texts, type=pa.string())
 
 
-def csv_bytes(columns: Columns, rows: Iterable[Mapping[str, Any]]) -> bytes:
-    """RFC 4180 CSV (CRLF line ends, quotes only where needed) with a header row."""
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow([name for name, _ in columns])
-    for row in rows:
-        writer.writerow([_csv_cell(row.get(name), kind) for name, kind in columns])
-    return out.getvalue().encode("utf-8")
+def _iso_texts(array: pa.Array) -> list[str | None]:
+    """`iso_ns` of each timestamp[ns, UTC] (nine fractional digits, `Z`), in C++."""
+    return pc.strftime(array, format="%Y-%m-%dT%H:%M:%SZ").to_pylist()
 
 
-def decimal_type(values: Iterable[Decimal | None]) -> pa.DataType:
-    """`decimal128(38, 12)`, or the exact type the values need when that cannot hold them."""
+def _decimal_array(texts: Sequence[str | None]) -> pa.Array:
+    """Canonical decimal texts as an exact Arrow decimal column: `decimal128(38, 12)`, or
+    the scale and width the values need (`decimal_type`'s rule), never rounded."""
+    strings = pa.array(texts, type=pa.string())
     scale, integer_digits = 12, 1
-    for value in values:
-        if value is None:
-            continue
-        sign, digits, exponent = value.as_tuple()
-        scale = max(scale, -exponent)
-        integer_digits = max(integer_digits, len(digits) + exponent)
+    if strings.null_count < len(strings):
+        length = pc.utf8_length(strings)
+        dot = pc.find_substring(strings, ".")
+        has_dot = pc.greater_equal(dot, 0)
+        fraction = pc.if_else(has_dot, pc.subtract(pc.subtract(length, dot), 1), 0)
+        integer = pc.subtract(pc.if_else(has_dot, dot, length), pc.cast(pc.starts_with(strings, "-"), pa.int32()))
+        scale = max(scale, pc.max(fraction).as_py())
+        integer_digits = max(integer_digits, pc.max(integer).as_py())
+    # The type is chosen so that every value fits: Arrow's cast would not say if one did not.
+    return strings.cast(_decimal_type_for(integer_digits, scale))
+
+
+def _decimal_type_for(integer_digits: int, scale: int) -> pa.DataType:
     if integer_digits + scale <= 38:
         return pa.decimal128(38, scale)
     if integer_digits + scale <= 76:
@@ -451,20 +478,46 @@ def decimal_type(values: Iterable[Decimal | None]) -> pa.DataType:
     raise ValueError(f"a decimal needs {integer_digits + scale} digits: more than Parquet's 76")
 
 
+def decimal_type(values: Iterable[Decimal | None]) -> pa.DataType:
+    """`decimal128(38, 12)`, or the exact type the values need when that cannot hold them
+    (digits a value needs: trailing fractional zeros are not needed)."""
+    scale, integer_digits = 12, 1
+    for value in values:
+        if value is None or not value:
+            continue
+        sign, digits, exponent = value.normalize(EXACT).as_tuple()
+        scale = max(scale, -exponent)
+        integer_digits = max(integer_digits, len(digits) + exponent)
+    return _decimal_type_for(integer_digits, scale)
+
+
+def _write_csv(columns: Columns, texts: Sequence[Sequence[str | None]]) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out)  # RFC 4180: CRLF line ends, quotes only where needed
+    writer.writerow([name for name, _ in columns])
+    writer.writerows(zip(*texts))  # None is written as an empty cell
+    return out.getvalue().encode("utf-8")
+
+
+def _columns(columns: Columns, rows: Sequence[Mapping[str, Any]]) -> list[tuple[Sequence[str | None], pa.Array]]:
+    return [_column([row.get(name) for row in rows], kind) for name, kind in columns]
+
+
+def encode_report(columns: Columns, rows: Sequence[Mapping[str, Any]], compression: str = "snappy") -> tuple[bytes, bytes]:
+    """A report's CSV and Parquet files (see the module doc for both formats)."""
+    built = _columns(columns, rows)
+    table = pa.table({name: array for (name, _), (_, array) in zip(columns, built)})
+    return _write_csv(columns, [texts for texts, _ in built]), parquet_bytes(table, compression)
+
+
+def csv_bytes(columns: Columns, rows: Sequence[Mapping[str, Any]]) -> bytes:
+    """A report's CSV file: header row, canonical decimals, ISO-8601 times, empty nulls."""
+    return _write_csv(columns, [texts for texts, _ in _columns(columns, rows)])
+
+
 def arrow_table(columns: Columns, rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     """The rows as an Arrow table typed by `columns` (decimals exact, never rounded)."""
-    arrays = {}
-    for name, kind in columns:
-        values = [row.get(name) for row in rows]
-        if kind == "decimal":
-            arrays[name] = pa.array(values, type=decimal_type(values))
-        elif kind == "timestamp":
-            arrays[name] = pa.array(values, type=pa.int64()).cast(pa.timestamp("ns", tz="UTC"))
-        elif kind == "int":
-            arrays[name] = pa.array(values, type=pa.int64())
-        else:
-            arrays[name] = pa.array(values, type=pa.string())
-    return pa.table(arrays)
+    return pa.table({name: array for (name, _), (_, array) in zip(columns, _columns(columns, rows))})
 
 
 def parquet_bytes(table: pa.Table, compression: str = "snappy") -> bytes:
@@ -500,17 +553,447 @@ def blotter_from_questdb_csv(data: bytes) -> pa.Table:
     )
 
 
-def join_csv_exports(parts: Sequence[bytes]) -> bytes:
-    """One CSV from consecutive exports of the same query shape: the first header only."""
-    if not parts:
-        return b""
-    pieces = [parts[0]]
-    for part in parts[1:]:
-        newline = part.find(b"\n")
-        if newline >= 0:
-            pieces.append(memoryview(part)[newline + 1:])
-    return b"".join(pieces)
-
-
 def empty_blotter() -> pa.Table:
     return pa.table({name: pa.array([], type=t) for name, t in _BLOTTER_TYPES.items()})
+
+
+# -- the trade blotter kept during the day: cells, fingerprints, spool chunks ----------------------
+#
+# Exporting a day of fills from QuestDB as CSV is most of a generation's work (QuestDB
+# formats five DECIMAL columns per row). So ptrc exports the day as it goes, in *chunks*,
+# and a generation only re-exports what changed since. The pieces, all pure here:
+#
+# * the day is cut into *cells* of `cell_ns` from the day's start (the last one may be
+#   short); a chunk covers one or more whole consecutive cells;
+# * a *fingerprint* of a stretch of `ptrc_trades` is its row count and the exact sum of
+#   each decimal column. QuestDB computes it per cell in one cheap query; the chunk's
+#   own is computed from the rows it holds. A chunk is used only while QuestDB's
+#   fingerprint over its cells equals it — a late fill, a rewrite of a number, a dropped
+#   partition all change it, and the chunk is exported again;
+# * `plan_blotter` chooses, per cell, a stored chunk or a fresh export;
+# * a chunk is stored as one file: a small JSON head, QuestDB's CSV rows, and a Parquet
+#   file of the same rows (`encode_chunk` / `decode_chunk_head`);
+# * `stitch_parquet` joins the chunks' Parquet files into one file without decoding or
+#   re-encoding a value: their row groups are copied and a new footer lists them all.
+
+BLOTTER_DECIMALS = tuple(name for name, kind in TRADE_BLOTTER_COLUMNS if kind == "decimal")
+#: QuestDB's /exp header line for the blotter's columns (every name quoted, CRLF).
+BLOTTER_CSV_HEADER = (",".join(f'"{name}"' for name, _ in TRADE_BLOTTER_COLUMNS) + "\r\n").encode()
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Rows and the exact sum of each decimal column (None: no non-null value) of a stretch."""
+
+    rows: int
+    sums: tuple[Decimal | None, ...]
+
+    def __add__(self, other: Fingerprint) -> Fingerprint:
+        return Fingerprint(
+            self.rows + other.rows,
+            tuple(a if b is None else b if a is None else EXACT.add(a, b) for a, b in zip(self.sums, other.sums)),
+        )
+
+    def to_json(self) -> dict:
+        return {"rows": self.rows, "sums": [None if s is None else str(s) for s in self.sums]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Fingerprint:
+        return cls(int(data["rows"]), tuple(None if s is None else Decimal(s) for s in data["sums"]))
+
+
+NO_ROWS = Fingerprint(0, (None,) * len(BLOTTER_DECIMALS))
+
+
+def fingerprint_of(table: pa.Table) -> Fingerprint:
+    """The fingerprint of blotter rows in Arrow (the same figures QuestDB's sum() gives).
+
+    Summed as decimal256: Arrow's decimal128 sum would wrap around silently past 38
+    digits, where QuestDB's DECIMAL sum (76 digits) does not."""
+    wide = pa.decimal256(76, STORED_DECIMAL.scale)
+    sums = []
+    for name in BLOTTER_DECIMALS:
+        total = pc.sum(table.column(name).cast(wide)).as_py() if table.num_rows else None
+        sums.append(total)
+    return Fingerprint(table.num_rows, tuple(sums))
+
+
+def cell_bounds(start: int, end: int, cell_ns: int) -> list[tuple[int, int]]:
+    """[start, end) cut into cells of `cell_ns` counted from `start` (the last may be short)."""
+    return [(lo, min(lo + cell_ns, end)) for lo in range(start, end, cell_ns)]
+
+
+@dataclass(frozen=True)
+class ChunkHead:
+    """What a stored chunk holds (the head of its file): enough to plan and stitch."""
+
+    lo: int  # [lo, hi) epoch ns, on cell bounds
+    hi: int
+    fingerprint: Fingerprint
+    csv_size: int  # bytes of CSV rows (no header line)
+    parquet_size: int
+    layout: ParquetLayout
+    exported_at: int  # epoch ns
+
+    @property
+    def rows(self) -> int:
+        return self.fingerprint.rows
+
+
+@dataclass(frozen=True)
+class BlotterPiece:
+    """One stretch of the blotter in a generation: from a stored chunk, or exported now."""
+
+    lo: int
+    hi: int
+    chunk: ChunkHead | None  # None: export [lo, hi) from QuestDB
+    rows: int  # what QuestDB's fingerprint counted (an export may find a few more)
+
+
+def plan_blotter(
+    cells: Sequence[tuple[int, int]],
+    stored: Mapping[int, Fingerprint],
+    chunks: Iterable[ChunkHead],
+    max_export_rows: int,
+) -> list[BlotterPiece]:
+    """The pieces that make the blotter of `cells`, in time order.
+
+    `stored`: QuestDB's fingerprint per cell (keyed by the cell's start; a cell with no
+    rows may be missing). A stored chunk is used when it starts and ends on cell bounds
+    and QuestDB's fingerprints over its cells add up to its own; of chunks that overlap,
+    the one starting first (then the newest) is tried first. Every other cell with rows
+    is exported, consecutive ones together while they stay under `max_export_rows`.
+    """
+    index = {lo: i for i, (lo, _) in enumerate(cells)}
+    ends = {hi: i for i, (_, hi) in enumerate(cells)}
+    usable: dict[int, ChunkHead] = {}  # first cell index -> chunk
+    taken_until = -1
+    for chunk in sorted(chunks, key=lambda c: (c.lo, -c.exported_at)):
+        first, last = index.get(chunk.lo), ends.get(chunk.hi)
+        if first is None or last is None or last < first or first <= taken_until:
+            continue
+        total = NO_ROWS
+        for lo, _ in cells[first:last + 1]:
+            total = total + stored.get(lo, NO_ROWS)
+        if total == chunk.fingerprint:
+            usable[first] = chunk
+            taken_until = last
+    pieces: list[BlotterPiece] = []
+    run: list[int] = []  # cell indexes of the export being gathered
+    run_rows = 0
+
+    def close_run() -> None:
+        nonlocal run, run_rows
+        while run and stored.get(cells[run[-1]][0], NO_ROWS).rows == 0:
+            run.pop()  # no empty cells at the end of an export
+        if run:
+            pieces.append(BlotterPiece(cells[run[0]][0], cells[run[-1]][1], None, run_rows))
+        run, run_rows = [], 0
+
+    i = 0
+    while i < len(cells):
+        chunk = usable.get(i)
+        if chunk is not None:
+            close_run()
+            pieces.append(BlotterPiece(chunk.lo, chunk.hi, chunk, chunk.rows))
+            i = ends[chunk.hi] + 1
+            continue
+        rows = stored.get(cells[i][0], NO_ROWS).rows
+        if rows and run and run_rows + rows > max_export_rows:
+            close_run()
+        if rows or run:
+            run.append(i)
+            run_rows += rows
+        i += 1
+    close_run()
+    return pieces
+
+
+# -- the chunk file ---------------------------------------------------------------------------
+
+CHUNK_MAGIC = b"PTBLOT01"
+
+
+def encode_chunk(head: ChunkHead, csv_rows: bytes | memoryview, parquet: bytes | memoryview) -> list[bytes | memoryview]:
+    """The parts of a chunk file: magic, head length, JSON head, CSV rows, Parquet file."""
+    meta = json.dumps(
+        {
+            "lo": head.lo, "hi": head.hi, "fingerprint": head.fingerprint.to_json(), "csv_size": head.csv_size,
+            "parquet_size": head.parquet_size, "layout": head.layout.to_json(), "exported_at": head.exported_at,
+        },
+        separators=(",", ":"),
+    ).encode()
+    return [CHUNK_MAGIC, len(meta).to_bytes(4, "little"), meta, csv_rows, parquet]
+
+
+def chunk_head_size(prefix: bytes) -> int:
+    """Bytes of magic + length + JSON head, from a file's first 12 bytes (ValueError if not a chunk)."""
+    if len(prefix) < 12 or prefix[:8] != CHUNK_MAGIC:
+        raise ValueError("not a blotter chunk file")
+    return 12 + int.from_bytes(prefix[8:12], "little")
+
+
+def decode_chunk_head(head_bytes: bytes, file_size: int) -> ChunkHead:
+    """The head of a chunk file (its first `chunk_head_size` bytes); ValueError when the
+    file is not a whole chunk (cut short, or not one at all)."""
+    size = chunk_head_size(head_bytes)
+    meta = json.loads(head_bytes[12:size])
+    head = ChunkHead(
+        lo=int(meta["lo"]), hi=int(meta["hi"]), fingerprint=Fingerprint.from_json(meta["fingerprint"]),
+        csv_size=int(meta["csv_size"]), parquet_size=int(meta["parquet_size"]),
+        layout=ParquetLayout.from_json(meta["layout"]), exported_at=int(meta["exported_at"]),
+    )
+    if size + head.csv_size + head.parquet_size != file_size:
+        raise ValueError(f"chunk file is {file_size} bytes, its head describes {size + head.csv_size + head.parquet_size}")
+    return head
+
+
+# -- Parquet files joined by their row groups -------------------------------------------------------
+#
+# A Parquet file is `PAR1`, the column chunks of its row groups, a footer (a Thrift
+# FileMetaData in the compact protocol), the footer's length and `PAR1`. The footer
+# locates every column chunk by absolute file offset. Files written with the same schema
+# and settings are joined by copying their bodies one after another and writing one
+# footer: the first file's, with `num_rows` summed and the row-group list replaced by all
+# files' row groups, their offsets moved by where their body landed.
+#
+# The layout of a footer (where its numbers sit) is found once when a chunk is written,
+# so joining only copies bytes and writes a few hundred varints. Page indexes and bloom
+# filters (written into the body, with offsets of their own) are not supported: the
+# chunk writer does not write them.
+
+_T_BOOL_TRUE, _T_BOOL_FALSE, _T_BYTE, _T_I16, _T_I32, _T_I64, _T_DOUBLE = 1, 2, 3, 4, 5, 6, 7
+_T_BINARY, _T_LIST, _T_SET, _T_MAP, _T_STRUCT = 8, 9, 10, 11, 12
+_SHIFT, _ORDINAL = 0, 1  # what a slot holds: a file offset, or a row group's ordinal
+
+
+class _Thrift:
+    """A reader of Thrift's compact protocol that knows where each value sits."""
+
+    def __init__(self, buf: bytes | memoryview, pos: int = 0):
+        self.buf = buf
+        self.pos = pos
+
+    def varint(self) -> int:
+        result = shift = 0
+        while True:
+            byte = self.buf[self.pos]
+            self.pos += 1
+            result |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return result
+            shift += 7
+
+    def zigzag(self) -> int:
+        n = self.varint()
+        return (n >> 1) ^ -(n & 1)
+
+    def fields(self):
+        """(field id, type) of a struct's fields, until its stop byte."""
+        last = 0
+        while True:
+            header = self.buf[self.pos]
+            self.pos += 1
+            if header == 0:
+                return
+            kind, delta = header & 0x0F, header >> 4
+            last = last + delta if delta else self.zigzag()
+            yield last, kind
+
+    def list_header(self) -> tuple[int, int]:
+        header = self.buf[self.pos]
+        self.pos += 1
+        size = header >> 4
+        return (self.varint() if size == 15 else size), header & 0x0F
+
+    def skip(self, kind: int) -> None:
+        if kind in (_T_BOOL_TRUE, _T_BOOL_FALSE):
+            return  # a struct field's bool is its type
+        if kind == _T_BYTE:
+            self.pos += 1
+        elif kind in (_T_I16, _T_I32, _T_I64):
+            self.varint()
+        elif kind == _T_DOUBLE:
+            self.pos += 8
+        elif kind == _T_BINARY:
+            length = self.varint()  # read before `pos` is: the varint moves it
+            self.pos += length
+        elif kind in (_T_LIST, _T_SET):
+            size, element = self.list_header()
+            for _ in range(size):
+                if element in (_T_BOOL_TRUE, _T_BOOL_FALSE):
+                    self.pos += 1  # a list's bools are a byte each
+                else:
+                    self.skip(element)
+        elif kind == _T_MAP:
+            size = self.varint()
+            if size:
+                types = self.buf[self.pos]
+                self.pos += 1
+                for _ in range(size):
+                    for element in (types >> 4, types & 0x0F):
+                        if element in (_T_BOOL_TRUE, _T_BOOL_FALSE):
+                            self.pos += 1
+                        else:
+                            self.skip(element)
+        elif kind == _T_STRUCT:
+            for _, field_kind in self.fields():
+                self.skip(field_kind)
+        else:
+            raise ValueError(f"not a Parquet footer (Thrift type {kind})")
+
+    def slot(self, what: int) -> tuple[int, int, int, int]:
+        start = self.pos
+        value = self.zigzag()
+        return (start, self.pos, what, value)
+
+
+@dataclass(frozen=True)
+class ParquetLayout:
+    """Where a Parquet file's footer keeps the numbers a join changes (offsets in the footer)."""
+
+    footer_start: int  # in the file
+    footer_end: int
+    num_rows: int
+    num_rows_span: tuple[int, int]
+    row_groups_span: tuple[int, int]  # the list, header included
+    # per row group: (start, end, slots); a slot is (start, end, _SHIFT|_ORDINAL, value)
+    row_groups: tuple[tuple[int, int, tuple[tuple[int, int, int, int], ...]], ...]
+
+    def to_json(self) -> list:
+        return [self.footer_start, self.footer_end, self.num_rows, list(self.num_rows_span),
+                list(self.row_groups_span), [[s, e, [list(slot) for slot in slots]] for s, e, slots in self.row_groups]]
+
+    @classmethod
+    def from_json(cls, data: Sequence) -> ParquetLayout:
+        footer_start, footer_end, num_rows, rows_span, groups_span, groups = data
+        return cls(footer_start, footer_end, num_rows, tuple(rows_span), tuple(groups_span),
+                   tuple((s, e, tuple(tuple(slot) for slot in slots)) for s, e, slots in groups))
+
+
+def parquet_layout(data: bytes | memoryview) -> ParquetLayout:
+    """Find the numbers a join changes in a Parquet file's footer."""
+    view = memoryview(data)
+    if len(view) < 12 or view[:4] != b"PAR1" or view[-4:] != b"PAR1":
+        raise ValueError("not a Parquet file")
+    footer_end = len(view) - 8
+    footer_start = footer_end - int.from_bytes(view[-8:-4], "little")
+    footer = view[footer_start:footer_end]
+    reader = _Thrift(footer)
+    num_rows, rows_span, groups_span, groups = None, None, None, []
+    for field, kind in reader.fields():  # FileMetaData
+        if field == 3 and kind == _T_I64:
+            start, end, _, num_rows = reader.slot(_SHIFT)
+            rows_span = (start, end)
+        elif field == 4 and kind == _T_LIST:
+            list_start = reader.pos
+            size, _ = reader.list_header()
+            for _ in range(size):
+                groups.append(_row_group_layout(reader))
+            groups_span = (list_start, reader.pos)
+        else:
+            reader.skip(kind)
+    if num_rows is None or groups_span is None or rows_span[0] > groups_span[0]:
+        raise ValueError("a Parquet footer without num_rows before row_groups")
+    return ParquetLayout(footer_start, footer_end, num_rows, rows_span, groups_span, tuple(groups))
+
+
+def _row_group_layout(reader: _Thrift) -> tuple[int, int, tuple]:
+    start = reader.pos
+    slots = []
+    for field, kind in reader.fields():  # RowGroup
+        if field == 1 and kind == _T_LIST:  # columns
+            size, _ = reader.list_header()
+            for _ in range(size):
+                for cc_field, cc_kind in reader.fields():  # ColumnChunk
+                    if cc_field == 2 and cc_kind == _T_I64:  # file_offset
+                        slots.append(reader.slot(_SHIFT))
+                    elif cc_field == 3 and cc_kind == _T_STRUCT:  # ColumnMetaData
+                        for md_field, md_kind in reader.fields():
+                            # data_page_offset, index_page_offset, dictionary_page_offset, bloom_filter_offset
+                            if md_field in (9, 10, 11, 14) and md_kind == _T_I64:
+                                if md_field == 14:
+                                    raise ValueError("Parquet bloom filters cannot be joined")
+                                slots.append(reader.slot(_SHIFT))
+                            else:
+                                reader.skip(md_kind)
+                    elif cc_field in (4, 6):  # offset_index_offset, column_index_offset
+                        raise ValueError("Parquet page indexes cannot be joined")
+                    else:
+                        reader.skip(cc_kind)
+        elif field == 5 and kind == _T_I64:  # file_offset
+            slots.append(reader.slot(_SHIFT))
+        elif field == 7 and kind == _T_I16:  # ordinal
+            slots.append(reader.slot(_ORDINAL))
+        else:
+            reader.skip(kind)
+    return (start, reader.pos, tuple(slots))
+
+
+def stitch_parquet(parts: Sequence[tuple[bytes | memoryview, ParquetLayout]]) -> list[bytes | memoryview]:
+    """One Parquet file, as buffers to write in order, holding the row groups of `parts`:
+    Parquet files of one schema written with the same settings."""
+    if not parts:
+        raise ValueError("nothing to join")
+    out: list[bytes | memoryview] = [b"PAR1"]
+    position = 4
+    groups: list[bytes | memoryview] = []
+    group_count = 0
+    rows = 0
+    for data, layout in parts:
+        view = memoryview(data)
+        footer = view[layout.footer_start:layout.footer_end]
+        shift = position - 4  # the body moves from offset 4 to `position`
+        for start, end, slots in layout.row_groups:
+            at = start
+            for slot_start, slot_end, what, value in slots:
+                groups.append(footer[at:slot_start])
+                groups.append(_varint(value + shift if what == _SHIFT else group_count))
+                at = slot_end
+            groups.append(footer[at:end])
+            group_count += 1
+        rows += layout.num_rows
+        body = view[4:layout.footer_start]
+        out.append(body)
+        position += len(body)
+    if group_count > 32767:
+        raise ValueError(f"{group_count} row groups: more than a Parquet footer can number")
+    first, base = parts[0]
+    footer = memoryview(first)[base.footer_start:base.footer_end]
+    list_header = bytes([group_count << 4 | _T_STRUCT]) if group_count < 15 else bytes([0xF0 | _T_STRUCT]) + _uvarint(group_count)
+    merged = [
+        footer[:base.num_rows_span[0]], _varint(rows), footer[base.num_rows_span[1]:base.row_groups_span[0]],
+        list_header, *groups, footer[base.row_groups_span[1]:],
+    ]
+    footer_size = sum(len(piece) for piece in merged)
+    return out + merged + [footer_size.to_bytes(4, "little"), b"PAR1"]
+
+
+def _uvarint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _varint(n: int) -> bytes:
+    """A Thrift compact integer: zigzag, then a varint."""
+    return _uvarint((n << 1) ^ (n >> 63))
+
+
+def blotter_parquet(table: pa.Table, compression: str = "snappy") -> bytes:
+    """The blotter's rows as a Parquet file, written so that such files can be joined
+    (`stitch_parquet`: no page index, no bloom filter; one schema)."""
+    sink = pa.BufferOutputStream()
+    with pq.ParquetWriter(
+        sink, empty_blotter().schema, compression=compression,
+        # Only the few-valued columns gain from dictionaries; fill and order ids are
+        # unique, and trying costs more than the rest of the encoding.
+        use_dictionary=["account", "symbol", "side", "venue"],
+        write_statistics=["ts"],
+        write_page_index=False,
+    ) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()

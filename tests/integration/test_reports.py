@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import csv
 import io
+import random
+import shutil
+import time
 import uuid
 from collections.abc import Iterator
-from datetime import date
+from datetime import date, datetime, timezone
 from decimal import Decimal as D
 
 import httpx
@@ -25,7 +28,7 @@ import pytest
 from posttrade.agents.reports import ReportsSection, install_reports
 from posttrade.app import App
 from posttrade.core.positions import PositionState
-from posttrade.core.reports import TradingDay, iso_ns
+from posttrade.core.reports import NS, TradingDay, iso_ns
 from posttrade.stores import clickhouse as clickhouse_store
 from posttrade.stores.clickhouse import open_clickhouse
 from posttrade.stores.objects import LocalObjectStore
@@ -144,7 +147,7 @@ async def test_a_days_reports_are_generated_listed_and_downloaded(stored_day, cl
         app, positions=positions, mark_of=lambda symbol: None, multipliers={}, object_store=LocalObjectStore(tmp_path),
         questdb=stored_day["questdb"], clickhouse=clickhouse,
         settings=ReportsSection(trades_table=stored_day["trades"], snapshots_table=stored_day["snapshots"],
-                                alerts_table=stored_day["alerts"], export_slices=3),
+                                alerts_table=stored_day["alerts"], spool_dir=str(tmp_path / "spool")),
     )
     web = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_web_app(app)), base_url="http://ptrc")
     async with app, web as http:
@@ -242,3 +245,190 @@ async def test_without_a_roll_into_the_next_day_the_days_last_snapshots_are_repo
     rows = {(r["level"], r["symbol"]): r for r in csv.DictReader(io.StringIO(text))}
     xyz = rows[("position", "XYZ")]
     assert (xyz["net_qty"], xyz["mark"], xyz["day_pnl"], xyz["valued_at"]) == ("-5", "95", "0", iso_ns(SNAPSHOTS[4]["ts"]))
+
+
+# -- the blotter spool: exported during the day, checked against QuestDB at generation ----------
+
+SPOOL_CELL_S = 3600  # 24 cells a day: few files, the same rules as 300
+
+
+def fills_through_the_day(n: int, seed: int, prefix: str, lo: int = START, hi: int = END) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        ts = rng.randrange(lo, hi)
+        out.append(trade(ts, f"{prefix}{i}", rng.choice(["BUY", "SELL"]), str(rng.randint(1, 500)),
+                         str(D(rng.randint(10_000, 999_999)).scaleb(-4)), str(D(rng.randint(-20, 300)).scaleb(-2)),
+                         str(D(rng.randint(-10**6, 10**6)).scaleb(-3)), str(rng.randint(-900, 900)),
+                         symbol=rng.choice(["XYZ", "ABC", "ES"]), venue=rng.choice(["XNAS", "XNYS"])))
+    return out
+
+
+@pytest.fixture
+async def trades_table(stack):
+    table = f"rept_{uuid.uuid4().hex[:8]}_trades"
+    questdb = QuestDBClient(host=stack.questdb_host, port=stack.questdb_http_port)
+    writer = QuestDBWriter(host=stack.questdb_host, port=stack.questdb_http_port)
+    await questdb.create_table(table, TRADES_COLUMNS, dedup_keys=("ts", "fill_id"))
+    stored: list[dict] = []
+
+    async def store(rows: list[dict]) -> None:
+        await writer.write_batch(table, rows, symbols=("account", "symbol", "side", "venue"))
+        stored.extend(r for r in rows if not any(s["ts"] == r["ts"] and s["fill_id"] == r["fill_id"] for s in stored))
+        await questdb.wait_visible(table, len(stored))
+
+    try:
+        yield {"questdb": questdb, "table": table, "store": store, "stored": stored}
+    finally:
+        await questdb.execute(f"DROP TABLE IF EXISTS {table}")
+        await writer.close()
+        await questdb.close()
+
+
+def blotter_service(questdb, table: str, objects, spool_dir, **settings):
+    app = App("ptrc", MemoryTransport())
+    positions = app.table("positions", value_type=PositionState, key_type=tuple[str, str])
+    reports = install_reports(
+        app, positions=positions, mark_of=lambda symbol: None, multipliers={}, object_store=LocalObjectStore(objects),
+        questdb=questdb, clickhouse=None,
+        settings=ReportsSection(trades_table=table, snapshots_table=f"{table}_none", daily_delay_s=None,
+                                spool_dir=str(spool_dir), spool_cell_s=SPOOL_CELL_S, **settings),
+    )
+    return app, reports
+
+
+def blotter_files(objects, day: date = DAY) -> tuple[bytes, pa.Table]:
+    folder = objects / "reports" / day.isoformat()
+    return (folder / "trade_blotter.csv").read_bytes(), pq.read_table(folder / "trade_blotter.parquet")
+
+
+def at(ns: int) -> datetime:
+    return datetime.fromtimestamp(ns / NS, timezone.utc)
+
+
+async def cold_blotter(t, tmp_path, day: date = DAY) -> tuple[bytes, pa.Table]:
+    """The blotter exported in full, with nothing kept (what the spool must reproduce)."""
+    objects = tmp_path / f"cold-{uuid.uuid4().hex[:6]}"
+    app, reports = blotter_service(t["questdb"], t["table"], objects, objects / "spool", spool=False)
+    async with app:
+        generation = await reports.generate(day, ["trade_blotter"])
+    assert generation.blotter["chunks_from_spool"] == 0
+    return blotter_files(objects, day)
+
+
+def fill_ids(csv_data: bytes) -> list[str]:
+    return [row["fill_id"] for row in csv.DictReader(io.StringIO(csv_data.decode()))]
+
+
+async def test_a_late_fill_in_a_spooled_cell_appears_exactly_once(trades_table, tmp_path):
+    t = trades_table
+    await t["store"](fills_through_the_day(300, seed=1, prefix="f") + [TRADES[0], TRADES[-1]])  # and one either side
+    app, reports = blotter_service(t["questdb"], t["table"], tmp_path / "objects", tmp_path / "spool")
+    async with app:
+        done = await reports.spool_step(at(END + 60 * NS))  # the day has ended: every cell is exported
+        assert done["rows_exported"] == 300 and done["exports"] >= 1
+        chunks = reports.spool.chunks(DAY)
+        assert sum(c.head.rows for c in chunks) == 300 and all(START <= c.head.lo < c.head.hi <= END for c in chunks)
+
+        first = await reports.generate(DAY, ["trade_blotter"])
+        assert first.blotter == {"rows": 300, "chunks_from_spool": len(chunks), "rows_from_spool": 300,
+                                 "exports": 0, "rows_exported": 0}
+        assert blotter_files(tmp_path / "objects") == await cold_blotter(t, tmp_path)
+
+        # Late fills: inside the day (a spooled cell), on a cell's first nanosecond, and
+        # the day's last one; and a rewrite of a stored fill with another fee (the same
+        # dedup key: QuestDB keeps the new row).
+        late = [trade(START + 13 * HOUR + 17, "late-1", "BUY", "1", "101.5", "0.25", "0", "1"),
+                trade(START + 5 * HOUR, "late-2", "SELL", "2", "99", "0", "-3.5", "-1"),
+                trade(END - 1, "late-3", "BUY", "3", "100", "0", "0", "2")]
+        rewritten = dict(t["stored"][7], fee=t["stored"][7]["fee"] + D("0.01"))
+        await t["store"](late + [rewritten])
+        t["stored"][7] = rewritten
+        second = await reports.generate(DAY, ["trade_blotter"])
+        assert second.blotter["rows"] == 303 and second.blotter["chunks_from_spool"] >= 1
+        assert second.blotter["exports"] >= 1 and second.blotter["rows_from_spool"] + second.blotter["rows_exported"] == 303
+    csv_data, parquet = blotter_files(tmp_path / "objects")
+    ids = fill_ids(csv_data)
+    assert len(ids) == len(set(ids)) == 303 and {"late-1", "late-2", "late-3"} <= set(ids)
+    in_day = sorted((r for r in t["stored"] if START <= r["ts"] < END), key=lambda r: (r["ts"], r["fill_id"]))
+    assert [r["ts"] for r in in_day] == parquet.column("ts").cast(pa.int64()).to_pylist()  # time order
+    fees = dict(zip(parquet.column("fill_id").to_pylist(), parquet.column("fee").to_pylist()))
+    assert fees[rewritten["fill_id"]] == rewritten["fee"]
+    assert (csv_data, parquet) == await cold_blotter(t, tmp_path)
+
+
+async def test_a_restart_mid_day_neither_loses_nor_duplicates_blotter_rows(trades_table, tmp_path):
+    t = trades_table
+    morning = fills_through_the_day(150, seed=2, prefix="m", hi=START + 12 * HOUR)
+    await t["store"](morning)
+    spool_dir = tmp_path / "spool"
+    app, reports = blotter_service(t["questdb"], t["table"], tmp_path / "objects", spool_dir)
+    async with app:
+        await reports.spool_step(at(START + 12 * HOUR + 30 * NS))
+    assert sum(c.head.rows for c in reports.spool.chunks(DAY)) == 150
+    # ptrc dies mid-write: a chunk never renamed into place, and one cut short.
+    directory = reports.spool.day_dir(DAY)
+    some = reports.spool.chunks(DAY)[0]
+    shutil.copy(some.path, directory / f".{some.path.name}.tmp123")
+    cut = directory / f"{START + 23 * HOUR}-{END}.chunk"
+    cut.write_bytes(some.path.read_bytes()[:-100])
+
+    # Restarted, ptrc stores the afternoon and, redelivered, the morning's last fills again.
+    afternoon = fills_through_the_day(120, seed=3, prefix="a", lo=START + 12 * HOUR)
+    await t["store"](morning[-40:] + afternoon)
+    assert len(t["stored"]) == 270
+    app, restarted = blotter_service(t["questdb"], t["table"], tmp_path / "objects", spool_dir)
+    async with app:
+        done = await restarted.spool_step(at(END + 60 * NS))
+        assert done["cells_checked"] >= 24  # a new process checks the whole day once
+        generation = await restarted.generate(DAY, ["trade_blotter"])
+    assert generation.blotter["rows"] == 270 and generation.blotter["exports"] == 0
+    csv_data, parquet = blotter_files(tmp_path / "objects")
+    ids = fill_ids(csv_data)
+    assert len(ids) == len(set(ids)) == 270
+    assert (csv_data, parquet) == await cold_blotter(t, tmp_path)
+
+
+async def test_todays_blotter_takes_the_unfinished_cell_from_questdb(trades_table, tmp_path):
+    t = trades_table
+    calendar = TradingDay()
+    now = time.time_ns()
+    today = calendar.of(at(now))
+    day_start = calendar.window_ns(today)[0]
+    lo, hi = max(day_start, now - 3 * HOUR), now - 60 * NS
+    if hi > lo:  # (not in the day's first minute)
+        await t["store"](fills_through_the_day(60, seed=4, prefix="e", lo=lo, hi=hi))
+    app, reports = blotter_service(t["questdb"], t["table"], tmp_path / "objects", tmp_path / "spool",
+                                   spool_settle_s=0)
+    async with app:
+        await reports.spool_step()
+        spooled = reports.spool.chunks(today)
+        assert all(c.head.hi <= time.time_ns() for c in spooled)  # only cells that have ended
+        just_now = [trade(time.time_ns() - 1000 * i, f"n{i}", "BUY", "1", "100", "0", "0", "1") for i in range(3)]
+        await t["store"](just_now)
+        generation = await reports.generate(today, ["trade_blotter"])
+    expected = sorted((r for r in t["stored"] if r["ts"] >= day_start), key=lambda r: (r["ts"], r["fill_id"]))
+    csv_data, parquet = blotter_files(tmp_path / "objects", today)
+    assert fill_ids(csv_data) == [r["fill_id"] for r in expected]
+    assert generation.blotter["rows"] == len(expected) and generation.blotter["exports"] >= 1
+    # the unfinished cell was exported but not kept: a later plan could not use it
+    assert all(c.head.hi <= time.time_ns() for c in reports.spool.chunks(today))
+
+
+async def test_a_spooled_chunk_that_cannot_be_read_costs_an_export_not_the_report(trades_table, tmp_path, monkeypatch):
+    t = trades_table
+    await t["store"](fills_through_the_day(80, seed=5, prefix="u"))
+    app, reports = blotter_service(t["questdb"], t["table"], tmp_path / "objects", tmp_path / "spool")
+    from posttrade.agents import reports as agent
+
+    async with app:
+        await reports.spool_step(at(END + 60 * NS))
+        assert reports.spool.chunks(DAY)
+
+        def vanished(self, csv_into):
+            raise FileNotFoundError(self.path)
+
+        monkeypatch.setattr(agent.SpooledChunk, "read", vanished)
+        generation = await reports.generate(DAY, ["trade_blotter"])
+    assert generation.blotter["rows"] == 80 and generation.blotter["chunks_from_spool"] == 0
+    assert blotter_files(tmp_path / "objects") == await cold_blotter(t, tmp_path)

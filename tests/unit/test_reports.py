@@ -24,7 +24,6 @@ from posttrade.core.reports import (
     daily_pnl_rows,
     decimal_type,
     iso_ns,
-    join_csv_exports,
     parquet_bytes,
     parse_iso_ns,
     parse_report_name,
@@ -226,14 +225,6 @@ def test_the_blotter_is_read_from_questdb_csv_exactly():
     assert table.column("realized_pnl_fill").to_pylist() == [D(0), None]
     assert table.column("order_id").to_pylist() == ["o1", 'o"2']
     assert table.column("venue").to_pylist() == ["", "XNAS"]
-
-
-def test_csv_exports_are_joined_under_one_header():
-    header, first, second = QUESTDB_CSV.split(b"\r\n")[:3]
-    joined = join_csv_exports([header + b"\r\n" + first + b"\r\n", header + b"\r\n", header + b"\r\n" + second + b"\r\n"])
-    assert joined == header + b"\r\n" + first + b"\r\n" + second + b"\r\n"
-    assert blotter_from_questdb_csv(joined).num_rows == 2
-    assert join_csv_exports([]) == b""
 
 
 @pytest.mark.parametrize("kind", ["daily_pnl", "positions", "trade_blotter", "compliance"])

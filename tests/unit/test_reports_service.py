@@ -17,15 +17,24 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from posttrade.agents.reports import QuestDBExporter, ReportsSection, install_reports
+from posttrade.agents.reports import BlotterSpool, ExportedChunk, QuestDBExporter, ReportsSection, install_reports
 from posttrade.app import App
 from posttrade.core.positions import PositionState
-from posttrade.core.reports import FORMATS, REPORT_KINDS, TradingDay
+from posttrade.core.reports import (
+    FORMATS,
+    REPORT_KINDS,
+    ChunkHead,
+    TradingDay,
+    blotter_parquet,
+    fingerprint_of,
+    parquet_layout,
+)
 from posttrade.stores.objects import LocalObjectStore
 from posttrade.stores.questdb import QuestDBClient, QuestDBError
 from posttrade.streams.memory import MemoryTransport
 from posttrade.web.server import build_web_app
 from tests.unit.test_reports import worked_example_book
+from tests.unit.test_reports_blotter import T0, blotter_rows
 
 
 class Service:
@@ -38,7 +47,8 @@ class Service:
         self.marks = {"XYZ": D(95), "ES": D(5000)}
         self.reports = install_reports(
             self.app, positions=self.positions, mark_of=self.marks.get, multipliers={"ES": D(50)},
-            object_store=self.store, questdb=self.questdb, clickhouse=None, settings=ReportsSection(**settings),
+            object_store=self.store, questdb=self.questdb, clickhouse=None,
+            settings=ReportsSection(**{"spool_dir": str(root.parent / f"{root.name}-spool"), **settings}),
         )
 
     def client(self) -> httpx.AsyncClient:
@@ -230,3 +240,74 @@ async def test_generation_with_questdb_unreachable_is_503(tmp_path):
         response = await http.post("/reports", json={"date": "2026-01-05", "kinds": ["trade_blotter"]})
     assert response.status_code == 503, response.text
     assert response.json()["detail"]["error"] == "a store is unavailable"
+
+
+# -- the blotter spool's files -----------------------------------------------------------------
+
+
+def exported(lo: int, hi: int, n: int, csv_rows: bytes = b'"x"\r\n') -> ExportedChunk:
+    table = blotter_rows(n)
+    parquet = blotter_parquet(table)
+    head = ChunkHead(lo=lo, hi=hi, fingerprint=fingerprint_of(table), csv_size=len(csv_rows), parquet_size=len(parquet),
+                     layout=parquet_layout(parquet), exported_at=lo)
+    return ExportedChunk(head, memoryview(csv_rows), parquet)
+
+
+def test_spool_chunks_are_written_whole_read_back_and_replaced(tmp_path):
+    spool = BlotterSpool(tmp_path / "spool")
+    day = date(2026, 11, 20)
+    assert spool.chunks(day) == []
+    spool.update(day, [exported(T0, T0 + 10, 3, b'"a"\r\n'), exported(T0 + 10, T0 + 20, 4)], [])
+    first, second = spool.chunks(day)
+    assert (first.head.lo, first.head.rows, second.head.rows) == (T0, 3, 4)
+    csv_into = bytearray(first.head.csv_size)
+    parquet = first.read(memoryview(csv_into))
+    assert bytes(csv_into) == b'"a"\r\n' and parquet == blotter_parquet(blotter_rows(3))
+    # a re-export of [T0, T0 + 20) replaces both (the same name is replaced in place)
+    spool.update(day, [exported(T0, T0 + 20, 7)], [first, second])
+    (only,) = spool.chunks(day)
+    assert (only.head.lo, only.head.hi, only.head.rows) == (T0, T0 + 20, 7)
+
+
+def test_a_chunk_replaced_after_its_head_was_read_is_not_read_with_the_old_head(tmp_path):
+    spool = BlotterSpool(tmp_path / "spool")
+    day = date(2026, 11, 20)
+    spool.update(day, [exported(T0, T0 + 10, 3, b'"a"\r\n')], [])
+    (listed,) = spool.chunks(day)
+    spool.update(day, [exported(T0, T0 + 10, 5, b'"b"\r\n')], [])  # e.g. another process sharing the spool
+    with pytest.raises(OSError, match="replaced"):
+        listed.read(memoryview(bytearray(listed.head.csv_size)))
+    (again,) = spool.chunks(day)
+    assert again.head.rows == 5
+
+
+def test_spool_ignores_what_a_crash_left_behind(tmp_path):
+    spool = BlotterSpool(tmp_path / "spool")
+    day = date(2026, 11, 20)
+    spool.update(day, [exported(T0, T0 + 10, 3)], [])
+    (good,) = spool.chunks(day)
+    directory = spool.day_dir(day)
+    data = good.path.read_bytes()
+    (directory / f"{T0 + 10}-{T0 + 20}.chunk").write_bytes(data[:-5])  # cut short
+    (directory / f".{T0 + 20}-{T0 + 30}.chunk.abc").write_bytes(data)  # a write that never got renamed
+    (directory / f"{T0 + 30}-{T0 + 40}.chunk").write_bytes(b"garbage")
+    assert [c.path for c in spool.chunks(day)] == [good.path]
+
+
+def test_spool_days_are_dropped_after_the_days_kept(tmp_path):
+    spool = BlotterSpool(tmp_path / "spool")
+    for day in (date(2026, 11, 18), date(2026, 11, 19), date(2026, 11, 20)):
+        spool.update(day, [exported(T0, T0 + 10, 1)], [])
+    (spool.root / "not-a-day").mkdir()
+    spool.drop_days_before(date(2026, 11, 20))
+    assert sorted(p.name for p in spool.root.iterdir()) == ["2026-11-20", "not-a-day"]
+
+
+def test_the_spool_lives_per_questdb_table_and_grid_and_can_be_turned_off(tmp_path):
+    svc = Service(tmp_path)
+    assert svc.reports.spool.root.parts[-3:] == ("127.0.0.1-9", "ptrc_trades", "UTC-000000-300s")
+    assert "reports_spool" in svc.app.timers
+    off = Service(tmp_path / "off", spool=False)
+    assert off.reports.spool is None and "reports_spool" not in off.app.timers
+    with pytest.raises(ValueError, match="spool_cell_s"):
+        Service(tmp_path / "bad", spool_cell_s=7)
