@@ -2,7 +2,7 @@
 # in ./.posttrade (git-ignored) unless POSTTRADE_HOME says otherwise.
 #
 #   make setup   .venv with posttrade and its dev tools, plus the pinned QuestDB jar
-#   make up      start the local servers (NATS JetStream, Valkey, QuestDB); `make down` stops them
+#   make up      everything locally: the servers, the six services, a demo feed (Ctrl-C stops); `make down` stops all
 #   make test    unit and integration tests against a stack it starts and stops again
 #   make bench   every benchmarks/*.py against the stack; results in benchmarks/results/
 
@@ -29,10 +29,10 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 up: setup
-	@$(BIN)/posttrade stack up
+	@$(BIN)/posttrade up
 
 down:
-	@if [ -x $(BIN)/posttrade ]; then $(BIN)/posttrade stack down; else echo "no $(BIN)/posttrade: nothing to stop"; fi
+	@if [ -x $(BIN)/posttrade ]; then $(BIN)/posttrade down; else echo "no $(BIN)/posttrade: nothing to stop"; fi
 
 test: setup
 	@scripts/with-stack.sh $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS) tests/

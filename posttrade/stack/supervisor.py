@@ -9,6 +9,9 @@ A pid alone proves nothing (pids are reused), so a process counts as ours only w
 binary has the server's name *and* its working directory is the server's folder under this
 home. That is what keeps `down` from ever signalling anything else, and what lets two
 stacks with different homes run side by side.
+
+The pidfile, recognition, lock, signal and log-tail helpers are public because the
+service fleet (`posttrade.stack.fleet`) keeps its processes the same way.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from .endpoints import PORT_ENV, Endpoints, endpoints
 from .servers import SERVERS, Server, StackError
@@ -62,37 +66,57 @@ def _readlink(path: str) -> Path:
     return Path(os.readlink(path).removesuffix(" (deleted)"))
 
 
-def is_our_process(pid: int, server: Server, ep: Endpoints) -> bool:
+def process_is(pid: int, executable: str, workdir: Path) -> bool:
+    """Whether `pid` is alive, runs a binary named `executable` and works in `workdir`."""
     try:
         exe = _readlink(f"/proc/{pid}/exe")
         cwd = _readlink(f"/proc/{pid}/cwd")
     except OSError:  # gone, a zombie (its links are unreadable), or another user's
         return False
-    return exe.name == server.executable and cwd == server.data_dir(ep)
+    return exe.name == executable and cwd == workdir
+
+
+def is_our_process(pid: int, server: Server, ep: Endpoints) -> bool:
+    return process_is(pid, server.executable, server.data_dir(ep))
+
+
+def read_pidfile(path: Path, is_ours: Callable[[int], bool]) -> int | None:
+    """The pid in `path`, if that process is alive and `is_ours` recognises it."""
+    try:
+        pid = int(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    return pid if is_ours(pid) else None
+
+
+def write_pidfile(path: Path, pid: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".tmp").write_text(f"{pid}\n")
+    path.with_suffix(".tmp").replace(path)  # atomic: a reader sees no pidfile or a whole one
 
 
 def running_pid(ep: Endpoints, server: Server) -> int | None:
     """The pid from the server's pidfile, if that process is alive and really is our server."""
-    try:
-        pid = int(pidfile(ep, server).read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-    return pid if is_our_process(pid, server, ep) else None
+    return read_pidfile(pidfile(ep, server), lambda pid: is_our_process(pid, server, ep))
 
 
-def log_tail(ep: Endpoints, server: Server, lines: int = LOG_TAIL_LINES) -> str:
+def file_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     try:
-        return "\n".join(logfile(ep, server).read_text(errors="replace").splitlines()[-lines:])
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except FileNotFoundError:
         return "(no log written)"
 
 
-def _require_proc() -> None:
+def log_tail(ep: Endpoints, server: Server, lines: int = LOG_TAIL_LINES) -> str:
+    return file_tail(logfile(ep, server), lines)
+
+
+def require_proc() -> None:
     if not Path("/proc/self/cwd").exists():
         raise StackError("the local stack needs Linux: it recognises its servers through /proc")
 
 
-def _port_in_use(host: str, port: int) -> bool:
+def port_in_use(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         # SO_REUSEADDR: a port left in TIME_WAIT by a server we just stopped is free to use.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -104,13 +128,17 @@ def _port_in_use(host: str, port: int) -> bool:
 
 
 @contextmanager
-def _locked(ep: Endpoints) -> Iterator[None]:
-    # Two `up`s at once (make and a test fixture, two terminals) must not both start a server.
-    run = ep.home / "run"
-    run.mkdir(parents=True, exist_ok=True)
-    with open(run / "stack.lock", "w") as lock:
+def locked(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path` (created if missing) while the block runs."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
+
+
+def _locked(ep: Endpoints):
+    # Two `up`s at once (make and a test fixture, two terminals) must not both start a server.
+    return locked(ep.home / "run" / "stack.lock")
 
 
 # `sh` starts the server in the background and exits at once, so the server is re-parented
@@ -131,9 +159,7 @@ def _spawn(ep: Endpoints, server: Server, argv: list[str]) -> int:
         start_new_session=True, check=True, text=True,
     )  # fmt: skip
     pid = int(launched.stdout)
-    path = pidfile(ep, server)
-    path.with_suffix(".tmp").write_text(f"{pid}\n")
-    path.with_suffix(".tmp").replace(path)  # atomic: a reader sees no pidfile or a whole one
+    write_pidfile(pidfile(ep, server), pid)
     return pid
 
 
@@ -163,7 +189,7 @@ def _taken_ports(ep: Endpoints, servers: Iterable[Server]) -> list[str]:
         f"{ep.host}:{port} ({server.name} {label}, {env_var[port]})"
         for server in servers
         for label, port in server.ports(ep).items()
-        if _port_in_use(ep.host, port)
+        if port_in_use(ep.host, port)
     ]
 
 
@@ -174,7 +200,7 @@ def up(ep: Endpoints | None = None) -> list[ServerState]:
     whatever it started that did not become healthy, when a server cannot be started.
     """
     ep = ep or endpoints()
-    _require_proc()
+    require_proc()
     for folder in (ep.home, ep.chdb_dir, ep.objects_dir):
         folder.mkdir(parents=True, exist_ok=True)
     with _locked(ep):
@@ -211,14 +237,14 @@ def up(ep: Endpoints | None = None) -> list[ServerState]:
     return [ServerState(server, pid, healthy=True, started=server in commands) for server, pid in pids.items()]
 
 
-def _signal(pid: int, signum: int) -> None:
+def send_signal(pid: int, signum: int) -> None:
     try:
         os.kill(pid, signum)
     except ProcessLookupError:  # it exited between our check and the signal: what we wanted
         pass
 
 
-def _wait_reaped(pid: int, timeout: float = 2.0) -> None:
+def wait_reaped(pid: int, timeout: float = 2.0) -> None:
     # A stopped server is a zombie until init reaps it; waiting a moment for that means a
     # `pgrep` right after `down` shows nothing. A pid 1 that never reaps costs us 2 s, no more.
     deadline = time.monotonic() + timeout
@@ -226,36 +252,57 @@ def _wait_reaped(pid: int, timeout: float = 2.0) -> None:
         time.sleep(0.05)
 
 
-def _stop(ep: Endpoints, servers: Iterable[Server]) -> list[StopResult]:
-    pids = {server: running_pid(ep, server) for server in servers}
-    # SIGTERM to all first, then wait for all: the servers shut down in parallel.
+K = TypeVar("K")
+
+
+def terminate(
+    pids: Mapping[K, int | None],
+    still_ours: Callable[[K, int], bool],
+    grace: float = STOP_TIMEOUT,
+    kill_grace: float = KILL_TIMEOUT,
+) -> dict[K, str]:
+    """SIGTERM every pid, wait up to `grace` for them to go, SIGKILL those that stay.
+
+    `still_ours(key, pid)` says whether the process is still running (and still ours);
+    outcome per key: "stopped", "killed", "not running" (pid None) or "still running".
+    """
+    # SIGTERM to all first, then wait for all: they shut down in parallel.
     for pid in pids.values():
         if pid is not None:
-            _signal(pid, signal.SIGTERM)
-    results = []
-    deadline = time.monotonic() + STOP_TIMEOUT
-    for server, pid in pids.items():
+            send_signal(pid, signal.SIGTERM)
+    outcomes = {}
+    deadline = time.monotonic() + grace
+    for key, pid in pids.items():
         outcome = "not running" if pid is None else "stopped"
-        while pid is not None and is_our_process(pid, server, ep):
+        while pid is not None and still_ours(key, pid):
             if time.monotonic() > deadline:
                 if outcome == "killed":
                     outcome = "still running"
                     break
-                _signal(pid, signal.SIGKILL)
-                outcome, deadline = "killed", time.monotonic() + KILL_TIMEOUT
+                send_signal(pid, signal.SIGKILL)
+                outcome, deadline = "killed", time.monotonic() + kill_grace
             time.sleep(0.1)
-        if outcome != "still running":
+        outcomes[key] = outcome
+    return outcomes
+
+
+def _stop(ep: Endpoints, servers: Iterable[Server]) -> list[StopResult]:
+    pids = {server: running_pid(ep, server) for server in servers}
+    outcomes = terminate(pids, lambda server, pid: is_our_process(pid, server, ep))
+    results = []
+    for server, pid in pids.items():
+        if outcomes[server] != "still running":
             pidfile(ep, server).unlink(missing_ok=True)
             if pid is not None:
-                _wait_reaped(pid)
-        results.append(StopResult(server, pid, outcome))
+                wait_reaped(pid)
+        results.append(StopResult(server, pid, outcomes[server]))
     return results
 
 
 def down(ep: Endpoints | None = None, names: Iterable[str] | None = None) -> list[StopResult]:
     """Stop the servers `up` started (all, or those named), by the pids in their pidfiles."""
     ep = ep or endpoints()
-    _require_proc()
+    require_proc()
     wanted = set(names) if names is not None else {server.name for server in SERVERS}
     unknown = wanted - {server.name for server in SERVERS}
     if unknown:
@@ -266,7 +313,7 @@ def down(ep: Endpoints | None = None, names: Iterable[str] | None = None) -> lis
 
 def status(ep: Endpoints | None = None) -> list[ServerState]:
     ep = ep or endpoints()
-    _require_proc()
+    require_proc()
     states = []
     for server in SERVERS:
         pid = running_pid(ep, server)

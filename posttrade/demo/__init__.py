@@ -1,0 +1,20 @@
+"""Synthetic trading for local runs: a market of 20 symbols, accounts that trade in it,
+and a feed that publishes it all on NATS (`posttrade demo feed`, and `posttrade up`).
+
+`market` (quotes and the tape), `execution` (orders filled against the quotes),
+`feed` (the deterministic generator and the real-time publisher).
+"""
+
+from .feed import ACCOUNTS, Account, DemoFeed, FeedGenerator, FeedProgress, FeedSettings
+from .market import INSTRUMENTS, Instrument
+
+__all__ = [
+    "ACCOUNTS",
+    "INSTRUMENTS",
+    "Account",
+    "DemoFeed",
+    "FeedGenerator",
+    "FeedProgress",
+    "FeedSettings",
+    "Instrument",
+]
