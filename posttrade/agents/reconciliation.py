@@ -198,6 +198,26 @@ class ReconciliationService:
     # -- pages ---------------------------------------------------------------------------
 
     async def post_run(self, request: Request) -> JSON:
+        """Start a reconciliation of the live positions against a replay and a statement.
+
+        JSON body (every field optional): `from_seq` or `from_time`, `statement` (CSV text) or
+        `statement_path`, `tolerance` {qty, avg_price, realized_pnl}. Or the statement itself as
+        `text/csv` with the other fields in the query string.
+
+        ---
+        query:
+          from_seq: {type: integer, minimum: 1, description: "text/csv uploads: replay from this stream sequence"}
+          from_time: "text/csv uploads: replay from this time (ISO-8601)"
+          tolerance_qty: "text/csv uploads: quantity tolerance (decimal)"
+          tolerance_avg_price: "text/csv uploads: average price tolerance (decimal)"
+          tolerance_realized_pnl: "text/csv uploads: realized P&L tolerance (decimal)"
+        body: {content: [application/json, text/csv], description: the run's options, or the statement as CSV}
+        responses:
+          202: {description: "`id`, `status` (running), `url`; a `Location` header", schema: {type: object}}
+          409: another run is in progress
+          413: the body is over `reconciliation.max_statement_bytes`
+          415: neither application/json nor text/csv
+        """
         self._ensure_idle()  # before reading a large statement for nothing
         plan = await self.plan_from_request(request)
         run = await self.start(plan)
@@ -208,11 +228,28 @@ class ReconciliationService:
         )
 
     async def list_runs(self, request: Request) -> JSON:
+        """The newest reconciliation runs first, without their breaks.
+
+        ---
+        query:
+          limit: {type: integer, minimum: 1, default: 20, description: "at most `reconciliation.keep_runs`"}
+        responses:
+          200: {description: "`runs`, `count`", schema: {type: object}}
+        """
         limit = query_int(request, "limit", 20, minimum=1, maximum=max(1, self.settings.keep_runs))
         runs = sorted(self.runs.values(), key=lambda r: r.id, reverse=True)[:limit]
         return JSON({"runs": [run.summary() for run in runs], "count": len(runs)})
 
     async def get_run(self, request: Request) -> JSON:
+        """One reconciliation run with its breaks.
+
+        ---
+        path:
+          run_id: the id `POST /reconciliation` answered
+        responses:
+          200: {description: "the run: status, counts, `breaks`", schema: {type: object}}
+          404: no reconciliation with this id
+        """
         run_id = request.path_params["run_id"]
         run = self.runs.get(run_id)
         if run is None:

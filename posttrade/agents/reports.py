@@ -253,6 +253,17 @@ class ReportService:
     # -- pages ------------------------------------------------------------------------------
 
     async def post_generate(self, request: Request) -> JSON:
+        """Generate a day's reports (CSV and Parquet) into object storage, and say how long it took.
+
+        ---
+        body:
+          description: "`date` (YYYY-MM-DD, default today) and `kinds` (default all four)"
+          required: false
+          schema: {type: object, properties: {date: {type: string, format: date}, kinds: {type: array, items: {enum: [daily_pnl, positions, trade_blotter, compliance]}}}}
+        responses:
+          201: {description: the files written and the time of each step, schema: {type: object}}
+          503: a store (QuestDB, ClickHouse, object storage) is unavailable
+        """
         body = await request.body()
         try:
             req = msgspec.json.decode(body or b"{}", type=GenerateRequest)
@@ -275,6 +286,12 @@ class ReportService:
         return JSON(generation.to_json(), status_code=201)
 
     async def list_reports(self, request: Request) -> JSON:
+        """The reports in object storage, newest day first.
+
+        ---
+        query:
+          date: {format: date, description: only this trading day (YYYY-MM-DD)}
+        """
         raw = request.query_params.get("date")
         prefix = f"{self.prefix}/" if not raw else f"{self.prefix}/{parse_day(raw).isoformat()}/"
         listed = await self.store.list(prefix)
@@ -297,6 +314,15 @@ class ReportService:
         return JSON({"reports": reports, "count": len(reports)})
 
     async def download(self, request: Request) -> Response:
+        """Download one report file.
+
+        ---
+        path:
+          name: the report's name as `GET /reports` lists it, e.g. `2026-11-24/positions.csv`
+        responses:
+          200: {description: the file, content: [text/csv, application/octet-stream]}
+          404: no such report
+        """
         relative = request.path_params["name"]
         if relative.startswith(f"{self.prefix}/"):
             relative = relative[len(self.prefix) + 1:]

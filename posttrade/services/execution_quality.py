@@ -290,6 +290,24 @@ class ExecutionQualityService:
     # -- pages -----------------------------------------------------------------------------------
 
     async def metrics_execution(self, request: Request) -> JSON:
+        """Execution metrics per fill or per order, newest first, with filters and pagination.
+
+        ---
+        query:
+          level: {enum: [fill, order], default: fill, description: one row per fill or per order}
+          account: only this account
+          symbol: only this symbol
+          venue: only this venue
+          side: {enum: [BUY, SELL]}
+          order_id: only this order's rows
+          from: event time from (ISO 8601 or epoch ns), inclusive
+          to: event time to (ISO 8601 or epoch ns), exclusive
+          limit: {type: integer, minimum: 1, maximum: 1000, default: 100}
+          offset: {type: integer, minimum: 0, default: 0}
+        responses:
+          200: {description: "`total`, `next_offset` and the `rows`", schema: {type: object}}
+          503: ClickHouse is not connected or the query failed
+        """
         params = request.query_params
         _reject_unknown(params, {"level", "limit", "offset", "order_id", *Filters.PARAMETERS})
         level = params.get("level", "fill")
@@ -312,6 +330,24 @@ class ExecutionQualityService:
         )
 
     async def analytics_summary(self, request: Request) -> JSON:
+        """Slippage, spread, markouts and fill ratio aggregated by group and time bucket.
+
+        ---
+        query:
+          group_by: comma-separated dimensions out of account, symbol, venue, side
+          bucket: time bucket, `<n>s`, `<n>m`, `<n>h` or `<n>d`
+          account: only this account
+          symbol: only this symbol
+          venue: only this venue
+          side: {enum: [BUY, SELL]}
+          from: event time from (ISO 8601 or epoch ns), inclusive
+          to: event time to (ISO 8601 or epoch ns), exclusive
+          limit: {type: integer, minimum: 1, maximum: 10000, default: 1000}
+          offset: {type: integer, minimum: 0, default: 0}
+        responses:
+          200: {description: "`total` groups and the page of `groups`", schema: {type: object}}
+          503: ClickHouse is not connected or the query failed
+        """
         params = request.query_params
         _reject_unknown(params, {"group_by", "bucket", "limit", "offset", *Filters.PARAMETERS})
         group_by = _parse_group_by(params.get("group_by"))

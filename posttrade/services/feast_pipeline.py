@@ -274,6 +274,13 @@ def assemble(app: App, config: FeastPipelineConfig, channels: FeatureChannels | 
 
     @app.page("/features/status")
     async def features_status(request):
+        """Each feature view's freshness, rows, last push and materialization, errors; the batch job.
+
+        ---
+        responses:
+          200: {description: "`views`, `late_events`, `batch`", schema: {type: object}}
+          503: the feature repository is not applied yet
+        """
         if runtime.publisher is None:
             raise BadRequest({"error": "the feature repository is not applied yet"}, status_code=503)
         snapshot = runtime.publisher.snapshot()
@@ -301,6 +308,19 @@ def assemble(app: App, config: FeastPipelineConfig, channels: FeatureChannels | 
 
     @app.page("/features/online")
     async def features_online(request):
+        """Online feature values of one symbol or one account, read through Feast.
+
+        Give exactly one of `symbol` or `account`.
+
+        ---
+        query:
+          symbol: the symbol whose features to read
+          account: the account whose features to read
+          features: "comma-separated feature names (default: all of the entity's)"
+        responses:
+          200: {description: "`entity`, the name, `features` (name → value), `read_ms`", schema: {type: object}}
+          503: the feature repository is not applied yet
+        """
         params = request.query_params
         given = [name for name in ("symbol", "account") if name in params]
         if len(given) != 1:
@@ -328,6 +348,13 @@ def assemble(app: App, config: FeastPipelineConfig, channels: FeatureChannels | 
 
     @app.page("/features/materialize", methods=("POST",))
     async def features_materialize(request):
+        """Run the hourly batch and `materialize_incremental` now.
+
+        ---
+        responses:
+          200: {description: "the run: hours computed, rows, durations", schema: {type: object}}
+          503: the feature repository is not applied yet
+        """
         if runtime.repository is None:
             raise BadRequest({"error": "the feature repository is not applied yet"}, status_code=503)
         return JSON(await runtime.run_batch())

@@ -1324,6 +1324,20 @@ def build(config: HotCacheConfig, *, channels: Callable[[App], HotCacheChannels]
 
     @app.page("/bars/{symbol:path}")
     async def get_bars(request: Request) -> CachedJSON:
+        """The newest bars of a symbol and interval: Valkey, or QuestDB on a miss.
+
+        ---
+        path:
+          symbol: the symbol (1-128 printable characters, no spaces)
+        query:
+          interval: {description: "bar interval `<n>s|m|h|d`; default `hot_cache.default_bar_interval`"}
+          limit: {type: integer, minimum: 1, description: "bars to return, newest last; at most `hot_cache.bars_kept`; default `hot_cache.default_bar_limit`"}
+        responses:
+          200: {description: "the bars, with `hit` (answered from Valkey alone) and `source` (cache or questdb)", schema: {type: object}}
+          404: nothing in Valkey nor QuestDB
+          502: "QuestDB's answer cannot be used"
+          503: QuestDB is needed for a miss and cannot be reached
+        """
         symbol = _name(request, "symbol")
         interval = request.query_params.get("interval") or section.default_bar_interval
         try:
@@ -1335,14 +1349,42 @@ def build(config: HotCacheConfig, *, channels: Callable[[App], HotCacheChannels]
 
     @app.page("/quotes/{symbol:path}")
     async def get_quote(request: Request) -> CachedJSON:
+        """The last quote of a symbol: Valkey, or QuestDB on a miss.
+
+        ---
+        path:
+          symbol: the symbol (1-128 printable characters, no spaces)
+        responses:
+          200: {description: "`symbol`, `quote`, with `hit` and `source`", schema: {type: object}}
+          404: nothing in Valkey nor QuestDB
+          502: "QuestDB's answer cannot be used"
+          503: QuestDB is needed for a miss and cannot be reached
+        """
         return CachedJSON(await service.quote(_name(request, "symbol")))
 
     @app.page("/positions/{account:path}")
     async def get_positions(request: Request) -> CachedJSON:
+        """The current positions of an account: Valkey, or rebuilt from QuestDB fills on a miss.
+
+        ---
+        path:
+          account: the account (1-128 printable characters, no spaces)
+        responses:
+          200: {description: "`account`, `positions` sorted by symbol, with `hit` and `source`", schema: {type: object}}
+          404: nothing in Valkey nor QuestDB
+          502: "QuestDB's answer cannot be used (e.g. more fills than `read_through.max_fills`)"
+          503: QuestDB is needed for a miss and cannot be reached
+        """
         return CachedJSON(await service.positions(_name(request, "account")))
 
     @app.page("/cache/stats")
     async def cache_stats(request: Request) -> JSON:
+        """Hits, misses, hit rate, key count, memory and freshness lag of the cache.
+
+        ---
+        responses:
+          200: {description: the statistics, schema: {type: object}}
+        """
         return JSON(await service.stats())
 
     @app.health_check("valkey")

@@ -923,6 +923,15 @@ def build(
 
     @app.page("/pnl/realtime")
     async def realtime(request: Request) -> JSON:
+        """Real-time P&L per position and per account, from memory (current to the last message).
+
+        ---
+        query:
+          account: only this account (exact, 1-128 printable characters)
+          symbol: only this symbol (exact, 1-128 printable characters)
+        responses:
+          200: {description: "`as_of`, `count`, `positions` (sorted by account, symbol) and `accounts` (totals)", schema: {type: object}}
+        """
         account = name_parameter(request, "account")
         symbol = name_parameter(request, "symbol")
         if symbol is not None:
@@ -949,6 +958,21 @@ def build(
 
     @app.page("/pnl/history")
     async def history(request: Request) -> JSON:
+        """P&L history from QuestDB snapshots, one point per interval bucket per key.
+
+        With `symbol`: one series per position; without: one series per account (totals).
+
+        ---
+        query:
+          account: only this account
+          symbol: only this symbol (position series instead of account totals)
+          from: "start, inclusive: ISO-8601 (no offset = UTC) or epoch ns; default `to` minus one hour"
+          to: "end, exclusive: ISO-8601 or epoch ns; default now"
+          interval: {default: 1m, description: "bucket size `<n>s|m|h|d`; at most `history.max_points` buckets over the range"}
+        responses:
+          200: {description: "`level`, `from`, `to`, `interval`, `series` (points per key), `truncated`", schema: {type: object}}
+          503: QuestDB is not configured or unreachable
+        """
         query = history_query(request, section.history)
         if client is None:
             raise BadRequest({"error": "no QuestDB configured (databases.questdb)"}, status_code=503)

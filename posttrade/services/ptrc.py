@@ -126,7 +126,16 @@ def build(config: PtrcConfig) -> App:
 
     @app.page("/positions")
     async def positions(request):
-        """Positions with P&L at the current marks; filters account, symbol; method."""
+        """Positions with P&L at the current marks, one row per account and symbol.
+
+        ---
+        query:
+          account: only this account
+          symbol: only this symbol
+          method: {enum: [avg, fifo, both], default: both, description: "P&L method: average cost, FIFO, or both"}
+        responses:
+          200: {description: "`positions` (one row per account and symbol), `count`, `method`", schema: {type: object}}
+        """
         method = request.query_params.get("method", "both")
         if method not in METHODS:
             raise BadRequest({"parameter": "method", "error": f"must be one of {', '.join(METHODS)}"})
@@ -145,7 +154,14 @@ def build(config: PtrcConfig) -> App:
 
     @app.page("/pnl/summary")
     async def pnl_summary(request):
-        """P&L by account (totals) and by symbol (summed over accounts)."""
+        """P&L by account (totals) and by symbol (summed over accounts).
+
+        ---
+        query:
+          account: only this account
+        responses:
+          200: {description: "`by_account` and `by_symbol`; a P&L that needs a missing mark is null", schema: {type: object}}
+        """
         account = request.query_params.get("account") or None
         accounts = [account] if account else keeper.book.accounts()
         by_account = [keeper.book.account_totals(a) for a in accounts if keeper.book.positions(a)]
@@ -170,13 +186,33 @@ def build(config: PtrcConfig) -> App:
 
     @app.page("/marks")
     async def marks(request):
+        """The current mark per symbol, with its source and event time.
+
+        ---
+        query:
+          symbol: only this symbol
+        responses:
+          200: {description: "`marks`: symbol → mark detail", schema: {type: object}}
+        """
         symbol = request.query_params.get("symbol")
         symbols = [symbol] if symbol else sorted(keeper.marks.keys())
         return JSON({"marks": {s: keeper.mark_detail(s) for s in symbols}})
 
     @app.page("/compliance/alerts")
     async def compliance_alerts(request):
-        """Stored alerts, newest first; filters account, rule, severity; limit/offset."""
+        """Stored compliance alerts, newest first.
+
+        ---
+        query:
+          account: only this account
+          rule: only this rule
+          severity: only this severity
+          symbol: only this symbol
+          limit: {type: integer, minimum: 1, maximum: 10000, default: 100}
+          offset: {type: integer, minimum: 0, default: 0}
+        responses:
+          200: {description: "`alerts`, `limit`, `offset`", schema: {type: object}}
+        """
         limit = query_int(request, "limit", 100, minimum=1, maximum=10_000)
         offset = query_int(request, "offset", 0, minimum=0)
         where, params = [], {}
@@ -196,6 +232,12 @@ def build(config: PtrcConfig) -> App:
 
     @app.page("/stats")
     async def stats(request):
+        """Counters: positions, marked symbols, alerts raised, rows written, storage retries, trading day.
+
+        ---
+        responses:
+          200: {description: the counters, schema: {type: object}}
+        """
         return JSON(
             {
                 "positions": len(keeper.positions),

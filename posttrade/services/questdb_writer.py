@@ -206,6 +206,12 @@ def wire(app: App, config: QuestDBWriterConfig, *, writer: QuestDBWriter, client
 
     @app.page("/stats")
     async def stats(request):
+        """Rows, batches, errors, retries, dead letters, lag, throughput and flush latency per table.
+
+        ---
+        responses:
+          200: {description: "`totals` and `tables` (one entry per route)", schema: {type: object}}
+        """
         tables = {}
         totals = {"rows": 0, "batches": 0, "errors": 0, "retries": 0, "dead_lettered": 0, "lag": 0}
         rate10 = rate60 = 0.0

@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..core.exact import format_decimal
+from .openapi import openapi_route
 
 if TYPE_CHECKING:
     from ..app import App
@@ -110,15 +111,29 @@ def _reason(status: int) -> str:
 
 def build_web_app(app: App, *, auth_token: str | None = None) -> Starlette:
     async def health(request: Request) -> Response:
+        """Whether the service works: NATS, every agent (running, lag) and the service's checks.
+
+        ---
+        responses:
+          200: {description: every check is ok, schema: {$ref: "#/components/schemas/Health"}}
+          503: {description: a check is not ok (`checks` says which and why), schema: {$ref: "#/components/schemas/Health"}}
+        """
         healthy, checks = await app.health()
         return JSON({"service": app.name, "status": "ok" if healthy else "unhealthy", "checks": checks}, 200 if healthy else 503)
 
     async def metrics(request: Request) -> Response:
+        """Prometheus metrics of the service (text exposition format).
+
+        ---
+        responses:
+          200: {description: the metrics, content: text/plain}
+        """
         await app.health()  # refreshes the lag and table gauges
         return Response(generate_latest(app.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     routes = [Route("/health", health), Route("/metrics", metrics)]
     routes += [Route(p.path, p.handler, methods=list(p.methods)) for p in app.pages]
+    routes.append(openapi_route(app.name, routes, auth=bool(auth_token)))
     middleware = [Middleware(BearerAuth, token=auth_token)] if auth_token else []
     return Starlette(
         routes=routes,
