@@ -3,7 +3,7 @@
 #
 #   make setup   .venv with posttrade and its dev tools, plus the pinned QuestDB jar
 #   make up      everything locally: the servers, the six services, a demo feed (Ctrl-C stops); `make down` stops all
-#   make test    unit and integration tests against a stack it starts and stops again
+#   make test    unit tests, then integration tests and the validation gate against a stack it starts and stops
 #   make bench   every benchmarks/*.py against the stack; results in benchmarks/results/
 
 SHELL := /bin/bash
@@ -34,8 +34,12 @@ up: setup
 down:
 	@if [ -x $(BIN)/posttrade ]; then $(BIN)/posttrade down; else echo "no $(BIN)/posttrade: nothing to stop"; fi
 
+# Unit tests first, in their own process and without servers (one embedded ClickHouse
+# path per process: the integration tests' must not decide the unit tests'); then the
+# integration tests, the validation gate among them, against the stack.
 test: setup
-	@scripts/with-stack.sh $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS) tests/
+	@$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS) tests/unit
+	@scripts/with-stack.sh $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS) tests/integration
 
 bench: setup
 	@scripts/with-stack.sh scripts/bench.sh

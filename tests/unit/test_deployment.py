@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.server
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import threading
@@ -260,6 +261,8 @@ def test_the_bucket_the_configs_name_is_created_before_ptrc_starts(compose, conf
 
 def test_the_bucket_job_reads_the_bucket_from_the_configs(monkeypatch):
     create_buckets = load_docker_module("create_buckets")
+    for name in [n for n in os.environ if n.startswith("POSTTRADE")]:
+        monkeypatch.delenv(name)  # a local stack's env points storage at a directory
     monkeypatch.setenv("POSTTRADE_CONFIG_DIR", str(ROOT / "config/backend"))
     wanted = create_buckets.wanted_buckets()
     assert set(wanted) == {("http://seaweedfs:8333", "trader2025")}
