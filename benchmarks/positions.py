@@ -138,7 +138,7 @@ async def fill_to_pnl_latency(pnl_url: str, nats_url: str, rate: int, seconds: f
     nc = await nats.connect(nats_url, pending_size=64 * 1024 * 1024)
 
     def fill(account: str, symbol: str, n: int) -> Fill:
-        return Fill(ts=time.time_ns(), fill_id=f"{tag}-{n}", account=account, symbol=symbol, side="BUY",
+        return Fill(ts=time.time_ns(), fill_id=f"{tag}-{n}", account=account, symbol=symbol, side=rng.choice(("BUY", "SELL")),
                     qty=Decimal(rng.randint(1, 9)), price=Decimal(rng.randint(9900, 10100)).scaleb(-2))
 
     async def poll(http: httpx.AsyncClient) -> None:

@@ -33,6 +33,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Inside a batch, the agent hands the event loop back every this many events. Without
+# it a batch of 1,000 runs as one step: pages wait, and what the agent publishes stays
+# in the connection's buffer (flushed once per loop pass) until the batch's last event.
+YIELD_EVERY = 32
+
 
 @dataclass(slots=True)
 class EventRecord:
@@ -84,7 +89,9 @@ class Stream:
             batch = await self._next_batch()
             if batch is None:
                 return
-            for record in batch:
+            for n, record in enumerate(batch):
+                if n and not n % YIELD_EVERY:
+                    await asyncio.sleep(0)
                 current_event.set(record)
                 self.runner.current = record
                 yield record
