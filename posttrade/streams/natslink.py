@@ -26,7 +26,7 @@ import json
 import os
 import ssl
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
 import msgspec
 from urllib.parse import unquote, urlparse
@@ -267,7 +267,7 @@ class AckedPublisher:
     acknowledgement; `publish` waits for room beyond that (backpressure).
     """
 
-    def __init__(self, open_link: Callable[[DeliveryCallback], "asyncio.Future[LeanLink]"], *,
+    def __init__(self, open_link: Callable[[DeliveryCallback], Awaitable[LeanLink]], *,
                  timeout_s: float = 10.0, max_pending: int = 20_000):
         self._open_link = open_link
         self.timeout_s = timeout_s
