@@ -110,6 +110,19 @@ def divide_rounded(numerator: Decimal, denominator: Decimal) -> Decimal:
     return quotient if quotient else ZERO  # not 0E-13
 
 
+_QUANTA = {scale: Decimal(1).scaleb(-scale) for scale in range(DIVISION_SCALE + 1)}
+
+
+def divide_at(numerator: Decimal, denominator: Decimal, scale: int) -> Decimal:
+    """`numerator / denominator` rounded half to even at 10**-scale (0 <= scale <= 12),
+    always written with `scale` places: the value of `round_quotient`, by the fast route
+    `divide` takes (round to odd at 64 digits, then once more; integers beyond that)."""
+    quotient = _divide_05up(numerator, denominator)
+    if quotient.adjusted() > DIVISION_DIGITS - scale - 3:
+        return round_quotient(numerator, denominator, scale)
+    return quotient.quantize(_QUANTA[scale], ROUND_HALF_EVEN, EXACT)
+
+
 def round_quotient(numerator: Decimal, denominator: Decimal, scale: int) -> Decimal:
     """The true value of numerator / denominator rounded half to even at 10**-scale."""
     if not denominator:

@@ -25,41 +25,20 @@ Conventions
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import (
-    MAX_EMAX,
-    MIN_EMIN,
-    ROUND_05UP,
-    ROUND_HALF_EVEN,
-    Context,
-    Decimal,
-    DivisionByZero,
-    InvalidOperation,
-    Overflow,
-)
+from decimal import Decimal
 from typing import Literal
 
-from .exact import EXACT, ZERO, divide, round_quotient
+from .exact import EXACT, ZERO, divide, divide_at
 
 Side = Literal["BUY", "SELL"]
 
 BPS_PLACES = 8
 _TEN_THOUSAND = Decimal(10_000)
 _TWO = Decimal(2)
-_BPS_QUANTUM = Decimal(1).scaleb(-BPS_PLACES)
 
 _add = EXACT.add
 _sub = EXACT.subtract
 _mul = EXACT.multiply
-
-# `to_bps` runs several times per fill on the ingest path. It divides to 64
-# significant digits rounding to odd (ROUND_05UP), then rounds that half to even at 8
-# places: rounding to odd with at least two spare digits makes the second rounding
-# exactly the rounding of the true quotient (the argument of posttrade.core.exact).
-# Quotients of 10**53 and more lack the spare digits and take the integer route.
-_DIVIDE_TO_ODD = Context(
-    prec=64, Emax=MAX_EMAX, Emin=MIN_EMIN, rounding=ROUND_05UP, traps=[InvalidOperation, DivisionByZero, Overflow]
-)
-_MAX_ADJUSTED_BPS = 64 - BPS_PLACES - 3
 
 
 def side_sign(side: str) -> int:
@@ -76,11 +55,7 @@ def to_bps(numerator: Decimal, denominator: Decimal) -> Decimal:
     (the same value as `round_quotient(numerator x 10^4, denominator, 8)`)."""
     if not denominator:
         raise ZeroDivisionError("bps of a zero denominator")
-    scaled = _mul(numerator, _TEN_THOUSAND)
-    quotient = _DIVIDE_TO_ODD.divide(scaled, denominator)
-    if quotient.adjusted() > _MAX_ADJUSTED_BPS:
-        return round_quotient(scaled, denominator, BPS_PLACES)
-    return quotient.quantize(_BPS_QUANTUM, ROUND_HALF_EVEN, EXACT)
+    return divide_at(_mul(numerator, _TEN_THOUSAND), denominator, BPS_PLACES)
 
 
 def mid_price(bid: Decimal, ask: Decimal) -> Decimal:

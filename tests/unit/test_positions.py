@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from posttrade.core.exact import (
     divide,
+    divide_at,
     divide_rounded,
     format_decimal,
     parse_decimal,
@@ -692,3 +693,15 @@ def test_property_serialization_round_trip(specs, mult):
     back = decode_position(encode_position(p))
     assert back == p
     assert [tuple(map(repr, lot)) for lot in back.fifo_lots] == [tuple(map(repr, lot)) for lot in p.fifo_lots]
+
+
+@settings(deadline=None, max_examples=300)
+@given(
+    numerator=st.decimals(allow_nan=False, allow_infinity=False, min_value=D("-1E+60"), max_value=D("1E+60")),
+    denominator=st.decimals(allow_nan=False, allow_infinity=False, min_value=D("1E-30"), max_value=D("1E+40")),
+    scale=st.integers(min_value=0, max_value=12),
+)
+def test_divide_at_is_the_true_quotient_rounded_once_at_its_scale(numerator, denominator, scale):
+    expected = round_quotient(numerator, denominator, scale)
+    got = divide_at(numerator, denominator, scale)
+    assert got == expected and str(got) == str(expected)
