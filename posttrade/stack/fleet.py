@@ -114,7 +114,7 @@ class ServiceFleet:
                 service_env[_service_var(service, "HOST")] = HOST
             if ports and service in ports:
                 service_env[_service_var(service, "PORT")] = str(ports[service])
-            section = _service_section(service, service_env)
+            section = service_section(service, service_env)
             try:
                 self.ports[service] = int(section["port"])
                 if section.get("metrics_port"):
@@ -364,7 +364,7 @@ class ServiceFleet:
         return results
 
 
-def _service_section(service: str, env: Mapping[str, str]) -> dict:
+def service_section(service: str, env: Mapping[str, str]) -> dict:
     """The `service:` section the service will load: its YAML with the env overrides.
 
     Read here without the service's schema (importing six services' code to read two
@@ -386,4 +386,4 @@ def _service_section(service: str, env: Mapping[str, str]) -> dict:
     return section
 
 
-__all__ = ["SERVICES", "FleetError", "ServiceFleet", "ServiceStop"]
+__all__ = ["SERVICES", "FleetError", "ServiceFleet", "ServiceStop", "service_section"]

@@ -21,18 +21,10 @@ import msgspec
 import nats
 
 from ..config import SERVICES
+from ..stack.fleet import FleetError, service_section
 from ..stores.questdb import QuestDBClient
 from ..streams.events import encode
 
-#: The documented port of each service (SPEC); URLs default to them on 127.0.0.1.
-DOCUMENTED_PORTS = {
-    "ptrc": 8109,
-    "pnl": 8100,
-    "hot_cache": 8088,
-    "questdb_writer": 8090,
-    "feast_pipeline": 8104,
-    "execution_quality": 8096,
-}
 #: Besides the services, `--url` accepts these two servers.
 SERVERS = ("nats", "questdb")
 URL_ENV = "POSTTRADE_{name}_URL"  # e.g. POSTTRADE_PTRC_URL=http://10.0.0.5:8109
@@ -74,13 +66,22 @@ def parse_url_overrides(pairs: list[str] | None) -> dict[str, str]:
 
 
 def service_urls(overrides: Mapping[str, str], environ: Mapping[str, str]) -> dict[str, str]:
-    """Each service's URL: `--url`, else `POSTTRADE_<SERVICE>_URL`, else its documented
-    port on 127.0.0.1."""
+    """Each service's URL: `--url`, else `POSTTRADE_<SERVICE>_URL`, else the port its
+    config gives (`service.port`, environment overrides included) on 127.0.0.1."""
     urls = {}
-    for service, port in DOCUMENTED_PORTS.items():
+    for service in SERVICES:
         env_url = environ.get(URL_ENV.format(name=service.upper()))
-        urls[service] = overrides.get(service) or (env_url.rstrip("/") if env_url else f"http://127.0.0.1:{port}")
+        urls[service] = overrides.get(service) or (
+            env_url.rstrip("/") if env_url else f"http://127.0.0.1:{configured_port(service, environ)}"
+        )
     return urls
+
+
+def configured_port(service: str, environ: Mapping[str, str]) -> int:
+    try:
+        return int(service_section(service, environ)["port"])
+    except (FleetError, KeyError, TypeError, ValueError) as exc:
+        raise GateError(f"{service}: no usable service.port in its config ({exc})") from None
 
 
 def _without_password(url: str) -> str:

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 from .. import stack
 from ..config import SERVICES, ConfigError, load_config
 from . import accuracy, dataflow, integration, performance
-from .context import DOCUMENTED_PORTS, GateContext, GateError, Targets, default_log_dir, service_urls
+from .context import GateContext, GateError, Targets, default_log_dir, service_urls
 from .expected import multiplier_instrument
 from .report import Check, GateReport
 
@@ -192,9 +192,10 @@ def run(options: GateOptions, progress: Progress | None = None) -> tuple[GateRep
 
 
 def _fleet_ports(options: GateOptions) -> dict[str, int]:
-    ports = dict(DOCUMENTED_PORTS)
+    """The ports `--url` gives the services `--start` runs; the others keep their config's."""
+    ports = {}
     for service, url in options.url_overrides.items():
-        if service in ports:
+        if service in SERVICES:
             parsed = urlsplit(url)
             if parsed.hostname not in ("127.0.0.1", "localhost") or parsed.port is None:
                 raise GateError(f"--start runs the services here: --url {service}= needs http://127.0.0.1:PORT")
