@@ -55,7 +55,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from ..app import App
 from ..core.bars import NS_PER_S, interval_seconds
-from ..core.exact import EXACT, ZERO, format_decimal
+from ..core.exact import EXACT, ZERO, add_known, format_decimal
 from ..core.marks import DEFAULT_PRIORITY, MarkSource, MarkState
 from ..streams.channel import Channel
 from ..streams.events import Bar, MarketTrade, PositionUpdate, Quote
@@ -179,10 +179,6 @@ def value_position(update: PositionUpdate, mark: Mark | None) -> PositionPnl:
     )
 
 
-def _add_known(total: Decimal | None, value: Decimal | None) -> Decimal | None:
-    return None if total is None or value is None else _add(total, value)
-
-
 def account_pnl(account: str, rows: Iterable[PositionPnl]) -> AccountPnl:
     """Totals of `rows` (all of `account`'s positions): the definition. The book keeps
     the same numbers incrementally (`AccountSums`)."""
@@ -200,9 +196,9 @@ def account_pnl(account: str, rows: Iterable[PositionPnl]) -> AccountPnl:
         fees = _add(fees, row.fees)
         fifo_gross = _add(fifo_gross, row.fifo_realized_pnl_gross)
         notional = _add(notional, row.gross_notional)
-        unrealized = _add_known(unrealized, row.unrealized_pnl)
-        fifo_unrealized = _add_known(fifo_unrealized, row.fifo_unrealized_pnl)
-        day = _add_known(day, row.day_pnl)
+        unrealized = add_known(unrealized, row.unrealized_pnl)
+        fifo_unrealized = add_known(fifo_unrealized, row.fifo_unrealized_pnl)
+        day = add_known(day, row.day_pnl)
         if row.as_of > as_of:
             as_of = row.as_of
     net = _sub(gross, fees)

@@ -137,6 +137,12 @@ def round_quotient(numerator: Decimal, denominator: Decimal, scale: int) -> Deci
     return quotient.scaleb(-scale, EXACT)
 
 
+def add_known(total: Decimal | None, value: Decimal | None) -> Decimal | None:
+    """`total + value`, exact, or None when either is unknown: a sum that includes an
+    unknown value (an open position without a mark) is unknown, never a partial number."""
+    return None if total is None or value is None else EXACT.add(total, value)
+
+
 def format_decimal(value: Decimal | None) -> str | None:
     """The canonical text of a number (None stays None): plain, no trailing zeros."""
     if value is None:

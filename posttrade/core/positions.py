@@ -120,6 +120,7 @@ from posttrade.core.exact import (
     EXACT,
     ONE,
     ZERO,
+    add_known,
     divide_rounded,
     format_decimal,
     parse_decimal,
@@ -598,9 +599,9 @@ def account_totals(
         fifo_gross = _add(fifo_gross, position.fifo_realized_pnl_gross)
         fees = _add(fees, position.fees)
         notional = _add(notional, position.notional(mark))
-        unrealized = _add_known(unrealized, position.unrealized_pnl(mark))
-        fifo_unrealized = _add_known(fifo_unrealized, position.fifo_unrealized_pnl(mark))
-        day = _add_known(day, position.day_pnl(mark))
+        unrealized = add_known(unrealized, position.unrealized_pnl(mark))
+        fifo_unrealized = add_known(fifo_unrealized, position.fifo_unrealized_pnl(mark))
+        day = add_known(day, position.day_pnl(mark))
     net = _sub(gross, fees)
     return AccountTotals(
         account=account,
@@ -616,10 +617,6 @@ def account_totals(
         fifo_unrealized_pnl=fifo_unrealized,
         gross_notional=notional,
     )
-
-
-def _add_known(total: Decimal | None, value: Decimal | None) -> Decimal | None:
-    return None if total is None or value is None else _add(total, value)
 
 
 class PositionBook:
@@ -799,7 +796,7 @@ class PositionBook:
         marks = self.marks
         total: Decimal | None = ZERO
         for position in self.account_positions(account):
-            total = _add_known(total, position.day_pnl(marks.get(position.symbol)))
+            total = add_known(total, position.day_pnl(marks.get(position.symbol)))
             if total is None:
                 return None
         return total
