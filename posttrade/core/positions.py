@@ -57,13 +57,16 @@ The average itself is `open_cost / net_qty`, and a quotient need not terminate (
   paid or received. That closed cost is rounded half to even to 12 decimal places when
   it has more (before the multiplier), so each partial close realizes at most
   0.5e-12 x multiplier away from the rational value; the rounding difference stays in
-  `open_cost` (the average of the remainder moves by at most 0.5e-12 / remaining_qty)
-  and is realized when the rest is closed. Full closes and flips never round. FIFO
-  never divides and never rounds.
+  `open_cost` and is realized when the rest is closed. Full closes and flips never
+  round. FIFO never divides and never rounds.
+- A reduce leaves the average unchanged. When a partial close rounded, `cost left /
+  qty left` could differ from the average in the 12th place (by up to 0.5e-12 /
+  remaining_qty), so the average as it stood is held (`avg_open_price_held`) until the
+  next open, add, or full close; an add takes the weighted average of the cost again.
 
   Example: buy 1 @ 100, buy 2 @ 101 (cost 302, average 100.666666666667 shown), sell
   1 @ 101: the closed cost 100.666... is taken as 100.666666666667, realized
-  0.333333333333, cost left 201.333333333333 (average 100.666666666666 shown); at a
+  0.333333333333, cost left 201.333333333333, average still 100.666666666667; at a
   mark of 101 unrealized is 0.666666666667, and realized + unrealized is exactly 1.
 
 Day P&L
@@ -192,6 +195,7 @@ class PositionState(msgspec.Struct):
     sod_fees: Decimal = ZERO
     sod_unrealized_pnl: Decimal | None = ZERO
     sod_mark: Decimal | None = None
+    avg_open_price_held: Decimal | None = None
 
 
 _STATE_FIELDS: tuple[str, ...] = PositionState.__struct_fields__
@@ -236,6 +240,7 @@ class Position:
     sod_fees: Decimal
     sod_unrealized_pnl: Decimal | None
     sod_mark: Decimal | None
+    avg_open_price_held: Decimal | None
 
     def __init__(self, account: str, symbol: str, multiplier: Decimal = ONE):
         """A flat position with no history."""
@@ -256,6 +261,7 @@ class Position:
         self.sod_fees = ZERO
         self.sod_unrealized_pnl = ZERO
         self.sod_mark = None
+        self.avg_open_price_held = None
 
     # -- updates -------------------------------------------------------------------
 
@@ -300,6 +306,7 @@ class Position:
                 self.open_cost -= cost
                 self.fifo_open_cost -= cost
             self.fifo_lots.append((qty, price, fill.ts))
+            self.avg_open_price_held = None  # the new weighted average: from the cost
             if fee:
                 self.fees += fee
             self.fill_count += 1
@@ -314,6 +321,11 @@ class Position:
             # cost: the one division. FIFO takes the oldest lots.
             cost = self.open_cost
             closed_cost = divide_rounded(cost * qty, size)
+            if self.avg_open_price_held is None and closed_cost * size != cost * qty:
+                # Rounded: the cost left is off the average's share by up to 0.5e-12,
+                # which `cost / net_qty` would show in the average. A reduce leaves the
+                # average unchanged, so hold it as it stands.
+                self.avg_open_price_held = divide_rounded(cost, net)
             lots = self.fifo_lots
             left = qty
             consumed = ZERO  # unsigned
@@ -375,6 +387,7 @@ class Position:
             else:
                 self.net_qty = self.open_cost = self.fifo_open_cost = ZERO
                 self.fifo_lots = []
+            self.avg_open_price_held = None
 
         if fee:
             self.fees += fee
@@ -397,7 +410,10 @@ class Position:
 
     @property
     def avg_open_price(self) -> Decimal | None:
-        """`open_cost / net_qty` to at most 12 decimal places (None when flat)."""
+        """`open_cost / net_qty` to at most 12 decimal places, as it stood before any
+        reduces since the last open or add (None when flat)."""
+        if self.avg_open_price_held is not None:
+            return self.avg_open_price_held
         return divide_rounded(self.open_cost, self.net_qty) if self.net_qty else None
 
     @property

@@ -268,11 +268,28 @@ def test_average_that_does_not_terminate():
     same(p.unrealized_pnl(D(101)), "0.666666666667")
     same(p.realized_pnl_gross + p.unrealized_pnl(D(101)), "1")  # nothing lost
     same(p.open_cost, "201.333333333333")  # the rounding difference stays in the cost
-    same(p.avg_open_price, "100.666666666666")  # 100.6666666666665 shown to 12 places
-    same(p.open_cost / p.net_qty, "100.6666666666665")  # moved by < 0.5e-12 / 2
-    b.apply(fill("SELL", 2, 101))  # full close: exact, takes the rest of the cost
+    same(p.open_cost / p.net_qty, "100.6666666666665")  # which alone would show ...666
+    same(p.avg_open_price, "100.666666666667")  # but a reduce leaves the average unchanged
+    assert decode_position(encode_position(p)) == p and decode_position(encode_position(p)).avg_open_price == p.avg_open_price
+    b.apply(fill("BUY", 1, 101))  # an add: the weighted average of the cost again
+    same(p.open_cost, "302.333333333333")
+    same(p.avg_open_price, "100.777777777778")
+    assert p.avg_open_price_held is None
+    b.apply(fill("SELL", 3, 101))  # full close: exact, takes the rest of the cost
     same(p.realized_pnl_gross, "1")
     same(p.fifo_realized_pnl_gross, "1")
+    assert p.avg_open_price is None
+
+
+def test_a_reduce_leaves_the_average_unchanged_even_when_little_is_left():
+    # Found by hypothesis: the cost left after a rounded partial close, divided by a
+    # small remaining quantity, moved the average in the 11th place.
+    b = run(fill("BUY", "0.01", 1, fee=0), fill("SELL", "0.02", 1, fee=0), fill("SELL", "2.790", "0.1", fee=0))
+    p = b.get("ACC", "XYZ")
+    same(p.avg_open_price, "0.103214285714")  # 0.289 / 2.8
+    b.apply(fill("BUY", "2.75", 1, fee=0))
+    assert p.net_qty == D("-0.05")
+    same(p.avg_open_price, "0.103214285714")  # cost / qty left would be 0.10321428572
 
 
 def test_unrealized_and_marks():
@@ -660,7 +677,11 @@ def test_property_matches_a_literal_rational_model(specs, mult):
     if avg is None:
         assert p.avg_open_price is None
     else:
-        assert abs(Fraction(p.avg_open_price) - avg) <= Fraction(partials + 1, 10**12)
+        # Shown rounded (0.5e-12), from a cost that earlier partial closes may have left
+        # off by 0.5e-12 each, over the size when the average was last set (an open or
+        # add; a reduce leaves it unchanged), which is at least the size now.
+        left_in_cost = Fraction(partials, 2 * 10**12)
+        assert abs(Fraction(p.avg_open_price) - avg) <= Fraction(1, 2 * 10**12) + left_in_cost / abs(net)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -76,9 +76,10 @@ def test_the_other_scenarios_by_hand():
     fr = text(expected.position_values(f"VAL{RUN}-FR"))
     assert fr["net_qty"] == "3" and fr["avg_open_price"] == "49.8" and fr["realized_pnl_gross"] == "17.25"
     assert fr["fees"] == "-0.03" and fr["realized_pnl_net"] == "17.28" and fr["unrealized_pnl"] == "1.2"
-    # The core's docstring example: average 100.666... shown rounded, realized + unrealized exact.
+    # The core's docstring example: average 100.666... shown rounded (and unchanged by the
+    # reduce), realized + unrealized exact.
     rd = text(expected.position_values(f"VAL{RUN}-RD"))
-    assert rd["avg_open_price"] == "100.666666666666" and rd["realized_pnl_gross"] == "0.333333333333"
+    assert rd["avg_open_price"] == "100.666666666667" and rd["realized_pnl_gross"] == "0.333333333333"
     assert rd["unrealized_pnl"] == "0.666666666667" and rd["total_pnl"] == "1"
     assert rd["fifo_realized_pnl_gross"] == "1" and rd["fifo_unrealized_pnl"] == "0"
     fl = text(expected.position_values(f"VAL{RUN}-FL"))
