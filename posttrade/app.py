@@ -37,6 +37,7 @@ from typing import Any, Awaitable, Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .streams.channel import Channel
+from .streams.events import InvalidEvent, decode, encode
 from .streams.stream import EventRecord, Stream, current_agent, current_event
 from .streams.transport import ConsumerSpec, StartPosition, StreamSpec, Transport
 from .tables.table import Table
@@ -341,8 +342,6 @@ class App:
         """Publish an event. Inside an agent the publish joins the batch's commit: the
         input is not acknowledged before the server has it. `msg_id` makes a
         redelivered input's re-publish a duplicate the server drops."""
-        from .streams.events import encode
-
         data = value if isinstance(value, bytes) else encode(value)
         event = current_event.get()
         runner_stream = self._stream_of(event)
@@ -401,8 +400,6 @@ class App:
         An ephemeral consumer reads the history; the live agents are not disturbed.
         Invalid messages are skipped (they were dead-lettered when first consumed).
         """
-        from .streams.events import InvalidEvent, decode
-
         state = await self.transport.stream_state(channel.stream.name)
         end = state.last_seq
         if end == 0:

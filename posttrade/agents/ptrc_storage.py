@@ -16,43 +16,60 @@ from ..app import App
 from ..streams.stream import EventRecord, Stream
 from ..stores.clickhouse import ClickHouseStore
 from ..stores.questdb import QuestDBClient, QuestDBWriteError, QuestDBWriter
+from ..streams.events import PositionUpdate
 from .positions import PositionKeeper
+from .questdb_sink import TS, BadRows, Column, TableLayout
 from .retry import until_done
 
 log = logging.getLogger(__name__)
 
-D = "DECIMAL(38, 12)"  # exact: quantities, prices and money keep up to 12 decimals
-
 TRADES_TABLE = "ptrc_trades"
-TRADES_COLUMNS = {
-    "ts": "TIMESTAMP_NS",
-    "fill_id": "VARCHAR",
-    "account": "SYMBOL",
-    "symbol": "SYMBOL",
-    "side": "SYMBOL",
-    "qty": D,
-    "price": D,
-    "fee": D,
-    "realized_pnl_fill": D,
-    "order_id": "VARCHAR",
-    "venue": "SYMBOL",
-    "net_qty_after": D,
-}
 SNAPSHOTS_TABLE = "position_snapshots"
-SNAPSHOT_COLUMNS = {
-    "ts": "TIMESTAMP_NS",
-    "account": "SYMBOL",
-    "symbol": "SYMBOL",
-    "reason": "SYMBOL",
-    "net_qty": D,
-    "avg_open_price": D,
-    "realized_pnl_gross": D,
-    "fees": D,
-    "realized_pnl_net": D,
-    "mark": D,
-    "unrealized_pnl": D,
-    "day_pnl": D,
-}
+
+# Column-wise, as questdb_writer builds its batches: building rows one by one in the
+# writer's thread held the GIL for tens of milliseconds per batch and stalled the
+# position agent (the fill → P&L latency tail). The fill's own inputs are stored as
+# they came (a value DECIMAL(38, 12) cannot hold is refused, not rounded); values ptrc
+# derived (P&L, marks) are rounded half to even at 12 places, like pnl's history.
+TRADES = TableLayout(
+    PositionUpdate,
+    (
+        TS,
+        Column("fill_id", "varchar"),
+        Column("account", "symbol"),
+        Column("symbol", "symbol"),
+        Column("side", "symbol"),
+        Column("qty", "decimal"),
+        Column("price", "decimal"),
+        Column("fee", "decimal"),
+        Column("realized_pnl_fill", "rounded_decimal"),
+        Column("order_id", "varchar"),
+        Column("venue", "symbol"),
+        Column("net_qty_after", "decimal", field="net_qty"),
+    ),
+    dedup_keys=("fill_id",),
+    why="a fill is stored once however often its update is redelivered",
+)
+SNAPSHOTS = TableLayout(
+    PositionUpdate,
+    (
+        TS,
+        Column("account", "symbol"),
+        Column("symbol", "symbol"),
+        Column("reason", "symbol"),
+        Column("net_qty", "decimal"),
+        Column("avg_open_price", "rounded_decimal"),
+        Column("realized_pnl_gross", "rounded_decimal"),
+        Column("fees", "decimal"),
+        Column("realized_pnl_net", "rounded_decimal"),
+        Column("mark", "rounded_decimal"),
+        Column("unrealized_pnl", "rounded_decimal"),
+        Column("day_pnl", "rounded_decimal"),
+    ),
+    dedup_keys=("account", "symbol", "reason"),
+    why="one snapshot per position per update time and cause",
+)
+LAYOUTS = {TRADES_TABLE: TRADES, SNAPSHOTS_TABLE: SNAPSHOTS}
 ALERTS_TABLE = "compliance_alerts"
 ALERTS_DDL = f"""
 CREATE TABLE IF NOT EXISTS {ALERTS_TABLE} (
@@ -101,10 +118,8 @@ class PtrcStorage:
 
     async def _create_tables(self) -> None:
         async def create() -> None:
-            await self.questdb.create_table(TRADES_TABLE, TRADES_COLUMNS, dedup_keys=("ts", "fill_id"))
-            await self.questdb.create_table(
-                SNAPSHOTS_TABLE, SNAPSHOT_COLUMNS, dedup_keys=("ts", "account", "symbol", "reason")
-            )
+            for table, layout in LAYOUTS.items():
+                await self.questdb.create_table(table, layout.table_columns, dedup_keys=("ts", *layout.dedup_keys))
             await self.clickhouse.command(ALERTS_DDL)
 
         await until_done(None, create, what="creating ptrc's tables")
@@ -112,76 +127,50 @@ class PtrcStorage:
     def _count_retry(self, exc: Exception) -> None:
         self.retries += 1
 
-    async def _write(self, stream: Stream, table: str, records: list[EventRecord], rows: list[dict]) -> None:
-        """Write rows as one request; rows QuestDB refuses as bad data are dead-lettered."""
-        if not rows:
+    async def _write(self, stream: Stream, table: str, records: list[EventRecord]) -> None:
+        """Write the records' rows as one request; rows that can never be written are
+        dead-lettered and the others still written."""
+        if not records:
             return
+        layout = LAYOUTS[table]
         try:
+            columns = layout.build_columns(records)
             await until_done(
                 stream,
-                lambda: self.writer.write_batch(table, rows, symbols=_symbols(table), at="ts"),
-                what=f"writing {len(rows)} rows to {table}",
+                lambda: self.writer.write_batch(table, columns, symbols=layout.symbols, at="ts"),
+                what=f"writing {len(records)} rows to {table}",
                 permanent=lambda exc: isinstance(exc, QuestDBWriteError) and exc.bad_data,
                 on_retry=self._count_retry,
             )
-            self.rows_written[table] += len(rows)
-        except QuestDBWriteError as exc:
+            self.rows_written[table] += len(records)
+        except (BadRows, QuestDBWriteError) as exc:
             # One bad row must not hold the others: write them one by one.
-            log.warning("%s refused a batch as bad data (%s); writing row by row", table, exc)
-            for record, row in zip(records, rows):
-                try:
-                    await until_done(
-                        stream,
-                        lambda row=row: self.writer.write_batch(table, [row], symbols=_symbols(table), at="ts"),
-                        what=f"writing one row to {table}",
-                        permanent=lambda e: isinstance(e, QuestDBWriteError) and e.bad_data,
-                        on_retry=self._count_retry,
-                    )
-                    self.rows_written[table] += 1
-                except QuestDBWriteError as row_error:
-                    await stream.dead_letter(record.delivery, f"{table} refused the row: {row_error}")
+            log.warning("%s: a batch holds rows that cannot be written (%s); writing row by row", table, exc)
+            for record in records:
+                await self._write_one(stream, table, record)
+
+    async def _write_one(self, stream: Stream, table: str, record: EventRecord) -> None:
+        layout = LAYOUTS[table]
+        try:
+            columns = layout.build_columns([record])
+            await until_done(
+                stream,
+                lambda: self.writer.write_batch(table, columns, symbols=layout.symbols, at="ts"),
+                what=f"writing one row to {table}",
+                permanent=lambda e: isinstance(e, QuestDBWriteError) and e.bad_data,
+                on_retry=self._count_retry,
+            )
+            self.rows_written[table] += 1
+        except BadRows as exc:
+            await stream.dead_letter(record.delivery, f"{table} cannot hold the row: {exc.reason}")
+        except QuestDBWriteError as exc:
+            await stream.dead_letter(record.delivery, f"{table} refused the row: {exc}")
 
     async def _store_positions(self, stream: Stream) -> None:
         async for records in stream.take_events(self.batch_size, within=self.interval_s):
-            trades, trade_records, snapshots = [], [], []
-            for record in records:
-                u = record.value
-                if u.reason == "fill" and u.fill_id is not None:
-                    trade_records.append(record)
-                    trades.append(
-                        {
-                            "ts": u.ts,
-                            "fill_id": u.fill_id,
-                            "account": u.account,
-                            "symbol": u.symbol,
-                            "side": u.side,
-                            "qty": u.qty,
-                            "price": u.price,
-                            "fee": u.fee,
-                            "realized_pnl_fill": u.realized_pnl_fill,
-                            "order_id": u.order_id or "",
-                            "venue": u.venue or "",
-                            "net_qty_after": u.net_qty,
-                        }
-                    )
-                snapshots.append(
-                    {
-                        "ts": u.ts,
-                        "account": u.account,
-                        "symbol": u.symbol,
-                        "reason": u.reason,
-                        "net_qty": u.net_qty,
-                        "avg_open_price": u.avg_open_price,
-                        "realized_pnl_gross": u.realized_pnl_gross,
-                        "fees": u.fees,
-                        "realized_pnl_net": u.realized_pnl_net,
-                        "mark": u.mark,
-                        "unrealized_pnl": u.unrealized_pnl,
-                        "day_pnl": u.day_pnl,
-                    }
-                )
-            await self._write(stream, TRADES_TABLE, trade_records, trades)
-            await self._write(stream, SNAPSHOTS_TABLE, records, snapshots)
+            fills = [r for r in records if r.value.reason == "fill" and r.value.fill_id is not None]
+            await self._write(stream, TRADES_TABLE, fills)
+            await self._write(stream, SNAPSHOTS_TABLE, records)
 
     async def _store_alerts(self, stream: Stream) -> None:
         async for alerts in stream.take(self.batch_size, within=self.interval_s):
@@ -208,7 +197,3 @@ class PtrcStorage:
             )
             self.rows_written[ALERTS_TABLE] += len(rows)
 
-
-def _symbols(table: str) -> tuple[str, ...]:
-    columns = TRADES_COLUMNS if table == TRADES_TABLE else SNAPSHOT_COLUMNS
-    return tuple(name for name, kind in columns.items() if kind == "SYMBOL")

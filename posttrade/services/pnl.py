@@ -61,6 +61,7 @@ from ..stores.questdb import (
     QuestDBWriteError,
     QuestDBWriter,
     check_identifier,
+    columns_from_rows,
     sql_literal,
 )
 from ..stores.valkey import ValkeyStore, open_valkey
@@ -448,10 +449,12 @@ ACCOUNT_COLUMNS: dict[str, str] = {
     "open_positions": "LONG",
     **{name: DECIMAL_SQL for name in ACCOUNT_MONEY},
 }
-#: Rows per `write_batch` call. Small on purpose: the writer serialises a batch in a
-#: thread holding the GIL, and on a busy machine a long hold stalls the agents (see
-#: docs/pnl.md, "Latency"); 32 rows keep it to a few ms.
-WRITE_ROWS = 32
+#: Rows per `write_batch` call: a snapshot is usually one request (one QuestDB commit;
+#: each commit costs QuestDB far more CPU than its rows do, and on a small machine that
+#: CPU is taken from the agents). A full snapshot of a big book is split so a retry
+#: resumes from the failed part. Batches go column-wise (`columns_from_rows`), so the
+#: writer thread holds the GIL briefly.
+WRITE_ROWS = 10_000
 
 
 class Unfit(ValueError):
@@ -676,15 +679,21 @@ class PnlSnapshots:
         symbols = self._symbols(snapshot)
         while snapshot.written < len(rows):
             chunk = rows[snapshot.written : snapshot.written + WRITE_ROWS]
+            refused: str | None = None
             try:
-                await self.writer.write_batch(snapshot.table, chunk, symbols=symbols, at="ts", timestamp_columns=("as_of",))
+                columns = columns_from_rows(chunk, ACCOUNT_COLUMNS if snapshot.account_level else POSITION_COLUMNS)
+                await self.writer.write_batch(snapshot.table, columns, symbols=symbols, at="ts", timestamp_columns=("as_of",))
+            except ValueError as exc:  # a value the column cannot hold
+                refused = str(exc)
             except QuestDBWriteError as exc:
                 if not exc.bad_data:
                     raise
+                refused = str(exc)
+            if refused is not None:
                 # QuestDB refuses these rows (e.g. someone changed the table's
                 # columns): retrying cannot help. Keep them, with why.
                 self.metrics.snapshot_errors.labels("bad_data").inc()
-                await self._dead_letter(snapshot, chunk, [str(exc)])
+                await self._dead_letter(snapshot, chunk, [refused])
             else:
                 self.rows_written += len(chunk)
                 self.metrics.snapshot_rows.labels(snapshot.table).inc(len(chunk))

@@ -60,6 +60,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import questdb as _qdb
 
 __all__ = [
@@ -726,6 +727,48 @@ def _prepare_frame(data: pd.DataFrame | Mapping[str, Any], at: str, timestamp_co
     if converted:
         frame = frame.assign(**converted)
     return frame
+
+
+_DECIMAL_TYPE = re.compile(r"^DECIMAL\(\s*(\d+)\s*,\s*(\d+)\s*\)$")
+
+
+def columns_from_rows(rows: Sequence[Mapping[str, Any]], column_types: Mapping[str, str]) -> dict[str, Any]:
+    """Row mappings → the column-wise batch `write_batch` sends fastest, typed by the
+    table's own column types (as given to `create_table`; a missing value is NULL).
+
+    Row by row, the client serialises every value in Python (~50 µs a row); column-wise
+    the work is a few array conversions, so a writer thread holds the GIL for far less
+    (it shares it with the agents' event loop). Timestamp columns take epoch-ns ints;
+    a DECIMAL(p, s) column refuses (ValueError) a value with more than s places, as
+    does any column a value of the wrong type.
+    """
+    out: dict[str, Any] = {}
+    for name, sql_type in column_types.items():
+        kind = sql_type.split()[0].upper()
+        values = [row.get(name) for row in rows]
+        if kind in ("TIMESTAMP", "TIMESTAMP_NS"):
+            if any(v is None for v in values):  # NULL: NaT (the designated timestamp refuses it)
+                ns = [np.iinfo(np.int64).min if v is None else v for v in values]
+                out[name] = np.array(ns, dtype=np.int64).astype("datetime64[ns]")
+            else:
+                out[name] = np.fromiter(values, dtype=np.int64, count=len(values))
+        elif kind in ("SYMBOL", "VARCHAR", "STRING"):
+            out[name] = pd.array(values, dtype="string")
+        elif kind in ("LONG", "INT", "SHORT", "BYTE"):
+            out[name] = pd.array(values, dtype="Int64")
+        elif kind == "DOUBLE":
+            out[name] = pd.array(values, dtype="Float64")
+        elif kind == "BOOLEAN":  # QuestDB has no NULL boolean: a missing one is false
+            out[name] = np.array([bool(v) for v in values], dtype=bool)
+        elif (decimal := _DECIMAL_TYPE.match(sql_type.strip().upper())) is not None:
+            arrow_type = pa.decimal128(int(decimal[1]), int(decimal[2]))
+            try:
+                out[name] = pd.arrays.ArrowExtensionArray(pa.array(values, type=arrow_type))
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                raise ValueError(f"column {name!r} ({sql_type}): {exc}") from None
+        else:
+            raise ValueError(f"column {name!r}: no column-wise conversion for {sql_type}")
+    return out
 
 
 def _to_at(value: Any) -> Any:

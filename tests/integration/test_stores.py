@@ -23,7 +23,7 @@ import pyarrow as pa
 import pytest
 
 from posttrade.stores.clickhouse import ChdbPathError, ClickHouseError, ClickHouseStore, open_clickhouse
-from posttrade.stores.questdb import QuestDBClient, QuestDBError, QuestDBWriteError, QuestDBWriter
+from posttrade.stores.questdb import QuestDBClient, QuestDBError, QuestDBWriteError, QuestDBWriter, columns_from_rows
 from posttrade.stores.valkey import ValkeyUnavailableError, open_valkey
 
 QUESTDB_HOST = os.environ.get("POSTTRADE__DATABASES__QUESTDB__HOST", "127.0.0.1")
@@ -375,3 +375,29 @@ async def test_chdb_concurrent_calls_are_serialised_safely(chdb_store):
         *(asyncio.to_thread(chdb_store.query_sync, f"SELECT count() FROM {table}") for _ in range(8))
     )
     assert {r.scalar() for r in thread_counts} == {400}
+
+
+async def test_questdb_columns_from_rows_writes_what_the_row_path_writes(qdb, writer):
+    table = unique("t_colrows")
+    qdb.created.append(table)
+    types = {
+        "ts": "TIMESTAMP_NS", "k": "SYMBOL", "recv": "TIMESTAMP", "note": "VARCHAR", "n": "LONG",
+        "flag": "BOOLEAN", "amount": "DECIMAL(38, 12)",
+    }  # fmt: skip
+    await qdb.create_table(table, types, dedup_keys=["k"])
+    rows = [
+        {"ts": T0 + 1, "k": "a", "recv": T0 + 1_000, "note": "x'y", "n": 7, "flag": True, "amount": Decimal("12.345678901234")},
+        {"ts": T0 + 2, "k": "b", "recv": None, "note": None, "n": None, "flag": None, "amount": None},
+        {"ts": T0 + 3, "k": "c", "amount": Decimal("-99999999999999999999999999.5")},  # absent keys: NULL
+    ]
+    columns = columns_from_rows(rows, types)
+    assert await writer.write_batch(table, columns, symbols=["k"], timestamp_columns=["recv"]) == 3
+    await qdb.wait_visible(table, 3)
+    result = await qdb.query(f"SELECT cast(ts AS LONG), k, recv, note, n, flag, amount FROM {table} ORDER BY ts")
+    assert result.rows == [
+        [T0 + 1, "a", "2023-11-14T22:13:20.000001Z", "x'y", 7, True, "12.345678901234"],
+        [T0 + 2, "b", None, None, None, False, None],
+        [T0 + 3, "c", None, None, None, False, "-99999999999999999999999999.500000000000"],
+    ]
+    with pytest.raises(ValueError, match="amount"):
+        columns_from_rows([{"ts": T0, "amount": Decimal("0.0000000000001")}], types)  # 13 places

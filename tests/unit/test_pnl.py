@@ -610,8 +610,9 @@ class FlakyQuestDB:
         if self.failures:
             self.failures -= 1
             raise QuestDBWriteError("connection refused", bad_data=False)
-        self.batches.append((table, rows[0]["ts"], [r["account"] for r in rows]))
-        return len(rows)
+        columns = rows  # column-wise, as PnlSnapshots sends them
+        self.batches.append((table, int(columns["ts"][0]), list(columns["account"])))
+        return len(columns["ts"])
 
 
 async def test_snapshots_wait_for_questdb_without_losing_any(monkeypatch):
