@@ -43,6 +43,7 @@ class Server:
     command: Callable[[Endpoints, Path], list[str]]  # writes the config into the folder; argv
     healthy: Callable[[Endpoints], bool]  # a real request, not just an open port
     start_timeout: float  # seconds from launch to healthy before we give up
+    nice: int = 0  # added to the server's CPU niceness (higher: yields to the others)
 
     def data_dir(self, ep: Endpoints) -> Path:
         return ep.home / self.name
@@ -254,6 +255,10 @@ QUESTDB = Server(
     command=_questdb_command,
     healthy=_questdb_healthy,
     start_timeout=90,  # a JVM on a busy 2-core machine, plus table recovery on a restart
+    # On a small machine QuestDB's bursts of work (applying WAL commits runs on every
+    # worker thread) would otherwise take the cores from NATS and the services, whose
+    # fill -> P&L path never waits for a database write.
+    nice=10,
 )
 
 # Slowest first, so its start overlaps with the others'.

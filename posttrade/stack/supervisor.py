@@ -157,6 +157,7 @@ def _spawn(ep: Endpoints, server: Server, argv: list[str]) -> int:
         ["sh", "-c", _LAUNCHER, "sh", str(log), *argv],
         cwd=server.data_dir(ep), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         start_new_session=True, check=True, text=True,
+        preexec_fn=(lambda: os.nice(server.nice)) if server.nice else None,
     )  # fmt: skip
     pid = int(launched.stdout)
     write_pidfile(pidfile(ep, server), pid)
