@@ -2,9 +2,10 @@
 
 Used by the questdb_writer service (`posttrade/services/questdb_writer.py`), one sink per
 route (a channel written to a table). The service's agent hands each batch that
-`stream.take_events(size, within)` produced to `QuestDBSink.write`, which returns only
-when every row of the batch is either in QuestDB or on the dead-letter subject, so the
-runtime's acknowledgement (after the loop body) never comes before QuestDB has the rows.
+`stream.take_events(size, within, auto_commit=False)` produced to `QuestDBSink.write`,
+which returns only when every row of the batch is either in QuestDB or on the
+dead-letter subject; only then does the agent acknowledge the batch (`commit_to`), so
+the acknowledgement never comes before QuestDB has the rows.
 
 * Layouts (`LAYOUTS`): per event type, the table's columns, which are SYMBOLs, and the
   DEDUP UPSERT KEYS that make a redelivered or replayed message land on the row it

@@ -5,9 +5,10 @@ config/backend/questdb_writer/config.yaml). Each agent takes batches of up to
 `batch.size` events or whatever arrived within `batch.interval_sec`, and hands them to
 its `QuestDBSink` (posttrade/agents/questdb_sink.py), which writes the batch in one
 ILP/HTTP request and returns only when QuestDB has every row (or a row QuestDB can
-never take is dead-lettered). The runtime acknowledges the batch when the agent asks
-for the next one, so nothing is acknowledged before QuestDB has it; the tables' DEDUP
-UPSERT KEYS make the redelivery after a crash land on the rows already written.
+never take is dead-lettered). The agent acknowledges a batch only once its write
+returned, in order, while the next batch is already being pulled and decoded; the
+tables' DEDUP UPSERT KEYS make the redelivery after a crash land on the rows already
+written.
 
 Pages: `/stats` (rows, batches, batch sizes, flush latency, errors, retries, dead
 letters, lag, rows/s per table) and the runtime's `/health` (503 when NATS or QuestDB is
@@ -17,6 +18,7 @@ unreachable, a table is not ready, or an agent's lag passes `runtime.max_lag`) a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Literal
@@ -269,8 +271,32 @@ def _sink_agent(sink: QuestDBSink, size: int, interval_s: float):
     async def write(stream: Stream) -> None:
         # take_events returns a batch at `size` events or when `interval_s` has passed,
         # whichever comes first, even with a single event: the time bound is real.
-        async for records in stream.take_events(size, within=interval_s):
-            await sink.write(records, stream)
-            # The batch is acknowledged when the next one is asked for: after QuestDB took it.
+        #
+        # Pipelined: while batch N is being written (its ILP request runs in a thread),
+        # batch N+1 is pulled and decoded. Each batch is acknowledged (`commit_to` its
+        # mark) only after QuestDB took it, in order, and never before the batches ahead
+        # of it: an acknowledgement covers everything up to its message (AckPolicy.ALL).
+        writing: asyncio.Task | None = None  # the write of the batch before this one
+        written_mark = None  # that batch's last delivery
+        try:
+            async for records in stream.take_events(size, within=interval_s, auto_commit=False):
+                mark = stream.mark()
+                if writing is not None:
+                    await writing  # raises (e.g. WriterStopping): nothing after it is acknowledged
+                    writing = None
+                    await stream.commit_to(written_mark)
+                if records:
+                    writing = asyncio.ensure_future(sink.write(records, stream))
+                    written_mark = mark
+                elif stream.mark() is not None:  # only dead letters came: acknowledge them
+                    await stream.commit_to(stream.mark())
+            if writing is not None:
+                await writing
+                writing = None
+                await stream.commit_to(written_mark)
+        finally:
+            if writing is not None:  # the agent is failing: let the write end before the restart
+                writing.cancel()
+                await asyncio.gather(writing, return_exceptions=True)
 
     return write

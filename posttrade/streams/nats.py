@@ -208,7 +208,10 @@ class NatsPullConsumer(Consumer):
         self._active_request: str | None = None  # reply subject of the pull in flight
         self._active_left = 0  # messages that pull may still bring
         self._active_deadline = 0.0
-        self._max_messages = 1000
+        # Messages a pull asks for: the most the agent has asked for at once. A `take_events`
+        # batch is gathered by several calls asking for what is left of it; pulling only
+        # that left the server idle while the agent wrote the batch.
+        self._max_messages = 0
         self._pending_cache: tuple[float, int] | None = None
 
     def _config(self, start_seq: int | None = None) -> api.ConsumerConfig:
@@ -327,7 +330,8 @@ class NatsPullConsumer(Consumer):
         await self._publish(f"$JS.API.CONSUMER.MSG.NEXT.{self.spec.stream}.{self.name}", request.encode(), reply)
 
     async def next_batch(self, max_messages: int, timeout: float) -> list[Delivery]:
-        self._max_messages = max_messages
+        if max_messages > self._max_messages:
+            self._max_messages = max_messages
         deadline = time.monotonic() + timeout
         while not self._buffer:
             # Clear before pulling: a message that lands while we publish the pull

@@ -18,12 +18,16 @@ sequences make re-applying it a no-op.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import contextvars
 import logging
 import time
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
+
+import msgspec
 
 from .events import InvalidEvent, decode
 from .transport import Consumer, Delivery
@@ -37,6 +41,10 @@ log = logging.getLogger(__name__)
 # it a batch of 1,000 runs as one step: pages wait, and what the agent publishes stays
 # in the connection's buffer (flushed once per loop pass) until the batch's last event.
 YIELD_EVERY = 32
+
+# One msgspec decoder per event type, for decoding a whole batch in one call.
+_batch_decoders: dict[type, msgspec.json.Decoder] = {}
+_SEQ_OF = attrgetter("seq")
 
 
 @dataclass(slots=True)
@@ -107,7 +115,17 @@ class Stream:
         async for records in self.take_events(max_events, within):
             yield [r.value for r in records]
 
-    async def take_events(self, max_events: int, within: float) -> AsyncIterator[list[EventRecord]]:
+    async def take_events(
+        self, max_events: int, within: float, *, auto_commit: bool = True
+    ) -> AsyncIterator[list[EventRecord]]:
+        """Batches of up to `max_events` EventRecords, or fewer once `within` seconds passed.
+
+        `auto_commit=False` is for sinks that overlap writing one batch with taking the
+        next: nothing is acknowledged on its own. Right after receiving a batch, take
+        `mark = stream.mark()`; once the batch's side effect is durable,
+        `await stream.commit_to(mark)`, in the order the batches came. A window in which
+        only dead letters arrived yields an empty list, so that its mark is committed too.
+        """
         while True:
             records: list[EventRecord] = []
             deadline = time.monotonic() + within
@@ -116,11 +134,19 @@ class Stream:
                 if remaining <= 0 or self._stopping:
                     break
                 batch = await self._next_batch(
-                    max_messages=max_events - len(records), timeout=remaining, commit=not records
+                    max_messages=max_events - len(records),
+                    timeout=remaining,
+                    commit=auto_commit and not records,
                 )
                 if batch is None:
                     break
                 records.extend(batch)
+            if not auto_commit:
+                if records or self._uncommitted is not None:
+                    yield records
+                elif self._stopping:
+                    return
+                continue
             if self._stopping and not records:
                 await self.commit()
                 return
@@ -170,19 +196,31 @@ class Stream:
         return None
 
     async def _decode(self, deliveries: list[Delivery]) -> list[EventRecord]:
-        records = []
         value_type = self.channel.value_type
         stream_name = self.channel.stream.name
         runner = self.runner
+        fresh = []
+        last_seq = self._last_seq
         for d in deliveries:
-            if d.seq <= self._last_seq:
+            if d.seq <= last_seq:
                 continue  # redelivered while we still hold it: already handed over
-            self._last_seq = d.seq
+            last_seq = d.seq
             if runner.failed_seqs:
                 poison = runner.poison_reason(d.seq)
                 if poison is not None:
+                    self._last_seq = last_seq
                     await self.dead_letter(d, poison)
                     continue
+            fresh.append(d)
+        self._last_seq = last_seq
+        values = _decode_all(value_type, fresh) if len(fresh) > 1 else None
+        if values is not None:
+            return [
+                EventRecord(value, stream_name, d.seq, d.subject, d.ts, d.delivered, d)
+                for value, d in zip(values, fresh)
+            ]
+        records = []
+        for d in fresh:
             try:
                 value = decode(value_type, d.data)
             except InvalidEvent as exc:
@@ -193,7 +231,15 @@ class Stream:
 
     async def commit(self) -> None:
         """Make the batch in hand durable, then acknowledge it."""
-        delivery = self._uncommitted
+        await self.commit_to(self._uncommitted)
+
+    def mark(self) -> Delivery | None:
+        """The last delivery in hand: `commit_to` it to acknowledge everything up to here."""
+        return self._uncommitted
+
+    async def commit_to(self, delivery: Delivery | None) -> None:
+        """Make what is in hand durable and acknowledge it up to `delivery` (a `mark()`);
+        later deliveries stay in hand, unacknowledged."""
         if delivery is None and not self._outbox:
             return
         started = time.perf_counter()
@@ -203,8 +249,11 @@ class Stream:
             await asyncio.gather(*outbox)
         if delivery is not None:
             await self.consumer.ack_through(delivery)
-            self._uncommitted = None
-            self._in_hand.clear()
+            if self._uncommitted is delivery:
+                self._uncommitted = None
+                self._in_hand.clear()
+            else:
+                del self._in_hand[: bisect.bisect_right(self._in_hand, delivery.seq, key=_SEQ_OF)]
         self.runner.metrics_commit(time.perf_counter() - started)
 
     async def keep_alive(self) -> None:
@@ -231,3 +280,33 @@ class Stream:
 
     def stop(self) -> None:
         self._stopping = True
+
+
+def _decode_all(value_type: type, deliveries: list[Delivery]) -> list[Any] | None:
+    """Every delivery's value in one msgspec call, or None when any of them does not decode
+    (the caller then decodes one by one, to dead-letter each bad one with its reason).
+
+    The payloads are joined one per line. msgspec's `decode_lines` skips blank lines and
+    reads several values from one line, so the values map one-to-one onto the messages
+    only if no payload has a newline or is blank: then every line yields at least one
+    value, and as many values as messages means exactly one each.
+    """
+    payloads = [d.data for d in deliveries]
+    try:
+        joined = b"\n".join(payloads)
+        if joined.count(b"\n") != len(payloads) - 1 or not all(payloads) or any(map(bytes.isspace, payloads)):
+            return None
+    except TypeError:  # a payload that is not bytes
+        return None
+    decoder = _batch_decoders.get(value_type)
+    if decoder is None:
+        try:
+            decoder = _batch_decoders[value_type] = msgspec.json.Decoder(value_type)
+        except TypeError:  # not a type msgspec decodes
+            return None
+    try:
+        values = decoder.decode_lines(joined)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    return values if len(values) == len(payloads) else None
+

@@ -417,6 +417,56 @@ async def test_stopping_while_questdb_is_away_leaves_the_batch_for_the_next_run(
     assert len(db.tables["t_quotes"]) == 20
 
 
+async def test_the_next_batch_is_taken_while_one_is_written_but_acknowledged_only_after_it():
+    app, transport, db = make_writer()
+    release = asyncio.Event()
+    taken_while_writing = []
+    write_batch = db.write_batch
+
+    async def slow_write(table, columns, *, symbols, at):
+        if db.requests == 0:  # the first batch: QuestDB takes its time
+            await wait_for(lambda: app.agents["write_quotes"].stream.mark().seq > 100)
+            taken_while_writing.append(app.agents["write_quotes"].stream.mark().seq)
+            await release.wait()
+        return await write_batch(table, columns, symbols=symbols, at=at)
+
+    db.write_batch = slow_write
+    async with app:
+        await publish_quotes(transport, range(1, 151))
+        await wait_for(lambda: bool(taken_while_writing))
+        assert ack_floor(transport) == 0  # neither batch is acknowledged before the first is written
+        release.set()
+        await wait_for(lambda: ack_floor(transport) == 150)
+    assert taken_while_writing == [150]
+    assert sorted(row["stream_seq"] for row in db.tables["t_quotes"].values()) == list(range(1, 151))
+
+
+async def test_a_batch_is_decoded_in_one_call_and_each_bad_message_dead_lettered_with_its_reason():
+    app, transport, db = make_writer()
+    bad = {
+        3: b'{"symbol": "X"}',  # a field missing
+        5: b"",  # empty
+        6: b"  ",  # blank: would hide from a one-per-line decode
+        7: encode(quote(7)) + b" " + encode(quote(7)),  # two values in one message
+    }
+    async with app:
+        await wait_for(lambda: db.keys.get("t_quotes") is not None)
+        for seq in range(1, 11):
+            await transport.publish("md.quotes.X", bad.get(seq, encode(quote(seq))))
+        await wait_for(lambda: ack_floor(transport) == 10)
+        # A message with a newline (valid JSON over two lines) is decoded on its own.
+        await transport.publish("md.quotes.X", encode(quote(11)).replace(b",", b",\n", 1))
+        await publish_quotes(transport, [12])
+        await wait_for(lambda: ack_floor(transport) == 12)
+        _, stats = await get_json(app, "/stats")
+    assert sorted(row["stream_seq"] for row in db.tables["t_quotes"].values()) == [1, 2, 4, 8, 9, 10, 11, 12]
+    reasons = {int(m[2]["Posttrade-Seq"]): m[2]["Posttrade-Reason"] for m in transport.streams["DLQ"].messages}
+    assert sorted(reasons) == [3, 5, 6, 7]
+    assert "invalid Quote" in reasons[3] and "bid" in reasons[3]
+    assert all("malformed JSON" in reasons[seq] for seq in (5, 6, 7))
+    assert stats["tables"]["t_quotes"]["dead_lettered_undecodable"] == 4
+
+
 async def test_a_redelivered_batch_lands_on_the_rows_it_already_made():
     app, transport, db = make_writer()
     async with app:
