@@ -101,13 +101,19 @@ def divide_rounded(numerator: Decimal, denominator: Decimal) -> Decimal:
     is `1575`, not `1575.000000000000`), otherwise correctly rounded at the 12th place,
     whether or not it terminates. Unlike `divide`, repeated use cannot grow the digits.
     """
+    return divide_rounded_noting(numerator, denominator)[0]
+
+
+def divide_rounded_noting(numerator: Decimal, denominator: Decimal) -> tuple[Decimal, bool]:
+    """`divide_rounded`, and whether it may have rounded: False means the value is the
+    exact quotient (True can also mean exact, for quotients of 48 digits or more)."""
     quotient = _divide_05up(numerator, denominator)
     if quotient.adjusted() > _MAX_ADJUSTED:
-        return round_quotient(numerator, denominator, DIVISION_SCALE)
+        return round_quotient(numerator, denominator, DIVISION_SCALE), True
     rounded = quotient.quantize(_QUANTUM, ROUND_HALF_EVEN, EXACT)
     if rounded != quotient:
-        return rounded
-    return quotient if quotient else ZERO  # not 0E-13
+        return rounded, True
+    return (quotient if quotient else ZERO), False  # not 0E-13
 
 
 _QUANTA = {scale: Decimal(1).scaleb(-scale) for scale in range(DIVISION_SCALE + 1)}

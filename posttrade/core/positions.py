@@ -125,6 +125,7 @@ from posttrade.core.exact import (
     ZERO,
     add_known,
     divide_rounded,
+    divide_rounded_noting,
     format_decimal,
     parse_decimal,
 )
@@ -320,8 +321,8 @@ class Position:
             # qty x avg = open_cost x qty / size (signed like the position), out of the
             # cost: the one division. FIFO takes the oldest lots.
             cost = self.open_cost
-            closed_cost = divide_rounded(cost * qty, size)
-            if self.avg_open_price_held is None and closed_cost * size != cost * qty:
+            closed_cost, rounded = divide_rounded_noting(cost * qty, size)
+            if rounded and self.avg_open_price_held is None:
                 # Rounded: the cost left is off the average's share by up to 0.5e-12,
                 # which `cost / net_qty` would show in the average. A reduce leaves the
                 # average unchanged, so hold it as it stands.

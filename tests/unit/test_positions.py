@@ -18,6 +18,7 @@ from posttrade.core.exact import (
     divide,
     divide_at,
     divide_rounded,
+    divide_rounded_noting,
     format_decimal,
     parse_decimal,
     round_quotient,
@@ -521,6 +522,10 @@ def test_divide_rounded_keeps_at_most_12_places_in_natural_form():
     assert divide_rounded(D("0.0000000000015"), D(1)) == D("0.000000000002")
     big = D(2) * D(10) ** 60
     assert divide_rounded(big, D(3)) == round_quotient(big, D(3), 12)
+    # ... and says whether it rounded (what a partial close needs to know).
+    assert divide_rounded_noting(D(1), D(8)) == (D("0.125"), False)
+    assert divide_rounded_noting(D(1), D(3)) == (D("0.333333333333"), True)
+    assert divide_rounded_noting(D(0), D(3)) == (D(0), False)
 
 
 def test_divide_exact_when_terminating_else_rounded_half_even():
