@@ -17,6 +17,7 @@ def nats_transport(config: ServiceConfig) -> NatsTransport:
         token=nats.token,
         creds_file=nats.creds_file,
         tls=nats.tls.context() if nats.tls else None,
+        replicas=nats.replicas,
     )
 
 

@@ -55,8 +55,12 @@ class NatsTransport(Transport):
         creds_file: str | None = None,
         tls: ssl.SSLContext | None = None,
         request_timeout: float = 5.0,
+        replicas: int = 1,
     ):
+        if replicas < 1:
+            raise ValueError("replicas must be >= 1")
         self.url = url
+        self.replicas = replicas  # of the streams and changelog buckets this transport creates
         self._options = dict(
             name=name,
             user=user,
@@ -142,7 +146,7 @@ class NatsTransport(Transport):
             max_age=spec.max_age_s,
             max_bytes=spec.max_bytes,
             duplicate_window=spec.duplicate_window_s,
-            num_replicas=spec.replicas,
+            num_replicas=self.replicas,
         )
         try:
             await self.js.add_stream(config)
@@ -182,7 +186,7 @@ class NatsTransport(Transport):
         return consumer
 
     async def key_value(self, bucket: str) -> KeyValueStore:
-        kv = await self.js.create_key_value(bucket=bucket, history=1)
+        kv = await self.js.create_key_value(bucket=bucket, history=1, replicas=self.replicas)
         return NatsKeyValue(self, bucket, kv)
 
 

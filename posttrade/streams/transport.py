@@ -30,7 +30,6 @@ class StreamSpec:
     max_age_s: float | None = None  # None: keep forever (replay needs history)
     max_bytes: int | None = None
     duplicate_window_s: float = 120.0  # publishes with the same msg id inside it are dropped
-    replicas: int = 1
 
 
 @dataclass(frozen=True, slots=True)

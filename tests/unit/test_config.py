@@ -48,6 +48,14 @@ def test_ptrc_has_its_metrics_port():
     assert load_config("ptrc", schema_of("ptrc"), env={}).service.metrics_port == 9109
 
 
+def test_nats_replicas_reach_the_transport_that_creates_the_streams():
+    from posttrade.services.wiring import nats_transport
+
+    config = load_config("ptrc", schema_of("ptrc"), env={"POSTTRADE__NATS__REPLICAS": "3"})
+    assert nats_transport(config).replicas == 3
+    assert nats_transport(load_config("ptrc", schema_of("ptrc"), env={})).replicas == 1
+
+
 def test_environment_overrides_generic_then_service_specific():
     env = {
         "POSTTRADE__DATABASES__QUESTDB__HOST": "127.0.0.1",
