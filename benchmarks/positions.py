@@ -10,8 +10,11 @@ shared machine from hiding the core's own speed; the load average is recorded.
 
 Latency (needs the local stack): ptrc and pnl run as their own processes
 (`posttrade worker`, uniquely named, starting at the end of the shared streams). Fills
-are published at `--rate` per second over 200 positions for `--seconds`; every 20 ms one
-of them is a *probe* fill for a dedicated account. A poller asks
+are published at `--rate` per second over 200 positions: first for `--warmup` seconds
+unmeasured (the latency *at* a rate is the steady state: a freshly started pnl first
+reads the newest update of every position in the stream, every earlier run's included,
+writes them all to Valkey and takes its first full snapshot), then for `--seconds`, in
+which every 20 ms one of them is a *probe* fill for a dedicated account. A poller asks
 `/pnl/realtime?account=<probe>` back to back while a probe is unseen; a probe's latency
 is from just before its publish to the first answer showing its fill count (an upper
 bound: the change became visible somewhere inside that request). Report generation is
@@ -19,7 +22,7 @@ measured by `benchmarks/reports.py`.
 
 Writes benchmarks/results/positions.json and prints a table.
 
-    python benchmarks/positions.py [--fills 300000] [--rate 1000] [--seconds 10] [--no-latency]
+    python benchmarks/positions.py [--fills 300000] [--rate 1000] [--warmup 3] [--seconds 20] [--no-latency]
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ def start_service(service: str, endpoints, log_dir: Path) -> tuple[subprocess.Po
     raise RuntimeError(f"{service} did not become healthy; see {log_dir / (service + '.log')}")
 
 
-async def fill_to_pnl_latency(pnl_url: str, nats_url: str, rate: int, seconds: float) -> dict:
+async def fill_to_pnl_latency(pnl_url: str, nats_url: str, rate: int, seconds: float, warmup: float) -> dict:
     tag = uuid.uuid4().hex[:6].upper()
     probe_account = f"PROBE{tag}"
     accounts = [f"BENCH{tag}{i}" for i in range(50)]
@@ -158,12 +161,13 @@ async def fill_to_pnl_latency(pnl_url: str, nats_url: str, rate: int, seconds: f
         poller = asyncio.create_task(poll(http))
         tick_s, per_tick, n = 0.010, max(1, rate // 100), 0
         started = time.perf_counter()
-        for tick in range(int(seconds / tick_s)):
+        warmup_ticks = int(warmup / tick_s)
+        for tick in range(warmup_ticks + int(seconds / tick_s)):
             for _ in range(per_tick):
                 n += 1
                 account, symbol = rng.choice(accounts), rng.choice(symbols)
                 await nc.publish(fill_subject(account, symbol), encode(fill(account, symbol, n)))
-            if tick % 2 == 0:
+            if tick >= warmup_ticks and tick % 2 == 0:
                 n += 1
                 probes += 1
                 published[probes] = time.perf_counter()
@@ -188,7 +192,12 @@ async def fill_to_pnl_latency(pnl_url: str, nats_url: str, rate: int, seconds: f
     }
 
 
-def measure_latency(rate: int, seconds: float) -> dict:
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def measure_latency(rate: int, seconds: float, warmup: float) -> dict:
     endpoints = stack.endpoints()
     with tempfile.TemporaryDirectory() as logs:
         procs = []
@@ -197,7 +206,13 @@ def measure_latency(rate: int, seconds: float) -> dict:
             procs.append(ptrc)
             pnl, pnl_url = start_service("pnl", endpoints, Path(logs))
             procs.append(pnl)
-            return asyncio.run(fill_to_pnl_latency(pnl_url, endpoints.nats_url, rate, seconds))
+            cpu_before = [_cpu_seconds(proc.pid) for proc in procs]
+            result = asyncio.run(fill_to_pnl_latency(pnl_url, endpoints.nats_url, rate, seconds, warmup))
+            fills = rate * (warmup + seconds)
+            for proc, before, name in zip(procs, cpu_before, ("ptrc", "pnl")):
+                # CPU is what a busier machine cannot give: the figure that travels between runs.
+                result[f"{name}_cpu_us_per_fill"] = round((_cpu_seconds(proc.pid) - before) / fills * 1e6)
+            return result
         finally:
             for proc in procs:
                 proc.terminate()
@@ -211,7 +226,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--fills", type=int, default=300_000)
     parser.add_argument("--rate", type=int, default=1000, help="fills/s during the latency run")
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds at the rate before probing")
+    parser.add_argument("--seconds", type=float, default=20.0, help="seconds of probing (50 probes/s)")
     parser.add_argument("--no-latency", action="store_true", help="only the core (no servers needed)")
     args = parser.parse_args()
     fills = random_fills(args.fills)
@@ -226,11 +242,13 @@ def main() -> None:
     result["core_fills_per_s"] = result["core_fills_per_s_apply_many_median"]
     print(f"core_fills_per_s = {result['core_fills_per_s']:,} (goal 200,000)")
     if not args.no_latency:
-        result.update(measure_latency(args.rate, args.seconds))
+        result.update(measure_latency(args.rate, args.seconds, args.warmup))
+        result["latency_warmup_s"] = args.warmup
         result["goal_pnl_latency_ms_p99"] = 10
         print(
             f"fill -> /pnl/realtime at {args.rate} fills/s: p50 {result['pnl_latency_ms_p50']} ms, "
-            f"p99 {result['pnl_latency_ms_p99']} ms ({result['latency_probes_seen']}/{result['latency_probes']} probes)"
+            f"p99 {result['pnl_latency_ms_p99']} ms ({result['latency_probes_seen']}/{result['latency_probes']} probes); "
+            f"CPU per fill: ptrc {result['ptrc_cpu_us_per_fill']} µs, pnl {result['pnl_cpu_us_per_fill']} µs"
         )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

@@ -170,7 +170,8 @@ class PtrcStorage:
         async for records in stream.take_events(self.batch_size, within=self.interval_s):
             fills = [r for r in records if r.value.reason == "fill" and r.value.fill_id is not None]
             await self._write(stream, TRADES_TABLE, fills)
-            await self._write(stream, SNAPSHOTS_TABLE, records)
+            await self._write(stream, SNAPSHOTS_TABLE, latest_per_position(records))
+
 
     async def _store_alerts(self, stream: Stream) -> None:
         async for alerts in stream.take(self.batch_size, within=self.interval_s):
@@ -197,3 +198,21 @@ class PtrcStorage:
             )
             self.rows_written[ALERTS_TABLE] += len(rows)
 
+
+def latest_per_position(records: list[EventRecord]) -> list[EventRecord]:
+    """A batch's snapshots: each position as the batch's last fill left it, and every
+    roll (the start-of-day snapshot reports value the day from).
+
+    Every fill's own result is in `ptrc_trades` (`net_qty_after`, `realized_pnl_fill`);
+    a snapshot per fill would repeat it at a QuestDB row (and commit work) per fill. So
+    the table holds each position at least every `batch.interval_sec` it changed.
+    """
+    last: dict[tuple[str, str], EventRecord] = {}
+    rolls: list[EventRecord] = []
+    for record in records:
+        update = record.value
+        if update.reason == "fill":
+            last[(update.account, update.symbol)] = record
+        else:
+            rolls.append(record)
+    return [*rolls, *last.values()] if rolls else list(last.values())

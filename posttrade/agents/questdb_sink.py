@@ -151,8 +151,9 @@ class TableLayout:
             else:  # decimal, rounded_decimal
                 items = list(map(get, values))
                 if kind == "rounded_decimal":
-                    items = [None if v is None else _round_to_scale(v) for v in items]
-                out[column.name] = _decimal_column(column.name, items)
+                    out[column.name] = _rounded_decimal_column(column.name, items)
+                else:
+                    out[column.name] = _decimal_column(column.name, items)
         return out
 
 
@@ -168,6 +169,16 @@ def _decimal_column(name: str, items: list[Decimal | None]) -> Any:
         return pd.arrays.ArrowExtensionArray(pa.array(items, type=_DECIMAL_ARROW))
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
         raise BadRows(f"column {name}: {exc} (the column is {DECIMAL_SQL})") from None
+
+
+def _rounded_decimal_column(name: str, items: list[Decimal | None]) -> Any:
+    # Most values need no rounding (prices and P&L of a few decimals): Arrow's strict
+    # conversion takes them as they are, and only a batch with a value of more than 12
+    # places pays for rounding in Python.
+    try:
+        return pd.arrays.ArrowExtensionArray(pa.array(items, type=_DECIMAL_ARROW))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
+        return _decimal_column(name, [None if v is None else _round_to_scale(v) for v in items])
 
 
 _SEQ = attrgetter("seq")

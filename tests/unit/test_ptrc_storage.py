@@ -61,3 +61,17 @@ def test_derived_values_round_at_12_places_but_inputs_that_do_not_fit_are_refuse
     too_fine = updates_after(("BUY", "0.0000000000001", "100"))  # a quantity of 13 places
     with pytest.raises(BadRows, match="qty"):
         TRADES.build_columns([record(too_fine[0])])
+
+
+def test_a_batch_snapshots_each_position_once_as_its_last_fill_left_it_and_every_roll():
+    from posttrade.agents.ptrc_storage import latest_per_position
+
+    a = updates_after(("BUY", "10", "100"), ("BUY", "10", "110"))
+    position = Position("A2", "XYZ")
+    position.apply(Fill(ts=T0, fill_id="g1", account="A2", symbol="XYZ", side="SELL", qty=D(1), price=D(5), fee=D(0)))
+    roll = position_update(position, D(5), "roll", T0 + 50)
+    b = position_update(position, D(5), "fill", T0 + 60)
+    batch = [record(a[0]), record(roll), record(b), record(a[1])]
+    kept = [r.value for r in latest_per_position(batch)]
+    assert kept == [roll, a[1], b]  # the roll; A1 after its second fill; A2 after its fill
+    assert latest_per_position([]) == []
