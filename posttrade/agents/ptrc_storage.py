@@ -26,11 +26,11 @@ log = logging.getLogger(__name__)
 TRADES_TABLE = "ptrc_trades"
 SNAPSHOTS_TABLE = "position_snapshots"
 
-# Column-wise, as questdb_writer builds its batches: building rows one by one in the
-# writer's thread held the GIL for tens of milliseconds per batch and stalled the
-# position agent (the fill → P&L latency tail). The fill's own inputs are stored as
-# they came (a value DECIMAL(38, 12) cannot hold is refused, not rounded); values ptrc
-# derived (P&L, marks) are rounded half to even at 12 places, like pnl's history.
+# Column-wise, as questdb_writer builds its batches (row by row, the client serialises
+# every value in Python, ~50 µs a row, in a thread sharing the GIL with the agents).
+# The fill's own inputs are stored as they came (a value DECIMAL(38, 12) cannot hold is
+# refused, not rounded); values ptrc derived (P&L, marks) are rounded half to even at 12
+# places, like pnl's history.
 TRADES = TableLayout(
     PositionUpdate,
     (
