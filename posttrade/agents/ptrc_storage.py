@@ -132,39 +132,32 @@ class PtrcStorage:
         dead-lettered and the others still written."""
         if not records:
             return
-        layout = LAYOUTS[table]
         try:
-            columns = layout.build_columns(records)
-            await until_done(
-                stream,
-                lambda: self.writer.write_batch(table, columns, symbols=layout.symbols, at="ts"),
-                what=f"writing {len(records)} rows to {table}",
-                permanent=lambda exc: isinstance(exc, QuestDBWriteError) and exc.bad_data,
-                on_retry=self._count_retry,
-            )
-            self.rows_written[table] += len(records)
+            await self._send(stream, table, records)
         except (BadRows, QuestDBWriteError) as exc:
             # One bad row must not hold the others: write them one by one.
             log.warning("%s: a batch holds rows that cannot be written (%s); writing row by row", table, exc)
             for record in records:
-                await self._write_one(stream, table, record)
+                try:
+                    await self._send(stream, table, [record])
+                except BadRows as row_error:
+                    await stream.dead_letter(record.delivery, f"{table} cannot hold the row: {row_error.reason}")
+                except QuestDBWriteError as row_error:
+                    await stream.dead_letter(record.delivery, f"{table} refused the row: {row_error}")
 
-    async def _write_one(self, stream: Stream, table: str, record: EventRecord) -> None:
+    async def _send(self, stream: Stream, table: str, records: list[EventRecord]) -> None:
+        """One request, retried until QuestDB takes it; raises BadRows or a bad-data
+        QuestDBWriteError when it never can."""
         layout = LAYOUTS[table]
-        try:
-            columns = layout.build_columns([record])
-            await until_done(
-                stream,
-                lambda: self.writer.write_batch(table, columns, symbols=layout.symbols, at="ts"),
-                what=f"writing one row to {table}",
-                permanent=lambda e: isinstance(e, QuestDBWriteError) and e.bad_data,
-                on_retry=self._count_retry,
-            )
-            self.rows_written[table] += 1
-        except BadRows as exc:
-            await stream.dead_letter(record.delivery, f"{table} cannot hold the row: {exc.reason}")
-        except QuestDBWriteError as exc:
-            await stream.dead_letter(record.delivery, f"{table} refused the row: {exc}")
+        columns = layout.build_columns(records)
+        await until_done(
+            stream,
+            lambda: self.writer.write_batch(table, columns, symbols=layout.symbols, at="ts"),
+            what=f"writing {len(records)} rows to {table}",
+            permanent=lambda exc: isinstance(exc, QuestDBWriteError) and exc.bad_data,
+            on_retry=self._count_retry,
+        )
+        self.rows_written[table] += len(records)
 
     async def _store_positions(self, stream: Stream) -> None:
         async for records in stream.take_events(self.batch_size, within=self.interval_s):
