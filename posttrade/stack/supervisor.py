@@ -76,6 +76,15 @@ def process_is(pid: int, executable: str, workdir: Path) -> bool:
     return exe.name == executable and cwd == workdir
 
 
+def _running(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2 :].split(" ", 1)[0] != "Z"
+
+
 def is_our_process(pid: int, server: Server, ep: Endpoints) -> bool:
     return process_is(pid, server.executable, server.data_dir(ep))
 
@@ -171,6 +180,8 @@ def _wait_healthy(ep: Endpoints, pids: dict[Server, int]) -> dict[Server, str]:
     while pending:
         for server, pid in list(pending.items()):
             if not is_our_process(pid, server, ep):
+                if _running(pid) and time.monotonic() - began <= server.start_timeout:
+                    continue  # the launcher's child has not exec'd the server yet (a busy machine)
                 failures[server] = "exited during start-up"
             elif server.healthy(ep):
                 pass
