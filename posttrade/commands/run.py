@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from posttrade.commands.demo import add_feed_options, settings_from
+from posttrade.commands.stack import print_stops
 from posttrade.demo.feed import DemoFeed, FeedSettings
 from posttrade.stack import SERVERS, Endpoints, StackError, endpoints
 from posttrade.stack import down as stack_down
@@ -199,10 +200,10 @@ def run_up(args: argparse.Namespace) -> int:
         if fleet is not None and fleet_started:
             for result in fleet.stop_services():
                 if result.pid is not None:
-                    print(f"  {result.service}: {result.outcome}", flush=True)
+                    print(f"  {result.name}: {result.outcome}", flush=True)
         for result in stack_down(ep, names=[s.name for s in SERVERS if s.name not in running_before]):
             if result.pid is not None:
-                print(f"  {result.server.name}: {result.outcome}", flush=True)
+                print(f"  {result.name}: {result.outcome}", flush=True)
         if running_before:
             print(f"  {', '.join(sorted(running_before))}: running before `posttrade up`, left running "
                   "(`posttrade down` stops them)")  # fmt: skip
@@ -351,20 +352,13 @@ def run_down(args: argparse.Namespace) -> int:
         else:
             print("  stopped", flush=True)
     try:
-        fleet = ServiceFleet(ep.home)
-        for result in fleet.stop_services(adopt=True):
-            pid = f" (pid {result.pid})" if result.pid else ""
-            print(f"{result.service}: {result.outcome}{pid}")
-            status |= result.outcome == "still running"
+        status |= print_stops(ServiceFleet(ep.home).stop_services(adopt=True))
     except FleetError as exc:
         print(f"posttrade down: {exc}", file=sys.stderr)
         status = 1
     if not args.keep_stack:
         try:
-            for result in stack_down(ep):
-                pid = f" (pid {result.pid})" if result.pid else ""
-                print(f"{result.server.name}: {result.outcome}{pid}")
-                status |= result.outcome == "still running"
+            status |= print_stops(stack_down(ep))
         except StackError as exc:
             print(f"posttrade down: {exc}", file=sys.stderr)
             status = 1

@@ -14,6 +14,7 @@ from posttrade.stack import (
     Endpoints,
     ServerState,
     StackError,
+    StopResult,
     chdb_version,
     down,
     endpoints,
@@ -69,10 +70,13 @@ def _up(ep: Endpoints) -> int:
 
 
 def _down(ep: Endpoints) -> int:
-    results = down(ep)
+    return print_stops(down(ep))
+
+
+def print_stops(results: list[StopResult]) -> int:
+    """One line per stopped process; 1 when one is still running, else 0."""
     for result in results:
-        pid = f" (pid {result.pid})" if result.pid else ""
-        print(f"{result.server.name}: {result.outcome}{pid}")
+        print(result)
     return 1 if any(result.outcome == "still running" for result in results) else 0
 
 

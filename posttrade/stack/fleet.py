@@ -36,6 +36,7 @@ from ..services import SERVICES as REGISTERED_SERVICES
 from .endpoints import HOME_ENV, HOST, endpoints
 from .supervisor import (
     STOP_TIMEOUT,
+    StopResult,
     file_tail,
     locked,
     port_in_use,
@@ -58,13 +59,6 @@ _PYTHON_BINARY = Path(os.path.realpath(sys.executable)).name
 
 class FleetError(Exception):
     """A service could not be started (or the fleet cannot start); the message says why."""
-
-
-@dataclass(frozen=True)
-class ServiceStop:
-    service: str
-    pid: int | None
-    outcome: str  # "stopped", "killed", "not running" or "still running"
 
 
 def _service_var(service: str, key: str) -> str:
@@ -327,7 +321,7 @@ class ServiceFleet:
         alone (`stop_services(adopt=True)`, what `posttrade down` does, stops those too)."""
         self.stop_services()
 
-    def stop_services(self, grace: float = STOP_TIMEOUT, *, adopt: bool = False) -> list[ServiceStop]:
+    def stop_services(self, grace: float = STOP_TIMEOUT, *, adopt: bool = False) -> list[StopResult]:
         """`stop()`, returning what happened to each service. `adopt`: also stop the
         services of this home that another process started, found through their pidfiles."""
         self._stopping.set()
@@ -339,7 +333,7 @@ class ServiceFleet:
 
     def _stop_locked(
         self, services: Sequence[str], grace: float = STOP_TIMEOUT, deliberate: bool = True, adopt: bool = False
-    ) -> list[ServiceStop]:
+    ) -> list[StopResult]:
         pids: dict[str, int | None] = {}
         for service in services:
             if deliberate:
@@ -360,7 +354,7 @@ class ServiceFleet:
                     proc.wait(timeout=5)  # our child: reap it ourselves
                 elif pid is not None:
                     wait_reaped(pid)
-            results.append(ServiceStop(service, pid, outcomes[service]))
+            results.append(StopResult(service, pid, outcomes[service]))
         return results
 
 
@@ -386,4 +380,4 @@ def service_section(service: str, env: Mapping[str, str]) -> dict:
     return section
 
 
-__all__ = ["SERVICES", "FleetError", "ServiceFleet", "ServiceStop", "service_section"]
+__all__ = ["SERVICES", "FleetError", "ServiceFleet", "service_section"]

@@ -47,9 +47,14 @@ class ServerState:
 
 @dataclass(frozen=True)
 class StopResult:
-    server: Server
+    """How stopping one process went: a server's, or a service's (`ServiceFleet`)."""
+
+    name: str
     pid: int | None
     outcome: str  # "stopped", "killed", "not running" or "still running"
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.outcome}" + (f" (pid {self.pid})" if self.pid else "")
 
 
 def pidfile(ep: Endpoints, server: Server) -> Path:
@@ -307,7 +312,7 @@ def _stop(ep: Endpoints, servers: Iterable[Server]) -> list[StopResult]:
             pidfile(ep, server).unlink(missing_ok=True)
             if pid is not None:
                 wait_reaped(pid)
-        results.append(StopResult(server, pid, outcomes[server]))
+        results.append(StopResult(server.name, pid, outcomes[server]))
     return results
 
 
