@@ -77,12 +77,13 @@ from posttrade.services import execution_quality as eq
 from posttrade.stores.clickhouse import open_clickhouse
 from posttrade.streams.events import Fill, MarketTrade, Order, Quote, encode
 
+from _proc_cpu import cpu_seconds  # benchmarks/_proc_cpu.py (the script's folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "execution.json"
 T0 = 1_704_205_800_000_000_000
 NS = 1_000_000_000
 HOUR_NS = 3600 * NS
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # -- synthetic rows, built as Arrow columns (Python Decimals would take minutes) ----------
@@ -261,12 +262,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (every thread), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 class ServiceProcess:

@@ -52,6 +52,8 @@ from posttrade.stores.questdb import QuestDBClient
 from posttrade.stores.valkey import open_valkey
 from posttrade.streams.events import Bar, Fill, MarketTrade, PositionUpdate, Quote, encode
 
+from _proc_cpu import cpu_seconds  # benchmarks/_proc_cpu.py (the script's folder is on sys.path)
+
 RESULTS = Path(__file__).parent / "results" / "pnl.json"
 T_MS = 10  # publishing tick
 PROBE_EVERY_TICKS = 2  # a probe every 20 ms
@@ -111,12 +113,6 @@ def free_port() -> int:
 
 def update_of(position: Position, ts: int) -> PositionUpdate:
     return position_update(position, None, "fill", ts)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def histogram(text: str, name: str, labels: str = "") -> dict[float, float]:

@@ -49,6 +49,8 @@ from posttrade.core.positions import PositionBook
 from posttrade.streams.events import Fill, encode
 from posttrade.streams.subjects import fill_subject
 
+from _proc_cpu import cpu_seconds  # benchmarks/_proc_cpu.py (the script's folder is on sys.path)
+
 RESULTS = Path(__file__).parent / "results" / "positions.json"
 CHUNK = 10_000
 
@@ -192,11 +194,6 @@ async def fill_to_pnl_latency(pnl_url: str, nats_url: str, rate: int, seconds: f
     }
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
 def measure_latency(rate: int, seconds: float, warmup: float) -> dict:
     endpoints = stack.endpoints()
     with tempfile.TemporaryDirectory() as logs:
@@ -206,12 +203,12 @@ def measure_latency(rate: int, seconds: float, warmup: float) -> dict:
             procs.append(ptrc)
             pnl, pnl_url = start_service("pnl", endpoints, Path(logs))
             procs.append(pnl)
-            cpu_before = [_cpu_seconds(proc.pid) for proc in procs]
+            cpu_before = [cpu_seconds(proc.pid) for proc in procs]
             result = asyncio.run(fill_to_pnl_latency(pnl_url, endpoints.nats_url, rate, seconds, warmup))
             fills = rate * (warmup + seconds)
             for proc, before, name in zip(procs, cpu_before, ("ptrc", "pnl")):
                 # CPU is what a busier machine cannot give: the figure that travels between runs.
-                result[f"{name}_cpu_us_per_fill"] = round((_cpu_seconds(proc.pid) - before) / fills * 1e6)
+                result[f"{name}_cpu_us_per_fill"] = round((cpu_seconds(proc.pid) - before) / fills * 1e6)
             return result
         finally:
             for proc in procs:

@@ -75,6 +75,8 @@ from posttrade.stores.questdb import QuestDBClient, QuestDBWriter
 from posttrade.streams.memory import MemoryTransport
 from posttrade.web.server import WebServer, build_web_app
 
+from _proc_cpu import cpu_seconds  # benchmarks/_proc_cpu.py (the script's folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "reports.json"
 GOAL_S = 2.0
@@ -179,16 +181,14 @@ def questdb_cpu_reader(endpoints):
     pid_file = endpoints.home / "run" / "questdb.pid"
     try:
         pid = int(pid_file.read_text().split()[0])
-        ticks = os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError):
         return lambda: None
 
     def read() -> float | None:
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return cpu_seconds(pid)
         except OSError:
             return None
-        return (int(fields[11]) + int(fields[12])) / ticks
 
     return read
 

@@ -53,6 +53,8 @@ from posttrade.streams.events import Quote, decode, encode
 from posttrade.streams.nats import NatsTransport
 from posttrade.streams.stream import EventRecord
 
+from _proc_cpu import cpu_seconds  # benchmarks/_proc_cpu.py (the script's folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "writer.json"
 CONFIG_FILE = ROOT / "config" / "backend" / "questdb_writer" / "config.yaml"
@@ -89,12 +91,6 @@ def quote_payloads(n: int) -> list[bytes]:
             )
         )
     return out
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds a process has used (from /proc; Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -198,11 +194,11 @@ async def run_service(ep: stack.Endpoints, payloads: list[bytes], batch: int, in
                 if time.monotonic() > deadline or worker.poll() is not None:
                     raise RuntimeError(f"writer did not become healthy; see {log}")
                 await asyncio.sleep(0.2)
-            cpu_before = process_cpu_s(worker.pid)
+            cpu_before = cpu_seconds(worker.pid)
             started = time.perf_counter()
             publish_task = asyncio.create_task(publish(ep.nats_url, subject, payloads))
             done_at, count = await wait_count(qdb, table, len(payloads), timeout=600)
-            cpu_s = process_cpu_s(worker.pid) - cpu_before
+            cpu_s = cpu_seconds(worker.pid) - cpu_before
             publish_s = await publish_task
             stats = (await http.get("/stats")).json()
         elapsed = done_at - started
