@@ -10,14 +10,17 @@ shared machine from hiding the core's own speed; the load average is recorded.
 
 Latency (needs the local stack): ptrc and pnl run as their own processes
 (`posttrade worker`, uniquely named, starting at the end of the shared streams). Fills
-are published at `--rate` per second over 200 positions: first for `--warmup` seconds
-unmeasured (the latency *at* a rate is the steady state: a freshly started pnl first
-reads the newest update of every position in the stream, every earlier run's included,
-writes them all to Valkey and takes its first full snapshot), then for `--seconds`, in
-which every 20 ms one of them is a *probe* fill for a dedicated account. A poller asks
+are published at `--rate` per second over 200 positions: first unmeasured, for at least
+`--warmup` seconds and until every agent of both services is caught up with its stream
+(the latency *at* a rate is the steady state: a freshly started pnl first reads the
+newest update of every position in the stream, every earlier run's included, writes
+them all to Valkey and takes its first full snapshot), then for `--seconds`, in which
+every 20 ms one of them is a *probe* fill for a dedicated account. A poller asks
 `/pnl/realtime?account=<probe>` back to back while a probe is unseen; a probe's latency
 is from just before its publish to the first answer showing its fill count (an upper
-bound: the change became visible somewhere inside that request). Report generation is
+bound: the change became visible somewhere inside that request). The slowest probes are
+reported with where their time went. CPU per fill is measured over the probing. The
+run's services are then forgotten on NATS (`posttrade forget`). Report generation is
 measured by `benchmarks/reports.py`.
 
 Writes benchmarks/results/positions.json and prints a table.
@@ -40,6 +43,7 @@ import time
 import uuid
 from decimal import Decimal
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import nats
@@ -47,12 +51,15 @@ import nats
 from posttrade import stack
 from posttrade.core.positions import PositionBook
 from posttrade.streams.events import Fill, encode
-from posttrade.streams.subjects import fill_subject
+from posttrade.streams.nats import NatsTransport
+from posttrade.streams.subjects import fill_subject, position_subject
 
 from _proc_cpu import cpu_seconds  # benchmarks/_proc_cpu.py (the script's folder is on sys.path)
 
 RESULTS = Path(__file__).parent / "results" / "positions.json"
 CHUNK = 10_000
+CAUGHT_UP_LAG = 100  # messages an agent may hold or have pending and count as caught up
+MAX_WARMUP_S = 120.0
 
 
 def random_fills(n: int, symbols: int = 100, accounts: int = 10, seed: int = 7) -> list[Fill]:
@@ -100,13 +107,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_service(service: str, endpoints, log_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_service(service: str, name: str, endpoints, log_dir: Path) -> tuple[subprocess.Popen, str]:
     prefix = f"POSTTRADE_{service.upper()}__"
     port = _free_port()
     env = {
         **os.environ,
         **endpoints.service_env(),
-        f"{prefix}SERVICE__NAME": f"{service}_bench_{uuid.uuid4().hex[:6]}",
+        f"{prefix}SERVICE__NAME": name,
         f"{prefix}SERVICE__PORT": str(port),
         f"{prefix}SERVICE__HOST": "127.0.0.1",
         f"{prefix}RUNTIME__START_FROM": "new",
@@ -130,15 +137,65 @@ def start_service(service: str, endpoints, log_dir: Path) -> tuple[subprocess.Po
     raise RuntimeError(f"{service} did not become healthy; see {log_dir / (service + '.log')}")
 
 
-async def fill_to_pnl_latency(pnl_url: str, nats_url: str, rate: int, seconds: float, warmup: float) -> dict:
+class KeepAliveGet:
+    """JSON GETs over one keep-alive HTTP/1.1 connection, read by hand.
+
+    The poller runs on the same two cores as what it measures: httpx spent about 1 ms of
+    CPU per request here (half of this benchmark's CPU, a fifth of a core), this a tenth
+    of that. Answers must carry Content-Length (Starlette's JSON responses do).
+    """
+
+    def __init__(self, url: str):
+        parsed = urlsplit(url)
+        self.host, self.port = parsed.hostname, parsed.port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def get_json(self, path: str) -> dict:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status_line, _, fields = head.partition(b"\r\n")
+        length = None
+        for line in fields.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if length is None or not status_line.split(b" ")[1] == b"200":
+            raise RuntimeError(f"GET {path}: unexpected answer {head[:200]!r}")
+        return json.loads(await self.reader.readexactly(length))
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            await self.writer.wait_closed()
+
+
+async def caught_up(service_urls: list[str]) -> bool:
+    """Whether every agent of these services is within a batch of the end of its stream."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        for url in service_urls:
+            checks = (await client.get(f"{url}/health")).json()["checks"]
+            if any(check.get("lag", 0) > CAUGHT_UP_LAG for name, check in checks.items() if name.startswith("agent:")):
+                return False
+    return True
+
+
+async def fill_to_pnl_latency(services: dict[str, tuple[subprocess.Popen, str]], nats_url: str, rate: int,
+                              seconds: float, warmup: float) -> dict:
+    service_urls = [url for _, url in services.values()]
+    pnl_url = services["pnl"][1]
+    cpu_at_probe_start: dict[str, float] = {}
     tag = uuid.uuid4().hex[:6].upper()
     probe_account = f"PROBE{tag}"
     accounts = [f"BENCH{tag}{i}" for i in range(50)]
     symbols = ["S0", "S1", "S2", "S3"]
     rng = random.Random(11)
     published: dict[int, float] = {}
+    published_ns: dict[int, int] = {}
     seen: dict[int, float] = {}
-    probes = 0
+    probes = polls = 0
     stop = asyncio.Event()
     nc = await nats.connect(nats_url, pending_size=64 * 1024 * 1024)
 
@@ -146,41 +203,59 @@ async def fill_to_pnl_latency(pnl_url: str, nats_url: str, rate: int, seconds: f
         return Fill(ts=time.time_ns(), fill_id=f"{tag}-{n}", account=account, symbol=symbol, side=rng.choice(("BUY", "SELL")),
                     qty=Decimal(rng.randint(1, 9)), price=Decimal(rng.randint(9900, 10100)).scaleb(-2))
 
-    async def poll(http: httpx.AsyncClient) -> None:
+    async def poll(http: KeepAliveGet) -> None:
+        nonlocal polls
         shown = 0
         while not (stop.is_set() and shown >= probes):
             if shown >= probes:
                 await asyncio.sleep(0.001)
                 continue
-            body = (await http.get("/pnl/realtime", params={"account": probe_account})).json()
+            body = await http.get_json(f"/pnl/realtime?account={probe_account}")
+            polls += 1
             received = time.perf_counter()
             count = body["positions"][0]["fill_count"] if body["positions"] else 0
             for n in range(shown + 1, count + 1):
                 seen.setdefault(n, received - published[n])
             shown = max(shown, count)
 
-    async with httpx.AsyncClient(base_url=pnl_url, timeout=10) as http:
+    http = KeepAliveGet(pnl_url)
+    try:
         poller = asyncio.create_task(poll(http))
         tick_s, per_tick, n = 0.010, max(1, rate // 100), 0
+        probe_ticks = int(seconds / tick_s)
         started = time.perf_counter()
-        warmup_ticks = int(warmup / tick_s)
-        for tick in range(warmup_ticks + int(seconds / tick_s)):
+        next_check = started + warmup
+        probe_from = None  # the tick probing starts at
+        tick = 0
+        while probe_from is None or tick < probe_from + probe_ticks:
+            if probe_from is None and time.perf_counter() >= next_check:
+                if await caught_up(service_urls) or time.perf_counter() - started > MAX_WARMUP_S:
+                    probe_from, fills_before_probes = tick, n
+                    cpu_at_probe_start = {name: cpu_seconds(proc.pid) for name, (proc, _) in services.items()}
+                next_check = time.perf_counter() + 0.5
             for _ in range(per_tick):
                 n += 1
                 account, symbol = rng.choice(accounts), rng.choice(symbols)
                 await nc.publish(fill_subject(account, symbol), encode(fill(account, symbol, n)))
-            if tick >= warmup_ticks and tick % 2 == 0:
+            if probe_from is not None and (tick - probe_from) % 2 == 0:
                 n += 1
                 probes += 1
                 published[probes] = time.perf_counter()
+                published_ns[probes] = time.time_ns()
                 await nc.publish(fill_subject(probe_account, "XYZ"), encode(fill(probe_account, "XYZ", n)))
             await nc.flush()
-            await asyncio.sleep(max(0.0, started + (tick + 1) * tick_s - time.perf_counter()))
+            tick += 1
+            await asyncio.sleep(max(0.0, started + tick * tick_s - time.perf_counter()))
         stop.set()
         try:
             await asyncio.wait_for(poller, 30)
         except asyncio.TimeoutError:
             poller.cancel()
+    finally:
+        await http.close()
+    slowest = sorted(sorted(seen, key=seen.get)[-10:])
+    fills_stored = await stored_at(nc, fill_subject(probe_account, "XYZ"), probes)
+    positions_stored = await stored_at(nc, position_subject(probe_account, "XYZ"), probes)
     await nc.close()
     latencies = sorted(v * 1000 for v in seen.values())
     pick = lambda q: round(latencies[min(len(latencies) - 1, int(q * len(latencies)))], 3)  # noqa: E731
@@ -190,33 +265,73 @@ async def fill_to_pnl_latency(pnl_url: str, nats_url: str, rate: int, seconds: f
         "pnl_latency_ms_max": round(latencies[-1], 3),
         "latency_probes": probes,
         "latency_probes_seen": len(seen),
+        "latency_polls": polls,  # /pnl/realtime requests, back to back while a probe is unseen
         "latency_fills_per_s": rate,
+        "latency_warmup_s": round(probe_from * tick_s, 2),
+        # CPU is what a busier machine cannot give: the figure that travels between runs.
+        **{f"{name}_cpu_us_per_fill": round((cpu_seconds(proc.pid) - cpu_at_probe_start[name]) / (n - fills_before_probes) * 1e6)
+           for name, (proc, _) in services.items()},
+        # Whether the tail is one stall or spread out, and where the time went: the slowest
+        # probes by when they were sent, each split at the JetStream stored-at times of the
+        # fill and of ptrc's PositionUpdate (same clock: everything runs on this machine).
+        "slowest_probes": [probe_split(n, published, published_ns, seen, fills_stored, positions_stored) for n in slowest],
     }
+
+
+async def stored_at(nc, subject: str, count: int) -> list[int]:
+    """JetStream's stored-at times (epoch ns) of the first `count` messages on `subject`."""
+    sub = await nc.jetstream().subscribe(subject, ordered_consumer=True)
+    times = []
+    try:
+        while len(times) < count:
+            msg = await sub.next_msg(timeout=10)
+            times.append(int(msg.metadata.timestamp.timestamp() * 1e6) * 1000)
+    except nats.errors.TimeoutError:
+        pass
+    finally:
+        await sub.unsubscribe()
+    return times
+
+
+def probe_split(n: int, published: dict, published_ns: dict, seen: dict, fills_stored: list, positions_stored: list) -> dict:
+    split = {"at_s": round(published[n] - published[1], 3), "ms": round(seen[n] * 1000, 1)}
+    if n <= min(len(fills_stored), len(positions_stored)):
+        fill_ns, position_ns = fills_stored[n - 1], positions_stored[n - 1]
+        split["to_fill_stored_ms"] = round((fill_ns - published_ns[n]) / 1e6, 1)
+        split["ptrc_ms"] = round((position_ns - fill_ns) / 1e6, 1)  # fill stored -> PositionUpdate stored
+        split["pnl_and_poll_ms"] = round(split["ms"] - (position_ns - published_ns[n]) / 1e6, 1)
+    return split
 
 
 def measure_latency(rate: int, seconds: float, warmup: float) -> dict:
     endpoints = stack.endpoints()
+    names = {service: f"{service}_bench_{uuid.uuid4().hex[:6]}" for service in ("ptrc", "pnl")}
+    services: dict[str, tuple[subprocess.Popen, str]] = {}
     with tempfile.TemporaryDirectory() as logs:
-        procs = []
         try:
-            ptrc, _ = start_service("ptrc", endpoints, Path(logs))
-            procs.append(ptrc)
-            pnl, pnl_url = start_service("pnl", endpoints, Path(logs))
-            procs.append(pnl)
-            cpu_before = [cpu_seconds(proc.pid) for proc in procs]
-            result = asyncio.run(fill_to_pnl_latency(pnl_url, endpoints.nats_url, rate, seconds, warmup))
-            fills = rate * (warmup + seconds)
-            for proc, before, name in zip(procs, cpu_before, ("ptrc", "pnl")):
-                # CPU is what a busier machine cannot give: the figure that travels between runs.
-                result[f"{name}_cpu_us_per_fill"] = round((cpu_seconds(proc.pid) - before) / fills * 1e6)
-            return result
+            for service, name in names.items():
+                services[service] = start_service(service, name, endpoints, Path(logs))
+            return asyncio.run(fill_to_pnl_latency(services, endpoints.nats_url, rate, seconds, warmup))
         finally:
-            for proc in procs:
+            for proc, _ in services.values():
                 proc.terminate()
                 try:
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+            asyncio.run(forget(endpoints.nats_url, list(names.values())))
+
+
+async def forget(nats_url: str, app_names: list[str]) -> None:
+    """Delete the run's durable consumers and tables: left behind, every one of them is
+    work the server does on each later message (and in each later run)."""
+    transport = NatsTransport(nats_url, name="posttrade-bench")
+    await transport.connect()
+    try:
+        for name in app_names:
+            await transport.forget_app(name)
+    finally:
+        await transport.close()
 
 
 def main() -> None:
@@ -240,7 +355,6 @@ def main() -> None:
     print(f"core_fills_per_s = {result['core_fills_per_s']:,} (goal 200,000)")
     if not args.no_latency:
         result.update(measure_latency(args.rate, args.seconds, args.warmup))
-        result["latency_warmup_s"] = args.warmup
         result["goal_pnl_latency_ms_p99"] = 10
         print(
             f"fill -> /pnl/realtime at {args.rate} fills/s: p50 {result['pnl_latency_ms_p50']} ms, "

@@ -28,6 +28,7 @@ the dead-letter subject instead of being retried forever.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import time
@@ -527,6 +528,11 @@ class App:
         from .web.server import WebServer, build_metrics_app, build_web_app
 
         await self.start()
+        # What is alive once started (modules, config, clients, recovered tables) lives as
+        # long as the process. Frozen, it is out of the cyclic collector's reach: its first
+        # full collections, a few seconds in, otherwise walked all of it and stalled the
+        # agents for up to half a second (benchmarks/positions.py saw it as a p99).
+        gc.freeze()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Module names under posttrade.commands, in the order `posttrade --help` lists them.
-COMMANDS = ("run", "stack", "demo", "worker", "positions", "reconcile", "validate")
+COMMANDS = ("run", "stack", "demo", "worker", "positions", "reconcile", "validate", "forget")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,7 +40,6 @@ newer than the one written, so a replay or a late read-through never moves them 
 from __future__ import annotations
 
 import asyncio
-import gc
 import hashlib
 import logging
 import time
@@ -1407,13 +1406,5 @@ def build(config: HotCacheConfig, *, channels: Callable[[App], HotCacheChannels]
         await store.close()
         await questdb_client.close()
 
-    async def freeze_startup_objects() -> None:
-        # Everything alive after start (modules, config, clients) lives as long as the
-        # process: moved out of the collector's reach, a full collection no longer walks
-        # the ~10^6 objects pandas, numpy and the stores bring, which otherwise stalls
-        # every read in flight for tens of milliseconds.
-        gc.freeze()
-
-    app.on_startup.append(freeze_startup_objects)
     app.on_shutdown.append(close_clients)
     return app

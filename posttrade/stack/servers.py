@@ -233,6 +233,21 @@ def _questdb_command(ep: Endpoints, root: Path) -> list[str]:
         "shared.query.worker.count=2\n"
         "shared.write.worker.count=1\n"
         "ram.usage.limit.percent=50\n"
+        "# An idle worker spins, then yields the CPU thousands of times (sched_yield), then\n"
+        "# naps 1 ms at a time for about 3 s. After each commit every pool's workers did that:\n"
+        "# bursts of CPU that put the services' event loops in the run queue. Here a worker naps\n"
+        "# after 20 idle passes and sleeps after about a second, and the pools nothing here uses\n"
+        "# (materialized views, view compiling, export) run on the shared ones.\n"
+        "shared.worker.yield.threshold=10\n"
+        "shared.worker.nap.threshold=20\n"
+        "shared.worker.sleep.threshold=1000\n"
+        "wal.apply.worker.count=1\n"
+        "wal.apply.worker.yield.threshold=10\n"
+        "wal.apply.worker.nap.threshold=20\n"
+        "wal.apply.worker.sleep.threshold=1000\n"
+        "mat.view.refresh.worker.count=0\n"
+        "view.compiler.worker.count=0\n"
+        "export.worker.count=0\n"
     )
     return [
         str(_java()),

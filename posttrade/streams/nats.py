@@ -189,6 +189,58 @@ class NatsTransport(Transport):
         kv = await self.js.create_key_value(bucket=bucket, history=1, replicas=self.replicas)
         return NatsKeyValue(self, bucket, kv)
 
+    async def app_state(self, app_name: str) -> list[tuple[str, str]]:
+        """What an app named `app_name` keeps on the server: ("consumer", "<stream>/<name>")
+        for its agents' durable consumers and ("bucket", name) for its tables' changelogs.
+
+        Both are named `<app>-<agent or table>`, so they are found by that prefix. An app
+        whose name is another's followed by "-" would be counted in with it; names of
+        deployments (`ptrc`, `ptrc_eu`) and of test instances never are.
+        """
+        prefix = f"{app_name}-"
+        found: list[tuple[str, str]] = []
+        for name in await self._names("$JS.API.STREAM.NAMES", "streams"):
+            if name.startswith("KV_"):
+                if name[3:].startswith(prefix):
+                    found.append(("bucket", name[3:]))
+                continue
+            for consumer in await self._names(f"$JS.API.CONSUMER.NAMES.{name}", "consumers"):
+                if consumer.startswith(prefix):
+                    found.append(("consumer", f"{name}/{consumer}"))
+        return found
+
+    async def _names(self, api_subject: str, field: str) -> list[str]:
+        """Every name a JetStream names API lists, page by page (it pages at 1,024)."""
+        names: list[str] = []
+        while True:
+            reply = await self.nc.request(api_subject, json.dumps({"offset": len(names)}).encode(),
+                                          timeout=self._request_timeout)
+            page = json.loads(reply.data)
+            if "error" in page:
+                raise nats.js.errors.APIError(description=str(page["error"]))
+            names += page.get(field) or []
+            if not page.get(field) or len(names) >= page.get("total", 0):
+                return names
+
+    async def forget_app(self, app_name: str) -> list[tuple[str, str]]:
+        """Delete what `app_state` lists; returns it.
+
+        A durable consumer stays on the server after its app is gone, and the server does
+        work for it on every message its stream takes: forget a deployment taken out of
+        service, and every uniquely named instance a test or benchmark started.
+        """
+        found = await self.app_state(app_name)
+        for kind, name in found:
+            try:
+                if kind == "bucket":
+                    await self.js.delete_key_value(name)
+                else:
+                    stream, consumer = name.split("/", 1)
+                    await self.js.delete_consumer(stream, consumer)
+            except nats.js.errors.NotFoundError:
+                pass  # gone meanwhile
+        return found
+
 
 async def _sequence_of(puback: asyncio.Future) -> int:
     return (await puback).seq

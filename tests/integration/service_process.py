@@ -7,6 +7,7 @@ durable consumers, tables and chdb directory are its own) on free ports.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import httpx
 
+from posttrade.streams.nats import NatsTransport
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -27,9 +30,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def forget_instances(nats_url: str, names: list[str]) -> None:
+    """Delete these service instances' durable consumers and tables on NATS."""
+
+    async def forget() -> None:
+        transport = NatsTransport(nats_url, name="posttrade-tests")
+        await transport.connect()
+        try:
+            for name in names:
+                await transport.forget_app(name)
+        finally:
+            await transport.close()
+
+    asyncio.run(forget())
+
+
 class ServiceProcess:
     def __init__(self, service: str, stack, tmp_path: Path, config_yaml: str | None = None, env: dict | None = None):
         self.service = service
+        self.stack = stack
         self.name = f"{service}_it_{uuid.uuid4().hex[:8]}"
         self.port = free_port()
         self.log = tmp_path / f"{self.name}.log"
@@ -81,16 +100,20 @@ class ServiceProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
 
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise AssertionError(f"{self.service} did not stop on SIGTERM:\n{self.tail()}")
-        assert self.proc.returncode == 0, self.tail()
+    def stop(self, forget: bool = True) -> None:
+        """SIGTERM, and (unless `forget` is false) forget the instance on NATS: a test's
+        service is not resumed, and every durable consumer left on the shared streams is
+        work for the server on each message the later tests publish."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                raise AssertionError(f"{self.service} did not stop on SIGTERM:\n{self.tail()}")
+            assert self.proc.returncode == 0, self.tail()
+        if forget:
+            forget_instances(self.stack.nats_url, [self.name])
 
     def tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""

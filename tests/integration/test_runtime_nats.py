@@ -230,3 +230,50 @@ async def test_agent_restart_with_unacked_deliveries_resumes_in_order(stack, nam
     assert [d.seq for d in again] == list(range(3, 11))
     await second.close()
     await transport.close()
+
+
+async def test_forget_deletes_an_apps_consumers_and_tables_and_nothing_of_another(stack, names):
+    stream, app_name = names
+    neighbour_name = f"{app_name}_2"  # its names start with app_name too, but not with "<app_name>-"
+    app, _ = build(stack.nats_url, stream, app_name)
+    neighbour, _ = build(stack.nats_url, stream, neighbour_name)
+    async with app, neighbour:
+        await publish_ticks(stack.nats_url, stream, range(1, 11))
+        await wait_floor(stack.nats_url, stream, f"{app_name}-count", 10)
+    transport = NatsTransport(stack.nats_url)
+    await transport.connect()
+    try:
+        mine = [("consumer", f"{stream}/{app_name}-count"), ("bucket", f"{app_name}-totals")]
+        assert sorted(await transport.app_state(app_name)) == sorted(mine)
+        assert sorted(await transport.forget_app(app_name)) == sorted(mine)
+        assert await transport.app_state(app_name) == []
+        assert len(await transport.app_state(neighbour_name)) == 2
+        js = transport.js
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await js.consumer_info(stream, f"{app_name}-count")
+        assert (await js.consumer_info(stream, f"{neighbour_name}-count")).name == f"{neighbour_name}-count"
+        await transport.forget_app(neighbour_name)
+    finally:
+        await transport.close()
+
+
+def test_forget_command_lists_then_deletes_with_yes(stack, names, capsys):
+    from posttrade.cli import main
+
+    stream, app_name = names
+
+    async def run_app_once() -> None:
+        app, _ = build(stack.nats_url, stream, app_name)
+        async with app:
+            await publish_ticks(stack.nats_url, stream, range(1, 4))
+            await wait_floor(stack.nats_url, stream, f"{app_name}-count", 3)
+
+    asyncio.run(run_app_once())
+    assert main(["forget", app_name, "--nats", stack.nats_url]) == 0
+    listed = capsys.readouterr().out
+    assert f"would delete consumer {stream}/{app_name}-count" in listed
+    assert f"would delete bucket {app_name}-totals" in listed
+    assert main(["forget", app_name, "--nats", stack.nats_url, "--yes"]) == 0
+    assert f"deleted consumer {stream}/{app_name}-count" in capsys.readouterr().out
+    assert main(["forget", app_name, "--nats", stack.nats_url]) == 0
+    assert "nothing on NATS belongs to" in capsys.readouterr().out

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from posttrade.config import SERVICES
 
+from .service_process import forget_instances
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -38,6 +40,7 @@ def test_the_gate_passes_against_services_it_starts(stack, tmp_path: Path):
          "--json", str(result_path), *urls],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
+    forget_instances(stack.nats_url, [f"{service}_val_{tag}" for service in SERVICES])
     shown = f"exit {done.returncode}\n{done.stdout}\n{done.stderr[-3000:]}"
     assert done.returncode == 0, shown
     result = json.loads(result_path.read_text())
