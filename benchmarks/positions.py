@@ -51,7 +51,7 @@ import nats
 from posttrade import stack
 from posttrade.core.positions import PositionBook
 from posttrade.streams.events import Fill, encode
-from posttrade.streams.nats import NatsTransport
+from posttrade.streams.nats import forget_apps
 from posttrade.streams.subjects import fill_subject, position_subject
 
 from _proc_cpu import cpu_seconds  # benchmarks/_proc_cpu.py (the script's folder is on sys.path)
@@ -162,7 +162,7 @@ class KeepAliveGet:
             name, _, value = line.partition(b":")
             if name.strip().lower() == b"content-length":
                 length = int(value)
-        if length is None or not status_line.split(b" ")[1] == b"200":
+        if length is None or status_line.split(b" ")[1] != b"200":
             raise RuntimeError(f"GET {path}: unexpected answer {head[:200]!r}")
         return json.loads(await self.reader.readexactly(length))
 
@@ -226,10 +226,12 @@ async def fill_to_pnl_latency(services: dict[str, tuple[subprocess.Popen, str]],
         started = time.perf_counter()
         next_check = started + warmup
         probe_from = None  # the tick probing starts at
+        caught = False
         tick = 0
         while probe_from is None or tick < probe_from + probe_ticks:
             if probe_from is None and time.perf_counter() >= next_check:
-                if await caught_up(service_urls) or time.perf_counter() - started > MAX_WARMUP_S:
+                caught = await caught_up(service_urls)
+                if caught or time.perf_counter() - started > MAX_WARMUP_S:
                     probe_from, fills_before_probes = tick, n
                     cpu_at_probe_start = {name: cpu_seconds(proc.pid) for name, (proc, _) in services.items()}
                 next_check = time.perf_counter() + 0.5
@@ -268,13 +270,16 @@ async def fill_to_pnl_latency(services: dict[str, tuple[subprocess.Popen, str]],
         "latency_polls": polls,  # /pnl/realtime requests, back to back while a probe is unseen
         "latency_fills_per_s": rate,
         "latency_warmup_s": round(probe_from * tick_s, 2),
+        "latency_caught_up": caught,  # false: probing began after MAX_WARMUP_S regardless
         # CPU is what a busier machine cannot give: the figure that travels between runs.
         **{f"{name}_cpu_us_per_fill": round((cpu_seconds(proc.pid) - cpu_at_probe_start[name]) / (n - fills_before_probes) * 1e6)
            for name, (proc, _) in services.items()},
         # Whether the tail is one stall or spread out, and where the time went: the slowest
         # probes by when they were sent, each split at the JetStream stored-at times of the
         # fill and of ptrc's PositionUpdate (same clock: everything runs on this machine).
-        "slowest_probes": [probe_split(n, published, published_ns, seen, fills_stored, positions_stored) for n in slowest],
+        "slowest_probes": [
+            probe_split(probe, published, published_ns, seen, fills_stored, positions_stored) for probe in slowest
+        ],
     }
 
 
@@ -319,19 +324,9 @@ def measure_latency(rate: int, seconds: float, warmup: float) -> dict:
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-            asyncio.run(forget(endpoints.nats_url, list(names.values())))
-
-
-async def forget(nats_url: str, app_names: list[str]) -> None:
-    """Delete the run's durable consumers and tables: left behind, every one of them is
-    work the server does on each later message (and in each later run)."""
-    transport = NatsTransport(nats_url, name="posttrade-bench")
-    await transport.connect()
-    try:
-        for name in app_names:
-            await transport.forget_app(name)
-    finally:
-        await transport.close()
+            # Left behind, the run's durable consumers would be work for the server on every
+            # later message (and in every later run).
+            asyncio.run(forget_apps(endpoints.nats_url, list(names.values())))
 
 
 def main() -> None:
@@ -358,9 +353,14 @@ def main() -> None:
         result["goal_pnl_latency_ms_p99"] = 10
         print(
             f"fill -> /pnl/realtime at {args.rate} fills/s: p50 {result['pnl_latency_ms_p50']} ms, "
-            f"p99 {result['pnl_latency_ms_p99']} ms ({result['latency_probes_seen']}/{result['latency_probes']} probes); "
+            f"p99 {result['pnl_latency_ms_p99']} ms ({result['latency_probes_seen']}/{result['latency_probes']} probes, "
+            f"after a {result['latency_warmup_s']} s warm-up); "
             f"CPU per fill: ptrc {result['ptrc_cpu_us_per_fill']} µs, pnl {result['pnl_cpu_us_per_fill']} µs"
         )
+        print(f"{'slowest probe at s':>18}{'ms':>8}{'to stored':>11}{'ptrc':>8}{'pnl+poll':>10}")
+        for probe in result["slowest_probes"]:
+            print(f"{probe['at_s']:>18}{probe['ms']:>8}{probe.get('to_fill_stored_ms', '-'):>11}"
+                  f"{probe.get('ptrc_ms', '-'):>8}{probe.get('pnl_and_poll_ms', '-'):>10}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"-> {RESULTS}")

@@ -242,6 +242,18 @@ class NatsTransport(Transport):
         return found
 
 
+async def forget_apps(url: str, app_names: list[str]) -> None:
+    """Connect to `url` and forget each app (`NatsTransport.forget_app`): what tests and
+    benchmarks call for the uniquely named instances they started."""
+    transport = NatsTransport(url, name="posttrade-forget")
+    await transport.connect()
+    try:
+        for name in app_names:
+            await transport.forget_app(name)
+    finally:
+        await transport.close()
+
+
 async def _sequence_of(puback: asyncio.Future) -> int:
     return (await puback).seq
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from posttrade.streams.nats import NatsTransport
+from posttrade.streams.nats import forget_apps
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,21 +28,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def forget_instances(nats_url: str, names: list[str]) -> None:
-    """Delete these service instances' durable consumers and tables on NATS."""
-
-    async def forget() -> None:
-        transport = NatsTransport(nats_url, name="posttrade-tests")
-        await transport.connect()
-        try:
-            for name in names:
-                await transport.forget_app(name)
-        finally:
-            await transport.close()
-
-    asyncio.run(forget())
 
 
 class ServiceProcess:
@@ -113,7 +98,7 @@ class ServiceProcess:
                 raise AssertionError(f"{self.service} did not stop on SIGTERM:\n{self.tail()}")
             assert self.proc.returncode == 0, self.tail()
         if forget:
-            forget_instances(self.stack.nats_url, [self.name])
+            asyncio.run(forget_apps(self.stack.nats_url, [self.name]))
 
     def tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""

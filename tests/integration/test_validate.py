@@ -5,6 +5,7 @@ home of their own (logs, reports, embedded ClickHouse, Feast)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -14,8 +15,8 @@ import uuid
 from pathlib import Path
 
 from posttrade.config import SERVICES
+from posttrade.streams.nats import forget_apps
 
-from .service_process import forget_instances
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,7 +41,7 @@ def test_the_gate_passes_against_services_it_starts(stack, tmp_path: Path):
          "--json", str(result_path), *urls],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    forget_instances(stack.nats_url, [f"{service}_val_{tag}" for service in SERVICES])
+    asyncio.run(forget_apps(stack.nats_url, [f"{service}_val_{tag}" for service in SERVICES]))
     shown = f"exit {done.returncode}\n{done.stdout}\n{done.stderr[-3000:]}"
     assert done.returncode == 0, shown
     result = json.loads(result_path.read_text())
