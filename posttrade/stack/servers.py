@@ -249,6 +249,14 @@ def _questdb_command(ep: Endpoints, root: Path) -> list[str]:
         "view.compiler.worker.count=0\n"
         "export.worker.count=0\n"
     )
+    (root / "conf" / "log.conf").write_text(
+        "# Written by `posttrade stack up` on every start.\n"
+        "# At INFO QuestDB logs every HTTP connection, table writer and WAL step: at 1,000 fills/s\n"
+        "# its logging thread was its busiest (31 ms of CPU a second). Errors and advisories only.\n"
+        "writers=stdout\n"
+        "w.stdout.class=io.questdb.log.LogConsoleWriter\n"
+        "w.stdout.level=ERROR,CRITICAL,ADVISORY\n"
+    )
     return [
         str(_java()),
         # QuestDB keeps its data off-heap; the heap only serves queries and buffers.
