@@ -235,6 +235,9 @@ async def fill_to_pnl_latency(services: dict[str, tuple[subprocess.Popen, str]],
                     probe_from, fills_before_probes = tick, n
                     cpu_at_probe_start = {name: cpu_seconds(proc.pid) for name, (proc, _) in services.items()}
                 next_check = time.perf_counter() + 0.5
+                # The check took a while: go on from now, rather than make up the missed
+                # ticks in a burst (the first probes would be sent into it).
+                started = time.perf_counter() - tick * tick_s
             for _ in range(per_tick):
                 n += 1
                 account, symbol = rng.choice(accounts), rng.choice(symbols)
