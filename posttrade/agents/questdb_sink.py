@@ -41,11 +41,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..streams.events import Bar, Fill, MarketTrade, Order, Quote
-from ..stores.questdb import QuestDBError, QuestDBWriteError, sql_literal
+from ..stores.questdb import QuestDBError, QuestDBWriteError, decimal_column, sql_literal
 
 if TYPE_CHECKING:
     from ..stores.questdb import QuestDBClient, QuestDBWriter
@@ -56,7 +55,6 @@ log = logging.getLogger(__name__)
 DECIMAL_PRECISION = 38
 DECIMAL_SCALE = 12
 DECIMAL_SQL = f"DECIMAL({DECIMAL_PRECISION}, {DECIMAL_SCALE})"
-_DECIMAL_ARROW = pa.decimal128(DECIMAL_PRECISION, DECIMAL_SCALE)
 _DECIMAL_QUANTUM = Decimal(1).scaleb(-DECIMAL_SCALE)
 
 ColumnKind = Literal["timestamp", "symbol", "varchar", "decimal", "rounded_decimal", "long", "stream_seq"]
@@ -162,22 +160,19 @@ def _round_to_scale(value: Decimal) -> Decimal:
 
 
 def _decimal_column(name: str, items: list[Decimal | None]) -> Any:
-    # Arrow's decimal128 refuses (rather than rounds) a value that would lose digits,
-    # and the QuestDB client sends it as a binary DECIMAL: exact and ~3x faster than
-    # serialising Python Decimal objects one by one.
     try:
-        return pd.arrays.ArrowExtensionArray(pa.array(items, type=_DECIMAL_ARROW))
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
+        return decimal_column(items, DECIMAL_PRECISION, DECIMAL_SCALE)
+    except ValueError as exc:
         raise BadRows(f"column {name}: {exc} (the column is {DECIMAL_SQL})") from None
 
 
 def _rounded_decimal_column(name: str, items: list[Decimal | None]) -> Any:
-    # Most values need no rounding (prices and P&L of a few decimals): Arrow's strict
+    # Most values need no rounding (prices and P&L of a few decimals): the strict
     # conversion takes them as they are, and only a batch with a value of more than 12
     # places pays for rounding in Python.
     try:
-        return pd.arrays.ArrowExtensionArray(pa.array(items, type=_DECIMAL_ARROW))
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
+        return decimal_column(items, DECIMAL_PRECISION, DECIMAL_SCALE)
+    except ValueError:
         return _decimal_column(name, [None if v is None else _round_to_scale(v) for v in items])
 
 

@@ -288,8 +288,8 @@ def _sink_agent(sink: QuestDBSink, size: int, interval_s: float):
                 if records:
                     writing = asyncio.ensure_future(sink.write(records, stream))
                     written_mark = mark
-                elif stream.mark() is not None:  # only dead letters came: acknowledge them
-                    await stream.commit_to(stream.mark())
+                elif mark is not None:  # only dead letters came: acknowledge them
+                    await stream.commit_to(mark)
             if writing is not None:
                 await writing
                 writing = None

@@ -732,6 +732,17 @@ def _prepare_frame(data: pd.DataFrame | Mapping[str, Any], at: str, timestamp_co
 _DECIMAL_TYPE = re.compile(r"^DECIMAL\(\s*(\d+)\s*,\s*(\d+)\s*\)$")
 
 
+def decimal_column(values: Sequence[Any], precision: int, scale: int) -> Any:
+    """Decimals (or None) as an exact decimal128 column, which the client sends as a
+    binary DECIMAL: exact, and ~3x faster than serialising Decimal objects one by one.
+    Raises ValueError for a value with more than `scale` places or `precision` digits
+    (Arrow refuses rather than rounds), or one that is not a Decimal."""
+    try:
+        return pd.arrays.ArrowExtensionArray(pa.array(values, type=pa.decimal128(precision, scale)))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
+        raise ValueError(str(exc)) from None
+
+
 def columns_from_rows(rows: Sequence[Mapping[str, Any]], column_types: Mapping[str, str]) -> dict[str, Any]:
     """Row mappings → the column-wise batch `write_batch` sends fastest, typed by the
     table's own column types (as given to `create_table`; a missing value is NULL).
@@ -761,10 +772,9 @@ def columns_from_rows(rows: Sequence[Mapping[str, Any]], column_types: Mapping[s
         elif kind == "BOOLEAN":  # QuestDB has no NULL boolean: a missing one is false
             out[name] = np.array([bool(v) for v in values], dtype=bool)
         elif (decimal := _DECIMAL_TYPE.match(sql_type.strip().upper())) is not None:
-            arrow_type = pa.decimal128(int(decimal[1]), int(decimal[2]))
             try:
-                out[name] = pd.arrays.ArrowExtensionArray(pa.array(values, type=arrow_type))
-            except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                out[name] = decimal_column(values, int(decimal[1]), int(decimal[2]))
+            except ValueError as exc:
                 raise ValueError(f"column {name!r} ({sql_type}): {exc}") from None
         else:
             raise ValueError(f"column {name!r}: no column-wise conversion for {sql_type}")

@@ -85,10 +85,10 @@ class ServiceProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
 
-    def stop(self, forget: bool = True) -> None:
-        """SIGTERM, and (unless `forget` is false) forget the instance on NATS: a test's
-        service is not resumed, and every durable consumer left on the shared streams is
-        work for the server on each message the later tests publish."""
+    def stop(self) -> None:
+        """SIGTERM, then forget the instance on NATS: a test's service is not resumed
+        after it (a restart is kill() and start()), and every durable consumer left on
+        the shared streams is work for the server on each message later tests publish."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -97,8 +97,7 @@ class ServiceProcess:
                 self.proc.kill()
                 raise AssertionError(f"{self.service} did not stop on SIGTERM:\n{self.tail()}")
             assert self.proc.returncode == 0, self.tail()
-        if forget:
-            asyncio.run(forget_apps(self.stack.nats_url, [self.name]))
+        asyncio.run(forget_apps(self.stack.nats_url, [self.name]))
 
     def tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
