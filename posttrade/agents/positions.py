@@ -1,13 +1,24 @@
-"""ptrc's positions: fills → the position book → position updates and compliance alerts.
+"""ptrc's positions: fills → the execution history → position updates and alerts.
 
-The book (`PositionBook`, pure and exact) is the working copy; the `positions` table
-(changelog-backed, keyed (account, symbol), values `PositionState`) is the durable
-truth it is rebuilt from whenever the agent (re)starts. Per fill:
+The book (`ExecutionBook`, pure and exact: `core.history`) keeps every position equal
+to a fresh book over its effective history: resends dropped, corrections and busts
+applied, late fills placed in time, openings first. Its durable truth is three tables,
+rebuilt into the book whenever the agent (re)starts:
+
+- `positions`: (account, symbol) → `PositionState`, the figures every reader uses;
+- `histories`: (account, symbol) → `HistoryRecord`, the base the history folds into;
+- `fill_ids`: fill_id → `IdRecord`, one per execution or amendment within the horizon.
+
+Per message:
 
 1. skip it if the position's key already applied this stream sequence (redelivery);
-2. apply it to the book, write the new state to the table;
-3. publish a `PositionUpdate` (msg id `pos:<fill_id>`) and any compliance alerts
-   (msg id `alert:<alert_id>`) — both part of the batch's commit.
+2. hand it to the book and write what changed to the tables;
+3. when the position changed, publish a `PositionUpdate` with the next revision of the
+   key (msg id `pos:<revision>:<account>:<symbol>`), and the compliance alerts of a new
+   execution; a conflicting resend, a pending amendment and a refusal raise an alert
+   of their own (msg id `alert:<alert_id>`); a refused message, or a pending one that is
+   refused or expires later, goes to the dead-letter subject with the reason. All of it
+   is part of the batch's commit.
 
 Marks come from quotes, market trades and bars (priority in config). They re-value
 positions on read and drive the account-level compliance checks on a timer. The
@@ -17,6 +28,7 @@ snapshot and a `PositionUpdate` with reason "roll".
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from datetime import date, datetime, time as dtime, timedelta
@@ -27,20 +39,33 @@ from zoneinfo import ZoneInfo
 import msgspec
 
 from ..app import App
-from ..core.compliance import Alert, ComplianceEvaluator, ComplianceRules, ComplianceState
-from ..core.exact import EXACT
+from ..core.compliance import Alert, ComplianceEvaluator, ComplianceRules, ComplianceState, alert_id
+from ..core.history import (
+    DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_HORIZON_NS,
+    Amendment,
+    ExecutionBook,
+    HistoryRecord,
+    IdRecord,
+    Result,
+)
 from ..core.marks import DEFAULT_PRIORITY, MarkSource, MarkState
-from ..core.positions import Position, PositionBook, PositionState
+from ..core.positions import Position, PositionState
 from ..streams import subjects
-from ..streams.events import Bar, Fill, MarketTrade, PositionUpdate, Quote
-from ..streams.stream import Stream
+from ..streams.events import Bar, Fill, MarketTrade, PositionUpdate, Quote, encode
+from ..streams.stream import EventRecord, Stream
 from ..streams.transport import StartPosition
 
 log = logging.getLogger(__name__)
 
 
 class ComplianceAlert(Alert, frozen=True):
-    """An `Alert` as published on `posttrade.alerts.<rule>` (same fields)."""
+    """An `Alert` as published on `posttrade.alerts.<rule>`; the feed's own alerts
+    (`conflicting_duplicate`, `pending_amendment`, `refused_execution`) carry the
+    messages concerned in `versions` (for a conflict: the version that won, then the
+    resend)."""
+
+    versions: list[Fill] = []
 
 
 def position_update(position: Position, mark: Decimal | None, reason: str, ts: int, fill: Fill | None = None,
@@ -66,6 +91,9 @@ def position_update(position: Position, mark: Decimal | None, reason: str, ts: i
         fifo_unrealized_pnl=position.fifo_unrealized_pnl(mark),
         day_pnl=position.day_pnl(mark),
         fill_count=position.fill_count,
+        revision=position.revision,
+        corrections=position.corrections,
+        busts=position.busts,
         fill_id=fill.fill_id if fill else None,
         side=fill.side if fill else None,
         qty=fill.qty if fill else None,
@@ -74,6 +102,8 @@ def position_update(position: Position, mark: Decimal | None, reason: str, ts: i
         realized_pnl_fill=realized,
         order_id=fill.order_id if fill else None,
         venue=fill.venue if fill else None,
+        exec_type=fill.exec_type if fill else None,
+        ref_fill_id=fill.ref_fill_id if fill else None,
     )
 
 
@@ -90,16 +120,25 @@ class PositionKeeper:
         compliance_check_interval_s: float = 1.0,
         day_timezone: str = "UTC",
         day_roll_at: dtime = dtime(0, 0),
+        horizon_ns: int = DEFAULT_HORIZON_NS,
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     ):
         self.app = app
         self.multipliers = dict(multipliers)
+        self.horizon_ns = horizon_ns
+        self.checkpoint_every = checkpoint_every
         self.mark_priority = mark_priority
         self.rules = rules or ComplianceRules()
         self.zone = ZoneInfo(day_timezone)
         self.roll_at = day_roll_at
-        self.book = PositionBook(self.multipliers)
+        self.executions = self.new_book()
+        self.book = self.executions.positions
         self.evaluator = ComplianceEvaluator(self.rules)
         self.alerts_raised = 0
+        self.dead_lettered = 0
+        # What became of each fills message: the reason of an applied one (fill, late,
+        # correction, bust, opening), else duplicate / conflict / pending / refused.
+        self.outcomes: collections.Counter[str] = collections.Counter()
         self._marks_changed: set[str] = set()
 
         self.fills = subjects.fills(app)
@@ -110,6 +149,8 @@ class PositionKeeper:
         self.alerts = subjects.output(app, "alerts", "ALERTS", "posttrade.alerts.>", ComplianceAlert)
 
         self.positions = app.table("positions", value_type=PositionState, key_type=tuple[str, str])
+        self.histories = app.table("histories", value_type=HistoryRecord, key_type=tuple[str, str])
+        self.fill_ids = app.table("fill_ids", value_type=IdRecord)
         self.marks = app.table("marks", value_type=MarkState, default=MarkState)
         # One key ("state"): the wash-trade memory and which limits are in breach.
         self.compliance = app.table("compliance", value_type=ComplianceState)
@@ -128,11 +169,14 @@ class PositionKeeper:
 
     # -- recovery ------------------------------------------------------------------------
 
+    def new_book(self) -> ExecutionBook:
+        return ExecutionBook(self.multipliers, horizon_ns=self.horizon_ns, checkpoint_every=self.checkpoint_every)
+
     async def _recover(self) -> None:
         """Rebuild the in-memory book, marks and compliance memory from the tables."""
-        self.book = PositionBook(self.multipliers)
-        for state in self.positions.values():
-            self.book.restore(Position.from_state(state))
+        self.executions = self.new_book()
+        self.executions.restore(self.histories.values(), self.fill_ids, self.positions.values())
+        self.book = self.executions.positions
         for symbol, state in self.marks.items():
             chosen = state.mark(self.mark_priority)
             if chosen is not None:
@@ -148,27 +192,108 @@ class PositionKeeper:
     async def _track_positions(self, stream: Stream) -> None:
         # A restart after a crash rolled the tables back: rebuild the book from them.
         await self._recover()
-        book, positions, app = self.book, self.positions, self.app
+        positions, app = self.positions, self.app
         async for event in stream.events():
             fill: Fill = event.value
             key = (fill.account, fill.symbol)
             if positions.already_applied(key):
-                continue  # redelivered: this fill is in the position already
-            before = book.get(*key)
-            realized_before = before.realized_pnl_gross if before is not None else Decimal(0)
-            position = book.apply(fill)
-            positions[key] = position.to_state()
-            mark = book.mark(fill.symbol)
-            realized = EXACT.subtract(position.realized_pnl_gross, realized_before)  # never rounds
-            update = position_update(position, mark, "fill", fill.ts, fill, realized)
-            await app.send(subjects.position_subject(*key), update, msg_id=f"pos:{fill.fill_id}")
-            alerts = self.evaluator.check_fill(fill, book)
+                continue  # redelivered: this message is in the position already
+            executions = self.executions
+            result = executions.receive(fill, event.seq, event.delivery.data)
+            self._store_changes()
+            status = result.status
+            self.outcomes[result.reason if status == "applied" else status] += 1  # type: ignore[index]
+            if status == "applied":
+                await self._publish(result, fill)
+            elif status == "duplicate":
+                continue
+            elif status == "conflict":
+                await self._feed_alert("conflicting_duplicate", fill, [result.first, fill], (
+                    f"{fill.fill_id} arrived again with other contents; the first arrival stands"
+                ))
+            elif status == "pending":
+                await self._feed_alert("pending_amendment", fill, [fill], (
+                    f"{fill.exec_type} {fill.fill_id} waits: {result.reason}"
+                ))
+            else:
+                await self._refuse(fill, event, result.reason or "refused")
+            for settled in result.settled:
+                if not settled.applied:
+                    await self._refuse_amendment(settled.amendment, event)
+            for amendment in result.expired:
+                await self._refuse_amendment(amendment, event)
+
+    def _store_changes(self) -> None:
+        """Write what the book changed to the `fill_ids` and `histories` tables."""
+        executions = self.executions
+        ids, keys = executions.take_changes()
+        fill_ids = self.fill_ids
+        for fill_id in ids:
+            record = executions.id_record(fill_id)
+            if record is None:
+                fill_ids.pop(fill_id, None)
+            else:
+                fill_ids[fill_id] = record
+        for key in keys:
+            self.histories[key] = executions.history_record(key)
+
+    async def _publish(self, result: Result, fill: Fill) -> None:
+        position = result.position
+        assert position is not None
+        position.revision += 1
+        key = (position.account, position.symbol)
+        self.positions[key] = position.to_state()
+        mark = self.book.mark(position.symbol)
+        update = position_update(position, mark, result.reason or "fill", fill.ts, fill, result.realized)
+        await self.app.send(
+            subjects.position_subject(*key), update, msg_id=f"pos:{position.revision}:{key[0]}:{key[1]}"
+        )
+        if fill.exec_type == "NEW":
+            alerts = self.evaluator.check_fill(fill, self.book)
             self.compliance["state"] = self.evaluator.state
             for alert in alerts:
                 await self._raise(alert)
 
+    async def _refuse(self, fill: Fill, event: EventRecord, reason: str) -> None:
+        await self.app.dead_letter(
+            event.delivery.data, reason=reason, agent="track_positions", stream=event.stream,
+            subject=event.subject, seq=event.seq,
+        )
+        self.dead_lettered += 1
+        await self._feed_alert("refused_execution", fill, [fill], f"{fill.exec_type} {fill.fill_id} refused: {reason}")
+
+    async def _refuse_amendment(self, amendment: Amendment, event: EventRecord) -> None:
+        """A pending amendment decided against (or expired) while `event` was handled:
+        its own bytes go to the dead-letter subject, under its own sequence."""
+        fill = amendment.message
+        reason = amendment.reason or "refused"
+        await self.app.dead_letter(
+            amendment.raw if amendment.raw is not None else encode(fill), reason=reason,
+            agent="track_positions", stream=event.stream,
+            subject=subjects.fill_subject(fill.account, fill.symbol), seq=amendment.seq,
+        )
+        self.dead_lettered += 1
+        await self._feed_alert("refused_execution", fill, [fill], f"{fill.exec_type} {fill.fill_id} refused: {reason}")
+
+    async def _feed_alert(self, rule: str, fill: Fill, versions: list, message: str) -> None:
+        """An alert about the feed itself, keyed by the message that raised it."""
+        alert = ComplianceAlert(
+            alert_id=alert_id(rule, fill.fill_id, fill.account, fill.symbol),
+            rule=rule,
+            severity=self.rules.severity_of(rule),
+            account=fill.account,
+            symbol=fill.symbol,
+            message=message,
+            observed=None,
+            limit=None,
+            ts=fill.ts,
+            fill_id=fill.fill_id,
+            versions=[v for v in versions if v is not None],
+        )
+        await self._raise(alert)
+
     async def _raise(self, alert: Alert) -> None:
-        payload = ComplianceAlert(**msgspec.structs.asdict(alert))
+        payload = alert if isinstance(alert, ComplianceAlert) else ComplianceAlert(**msgspec.structs.asdict(alert))
         await self.app.send(subjects.alert_subject(alert.rule), payload, msg_id=f"alert:{alert.alert_id}")
         self.alerts_raised += 1
         log.warning("compliance alert %s: %s", alert.rule, alert.message)
@@ -231,6 +356,7 @@ class PositionKeeper:
         for position in list(self.book):
             mark = self.book.mark(position.symbol)
             position.roll_day(mark)
+            position.revision += 1
             key = (position.account, position.symbol)
             self.positions[key] = position.to_state()
             update = position_update(position, mark, "roll", ts)

@@ -24,8 +24,10 @@ A run
    further, gives the book the live table should equal, however many fills arrive
    while the replay runs.
 3. **Replay** `app.replay(fills, StartPosition(seq=from_seq | time=from_time))`
-   (default: the stream's start) through `cut` into a fresh `PositionBook` with the
-   same multipliers. The replay book starts flat at the start position, so a start
+   (default: the stream's start) through `cut` into a fresh `ExecutionBook` built as the
+   live one is (multipliers, horizon): the same messages in the same order, so the same
+   resends dropped, amendments applied and refusals made. The run lists the amendments
+   the replay left pending or refused. The replay book starts flat at the start position, so a start
    later than the live history's start makes every earlier position a break: use it
    when the live book itself began there (e.g. the stream was truncated or reset).
 4. **Compare** (`posttrade.core.reconciliation.compare_positions`): the replay against
@@ -58,7 +60,8 @@ from starlette.requests import Request
 
 from ..app import App
 from ..config import _Section
-from ..core.positions import Position, PositionBook
+from ..core.history import Amendment, ExecutionBook
+from ..core.positions import Position
 from ..core.reconciliation import (
     Break,
     PositionFigures,
@@ -115,7 +118,10 @@ class ReconciliationRun(msgspec.Struct, kw_only=True):
     cut_seq: int | None = None  # replayed through this FILLS sequence (see the module doc)
     stream_last_seq: int | None = None  # the stream's end when the run started
     fills_replayed: int = 0
-    fills_rejected: int = 0  # fills the core refused (the live agent dead-letters those)
+    fills_rejected: int = 0  # messages the rule refused (the live agent dead-letters those)
+    # Corrections and busts the replay left waiting for their original, or refused.
+    pending_amendments: list[dict] = []
+    refused_amendments: list[dict] = []
     live_positions: int = 0
     replay_positions: int = 0
     break_count: int = 0
@@ -171,11 +177,14 @@ class ReconciliationService:
         mark_of: MarkOf | None = None,
         settings: ReconciliationSection = ReconciliationSection(),
         table_name: str = "reconciliations",
+        new_book: Callable[[], ExecutionBook] | None = None,
     ):
         self.app = app
         self.fills = fills
         self.positions = positions
         self.multipliers = multipliers
+        # The replay applies the live rule (horizon included): the keeper's own factory.
+        self.new_book = new_book or (lambda: ExecutionBook(multipliers))
         self.mark_of = mark_of
         self.settings = settings
         self.statement_dir = Path(settings.statement_dir).resolve() if settings.statement_dir else None
@@ -435,10 +444,11 @@ class ReconciliationService:
             cut = max(cut, self.positions.last_applied(key).get(stream, 0))
         return figures, cut
 
-    async def replay(self, start: StartPosition, cut: int) -> tuple[PositionBook, int, int]:
-        """A fresh book from the fills of `start`..`cut`; returns (book, applied, rejected)."""
-        book = PositionBook(self.multipliers)
-        applied = rejected = 0
+    async def replay(self, start: StartPosition, cut: int) -> tuple[ExecutionBook, int, int]:
+        """A fresh book from the fills of `start`..`cut` in stream order, by the live rule
+        (`core.history`); returns (book, messages applied, messages refused)."""
+        book = self.new_book()
+        applied = refused = 0
         if cut == 0 or (start.seq is not None and start.seq > cut):
             return book, 0, 0
         records = self.app.replay(self.fills, start, batch_size=self.settings.replay_batch_size)
@@ -446,12 +456,13 @@ class ReconciliationService:
             async for record in records:
                 if record.seq > cut:
                     break
-                try:
-                    book.apply(record.value)
+                result = book.receive(record.value, record.seq)
+                if result.status == "applied":
                     applied += 1
-                except ValueError:
-                    rejected += 1
-        return book, applied, rejected
+                elif result.status == "refused":
+                    refused += 1
+                refused += sum(1 for s in result.settled if not s.applied) + len(result.expired)
+        return book, applied, refused
 
     async def reconcile(self, run: ReconciliationRun, plan: RunPlan) -> ReconciliationRun:
         """Snapshot, replay through the cut, compare; returns `run` filled in."""
@@ -459,7 +470,9 @@ class ReconciliationService:
         state = await self.app.transport.stream_state(self.fills.stream.name)
         run.cut_seq, run.stream_last_seq = cut, state.last_seq
         book, run.fills_replayed, run.fills_rejected = await self.replay(plan.start, cut)
-        replayed = {(p.account, p.symbol): figures_of(p) for p in book}
+        replayed = {(p.account, p.symbol): figures_of(p) for p in book.positions}
+        run.pending_amendments = [amendment_summary(a) for a in book.pending()]
+        run.refused_amendments = [amendment_summary(a) for a in book.refused()]
         run.live_positions, run.replay_positions = len(live), len(replayed)
         breaks = compare_positions(replayed, live, against="live", tolerance=plan.tolerance)
         if plan.statement is not None:
@@ -523,6 +536,14 @@ def parse_time(text: str) -> datetime:
     return when.astimezone(timezone.utc)
 
 
+def amendment_summary(amendment: Amendment) -> dict:
+    fill = amendment.message
+    return {
+        "fill_id": fill.fill_id, "exec_type": fill.exec_type, "ref_fill_id": fill.ref_fill_id,
+        "account": fill.account, "symbol": fill.symbol, "seq": amendment.seq, "reason": amendment.reason,
+    }
+
+
 def install_reconciliation(
     app: App,
     *,
@@ -532,6 +553,7 @@ def install_reconciliation(
     mark_of: MarkOf | None = None,
     settings: ReconciliationSection = ReconciliationSection(),
     table_name: str = "reconciliations",
+    new_book: Callable[[], ExecutionBook] | None = None,
 ) -> ReconciliationService:
     """Register reconciliation on `app` (pages, the `reconciliations` table, hooks).
 
@@ -543,7 +565,7 @@ def install_reconciliation(
     """
     return ReconciliationService(
         app, fills=fills, positions=positions, multipliers=multipliers, mark_of=mark_of,
-        settings=settings, table_name=table_name,
+        settings=settings, table_name=table_name, new_book=new_book,
     )
 
 

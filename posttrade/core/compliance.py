@@ -46,7 +46,9 @@ from posttrade.core.exact import EXACT, divide, format_decimal
 from posttrade.core.positions import FillLike, PositionBook
 
 Rule = Literal[
-    "restricted_symbol", "wash_trade", "max_position", "max_gross_notional", "daily_loss_limit"
+    "restricted_symbol", "wash_trade", "max_position", "max_gross_notional", "daily_loss_limit",
+    # Raised by the execution history (`core.history`), not by limits: the feed itself.
+    "conflicting_duplicate", "pending_amendment", "refused_execution",
 ]
 RULES: tuple[str, ...] = Rule.__args__  # type: ignore[attr-defined]
 SEVERITIES = ("info", "warning", "critical")
@@ -57,6 +59,9 @@ DEFAULT_SEVERITY: dict[str, str] = {
     "max_position": "critical",
     "max_gross_notional": "critical",
     "daily_loss_limit": "critical",
+    "conflicting_duplicate": "critical",
+    "pending_amendment": "warning",
+    "refused_execution": "critical",
 }
 
 

@@ -197,6 +197,11 @@ class PositionState(msgspec.Struct):
     sod_unrealized_pnl: Decimal | None = ZERO
     sod_mark: Decimal | None = None
     avg_open_price_held: Decimal | None = None
+    # Kept by the execution history (`core.history`), not by the fold: how many times
+    # the key's figures were published, and how many amendments touched its history.
+    revision: int = 0
+    corrections: int = 0
+    busts: int = 0
 
 
 _STATE_FIELDS: tuple[str, ...] = PositionState.__struct_fields__
@@ -242,6 +247,9 @@ class Position:
     sod_unrealized_pnl: Decimal | None
     sod_mark: Decimal | None
     avg_open_price_held: Decimal | None
+    revision: int
+    corrections: int
+    busts: int
 
     def __init__(self, account: str, symbol: str, multiplier: Decimal = ONE):
         """A flat position with no history."""
@@ -263,6 +271,9 @@ class Position:
         self.sod_unrealized_pnl = ZERO
         self.sod_mark = None
         self.avg_open_price_held = None
+        self.revision = 0
+        self.corrections = 0
+        self.busts = 0
 
     # -- updates -------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from datetime import time as dtime
 from decimal import Decimal
 
 import msgspec
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..agents.positions import PositionKeeper
 from ..agents.ptrc_storage import ALERTS_TABLE, PtrcStorage
@@ -19,6 +20,7 @@ from ..agents.reports import ReportsSection, install_reports
 from ..app import App
 from ..config import ServiceConfig, _Section
 from ..core.compliance import ComplianceRules
+from ..core.history import DEFAULT_CHECKPOINT_EVERY, Amendment, parse_horizon
 from ..core.marks import DEFAULT_PRIORITY, MarkSource
 from ..core.positions import position_row
 from ..stores.questdb import QuestDBClient, QuestDBWriter
@@ -38,6 +40,16 @@ class ComplianceSection(ComplianceRules, frozen=True, kw_only=True, forbid_unkno
     check_interval_s: float = 1.0  # how often price moves are checked against account limits
 
 
+class BooksSection(_Section):
+    """The execution history behind every position (`core.history`)."""
+
+    horizon: str = "7d"  # how far back in event time a fill or amendment may still land
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY  # re-derivation replays at most this many extra
+
+    def horizon_ns(self) -> int:
+        return parse_horizon(self.horizon)
+
+
 class TradingDaySection(_Section):
     timezone: str = "UTC"
     roll_at: str = "00:00"  # local time the trading day starts
@@ -49,6 +61,7 @@ class TradingDaySection(_Section):
 class PtrcConfig(ServiceConfig, kw_only=True):
     instruments: dict[str, InstrumentSection] = {}
     marks: MarksSection = msgspec.field(default_factory=MarksSection)
+    books: BooksSection = msgspec.field(default_factory=BooksSection)
     compliance: ComplianceSection = msgspec.field(default_factory=ComplianceSection)
     trading_day: TradingDaySection = msgspec.field(default_factory=TradingDaySection)
     reconciliation: ReconciliationSection = msgspec.field(default_factory=ReconciliationSection)
@@ -71,7 +84,10 @@ def build(config: PtrcConfig) -> App:
         compliance_check_interval_s=config.compliance.check_interval_s,
         day_timezone=config.trading_day.timezone,
         day_roll_at=config.trading_day.roll_time(),
+        horizon_ns=config.books.horizon_ns(),
+        checkpoint_every=config.books.checkpoint_every,
     )
+    app.metrics.registry.register(_BooksCollector(keeper))
     qdb = config.databases.questdb
     questdb = QuestDBClient(host=qdb.host, port=qdb.port, username=qdb.user, password=qdb.password, tls=qdb.tls)
     writer = QuestDBWriter(host=qdb.host, port=qdb.port, username=qdb.user, password=qdb.password, tls=qdb.tls)
@@ -95,6 +111,7 @@ def build(config: PtrcConfig) -> App:
         multipliers=multipliers,
         mark_of=keeper.mark_of,
         settings=config.reconciliation,
+        new_book=keeper.new_book,
     )
     install_reports(
         app,
@@ -147,10 +164,36 @@ def build(config: PtrcConfig) -> App:
             row["multiplier"] = position.multiplier
             row["day_pnl"] = position.day_pnl(keeper.mark_of(position.symbol))
             row["fill_count"] = position.fill_count
+            row["corrections"] = position.corrections
+            row["busts"] = position.busts
+            row["revision"] = position.revision
             row["last_fill_ts"] = position.last_ts
             row["mark_source"] = (keeper.mark_detail(position.symbol) or {}).get("source")
             rows.append(row)
         return JSON({"positions": rows, "count": len(rows), "method": method})
+
+    @app.page("/amendments")
+    async def amendments(request):
+        """Corrections and busts waiting for their original, and those refused (within the horizon).
+
+        ---
+        query:
+          account: only this account
+          symbol: only this symbol
+        responses:
+          200: {description: "`pending` and `refused` amendments in arrival order, and the book's counts", schema: {type: object}}
+        """
+        account = request.query_params.get("account") or None
+        symbol = request.query_params.get("symbol") or None
+        book = keeper.executions
+
+        def rows(items: list[Amendment]) -> list[dict]:
+            return [
+                amendment_row(a) for a in items
+                if (account is None or a.message.account == account) and (symbol is None or a.message.symbol == symbol)
+            ]
+
+        return JSON({"pending": rows(book.pending()), "refused": rows(book.refused()), "counts": dict(keeper.outcomes)})
 
     @app.page("/pnl/summary")
     async def pnl_summary(request):
@@ -243,11 +286,59 @@ def build(config: PtrcConfig) -> App:
                 "positions": len(keeper.positions),
                 "symbols_marked": len(keeper.marks),
                 "alerts_raised": keeper.alerts_raised,
+                "fills": dict(keeper.outcomes),
+                "dead_lettered": keeper.dead_lettered,
                 "rows_written": storage.rows_written,
                 "storage_retries": storage.retries,
                 "trading_day": keeper.calendar.get("trading_day"),
             }
         )
 
+    @app.health_check("books")
+    async def books_health():
+        # Resends, conflicts and refusals are the feed's doing, not a fault of ptrc: they
+        # are reported here and alerted, and never make the service unhealthy.
+        return True, {"fills": dict(keeper.outcomes), "pending_amendments": len(keeper.executions.pending())}
+
     return app
+
+
+def amendment_row(amendment: Amendment) -> dict:
+    """A CORRECT or BUST as /amendments lists it."""
+    fill = amendment.message
+    return {
+        "fill_id": fill.fill_id,
+        "exec_type": fill.exec_type,
+        "ref_fill_id": fill.ref_fill_id,
+        "account": fill.account,
+        "symbol": fill.symbol,
+        "ts": fill.ts,
+        "seq": amendment.seq,
+        "status": amendment.status,
+        "reason": amendment.reason,
+        "side": fill.side,
+        "qty": fill.qty,
+        "price": fill.price,
+        "fee": fill.fee,
+    }
+
+
+class _BooksCollector:
+    """What became of each fills message, as a Prometheus counter read at scrape time."""
+
+    def __init__(self, keeper: PositionKeeper):
+        self.keeper = keeper
+
+    def collect(self):
+        family = CounterMetricFamily(
+            "posttrade_ptrc_fill_messages", "Fills messages by outcome (fill, late, correction, bust, opening, "
+            "duplicate, conflict, pending, refused)", labels=["outcome"],
+        )
+        for outcome, count in sorted(self.keeper.outcomes.items()):
+            family.add_metric([outcome], count)
+        yield family
+        yield GaugeMetricFamily(
+            "posttrade_ptrc_pending_amendments", "Corrections and busts waiting for their original",
+            value=len(self.keeper.executions.pending()),
+        )
 

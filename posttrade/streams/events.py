@@ -75,29 +75,61 @@ class Event(msgspec.Struct, kw_only=True, frozen=True):
             raise ValueError(f"ts must be epoch nanoseconds, got {self.ts}")
 
 
+ExecType = Literal["NEW", "CORRECT", "BUST", "OPENING"]
+
+
 class Fill(Event, frozen=True):
-    """An execution of (part of) an order: what positions and P&L are built from."""
+    """An execution of (part of) an order: what positions and P&L are built from.
+
+    `exec_type` says what the message does to the execution history of its
+    (account, symbol) (docs/events.md, "Corrections, busts and openings"):
+
+    - `NEW` (default): an execution. Needs side, qty > 0 and price > 0.
+    - `OPENING`: a position held before the feed starts (cost per unit as `price`,
+      fee 0); openings come before every execution of their key.
+    - `CORRECT`: replaces the economics (side, qty, price, fee, all required) of the
+      execution `ref_fill_id` names; the execution keeps its place in time.
+    - `BUST`: removes the execution `ref_fill_id` names; side, qty and price may be
+      absent.
+
+    After decoding, `fee` is never None (0 when absent); `side`, `qty` and `price`
+    are None only on a BUST that did not give them.
+    """
 
     fill_id: str
     account: str
     symbol: str
-    side: Side
-    qty: Decimal
-    price: Decimal
-    fee: Decimal = Decimal(0)  # negative for a rebate
+    side: Side | None = None
+    qty: Decimal | None = None
+    price: Decimal | None = None
+    fee: Decimal | None = None  # negative for a rebate; 0 when absent (except CORRECT)
     order_id: str | None = None
     venue: str | None = None
     liquidity: Literal["MAKER", "TAKER"] | None = None
+    exec_type: ExecType = "NEW"
+    ref_fill_id: str | None = None  # CORRECT / BUST: the execution amended
 
     def __post_init__(self) -> None:
         # Inlined: this runs for every fill on the hot path (see benchmarks/runtime.py).
         if not _TS_MIN <= self.ts <= _TS_MAX:
             raise ValueError(f"ts must be epoch nanoseconds, got {self.ts}")
-        qty, price = self.qty, self.price
-        if not (qty.is_finite() and qty > 0 and price.is_finite() and price > 0):
+        qty, price, fee, exec_type = self.qty, self.price, self.fee, self.exec_type
+        if exec_type == "BUST":
+            if qty is not None or price is not None:
+                _positive(**{n: v for n, v in (("qty", qty), ("price", price)) if v is not None})
+        elif qty is None or price is None or self.side is None:
+            missing = [n for n, v in (("side", self.side), ("qty", qty), ("price", price)) if v is None]
+            raise ValueError(f"a {exec_type} fill needs {', '.join(missing)}")
+        elif not (qty.is_finite() and qty > 0 and price.is_finite() and price > 0):
             _positive(qty=qty, price=price)
-        if not self.fee.is_finite():
-            _finite("fee", self.fee)
+        if fee is None:
+            if exec_type == "CORRECT":
+                raise ValueError("a CORRECT fill needs fee (the full corrected economics)")
+            msgspec.structs.force_setattr(self, "fee", _ZERO)
+        elif not fee.is_finite():
+            _finite("fee", fee)
+        elif exec_type == "OPENING" and fee:
+            raise ValueError(f"an OPENING fill carries no fee, got {fee}")
         fill_id, account, symbol = self.fill_id, self.account, self.symbol
         if not (
             fill_id and account and symbol
@@ -106,6 +138,19 @@ class Fill(Event, frozen=True):
             and not symbol[0].isspace() and not symbol[-1].isspace()
         ):
             _names(fill_id=fill_id, account=account, symbol=symbol)
+        ref = self.ref_fill_id
+        if exec_type == "CORRECT" or exec_type == "BUST":
+            if ref is None:
+                raise ValueError(f"a {exec_type} fill needs ref_fill_id (the execution it amends)")
+            _names(ref_fill_id=ref)
+            if ref == fill_id:
+                raise ValueError("ref_fill_id must name another execution than the message's own fill_id")
+        elif ref is not None:
+            raise ValueError(f"ref_fill_id is only for CORRECT and BUST, not {exec_type}")
+
+    @property
+    def is_amendment(self) -> bool:
+        return self.exec_type == "CORRECT" or self.exec_type == "BUST"
 
 
 class Order(Event, frozen=True):
@@ -256,7 +301,7 @@ class PositionUpdate(Event, frozen=True):
 
     account: str
     symbol: str
-    reason: Literal["fill", "roll"]
+    reason: Literal["fill", "late", "correction", "bust", "opening", "roll"]
     multiplier: Decimal
     net_qty: Decimal
     avg_open_price: Decimal | None
@@ -273,7 +318,13 @@ class PositionUpdate(Event, frozen=True):
     fifo_unrealized_pnl: Decimal | None = None
     day_pnl: Decimal | None = None
     fill_count: int = 0
-    # The fill that caused it (reason == "fill").
+    # Counts up by one with every update of the key: a reader keeps the highest
+    # revision (a late fill's update has an older `ts` than the update it replaces).
+    revision: int = 0
+    corrections: int = 0  # executions of the key's history a CORRECT changed
+    busts: int = 0  # executions a BUST removed
+    # The message that caused it (every reason but "roll"): for a correction or a bust
+    # the amending message (its fill_id, and the corrected economics).
     fill_id: str | None = None
     side: Side | None = None
     qty: Decimal | None = None
@@ -282,3 +333,5 @@ class PositionUpdate(Event, frozen=True):
     realized_pnl_fill: Decimal | None = None  # average-cost gross P&L this fill realized
     order_id: str | None = None
     venue: str | None = None
+    exec_type: ExecType | None = None
+    ref_fill_id: str | None = None

@@ -1,0 +1,733 @@
+"""Execution histories: every position equals a fresh book over its effective history.
+
+A real execution feed resends fills, corrects and busts executions, delivers some late,
+and starts from positions already held. `ExecutionBook` takes the feed's messages in
+arrival order and keeps, per (account, symbol), the **effective history**:
+
+1. the key's openings (`exec_type` OPENING), in arrival order;
+2. then its executions in `ts` order, ties broken by the arrival sequence of each
+   execution's first message;
+
+with resent `fill_id`s dropped, corrections applied (the execution keeps its place in
+time, its economics replaced) and busted executions removed. At every moment the key's
+position (`core.positions.Position`) equals the position a fresh `PositionBook` computes
+from that history, under both methods. Only where the feed contradicts itself does
+arrival order decide: the first arrival of a `fill_id` wins, and amendments apply in
+arrival order.
+
+The rules, message by message (`receive`):
+
+- **Duplicates.** A `fill_id` the book knows is never applied again. A resend equal to
+  the first arrival is counted and dropped (`duplicate`); any other message with a known
+  id (other economics, time or key) is dropped as a `conflict`, with the version that won.
+- **NEW.** Placed in time order. One later than everything of its key is applied to the
+  position directly; an earlier one (a late fill) re-derives the key from its place.
+- **CORRECT / BUST.** `ref_fill_id` names the original or an earlier amendment of it
+  (both resolve to the original). A CORRECT replaces side, qty, price and fee (order,
+  venue and liquidity only when given); a BUST removes the execution. Refused: an
+  amendment that names another account or symbol than the original's, or a busted
+  execution. An amendment whose original is unknown is kept **pending** with the bytes
+  it arrived as, and decided by the same rules when the original arrives (or refused
+  with it, if the original is refused).
+- **OPENING.** A lot held before the feed: applied before every execution of its key,
+  several of them in arrival order (a SELL opens a short). An opening, or an amendment
+  of one, re-derives the whole key.
+- **The horizon** (event time, default 7 days) bounds how far back the history can
+  change. With `newest` the highest `ts` of any execution the key ever applied:
+  a NEW older than `newest - horizon`, an amendment of such an execution, and an
+  amendment that arrives pending while its own `ts` is that old, are refused; a pending
+  amendment expires (refused) once `newest` moves more than the horizon past its `ts`;
+  an OPENING (or an amendment of one) is refused once the key has an execution older
+  than `newest - horizon`. The same messages in the same order therefore give the same
+  decisions live, in replay and in `posttrade positions compute`.
+
+What the book remembers is bounded by the horizon: executions older than it are folded
+into the key's base state (`HistoryRecord.base`) in blocks of `checkpoint_every`, and
+their ids (and those of their amendments) are forgotten. An id counts as known only
+while its execution is within its key's horizon, whether or not it has been folded yet,
+so folding never changes a decision. Openings are never folded.
+
+Re-deriving from a place costs what follows it: the book keeps the key's state before
+every `checkpoint_every`-th execution and replays from the nearest checkpoint. The
+start-of-day snapshot (`sod_*`) is not re-derived: days already rolled keep theirs, so
+today's day P&L carries an adjustment to earlier days.
+
+Persistence: the book reports what changed (`take_changes`); `id_record(fill_id)` and
+`history_record(key)` give the msgspec structs to store, and `restore` rebuilds the book
+from them and the positions (checkpoints are rebuilt on first use).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from decimal import Decimal, getcontext, setcontext
+from typing import Iterable, Literal, Mapping
+
+import msgspec
+
+from posttrade.core.exact import EXACT, ONE, ZERO, parse_decimal
+from posttrade.core.positions import Position, PositionBook, PositionState
+from posttrade.streams.events import Fill
+
+Key = tuple[str, str]
+DEFAULT_HORIZON_NS = 7 * 86_400 * 1_000_000_000
+DEFAULT_CHECKPOINT_EVERY = 64
+
+#: What a message did: `applied` changed its key's position; the others did not.
+Status = Literal["applied", "duplicate", "conflict", "pending", "refused"]
+#: Why an applied message changed the position (the PositionUpdate's reason).
+ChangeReason = Literal["fill", "late", "correction", "bust", "opening"]
+
+class Execution:
+    """One execution (NEW or OPENING) of a key's history, in the state it is in now."""
+
+    __slots__ = ("fill", "first", "seq", "busted", "amendments")
+
+    def __init__(self, first: Fill, seq: int):
+        self.first = first  # the message that introduced the id: resends are compared to it
+        self.fill = first  # the economics in force (a corrected copy after a CORRECT)
+        self.seq = seq  # arrival sequence of the first message: breaks ties in ts
+        self.busted = False
+        self.amendments: list[str] = []  # ids of the amendments applied to it
+
+    @property
+    def fill_id(self) -> str:
+        return self.first.fill_id
+
+    @property
+    def ts(self) -> int:
+        return self.first.ts
+
+    @property
+    def opening(self) -> bool:
+        return self.first.exec_type == "OPENING"
+
+
+def _sort_key(execution: Execution) -> tuple[int, int]:
+    return (execution.first.ts, execution.seq)
+
+
+@dataclass(slots=True, eq=False)
+class Amendment:
+    """A CORRECT or BUST message and what became of it."""
+
+    message: Fill
+    seq: int
+    status: Literal["applied", "pending", "refused"]
+    root: str | None = None  # the original execution's fill_id, once known
+    reason: str | None = None  # why it was refused
+    raw: bytes | None = None  # a pending or refused message as it arrived
+
+    @property
+    def waiting_for(self) -> str:
+        return self.message.ref_fill_id  # type: ignore[return-value]
+
+
+@dataclass(slots=True, eq=False)
+class Settled:
+    """A pending amendment decided by a later message: applied, or refused with why."""
+
+    amendment: Amendment
+    applied: bool
+
+
+@dataclass(slots=True, eq=False)
+class Result:
+    """What `receive` did with one message."""
+
+    status: Status
+    reason: str | None = None  # applied: a ChangeReason; refused: why, in words
+    position: Position | None = None  # applied: the key's position now
+    realized: Decimal | None = None  # applied: change of average-cost realized gross
+    first: Fill | None = None  # conflict: the version that won
+    settled: list[Settled] = field(default_factory=list)  # pending amendments decided
+    expired: list[Amendment] = field(default_factory=list)  # pending ones past the horizon
+
+
+class History:
+    """One key's effective history (see the module doc)."""
+
+    __slots__ = (
+        "account", "symbol", "multiplier", "openings", "entries", "checkpoints", "folded",
+        "newest", "pending", "refused",
+    )
+
+    def __init__(self, account: str, symbol: str, multiplier: Decimal):
+        self.account = account
+        self.symbol = symbol
+        self.multiplier = multiplier
+        self.openings: list[Execution] = []  # arrival order; busted ones removed
+        self.entries: list[Execution] = []  # live executions by (ts, seq); busted removed
+        # checkpoints[j]: the fold before entries[j * every]; [0] is the base (openings
+        # and folded executions). Valid for j < len(checkpoints), rebuilt on demand.
+        self.checkpoints: list[Position] = [Position(account, symbol, multiplier)]
+        self.folded = 0  # executions folded into the base
+        self.newest: int | None = None  # highest ts of any execution ever applied
+        self.pending: list[Amendment] = []  # amendments waiting for their original
+        self.refused: list[Amendment] = []  # amendments refused (kept for the record)
+
+    def beyond_horizon(self, ts: int, horizon: int) -> bool:
+        return self.newest is not None and ts < self.newest - horizon
+
+    def reaches_past_horizon(self, horizon: int) -> bool:
+        """True once the key has an execution older than the horizon: its openings
+        can no longer change (the history before it may be folded)."""
+        return self.folded > 0 or bool(self.entries) and self.beyond_horizon(self.entries[0].ts, horizon)
+
+
+class HistoryRecord(msgspec.Struct, kw_only=True):
+    """A key's durable history state besides its executions (stored per key)."""
+
+    account: str
+    symbol: str
+    base: PositionState  # the fold of the openings and the folded executions
+    folded: int = 0
+    newest: int | None = None
+
+
+class IdRecord(msgspec.Struct, kw_only=True):
+    """One known `fill_id` (stored per id): an execution, or an amendment."""
+
+    seq: int
+    message: Fill  # the first arrival of the id
+    # An execution: the economics in force, when a CORRECT changed them.
+    current: Fill | None = None
+    busted: bool = False
+    amendments: list[str] = []
+    # An amendment.
+    status: Literal["applied", "pending", "refused"] | None = None
+    root: str | None = None
+    reason: str | None = None
+    raw: bytes | None = None
+
+
+class ExecutionBook:
+    """Positions of a whole feed, each a fresh book over its effective history.
+
+    `receive(fill, seq, raw)` takes one message in arrival order (`seq` increasing: the
+    stream sequence live, the line number in a file) and returns a `Result`. The
+    positions, marks and account totals are read through `positions`
+    (a `core.positions.PositionBook`).
+    """
+
+    def __init__(
+        self,
+        multipliers: Mapping[str, Decimal | str | int] | None = None,
+        *,
+        horizon_ns: int = DEFAULT_HORIZON_NS,
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+    ):
+        if horizon_ns < 0:
+            raise ValueError("horizon_ns must be >= 0")
+        if checkpoint_every < 1:
+            raise ValueError("checkpoint_every must be >= 1")
+        self.positions = PositionBook(multipliers)
+        self.horizon = horizon_ns
+        self.every = checkpoint_every
+        self._histories: dict[Key, History] = {}
+        self._ids: dict[str, Execution | Amendment] = {}
+        self._waiting: dict[str, list[Amendment]] = {}  # unknown id -> amendments naming it
+        self._changed_ids: set[str] = set()
+        self._changed_keys: set[Key] = set()
+        self.duplicates = 0
+        self.conflicts = 0
+
+    # -- receiving -----------------------------------------------------------------------
+
+    def receive(self, fill: Fill, seq: int, raw: bytes | None = None) -> Result:
+        """Apply one message (see the module doc); `raw` is kept for a pending amendment."""
+        saved = getcontext()
+        setcontext(EXACT)
+        try:
+            known = self._known(fill.fill_id)
+            if known is not None:
+                first = known.first if isinstance(known, Execution) else known.message
+                if first == fill:
+                    self.duplicates += 1
+                    return Result("duplicate")
+                self.conflicts += 1
+                return Result("conflict", first=first)
+            history = self._history(fill.account, fill.symbol)
+            exec_type = fill.exec_type
+            if exec_type == "NEW":
+                return self._new(history, fill, seq)
+            if exec_type == "OPENING":
+                return self._opening(history, fill, seq)
+            return self._amend(history, fill, seq, raw)
+        finally:
+            setcontext(saved)
+
+    def _new(self, history: History, fill: Fill, seq: int) -> Result:
+        if history.beyond_horizon(fill.ts, self.horizon):
+            return self._refused_new(history, fill, "an execution older than the horizon")
+        execution = Execution(fill, seq)
+        self._index(execution)
+        entries = history.entries
+        if not entries or _sort_key(entries[-1]) < (fill.ts, seq):
+            place = len(entries)
+            entries.append(execution)
+        else:
+            place = bisect.bisect_right(entries, (fill.ts, seq), key=_sort_key)
+            entries.insert(place, execution)
+        settled = self._settle_waiting(history, execution)
+        position = self.positions.get(history.account, history.symbol)
+        if place == len(entries) - 1 and position is not None and not settled:
+            # In order: the common case, applied in place.
+            checkpoints = history.checkpoints
+            if place and not place % self.every and len(checkpoints) == place // self.every:
+                checkpoints.append(position.copy())
+            realized_before = position.realized_pnl_gross
+            position._apply(fill)
+            result = Result("applied", "fill", position, position.realized_pnl_gross - realized_before)
+        else:
+            applied = [s.amendment.message.exec_type for s in settled if s.applied]
+            if applied:  # it arrived after amendments of it: they say what changed
+                reason: ChangeReason = "bust" if applied[-1] == "BUST" else "correction"
+            else:
+                reason = "late" if place < len(entries) - 1 else "fill"
+            result = self._rederive(history, place, reason)
+            result.settled = settled
+        self._advance(history, fill.ts, result)
+        return result
+
+    def _opening(self, history: History, fill: Fill, seq: int) -> Result:
+        if history.reaches_past_horizon(self.horizon):
+            return self._refused_new(history, fill, "an opening after the key's history reaches past the horizon")
+        execution = Execution(fill, seq)
+        self._index(execution)
+        history.openings.append(execution)
+        settled = self._settle_waiting(history, execution)
+        result = self._rederive(history, None, "opening")
+        result.settled = settled
+        self._changed_keys.add((history.account, history.symbol))
+        return result
+
+    def _amend(self, history: History, fill: Fill, seq: int, raw: bytes | None) -> Result:
+        target = self._resolve(fill.ref_fill_id)  # type: ignore[arg-type]
+        if target is None:
+            return self._park(history, fill, seq, raw)
+        if isinstance(target, str):  # refused: says why
+            return self._refuse_amendment(history, fill, seq, raw, target)
+        amendment = Amendment(fill, seq, "applied", root=target.fill_id)
+        why = self._why_not(history, target, fill)
+        if why is not None:
+            return self._refuse_amendment(history, fill, seq, raw, why)
+        self._ids[fill.fill_id] = amendment
+        self._changed_ids.add(fill.fill_id)
+        place = self._amend_execution(history, target, amendment)
+        result = self._rederive(history, place, "correction" if fill.exec_type == "CORRECT" else "bust")
+        return result
+
+    # -- amendments ------------------------------------------------------------------------
+
+    def _resolve(self, ref: str) -> Execution | str | None:
+        """The execution `ref` amends: None while unknown, or why it cannot be amended."""
+        known = self._known(ref)
+        if known is None:
+            return None
+        if isinstance(known, Execution):
+            return known
+        if known.status == "pending":
+            return None  # its own original is unknown: wait with it
+        if known.root is not None:
+            root = self._known(known.root)
+            if isinstance(root, Execution):
+                return root
+        return f"it names amendment {ref}, which was refused"
+
+    def _why_not(self, history: History, target: Execution, fill: Fill) -> str | None:
+        """Why `fill` cannot amend `target`, or None when it can."""
+        first = target.first
+        if (first.account, first.symbol) != (fill.account, fill.symbol):
+            return (
+                f"{fill.exec_type} of {target.fill_id} names {fill.account}/{fill.symbol}, but the execution "
+                f"is {first.account}/{first.symbol}: send a BUST and a new fill instead"
+            )
+        if target.busted:
+            return f"{target.fill_id} was busted: it cannot be amended"
+        if target.opening:
+            if history.reaches_past_horizon(self.horizon):
+                return f"opening {target.fill_id} cannot change: the key's history reaches past the horizon"
+        elif history.beyond_horizon(target.ts, self.horizon):
+            return f"{target.fill_id} is older than the horizon"
+        return None
+
+    def _amend_execution(self, history: History, target: Execution, amendment: Amendment) -> int | None:
+        """Apply `amendment` to `target`; returns the entry index the key changed from
+        (None: the openings, so everything)."""
+        fill = amendment.message
+        place = None if target.opening else self._place_of(history, target)
+        position = self.positions.get(history.account, history.symbol)
+        if fill.exec_type == "BUST":
+            target.busted = True
+            if place is None:
+                history.openings.remove(target)
+            else:
+                del history.entries[place]
+            if position is not None:
+                position.busts += 1
+        else:
+            current = target.fill
+            target.fill = msgspec.structs.replace(
+                current,
+                side=fill.side,
+                qty=fill.qty,
+                price=fill.price,
+                fee=fill.fee,
+                order_id=fill.order_id if fill.order_id is not None else current.order_id,
+                venue=fill.venue if fill.venue is not None else current.venue,
+                liquidity=fill.liquidity if fill.liquidity is not None else current.liquidity,
+            )
+            if position is not None:
+                position.corrections += 1
+        target.amendments.append(fill.fill_id)
+        self._changed_ids.add(target.fill_id)
+        return place
+
+    def _place_of(self, history: History, target: Execution) -> int:
+        entries = history.entries
+        place = bisect.bisect_left(entries, _sort_key(target), key=_sort_key)
+        assert entries[place] is target, "an execution is where its (ts, seq) says"
+        return place
+
+    def _park(self, history: History, fill: Fill, seq: int, raw: bytes | None) -> Result:
+        if history.beyond_horizon(fill.ts, self.horizon):
+            return self._refuse_amendment(
+                history, fill, seq, raw, f"its original {fill.ref_fill_id} is unknown and it is older than the horizon"
+            )
+        known = self._known(fill.ref_fill_id)  # type: ignore[arg-type]
+        # Waiting for a pending amendment means waiting for that one's original.
+        root_wait = known.waiting_for if isinstance(known, Amendment) else fill.ref_fill_id
+        amendment = Amendment(fill, seq, "pending", raw=raw)
+        self._ids[fill.fill_id] = amendment
+        self._waiting.setdefault(root_wait, []).append(amendment)  # type: ignore[arg-type]
+        history.pending.append(amendment)
+        self._changed_ids.add(fill.fill_id)
+        return Result("pending", f"its original {root_wait} is not known yet")
+
+    def _settle_waiting(self, history: History, execution: Execution) -> list[Settled]:
+        """Decide the amendments that were waiting for `execution` (now known), in
+        arrival order, changing its state but not re-deriving (the caller does)."""
+        waiting = self._waiting.pop(execution.fill_id, None)
+        if not waiting:
+            return []
+        settled = []
+        for amendment in sorted(waiting, key=lambda a: a.seq):
+            owner = self._history(amendment.message.account, amendment.message.symbol)
+            owner.pending.remove(amendment)
+            target = self._resolve(amendment.message.ref_fill_id)  # type: ignore[arg-type]
+            why = target if isinstance(target, str) else (
+                "its original is unknown" if target is None else self._why_not(history, target, amendment.message)
+            )
+            self._changed_ids.add(amendment.message.fill_id)
+            if why is None:
+                amendment.status = "applied"
+                amendment.root = target.fill_id  # type: ignore[union-attr]
+                amendment.raw = None
+                self._amend_execution(history, target, amendment)  # type: ignore[arg-type]
+                settled.append(Settled(amendment, True))
+            else:
+                self._mark_refused(owner, amendment, why)
+                settled.append(Settled(amendment, False))
+        return settled
+
+    def _refuse_waiting(self, fill: Fill) -> list[Settled]:
+        """The original `fill` was refused: so are the amendments waiting for it."""
+        settled = []
+        for amendment in sorted(self._waiting.pop(fill.fill_id, ()), key=lambda a: a.seq):
+            owner = self._history(amendment.message.account, amendment.message.symbol)
+            owner.pending.remove(amendment)
+            self._mark_refused(owner, amendment, f"its original {fill.fill_id} was refused")
+            self._changed_ids.add(amendment.message.fill_id)
+            settled.append(Settled(amendment, False))
+        return settled
+
+    def _mark_refused(self, history: History, amendment: Amendment, why: str) -> None:
+        amendment.status = "refused"
+        amendment.reason = why
+        history.refused.append(amendment)
+
+    def _refuse_amendment(
+        self, history: History, fill: Fill, seq: int, raw: bytes | None, why: str
+    ) -> Result:
+        amendment = Amendment(fill, seq, "refused", raw=raw)
+        self._mark_refused(history, amendment, why)
+        self._ids[fill.fill_id] = amendment
+        self._changed_ids.add(fill.fill_id)
+        return Result("refused", why)
+
+    def _refused_new(self, history: History, fill: Fill, why: str) -> Result:
+        newest = history.newest
+        return Result(
+            "refused",
+            f"{why}: ts {fill.ts} < newest {newest} of {fill.account}/{fill.symbol} - horizon {self.horizon} ns",
+            settled=self._refuse_waiting(fill),
+        )
+
+    # -- deriving ------------------------------------------------------------------------
+
+    def _rederive(self, history: History, place: int | None, reason: ChangeReason) -> Result:
+        """Recompute the key's position from entry `place` (None: from the openings)."""
+        every = self.every
+        checkpoints = history.checkpoints
+        if place is None:
+            base = Position(history.account, history.symbol, history.multiplier)
+            for opening in history.openings:
+                base._apply(opening.fill)
+            checkpoints[:] = [base]
+            start = 0
+        else:
+            keep = min(place // every, len(checkpoints) - 1)
+            del checkpoints[keep + 1:]
+            start = keep * every
+        fresh = self._replay(history, start, record=True)
+        old = self.positions.get(history.account, history.symbol)
+        realized_before = ZERO
+        if old is not None:
+            realized_before = old.realized_pnl_gross
+            for name in _CARRIED:
+                setattr(fresh, name, getattr(old, name))
+        self.positions.restore(fresh)
+        return Result("applied", reason, fresh, fresh.realized_pnl_gross - realized_before)
+
+    def _replay(self, history: History, start: int, *, record: bool) -> Position:
+        """The fold of the key from entry `start` (a checkpoint) to the end, recording
+        the checkpoints it passes when `record`."""
+        every = self.every
+        checkpoints = history.checkpoints
+        position = checkpoints[start // every].copy()
+        entries = history.entries
+        for index in range(start, len(entries)):
+            if record and index and not index % every and len(checkpoints) == index // every:
+                checkpoints.append(position.copy())
+            position._apply(entries[index].fill)
+        return position
+
+    def _advance(self, history: History, ts: int, result: Result) -> None:
+        """A NEW with `ts` was applied: move the key's newest time, expire what falls
+        behind the horizon, and fold what can be folded."""
+        if history.newest is not None and ts <= history.newest:
+            return
+        history.newest = ts
+        self._changed_keys.add((history.account, history.symbol))
+        if history.pending:
+            for amendment in [a for a in history.pending if history.beyond_horizon(a.message.ts, self.horizon)]:
+                history.pending.remove(amendment)
+                waiting = self._waiting.get(amendment.waiting_for)
+                if waiting is not None:
+                    waiting.remove(amendment)
+                    if not waiting:
+                        del self._waiting[amendment.waiting_for]
+                self._mark_refused(history, amendment, "pending past the horizon: its original never arrived")
+                self._changed_ids.add(amendment.message.fill_id)
+                result.expired.append(amendment)
+        if history.refused:
+            for amendment in [a for a in history.refused if self._amendment_expired(history, a)]:
+                history.refused.remove(amendment)
+                if self._ids.get(amendment.message.fill_id) is amendment:
+                    del self._ids[amendment.message.fill_id]
+                    self._changed_ids.add(amendment.message.fill_id)
+        self._fold(history)
+
+    def _fold(self, history: History) -> None:
+        """Fold whole checkpoint blocks older than the horizon into the base, and forget
+        their ids (they already count as unknown: see `_known`)."""
+        every = self.every
+        entries = history.entries
+        if len(entries) < every or not history.beyond_horizon(entries[every - 1].ts, self.horizon):
+            return
+        checkpoints = history.checkpoints
+        if len(checkpoints) < 2:
+            self._replay(history, (len(checkpoints) - 1) * every, record=True)  # after a restart
+        blocks = 0
+        while (blocks + 1) * every <= len(entries) and blocks + 1 < len(checkpoints) and history.beyond_horizon(
+            entries[(blocks + 1) * every - 1].ts, self.horizon
+        ):
+            blocks += 1
+        if not blocks:
+            return
+        count = blocks * every
+        for execution in entries[:count]:
+            self._forget(execution)
+        del entries[:count]
+        del checkpoints[:blocks]
+        history.folded += count
+        self._changed_keys.add((history.account, history.symbol))
+
+    def _forget(self, execution: Execution) -> None:
+        for fill_id in (execution.fill_id, *execution.amendments):
+            if self._ids.pop(fill_id, None) is not None:
+                self._changed_ids.add(fill_id)
+
+    # -- the id index ------------------------------------------------------------------------
+
+    def _index(self, execution: Execution) -> None:
+        self._ids[execution.fill_id] = execution
+        self._changed_ids.add(execution.fill_id)
+
+    def _known(self, fill_id: str) -> Execution | Amendment | None:
+        """The record of `fill_id`, or None when unknown or behind its key's horizon."""
+        known = self._ids.get(fill_id)
+        if known is None:
+            return None
+        if isinstance(known, Execution):
+            if known.opening:
+                return known
+            first = known.first
+            history = self._histories.get((first.account, first.symbol))
+            if history is not None and history.beyond_horizon(first.ts, self.horizon):
+                return None
+            return known
+        if known.status == "pending":
+            return known
+        message = known.message
+        history = self._histories.get((message.account, message.symbol))
+        if history is not None and self._amendment_expired(history, known):
+            return None
+        return known
+
+    def _amendment_expired(self, history: History, amendment: Amendment) -> bool:
+        if amendment.root is not None:
+            root = self._ids.get(amendment.root)
+            if isinstance(root, Execution):
+                if root.opening:
+                    return False
+                owner = self._histories.get((root.first.account, root.first.symbol), history)
+                return owner.beyond_horizon(root.ts, self.horizon)
+            return True  # its execution was folded
+        return history.beyond_horizon(amendment.message.ts, self.horizon)
+
+    def _history(self, account: str, symbol: str) -> History:
+        history = self._histories.get((account, symbol))
+        if history is None:
+            multiplier = self.positions.multipliers.get(symbol, ONE)
+            history = self._histories[(account, symbol)] = History(account, symbol, multiplier)
+        return history
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def history(self, account: str, symbol: str) -> History | None:
+        return self._histories.get((account, symbol))
+
+    def histories(self) -> Iterable[History]:
+        return self._histories.values()
+
+    def effective_history(self, account: str, symbol: str) -> list[Fill]:
+        """The openings, then the live executions in order, as in force now (the folded
+        part of the history is not included)."""
+        history = self._histories.get((account, symbol))
+        if history is None:
+            return []
+        return [e.fill for e in history.openings] + [e.fill for e in history.entries]
+
+    def pending(self) -> list[Amendment]:
+        """Amendments waiting for their original, in arrival order."""
+        return sorted((a for h in self._histories.values() for a in h.pending), key=lambda a: a.seq)
+
+    def refused(self) -> list[Amendment]:
+        """Amendments refused (within the horizon), in arrival order."""
+        return sorted((a for h in self._histories.values() for a in h.refused), key=lambda a: a.seq)
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def take_changes(self) -> tuple[set[str], set[Key]]:
+        """The ids and keys whose records changed since the last call."""
+        ids, keys = self._changed_ids, self._changed_keys
+        self._changed_ids, self._changed_keys = set(), set()
+        return ids, keys
+
+    def id_record(self, fill_id: str) -> IdRecord | None:
+        """What to store for `fill_id` (None: delete it)."""
+        known = self._ids.get(fill_id)
+        if known is None:
+            return None
+        if isinstance(known, Execution):
+            return IdRecord(
+                seq=known.seq,
+                message=known.first,
+                current=known.fill if known.fill is not known.first else None,
+                busted=known.busted,
+                amendments=list(known.amendments),
+            )
+        return IdRecord(
+            seq=known.seq, message=known.message, status=known.status, root=known.root,
+            reason=known.reason, raw=known.raw,
+        )
+
+    def history_record(self, key: Key) -> HistoryRecord:
+        history = self._histories[key]
+        return HistoryRecord(
+            account=history.account,
+            symbol=history.symbol,
+            base=history.checkpoints[0].to_state(),
+            folded=history.folded,
+            newest=history.newest,
+        )
+
+    def restore(
+        self,
+        histories: Iterable[HistoryRecord],
+        ids: Mapping[str, IdRecord],
+        positions: Iterable[PositionState],
+    ) -> None:
+        """Rebuild the book from stored records (it must be empty)."""
+        if self._histories or self._ids:
+            raise RuntimeError("restore needs an empty book")
+        for state in positions:
+            self.positions.restore(state)
+        for record in histories:
+            history = self._history(record.account, record.symbol)
+            history.checkpoints = [Position.from_state(record.base)]
+            history.folded = record.folded
+            history.newest = record.newest
+        for fill_id, record in sorted(ids.items(), key=lambda item: item[1].seq):
+            message = record.message
+            history = self._history(message.account, message.symbol)
+            if record.status is None:
+                execution = Execution(message, record.seq)
+                execution.fill = record.current or message
+                execution.busted = record.busted
+                execution.amendments = list(record.amendments)
+                self._ids[fill_id] = execution
+                if not execution.busted:
+                    (history.openings if execution.opening else history.entries).append(execution)
+            else:
+                amendment = Amendment(message, record.seq, record.status, record.root, record.reason, record.raw)
+                self._ids[fill_id] = amendment
+                if record.status == "pending":
+                    history.pending.append(amendment)
+                elif record.status == "refused":
+                    history.refused.append(amendment)
+        for history in self._histories.values():
+            history.entries.sort(key=_sort_key)
+        for amendment in sorted((a for h in self._histories.values() for a in h.pending), key=lambda a: a.seq):
+            known = self._ids.get(amendment.waiting_for)
+            root_wait = known.waiting_for if isinstance(known, Amendment) else amendment.waiting_for
+            self._waiting.setdefault(root_wait, []).append(amendment)
+
+    # -- market data and reads through the position book -----------------------------------
+
+    def set_mark(self, symbol: str, price: Decimal | str | int) -> None:
+        self.positions.set_mark(symbol, price)
+
+
+#: Position fields a re-derivation keeps from the position it replaces.
+_CARRIED = (
+    "sod_realized_pnl_gross", "sod_fees", "sod_unrealized_pnl", "sod_mark", "revision", "corrections", "busts",
+)
+
+
+def parse_horizon(value: str | int | float) -> int:
+    """A horizon in ns from seconds (`604800`) or a duration (`7d`, `36h`, `90m`, `30s`)."""
+    if isinstance(value, (int, float)):
+        seconds = Decimal(str(value))
+    else:
+        text = value.strip()
+        units = {"d": 86_400, "h": 3_600, "m": 60, "s": 1}
+        unit = units.get(text[-1:].lower()) if text else None
+        number = text[:-1] if unit is not None else text
+        seconds = parse_decimal("horizon", number) * (unit or 1)
+    if seconds < 0:
+        raise ValueError(f"horizon must be >= 0, got {value!r}")
+    return int(seconds * 1_000_000_000)
