@@ -60,9 +60,9 @@ from them and the positions (checkpoints are rebuilt on first use).
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal, getcontext, setcontext
-from typing import Iterable, Literal, Mapping
+from typing import Iterable, Literal, Mapping, Sequence
 
 import msgspec
 
@@ -89,7 +89,7 @@ class Execution:
         self.fill = first  # the economics in force (a corrected copy after a CORRECT)
         self.seq = seq  # arrival sequence of the first message: breaks ties in ts
         self.busted = False
-        self.amendments: list[str] = []  # ids of the amendments applied to it
+        self.amendments: Sequence[str] = ()  # ids of the amendments applied to it
 
     @property
     def fill_id(self) -> str:
@@ -132,31 +132,50 @@ class Settled:
     applied: bool
 
 
-@dataclass(slots=True, eq=False)
 class Result:
-    """What `receive` did with one message."""
+    """What `receive` did with one message.
 
-    status: Status
-    reason: str | None = None  # applied: a ChangeReason; refused: why, in words
-    position: Position | None = None  # applied: the key's position now
-    realized: Decimal | None = None  # applied: change of average-cost realized gross
-    first: Fill | None = None  # conflict: the version that won
-    settled: list[Settled] = field(default_factory=list)  # pending amendments decided
-    expired: list[Amendment] = field(default_factory=list)  # pending ones past the horizon
+    - `status`: applied (the key's position changed), duplicate, conflict, pending, refused;
+    - `reason`: applied: a ChangeReason; pending or refused: why, in words;
+    - `position`, `realized`: applied: the key's position now, and the change of its
+      average-cost realized gross;
+    - `first`: conflict: the version that won;
+    - `settled`: pending amendments this message decided; `expired`: pending ones it
+      pushed past the horizon.
+
+    A plain class: one is made per message, and the common case sets four fields.
+    """
+
+    first: Fill | None = None
+    settled: Sequence[Settled] = ()
+    expired: Sequence[Amendment] = ()
+
+    def __init__(
+        self, status: Status, reason: str | None = None, position: Position | None = None,
+        realized: Decimal | None = None, first: Fill | None = None,
+    ):
+        self.status = status
+        self.reason = reason
+        self.position = position
+        self.realized = realized
+        if first is not None:
+            self.first = first
 
 
 class History:
     """One key's effective history (see the module doc)."""
 
     __slots__ = (
-        "account", "symbol", "multiplier", "openings", "entries", "checkpoints", "folded",
+        "account", "symbol", "key", "multiplier", "position", "openings", "entries", "checkpoints", "folded",
         "newest", "pending", "refused",
     )
 
     def __init__(self, account: str, symbol: str, multiplier: Decimal):
         self.account = account
         self.symbol = symbol
+        self.key = (account, symbol)
         self.multiplier = multiplier
+        self.position: Position | None = None  # the key's position in the book, once it has one
         self.openings: list[Execution] = []  # arrival order; busted ones removed
         self.entries: list[Execution] = []  # live executions by (ts, seq); busted removed
         # checkpoints[j]: the fold before entries[j * every]; [0] is the base (openings
@@ -240,23 +259,77 @@ class ExecutionBook:
         saved = getcontext()
         setcontext(EXACT)
         try:
-            known = self._known(fill.fill_id)
-            if known is not None:
-                first = known.first if isinstance(known, Execution) else known.message
-                if first == fill:
-                    self.duplicates += 1
-                    return Result("duplicate")
-                self.conflicts += 1
-                return Result("conflict", first=first)
-            history = self._history(fill.account, fill.symbol)
-            exec_type = fill.exec_type
-            if exec_type == "NEW":
-                return self._new(history, fill, seq)
-            if exec_type == "OPENING":
-                return self._opening(history, fill, seq)
-            return self._amend(history, fill, seq, raw)
+            return self._receive(fill, seq, raw)
         finally:
             setcontext(saved)
+
+    def receive_many(self, messages: Iterable[tuple[Fill, int, bytes | None]]) -> list[Result]:
+        """`receive` for each (fill, seq, raw) in order; the exact context is set once."""
+        saved = getcontext()
+        setcontext(EXACT)
+        try:
+            receive = self._receive
+            return [receive(fill, seq, raw) for fill, seq, raw in messages]
+        finally:
+            setcontext(saved)
+
+    def _receive(self, fill: Fill, seq: int, raw: bytes | None) -> Result:
+        fill_id = fill.fill_id
+        if fill.exec_type == "NEW" and fill_id not in self._ids and fill_id not in self._waiting:
+            history = self._histories.get((fill.account, fill.symbol))
+            if history is not None and history.position is not None:
+                result = self._append(history, fill, seq)
+                if result is not None:
+                    return result
+        known = self._known(fill.fill_id)
+        if known is not None:
+            first = known.first if isinstance(known, Execution) else known.message
+            if first == fill:
+                self.duplicates += 1
+                return Result("duplicate")
+            self.conflicts += 1
+            return Result("conflict", first=first)
+        history = self._history(fill.account, fill.symbol)
+        exec_type = fill.exec_type
+        if exec_type == "NEW":
+            return self._new(history, fill, seq)
+        if exec_type == "OPENING":
+            return self._opening(history, fill, seq)
+        return self._amend(history, fill, seq, raw)
+
+    def _append(self, history: History, fill: Fill, seq: int) -> Result | None:
+        """The common case, kept lean: a new execution later than everything of its key
+        and nothing waiting for it, applied in place. None: not that case."""
+        ts = fill.ts
+        entries = history.entries
+        if entries:
+            last = entries[-1]
+            last_ts = last.first.ts
+            if last_ts > ts or (last_ts == ts and last.seq > seq):
+                return None
+        newest = history.newest
+        if newest is not None and ts < newest - self.horizon:
+            return None
+        execution = Execution(fill, seq)
+        self._ids[fill.fill_id] = execution
+        self._changed_ids.add(fill.fill_id)
+        position = history.position
+        place = len(entries)
+        every = self.every
+        if place and not place % every and len(history.checkpoints) == place // every:
+            history.checkpoints.append(position.copy())  # type: ignore[union-attr]
+        realized_before = position.realized_pnl_gross  # type: ignore[union-attr]
+        position._apply(fill)  # type: ignore[union-attr]
+        entries.append(execution)
+        result = Result("applied", "fill", position, position.realized_pnl_gross - realized_before)  # type: ignore[union-attr]
+        if newest is None or ts > newest:
+            history.newest = ts
+            self._changed_keys.add(history.key)
+            if history.pending or history.refused:
+                self._expire(history, result)
+            if place >= every - 1 and entries[every - 1].first.ts < ts - self.horizon:
+                self._fold(history)
+        return result
 
     def _new(self, history: History, fill: Fill, seq: int) -> Result:
         if history.beyond_horizon(fill.ts, self.horizon):
@@ -264,30 +337,16 @@ class ExecutionBook:
         execution = Execution(fill, seq)
         self._index(execution)
         entries = history.entries
-        if not entries or _sort_key(entries[-1]) < (fill.ts, seq):
-            place = len(entries)
-            entries.append(execution)
-        else:
-            place = bisect.bisect_right(entries, (fill.ts, seq), key=_sort_key)
-            entries.insert(place, execution)
+        place = bisect.bisect_right(entries, (fill.ts, seq), key=_sort_key)
+        entries.insert(place, execution)
         settled = self._settle_waiting(history, execution)
-        position = self.positions.get(history.account, history.symbol)
-        if place == len(entries) - 1 and position is not None and not settled:
-            # In order: the common case, applied in place.
-            checkpoints = history.checkpoints
-            if place and not place % self.every and len(checkpoints) == place // self.every:
-                checkpoints.append(position.copy())
-            realized_before = position.realized_pnl_gross
-            position._apply(fill)
-            result = Result("applied", "fill", position, position.realized_pnl_gross - realized_before)
+        applied = [s.amendment.message.exec_type for s in settled if s.applied]
+        if applied:  # it arrived after amendments of it: they say what changed
+            reason: ChangeReason = "bust" if applied[-1] == "BUST" else "correction"
         else:
-            applied = [s.amendment.message.exec_type for s in settled if s.applied]
-            if applied:  # it arrived after amendments of it: they say what changed
-                reason: ChangeReason = "bust" if applied[-1] == "BUST" else "correction"
-            else:
-                reason = "late" if place < len(entries) - 1 else "fill"
-            result = self._rederive(history, place, reason)
-            result.settled = settled
+            reason = "late" if place < len(entries) - 1 else "fill"
+        result = self._rederive(history, place, reason)
+        result.settled = settled
         self._advance(history, fill.ts, result)
         return result
 
@@ -300,7 +359,7 @@ class ExecutionBook:
         settled = self._settle_waiting(history, execution)
         result = self._rederive(history, None, "opening")
         result.settled = settled
-        self._changed_keys.add((history.account, history.symbol))
+        self._changed_keys.add(history.key)
         return result
 
     def _amend(self, history: History, fill: Fill, seq: int, raw: bytes | None) -> Result:
@@ -381,7 +440,7 @@ class ExecutionBook:
             )
             if position is not None:
                 position.corrections += 1
-        target.amendments.append(fill.fill_id)
+        target.amendments = [*target.amendments, fill.fill_id]
         self._changed_ids.add(target.fill_id)
         return place
 
@@ -489,6 +548,7 @@ class ExecutionBook:
             for name in _CARRIED:
                 setattr(fresh, name, getattr(old, name))
         self.positions.restore(fresh)
+        history.position = fresh
         return Result("applied", reason, fresh, fresh.realized_pnl_gross - realized_before)
 
     def _replay(self, history: History, start: int, *, record: bool) -> Position:
@@ -510,33 +570,37 @@ class ExecutionBook:
         if history.newest is not None and ts <= history.newest:
             return
         history.newest = ts
-        self._changed_keys.add((history.account, history.symbol))
-        if history.pending:
-            for amendment in [a for a in history.pending if history.beyond_horizon(a.message.ts, self.horizon)]:
-                history.pending.remove(amendment)
-                waiting = self._waiting.get(amendment.waiting_for)
-                if waiting is not None:
-                    waiting.remove(amendment)
-                    if not waiting:
-                        del self._waiting[amendment.waiting_for]
-                self._mark_refused(history, amendment, "pending past the horizon: its original never arrived")
+        self._changed_keys.add(history.key)
+        if history.pending or history.refused:
+            self._expire(history, result)
+        entries, every = history.entries, self.every
+        if len(entries) >= every and entries[every - 1].first.ts < ts - self.horizon:
+            self._fold(history)
+
+    def _expire(self, history: History, result: Result) -> None:
+        """Pending amendments past the horizon are refused (reported in `result`);
+        refused ones past it are forgotten."""
+        for amendment in [a for a in history.pending if history.beyond_horizon(a.message.ts, self.horizon)]:
+            history.pending.remove(amendment)
+            waiting = self._waiting.get(amendment.waiting_for)
+            if waiting is not None:
+                waiting.remove(amendment)
+                if not waiting:
+                    del self._waiting[amendment.waiting_for]
+            self._mark_refused(history, amendment, "pending past the horizon: its original never arrived")
+            self._changed_ids.add(amendment.message.fill_id)
+            result.expired = [*result.expired, amendment]
+        for amendment in [a for a in history.refused if self._amendment_expired(history, a)]:
+            history.refused.remove(amendment)
+            if self._ids.get(amendment.message.fill_id) is amendment:
+                del self._ids[amendment.message.fill_id]
                 self._changed_ids.add(amendment.message.fill_id)
-                result.expired.append(amendment)
-        if history.refused:
-            for amendment in [a for a in history.refused if self._amendment_expired(history, a)]:
-                history.refused.remove(amendment)
-                if self._ids.get(amendment.message.fill_id) is amendment:
-                    del self._ids[amendment.message.fill_id]
-                    self._changed_ids.add(amendment.message.fill_id)
-        self._fold(history)
 
     def _fold(self, history: History) -> None:
         """Fold whole checkpoint blocks older than the horizon into the base, and forget
         their ids (they already count as unknown: see `_known`)."""
         every = self.every
         entries = history.entries
-        if len(entries) < every or not history.beyond_horizon(entries[every - 1].ts, self.horizon):
-            return
         checkpoints = history.checkpoints
         if len(checkpoints) < 2:
             self._replay(history, (len(checkpoints) - 1) * every, record=True)  # after a restart
@@ -553,7 +617,6 @@ class ExecutionBook:
         del entries[:count]
         del checkpoints[:blocks]
         history.folded += count
-        self._changed_keys.add((history.account, history.symbol))
 
     def _forget(self, execution: Execution) -> None:
         for fill_id in (execution.fill_id, *execution.amendments):
@@ -603,6 +666,7 @@ class ExecutionBook:
         if history is None:
             multiplier = self.positions.multipliers.get(symbol, ONE)
             history = self._histories[(account, symbol)] = History(account, symbol, multiplier)
+            history.position = self.positions.get(account, symbol)
         return history
 
     # -- reads ----------------------------------------------------------------------------
@@ -701,6 +765,7 @@ class ExecutionBook:
                     history.refused.append(amendment)
         for history in self._histories.values():
             history.entries.sort(key=_sort_key)
+            history.position = self.positions.get(history.account, history.symbol)
         for amendment in sorted((a for h in self._histories.values() for a in h.pending), key=lambda a: a.seq):
             known = self._ids.get(amendment.waiting_for)
             root_wait = known.waiting_for if isinstance(known, Amendment) else amendment.waiting_for

@@ -85,9 +85,11 @@ next roll.
 
 Ordering and idempotency
 ------------------------
-Average cost depends on the order of fills; the core applies them in the order given
-(the CLI sorts by `ts`, ties in file order). The core does not deduplicate: the caller
-does, using `last_fill_id` / its own input sequence.
+Average cost depends on the order of fills; this module applies them in the order given
+and neither deduplicates nor reorders. `posttrade.core.history.ExecutionBook` sits in
+front of it everywhere a feed is applied (ptrc, the reconciliation replay, the CLI): it
+drops resends, applies corrections and busts, places late fills in time and replays
+this fold from the point that changed.
 
 Using it
 --------
