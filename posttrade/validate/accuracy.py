@@ -23,6 +23,9 @@ from .expected import (
     PTRC_POSITION_FIELDS,
     PTRC_SUMMARY_ACCOUNT_FIELDS,
     PTRC_SUMMARY_SYMBOL_FIELDS,
+    REAL_FEED_ASK,
+    REAL_FEED_BID,
+    REAL_FEED_SYMBOL_SUFFIX,
     REPORT_DAILY_ACCOUNT_FIELDS,
     REPORT_DAILY_POSITION_FIELDS,
     REPORT_POSITIONS_FIELDS,
@@ -34,8 +37,10 @@ from .expected import (
     compare,
     mark_quotes,
     pinned_differences,
+    real_feed_messages,
     scenarios,
 )
+from ..streams.events import Quote
 from .report import Check, failed
 
 SECTION = 1
@@ -69,10 +74,50 @@ async def run(ctx: GateContext, multiplier: tuple[str, Decimal] | None) -> list[
     if positions.passed and not realtime.passed:
         realtime.details["hint"] = (
             "ptrc shows the expected values but pnl does not. pnl values the positions ptrc publishes on "
-            "POSITIONS (msg id pos:<fill_id>, so the first publisher of a fill's update wins): is another "
+            "POSITIONS (msg id pos:<revision>:<account>:<symbol>, so the first publisher of an update wins): is another "
             "ptrc deployment, with another config or started later, consuming the same FILLS stream?"
         )
-    return [pinned, positions, summary, realtime, await _report_check(ctx, expected)]
+    feed = await _real_feed_check(ctx)
+    return [pinned, positions, summary, realtime, feed, await _report_check(ctx, expected)]
+
+
+async def _real_feed_check(ctx: GateContext) -> Check:
+    """An opening, a resend, a late fill, a correction and a bust, published in that
+    order: ptrc and pnl show what the rule (`core.history`) computes from them."""
+    name = "accuracy.real_feed"
+    criterion = ("an opening position, a resent fill, a late fill, a correction and a bust: ptrc /positions and "
+                 "pnl /pnl/realtime equal a fresh book over the effective history, exactly")  # fmt: skip
+    account = ctx.sub_account("FEED")
+    symbol = f"VAL{ctx.run_id}-{REAL_FEED_SYMBOL_SUFFIX}"
+    now = time.time_ns()
+    quote = Quote(ts=now, symbol=symbol, bid=REAL_FEED_BID, ask=REAL_FEED_ASK, bid_size=Decimal(1), ask_size=Decimal(1))
+    await ctx.publish(quote_subject(symbol), quote, msg_id=f"validate:{ctx.run_id}:quote:{symbol}")
+    messages = real_feed_messages(account, symbol, ctx.run_id, now + 1_000_000)
+    for fill, msg_id in messages:
+        await ctx.publish(fill_subject(fill.account, fill.symbol), fill, msg_id=msg_id)
+    expected = Expected.of_feed(account, [fill for fill, _ in messages], {symbol: quote.mid})
+
+    async def differences() -> tuple[list[Difference], int]:
+        ptrc = await ctx.get_json("ptrc", "/positions", {"account": account, "method": "both"})
+        rows = _rows_by_symbol(ptrc.get("positions", []), account)
+        found, compared = _compare_positions("ptrc /positions", expected, rows, PTRC_POSITION_FIELDS)
+        row = rows.get(symbol) or {}
+        found += compare(f"ptrc /positions {symbol}", {"corrections": 1, "busts": 1}, row, ("corrections", "busts"))
+        pnl = await ctx.get_json("pnl", "/pnl/realtime", {"account": account})
+        more, count = _compare_positions("pnl /pnl/realtime", expected, _rows_by_symbol(pnl.get("positions", []), account),
+                                         PNL_POSITION_FIELDS)  # fmt: skip
+        return found + more, compared + count + 2
+
+    try:
+        (found, compared), settled = await settle(differences, lambda r: not r[0], FIRST_TIMEOUT_S)
+    except ServiceError as exc:
+        return failed(SECTION, name, criterion, str(exc))
+    position = expected.position(symbol)
+    measured = (f"{len(messages)} messages; expected net {canonical(position.net_qty)} @ "
+                f"{canonical(position.avg_open_price)}, realized {canonical(position.realized_pnl_gross)}; "
+                f"{compared} values compared, " + ("all equal" if settled else f"{len(found)} differ"))  # fmt: skip
+    return Check(SECTION, name, criterion, settled, measured, value=len(found),
+                 details={"differences": [str(d) for d in found]})  # fmt: skip
 
 
 def _pinned_check(expected: Expected, chosen: list[Scenario]) -> Check:

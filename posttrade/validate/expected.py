@@ -19,6 +19,7 @@ from typing import Any
 
 from ..commands.positions import compute
 from ..core.exact import format_decimal
+from ..core.history import ExecutionBook
 from ..core.positions import Position, PositionBook
 from ..streams.events import Fill, Quote
 
@@ -185,6 +186,65 @@ def mark_quotes(chosen: Iterable[Scenario], ts_ns: int) -> list[Quote]:
     return [Quote(ts=ts_ns, symbol=s.symbol, bid=s.bid, ask=s.ask, bid_size=Decimal(1), ask_size=Decimal(1)) for s in chosen]
 
 
+@dataclass(frozen=True)
+class FeedStep:
+    """One message of the real-feed scenario. `at`: its event-time slot (ts = t0 + at µs);
+    `ref`: the step it amends (CORRECT, BUST) or repeats unchanged (RESEND)."""
+
+    exec_type: str  # NEW, OPENING, CORRECT, BUST, or RESEND
+    at: int = 0
+    side: str | None = None
+    qty: str | None = None
+    price: str | None = None
+    fee: str = "0"
+    ref: int | None = None
+
+
+#: What a real execution feed sends, in publishing order: an opening position, a fill,
+#: a later fill, a resend of the first, a late fill placed between them, a correction
+#: of the later one, and a fill that is busted. Its own account (`<account>-FEED`), so
+#: the other checks' totals do not include it.
+REAL_FEED = (
+    FeedStep("OPENING", 0, "BUY", "5", "48"),
+    FeedStep("NEW", 10, "BUY", "5", "50", "0.1"),
+    FeedStep("NEW", 30, "SELL", "4", "52", "0.1"),
+    FeedStep("RESEND", ref=1),
+    FeedStep("NEW", 20, "BUY", "2", "49", "0.1"),  # late: before step 2 in time
+    FeedStep("CORRECT", 31, "SELL", "4", "53", "0.1", ref=2),
+    FeedStep("NEW", 40, "SELL", "1", "51", "0.1"),
+    FeedStep("BUST", 41, ref=6),
+)
+REAL_FEED_SYMBOL_SUFFIX = "RF"
+REAL_FEED_BID, REAL_FEED_ASK = Decimal("50.9"), Decimal("51.1")
+
+
+def real_feed_messages(account: str, symbol: str, run_id: str, t0_ns: int) -> list[tuple[Fill, str]]:
+    """The real-feed scenario's messages in publishing order, each with its Nats-Msg-Id
+    (a resend gets its own, so that it reaches the services as a gateway's would)."""
+    out: list[tuple[Fill, str]] = []
+    for n, step in enumerate(REAL_FEED):
+        if step.exec_type == "RESEND":
+            original = out[step.ref][0]  # type: ignore[index]
+            out.append((original, f"validate:{original.fill_id}:resend{n}"))
+            continue
+        fill_id = f"VALIDATE-{run_id}-RF{n:02d}"
+        fill = Fill(
+            ts=t0_ns + step.at * 1_000,
+            fill_id=fill_id,
+            account=account,
+            symbol=symbol,
+            side=step.side,  # type: ignore[arg-type]
+            qty=None if step.qty is None else Decimal(step.qty),
+            price=None if step.price is None else Decimal(step.price),
+            fee=Decimal(step.fee),
+            exec_type=step.exec_type,  # type: ignore[arg-type]
+            ref_fill_id=None if step.ref is None else out[step.ref][0].fill_id,
+            venue="VALIDATE",
+        )
+        out.append((fill, f"validate:{fill_id}"))
+    return out
+
+
 @dataclass
 class Expected:
     """The book of the test fills, and the values each surface must show."""
@@ -199,6 +259,14 @@ class Expected:
         marks = {s.symbol: s.mark for s in chosen}
         multipliers = {s.symbol: s.multiplier for s in chosen if s.multiplier != 1}
         return cls(account, compute(fills, marks, multipliers), marks)
+
+    @classmethod
+    def of_feed(cls, account: str, messages: Iterable[Fill], marks: dict[str, Decimal]) -> Expected:
+        """The book of messages received in this order by the rule ptrc applies."""
+        book = ExecutionBook()
+        for seq, fill in enumerate(messages, start=1):
+            book.receive(fill, seq)
+        return cls(account, book.positions, marks)
 
     def symbols(self) -> list[str]:
         return sorted(p.symbol for p in self.book.positions(self.account))

@@ -338,3 +338,20 @@ def test_where_the_logs_and_the_started_services_are(tmp_path: Path):
     assert _fleet_ports(GateOptions()) == {}  # the fleet takes the others from their configs
     with pytest.raises(GateError):
         _fleet_ports(GateOptions(url_overrides={"pnl": "http://10.0.0.5:8100"}))
+
+
+def test_real_feed_scenario_pinned():
+    """Opening 5 @ 48, BUY 5 @ 50, late BUY 2 @ 49 (placed before the SELL), the SELL 4
+    corrected from 52 to 53, a resend dropped and a SELL 1 busted: long 8 @ 49, realized
+    4 x (53 - 49) = 16 by average cost and 4 x (53 - 48) = 20 by FIFO, fees 0.3."""
+    from posttrade.validate.expected import Expected, real_feed_messages
+
+    messages = real_feed_messages("ACC-FEED", "VALX-RF", "x", 1_795_000_000_000_000_000)
+    assert [m.exec_type for m, _ in messages] == ["OPENING", "NEW", "NEW", "NEW", "NEW", "CORRECT", "NEW", "BUST"]
+    assert messages[3][0] == messages[1][0] and messages[3][1] != messages[1][1]  # a resend, its own msg id
+    expected = Expected.of_feed("ACC-FEED", [m for m, _ in messages], {"VALX-RF": Decimal(51)})
+    values = expected.position_values("VALX-RF")
+    assert (values["net_qty"], values["avg_open_price"], values["realized_pnl_gross"], values["fees"]) == (
+        Decimal(8), Decimal(49), Decimal(16), Decimal("0.3"))
+    assert (values["fifo_realized_pnl_gross"], values["unrealized_pnl"], values["fifo_unrealized_pnl"]) == (
+        Decimal(20), Decimal(16), Decimal(12))
