@@ -50,10 +50,10 @@ import numpy as np
 from posttrade import stack
 from posttrade.config import load_config
 from posttrade.services import hot_cache
-from posttrade.services.hot_cache import CacheKeys, HotCacheChannels, CachedPosition, ValkeyCache
+from posttrade.services.hot_cache import CacheKeys, HotCacheChannels, ValkeyCache
 from posttrade.stores.questdb import QuestDBClient, QuestDBWriter
 from posttrade.stores.valkey import open_valkey
-from posttrade.streams.events import Bar, MarketTrade, Quote, encode
+from posttrade.streams.events import Bar, MarketTrade, PositionUpdate, Quote, encode
 
 RESULTS = Path(__file__).parent / "results" / "cache.json"
 S = 1_000_000_000
@@ -81,7 +81,7 @@ class Names:
             trades=channel("market_trades", "TRADES", MarketTrade),
             bars=channel("bars", "BARS", Bar),
             quotes=channel("quotes", "QUOTES", Quote),
-            positions=channel("positions", "POSITIONS", CachedPosition),
+            positions=channel("positions", "POSITIONS", PositionUpdate),
         )
 
 

@@ -7,13 +7,15 @@ Four agents keep Valkey current:
                  period, `posttrade.agents.bars`);
 * `take_bars`    bar messages → bars of the other intervals;
 * `take_quotes`  quotes → the last quote per symbol;
-* `take_positions` ptrc's position events → the current positions per account.
+* `take_positions` ptrc's `PositionUpdate`s → the current positions per account.
 
-Pages read Valkey first and, on a miss, QuestDB (cache-aside): the answer is stored in
-Valkey and then served, and every answer says whether it was a hit. A background warmer
-fills bars keys from QuestDB when the feed first writes them. `hot_cache.consume: false`
-runs the read API alone (read replicas). docs/hot_cache.md has the endpoints, the key
-scheme and the QuestDB queries.
+Pages read Valkey first and, on a miss, the source (cache-aside): bars and quotes from
+QuestDB, positions from ptrc's POSITIONS stream (the last message of each
+`posttrade.positions.<account>.<symbol>` subject: ptrc's own figures, never computed
+again here). The answer is stored in Valkey and then served, and every answer says
+whether it was a hit. A background warmer fills bars keys from QuestDB when the feed
+first writes them. `hot_cache.consume: false` runs the read API alone (read replicas).
+docs/hot_cache.md has the endpoints, the key scheme and the read-through queries.
 
 Valkey key scheme (`P` is `hot_cache.key_prefix`, default `pt`; every key but the meta
 key has the TTL `cache.redis.ttl`, renewed by each write):
@@ -25,16 +27,19 @@ key has the TTL `cache.redis.ttl`, renewed by each write):
 |                              |            | `#complete` (score 0) marks a key filled from    |
 |                              |            | QuestDB: it holds all there is, however few      |
 | `P:quote:{symbol}`           | string     | Quote JSON                                       |
-| `P:pos:{account}`            | hash       | field = symbol, value = CachedPosition JSON;     |
-|                              |            | the field `#complete` marks a hash filled from   |
-|                              |            | QuestDB (it lists every symbol of the account)   |
+| `P:pos:{account}`            | hash       | field = symbol, value = PositionUpdate JSON (as  |
+|                              |            | ptrc published it); the field `#complete` marks  |
+|                              |            | a hash filled from the POSITIONS stream (it      |
+|                              |            | lists every symbol of the account)               |
 | `P:meta:newest`              | sorted set | member = family, score = newest event time       |
 |                              |            | written, ms (no TTL: freshness of the feed)      |
 
 Writes are whole values (never increments) made by Lua scripts that take a whole batch
-(one call per 1,000 items), queued on one pipeline (one round trip). Quote and position
-values are JSON with an event time `ts`; their scripts keep the stored value when it is
-newer than the one written, so a replay or a late read-through never moves them back.
+(one call per 1,000 items), queued on one pipeline (one round trip). A quote is replaced
+only by a quote of a later event time `ts`. A position is replaced only by an update of
+a higher `revision`: ptrc counts each key's updates, and a late fill's update carries an
+*older* `ts` than the update it supersedes, so event time cannot order positions. A
+replay, a resend or a late read-through therefore never moves a value back.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from functools import lru_cache
@@ -51,6 +56,7 @@ from decimal import Decimal
 from typing import Any
 
 import msgspec
+import nats.errors
 from prometheus_client import Counter, Histogram
 from redis.exceptions import BusyLoadingError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -71,12 +77,11 @@ from ..agents.bars import (
 from ..app import App
 from ..config import QuestDBSection, RedisSection, ServiceConfig, _Section
 from ..core.bars import NS_PER_S, bar_from_totals, interval_seconds, plain, plain_decimals
-from ..core.marks import MarkState
-from ..core.positions import PositionBook, position_row
 from ..streams import subjects
 from ..streams.channel import Channel
-from ..streams.events import Bar, Event, Fill, Quote, encode
+from ..streams.events import Bar, InvalidEvent, PositionUpdate, Quote, decode, encode, subject_token
 from ..streams.stream import Stream
+from ..streams.transport import ConsumerSpec, Delivery, StartPosition, Transport
 from ..stores.questdb import (
     QuestDBClient,
     QuestDBError,
@@ -91,35 +96,34 @@ from .wiring import new_app
 log = logging.getLogger(__name__)
 
 FAMILIES = ("bars", "quotes", "positions")
-COMPLETE = b"#complete"  # the marker member / field of a key filled from QuestDB
+# The marker member / field of a key filled from its source (QuestDB, or for positions
+# the POSITIONS stream): the key holds everything there is.
+COMPLETE = b"#complete"
 
 
 # -- configuration --------------------------------------------------------------------
 
 
 class ReadThroughTables(_Section):
-    """QuestDB tables a miss reads (written by questdb_writer)."""
+    """QuestDB tables a miss of bars or quotes reads (written by questdb_writer)."""
 
     market_trades: str = "market_trades"
     quotes: str = "quotes"
     bars: str = "bars"
-    fills: str = "fills"
 
     def __post_init__(self) -> None:
-        for name in (self.market_trades, self.quotes, self.bars, self.fills):
+        for name in (self.market_trades, self.quotes, self.bars):
             check_identifier(name)
 
 
 class ReadThroughSection(_Section):
     tables: ReadThroughTables = msgspec.field(default_factory=ReadThroughTables)
+    # How long a miss waits for QuestDB (bars, quotes) or the POSITIONS stream (positions).
     timeout_s: float = 5.0
-    # Positions are rebuilt from the account's whole fill history; past this many fills
-    # the miss is answered 502 rather than loading an unbounded result.
-    max_fills: int = 1_000_000
 
     def __post_init__(self) -> None:
-        if self.timeout_s <= 0 or self.max_fills < 1:
-            raise ValueError("read_through needs timeout_s > 0 and max_fills >= 1")
+        if self.timeout_s <= 0:
+            raise ValueError("read_through needs timeout_s > 0")
 
 
 class HotCacheSection(_Section):
@@ -148,7 +152,7 @@ class HotCacheSection(_Section):
         if not 1 <= self.default_bar_limit <= self.bars_kept:
             raise ValueError("default_bar_limit must be between 1 and bars_kept")
         if not self.bar_intervals:
-            raise ValueError("bar_intervals must list at least one interval (the first also gives marks)")
+            raise ValueError("bar_intervals must list at least one interval")
         for interval in self.bar_intervals:
             check_built_interval(interval)
         if len(set(self.bar_intervals)) != len(self.bar_intervals):
@@ -168,39 +172,21 @@ CONFIG = HotCacheConfig
 # -- the position events ptrc publishes ---------------------------------------------------
 
 
-POSITION_NUMBERS = ("net_qty", "avg_open_price", "realized_pnl_gross", "fees", "realized_pnl_net", "mark", "unrealized_pnl")
+def highest_revisions(updates: Iterable[PositionUpdate]) -> list[PositionUpdate]:
+    """The update of the highest `revision` of each (account, symbol), in first-seen order.
 
-
-class CachedPosition(Event, frozen=True):
-    """What hot_cache reads from ptrc's position events on
-    `posttrade.positions.<account>.<symbol>` (stream POSITIONS), and stores.
-
-    A subset of `posttrade.streams.events.PositionUpdate`: unknown fields are accepted and
-    ignored, so ptrc can grow its event freely, and a position rebuilt from QuestDB's
-    fills on a miss has the same shape. `ts` is the time of the change; a flat position
-    has no `avg_open_price`, an unmarked one no `mark` / `unrealized_pnl`.
+    ptrc counts every update of a key up by one, and a late fill's update has an older
+    `ts` than the one it supersedes: the revision orders a key's updates, the event time
+    does not. Of two updates of one revision (the same update, resent) the first is
+    kept, as the Valkey scripts keep the stored one.
     """
-
-    account: str
-    symbol: str
-    net_qty: Decimal
-    avg_open_price: Decimal | None = None
-    realized_pnl_gross: Decimal = Decimal(0)
-    fees: Decimal = Decimal(0)
-    realized_pnl_net: Decimal = Decimal(0)
-    mark: Decimal | None = None
-    unrealized_pnl: Decimal | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("account", "symbol"):
-            value = getattr(self, name)
-            if not value or value.strip() != value:
-                raise ValueError(f"{name} must be a non-empty string without surrounding spaces")
-        for name in POSITION_NUMBERS:
-            value = getattr(self, name)
-            if value is not None and not value.is_finite():
-                raise ValueError(f"{name} must be a finite number, got {value}")
+    highest: dict[tuple[str, str], PositionUpdate] = {}
+    for update in updates:
+        key = (update.account, update.symbol)
+        held = highest.get(key)
+        if held is None or update.revision > held.revision:
+            highest[key] = update
+    return list(highest.values())
 
 
 # -- Valkey -------------------------------------------------------------------------------
@@ -233,17 +219,23 @@ end
 return #KEYS
 """
 
-# Values are flat JSON objects with a top-level `"ts":<digits>` (msgspec puts it last:
-# the events' base class declares it keyword-only). Inside a JSON string a quote is
-# escaped, so the bytes `"ts":` can only be that key. Compare the digit strings: Lua
-# numbers are doubles, too coarse for epoch nanoseconds.
-_NEWER_HELPERS = """
+# Values are flat JSON objects written by msgspec (no spaces) with a top-level
+# `"ts":<digits>` (quotes) or `"revision":<digits>` (positions). Inside a JSON string a
+# quote is escaped, so the bytes `"ts":` can only be that key. Compare the digit
+# strings: Lua numbers are doubles, too coarse for epoch nanoseconds.
+_DIGITS_HELPERS = """
+local function digits_greater(a, b)
+  if #a ~= #b then return #a > #b end
+  return a > b
+end
+"""
+
+_NEWER_HELPERS = _DIGITS_HELPERS + """
 local function ts_of(v) return string.match(v, '"ts":(%d+)') end
 local function stored_is_newer(stored, value)
   local a, b = ts_of(stored), ts_of(value)
   if not a or not b then return false end
-  if #a ~= #b then return #a > #b end
-  return a > b
+  return digits_greater(a, b)
 end
 """
 
@@ -261,13 +253,28 @@ end
 return written
 """
 
-# Items: [key index, field, value]. ARGV[2] = '1' marks every key as filled from QuestDB.
-_HSET_IF_NEWER = _NEWER_HELPERS + """
+# Positions: compare-and-set on ptrc's `revision` (never on `ts`: a late fill's update
+# is older in event time than the update it supersedes). A value is written only over
+# a lower revision; a stored value without one (written before revisions existed) is
+# replaced, a value without one never replaces anything.
+_REVISION_HELPERS = _DIGITS_HELPERS + """
+local function revision_of(v) return string.match(v, '"revision":(%d+)') end
+local function supersedes(value, stored)
+  local new, held = revision_of(value), revision_of(stored)
+  if not new then return false end
+  if not held then return true end
+  return digits_greater(new, held)
+end
+"""
+
+# Items: [key index, field, value]. ARGV[2] = '1' marks every key as complete (filled
+# from the POSITIONS stream: it lists every symbol of the account).
+_HSET_IF_HIGHER_REVISION = _REVISION_HELPERS + """
 local ttl, complete, written = ARGV[1], ARGV[2], {}
 for _, item in ipairs(cjson.decode(ARGV[3])) do
   local key, field, value = KEYS[item[1]], item[2], item[3]
   local current = redis.call('HGET', key, field)
-  if not (current and stored_is_newer(current, value)) then
+  if not current or supersedes(value, current) then
     redis.call('HSET', key, field, value)
     written[key] = true
   end
@@ -367,7 +374,7 @@ class ValkeyCache:
 
     PUT_BARS = _Script(_PUT_BARS)
     SET_IF_NEWER = _Script(_SET_IF_NEWER)
-    HSET_IF_NEWER = _Script(_HSET_IF_NEWER)
+    HSET_IF_HIGHER_REVISION = _Script(_HSET_IF_HIGHER_REVISION)
 
     def __init__(self, store: ValkeyStore, keys: CacheKeys, *, ttl_s: int, bars_kept: int):
         if ttl_s < 1:
@@ -406,7 +413,7 @@ class ValkeyCache:
 
     async def _load_scripts(self) -> None:
         try:
-            for script in (self.PUT_BARS, self.SET_IF_NEWER, self.HSET_IF_NEWER):
+            for script in (self.PUT_BARS, self.SET_IF_NEWER, self.HSET_IF_HIGHER_REVISION):
                 await self.redis.script_load(script.source)
         except _TRANSIENT as exc:
             raise SinkUnavailable(f"Valkey at {self.store.location}: {exc}") from exc
@@ -464,13 +471,16 @@ class ValkeyCache:
     async def fill_quote(self, quote: Quote) -> None:
         await self._execute(lambda pipe: self._queue_quotes(pipe, [quote]))
 
-    def _queue_positions(self, pipe, updates: Sequence[CachedPosition], complete: bool) -> None:
+    def _queue_positions(self, pipe, updates: Sequence[PositionUpdate], complete: bool) -> None:
         entries = ((self.keys.positions(u.account), u.symbol, _stored(u)) for u in updates)
         for batch in _batches(entries):
-            pipe.evalsha(self.HSET_IF_NEWER.sha, len(batch.keys), *batch.keys, self.ttl_s, "1" if complete else "0",
-                         _json.encode(batch.items))
+            pipe.evalsha(self.HSET_IF_HIGHER_REVISION.sha, len(batch.keys), *batch.keys, self.ttl_s,
+                         "1" if complete else "0", _json.encode(batch.items))
 
-    async def write_positions(self, updates: Sequence[CachedPosition]) -> None:
+    async def write_positions(self, updates: Sequence[PositionUpdate]) -> None:
+        """The live path: each update replaces its symbol's field where its revision is
+        higher than the stored one's."""
+
         def build(pipe) -> None:
             self._queue_positions(pipe, updates, complete=False)
             self._queue_newest(pipe, "positions", max(u.ts for u in updates))
@@ -479,15 +489,16 @@ class ValkeyCache:
             await self._execute(build)
             self._counted("positions", len(updates))
 
-    async def fill_positions(self, account: str, updates: Sequence[CachedPosition]) -> None:
-        """Store rebuilt positions (older than what ptrc sent are skipped) and mark the
-        account's hash complete: it now lists every symbol the account traded."""
+    async def fill_positions(self, account: str, updates: Sequence[PositionUpdate]) -> None:
+        """The read-through path: store the account's updates read from the POSITIONS
+        stream (where the live feed already wrote a higher revision, that one stays) and
+        mark the hash complete: it now lists every symbol ptrc has published for it."""
 
         def build(pipe) -> None:
             if updates:
                 self._queue_positions(pipe, updates, complete=True)
-            else:  # nothing in QuestDB: what ptrc's events put there is all there is
-                pipe.evalsha(self.HSET_IF_NEWER.sha, 1, self.keys.positions(account), self.ttl_s, "1", "[]")
+            else:  # nothing in the stream: what the live feed put there is all there is
+                pipe.evalsha(self.HSET_IF_HIGHER_REVISION.sha, 1, self.keys.positions(account), self.ttl_s, "1", "[]")
 
         await self._execute(build)
 
@@ -517,34 +528,6 @@ class ValkeyCache:
         fields = await self._call(lambda: self.redis.hgetall(self.keys.positions(account)))
         complete = fields.pop(COMPLETE, None) is not None
         return fields, complete
-
-    async def marks(self, symbols: Sequence[str], trade_interval: str) -> dict[str, Decimal]:
-        """Marks for rebuilt positions, by the platform's priority (posttrade.core.marks):
-        the cached quote's mid, else the close of the newest `trade_interval` bar (built
-        from trades, so the last trade's price). Symbols with neither are left out."""
-        if not symbols:
-            return {}
-
-        def build(pipe) -> None:
-            for symbol in symbols:
-                pipe.get(self.keys.quote(symbol))
-                pipe.zrevrange(self.keys.bars(symbol, trade_interval), 0, 0)
-
-        replies = await self._execute(build)
-        marks = {}
-        for i, symbol in enumerate(symbols):
-            state = MarkState()
-            raw_quote, newest_bar = replies[2 * i], replies[2 * i + 1]
-            if raw_quote:
-                quote = msgspec.json.decode(raw_quote, type=Quote)
-                state = state.with_quote(plain(quote.mid), quote.ts)
-            if newest_bar and newest_bar[0] != COMPLETE:
-                bar = msgspec.json.decode(newest_bar[0], type=Bar)
-                state = state.with_trade(bar.close, bar.ts)
-            chosen = state.mark()
-            if chosen is not None:
-                marks[symbol] = chosen[0]
-        return marks
 
     # -- stats -------------------------------------------------------------------------------
 
@@ -643,22 +626,14 @@ def to_decimal(value: Any) -> Decimal | None:
 
 
 class QuestDBReadThrough:
-    """The queries a miss runs. Bars of the intervals built from trades are aggregated
-    from `market_trades` (the same buckets the windows make); other intervals come from
-    `bars`. Positions are rebuilt from the account's fills by the position core."""
+    """The queries a miss of bars or quotes runs. Bars of the intervals built from
+    trades are aggregated from `market_trades` (the same buckets the windows make);
+    other intervals come from `bars`. (Positions come from ptrc: `PublishedPositions`.)"""
 
-    def __init__(
-        self,
-        client: QuestDBClient,
-        tables: ReadThroughTables,
-        *,
-        built_intervals: Sequence[str],
-        max_fills: int,
-    ):
+    def __init__(self, client: QuestDBClient, tables: ReadThroughTables, *, built_intervals: Sequence[str]):
         self.client = client
         self.tables = tables
         self.built_intervals = frozenset(built_intervals)
-        self.max_fills = max_fills
         self.skipped_rows = 0
 
     async def _query(self, sql: str) -> list[dict[str, Any]]:
@@ -779,60 +754,91 @@ class QuestDBReadThrough:
                 f"the newest row of {self.tables.quotes} for {symbol} is not a quote: {exc}"
             ) from None
 
-    async def fills(self, account: str) -> list[Fill]:
-        """Every fill of `account`, in event-time order."""
-        table = self.tables.fills
-        rows = await self._query(
-            f'SELECT * FROM {table} WHERE "account" = {sql_literal(account)} ORDER BY ts LIMIT {self.max_fills + 1}'
-        )
-        if len(rows) > self.max_fills:
-            raise ReadThroughError(f"account {account} has more than {self.max_fills} fills: too many to rebuild")
-        return await asyncio.to_thread(self._fills, table, account, rows)
 
-    @staticmethod
-    def _fills(table: str, account: str, rows: list[dict]) -> list[Fill]:
-        fills = []
-        for row in rows:
+# -- positions read-through: ptrc's POSITIONS stream ---------------------------------------------
+
+
+class PositionsUnavailable(RuntimeError):
+    """The POSITIONS stream could not be read (NATS unreachable, or no answer in time)."""
+
+
+class PositionsUnusable(RuntimeError):
+    """The POSITIONS stream holds a message on the account's subjects that is not a
+    PositionUpdate of that account: its symbol's position is unknown."""
+
+
+class PublishedPositions:
+    """A positions miss: the account's positions exactly as ptrc last published them.
+
+    ptrc publishes every change of a position on `<prefix>.<account>.<symbol>` (stream
+    POSITIONS, kept forever), so the last message of each of the account's subjects *is*
+    its current position: hot_cache never computes one itself (a second computation
+    would disagree with ptrc's multipliers, amendments and marks). One ephemeral
+    consumer per miss, filtered on `<prefix>.<account>.>` and starting at the last
+    message per subject (JetStream's DeliverLastPerSubject), lets the server pick those
+    messages in one step. Its pending count, asked before the first pull, is how many
+    to wait for; an update published meanwhile may come along and is kept only if its
+    revision is higher.
+    """
+
+    def __init__(self, transport: Transport, channel: Channel, *, timeout_s: float):
+        patterns = channel.subjects or channel.stream.subjects
+        if len(patterns) != 1 or not patterns[0].endswith(".>"):
+            raise ValueError(f"the positions channel needs one subject pattern `<prefix>.>`, got {list(patterns)}")
+        self.transport = transport
+        self.stream = channel.stream.name
+        self._prefix = patterns[0][:-1]  # `posttrade.positions.`: the account token follows
+        self.timeout_s = timeout_s
+
+    def account_subjects(self, account: str) -> str:
+        return f"{self._prefix}{subject_token(account)}.>"
+
+    async def positions(self, account: str) -> list[PositionUpdate]:
+        """The account's positions (one per symbol, canonical Decimals); [] when ptrc
+        has published none. Raises PositionsUnavailable or PositionsUnusable."""
+        spec = ConsumerSpec(
+            stream=self.stream,
+            durable=None,
+            filter_subjects=(self.account_subjects(account),),
+            start=StartPosition(last_per_subject=True),
+        )
+        try:
+            deliveries = await self._last_per_subject(spec)
+        except (nats.errors.Error, OSError) as exc:  # OSError: connection errors and timeouts
+            raise PositionsUnavailable(f"stream {self.stream}: {exc!r}") from exc
+        # Decoding many updates is CPU work: off the event loop, which keeps answering hits.
+        return await asyncio.to_thread(self._updates, account, deliveries)
+
+    async def _last_per_subject(self, spec: ConsumerSpec) -> list[Delivery]:
+        consumer = await self.transport.open_consumer(spec)
+        try:
+            expected = await consumer.pending()
+            deliveries: list[Delivery] = []
+            while len(deliveries) < expected:
+                batch = await consumer.next_batch(expected - len(deliveries), self.timeout_s)
+                if not batch:
+                    raise TimeoutError(f"{len(deliveries)} of {expected} messages within {self.timeout_s} s")
+                deliveries += batch
+                # Acknowledged as they come: an account with more symbols than the
+                # consumer's max_ack_pending would otherwise stall the delivery.
+                await consumer.ack_through(batch[-1])
+            return deliveries
+        finally:
+            await consumer.close()
+
+    def _updates(self, account: str, deliveries: list[Delivery]) -> list[PositionUpdate]:
+        updates = []
+        for delivery in deliveries:
+            where = f"{self.stream} seq {delivery.seq} ({delivery.subject})"
             try:
-                fills.append(
-                    Fill(
-                        ts=iso_to_ns(row["ts"]),
-                        fill_id=str(row["fill_id"]),
-                        account=account,
-                        symbol=row["symbol"],
-                        side=row["side"],
-                        qty=to_decimal(row["qty"]),
-                        price=to_decimal(row["price"]),
-                        fee=to_decimal(row.get("fee")) or Decimal(0),
-                    )
-                )
-            except (KeyError, TypeError, ValueError) as exc:
-                # A position built without one of its fills would be wrong: refuse.
-                raise ReadThroughError(f"a row of {table} is not a fill ({exc}): {row}") from None
-        return fills
-
-
-def rebuild_positions(account: str, fills: Sequence[Fill], marks: dict[str, Decimal]) -> list[CachedPosition]:
-    """Positions of `account` from its fills (average cost, multiplier 1), marked at
-    `marks` where known: what ptrc would publish, for a cache miss."""
-    book = PositionBook()
-    book.apply_many(fills)
-    updates = []
-    for position in book.positions(account):
-        mark = marks.get(position.symbol)
-        row = position_row(position, mark, "avg")
-        updates.append(
-            CachedPosition(
-                ts=position.last_ts,
-                account=account,
-                symbol=position.symbol,
-                **{
-                    name: (Decimal(row[name]) if row[name] is not None else None)
-                    for name in POSITION_NUMBERS
-                },
-            )
-        )
-    return updates
+                update = decode(PositionUpdate, delivery.data)
+            except InvalidEvent as exc:
+                # Its symbol's position would be missing from an answer marked complete: refuse.
+                raise PositionsUnusable(f"{where} is not a PositionUpdate: {exc.reason}") from None
+            if update.account != account:
+                raise PositionsUnusable(f"{where} is a position of account {update.account!r}, not {account!r}")
+            updates.append(plain_decimals(update))
+        return highest_revisions(updates)
 
 
 # -- the read side ------------------------------------------------------------------------------
@@ -939,17 +945,20 @@ class WarmingBarSink:
 
 
 class HotCache:
-    """The pages' logic: cache first, QuestDB on a miss, fill, answer."""
+    """The pages' logic: cache first, the source on a miss (QuestDB for bars and quotes,
+    ptrc's POSITIONS stream for positions), fill, answer."""
 
     def __init__(
         self,
         app: App,
         cache: ValkeyCache,
         questdb: QuestDBReadThrough,
+        published: PublishedPositions,
         section: HotCacheSection,
     ):
         self.cache = cache
         self.questdb = questdb
+        self.published = published
         # Set by build() when this process consumes the feed (None on a read replica).
         self.builder: TradeBarBuilder | None = None
         self.bar_messages: BarMessageCounters | None = None
@@ -963,7 +972,7 @@ class HotCache:
         )
         self._read_through_seconds = Histogram(
             "hot_cache_read_through_seconds",
-            "Time to answer a miss from QuestDB (query and cache fill)",
+            "Time to answer a miss from its source, QuestDB or the POSITIONS stream (read and cache fill)",
             ["family"],
             registry=registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
@@ -980,8 +989,8 @@ class HotCache:
         self._reads.labels(family, "miss").inc()
 
     async def _read_through(self, family: str, key: tuple, load: Callable[[], Awaitable[Any]]) -> Any:
-        """Run `load` (QuestDB query + cache fill) once for concurrent misses of one key,
-        mapping QuestDB's failures to HTTP errors."""
+        """Run `load` (source read + cache fill) once for concurrent misses of one key,
+        mapping the source's failures to HTTP errors."""
         future = self._in_flight.get(key)
         if future is None:
             future = asyncio.ensure_future(self._load(family, load))
@@ -1003,6 +1012,12 @@ class HotCache:
         except (QuestDBError, ReadThroughError) as exc:
             self.counters.read_through_errors += 1
             raise HTTPException(502, detail={"error": "QuestDB answer unusable", "questdb": str(exc)}) from None
+        except PositionsUnavailable as exc:
+            self.counters.read_through_errors += 1
+            raise HTTPException(503, detail={"error": "POSITIONS stream unavailable", "stream": str(exc)}) from None
+        except PositionsUnusable as exc:
+            self.counters.read_through_errors += 1
+            raise HTTPException(502, detail={"error": "POSITIONS stream answer unusable", "stream": str(exc)}) from None
         finally:
             self._read_through_seconds.labels(family).observe(time.perf_counter() - started)
 
@@ -1099,16 +1114,8 @@ class HotCache:
         self._miss("positions")
         cache_up = fields is not None
 
-        async def load() -> list[CachedPosition]:
-            fills = await self.questdb.fills(account)
-            symbols = sorted({f.symbol for f in fills})
-            marks: dict[str, Decimal] = {}
-            if cache_up:
-                try:
-                    marks = await self.cache.marks(symbols, self.section.bar_intervals[0])
-                except SinkUnavailable:
-                    self.counters.cache_errors += 1
-            updates = await asyncio.to_thread(rebuild_positions, account, fills, marks)
+        async def load() -> list[PositionUpdate]:
+            updates = await self.published.positions(account)
             if cache_up and (updates or fields):
                 try:
                     await self.cache.fill_positions(account, updates)
@@ -1124,15 +1131,17 @@ class HotCache:
             return {"account": account, "hit": False, "source": "cache", "complete": False,
                     "read_through_error": exc.detail, "positions": self._sorted(fields)}
         if cache_up and (updates or fields):
+            # Read back: where the live feed wrote a higher revision meanwhile, that one
+            # is the position, not the stream's older message.
             try:
                 fields, _ = await self.cache.read_positions(account)
-                return {"account": account, "hit": False, "source": "questdb", "positions": self._sorted(fields)}
+                return {"account": account, "hit": False, "source": "stream", "positions": self._sorted(fields)}
             except SinkUnavailable:
                 self.counters.cache_errors += 1
         if not updates:
             self.counters.read_through_not_found += 1
             raise HTTPException(404, detail={"error": "no positions", "account": account})
-        return {"account": account, "hit": False, "source": "questdb",
+        return {"account": account, "hit": False, "source": "stream",
                 "positions": sorted(updates, key=lambda u: u.symbol)}
 
     @staticmethod
@@ -1231,13 +1240,7 @@ def add_position_agent(app: App, positions: Channel, cache: ValkeyCache, *, max_
     @app.agent(positions, name="take_positions")
     async def take_positions(stream: Stream) -> None:
         async for batch in stream.take(max_events, within_s):
-            newest: dict[tuple[str, str], CachedPosition] = {}
-            for update in batch:
-                key = (update.account, update.symbol)
-                held = newest.get(key)
-                if held is None or update.ts >= held.ts:
-                    newest[key] = update
-            latest = [plain_decimals(update) for update in newest.values()]
+            latest = [plain_decimals(update) for update in highest_revisions(batch)]
             await write_until_done(stream, lambda: cache.write_positions(latest), what="positions")
 
 
@@ -1258,7 +1261,7 @@ def bus_channels(app: App) -> HotCacheChannels:
         trades=subjects.market_trades(app),
         bars=subjects.bars(app),
         quotes=subjects.quotes(app),
-        positions=subjects.output(app, "positions", "POSITIONS", "posttrade.positions.>", CachedPosition),
+        positions=subjects.output(app, "positions", "POSITIONS", "posttrade.positions.>", PositionUpdate),
     )
 
 
@@ -1294,15 +1297,15 @@ def build(config: HotCacheConfig, *, channels: Callable[[App], HotCacheChannels]
         timeout=section.read_through.timeout_s,
     )
     read_through = QuestDBReadThrough(
-        questdb_client,
-        section.read_through.tables,
-        built_intervals=section.bar_intervals,
-        max_fills=section.read_through.max_fills,
+        questdb_client, section.read_through.tables, built_intervals=section.bar_intervals
     )
+    # Declared on a read replica too: its positions misses read the POSITIONS stream.
+    streams = channels(app)
+    published = PublishedPositions(app.transport, streams.positions, timeout_s=section.read_through.timeout_s)
 
     builder: TradeBarBuilder | None = None
     bar_messages: BarMessageCounters | None = None
-    service = HotCache(app, cache, read_through, section)
+    service = HotCache(app, cache, read_through, published, section)
     app.hot_cache = service  # type: ignore[attr-defined]  # for tests and benchmarks
     if section.consume:
         if section.warm_concurrency:
@@ -1310,7 +1313,6 @@ def build(config: HotCacheConfig, *, channels: Callable[[App], HotCacheChannels]
             app.on_startup.append(service.warmer.start)
             app.on_shutdown.append(service.warmer.stop)
         bar_sink = WarmingBarSink(cache, service.warmer)
-        streams = channels(app)
         batching = {"max_events": section.write_batch, "within_s": section.write_within_s}
         builder = TradeBarBuilder(app, section.bar_intervals, grace_s=section.grace_s)
         add_trade_bar_agent(app, streams.trades, builder, bar_sink, **batching)
@@ -1363,16 +1365,17 @@ def build(config: HotCacheConfig, *, channels: Callable[[App], HotCacheChannels]
 
     @app.page("/positions/{account:path}")
     async def get_positions(request: Request) -> CachedJSON:
-        """The current positions of an account: Valkey, or rebuilt from QuestDB fills on a miss.
+        """The current positions of an account as ptrc published them: Valkey, or on a miss
+        the last message of each of the account's subjects in the POSITIONS stream.
 
         ---
         path:
           account: the account (1-128 printable characters, no spaces)
         responses:
-          200: {description: "`account`, `positions` sorted by symbol, with `hit` and `source`", schema: {type: object}}
-          404: nothing in Valkey nor QuestDB
-          502: "QuestDB's answer cannot be used (e.g. more fills than `read_through.max_fills`)"
-          503: QuestDB is needed for a miss and cannot be reached
+          200: {description: "`account`, `positions` (ptrc's PositionUpdates) sorted by symbol, with `hit` and `source` (cache or stream)", schema: {type: object}}
+          404: nothing in Valkey nor in the POSITIONS stream
+          502: "a message on the account's subjects is not a PositionUpdate of that account"
+          503: the POSITIONS stream is needed for a miss and cannot be read
         """
         return CachedJSON(await service.positions(_name(request, "account")))
 

@@ -22,10 +22,10 @@ import pytest
 
 from posttrade.config import load_config
 from posttrade.services import hot_cache
-from posttrade.services.hot_cache import HotCacheChannels, CachedPosition
+from posttrade.services.hot_cache import HotCacheChannels
 from posttrade.stores.questdb import QuestDBClient
 from posttrade.stores.valkey import open_valkey
-from posttrade.streams.events import Bar, MarketTrade, Quote, encode
+from posttrade.streams.events import Bar, MarketTrade, PositionUpdate, Quote, decode, encode, subject_token
 from posttrade.web.server import build_web_app
 from tests.unit.test_bars import BASE, FIRST_MINUTE, FIVE_MINUTES, S, SECOND_MINUTE, TAPE, trade
 
@@ -66,7 +66,7 @@ class Names:
             trades=channel("market_trades", "TRADES", MarketTrade),
             bars=channel("bars", "BARS", Bar),
             quotes=channel("quotes", "QUOTES", Quote),
-            positions=channel("positions", "POSITIONS", CachedPosition),
+            positions=channel("positions", "POSITIONS", PositionUpdate),
         )
 
 
@@ -81,6 +81,10 @@ class Service:
 
     async def publish(self, kind: str, key: str, event) -> None:
         await self.js.publish(self.names.subject(kind, key), encode(event))
+
+    async def publish_position(self, update: PositionUpdate) -> None:
+        """On `<prefix>.POSITIONS.<account>.<symbol>`, tokens as ptrc makes them."""
+        await self.publish("POSITIONS", f"{subject_token(update.account)}.{subject_token(update.symbol)}", update)
 
     async def wait_processed(self, agent: str, kind: str, count: int, timeout: float = 20.0) -> None:
         durable = f"{self.names.app}-{agent}"
@@ -121,7 +125,7 @@ async def service_factory(stack) -> AsyncIterator:
             # Off unless a test turns it on: its background fills would race the misses tested.
             "POSTTRADE_HOT_CACHE__HOT_CACHE__WARM_CONCURRENCY": "0",
         }
-        for kind in ("market_trades", "quotes", "bars", "fills"):
+        for kind in ("market_trades", "quotes", "bars"):
             env[f"POSTTRADE_HOT_CACHE__HOT_CACHE__READ_THROUGH__TABLES__{kind.upper()}"] = names.table(kind)
         env.update({f"POSTTRADE_HOT_CACHE__{k.upper()}": v for k, v in overrides.items()})
         config = load_config("hot_cache", hot_cache.CONFIG, env=env)
@@ -151,7 +155,7 @@ async def service_factory(stack) -> AsyncIterator:
         keys = [k async for k in valkey.redis.scan_iter(match=f"{names.prefix}:*")]
         if keys:
             await valkey.redis.delete(*keys)
-        for kind in ("market_trades", "quotes", "bars", "fills"):
+        for kind in ("market_trades", "quotes", "bars"):
             await qdb.drop_table(names.table(kind))
     await valkey.close()
     await qdb.close()
@@ -271,8 +275,8 @@ async def test_a_miss_is_read_through_from_questdb_then_served_from_valkey(servi
     assert (status, body["error"]) == (404, "not found")
     status, body = await svc.get("/quotes/NOPE")
     assert status == 404
-    status, body = await svc.get("/positions/A1")  # the fills table does not exist yet
-    assert (status, body["error"]) == (404, "not found") and "does not exist" in body["detail"]["questdb"]
+    status, body = await svc.get("/positions/A1")  # ptrc has published nothing for A1
+    assert (status, body["error"], body["detail"]["error"]) == (404, "not found", "no positions")
 
     status, stats = await svc.get("/cache/stats")
     assert stats["families"]["bars"]["hits"] == 1 and stats["families"]["bars"]["misses"] == 3
@@ -325,51 +329,108 @@ async def test_the_warmer_fills_new_keys_from_questdb_before_they_are_read(servi
     assert (stats["hits"], stats["misses"]) == (0, 0)  # warming is not reading
 
 
-async def test_positions_are_rebuilt_from_fills_on_a_miss(service_factory):
+def position(revision: int, ts: int, *, account: str, symbol: str, reason: str, multiplier: str, net_qty: str,
+             avg: str, fees: str, mark: str, **more) -> PositionUpdate:
+    """A PositionUpdate with figures worked by hand: open cost = net_qty x avg,
+    unrealized = (net_qty x mark - open cost) x multiplier, nothing realized yet."""
+    qty, avg_price, mark_price, m = D(net_qty), D(avg), D(mark), D(multiplier)
+    open_cost = qty * avg_price
+    unrealized = (qty * mark_price - open_cost) * m
+    return PositionUpdate(
+        ts=ts, account=account, symbol=symbol, reason=reason, multiplier=m, net_qty=qty, avg_open_price=avg_price,
+        open_cost=open_cost, realized_pnl_gross=D("0"), fees=D(fees), realized_pnl_net=-D(fees),
+        fifo_open_cost=open_cost, fifo_realized_pnl_gross=D("0"), sod_realized_pnl_net=D("0"),
+        sod_unrealized_pnl=D("0"), mark=mark_price, unrealized_pnl=unrealized, fifo_unrealized_pnl=unrealized,
+        day_pnl=unrealized - D(fees), revision=revision, **more,
+    )
+
+
+ACCOUNT = "ACC.1"  # a dot: its subject token is ACC%2E1
+# ESZ5, multiplier 50: BUY 2 @ 4500 at +10 s (revision 1), then a fill executed at +5 s
+# arrives late, BUY 1 @ 4503: revision 2 has the OLDER ts. 3 x 4501 = 13503;
+# unrealized (3 x 4510 - 13503) x 50 = 1350 (multiplier 1 would say 27).
+ES_ON_TIME = position(1, BASE + 10 * S, account=ACCOUNT, symbol="ESZ5", reason="fill", multiplier="50",
+                      net_qty="2", avg="4500", fees="4.2", mark="4510", fill_id="F1", side="BUY", qty=D("2"),
+                      price=D("4500"), fee=D("4.2"), exec_type="NEW", fill_count=1)
+ES_LATE = position(2, BASE + 5 * S, account=ACCOUNT, symbol="ESZ5", reason="late", multiplier="50",
+                   net_qty="3", avg="4501", fees="6.3", mark="4510", fill_id="F0", side="BUY", qty=D("1"),
+                   price=D("4503"), fee=D("2.1"), exec_type="NEW", fill_count=2)
+# A stock whose only fill was corrected (100 @ 20.50 -> 80 @ 20.25), then opened again.
+XYZ_FILL = position(1, BASE + 2 * S, account=ACCOUNT, symbol="XYZ", reason="fill", multiplier="1",
+                    net_qty="100", avg="20.50", fees="1", mark="21", fill_id="X1", side="BUY", qty=D("100"),
+                    price=D("20.50"), fee=D("1"), exec_type="NEW", fill_count=1)
+XYZ_CORRECTED = position(2, BASE + 3 * S, account=ACCOUNT, symbol="XYZ", reason="correction", multiplier="1",
+                         net_qty="80", avg="20.25", fees="0.8", mark="21", corrections=1, fill_id="X1C",
+                         ref_fill_id="X1", side="BUY", qty=D("80"), price=D("20.25"), fee=D("0.8"),
+                         exec_type="CORRECT", fill_count=1)
+
+
+async def positions_of(svc: Service, account: str) -> tuple[int, dict, list[PositionUpdate]]:
+    status, body = await svc.get(f"/positions/{account}")
+    served = [decode(PositionUpdate, json.dumps(p).encode()) for p in body.get("positions", [])]
+    return status, body, served
+
+
+async def test_positions_are_ptrcs_updates_kept_by_revision_on_a_hit_and_a_miss(service_factory):
     svc = await service_factory()
-    await create_market_data_tables(svc)
-    fills = svc.names.table("fills")
-    await svc.qdb.create_table(
-        fills,
-        {"ts": "TIMESTAMP_NS", "fill_id": "VARCHAR", "account": "SYMBOL", "symbol": "SYMBOL", "side": "SYMBOL",
-         "qty": "DECIMAL(38,12)", "price": "DECIMAL(38,12)", "fee": "DECIMAL(38,12)"},
-        dedup_keys=["fill_id"],
-    )
-    rows = [("f1", "XYZ", "BUY", "10", "100", "1"), ("f2", "XYZ", "BUY", "10", "110", "1"),
-            ("f3", "XYZ", "SELL", "5", "120", "0.5"), ("f4", "ABC", "SELL", "3", "50", "0")]
-    values = ", ".join(
-        f"({BASE + i * S}::timestamp_ns, '{fid}', 'A1', '{sym}', '{side}', '{qty}'::decimal(38,12),"
-        f" '{px}'::decimal(38,12), '{fee}'::decimal(38,12))"
-        for i, (fid, sym, side, qty, px, fee) in enumerate(rows)
-    )
-    await svc.qdb.execute(f"INSERT INTO {fills} (ts, fill_id, account, symbol, side, qty, price, fee) VALUES {values}")
-    await svc.qdb.wait_visible(fills, 4)
+    other = position(7, BASE, account="ACC", symbol="ESZ5", reason="fill", multiplier="50", net_qty="-1",
+                     avg="4400", fees="2.1", mark="4510")
+    for update in (ES_ON_TIME, XYZ_FILL, other, ES_LATE, XYZ_CORRECTED):
+        await svc.publish_position(update)
+    await svc.wait_processed("take_positions", "POSITIONS", 5)
+    latest = [ES_LATE, XYZ_CORRECTED]  # by symbol: the highest revision of each
 
-    await svc.get("/quotes/XYZ")  # caches the quote whose mid (118) marks XYZ
-    # ABC has no quote: its mark is the last trade (the close of its newest 1 s bar).
-    await svc.publish("TRADES", "ABC", trade("10", "48", "5", symbol="ABC"))
-    await svc.wait_processed("build_bars", "TRADES", 1)
-    status, body = await svc.get("/positions/A1")
-    assert (status, body["hit"], body["source"]) == (200, False, "questdb")
-    abc, xyz = body["positions"]
-    assert xyz == {"account": "A1", "symbol": "XYZ", "net_qty": "15", "avg_open_price": "105",
-                   "realized_pnl_gross": "75", "fees": "2.5", "realized_pnl_net": "72.5", "mark": "118",
-                   "unrealized_pnl": "195", "ts": BASE + 2 * S}
-    assert (abc["net_qty"], abc["mark"], abc["unrealized_pnl"]) == ("-3", "48", "6")  # -3 x (48 - 50)
-    status, body = await svc.get("/positions/A1")
-    assert (body["hit"], body["source"], len(body["positions"])) == (True, "cache", 2)
+    # The live feed wrote the hash, but only a read of the stream knows it lists every
+    # symbol: a miss, answered from the POSITIONS stream's last message per subject.
+    status, body, served = await positions_of(svc, ACCOUNT)
+    assert (status, body["hit"], body["source"]) == (200, False, "stream"), body
+    assert served == latest
+    assert body["positions"][0]["unrealized_pnl"] == "1350" and body["positions"][0]["multiplier"] == "50"
+    status, body, served = await positions_of(svc, ACCOUNT)
+    assert (body["hit"], body["source"], served) == (True, "cache", latest)
 
-    # ptrc's newer event replaces the rebuilt position; an older one that arrives later does not.
-    newer = CachedPosition(ts=BASE + 10 * S, account="A1", symbol="XYZ", net_qty=D("20"), avg_open_price=D("106"))
-    older = CachedPosition(ts=BASE + 5 * S, account="A1", symbol="XYZ", net_qty=D("999"))
-    await svc.publish("POSITIONS", "A1.XYZ", newer)
-    await svc.publish("POSITIONS", "A1.XYZ", older)
-    await svc.wait_processed("take_positions", "POSITIONS", 2)
-    status, body = await svc.get("/positions/A1")
-    assert body["hit"] and body["positions"][1]["net_qty"] == "20"
+    # Valkey loses the keys: the miss serves ptrc's figures again, not a recomputation.
+    keys = [k async for k in svc.valkey.redis.scan_iter(match=f"{svc.names.prefix}:pos:*")]
+    assert sorted(keys) == sorted([f"{svc.names.prefix}:pos:ACC".encode(), f"{svc.names.prefix}:pos:{ACCOUNT}".encode()])
+    await svc.valkey.redis.delete(*keys)
+    status, body, served = await positions_of(svc, ACCOUNT)
+    assert (status, body["hit"], body["source"], served) == (200, False, "stream", latest)
+    status, body, served = await positions_of(svc, ACCOUNT)
+    assert (body["hit"], served) == (True, latest)
+    status, body, served = await positions_of(svc, "ACC")
+    assert (body["hit"], served) == (False, [other])
 
     status, body = await svc.get("/positions/NOBODY")
     assert (status, body["detail"]["error"]) == (404, "no positions")
+
+
+async def test_the_valkey_write_is_compare_and_set_on_revision(service_factory):
+    svc = await service_factory()
+    cache = svc.app.hot_cache.cache
+    hash_key = f"{svc.names.prefix}:pos:{ACCOUNT}"
+
+    async def stored() -> PositionUpdate:
+        return decode(PositionUpdate, await svc.valkey.redis.hget(hash_key, "ESZ5"))
+
+    # Separate writes (separate batches): an older ts with a higher revision replaces...
+    await cache.write_positions([ES_ON_TIME])
+    await cache.write_positions([ES_LATE])
+    assert await stored() == ES_LATE
+    # ...and a lower revision never does, however new its ts.
+    stale = msgspec.structs.replace(ES_ON_TIME, ts=BASE + 60 * S, net_qty=D("99"))
+    await cache.write_positions([stale])
+    assert await stored() == ES_LATE
+    # A read-through never moves a position back either: the stream's last ESZ5 message
+    # is revision 2, the hash holds revision 3 (the feed got there first).
+    newer = msgspec.structs.replace(ES_LATE, revision=3, reason="bust", busts=1, net_qty=D("1"),
+                                    open_cost=D("4501"), unrealized_pnl=D("450"))
+    await svc.publish_position(ES_ON_TIME)
+    await svc.publish_position(ES_LATE)
+    await svc.wait_processed("take_positions", "POSITIONS", 2)
+    await cache.write_positions([newer])
+    status, body, served = await positions_of(svc, ACCOUNT)
+    assert (status, body["hit"], body["source"], served) == (200, False, "stream", [newer])
+    assert await svc.valkey.redis.hexists(hash_key, "#complete")
 
 
 async def test_quotes_and_positions_from_the_bus_and_ttl_expiry(service_factory):
@@ -379,7 +440,9 @@ async def test_quotes_and_positions_from_the_bus_and_ttl_expiry(service_factory)
     await svc.publish("QUOTES", "Q1", quote)
     await svc.wait_processed("take_quotes", "QUOTES", 1)
     await svc.publish("QUOTES", "Q1", stale)  # older event time: must not replace the newer quote
-    await svc.publish("POSITIONS", "A2.Q1", CachedPosition(ts=BASE, account="A2", symbol="Q1", net_qty=D("7")))
+    held = position(1, BASE, account="A2", symbol="Q1", reason="opening", multiplier="1", net_qty="7", avg="10",
+                    fees="0", mark="10.11")
+    await svc.publish_position(held)
     await svc.wait_processed("take_quotes", "QUOTES", 2)
     await svc.wait_processed("take_positions", "POSITIONS", 1)
 
@@ -387,11 +450,12 @@ async def test_quotes_and_positions_from_the_bus_and_ttl_expiry(service_factory)
     assert (status, body["hit"]) == (200, True)
     # Stored and served with canonical numbers (10.10 -> "10.1").
     assert body["quote"] == {**as_json(quote), "bid": "10.1", "ask_size": "0"}
-    # A hash written only by ptrc's events may not list every symbol of the account: a
-    # miss, and without a fills table the cached part is served, marked incomplete.
-    status, body = await svc.get("/positions/A2")
-    assert (status, body["hit"], body["complete"]) == (200, False, False)
-    assert body["positions"][0]["net_qty"] == "7"
+    # A hash written only by the live feed may not list every symbol of the account: a
+    # miss, completed from the POSITIONS stream; then a hit.
+    status, body, served = await positions_of(svc, "A2")
+    assert (status, body["hit"], body["source"], served) == (200, False, "stream", [held])
+    status, body, served = await positions_of(svc, "A2")
+    assert (body["hit"], served) == (True, [held])
 
     keys = [f"{svc.names.prefix}:quote:Q1", f"{svc.names.prefix}:pos:A2"]
     for key in keys:
@@ -434,7 +498,7 @@ async def test_stats_and_health_report_valkey_and_questdb(service_factory):
     assert body["checks"]["agent:build_bars"]["ok"]
 
 
-async def test_with_valkey_unreachable_reads_are_answered_from_questdb(service_factory):
+async def test_with_valkey_unreachable_reads_are_answered_from_their_sources(service_factory):
     with socket.socket() as sock:  # a port nothing listens on: Valkey "down"
         sock.bind(("127.0.0.1", 0))
         dead_port = sock.getsockname()[1]
@@ -446,8 +510,12 @@ async def test_with_valkey_unreachable_reads_are_answered_from_questdb(service_f
     assert [b["vwap"] for b in body["bars"]] == ["100.125", "102.333333333333"]
     status, body = await svc.get("/quotes/XYZ")
     assert (status, body["source"], body["quote"]["bid"]) == (200, "questdb", "117.5")
+    for update in (ES_ON_TIME, ES_LATE):
+        await svc.publish_position(update)
+    status, body, served = await positions_of(svc, ACCOUNT)
+    assert (status, body["hit"], body["source"], served) == (200, False, "stream", [ES_LATE])
 
     status, stats = await svc.get("/cache/stats")
-    assert status == 200 and stats["valkey"]["ok"] is False and stats["cache_errors"] >= 2
+    assert status == 200 and stats["valkey"]["ok"] is False and stats["cache_errors"] >= 3
     response = await svc.http.get("/health")
     assert response.status_code == 503 and response.json()["checks"]["valkey"]["ok"] is False

@@ -1,25 +1,33 @@
-"""hot_cache without servers: config, the ptrc payload, QuestDB value parsing, positions
-rebuilt from fills, request validation."""
+"""hot_cache without servers: config, ptrc's positions kept by revision (the batch
+reduction, the take_positions agent, the POSITIONS read-through on the in-memory
+transport), QuestDB value parsing, request validation. The Valkey scripts' half of the
+revision rule runs on a real Valkey: tests/integration/test_hot_cache.py."""
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 
 import httpx
 import msgspec
 import pytest
 
+from posttrade.app import App
 from posttrade.config import ConfigError, load_config
 from posttrade.services import hot_cache
 from posttrade.services.hot_cache import (
     CacheKeys,
-    CachedPosition,
+    PositionsUnusable,
+    PublishedPositions,
     ReadThroughError,
+    add_position_agent,
+    highest_revisions,
     iso_to_ns,
-    rebuild_positions,
     to_decimal,
 )
-from posttrade.streams.events import Fill, InvalidEvent, decode
+from posttrade.streams import subjects
+from posttrade.streams.events import PositionUpdate, encode
+from posttrade.streams.memory import MemoryTransport
 from posttrade.web.server import build_web_app
 
 D = Decimal
@@ -41,7 +49,7 @@ def test_the_shipped_config_loads_with_the_documented_defaults():
         ("POSTTRADE_HOT_CACHE__HOT_CACHE__KEY_PREFIX", "a:b"),
         ("POSTTRADE_HOT_CACHE__HOT_CACHE__BARS_KEPT", "0"),
         ("POSTTRADE_HOT_CACHE__HOT_CACHE__DEFAULT_BAR_INTERVAL", "fortnight"),
-        ("POSTTRADE_HOT_CACHE__HOT_CACHE__READ_THROUGH__TABLES__FILLS", "fills; DROP TABLE x"),
+        ("POSTTRADE_HOT_CACHE__HOT_CACHE__READ_THROUGH__TABLES__QUOTES", "quotes; DROP TABLE x"),
         ("POSTTRADE_HOT_CACHE__HOT_CACHE__UNKNOWN", "1"),
         ("POSTTRADE_HOT_CACHE__HOT_CACHE__DEFAULT_BAR_LIMIT", "500"),  # more than bars_kept
     ],
@@ -56,23 +64,6 @@ def test_intervals_that_do_not_divide_a_day_are_refused(tmp_path):
     path.write_text("service: {name: hot_cache, port: 8088}\nhot_cache: {bar_intervals: [1m, 7m]}\n")
     with pytest.raises(ConfigError, match="7m"):
         load_config("hot_cache", hot_cache.CONFIG, path=path, env={})
-
-
-def test_position_update_accepts_fields_it_does_not_know():
-    raw = (
-        b'{"ts": 1700000000000000000, "account": "A1", "symbol": "XYZ", "net_qty": "-5",'
-        b' "avg_open_price": "101.5", "realized_pnl_gross": "12", "fees": "1.5", "realized_pnl_net": "10.5",'
-        b' "mark": null, "unrealized_pnl": null, "fifo_realized_pnl_gross": "11", "day_pnl": "3"}'
-    )
-    update = decode(CachedPosition, raw)
-    assert update.net_qty == D("-5") and update.mark is None
-    # Stored re-encoded, without the extra fields; the set-if-newer scripts find `"ts":`.
-    stored = msgspec.json.encode(update)
-    assert b'"ts":1700000000000000000' in stored and b"day_pnl" not in stored
-    with pytest.raises(InvalidEvent):
-        decode(CachedPosition, b'{"ts": 5, "account": "A1", "symbol": "XYZ", "net_qty": "1"}')
-    with pytest.raises(InvalidEvent):
-        decode(CachedPosition, b'{"ts": 1700000000000000000, "account": "", "symbol": "XYZ", "net_qty": "1"}')
 
 
 def test_questdb_timestamps_parse_exactly():
@@ -102,25 +93,114 @@ def test_questdb_numbers_become_plain_decimals():
         to_decimal(True)
 
 
-def fill(i: int, symbol: str, side: str, qty: str, price: str, fee: str = "0") -> Fill:
-    return Fill(ts=T0 + i, fill_id=f"f{i}", account="A1", symbol=symbol, side=side, qty=D(qty), price=D(price),
-                fee=D(fee))
+# -- ptrc's positions, kept by revision ---------------------------------------------------
 
 
-def test_positions_rebuilt_from_fills_by_hand():
-    fills = [
-        fill(1, "XYZ", "BUY", "10", "100", "1"),
-        fill(2, "XYZ", "BUY", "10", "110", "1"),  # avg (1000 + 1100) / 20 = 105
-        fill(3, "XYZ", "SELL", "5", "120", "0.5"),  # realizes 5 x (120 - 105) = 75
-        fill(4, "ABC", "SELL", "3", "50"),  # short 3 at 50, no quote: no mark
-    ]
-    updates = {u.symbol: u for u in rebuild_positions("A1", fills, {"XYZ": D("118")})}
-    xyz = updates["XYZ"]
-    assert (xyz.ts, xyz.net_qty, xyz.avg_open_price) == (T0 + 3, D("15"), D("105"))
-    assert (xyz.realized_pnl_gross, xyz.fees, xyz.realized_pnl_net) == (D("75"), D("2.5"), D("72.5"))
-    assert (xyz.mark, xyz.unrealized_pnl) == (D("118"), D("195"))  # 15 x (118 - 105)
-    abc = updates["ABC"]
-    assert (abc.net_qty, abc.avg_open_price, abc.mark, abc.unrealized_pnl) == (D("-3"), D("50"), None, None)
+def update(revision: int, ts: int, *, account: str = "A1", symbol: str = "ESZ5", net_qty: str = "2",
+           reason: str = "fill") -> PositionUpdate:
+    """A PositionUpdate of a multiplier-50 future: (net_qty x 4512 - open_cost) x 50."""
+    qty = D(net_qty)
+    return PositionUpdate(
+        ts=ts, account=account, symbol=symbol, reason=reason, multiplier=D("50"), net_qty=qty,
+        avg_open_price=D("4500"), open_cost=qty * 4500, realized_pnl_gross=D("0"), fees=D("2.1"),
+        realized_pnl_net=D("-2.1"), fifo_open_cost=qty * 4500, fifo_realized_pnl_gross=D("0"),
+        sod_realized_pnl_net=D("0"), sod_unrealized_pnl=D("0"), mark=D("4512"), unrealized_pnl=qty * 12 * 50,
+        revision=revision,
+    )
+
+
+def test_an_older_ts_with_a_higher_revision_replaces():
+    on_time = update(1, T0 + 10, net_qty="2")
+    late = update(2, T0 + 5, net_qty="3", reason="late")  # a late fill: older event time
+    assert highest_revisions([on_time, late]) == [late]
+
+
+def test_a_lower_revision_never_replaces_whatever_its_ts_or_order():
+    current = update(5, T0 + 5, net_qty="3")
+    stale = [update(4, T0 + 99, net_qty="9"), update(1, T0 + 1, net_qty="1")]
+    assert highest_revisions([current, *stale]) == [current]
+    assert highest_revisions([*stale, current]) == [current]
+    # One revision twice (a resend): the first is kept, as Valkey keeps the stored one.
+    resent = msgspec.structs.replace(current, ts=T0 + 50)
+    assert highest_revisions([current, resent])[0] is current
+
+
+def test_each_position_keeps_its_own_highest_revision():
+    es = [update(1, T0 + 3), update(3, T0 + 1), update(2, T0 + 2)]
+    other_account = update(7, T0, account="A2")
+    other_symbol = update(1, T0 + 9, symbol="NQZ5")
+    kept = highest_revisions([*es, other_account, other_symbol])
+    assert kept == [es[1], other_account, other_symbol]
+
+
+class RecordingPositionCache:
+    """What take_positions writes, batch by batch (the Valkey side is integration tested)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[PositionUpdate]] = []
+
+    async def write_positions(self, updates) -> None:
+        self.batches.append(list(updates))
+
+
+async def wait_for(predicate, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+async def test_the_position_agent_writes_the_highest_revision_of_a_batch_not_the_newest_ts():
+    transport = MemoryTransport()
+    app = App("hc", transport)
+    app.runtime.poll_timeout_s = 0.02
+    positions = subjects.output(app, "positions", "POSITIONS", "posttrade.positions.>", PositionUpdate)
+    cache = RecordingPositionCache()
+    add_position_agent(app, positions, cache, max_events=10, within_s=0.05)
+    published = [update(1, T0 + 10, net_qty="2"), update(2, T0 + 5, net_qty="3", reason="late"),
+                 update(1, T0 + 20, symbol="NQZ5")]
+    # On the stream before the agent starts: its first batch takes all three.
+    await transport.ensure_stream(positions.stream)
+    for u in published:
+        await transport.publish(subjects.position_subject(u.account, u.symbol), encode(u))
+    async with app:
+        await wait_for(lambda: transport.ack_floors.get(("POSITIONS", "hc-take_positions"), 0) == 3)
+    assert cache.batches == [[published[1], published[2]]]  # the late fill's update, not the newer ts
+
+
+async def positions_stream(*updates: PositionUpdate, raw: list[tuple[str, bytes]] = ()) -> tuple[App, PublishedPositions]:
+    transport = MemoryTransport()
+    app = App("hc", transport)
+    channel = subjects.output(app, "positions", "POSITIONS", "posttrade.positions.>", PositionUpdate)
+    await transport.ensure_stream(channel.stream)
+    for u in updates:
+        await transport.publish(subjects.position_subject(u.account, u.symbol), encode(u))
+    for subject, data in raw:
+        await transport.publish(subject, data)
+    return app, PublishedPositions(transport, channel, timeout_s=0.5)
+
+
+async def test_a_miss_reads_the_accounts_last_update_per_symbol_as_published():
+    es = update(2, T0 + 5, account="ACC.1", net_qty="3", reason="late")
+    nq = update(4, T0 + 8, account="ACC.1", symbol="NQZ5")
+    # Another account, one whose name is a prefix of this one's, and one that differs
+    # only by the dot the subject token escapes: none of theirs is read.
+    others = [update(9, T0, account="ACC"), update(9, T0, account="ACC.10"), update(9, T0, account="ACC_1")]
+    _, published = await positions_stream(*others, es, nq, *others)
+    assert published.account_subjects("ACC.1") == "posttrade.positions.ACC%2E1.>"
+    assert await published.positions("ACC.1") == [es, nq]
+    assert await published.positions("NOBODY") == []
+
+
+async def test_a_miss_refuses_what_is_not_a_position_of_the_account():
+    _, published = await positions_stream(raw=[("posttrade.positions.A1.ESZ5", b'{"ts": 1}')])
+    with pytest.raises(PositionsUnusable, match="is not a PositionUpdate"):
+        await published.positions("A1")
+    misrouted = update(1, T0, account="A2")
+    _, published = await positions_stream(raw=[("posttrade.positions.A1.ESZ5", encode(misrouted))])
+    with pytest.raises(PositionsUnusable, match="account 'A2', not 'A1'"):
+        await published.positions("A1")
 
 
 def test_key_scheme():
