@@ -28,12 +28,13 @@ the dead-letter subject instead of being retried forever.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -50,6 +51,23 @@ DLQ_STREAM = StreamSpec(name="DLQ", subjects=("posttrade.dlq.>",))
 
 AgentFn = Callable[[Stream], Awaitable[None]]
 HealthCheck = Callable[[], Awaitable[tuple[bool, Any]]]
+
+
+@contextlib.contextmanager
+def recovering() -> Iterator[None]:
+    """Around rebuilding long-lived state in bulk (tables, a book): the cyclic collector
+    is paused, then everything alive is frozen out of its reach. Left on, it ran full
+    collections over the growing heap again and again: 1.0 s of a 1.6 s rebuild of
+    55,000 positions. Objects freed later are still freed (freezing only hides them
+    from the cyclic collector)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
 
 
 @dataclass
@@ -441,8 +459,9 @@ class App:
         await self.transport.ensure_stream(DLQ_STREAM)
         for channel in self.channels.values():
             await self.transport.ensure_stream(channel.stream)
-        for table in self.tables.values():
-            await table.open(self.transport)
+        with recovering():
+            for table in self.tables.values():
+                await table.open(self.transport)
         for hook in self.on_startup:
             await hook()
         for runner in self.agents.values():

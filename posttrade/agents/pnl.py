@@ -2,29 +2,26 @@
 
 pnl never re-derives a position from fills: ptrc owns positions and publishes a
 `PositionUpdate` after every change (`posttrade.streams.events.PositionUpdate`). That
-event carries the cost basis under both methods and the start-of-day values, so valuing
-it at any mark takes three exact formulas (`value_position`), the ones
-`posttrade.core.positions` defines:
-
-    unrealized      = (net_qty x mark - open_cost) x multiplier        (0 when flat)
-    fifo_unrealized = (net_qty x mark - fifo_open_cost) x multiplier
-    total           = realized_pnl_net + unrealized
-    day             = total - (sod_realized_pnl_net + sod_unrealized_pnl)
-
-An open position without a mark has `unrealized`, `total` and `day` None (a guess would
-look like a number); `day` is also None when the start-of-day value is unknown.
+event carries the cost basis under both methods and the start-of-day values, so pnl
+values it at any mark with the core's one valuation,
+`posttrade.core.valuation.value_position` (the formulas, and which values are unknown
+without a mark, are documented there), and sums accounts with the core's
+`AccountSums`. What pnl adds is where the mark came from and when (`PositionPnl`,
+`AccountPnl`).
 
 State, and what makes it exact once
 -----------------------------------
 Two changelog tables hold everything pnl knows; the rest is derived from them:
 
-* `positions`: (account, symbol) -> the latest `PositionUpdate` (the POSITIONS stream is
-  ptrc's ordered output per key, so the latest in stream order wins);
+* `positions`: (account, symbol) -> the `PositionUpdate` with the highest `revision`.
+  ptrc counts a key's revision up with every update. Not the newest `ts`: a late
+  fill, a correction or a bust changes the position *now*, but its update carries
+  the (older) time of the execution it concerns;
 * `marks`: symbol -> `MarkState`, the latest quote mid, market trade and bar close.
 
 Both are written with the tables' per-key input sequences (`Table.apply`), so a
 redelivered or replayed message changes nothing. `PnlBook` keeps the derived values
-(`PositionPnl` rows, `AccountPnl` totals) in memory and can rebuild them from the
+(`PositionPnl` rows, account totals) in memory and can rebuild them from the
 tables at any time (`resync`: at start and after an agent crash rolled tables back).
 
 Revaluation is lazy, which is what coalesces price ticks: a mark change only marks its
@@ -38,7 +35,9 @@ changed row once however many ticks moved it.
 
 `as_of` on a row is the event time (epoch ns) of the newest input that changed its
 values: the position update's `ts` or the `ts` of the market data that set the current
-mark price (for a bar, its end: open time + interval).
+mark price (for a bar, its end: open time + interval). The update of a late fill has
+the late fill's time, so a row's `as_of` can move back. An account's `as_of` is the
+newest of its rows' (so it is what the tables give again after a restart).
 """
 
 from __future__ import annotations
@@ -55,8 +54,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from ..app import App
 from ..core.bars import NS_PER_S, interval_seconds
-from ..core.exact import EXACT, ZERO, add_known, format_decimal
+from ..core.exact import EXACT, format_decimal
 from ..core.marks import DEFAULT_PRIORITY, MarkSource, MarkState
+from ..core.valuation import AccountSums, AccountValue, PositionValue, value_position
 from ..streams.channel import Channel
 from ..streams.events import Bar, MarketTrade, PositionUpdate, Quote
 from ..streams.stream import Stream
@@ -70,10 +70,6 @@ Key = tuple[str, str]  # (account, symbol)
 #: while no market data mark is known for the symbol.
 Mark = tuple[Decimal, str, int]
 
-_add = EXACT.add
-_sub = EXACT.subtract
-_mul = EXACT.multiply
-_abs = EXACT.abs
 _TWO = Decimal(2)
 
 
@@ -81,214 +77,39 @@ _TWO = Decimal(2)
 
 
 class PositionPnl(msgspec.Struct, frozen=True, kw_only=True):
-    """One (account, symbol) valued at its mark. Money includes the multiplier."""
+    """One (account, symbol) as pnl serves it: the core's valuation of the update held
+    for it (the highest revision) at pnl's mark, and where that mark and that update
+    came from."""
 
-    account: str
-    symbol: str
-    net_qty: Decimal
-    avg_open_price: Decimal | None
-    multiplier: Decimal
-    mark: Decimal | None
-    mark_source: str | None  # quote_mid | last_trade | bar_close | position
+    value: PositionValue
+    mark_source: str | None  # quote_mid | last_trade | bar_close | position; None: no mark
     mark_ts: int | None
-    realized_pnl_gross: Decimal
-    fees: Decimal
-    realized_pnl_net: Decimal
-    unrealized_pnl: Decimal | None
-    fifo_realized_pnl_gross: Decimal
-    fifo_realized_pnl_net: Decimal
-    fifo_unrealized_pnl: Decimal | None
-    total_pnl: Decimal | None
-    day_pnl: Decimal | None
-    sod_realized_pnl_net: Decimal
-    sod_unrealized_pnl: Decimal | None
-    gross_notional: Decimal  # |net_qty x mark x multiplier|; unmarked: at cost
-    fill_count: int
     position_ts: int  # ts of the PositionUpdate
-    as_of: int
+    as_of: int  # the newer of position_ts and mark_ts
 
 
 class AccountPnl(msgspec.Struct, frozen=True, kw_only=True):
-    """Sums over one account's positions. A sum that includes an unknown value
-    (an open position without a mark) is None, never a partial number."""
+    """One account's totals (the core's `AccountValue`) and the newest `as_of` of its
+    rows."""
 
-    account: str
-    positions: int
-    open_positions: int
-    realized_pnl_gross: Decimal
-    fees: Decimal
-    realized_pnl_net: Decimal
-    unrealized_pnl: Decimal | None
-    fifo_realized_pnl_gross: Decimal
-    fifo_unrealized_pnl: Decimal | None
-    total_pnl: Decimal | None
-    day_pnl: Decimal | None
-    gross_notional: Decimal
+    value: AccountValue
     as_of: int
 
 
-def value_position(update: PositionUpdate, mark: Mark | None) -> PositionPnl:
-    """The P&L of `update`'s position at `mark` (see the module doc for the formulas)."""
-    net = update.net_qty
-    multiplier = update.multiplier
-    price = mark[0] if mark is not None else None
-    if not net:
-        unrealized = fifo_unrealized = ZERO
-        notional = ZERO
-    elif price is None:
-        unrealized = fifo_unrealized = None
-        notional = _abs(_mul(update.open_cost, multiplier))
-    else:
-        value = _mul(net, price)
-        unrealized = _mul(_sub(value, update.open_cost), multiplier)
-        fifo_unrealized = _mul(_sub(value, update.fifo_open_cost), multiplier)
-        notional = _abs(_mul(value, multiplier))
-    realized_net = update.realized_pnl_net
-    total = None if unrealized is None else _add(realized_net, unrealized)
-    sod_unrealized = update.sod_unrealized_pnl
-    day = (
-        None
-        if total is None or sod_unrealized is None
-        else _sub(total, _add(update.sod_realized_pnl_net, sod_unrealized))
-    )
-    mark_ts = mark[2] if mark is not None else None
-    return PositionPnl(
-        account=update.account,
-        symbol=update.symbol,
-        net_qty=net,
-        avg_open_price=update.avg_open_price,
-        multiplier=multiplier,
-        mark=price,
-        mark_source=mark[1] if mark is not None else None,
-        mark_ts=mark_ts,
-        realized_pnl_gross=update.realized_pnl_gross,
-        fees=update.fees,
-        realized_pnl_net=realized_net,
-        unrealized_pnl=unrealized,
-        fifo_realized_pnl_gross=update.fifo_realized_pnl_gross,
-        fifo_realized_pnl_net=_sub(update.fifo_realized_pnl_gross, update.fees),
-        fifo_unrealized_pnl=fifo_unrealized,
-        total_pnl=total,
-        day_pnl=day,
-        sod_realized_pnl_net=update.sod_realized_pnl_net,
-        sod_unrealized_pnl=sod_unrealized,
-        gross_notional=notional,
-        fill_count=update.fill_count,
-        position_ts=update.ts,
-        as_of=update.ts if mark_ts is None or mark_ts < update.ts else mark_ts,
-    )
-
-
-def account_pnl(account: str, rows: Iterable[PositionPnl]) -> AccountPnl:
-    """Totals of `rows` (all of `account`'s positions): the definition. The book keeps
-    the same numbers incrementally (`AccountSums`)."""
-    count = open_count = 0
-    gross = fees = fifo_gross = notional = ZERO
-    unrealized: Decimal | None = ZERO
-    fifo_unrealized: Decimal | None = ZERO
-    day: Decimal | None = ZERO
-    as_of = 0
-    for row in rows:
-        count += 1
-        if row.net_qty:
-            open_count += 1
-        gross = _add(gross, row.realized_pnl_gross)
-        fees = _add(fees, row.fees)
-        fifo_gross = _add(fifo_gross, row.fifo_realized_pnl_gross)
-        notional = _add(notional, row.gross_notional)
-        unrealized = add_known(unrealized, row.unrealized_pnl)
-        fifo_unrealized = add_known(fifo_unrealized, row.fifo_unrealized_pnl)
-        day = add_known(day, row.day_pnl)
-        if row.as_of > as_of:
-            as_of = row.as_of
-    net = _sub(gross, fees)
-    return AccountPnl(
-        account=account,
-        positions=count,
-        open_positions=open_count,
-        realized_pnl_gross=gross,
-        fees=fees,
-        realized_pnl_net=net,
-        unrealized_pnl=unrealized,
-        fifo_realized_pnl_gross=fifo_gross,
-        fifo_unrealized_pnl=fifo_unrealized,
-        total_pnl=None if unrealized is None else _add(net, unrealized),
-        day_pnl=day,
-        gross_notional=notional,
-        as_of=as_of,
-    )
-
-
-class AccountSums:
-    """Running sums of one account's rows, kept as rows change (`replace`): the same
-    numbers `account_pnl` computes, without going over every position again. Exact
-    (subtracting a row's old value and adding its new one never rounds). A sum that
-    may be unknown also counts its unknowns and is None while there are any.
-    `as_of` is the newest as_of any of the rows has had. Written out field by field:
-    it runs for every change."""
-
-    __slots__ = (
-        "positions", "open_positions", "realized_pnl_gross", "fees", "fifo_realized_pnl_gross",
-        "gross_notional", "unrealized_pnl", "fifo_unrealized_pnl", "day_pnl",
-        "unknown_unrealized", "unknown_fifo_unrealized", "unknown_day", "as_of",
-    )
-
-    def __init__(self) -> None:
-        self.positions = self.open_positions = 0
-        self.realized_pnl_gross = self.fees = self.fifo_realized_pnl_gross = self.gross_notional = ZERO
-        self.unrealized_pnl = self.fifo_unrealized_pnl = self.day_pnl = ZERO
-        self.unknown_unrealized = self.unknown_fifo_unrealized = self.unknown_day = 0
-        self.as_of = 0
-
-    def replace(self, old: PositionPnl | None, new: PositionPnl) -> None:
-        if old is not None:
-            self._add(old, _sub, -1)
-        self._add(new, _add, 1)
-        if new.as_of > self.as_of:
-            self.as_of = new.as_of
-
-    def _add(self, row: PositionPnl, op: Callable[[Decimal, Decimal], Decimal], sign: int) -> None:
-        self.positions += sign
-        if row.net_qty:
-            self.open_positions += sign
-        self.realized_pnl_gross = op(self.realized_pnl_gross, row.realized_pnl_gross)
-        self.fees = op(self.fees, row.fees)
-        self.fifo_realized_pnl_gross = op(self.fifo_realized_pnl_gross, row.fifo_realized_pnl_gross)
-        self.gross_notional = op(self.gross_notional, row.gross_notional)
-        value = row.unrealized_pnl
-        if value is None:
-            self.unknown_unrealized += sign
-        else:
-            self.unrealized_pnl = op(self.unrealized_pnl, value)
-        value = row.fifo_unrealized_pnl
-        if value is None:
-            self.unknown_fifo_unrealized += sign
-        else:
-            self.fifo_unrealized_pnl = op(self.fifo_unrealized_pnl, value)
-        value = row.day_pnl
-        if value is None:
-            self.unknown_day += sign
-        else:
-            self.day_pnl = op(self.day_pnl, value)
-
-    def totals(self, account: str) -> AccountPnl:
-        unrealized = None if self.unknown_unrealized else self.unrealized_pnl
-        net = _sub(self.realized_pnl_gross, self.fees)
-        return AccountPnl(
-            account=account,
-            positions=self.positions,
-            open_positions=self.open_positions,
-            realized_pnl_gross=self.realized_pnl_gross,
-            fees=self.fees,
-            realized_pnl_net=net,
-            unrealized_pnl=unrealized,
-            fifo_realized_pnl_gross=self.fifo_realized_pnl_gross,
-            fifo_unrealized_pnl=None if self.unknown_fifo_unrealized else self.fifo_unrealized_pnl,
-            total_pnl=None if unrealized is None else _add(net, unrealized),
-            day_pnl=None if self.unknown_day else self.day_pnl,
-            gross_notional=self.gross_notional,
-            as_of=self.as_of,
+def value_update(update: PositionUpdate, mark: Mark | None) -> PositionPnl:
+    """`update`'s position valued at `mark` (price, source, event time), or unmarked."""
+    if mark is None:
+        return PositionPnl(
+            value=value_position(update, None), mark_source=None, mark_ts=None, position_ts=update.ts, as_of=update.ts
         )
+    price, source, mark_ts = mark
+    return PositionPnl(
+        value=value_position(update, price),
+        mark_source=source,
+        mark_ts=mark_ts,
+        position_ts=update.ts,
+        as_of=update.ts if mark_ts < update.ts else mark_ts,
+    )
 
 
 def canonical(value: Decimal) -> str:
@@ -303,21 +124,26 @@ def canonical(value: Decimal) -> str:
     return "0" if text == "-0" else text
 
 
-def plain_data(value: PositionPnl | AccountPnl) -> dict[str, Any]:
-    """JSON-ready fields: every number a canonical decimal string (as `format_decimal`
-    spells it), timestamps integer epoch ns, unknown values None."""
+def plain_data(row: PositionPnl | AccountPnl) -> dict[str, Any]:
+    """JSON-ready fields, flat: the value's figures, then the row's own fields. Every
+    number a canonical decimal string (as `format_decimal` spells it), timestamps
+    integer epoch ns, unknown values None."""
+    value = row.value
     out: dict[str, Any] = {}
     for name in value.__struct_fields__:
         field = getattr(value, name)
         out[name] = canonical(field) if type(field) is Decimal else field
+    for name in row.__struct_fields__:
+        if name != "value":
+            out[name] = getattr(row, name)
     return out
 
 
 _json = msgspec.json.Encoder()
 
 
-def to_json(value: PositionPnl | AccountPnl) -> bytes:
-    return _json.encode(plain_data(value))
+def to_json(row: PositionPnl | AccountPnl) -> bytes:
+    return _json.encode(plain_data(row))
 
 
 # -- change tracking ---------------------------------------------------------------------
@@ -385,16 +211,26 @@ class PnlBook:
         self._marks: dict[str, Mark] = {}  # the market data mark in use per symbol
         self._stale: set[str] = set()  # symbols whose mark moved since their rows were valued
         self._sums: dict[str, AccountSums] = {}
+        self._as_of: dict[str, int] = {}  # per account: the newest as_of of its rows
         self._totals: dict[str, AccountPnl] = {}  # built from _sums on demand
         self._totals_json: dict[str, bytes] = {}
 
     # -- input ---------------------------------------------------------------------
 
     def on_position(self, update: PositionUpdate) -> bool:
-        """Take ptrc's latest state of one position; False if this event already did."""
+        """Take ptrc's state of one position unless a later revision of it is held;
+        False if nothing changed (that, or this event already did)."""
         key = (update.account, update.symbol)
         positions = self.positions
         if positions.already_applied(key):
+            return False
+        held = positions.get(key)
+        if held is not None and update.revision < held.revision:
+            # An older state published after a newer one (a republish, a replay of
+            # ptrc's output): the revision orders a key's updates, arrival does not,
+            # and neither does `ts` (a late fill's update is stamped with its time).
+            # A tie is the same update again, or updates from before revisions
+            # were counted: the later in stream order wins.
             return False
         positions[key] = update
         self._index(key)
@@ -402,7 +238,7 @@ class PnlBook:
         return True
 
     def on_quote(self, quote: Quote) -> None:
-        mid = EXACT.divide(_add(quote.bid, quote.ask), _TWO)  # exact: halving terminates
+        mid = EXACT.divide(EXACT.add(quote.bid, quote.ask), _TWO)  # exact: halving terminates
         self._mark_input(quote.symbol, lambda state: state.with_quote(mid, quote.ts))
 
     def on_trade(self, trade: MarketTrade) -> None:
@@ -441,13 +277,24 @@ class PnlBook:
         return mark
 
     def _value(self, key: Key, update: PositionUpdate, cache: Changes | None = None) -> None:
-        row = value_position(update, self._mark_of(update))
+        row = value_update(update, self._mark_of(update))
         account = key[0]
         sums = self._sums.get(account)
         if sums is None:
             sums = self._sums[account] = AccountSums()
-        sums.replace(self._rows.get(key), row)
+        old = self._rows.get(key)
+        if old is not None:
+            sums.remove(old.value)
+        sums.add(row.value)
         self._rows[key] = row
+        newest = self._as_of.get(account)
+        if newest is None or row.as_of >= newest:
+            self._as_of[account] = row.as_of
+        elif old is not None and old.as_of == newest:
+            # The account's newest row moved back in time (a late fill's update):
+            # the newest is now among all of them. Rare, so a scan is fine.
+            rows = self._rows
+            self._as_of[account] = max(rows[k].as_of for k in self._by_account[account].values())
         self._json.pop(key, None)
         self._totals.pop(account, None)
         self._totals_json.pop(account, None)
@@ -494,6 +341,7 @@ class PnlBook:
         self._marks.clear()
         self._stale.clear()
         self._sums.clear()
+        self._as_of.clear()
         self._totals.clear()
         self._totals_json.clear()
         for symbol, state in self.marks.items():
@@ -548,7 +396,7 @@ class PnlBook:
             sums = self._sums.get(account)
             if sums is None:
                 return None
-            cached = self._totals[account] = sums.totals(account)
+            cached = self._totals[account] = AccountPnl(value=sums.value(account), as_of=self._as_of[account])
         return cached
 
     def totals_json(self, account: str) -> bytes | None:

@@ -6,7 +6,8 @@ applied, late fills placed in time, openings first. Its durable truth is three t
 rebuilt into the book whenever the agent (re)starts:
 
 - `positions`: (account, symbol) → `PositionState`, the figures every reader uses;
-- `histories`: (account, symbol) → `HistoryRecord`, the base the history folds into;
+- `histories`: (account, symbol) → `HistoryRecord`, the base the history folds into
+  (only for keys with executions older than the horizon);
 - `fill_ids`: fill_id → `IdRecord`, one per execution or amendment within the horizon.
 
 Per message:
@@ -38,7 +39,7 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 
-from ..app import App
+from ..app import App, recovering
 from ..core.compliance import Alert, ComplianceEvaluator, ComplianceRules, ComplianceState, alert_id
 from ..core.history import (
     DEFAULT_CHECKPOINT_EVERY,
@@ -173,26 +174,32 @@ class PositionKeeper:
         return ExecutionBook(self.multipliers, horizon_ns=self.horizon_ns, checkpoint_every=self.checkpoint_every)
 
     async def _recover(self) -> None:
-        """Rebuild the in-memory book, marks and compliance memory from the tables."""
+        """At start-up: the trading day (the book and the compliance memory are rebuilt by
+        the position agent, at every start of its own)."""
+        if "trading_day" not in self.calendar:
+            self.calendar["trading_day"] = self.trading_day().isoformat()
+            await self.calendar.flush()
+
+    def _rebuild_book(self) -> None:
+        """The book and the compliance memory from the tables, as of their last commit
+        (after a crash they were rolled back to it), with the current marks."""
+        state = self.compliance.get("state")
+        self.evaluator = ComplianceEvaluator(self.rules, msgspec.convert(msgspec.to_builtins(state), ComplianceState) if state else None)
         self.executions = self.new_book()
-        self.executions.restore(self.histories.values(), self.fill_ids, self.positions.values())
+        with recovering():
+            self.executions.restore(self.histories.values(), self.fill_ids, self.positions.values())
         self.book = self.executions.positions
         for symbol, state in self.marks.items():
             chosen = state.mark(self.mark_priority)
             if chosen is not None:
                 self.book.set_mark(symbol, chosen[0])
-        state = self.compliance.get("state")
-        self.evaluator = ComplianceEvaluator(self.rules, msgspec.convert(msgspec.to_builtins(state), ComplianceState) if state else None)
-        if "trading_day" not in self.calendar:
-            self.calendar["trading_day"] = self.trading_day().isoformat()
-            await self.calendar.flush()
 
     # -- agents --------------------------------------------------------------------------
 
     async def _track_positions(self, stream: Stream) -> None:
-        # A restart after a crash rolled the tables back: rebuild the book from them.
-        await self._recover()
-        positions, app = self.positions, self.app
+        # Also after a crash, which rolled the tables back.
+        self._rebuild_book()
+        positions = self.positions
         async for event in stream.events():
             fill: Fill = event.value
             key = (fill.account, fill.symbol)
@@ -235,7 +242,11 @@ class PositionKeeper:
             else:
                 fill_ids[fill_id] = record
         for key in keys:
-            self.histories[key] = executions.history_record(key)
+            record = executions.history_record(key)
+            if record is None:
+                self.histories.pop(key, None)
+            else:
+                self.histories[key] = record
 
     async def _publish(self, result: Result, fill: Fill) -> None:
         position = result.position

@@ -179,12 +179,24 @@ class History:
         self.openings: list[Execution] = []  # arrival order; busted ones removed
         self.entries: list[Execution] = []  # live executions by (ts, seq); busted removed
         # checkpoints[j]: the fold before entries[j * every]; [0] is the base (openings
-        # and folded executions). Valid for j < len(checkpoints), rebuilt on demand.
-        self.checkpoints: list[Position] = [Position(account, symbol, multiplier)]
+        # and folded executions). Valid for j < len(checkpoints), rebuilt on demand;
+        # empty until first needed (most keys never need one: see `base_checkpoint`).
+        self.checkpoints: list[Position] = []
         self.folded = 0  # executions folded into the base
         self.newest: int | None = None  # highest ts of any execution ever applied
         self.pending: list[Amendment] = []  # amendments waiting for their original
         self.refused: list[Amendment] = []  # amendments refused (kept for the record)
+
+    def base_checkpoint(self) -> list[Position]:
+        """The checkpoints, with the base built if it was not: the fold of the openings
+        (nothing was folded into a base that was never built)."""
+        checkpoints = self.checkpoints
+        if not checkpoints:
+            base = Position(self.account, self.symbol, self.multiplier)
+            for opening in self.openings:
+                base._apply(opening.fill)
+            checkpoints.append(base)
+        return checkpoints
 
     def beyond_horizon(self, ts: int, horizon: int) -> bool:
         return self.newest is not None and ts < self.newest - horizon
@@ -196,13 +208,15 @@ class History:
 
 
 class HistoryRecord(msgspec.Struct, kw_only=True):
-    """A key's durable history state besides its executions (stored per key)."""
+    """What a key's executions cannot tell once some were folded (stored per such key):
+    a key with nothing folded has its base in its openings and its newest time in its
+    executions, so it needs no record."""
 
     account: str
     symbol: str
     base: PositionState  # the fold of the openings and the folded executions
-    folded: int = 0
-    newest: int | None = None
+    folded: int
+    newest: int | None
 
 
 class IdRecord(msgspec.Struct, kw_only=True):
@@ -529,14 +543,12 @@ class ExecutionBook:
     def _rederive(self, history: History, place: int | None, reason: ChangeReason) -> Result:
         """Recompute the key's position from entry `place` (None: from the openings)."""
         every = self.every
-        checkpoints = history.checkpoints
-        if place is None:
-            base = Position(history.account, history.symbol, history.multiplier)
-            for opening in history.openings:
-                base._apply(opening.fill)
-            checkpoints[:] = [base]
+        if place is None:  # the openings changed: a new base
+            history.checkpoints.clear()
+            history.base_checkpoint()
             start = 0
         else:
+            checkpoints = history.base_checkpoint()
             keep = min(place // every, len(checkpoints) - 1)
             del checkpoints[keep + 1:]
             start = keep * every
@@ -555,7 +567,7 @@ class ExecutionBook:
         """The fold of the key from entry `start` (a checkpoint) to the end, recording
         the checkpoints it passes when `record`."""
         every = self.every
-        checkpoints = history.checkpoints
+        checkpoints = history.base_checkpoint()
         position = checkpoints[start // every].copy()
         entries = history.entries
         for index in range(start, len(entries)):
@@ -601,7 +613,7 @@ class ExecutionBook:
         their ids (they already count as unknown: see `_known`)."""
         every = self.every
         entries = history.entries
-        checkpoints = history.checkpoints
+        checkpoints = history.base_checkpoint()
         if len(checkpoints) < 2:
             self._replay(history, (len(checkpoints) - 1) * every, record=True)  # after a restart
         blocks = 0
@@ -719,8 +731,11 @@ class ExecutionBook:
             reason=known.reason, raw=known.raw,
         )
 
-    def history_record(self, key: Key) -> HistoryRecord:
+    def history_record(self, key: Key) -> HistoryRecord | None:
+        """What to store for `key` (None: nothing, delete any)."""
         history = self._histories[key]
+        if not history.folded:
+            return None
         return HistoryRecord(
             account=history.account,
             symbol=history.symbol,
@@ -750,10 +765,17 @@ class ExecutionBook:
             history = self._history(message.account, message.symbol)
             if record.status is None:
                 execution = Execution(message, record.seq)
-                execution.fill = record.current or message
-                execution.busted = record.busted
-                execution.amendments = list(record.amendments)
+                if record.current is not None:
+                    execution.fill = record.current
+                if record.busted:
+                    execution.busted = True
+                if record.amendments:
+                    execution.amendments = list(record.amendments)
                 self._ids[fill_id] = execution
+                if not execution.opening and not history.folded:
+                    newest = history.newest
+                    if newest is None or message.ts > newest:
+                        history.newest = message.ts
                 if not execution.busted:
                     (history.openings if execution.opening else history.entries).append(execution)
             else:

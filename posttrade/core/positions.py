@@ -131,6 +131,15 @@ from posttrade.core.exact import (
     format_decimal,
     parse_decimal,
 )
+from posttrade.core.valuation import (
+    AccountValue,
+    account_value,
+    day_pnl_of,
+    notional_of,
+    total_pnl_of,
+    unrealized_of,
+    value_position,
+)
 
 Method = Literal["avg", "fifo", "both"]
 
@@ -443,28 +452,22 @@ class Position:
     def fifo_realized_pnl_net(self) -> Decimal:
         return _sub(self.fifo_realized_pnl_gross, self.fees)
 
+    # The valuation at a mark: the rules of `core.valuation`, which every reader uses.
+
     def unrealized_pnl(self, mark: Decimal | None) -> Decimal | None:
         """`net_qty x (mark - avg_open_price) x multiplier`, computed exactly from cost.
 
         0 when flat (whatever the mark); None when open and `mark` is None.
         """
-        return self._unrealized(self.open_cost, mark)
+        return unrealized_of(self.net_qty, self.open_cost, mark, self.multiplier)
 
     def fifo_unrealized_pnl(self, mark: Decimal | None) -> Decimal | None:
         """Sum over the remaining lots of `qty x (mark - lot price) x multiplier`."""
-        return self._unrealized(self.fifo_open_cost, mark)
-
-    def _unrealized(self, cost: Decimal, mark: Decimal | None) -> Decimal | None:
-        if not self.net_qty:
-            return ZERO
-        if mark is None:
-            return None
-        return _mul(_sub(_mul(self.net_qty, mark), cost), self.multiplier)
+        return unrealized_of(self.net_qty, self.fifo_open_cost, mark, self.multiplier)
 
     def total_pnl(self, mark: Decimal | None) -> Decimal | None:
         """Realized net + unrealized (the same under both methods); None if unknown."""
-        unrealized = self.unrealized_pnl(mark)
-        return None if unrealized is None else _add(self.realized_pnl_net, unrealized)
+        return total_pnl_of(self.realized_pnl_net, self.unrealized_pnl(mark))
 
     @property
     def sod_realized_pnl_net(self) -> Decimal:
@@ -477,15 +480,11 @@ class Position:
 
     def day_pnl(self, mark: Decimal | None) -> Decimal | None:
         """Total P&L now minus total P&L at the start of day (see the module doc)."""
-        total = self.total_pnl(mark)
-        if total is None or self.sod_unrealized_pnl is None:
-            return None
-        return _sub(total, _add(self.sod_realized_pnl_net, self.sod_unrealized_pnl))
+        return day_pnl_of(self.total_pnl(mark), total_pnl_of(self.sod_realized_pnl_net, self.sod_unrealized_pnl))
 
     def notional(self, mark: Decimal | None) -> Decimal:
         """`|net_qty x mark x multiplier|`; without a mark, valued at its average cost."""
-        value = _mul(self.net_qty, mark) if mark is not None else self.open_cost
-        return _mul(EXACT.abs(value), self.multiplier)
+        return notional_of(self.net_qty, self.open_cost, mark, self.multiplier)
 
     # -- copies and serialization ----------------------------------------------------------
 
@@ -588,65 +587,15 @@ def position_row(position: Position, mark: Decimal | None, method: Method = "bot
     }
 
 
-class AccountTotals(msgspec.Struct, kw_only=True, frozen=True):
-    """Sums over one account's positions (money in the account's currency).
-
-    `unrealized_pnl`, `fifo_unrealized_pnl`, `total_pnl` and `day_pnl` are None when any
-    open position has no mark (or, for `day_pnl`, no known start-of-day value): a partial
-    sum would look like a real number. Flat positions count as 0 without a mark.
-    `gross_notional` is `sum |net_qty x mark x multiplier|`, an open position without a
-    mark valued at its average cost.
-    """
-
-    account: str
-    positions: int
-    open_positions: int
-    realized_pnl_gross: Decimal
-    fees: Decimal
-    realized_pnl_net: Decimal
-    unrealized_pnl: Decimal | None
-    total_pnl: Decimal | None
-    day_pnl: Decimal | None
-    fifo_realized_pnl_gross: Decimal
-    fifo_unrealized_pnl: Decimal | None
-    gross_notional: Decimal
+#: Sums over one account's positions (see `core.valuation.AccountValue`).
+AccountTotals = AccountValue
 
 
 def account_totals(
     account: str, positions: Iterable[Position], marks: Mapping[str, Decimal]
-) -> AccountTotals:
+) -> AccountValue:
     """Totals of `positions` (all of `account`), valued at `marks` (symbol -> price)."""
-    count = open_count = 0
-    gross = fees = fifo_gross = notional = ZERO
-    unrealized: Decimal | None = ZERO
-    fifo_unrealized: Decimal | None = ZERO
-    day: Decimal | None = ZERO
-    for position in positions:
-        mark = marks.get(position.symbol)
-        count += 1
-        open_count += 1 if position.net_qty else 0
-        gross = _add(gross, position.realized_pnl_gross)
-        fifo_gross = _add(fifo_gross, position.fifo_realized_pnl_gross)
-        fees = _add(fees, position.fees)
-        notional = _add(notional, position.notional(mark))
-        unrealized = add_known(unrealized, position.unrealized_pnl(mark))
-        fifo_unrealized = add_known(fifo_unrealized, position.fifo_unrealized_pnl(mark))
-        day = add_known(day, position.day_pnl(mark))
-    net = _sub(gross, fees)
-    return AccountTotals(
-        account=account,
-        positions=count,
-        open_positions=open_count,
-        realized_pnl_gross=gross,
-        fees=fees,
-        realized_pnl_net=net,
-        unrealized_pnl=unrealized,
-        total_pnl=None if unrealized is None else _add(net, unrealized),
-        day_pnl=day,
-        fifo_realized_pnl_gross=fifo_gross,
-        fifo_unrealized_pnl=fifo_unrealized,
-        gross_notional=notional,
-    )
+    return account_value(account, (value_position(p, marks.get(p.symbol)) for p in positions))
 
 
 class PositionBook:

@@ -23,8 +23,10 @@ Where the positions come from
   before D ended, with the day P&L ptrc recorded in it; `valued_at` says when every
   row was valued.
 
-Totals follow `posttrade.core.positions.account_totals`: a sum that would need an
-unknown value (no mark for an open position) is null, never a partial number.
+Every figure follows `posttrade.core.valuation`: a live position is valued there
+(`value_position`), a snapshot's stored figures are completed by its rules (total,
+day P&L, market value), and a sum that would need an unknown value (no mark for an
+open position) is null, never a partial number.
 
 Files
 -----
@@ -58,7 +60,15 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from posttrade.core.exact import EXACT, ONE, ZERO, format_decimal
-from posttrade.core.positions import Position
+from posttrade.core.valuation import (
+    PositionLike,
+    PositionValue,
+    day_pnl_of,
+    market_value_of,
+    sum_known,
+    total_pnl_of,
+    value_position,
+)
 
 REPORT_KINDS = ("daily_pnl", "positions", "trade_blotter", "compliance")
 FORMATS = ("csv", "parquet")
@@ -207,7 +217,10 @@ def _epoch_seconds(head: str) -> int:
 
 @dataclass(frozen=True)
 class Valuation:
-    """One position's figures for the reports, as of `valued_at` (epoch ns)."""
+    """One position's line in the `daily_pnl` and `positions` reports, as of
+    `valued_at` (epoch ns): the report's columns of a `PositionValue`. Live positions
+    have their whole valuation (`of`); a past day has only what ptrc's snapshots
+    stored, which is why the reports do not take `PositionValue` itself."""
 
     account: str
     symbol: str
@@ -219,36 +232,29 @@ class Valuation:
     realized_pnl_net: Decimal
     mark: Decimal | None
     unrealized_pnl: Decimal | None
+    total_pnl: Decimal | None
     day_pnl: Decimal | None
+    market_value: Decimal | None  # net_qty x mark x multiplier
     valued_at: int
 
-    @property
-    def total_pnl(self) -> Decimal | None:
-        return None if self.unrealized_pnl is None else EXACT.add(self.realized_pnl_net, self.unrealized_pnl)
-
-    @property
-    def market_value(self) -> Decimal | None:
-        if self.mark is None:
-            return None
-        return EXACT.multiply(EXACT.multiply(self.net_qty, self.mark), self.multiplier)
+    @classmethod
+    def of(cls, value: PositionValue, valued_at: int) -> Valuation:
+        return cls(
+            account=value.account, symbol=value.symbol, multiplier=value.multiplier, net_qty=value.net_qty,
+            avg_open_price=value.avg_open_price, realized_pnl_gross=value.realized_pnl_gross, fees=value.fees,
+            realized_pnl_net=value.realized_pnl_net, mark=value.mark, unrealized_pnl=value.unrealized_pnl,
+            total_pnl=value.total_pnl, day_pnl=value.day_pnl, market_value=value.market_value, valued_at=valued_at,
+        )
 
 
 def valuations_from_live(
-    positions: Iterable[Position], mark_of: Callable[[str], Decimal | None], valued_at: int
+    positions: Iterable[PositionLike], mark_of: Callable[[str], Decimal | None], valued_at: int
 ) -> list[Valuation]:
     """The live positions valued at the current marks, sorted by (account, symbol)."""
-    out = []
-    for p in sorted(positions, key=lambda p: (p.account, p.symbol)):
-        mark = mark_of(p.symbol)
-        out.append(
-            Valuation(
-                account=p.account, symbol=p.symbol, multiplier=p.multiplier, net_qty=p.net_qty,
-                avg_open_price=p.avg_open_price, realized_pnl_gross=p.realized_pnl_gross, fees=p.fees,
-                realized_pnl_net=p.realized_pnl_net, mark=mark, unrealized_pnl=p.unrealized_pnl(mark),
-                day_pnl=p.day_pnl(mark), valued_at=valued_at,
-            )
-        )
-    return out
+    return [
+        Valuation.of(value_position(p, mark_of(p.symbol)), valued_at)
+        for p in sorted(positions, key=lambda p: (p.account, p.symbol))
+    ]
 
 
 @dataclass(frozen=True)
@@ -273,10 +279,13 @@ class SnapshotRow:
         return (self.account, self.symbol)
 
     @property
+    def unrealized(self) -> Decimal | None:
+        """The stored unrealized P&L, 0 when flat (a flat position needs no mark)."""
+        return self.unrealized_pnl if self.net_qty else ZERO
+
+    @property
     def total_pnl(self) -> Decimal | None:
-        if self.unrealized_pnl is None:
-            return None if self.net_qty else self.realized_pnl_net
-        return EXACT.add(self.realized_pnl_net, self.unrealized_pnl)
+        return total_pnl_of(self.realized_pnl_net, self.unrealized)
 
 
 def valuations_from_snapshots(
@@ -305,20 +314,20 @@ def valuations_from_snapshots(
     for key in sorted(set(closing) | set(fallback)):
         row = closing.get(key)
         if row is not None:
-            total = row.total_pnl
             sod = opening.get(key)
             sod_total = sod.total_pnl if sod is not None else (ZERO if rolled_in else None)
-            day_pnl = None if total is None or sod_total is None else EXACT.subtract(total, sod_total)
+            day_pnl = day_pnl_of(row.total_pnl, sod_total)
         else:
             row = fallback[key]
             day_pnl = row.day_pnl
+        multiplier = multipliers.get(row.symbol, ONE)
         out.append(
             Valuation(
-                account=row.account, symbol=row.symbol, multiplier=multipliers.get(row.symbol, ONE),
+                account=row.account, symbol=row.symbol, multiplier=multiplier,
                 net_qty=row.net_qty, avg_open_price=row.avg_open_price if row.net_qty else None,
                 realized_pnl_gross=row.realized_pnl_gross, fees=row.fees, realized_pnl_net=row.realized_pnl_net,
-                mark=row.mark, unrealized_pnl=row.unrealized_pnl if row.net_qty else ZERO,
-                day_pnl=day_pnl, valued_at=row.ts,
+                mark=row.mark, unrealized_pnl=row.unrealized, total_pnl=row.total_pnl, day_pnl=day_pnl,
+                market_value=market_value_of(row.net_qty, row.mark, multiplier), valued_at=row.ts,
             )
         )
     return out
@@ -361,15 +370,6 @@ def snapshot_row(record: Mapping[str, Any]) -> SnapshotRow:
 # -- report rows --------------------------------------------------------------------------------
 
 
-def _sum_known(values: Iterable[Decimal | None]) -> Decimal | None:
-    total = ZERO
-    for value in values:
-        if value is None:
-            return None
-        total = EXACT.add(total, value)
-    return total
-
-
 def daily_pnl_rows(day: date, valuations: Sequence[Valuation]) -> list[dict]:
     """Position rows, each account's rows followed by its total row."""
     rows: list[dict] = []
@@ -390,12 +390,12 @@ def daily_pnl_rows(day: date, valuations: Sequence[Valuation]) -> list[dict]:
             {
                 "date": day.isoformat(), "level": "account", "account": account, "symbol": None,
                 "net_qty": None, "mark": None,
-                "realized_pnl_gross": _sum_known(v.realized_pnl_gross for v in items),
-                "fees": _sum_known(v.fees for v in items),
-                "realized_pnl_net": _sum_known(v.realized_pnl_net for v in items),
-                "unrealized_pnl": _sum_known(v.unrealized_pnl for v in items),
-                "total_pnl": _sum_known(v.total_pnl for v in items),
-                "day_pnl": _sum_known(v.day_pnl for v in items),
+                "realized_pnl_gross": sum_known(v.realized_pnl_gross for v in items),
+                "fees": sum_known(v.fees for v in items),
+                "realized_pnl_net": sum_known(v.realized_pnl_net for v in items),
+                "unrealized_pnl": sum_known(v.unrealized_pnl for v in items),
+                "total_pnl": sum_known(v.total_pnl for v in items),
+                "day_pnl": sum_known(v.day_pnl for v in items),
                 "valued_at": max(v.valued_at for v in items),
             }
         )

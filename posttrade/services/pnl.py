@@ -491,18 +491,19 @@ async def snapshot_rows(snapshot: PendingSnapshot) -> tuple[list[dict[str, Any]]
     out: list[dict[str, Any]] = []
     dropped: list[tuple[Any, str]] = []
     for done, row in enumerate(snapshot.rows, 1):
-        data: dict[str, Any] = {"ts": ts, "account": row.account, "as_of": row.as_of}
+        figures = row.value
+        data: dict[str, Any] = {"ts": ts, "account": figures.account, "as_of": row.as_of}
         if snapshot.account_level:
-            data["positions"] = row.positions
-            data["open_positions"] = row.open_positions
+            data["positions"] = figures.positions
+            data["open_positions"] = figures.open_positions
         else:
-            data["symbol"] = row.symbol
-            data["fill_count"] = row.fill_count
+            data["symbol"] = figures.symbol
+            data["fill_count"] = figures.fill_count
             if row.mark_source is not None:  # absent: NULL
                 data["mark_source"] = row.mark_source
         try:
             for name in money:
-                value = snapshot_decimal(getattr(row, name))
+                value = snapshot_decimal(getattr(figures, name))
                 if value is not None:
                     data[name] = value
         except (Unfit, InvalidOperation) as exc:

@@ -33,6 +33,7 @@ from .transport import (
     ConsumerSpec,
     Delivery,
     KeyValueStore,
+    StartPosition,
     StreamSpec,
     StreamState,
     Transport,
@@ -458,6 +459,8 @@ class NatsPullConsumer(Consumer):
 
 
 class NatsKeyValue(KeyValueStore):
+    LOAD_BATCH = 5_000  # entries per pull while loading a bucket (below max_ack_pending)
+
     def __init__(self, transport: NatsTransport, bucket: str, kv):
         self.transport = transport
         self.bucket = bucket
@@ -476,17 +479,36 @@ class NatsKeyValue(KeyValueStore):
             await asyncio.gather(*futures)
 
     async def load_all(self) -> dict[str, bytes]:
-        watcher = await self._kv.watchall(ignore_deletes=True)
-        values: dict[str, bytes] = {}
+        # A pull consumer over the bucket's stream, last message per key, in batches:
+        # a KV watch hands every entry through nats-py's per-message callback, which was
+        # most of a restart's time (2.5 s per 55,000 keys).
+        prefix = f"$KV.{self.bucket}."
+        spec = ConsumerSpec(
+            stream=f"KV_{self.bucket}", durable=None, filter_subjects=(f"{prefix}>",),
+            start=StartPosition(last_per_subject=True),
+        )
+        consumer = NatsPullConsumer(self.transport, spec)
+        await consumer.start()
         try:
-            while True:
-                entry = await watcher.updates(timeout=30.0)
-                if entry is None:  # the end of the current values
-                    break
-                values[entry.key] = entry.value
+            info = await self.transport.js.consumer_info(spec.stream, consumer.name)
+            remaining = info.num_pending
+            values: dict[str, bytes] = {}
+            start = len(prefix)
+            while remaining > 0:
+                batch = await consumer.next_batch(min(remaining, self.LOAD_BATCH), timeout=30.0)
+                if not batch:
+                    raise TimeoutError(f"loading bucket {self.bucket}: {remaining} entries did not arrive")
+                for delivery in batch:
+                    headers = delivery.headers
+                    if headers and headers.get("KV-Operation") in ("DEL", "PURGE"):
+                        values.pop(delivery.subject[start:], None)
+                    else:
+                        values[delivery.subject[start:]] = delivery.data
+                remaining -= len(batch)
+                await consumer.ack_through(batch[-1])  # AckAll: keeps max_ack_pending open
+            return values
         finally:
-            await watcher.stop()
-        return values
+            await consumer.close()
 
     async def destroy(self) -> None:
         await self.transport.js.delete_key_value(self.bucket)

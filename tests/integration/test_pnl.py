@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 import httpx
+import msgspec
 import nats
 import pytest
 
@@ -320,6 +321,41 @@ async def test_restart_recovers_without_replaying(service_factory):
     await again.realtime_until("", has_total("96"))
     consumer = await again.js.consumer_info(again.names.stream("POSITIONS"), f"{again.names.app}-value_positions")
     assert consumer.num_pending == 0 and consumer.num_redelivered == 0
+
+
+async def test_the_highest_revision_is_kept_across_a_restart(service_factory):
+    """A late fill's update (higher revision, older ts) replaces the one before it; a
+    republished older revision after it changes nothing, before and after a restart."""
+    svc = await service_factory()
+    # A new consumer starts at the last message of each subject: let it exist first,
+    # so that it sees all three updates in the order they were published.
+    deadline = time.monotonic() + 10
+    while not all(runner.running for runner in svc.app.agents.values()):
+        assert time.monotonic() < deadline, "the agents never started"
+        await asyncio.sleep(0.02)
+    t0 = time.time_ns() - 60 * S
+    u1, u2, u3, u4 = worked_example("A1", "XYZ", t0)
+    await svc.publish_position(msgspec.structs.replace(u3, revision=3, ts=t0 + 30 * S))
+    await svc.publish_position(msgspec.structs.replace(u4, revision=4, ts=t0 + 20 * S))  # the late fill
+    await svc.publish_position(msgspec.structs.replace(u2, revision=2, ts=t0 + 40 * S))  # an old one resent
+    await svc.publish_quote(Quote(ts=t0 + 10 * S, symbol="XYZ", bid=D("95"), ask=D("95")))
+    await svc.realtime_until("?account=A1", has_total("121"))
+    deadline = time.monotonic() + 10
+    while True:  # every update taken (and acknowledged), the stale one included
+        consumer = await svc.js.consumer_info(svc.names.stream("POSITIONS"), f"{svc.names.app}-value_positions")
+        if consumer.num_pending == 0 and consumer.num_ack_pending == 0:
+            break
+        assert time.monotonic() < deadline, consumer
+        await asyncio.sleep(0.05)
+    _, body = await svc.get("/pnl/realtime?account=A1")
+    (row,) = body["positions"]
+    assert (row["net_qty"], row["fill_count"], row["position_ts"]) == ("-5", 4, t0 + 20 * S)
+    await svc.app.stop()
+
+    again = await service_factory(svc.names)
+    _, restarted = await again.get("/pnl/realtime?account=A1")
+    assert restarted == body
+    assert again.app.tables["positions"][("A1", "XYZ")].revision == 4
 
 
 async def test_a_new_service_starts_from_the_latest_update_of_each_position(service_factory):

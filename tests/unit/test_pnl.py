@@ -13,12 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from posttrade.agents.pnl import Changes, PnlBook, account_pnl, bar_end, canonical, plain_data, value_position
+from posttrade.agents.pnl import AccountPnl, Changes, PnlBook, bar_end, canonical, plain_data, value_update
 from posttrade.config import ConfigError, load_config
 from posttrade.core.exact import format_decimal
 from posttrade.core.marks import MarkState
 from posttrade.agents.positions import position_update
 from posttrade.core.positions import Position
+from posttrade.core.valuation import account_value
 from posttrade.services import pnl
 from posttrade.services.pnl import (
     PendingSnapshot,
@@ -75,43 +76,46 @@ MARK_95 = (D("95"), "quote_mid", T0 + 10 * S)
 
 
 def test_worked_example_valued_at_95():
-    row = value_position(worked_example_updates()[-1], MARK_95)
-    assert (row.net_qty, row.avg_open_price) == (D(-5), D(90))
-    assert (row.realized_pnl_gross, row.fees, row.realized_pnl_net) == (D(150), D(4), D(146))
-    assert (row.unrealized_pnl, row.fifo_unrealized_pnl) == (D(-25), D(-25))
-    assert row.fifo_realized_pnl_gross == D(150) and row.fifo_realized_pnl_net == D(146)
-    assert row.total_pnl == D(121)
-    assert row.day_pnl == D(121)  # first traded today: the start of day is all zero
-    assert row.gross_notional == D(475)
-    assert (row.mark, row.mark_source, row.as_of) == (D(95), "quote_mid", T0 + 10 * S)
+    row = value_update(worked_example_updates()[-1], MARK_95)
+    value = row.value
+    assert (value.net_qty, value.avg_open_price) == (D(-5), D(90))
+    assert (value.realized_pnl_gross, value.fees, value.realized_pnl_net) == (D(150), D(4), D(146))
+    assert (value.unrealized_pnl, value.fifo_unrealized_pnl) == (D(-25), D(-25))
+    assert value.fifo_realized_pnl_gross == D(150) and value.fifo_realized_pnl_net == D(146)
+    assert value.total_pnl == D(121)
+    assert value.day_pnl == D(121)  # first traded today: the start of day is all zero
+    assert value.gross_notional == D(475) and value.market_value == D(-475)
+    assert (value.mark, row.mark_source, row.mark_ts, row.as_of) == (D(95), "quote_mid", T0 + 10 * S, T0 + 10 * S)
+    assert row.position_ts == T0 + 4 * S
 
 
 def test_worked_example_step_by_step():
     u1, u2, u3, u4 = worked_example_updates()
     mark = (D("95"), "quote_mid", T0)
     # long 20 @ 105: unrealized 20 x (95 - 105) = -200, fees 2
-    row = value_position(u2, mark)
-    assert (row.unrealized_pnl, row.realized_pnl_net, row.total_pnl) == (D(-200), D(-2), D(-202))
+    value = value_update(u2, mark).value
+    assert (value.unrealized_pnl, value.realized_pnl_net, value.total_pnl) == (D(-200), D(-2), D(-202))
     # SELL 15 @ 120 realizes +225 (FIFO +250); 5 @ 105 left (FIFO: the lot 5 @ 110)
-    row = value_position(u3, mark)
-    assert (row.realized_pnl_gross, row.unrealized_pnl) == (D(225), D(-50))
-    assert (row.fifo_realized_pnl_gross, row.fifo_unrealized_pnl) == (D(250), D(-75))
-    assert row.total_pnl == D(172)  # 225 - 3 - 50
+    row = value_update(u3, mark)
+    assert (row.value.realized_pnl_gross, row.value.unrealized_pnl) == (D(225), D(-50))
+    assert (row.value.fifo_realized_pnl_gross, row.value.fifo_unrealized_pnl) == (D(250), D(-75))
+    assert row.value.total_pnl == D(172)  # 225 - 3 - 50
     assert row.as_of == u3.ts  # the position update is newer than the mark
 
 
 def test_open_position_without_mark_is_null_and_flat_is_zero():
     u1, *_ = worked_example_updates()
-    row = value_position(u1, None)
-    assert row.mark is None and row.mark_source is None and row.mark_ts is None
-    assert (row.unrealized_pnl, row.fifo_unrealized_pnl, row.total_pnl, row.day_pnl) == (None, None, None, None)
-    assert row.realized_pnl_net == D(-1)
-    assert row.gross_notional == D(1000)  # unmarked: at cost
+    row = value_update(u1, None)
+    value = row.value
+    assert value.mark is None and row.mark_source is None and row.mark_ts is None and row.as_of == u1.ts
+    assert (value.unrealized_pnl, value.fifo_unrealized_pnl, value.total_pnl, value.day_pnl) == (None,) * 4
+    assert value.realized_pnl_net == D(-1)
+    assert value.gross_notional == D(1000)  # unmarked: at cost
     position = Position("A1", "XYZ")
     position.apply(fill(1, "BUY", "3", "10"))
     position.apply(fill(2, "SELL", "3", "12"))
-    row = value_position(update_of(position, T0), None)
-    assert (row.unrealized_pnl, row.total_pnl, row.day_pnl) == (D(0), D(4), D(4))
+    value = value_update(update_of(position, T0), None).value
+    assert (value.unrealized_pnl, value.total_pnl, value.day_pnl) == (D(0), D(4), D(4))
 
 
 def test_day_pnl_after_a_roll():
@@ -120,49 +124,49 @@ def test_day_pnl_after_a_roll():
         position.apply(fill(i, side, qty, price))
     position.roll_day(D("95"))  # start of day: realized net 146, unrealized -25
     rolled = update_of(position, T0 + 100 * S, reason="roll")
-    assert value_position(rolled, MARK_95).day_pnl == D(0)
-    row = value_position(rolled, (D("100"), "quote_mid", T0 + 101 * S))
-    assert (row.total_pnl, row.day_pnl) == (D(96), D(-25))  # -5 x (100 - 90) = -50 unrealized
+    assert value_update(rolled, MARK_95).value.day_pnl == D(0)
+    value = value_update(rolled, (D("100"), "quote_mid", T0 + 101 * S)).value
+    assert (value.total_pnl, value.day_pnl) == (D(96), D(-25))  # -5 x (100 - 90) = -50 unrealized
     position.apply(fill(5, "BUY", "5", "100"))  # covers the short: realizes -50, fee 1
-    row = value_position(update_of(position, T0 + 102 * S), (D("100"), "quote_mid", T0 + 101 * S))
-    assert (row.net_qty, row.realized_pnl_net, row.unrealized_pnl) == (D(0), D(95), D(0))
-    assert (row.total_pnl, row.day_pnl) == (D(95), D(-26))
+    value = value_update(update_of(position, T0 + 102 * S), (D("100"), "quote_mid", T0 + 101 * S)).value
+    assert (value.net_qty, value.realized_pnl_net, value.unrealized_pnl) == (D(0), D(95), D(0))
+    assert (value.total_pnl, value.day_pnl) == (D(95), D(-26))
 
 
 def test_day_pnl_unknown_when_the_start_of_day_had_no_mark():
     position = Position("A1", "XYZ")
     position.apply(fill(1, "BUY", "1", "10"))
     position.roll_day(None)
-    row = value_position(update_of(position, T0, "roll"), (D("11"), "last_trade", T0))
-    assert row.total_pnl == D(0) and row.day_pnl is None
+    value = value_update(update_of(position, T0, "roll"), (D("11"), "last_trade", T0)).value
+    assert value.total_pnl == D(0) and value.day_pnl is None
 
 
 def test_fifo_unrealized_against_the_remaining_lots():
     position = Position("A1", "XYZ")
     for i, (side, qty, price) in enumerate([("BUY", "10", "100"), ("BUY", "10", "110"), ("SELL", "5", "120")], 1):
         position.apply(fill(i, side, qty, price, fee="0"))
-    row = value_position(update_of(position, T0), (D("115"), "quote_mid", T0))
-    assert (row.realized_pnl_gross, row.unrealized_pnl) == (D(75), D(150))  # avg 105
-    assert (row.fifo_realized_pnl_gross, row.fifo_unrealized_pnl) == (D(100), D(125))  # lots 5@100, 10@110
-    assert row.realized_pnl_gross + row.unrealized_pnl == row.fifo_realized_pnl_gross + row.fifo_unrealized_pnl
+    value = value_update(update_of(position, T0), (D("115"), "quote_mid", T0)).value
+    assert (value.realized_pnl_gross, value.unrealized_pnl) == (D(75), D(150))  # avg 105
+    assert (value.fifo_realized_pnl_gross, value.fifo_unrealized_pnl) == (D(100), D(125))  # lots 5@100, 10@110
+    assert value.realized_pnl_gross + value.unrealized_pnl == value.fifo_realized_pnl_gross + value.fifo_unrealized_pnl
 
 
 def test_multiplier_and_a_short():
     position = Position("A1", "ES", multiplier=D(50))
     position.apply(fill(1, "SELL", "2", "5000.25", fee="2.5", symbol="ES"))
-    row = value_position(update_of(position, T0), (D("4990.5"), "quote_mid", T0))
-    assert row.unrealized_pnl == D("975")  # -2 x (4990.5 - 5000.25) x 50
-    assert row.total_pnl == D("972.5")
-    assert row.gross_notional == D("499050")
+    value = value_update(update_of(position, T0), (D("4990.5"), "quote_mid", T0)).value
+    assert value.unrealized_pnl == D("975")  # -2 x (4990.5 - 5000.25) x 50
+    assert value.total_pnl == D("972.5")
+    assert value.gross_notional == D("499050")
 
 
 def test_values_stay_exact_beyond_28_digits():
     position = Position("A1", "XYZ")
     position.apply(fill(1, "BUY", "1234567.12345678", "98765.4321", fee="0"))
     mark = D("98765.43210001")
-    row = value_position(update_of(position, T0), (mark, "quote_mid", T0))
-    assert row.unrealized_pnl == D("1234567.12345678") * D("0.00000001")  # exact: 0.0123456712345678
-    assert str(row.unrealized_pnl) == "0.0123456712345678"
+    value = value_update(update_of(position, T0), (mark, "quote_mid", T0)).value
+    assert value.unrealized_pnl == D("1234567.12345678") * D("0.00000001")  # exact: 0.0123456712345678
+    assert str(value.unrealized_pnl) == "0.0123456712345678"
 
 
 prices = st.integers(min_value=1, max_value=50_000).map(lambda n: D(n) / 100)
@@ -184,36 +188,36 @@ def test_valuation_agrees_with_the_core(fills, roll_at, sod_mark, mark, multipli
         if i == roll_at:
             position.roll_day(sod_mark)
         position.apply(Fill(ts=T0 + i, fill_id=f"f{i}", account="A1", symbol="XYZ", side=side, qty=qty, price=price, fee=fee))
-    row = value_position(update_of(position, T0 + 999), (mark, "quote_mid", T0))
-    assert row.unrealized_pnl == position.unrealized_pnl(mark)
-    assert row.fifo_unrealized_pnl == position.fifo_unrealized_pnl(mark)
-    assert row.total_pnl == position.total_pnl(mark)
-    assert row.day_pnl == position.day_pnl(mark)
-    assert row.gross_notional == position.notional(mark)
-    assert row.realized_pnl_gross + row.unrealized_pnl == row.fifo_realized_pnl_gross + row.fifo_unrealized_pnl
+    value = value_update(update_of(position, T0 + 999), (mark, "quote_mid", T0)).value
+    assert value.unrealized_pnl == position.unrealized_pnl(mark)
+    assert value.fifo_unrealized_pnl == position.fifo_unrealized_pnl(mark)
+    assert value.total_pnl == position.total_pnl(mark)
+    assert value.day_pnl == position.day_pnl(mark)
+    assert value.gross_notional == position.notional(mark)
+    assert value.realized_pnl_gross + value.unrealized_pnl == value.fifo_realized_pnl_gross + value.fifo_unrealized_pnl
 
 
 def test_account_totals_are_null_while_an_open_position_is_unmarked():
-    a = value_position(worked_example_updates("A1", "XYZ")[-1], MARK_95)
+    a = value_update(worked_example_updates("A1", "XYZ")[-1], MARK_95).value
     position = Position("A1", "ABC")
     position.apply(fill(1, "BUY", "1", "10", symbol="ABC"))
-    b = value_position(update_of(position, T0 + 50 * S), None)
-    totals = account_pnl("A1", [a, b])
+    b = value_update(update_of(position, T0 + 50 * S), None).value
+    totals = account_value("A1", [a, b])
     assert (totals.positions, totals.open_positions) == (2, 2)
     assert (totals.realized_pnl_gross, totals.fees, totals.realized_pnl_net) == (D(150), D(5), D(145))
     assert (totals.unrealized_pnl, totals.total_pnl, totals.day_pnl) == (None, None, None)
-    assert totals.as_of == T0 + 50 * S
-    b = value_position(update_of(position, T0 + 50 * S), (D("12"), "last_trade", T0))
-    totals = account_pnl("A1", [a, b])
+    b = value_update(update_of(position, T0 + 50 * S), (D("12"), "last_trade", T0)).value
+    totals = account_value("A1", [a, b])
     assert (totals.unrealized_pnl, totals.total_pnl, totals.day_pnl) == (D(-23), D(122), D(122))
     assert totals.gross_notional == D(487)
 
 
 def test_plain_data_spells_numbers_canonically():
-    row = value_position(worked_example_updates()[-1], (D("95.00"), "quote_mid", T0))
+    row = value_update(worked_example_updates()[-1], (D("95.00"), "quote_mid", T0))
     data = plain_data(row)
     assert data["mark"] == "95" and data["unrealized_pnl"] == "-25" and data["fees"] == "4"
     assert data["fill_count"] == 4 and data["as_of"] == T0 + 4 * S
+    assert "value" not in data and (data["mark_source"], data["position_ts"]) == ("quote_mid", T0 + 4 * S)
     assert msgspec.json.decode(encode(data))["total_pnl"] == "121"
 
 
@@ -248,12 +252,12 @@ def test_a_price_change_revalues_every_position_in_the_symbol_once():
     book.on_quote(quote("XYZ", "94", "96", T0 + 10 * S))
     book.on_quote(quote("XYZ", "96", "98", T0 + 11 * S))
     book.on_quote(quote("XYZ", "98", "100", T0 + 12 * S))
-    assert book.row(("A1", "XYZ")).mark is None  # lazily: nothing is valued until a read
+    assert book.row(("A1", "XYZ")).value.mark is None  # lazily: nothing is valued until a read
     before = book.revaluations
     book.refresh()
     assert book.revaluations - before == 2  # three ticks, two positions, each valued once
-    assert book.row(("A1", "XYZ")).unrealized_pnl == D(-45)  # -5 x (99 - 90)
-    assert book.row(("A2", "XYZ")).unrealized_pnl == D(-120)  # 20 x (99 - 105)
+    assert book.row(("A1", "XYZ")).value.unrealized_pnl == D(-45)  # -5 x (99 - 90)
+    assert book.row(("A2", "XYZ")).value.unrealized_pnl == D(-120)  # 20 x (99 - 105)
     assert book.row(("A2", "XYZ")).as_of == T0 + 12 * S
     assert not book.cache_changes  # price moves go to Valkey on their own cadence:
     keys, accounts = book.cache_price_changes.take()
@@ -268,9 +272,9 @@ def test_a_reader_revalues_only_the_symbols_it_needs():
     book.on_quote(quote("XYZ", "95", "95", T0 + 10 * S))
     book.on_quote(quote("ABC", "95", "95", T0 + 10 * S))
     book.refresh(["XYZ"])
-    assert book.row(("A1", "XYZ")).mark == D(95) and book.row(("A1", "ABC")).mark is None
+    assert book.row(("A1", "XYZ")).value.mark == D(95) and book.row(("A1", "ABC")).value.mark is None
     book.refresh()
-    assert book.row(("A1", "ABC")).mark == D(95)
+    assert book.row(("A1", "ABC")).value.mark == D(95)
 
 
 def test_a_tick_that_leaves_the_mark_unchanged_changes_nothing():
@@ -291,17 +295,17 @@ def test_mark_priority_and_position_mark_fallback():
     update = msgspec.structs.replace(worked_example_updates()[-1], mark=D("91"))
     book.on_position(update)
     row = book.row(("A1", "XYZ"))
-    assert (row.mark, row.mark_source, row.unrealized_pnl) == (D(91), "position", D(-5))
+    assert (row.value.mark, row.mark_source, row.value.unrealized_pnl) == (D(91), "position", D(-5))
     book.on_quote(quote("XYZ", "94", "96", T0 + 10 * S))
     book.refresh()
     assert book.row(("A1", "XYZ")).mark_source == "quote_mid"
     book.on_trade(MarketTrade(ts=T0 + 5 * S, symbol="XYZ", price=D("92"), size=D(1)))
     book.refresh()
     row = book.row(("A1", "XYZ"))
-    assert (row.mark, row.mark_source, row.mark_ts) == (D(92), "last_trade", T0 + 5 * S)
+    assert (row.value.mark, row.mark_source, row.mark_ts) == (D(92), "last_trade", T0 + 5 * S)
     strict = make_book(use_position_mark=False)
     strict.on_position(update)
-    assert strict.row(("A1", "XYZ")).unrealized_pnl is None
+    assert strict.row(("A1", "XYZ")).value.unrealized_pnl is None
 
 
 def test_resync_rebuilds_the_same_values_from_the_tables():
@@ -319,11 +323,44 @@ def test_resync_rebuilds_the_same_values_from_the_tables():
     assert book.keys(symbol="ABC") == [("A2", "ABC")] and book.keys(account="A1") == [("A1", "XYZ")]
 
 
+def revised(update: PositionUpdate, revision: int, ts: int) -> PositionUpdate:
+    return msgspec.structs.replace(update, revision=revision, ts=ts)
+
+
+def test_the_highest_revision_wins_not_the_newest_ts():
+    """A late fill's update replaces the one before it although its ts is older; an
+    older revision arriving afterwards (a republish, a replay) is ignored."""
+    u1, u2, u3, u4 = worked_example_updates()
+    book = make_book()
+    assert book.on_position(revised(u3, 3, T0 + 30 * S))
+    # Revision 4 is the late fill's update: ptrc stamps it with the fill's own, older time.
+    assert book.on_position(revised(u4, 4, T0 + 20 * S))
+    assert book.positions[("A1", "XYZ")].revision == 4
+    assert book.row(("A1", "XYZ")).value.net_qty == D(-5) and book.row(("A1", "XYZ")).position_ts == T0 + 20 * S
+    assert book.totals("A1").as_of == T0 + 20 * S  # the account is as new as its rows, as after a restart
+    book.on_position(revised(worked_example_updates("A1", "ABC")[0], 1, T0 + 25 * S))
+    book.on_position(revised(worked_example_updates("A1", "ABC")[1], 2, T0 + 15 * S))
+    assert book.totals("A1").as_of == T0 + 20 * S
+    book.cache_changes.take()
+    before = book.revaluations
+    assert not book.on_position(revised(u3, 3, T0 + 30 * S))  # revision 3 again, newer ts: stale
+    assert not book.on_position(revised(u2, 2, T0 + 40 * S))
+    assert book.positions[("A1", "XYZ")].revision == 4 and book.row(("A1", "XYZ")).value.net_qty == D(-5)
+    assert book.revaluations == before and not book.cache_changes and book.totals("A1").value.fees == D(6)
+
+
+def test_updates_without_revisions_apply_in_stream_order():
+    u1, u2, *_ = worked_example_updates()
+    book = make_book()
+    assert book.on_position(u2) and book.on_position(u1)  # both revision 0: the later message wins
+    assert book.row(("A1", "XYZ")).value.net_qty == D(10)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 5), st.sampled_from(["BUY", "SELL"]), quantities, prices,
                           st.one_of(st.none(), prices)), min_size=1, max_size=40))
 def test_running_account_totals_equal_the_sums_of_the_rows(steps):
-    """The book's incremental totals are exactly `account_pnl` over the current rows."""
+    """The book's incremental totals are exactly `account_value` over the current rows."""
     book = make_book()
     positions = {}
     keys = [("A1", "XYZ"), ("A1", "ABC"), ("A2", "XYZ"), ("A2", "ABC"), ("A2", "DEF"), ("A3", "XYZ")]
@@ -340,9 +377,9 @@ def test_running_account_totals_equal_the_sums_of_the_rows(steps):
             book.refresh()
     book.refresh()
     for account in book.accounts():
-        expected = account_pnl(account, [book.row(k) for k in book.keys(account=account)])
-        assert book.totals(account) == msgspec.structs.replace(expected, as_of=book.totals(account).as_of)
-        assert book.totals(account).as_of >= expected.as_of
+        rows = [book.row(k) for k in book.keys(account=account)]
+        assert book.totals(account).value == account_value(account, [row.value for row in rows])
+        assert book.totals(account).as_of == max(row.as_of for row in rows)
 
 
 def test_changes_give_back():
@@ -432,6 +469,17 @@ async def test_worked_example_through_the_service():
         assert body["as_of"] == row["as_of"] == T0 + 10 * S
         (account,) = body["accounts"]
         assert (account["account"], account["total_pnl"], account["day_pnl"], account["positions"]) == ("A1", "121", "121", 1)
+
+
+async def test_a_stale_revision_published_later_does_not_replace_the_newer_one():
+    u1, u2, u3, u4 = worked_example_updates()
+    async with MemoryService() as svc:
+        await svc.publish_position(revised(u4, 4, T0 + 2 * S))  # the late fill's update
+        await svc.publish_position(revised(u3, 3, T0 + 3 * S))  # republished older revision
+        await svc.settle()
+        (row,) = (await svc.realtime("?account=A1"))["positions"]
+        assert (row["net_qty"], row["realized_pnl_net"], row["position_ts"]) == ("-5", "146", T0 + 2 * S)
+        assert svc.app.tables["positions"][("A1", "XYZ")].revision == 4
 
 
 async def test_prices_revalue_every_account_and_filters_work():
@@ -571,8 +619,8 @@ async def test_snapshot_values_round_only_beyond_12_places_and_refuse_what_canno
     assert snapshot_decimal(None) is None
     with pytest.raises(ValueError, match="does not fit"):
         snapshot_decimal(-(D(10) ** 26))
-    rows = [value_position(u, MARK_95) for u in worked_example_updates()]
-    huge = msgspec.structs.replace(rows[0], total_pnl=D(10) ** 26)
+    rows = [value_update(u, MARK_95) for u in worked_example_updates()]
+    huge = msgspec.structs.replace(rows[0], value=msgspec.structs.replace(rows[0].value, total_pnl=D(10) ** 26))
     prepared, dropped = await snapshot_rows(PendingSnapshot("t", T0, [*rows, huge], account_level=False))
     assert len(prepared) == 4 and [row for row, _ in dropped] == [huge] and "does not fit" in dropped[0][1]
     last = prepared[3]
@@ -580,17 +628,18 @@ async def test_snapshot_values_round_only_beyond_12_places_and_refuse_what_canno
         T0, "A1", "XYZ", "quote_mid", T0 + 10 * S,
     )
     assert (last["total_pnl"], last["unrealized_pnl"], last["fill_count"]) == (D(121), D(-25), 4)
-    unmarked, _ = await snapshot_rows(PendingSnapshot("t", T0, [value_position(u, None) for u in worked_example_updates()], False))
+    unmarked, _ = await snapshot_rows(PendingSnapshot("t", T0, [value_update(u, None) for u in worked_example_updates()], False))
     assert all("mark_source" not in r and "total_pnl" not in r and "mark" not in r for r in unmarked)  # NULLs
-    totals, _ = await snapshot_rows(PendingSnapshot("t", T0, [account_pnl("A1", rows[-1:])], account_level=True))
+    account = AccountPnl(value=account_value("A1", [rows[-1].value]), as_of=rows[-1].as_of)
+    totals, _ = await snapshot_rows(PendingSnapshot("t", T0, [account], account_level=True))
     assert (totals[0]["positions"], totals[0]["day_pnl"]) == (1, D(121)) and "symbol" not in totals[0]
 
 
 async def test_large_snapshots_are_prepared_in_slices_with_the_same_result():
-    rows = [value_position(u, MARK_95) for u in worked_example_updates()] * 50  # 200 rows: 4 slices
-    huge = msgspec.structs.replace(rows[0], day_pnl=D(-(10**27)))
+    rows = [value_update(u, MARK_95) for u in worked_example_updates()] * 50  # 200 rows: 4 slices
+    huge = msgspec.structs.replace(rows[0], value=msgspec.structs.replace(rows[0].value, day_pnl=D(-(10**27))))
     prepared, dropped = await snapshot_rows(PendingSnapshot("t", T0, [*rows[:130], huge, *rows[130:]], False))
-    assert [r["total_pnl"] for r in prepared] == [r.total_pnl for r in rows] and [r for r, _ in dropped] == [huge]
+    assert [r["total_pnl"] for r in prepared] == [r.value.total_pnl for r in rows] and [r for r, _ in dropped] == [huge]
 
 
 class FlakyQuestDB:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import fields
 from datetime import date, datetime, time, timezone
 from decimal import Decimal as D
 from zoneinfo import ZoneInfo
@@ -33,6 +34,7 @@ from posttrade.core.reports import (
     valuations_from_live,
     valuations_from_snapshots,
 )
+from posttrade.core.valuation import value_position
 from posttrade.streams.events import Fill
 
 T0 = 1_795_000_000_000_000_000
@@ -232,7 +234,18 @@ def test_every_report_kind_has_columns(kind):
     assert COLUMNS[kind] and all(k in ("string", "decimal", "timestamp", "int") for _, k in COLUMNS[kind])
 
 
-def test_valuation_total_is_realized_net_plus_unrealized():
-    v = Valuation(account="A", symbol="X", multiplier=D(1), net_qty=D(1), avg_open_price=D(1), realized_pnl_gross=D(3),
-                  fees=D(1), realized_pnl_net=D(2), mark=D(2), unrealized_pnl=D(1), day_pnl=None, valued_at=0)
-    assert v.total_pnl == D(3) and v.market_value == D(2)
+def test_a_live_valuation_carries_the_core_valuation_of_the_position():
+    book = worked_example_book()
+    for position in book:
+        for mark in (None, D(95)):
+            value = value_position(position, mark)
+            line = Valuation.of(value, valued_at=T0)
+            assert line.valued_at == T0
+            assert all(getattr(line, f.name) == getattr(value, f.name) for f in fields(Valuation) if f.name != "valued_at")
+
+
+def test_a_stored_flat_position_needs_no_mark():
+    row = snap(START + 5, "A", "X", "fill", "0", None, "9", None, None)
+    assert row.total_pnl == D(9)  # unrealized of a flat position is 0, stored or not
+    (only,) = valuations_from_snapshots([], [row], (START, START + DAY), START + 2 * DAY, {})
+    assert (only.unrealized_pnl, only.total_pnl, only.market_value) == (D(0), D(9), D(0))
