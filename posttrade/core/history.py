@@ -118,10 +118,8 @@ class Amendment:
     root: str | None = None  # the original execution's fill_id, once known
     reason: str | None = None  # why it was refused
     raw: bytes | None = None  # a pending or refused message as it arrived
-
-    @property
-    def waiting_for(self) -> str:
-        return self.message.ref_fill_id  # type: ignore[return-value]
+    # Pending: the unknown execution it waits for (through a chain of pending amendments).
+    waits_on: str | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -233,6 +231,7 @@ class IdRecord(msgspec.Struct, kw_only=True):
     root: str | None = None
     reason: str | None = None
     raw: bytes | None = None
+    waits_on: str | None = None
 
 
 class ExecutionBook:
@@ -295,7 +294,9 @@ class ExecutionBook:
                 result = self._append(history, fill, seq)
                 if result is not None:
                     return result
-        known = self._known(fill.fill_id)
+        known = self._known(fill_id)
+        if known is None and fill_id in self._ids:
+            self._retire(fill_id)  # known once, now past its horizon: the id is free again
         if known is not None:
             first = known.first if isinstance(known, Execution) else known.message
             if first == fill:
@@ -422,6 +423,8 @@ class ExecutionBook:
         if target.opening:
             if history.reaches_past_horizon(self.horizon):
                 return f"opening {target.fill_id} cannot change: the key's history reaches past the horizon"
+            if fill.exec_type == "CORRECT" and fill.fee:
+                return f"a correction of opening {target.fill_id} carries a fee ({fill.fee}): an opening has none"
         elif history.beyond_horizon(target.ts, self.horizon):
             return f"{target.fill_id} is older than the horizon"
         return None
@@ -469,15 +472,21 @@ class ExecutionBook:
             return self._refuse_amendment(
                 history, fill, seq, raw, f"its original {fill.ref_fill_id} is unknown and it is older than the horizon"
             )
-        known = self._known(fill.ref_fill_id)  # type: ignore[arg-type]
-        # Waiting for a pending amendment means waiting for that one's original.
-        root_wait = known.waiting_for if isinstance(known, Amendment) else fill.ref_fill_id
         amendment = Amendment(fill, seq, "pending", raw=raw)
+        self._wait(amendment)
         self._ids[fill.fill_id] = amendment
-        self._waiting.setdefault(root_wait, []).append(amendment)  # type: ignore[arg-type]
         history.pending.append(amendment)
         self._changed_ids.add(fill.fill_id)
-        return Result("pending", f"its original {root_wait} is not known yet")
+        return Result("pending", f"its original {amendment.waits_on} is not known yet")
+
+    def _wait(self, amendment: Amendment) -> None:
+        """Register a pending amendment under the unknown execution it waits for: naming
+        a pending amendment means waiting for that one's original."""
+        if amendment.waits_on is None:
+            ref = amendment.message.ref_fill_id
+            known = self._ids.get(ref)  # type: ignore[arg-type]
+            amendment.waits_on = known.waits_on if isinstance(known, Amendment) and known.status == "pending" else ref
+        self._waiting.setdefault(amendment.waits_on, []).append(amendment)  # type: ignore[arg-type]
 
     def _settle_waiting(self, history: History, execution: Execution) -> list[Settled]:
         """Decide the amendments that were waiting for `execution` (now known), in
@@ -532,11 +541,11 @@ class ExecutionBook:
 
     def _refused_new(self, history: History, fill: Fill, why: str) -> Result:
         newest = history.newest
-        return Result(
-            "refused",
-            f"{why}: ts {fill.ts} < newest {newest} of {fill.account}/{fill.symbol} - horizon {self.horizon} ns",
-            settled=self._refuse_waiting(fill),
+        result = Result(
+            "refused", f"{why}: ts {fill.ts} < newest {newest} of {fill.account}/{fill.symbol} - horizon {self.horizon} ns"
         )
+        result.settled = self._refuse_waiting(fill)
+        return result
 
     # -- deriving ------------------------------------------------------------------------
 
@@ -594,11 +603,11 @@ class ExecutionBook:
         refused ones past it are forgotten."""
         for amendment in [a for a in history.pending if history.beyond_horizon(a.message.ts, self.horizon)]:
             history.pending.remove(amendment)
-            waiting = self._waiting.get(amendment.waiting_for)
+            waiting = self._waiting.get(amendment.waits_on)  # type: ignore[arg-type]
             if waiting is not None:
                 waiting.remove(amendment)
                 if not waiting:
-                    del self._waiting[amendment.waiting_for]
+                    del self._waiting[amendment.waits_on]  # type: ignore[arg-type]
             self._mark_refused(history, amendment, "pending past the horizon: its original never arrived")
             self._changed_ids.add(amendment.message.fill_id)
             result.expired = [*result.expired, amendment]
@@ -630,9 +639,51 @@ class ExecutionBook:
         del checkpoints[:blocks]
         history.folded += count
 
+    def _retire(self, fill_id: str) -> None:
+        """Drop the record of an id past its horizon before the id is used again. An
+        execution still in its key's entries is folded into the base with everything
+        before it (all of it is past the horizon too: entries are in time order), so
+        that every live entry keeps a record of its own."""
+        record = self._ids[fill_id]
+        if isinstance(record, Execution):
+            first = record.first
+            history = self._histories[(first.account, first.symbol)]
+            if not record.busted and not record.opening:
+                self._fold_through(history, self._place_of(history, record))
+        else:
+            history = self._histories[(record.message.account, record.message.symbol)]
+            if record in history.refused:
+                history.refused.remove(record)
+        if self._ids.pop(fill_id, None) is not None:
+            self._changed_ids.add(fill_id)
+
+    def _fold_through(self, history: History, place: int) -> None:
+        """Fold entries[0..place] into the base (they are all past the horizon)."""
+        every = self.every
+        checkpoints = history.base_checkpoint()
+        start = min((place + 1) // every, len(checkpoints) - 1) * every
+        base = checkpoints[start // every].copy()
+        entries = history.entries
+        for index in range(start, place + 1):
+            base._apply(entries[index].fill)
+        for execution in entries[: place + 1]:
+            self._forget(execution)
+        del entries[: place + 1]
+        history.checkpoints = [base]
+        history.folded += place + 1
+        self._changed_keys.add(history.key)
+
     def _forget(self, execution: Execution) -> None:
-        for fill_id in (execution.fill_id, *execution.amendments):
-            if self._ids.pop(fill_id, None) is not None:
+        # An id past the horizon may have been used again since (it counts as unknown
+        # there): only this execution's own records go.
+        ids = self._ids
+        if ids.get(execution.fill_id) is execution:
+            del ids[execution.fill_id]
+            self._changed_ids.add(execution.fill_id)
+        for fill_id in execution.amendments:
+            record = ids.get(fill_id)
+            if isinstance(record, Amendment) and record.root == execution.fill_id:
+                del ids[fill_id]
                 self._changed_ids.add(fill_id)
 
     # -- the id index ------------------------------------------------------------------------
@@ -728,7 +779,7 @@ class ExecutionBook:
             )
         return IdRecord(
             seq=known.seq, message=known.message, status=known.status, root=known.root,
-            reason=known.reason, raw=known.raw,
+            reason=known.reason, raw=known.raw, waits_on=known.waits_on if known.status == "pending" else None,
         )
 
     def history_record(self, key: Key) -> HistoryRecord | None:
@@ -779,7 +830,9 @@ class ExecutionBook:
                 if not execution.busted:
                     (history.openings if execution.opening else history.entries).append(execution)
             else:
-                amendment = Amendment(message, record.seq, record.status, record.root, record.reason, record.raw)
+                amendment = Amendment(
+                    message, record.seq, record.status, record.root, record.reason, record.raw, record.waits_on
+                )
                 self._ids[fill_id] = amendment
                 if record.status == "pending":
                     history.pending.append(amendment)
@@ -789,9 +842,7 @@ class ExecutionBook:
             history.entries.sort(key=_sort_key)
             history.position = self.positions.get(history.account, history.symbol)
         for amendment in sorted((a for h in self._histories.values() for a in h.pending), key=lambda a: a.seq):
-            known = self._ids.get(amendment.waiting_for)
-            root_wait = known.waiting_for if isinstance(known, Amendment) else amendment.waiting_for
-            self._waiting.setdefault(root_wait, []).append(amendment)
+            self._wait(amendment)
 
     # -- market data and reads through the position book -----------------------------------
 
