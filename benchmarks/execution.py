@@ -148,6 +148,8 @@ def synthetic_fills(start: int, n: int, clock: int, rng: np.random.Generator) ->
         later = mid + rng.integers(-300, 301, n)
         cols[f"mid_{horizon}"] = decimals(later, 4)
         cols[f"markout_{horizon}_bps"] = decimals(bps_units(sign * (later - price), price), 8, 8)
+    cols["amendments"] = pa.array(np.zeros(n, np.uint16))
+    cols["busted"] = pa.array(np.zeros(n, np.uint8))
     cols["complete"] = pa.array(np.ones(n, np.uint8))
     cols["progress"] = pa.array(np.full(n, FILL_ALL, np.uint8))
     cols["version"] = pa.array(np.full(n, clock | SETTLED, np.uint64))
@@ -195,7 +197,7 @@ def synthetic_orders(n: int, clock: int, rng: np.random.Generator) -> pa.Table:
 def _arrow_type(column) -> pa.DataType:
     return {
         "string": pa.string(), "ts": pa.timestamp("ns", tz="UTC"), "d18": pa.decimal128(38, 18),
-        "bps": pa.decimal128(38, 8), "int64": pa.int64(), "uint8": pa.uint8(), "uint32": pa.uint32(),
+        "bps": pa.decimal128(38, 8), "int64": pa.int64(), "uint8": pa.uint8(), "uint16": pa.uint16(), "uint32": pa.uint32(),
         "uint64": pa.uint64(),
     }[column.arrow]
 

@@ -26,6 +26,33 @@ How the join works
 * **Markouts** at +1 s, +5 s, +60 s are values at `fill.ts + horizon`, decided by the
   rule above: they appear when quote event time passes the horizon, not wall time.
 
+Executions, corrections, busts, resends
+---------------------------------------
+The FILLS stream carries executions (NEW), amendments of them (CORRECT, BUST: each a
+message of its own fill_id, naming the execution in `ref_fill_id`, directly or through
+an earlier amendment of it) and openings (positions held before the feed: not
+executions, ignored and counted). One rule for every metric:
+
+* **A fill_id counts once**: its first arrival wins, and any later message with the
+  same fill_id (a resend, however late, identical or not) changes nothing. Memory
+  knows the fill_ids of the state it holds; the **ledger** (`execution_fill_ids` in
+  ClickHouse: each fill_id's first stream sequence, what it amends and what became of
+  it) knows every other. The fills agent asks it once per batch for the fill_ids
+  memory cannot place. The same message again (a redelivery: same sequence) is not a
+  resend: when the ledger has it but memory does not, a crash lost its state before
+  the commit, and it is handled again.
+* **An amendment is applied to the execution's state**, and everything derives from
+  that state: a CORRECT replaces side, qty, price and fee (order, venue and liquidity
+  when it gives them; a new order means a new arrival), so the fill's row is rebuilt
+  from it and the orders it left and joined are recomputed from their executions; a
+  BUST marks it busted: its row stays in ClickHouse with `busted = 1` (readers and the
+  rollup leave it out) and its order is recomputed without it. The row of an amended
+  fill or order ranks above every row written before the amendment (`row_version`).
+* **An amendment whose execution has not arrived** waits, durably (the `amendments`
+  table), and is applied when it does; amendments of one execution apply in stream
+  order. One whose execution was busted, is an opening, has left the state
+  (retention) or is of another account or symbol changes nothing and is counted.
+
 State, writes and restarts
 --------------------------
 The tracker works on its own dictionaries (`fills`, `orders`, `book`, `tape`); the
@@ -60,10 +87,10 @@ markout, a market VWAP) can be re-derived from the market-data history, which a
 restart rebuilds; the writer writes it within `interval_s`, and the agents are held
 only when more than `max_unwritten` rows wait (ClickHouse down).
 
-Every handler is idempotent by content: a fill id already held is a duplicate, an
-order's NEW only sets the arrival once, a fill joins its order's aggregates once
-(`fill_ids`), a quote or trade whose stream sequence is not above the symbol's
-recorded one is skipped.
+Every handler is idempotent by content: a fill_id that came before changes nothing,
+an order's NEW only sets the arrival once, a fill joins its order's aggregates once
+(`fill_ids`), an amendment changes an order once (`amendment_ids`), a quote or trade
+whose stream sequence is not above the symbol's recorded one is skipped.
 
 The series history (the last `history_s` of points per symbol) is memory only. On
 start it is rebuilt by replaying the QUOTES and TRADES streams from the sequence of
@@ -73,12 +100,13 @@ last sequence applied.
 Rows
 ----
 `fill_row` / `order_row` build a row from a state; `ExecutionStore` owns the
-ClickHouse tables (`ReplacingMergeTree(version)`, readers use `FINAL`) and the
-per-minute rollup the summary reads. Each write carries a `version`: a nanosecond
-clock, strictly increasing in the process, with bit 62 (`SETTLED`) set when the row is
-settled (a complete fill, a final order). A settled row therefore always outranks an
-unsettled one: whatever path tried to write a less settled row later (a replay, an
-operator's reset), readers keep seeing the settled one.
+ClickHouse tables (`ReplacingMergeTree(version)`, readers use `FINAL`), the
+per-minute rollup the summary reads and the ledger of fill_ids. Each write carries a
+`version`: a nanosecond clock, strictly increasing in the process, with bit 62
+(`SETTLED`) set when the row is settled (a complete fill, a final order). A settled row
+therefore always outranks an unsettled one: whatever path tried to write a less settled
+row later (a replay, an operator's reset), readers keep seeing the settled one. Rows
+of amended fills and orders rank by their amendment count first (`row_version`).
 """
 
 from __future__ import annotations
@@ -89,6 +117,7 @@ import heapq
 import logging
 import time
 from bisect import bisect_right
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -120,6 +149,26 @@ MINUTE_NS = 60 * NS
 # Below it a nanosecond clock (< 2**62 until the year 2116). ReplacingMergeTree keeps
 # the highest version, so no unsettled row can ever replace a settled one.
 SETTLED = 1 << 62
+
+# The row of an amended fill or order (a CORRECT or BUST applied) must outrank every row
+# written before that amendment, settled or not, and rank by amendment count first:
+# bit 63 set, the count in bits 53-62, the settled bit at 52, and a microsecond clock
+# (< 2**52 until the year 2112) below. Rows without amendments keep the layout above, so
+# rows written before amendments existed still compare as they did.
+AMENDED = 1 << 63
+_REVISION_SHIFT = 53
+REVISION_MAX = (1 << 10) - 1  # amendments beyond this many rank by clock alone
+_AMENDED_SETTLED = 1 << 52
+_MICROS_MASK = (1 << 52) - 1
+
+
+def row_version(clock: int, revision: int, settled: bool) -> int:
+    """A row's `version` from the write's nanosecond clock, how many amendments its fill
+    or order has had (`revision`) and whether it is settled (see SETTLED, AMENDED)."""
+    if not revision:
+        return clock | SETTLED if settled else clock
+    version = AMENDED | min(revision, REVISION_MAX) << _REVISION_SHIFT | (clock // 1000 & _MICROS_MASK)
+    return version | _AMENDED_SETTLED if settled else version
 
 # FillState.resolved bits: which inputs are decided (a decided value may be None).
 FILL_MID = 1
@@ -170,17 +219,57 @@ class TapeEntry(msgspec.Struct, frozen=True):
     history_complete: bool  # no point was ever pruned: before the first, the tape was 0
 
 
+class AppliedAmendment(msgspec.Struct, frozen=True, array_like=True):
+    """A CORRECT or BUST applied to an execution."""
+
+    fill_id: str  # the amendment's own fill_id
+    seq: int  # its FILLS stream sequence (a redelivery of it has the same)
+    exec_type: str  # "CORRECT" or "BUST"
+    order_id: str | None  # the order the execution belonged to before it
+
+
 class FillState(msgspec.Struct, frozen=True):
+    """An execution: `fill` is the NEW message with the economics of its latest
+    correction (its fill_id, account, symbol and ts never change)."""
+
     fill: Fill
     resolved: int = 0
     mid_at_fill: Decimal | None = None
     markout_mids: tuple[Decimal | None, Decimal | None, Decimal | None] = (None, None, None)
     arrival_ts: int | None = None
     arrival_mid: Decimal | None = None
+    seq: int = 0  # FILLS stream sequence of the NEW message (0 in states persisted before it was kept)
+    amendments: tuple[AppliedAmendment, ...] = ()  # in the order they were applied
+    busted: bool = False
 
     @property
     def complete(self) -> bool:
         return self.resolved == FILL_ALL
+
+    @property
+    def revision(self) -> int:
+        return len(self.amendments)
+
+    def amendment(self, fill_id: str) -> AppliedAmendment:
+        return next(a for a in self.amendments if a.fill_id == fill_id)
+
+
+class WaitingAmendment(msgspec.Struct, frozen=True):
+    """A CORRECT or BUST whose execution has not arrived yet (kept until it does)."""
+
+    fill: Fill
+    seq: int
+
+
+class SeenFill(msgspec.Struct, frozen=True):
+    """What the ledger keeps of a fill_id: its first arrival on the FILLS stream, the
+    execution it is or amends, and what became of it (APPLIED, OPENING, AMENDS_*,
+    MISMATCH)."""
+
+    seq: int
+    exec_type: str
+    original_fill_id: str
+    outcome: str
 
 
 class OrderState(msgspec.Struct, frozen=True):
@@ -206,12 +295,17 @@ class OrderState(msgspec.Struct, frozen=True):
     arrival_tape: Tape | None = None
     end_mid: Decimal | None = None
     end_tape: Tape | None = None
-    fill_ids: tuple[str, ...] = ()
+    fill_ids: tuple[str, ...] = ()  # the executions it holds (busted or moved ones leave)
     filled_qty: Decimal = ZERO
     filled_notional: Decimal = ZERO
     fees: Decimal = ZERO
     first_fill_ts: int | None = None
     last_fill_ts: int | None = None
+    amendment_ids: tuple[str, ...] = ()  # the CORRECTs and BUSTs that changed its fills
+
+    @property
+    def revision(self) -> int:
+        return len(self.amendment_ids)
 
     @property
     def known(self) -> bool:
@@ -430,13 +524,32 @@ class TrackerSettings:
     open_order_ttl_ns: int = 86_400 * NS
 
 
+# What a message of the FILLS stream is, for the counters: its exec_type in lower case
+# words ("fill" is an execution, NEW).
+FILL_KINDS = {"NEW": "fill", "CORRECT": "correction", "BUST": "bust", "OPENING": "opening"}
+
+# What became of a fill message the first time it came (SeenFill.outcome, and the reason
+# a message that changed nothing is counted under).
+APPLIED = "applied"  # an execution joined, or an amendment applied
+OPENING = "opening"  # a position held before the feed: not an execution, no metric
+AMENDS_OPENING = "amends_opening"  # an amendment of an opening: nothing to amend here
+AMENDS_BUSTED = "amends_busted"  # the execution was busted before it
+AMENDS_FORGOTTEN = "amends_forgotten"  # the execution left the state (retention) before it
+MISMATCH = "mismatch"  # its account or symbol is not the execution's
+
+
 @dataclass
 class TrackerStats:
-    fills: int = 0
+    fills: int = 0  # executions (NEW) joined
+    corrections: int = 0  # CORRECTs applied
+    busts: int = 0  # BUSTs applied
     orders: int = 0
     quotes: int = 0
     market_trades: int = 0
-    duplicate_fills: int = 0
+    # Fill messages that changed nothing, by (FILL_KINDS value, reason): "duplicate" (a
+    # fill_id that came before, in another message), "redelivered" (the same message
+    # again: a crash, a replay), or an outcome other than APPLIED.
+    skipped_fills: Counter[tuple[str, str]] = field(default_factory=Counter)
     duplicate_quotes: int = 0
     duplicate_trades: int = 0
     late_quotes: int = 0
@@ -453,20 +566,27 @@ class ExecutionTables:
     orders: Table
     quote_book: Table
     tape: Table
+    amendments: Table  # WaitingAmendment by the amendment's fill_id
 
 
 def declare_tables(app: App) -> ExecutionTables:
+    # Declared after fills: tables are flushed in this order, so a crash between the two
+    # flushes leaves an applied amendment still waiting (applied again, a no-op), never
+    # an amendment gone from both.
     return ExecutionTables(
         fills=app.table("fills", value_type=FillState, key_type=str),
         orders=app.table("orders", value_type=OrderState, key_type=str),
         quote_book=app.table("quote_book", value_type=BookEntry, key_type=str),
         tape=app.table("tape", value_type=TapeEntry, key_type=str),
+        amendments=app.table("amendments", value_type=WaitingAmendment, key_type=str),
     )
 
 
 def unstorable_reason(event: Fill | Order) -> str | None:
     """Why a fill or order can never be written to the Decimal(38, 18) columns, if so."""
     if isinstance(event, Fill):
+        if event.exec_type in ("OPENING", "BUST"):
+            return None  # their numbers are never stored: an opening is not measured, a bust removes
         numbers = {"qty": event.qty, "price": event.price, "fee": event.fee}
     else:
         numbers = {"qty": event.qty, "limit_price": event.limit_price}
@@ -487,9 +607,13 @@ class PendingWrite:
 
     fills: dict[str, FillState] = field(default_factory=dict)
     orders: dict[str, OrderState] = field(default_factory=dict)
+    seen: dict[str, SeenFill] = field(default_factory=dict)  # ledger rows
+    # Waiting amendments to persist (None: no longer waiting). They have no rows, but
+    # go with the write so that one leaves the table only once it is applied in one.
+    waiting: dict[str, WaitingAmendment | None] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.fills or self.orders)
+        return bool(self.fills or self.orders or self.seen or self.waiting)
 
 
 def minute_of(ts: int) -> int:
@@ -544,6 +668,19 @@ class ExecutionTracker:
         self.unverified_orders: set[str] = set()
         self.held_fills: dict[str, Progress] = {}
         self.held_orders: dict[str, Progress] = {}
+        # Which fill_ids came before (first arrival wins, however late a resend is):
+        # the executions held (`fills`), the amendments applied to them (`aliases`:
+        # amendment id -> execution id), the amendments waiting for their execution,
+        # and the ledger in ClickHouse for everything else. `recent` holds this
+        # process's decisions until the fills batch that made them is written (the
+        # ledger answers after that), `recorded` the ledger's answers for the batch.
+        self.aliases: dict[str, str] = {}
+        self.waiting: dict[str, WaitingAmendment] = {}
+        self.waiting_on: dict[str, list[str]] = {}  # referenced fill_id -> waiting amendment ids
+        self.recent: dict[str, SeenFill] = {}
+        self.recorded: dict[str, SeenFill] = {}
+        self.changed_seen: dict[str, SeenFill] = {}  # ledger rows to write
+        self.changed_waiting: set[str] = set()  # waiting amendments to persist
         self.stats = TrackerStats()
         self.event_time = -1  # newest event time of any stream (retention clock)
         self._advanced_quotes: set[str] = set()
@@ -552,13 +689,24 @@ class ExecutionTracker:
     def load(self) -> None:
         """Start from what the (opened) tables hold. Their rows may be further along in
         ClickHouse (a crash after a write, before the commit): each is compared before
-        its first write here."""
+        its first write here. A waiting amendment whose execution is held (a crash
+        between the two tables' flushes) is applied now, or dropped if it already was."""
         self.fills = dict(self.tables.fills.items())
         self.orders = dict(self.tables.orders.items())
         self.book = dict(self.tables.quote_book.items())
         self.tape = dict(self.tables.tape.items())
         self.unverified_fills = set(self.fills)
         self.unverified_orders = set(self.orders)
+        self.aliases = {a.fill_id: key for key, state in self.fills.items() for a in state.amendments}
+        self.waiting, self.waiting_on = {}, {}
+        for key, waiting in sorted(self.tables.amendments.items(), key=lambda item: item[1].seq):
+            if key in self.aliases:
+                self.changed_waiting.add(key)
+                continue
+            self.waiting[key] = waiting
+            self.waiting_on.setdefault(waiting.fill.ref_fill_id, []).append(key)
+        for ref in [ref for ref in self.waiting_on if ref in self.fills or ref in self.aliases]:
+            self._release_waiting(ref, replayed=False)
 
     # -- market data ------------------------------------------------------------------
 
@@ -636,25 +784,273 @@ class ExecutionTracker:
         self.changed_orders.add(order.order_id)
         self._refresh_order(order.order_id)
 
-    def on_fill(self, fill: Fill, replayed: bool = False) -> None:
+    def on_fill(self, fill: Fill, seq: int, replayed: bool = False) -> None:
+        """Fold one message of the FILLS stream in (`seq`: its stream sequence). The
+        fill_ids it names that memory does not know must be in `recorded` (the ledger's
+        answer, see `unknown_ids`)."""
         self._see(fill.ts)
+        kind = FILL_KINDS[fill.exec_type]
+        arrival = self._arrival(fill.fill_id, seq)
+        if arrival != "new":
+            self.stats.skipped_fills[kind, arrival] += 1
+            self._repair(fill.fill_id, replayed)
+            return
+        if fill.exec_type == "NEW":
+            self._join(fill, seq, replayed)
+        elif fill.exec_type == "OPENING":
+            self.stats.skipped_fills[kind, OPENING] += 1
+            self._record(fill, seq, fill.fill_id, OPENING)
+        else:
+            self._amend(fill, seq, replayed)
+            return  # it released what waited for it
+        self._release_waiting(fill.fill_id, replayed)
+
+    def unknown_ids(self, fills: Iterable[Fill]) -> set[str]:
+        """The fill_ids these messages name (their own, the ones they amend) that memory
+        cannot place: the ledger must say whether they came before."""
+        unknown = set()
+        for fill in fills:
+            for fill_id in (fill.fill_id, fill.ref_fill_id):
+                if fill_id is not None and self._first_seq(fill_id) is None:
+                    unknown.add(fill_id)
+        return unknown
+
+    def end_fills_batch(self) -> None:
+        """The fills batch is written (ledger rows included): the ledger answers for
+        this process's decisions from now on."""
+        self.recent.clear()
+        self.recorded.clear()
+
+    def _first_seq(self, fill_id: str) -> int | None:
+        """The stream sequence of the fill_id's first arrival, if memory knows it."""
+        state = self.fills.get(fill_id)
+        if state is not None:
+            return state.seq
+        original = self.aliases.get(fill_id)
+        if original is not None:
+            return self.fills[original].amendment(fill_id).seq
+        waiting = self.waiting.get(fill_id)
+        if waiting is not None:
+            return waiting.seq
+        seen = self.recent.get(fill_id)
+        return seen.seq if seen is not None else None
+
+    def _arrival(self, fill_id: str, seq: int) -> str:
+        """'new', 'redelivered' (this very message came before) or 'duplicate' (the
+        fill_id came before in another message: the first arrival wins)."""
+        first = self._first_seq(fill_id)
+        if first is None:
+            seen = self.recorded.get(fill_id)
+            # The ledger having this very message means its state was lost in a crash
+            # before the commit, or a new service replays the stream: either way it is
+            # handled again as the first arrival it is.
+            return "new" if seen is None or seen.seq == seq else "duplicate"
+        return "redelivered" if first == seq else "duplicate"
+
+    def _record(self, fill: Fill, seq: int, original_fill_id: str, outcome: str) -> None:
+        seen = SeenFill(seq=seq, exec_type=fill.exec_type, original_fill_id=original_fill_id, outcome=outcome)
+        self.recent[fill.fill_id] = seen
+        self.changed_seen[fill.fill_id] = seen
+
+    def _join(self, fill: Fill, seq: int, replayed: bool) -> None:
+        """A new execution."""
         if replayed:
             self.unverified_fills.add(fill.fill_id)
             if fill.order_id is not None:
                 self.unverified_orders.add(fill.order_id)
-        held = self.fills.get(fill.fill_id)
-        if held is not None:
-            self.stats.duplicate_fills += 1
-            if fill.order_id is not None:
-                # Joins its order once: a no-op unless the order's state lost the fill.
-                self._attach(held.fill)
-            return
         self.stats.fills += 1
-        self.fills[fill.fill_id] = FillState(fill=fill, resolved=0 if fill.order_id is not None else FILL_ARRIVAL)
+        self.fills[fill.fill_id] = FillState(
+            fill=fill, resolved=0 if fill.order_id is not None else FILL_ARRIVAL, seq=seq
+        )
         self.changed_fills.add(fill.fill_id)
+        self._record(fill, seq, fill.fill_id, APPLIED)
         if fill.order_id is not None:
             self._attach(fill)
         self._refresh_fill(fill.fill_id)
+
+    def _repair(self, fill_id: str, replayed: bool) -> None:
+        """A message that came before came again: a no-op, unless a crash cut the
+        changelog between the fills and the orders table, and the order lacks it."""
+        state = self.fills.get(fill_id)
+        if state is not None:
+            if replayed:
+                self.unverified_fills.add(fill_id)
+            order_id = state.fill.order_id
+            if order_id is not None and not state.busted:
+                if replayed:
+                    self.unverified_orders.add(order_id)
+                self._attach(state.fill)  # joins its order once
+            return
+        original = self.aliases.get(fill_id)
+        if original is not None:
+            state = self.fills[original]
+            before = state.amendment(fill_id).order_id
+            for order_id in dict.fromkeys((before, state.fill.order_id)):
+                if order_id is not None:
+                    if replayed:
+                        self.unverified_orders.add(order_id)
+                    self._resync_order(order_id, fill_id, original, state.fill.ts)
+
+    # -- corrections and busts ----------------------------------------------------------
+
+    def _locate(self, ref: str, seq: int) -> tuple[str, str | None]:
+        """Where the execution an amendment (of stream sequence `seq`) names is:
+        ("held", id), ("wait", None) (not arrived yet), ("opening", id) or
+        ("forgotten", id) (it left the state)."""
+        if ref in self.fills:
+            return "held", ref
+        original = self.aliases.get(ref)
+        if original is not None:
+            return "held", original
+        if ref in self.waiting:
+            return "wait", None
+        seen = self.recent.get(ref)
+        if seen is None:
+            seen = self.recorded.get(ref)
+            # A ledger entry from further on in the stream: this is a redelivery after a
+            # crash, and that message will come again after this one.
+            if seen is None or seen.seq > seq:
+                return "wait", None
+        if seen.outcome in (OPENING, AMENDS_OPENING):
+            return "opening", seen.original_fill_id
+        if seen.original_fill_id in self.fills:
+            return "held", seen.original_fill_id
+        return "forgotten", seen.original_fill_id
+
+    def _amend(self, amendment: Fill, seq: int, replayed: bool) -> None:
+        where, original = self._locate(amendment.ref_fill_id, seq)
+        if where == "wait":
+            self.waiting[amendment.fill_id] = WaitingAmendment(fill=amendment, seq=seq)
+            self.waiting_on.setdefault(amendment.ref_fill_id, []).append(amendment.fill_id)
+            self.changed_waiting.add(amendment.fill_id)
+            return
+        self._settle(amendment, seq, where, original, replayed)
+
+    def _settle(self, amendment: Fill, seq: int, where: str, original: str, replayed: bool) -> None:
+        """Apply an amendment whose execution is located, or count why it changes nothing."""
+        outcome = APPLIED
+        if where == "opening":
+            outcome = AMENDS_OPENING
+        elif where == "forgotten":
+            outcome = AMENDS_FORGOTTEN
+        else:
+            state = self.fills[original]
+            if state.busted:
+                outcome = AMENDS_BUSTED
+            elif amendment.account != state.fill.account or amendment.symbol != state.fill.symbol:
+                outcome = MISMATCH
+            else:
+                self._apply(state, amendment, seq, replayed)
+        kind = FILL_KINDS[amendment.exec_type]
+        if outcome == APPLIED:
+            if amendment.exec_type == "BUST":
+                self.stats.busts += 1
+            else:
+                self.stats.corrections += 1
+        else:
+            self.stats.skipped_fills[kind, outcome] += 1
+            log.warning("%s %s of %s (execution %s) changes nothing: %s",
+                        kind, amendment.fill_id, amendment.ref_fill_id, original, outcome)
+        self._record(amendment, seq, original, outcome)
+        if self.waiting.pop(amendment.fill_id, None) is not None:
+            self.changed_waiting.add(amendment.fill_id)
+        self._release_waiting(amendment.fill_id, replayed)
+
+    def _release_waiting(self, fill_id: str, replayed: bool) -> None:
+        """`fill_id` has just been decided: settle the amendments that waited for it, in
+        stream order (a later correction overrides an earlier one)."""
+        waiting_ids = self.waiting_on.pop(fill_id, None)
+        if not waiting_ids:
+            return
+        for amendment_id in sorted(waiting_ids, key=lambda i: self.waiting[i].seq):
+            waiting = self.waiting[amendment_id]
+            where, original = self._locate(fill_id, waiting.seq)
+            self._settle(waiting.fill, waiting.seq, where, original, replayed)
+
+    def _apply(self, state: FillState, amendment: Fill, seq: int, replayed: bool) -> None:
+        """A CORRECT replaces the execution's economics (order, venue and liquidity too
+        when it gives them), a BUST removes it; its place in time stays. The orders it
+        left and joined are recomputed from their executions."""
+        fill = state.fill
+        key = fill.fill_id
+        changes: dict[str, Any] = {
+            "amendments": state.amendments
+            + (AppliedAmendment(fill_id=amendment.fill_id, seq=seq, exec_type=amendment.exec_type,
+                                order_id=fill.order_id),)
+        }
+        if amendment.exec_type == "BUST":
+            changes["busted"] = True
+            order_after = None
+        else:
+            corrected = _replace(
+                fill,
+                side=amendment.side,
+                qty=amendment.qty,
+                price=amendment.price,
+                fee=amendment.fee,
+                order_id=amendment.order_id if amendment.order_id is not None else fill.order_id,
+                venue=amendment.venue if amendment.venue is not None else fill.venue,
+                liquidity=amendment.liquidity if amendment.liquidity is not None else fill.liquidity,
+            )
+            changes["fill"] = corrected
+            order_after = corrected.order_id
+            if order_after != fill.order_id:
+                # Its arrival is now the new order's (none without an order).
+                resolved = state.resolved & ~FILL_ARRIVAL
+                changes.update(
+                    resolved=resolved if order_after is not None else resolved | FILL_ARRIVAL,
+                    arrival_ts=None,
+                    arrival_mid=None,
+                )
+        self.fills[key] = _replace(state, **changes)
+        self.aliases[amendment.fill_id] = key
+        self.changed_fills.add(key)
+        if replayed:
+            self.unverified_fills.add(key)
+        for order_id in dict.fromkeys((fill.order_id, order_after)):
+            if order_id is not None:
+                if replayed:
+                    self.unverified_orders.add(order_id)
+                self._resync_order(order_id, amendment.fill_id, key, amendment.ts)
+        self._refresh_fill(key)
+
+    def _resync_order(self, order_id: str, amendment_id: str, fill_id: str, ts: int) -> None:
+        """Recompute an order's fill aggregates from its executions after an amendment
+        of `fill_id` (once per amendment). Every execution of a held order is held too
+        (retention keeps them while their order is), so the sums are exact."""
+        state = self.orders.get(order_id)
+        if state is not None and amendment_id in state.amendment_ids:
+            return
+        if state is None:
+            fill = self.fills[fill_id].fill
+            if fill.order_id != order_id or self.fills[fill_id].busted:
+                return  # the order left the state: nothing of it to recompute
+            state = OrderState(order_id=order_id, account=fill.account, symbol=fill.symbol, last_event_ts=ts)
+        members = []
+        qty = notional = fees = ZERO
+        times = []
+        for member in dict.fromkeys(state.fill_ids + (fill_id,)):
+            held = self.fills.get(member)
+            if held is None or held.busted or held.fill.order_id != order_id:
+                continue
+            fill = held.fill
+            members.append(member)
+            qty = EXACT.add(qty, fill.qty)
+            notional = EXACT.add(notional, EXACT.multiply(fill.qty, fill.price))
+            fees = EXACT.add(fees, fill.fee)
+            times.append(fill.ts)
+        self.orders[order_id] = _replace(
+            state,
+            fill_ids=tuple(members),
+            filled_qty=qty,
+            filled_notional=notional,
+            fees=fees,
+            first_fill_ts=min(times) if times else None,
+            last_fill_ts=max(times) if times else None,
+            amendment_ids=state.amendment_ids + (amendment_id,),
+            last_event_ts=max(state.last_event_ts, ts),
+        )
+        self.changed_orders.add(order_id)
 
     def _attach(self, fill: Fill) -> None:
         """Add the fill to its order's aggregates, once."""
@@ -687,7 +1083,7 @@ class ExecutionTracker:
 
     def _refresh_fill(self, fill_id: str) -> None:
         state = self.fills.get(fill_id)
-        if state is None or state.complete:
+        if state is None or state.complete or state.busted:
             return
         fill = state.fill
         symbol = fill.symbol
@@ -788,7 +1184,8 @@ class ExecutionTracker:
 
     def fill_row(self, state: FillState, clock: int) -> tuple:
         """The ClickHouse row of a fill (FILL_COLUMNS order); `clock` is the write's
-        version clock, to which the row adds the SETTLED bit when the fill is complete."""
+        version clock (see `row_version`: a busted fill's row is settled, nothing more
+        can change it)."""
         f = state.fill
         qty, price, side = f.qty, f.price, f.side
         arrival_mid = state.arrival_mid
@@ -828,8 +1225,10 @@ class ExecutionTracker:
             tca.markout_bps(side, price, m5) if m5 is not None else None,
             tca.markout_bps(side, price, m60) if m60 is not None else None,
             1 if complete else 0,
+            state.revision,
+            1 if state.busted else 0,
             state.resolved,
-            clock | SETTLED if complete else clock,
+            row_version(clock, state.revision, complete or state.busted),
         )
 
     def order_row(self, state: OrderState, clock: int) -> tuple | None:
@@ -900,14 +1299,18 @@ class ExecutionTracker:
             metrics.implementation_shortfall,
             metrics.implementation_shortfall_bps,
             1 if final else 0,
+            state.revision,
             state.resolved,
-            clock | SETTLED if final else clock,
+            row_version(clock, state.revision, final),
         )
 
     # -- writing and persisting -----------------------------------------------------------
 
     def unwritten(self) -> int:
-        return len(self.changed_fills) + len(self.changed_orders) + len(self.writing_fills) + len(self.writing_orders)
+        return (
+            len(self.changed_fills) + len(self.changed_orders) + len(self.writing_fills) + len(self.writing_orders)
+            + len(self.changed_seen) + len(self.changed_waiting)
+        )
 
     def take_changes(self) -> PendingWrite:
         """Hand every changed fill and order, as it is now, to a write. The ids stay
@@ -915,16 +1318,21 @@ class ExecutionTracker:
         taken = PendingWrite(
             fills={k: self.fills[k] for k in self.changed_fills if k in self.fills},
             orders={k: self.orders[k] for k in self.changed_orders if k in self.orders},
+            seen=self.changed_seen,
+            waiting={k: self.waiting.get(k) for k in self.changed_waiting},
         )
         self.writing_fills |= self.changed_fills
         self.writing_orders |= self.changed_orders
         self.changed_fills, self.changed_orders = set(), set()
+        self.changed_seen, self.changed_waiting = {}, set()
         return taken
 
     def restore_changes(self, taken: PendingWrite) -> None:
         """A write failed: its fills and orders are changed again (the next write takes them)."""
         self.changed_fills |= taken.fills.keys()
         self.changed_orders |= taken.orders.keys()
+        self.changed_seen = {**taken.seen, **self.changed_seen}
+        self.changed_waiting |= taken.waiting.keys()
         self._release(taken)
 
     def persist(self, taken: PendingWrite) -> None:
@@ -939,6 +1347,11 @@ class ExecutionTracker:
             for key, state in taken.orders.items():
                 if orders.get(key) is not state:
                     orders[key] = state
+            for key, waiting in taken.waiting.items():
+                if waiting is None:
+                    self.tables.amendments.pop(key, None)
+                else:
+                    self.tables.amendments[key] = waiting
         self._release(taken)
 
     def _release(self, taken: PendingWrite) -> None:
@@ -962,8 +1375,9 @@ class ExecutionTracker:
     def unverified(self, taken: PendingWrite) -> tuple[dict[str, int], dict[str, int]]:
         """The taken fills and orders (id -> time, the tables' first key column) whose
         rows must be compared with ClickHouse's before they are written: not yet
-        compared in this process (a complete fill is never behind; a final order can
-        still lack a fill the stored row has)."""
+        compared in this process (a complete fill is never behind within its revision,
+        and a row of an earlier revision loses to the stored one anyway, see
+        `row_version`; a final order can still lack a fill the stored row has)."""
         fills = {k: st.fill.ts for k, st in taken.fills.items() if k in self.unverified_fills and not st.complete}
         orders = {k: st.arrival_ts for k, st in taken.orders.items() if k in self.unverified_orders and st.known}
         return fills, orders
@@ -1037,22 +1451,26 @@ class ExecutionTracker:
         unwritten_fills = self.changed_fills | self.writing_fills
         unwritten_orders = self.changed_orders | self.writing_orders
         gone_fills, gone_orders = [], []
-        for fill_id, state in self.fills.items():
-            if fill_id in unwritten_fills or state.fill.ts >= now - s.retention_ns:
-                continue
-            if stale_minutes and minute_of(state.fill.ts) in stale_minutes:
-                continue
-            # Complete fills are done; incomplete ones (no quotes came) are abandoned.
-            gone_fills.append(fill_id)
         for order_id, state in self.orders.items():
             if order_id in unwritten_orders:
                 continue
             ttl = s.retention_ns if state.end_ts is not None or not state.known else s.open_order_ttl_ns
             if state.last_event_ts < now - ttl:
                 gone_orders.append(order_id)
+        kept_orders = self.orders.keys() - gone_orders
+        for fill_id, state in self.fills.items():
+            if fill_id in unwritten_fills or state.fill.ts >= now - s.retention_ns:
+                continue
+            if stale_minutes and minute_of(state.fill.ts) in stale_minutes:
+                continue
+            if state.fill.order_id in kept_orders:
+                continue  # an amendment recomputes its order from the order's executions
+            # Complete fills are done; incomplete ones (no quotes came) are abandoned.
+            gone_fills.append(fill_id)
         with _unowned():
             for fill_id in gone_fills:
-                del self.fills[fill_id]
+                for amendment in self.fills.pop(fill_id).amendments:
+                    del self.aliases[amendment.fill_id]
                 self.tables.fills.pop(fill_id, None)
                 self.held_fills.pop(fill_id, None)
                 self.unverified_fills.discard(fill_id)
@@ -1148,23 +1566,27 @@ class ExecutionTracker:
                 changed.add(symbol)
 
 
-# How far along a row is: (decided values as a bit mask, fills joined, ended). States
-# only move forward in a process; after a restart one can start behind ClickHouse.
-Progress = tuple[int, int, bool]
+# How far along a row is: (amendments applied, decided values as a bit mask, fills
+# joined, ended). States only move forward in a process; after a restart one can start
+# behind ClickHouse. An amendment can take fills away, so fills joined only count up
+# within one revision.
+Progress = tuple[int, int, int, bool]
 
 
 def _fill_progress(state: FillState) -> Progress:
-    return state.resolved, 0, False
+    return state.revision, state.resolved, 0, False
 
 
 def _order_progress(state: OrderState) -> Progress:
-    return state.resolved, len(state.fill_ids), state.end_ts is not None
+    return state.revision, state.resolved, len(state.fill_ids), state.end_ts is not None
 
 
 def _covers(progress: Progress, stored: Progress) -> bool:
     """Whether a row at `progress` has everything a row at `stored` has."""
-    mask, fills, ended = progress
-    stored_mask, stored_fills, stored_ended = stored
+    revision, mask, fills, ended = progress
+    stored_revision, stored_mask, stored_fills, stored_ended = stored
+    if revision != stored_revision:
+        return revision > stored_revision
     return mask & stored_mask == stored_mask and fills >= stored_fills and (ended or not stored_ended)
 
 
@@ -1232,13 +1654,14 @@ def storable_row(columns: tuple[Column, ...], row: tuple) -> tuple:
 FILLS_TABLE = "execution_fills"
 ORDERS_TABLE = "execution_orders"
 MINUTES_TABLE = "execution_fill_minutes"  # the per-minute rollup of the fills
+FILL_IDS_TABLE = "execution_fill_ids"  # the ledger: every fill_id of the FILLS stream, once
 
 
 @dataclass(frozen=True)
 class Column:
     name: str
     clickhouse: str
-    arrow: str  # "string", "ts", "d18", "bps", "int64", "uint8", "uint32", "uint64"
+    arrow: str  # "string", "ts", "d18", "bps", "int64", "uint8", "uint16", "uint32", "uint64"
 
 
 _D18 = "Decimal(38, 18)"
@@ -1272,6 +1695,8 @@ FILL_COLUMNS: tuple[Column, ...] = (
     Column("markout_5s_bps", f"Nullable({_BPS})", "bps"),
     Column("markout_60s_bps", f"Nullable({_BPS})", "bps"),
     Column("complete", "UInt8", "uint8"),
+    Column("amendments", "UInt16", "uint16"),  # CORRECTs and BUSTs applied
+    Column("busted", "UInt8", "uint8"),  # 1: removed by a BUST (readers leave it out)
     Column("progress", "UInt8", "uint8"),  # FillState.resolved: which values are decided
     Column("version", "UInt64", "uint64"),
 )
@@ -1311,7 +1736,19 @@ ORDER_COLUMNS: tuple[Column, ...] = (
     Column("implementation_shortfall", f"Nullable({_D18})", "d18"),
     Column("implementation_shortfall_bps", f"Nullable({_BPS})", "bps"),
     Column("is_final", "UInt8", "uint8"),
+    Column("amendments", "UInt16", "uint16"),  # CORRECTs and BUSTs that changed its fills
     Column("progress", "UInt8", "uint8"),  # OrderState.resolved: which values are decided
+    Column("version", "UInt64", "uint64"),
+)
+
+# The ledger of fill_ids (first arrival wins, however late a resend comes): one row per
+# message of the FILLS stream the first time it came, written with the rows it caused.
+FILL_ID_COLUMNS: tuple[Column, ...] = (
+    Column("fill_id", "String", "string"),
+    Column("seq", "UInt64", "uint64"),  # FILLS stream sequence of its first arrival
+    Column("exec_type", "LowCardinality(String)", "string"),
+    Column("original_fill_id", "String", "string"),  # the execution it is, or amends
+    Column("outcome", "LowCardinality(String)", "string"),  # APPLIED, OPENING, AMENDS_*, MISMATCH
     Column("version", "UInt64", "uint64"),
 )
 
@@ -1344,17 +1781,18 @@ MINUTE_KEYS = ("account", "symbol", "venue", "side")
 # The sorting key of each table (ClickHouse's spelling in system.tables): a table
 # created by an older version with another key is migrated at start.
 _SORTING_KEYS = {FILLS_TABLE: "ts, fill_id", ORDERS_TABLE: "arrival_ts, order_id",
-                 MINUTES_TABLE: "minute, account, symbol, venue, side"}
+                 MINUTES_TABLE: "minute, account, symbol, venue, side", FILL_IDS_TABLE: "fill_id"}
 
 
 def schema_sql(database: str) -> dict[str, str]:
-    """CREATE TABLE statements of the three tables, by table name.
+    """CREATE TABLE statements of the four tables, by table name.
 
     Upserts keyed by id, the highest `version` wins (readers use FINAL). Fills and
     orders are sorted by their time (immutable per row) then id: inserts arrive in time
     order, so parts overlap only where rows were rewritten, and FINAL merges just those
     ranges instead of the whole table. Partitions are months of that time, so a row's
-    versions always meet in one partition."""
+    versions always meet in one partition. The ledger is looked up by fill_id alone
+    (a resend need not carry the original's time), so it is sorted by it."""
 
     def columns(cols: Iterable[tuple[str, str]]) -> str:
         return ",\n  ".join(f"{name} {kind}" for name, kind in cols)
@@ -1376,6 +1814,9 @@ def schema_sql(database: str) -> dict[str, str]:
         MINUTES_TABLE: f"CREATE TABLE IF NOT EXISTS {database}.{MINUTES_TABLE} (\n  {columns(minutes)}\n) "
         "ENGINE = ReplacingMergeTree(version) PARTITION BY toYYYYMM(minute) "
         f"ORDER BY ({_SORTING_KEYS[MINUTES_TABLE]})",
+        FILL_IDS_TABLE: f"CREATE TABLE IF NOT EXISTS {database}.{FILL_IDS_TABLE} (\n  "
+        f"{columns((c.name, c.clickhouse) for c in FILL_ID_COLUMNS)}\n) "
+        f"ENGINE = ReplacingMergeTree(version) ORDER BY {_SORTING_KEYS[FILL_IDS_TABLE]}",
     }
 
 
@@ -1391,13 +1832,14 @@ def minute_ranges(minutes: Iterable[int]) -> list[tuple[int, int]]:
 
 
 class ExecutionStore:
-    """The service's ClickHouse tables: fills, orders and the per-minute rollup.
+    """The service's ClickHouse tables: fills, orders, the per-minute rollup and the
+    ledger of fill_ids.
 
     `refresh_minutes` recomputes the rollup rows of some minutes from the fills table
-    (FINAL, so each fill counts once at its newest version) and writes them with a
-    newer version: the rollup is always a function of the fills table, never a running
-    total that a rewrite or a replay could double. The writer calls it after each fills
-    insert, for the minutes that insert touched."""
+    (FINAL, so each fill counts once at its newest version; busted fills not at all)
+    and writes them with a newer version: the rollup is always a function of the fills
+    table, never a running total that a rewrite or a replay could double. The writer
+    calls it after each fills insert, for the minutes that insert touched."""
 
     def __init__(self, clickhouse: ClickHouseStore, database: str):
         self.clickhouse = clickhouse
@@ -1432,13 +1874,34 @@ class ExecutionStore:
             ).rows
         }
         statements = schema_sql(self.database)
-        for name in (FILLS_TABLE, ORDERS_TABLE):
-            if name in existing and existing[name] != _SORTING_KEYS[name]:
-                await self._migrate(name, statements[name])
+        for name, columns in ((FILLS_TABLE, FILL_COLUMNS), (ORDERS_TABLE, ORDER_COLUMNS)):
+            if name in existing:
+                await self._add_missing_columns(name, columns)
+                if existing[name] != _SORTING_KEYS[name]:
+                    await self._migrate(name, statements[name])
         for statement in statements.values():
             await ch.command(statement)
         if MINUTES_TABLE not in existing or existing.get(FILLS_TABLE) != _SORTING_KEYS[FILLS_TABLE]:
             await self._refresh(None, time.time_ns())  # the rollup of what the fills table already holds
+
+    async def _add_missing_columns(self, name: str, columns: tuple[Column, ...]) -> None:
+        """Add the columns a table created by an older version lacks (amendments, busted:
+        0 for every row it has), each at its place in `columns`."""
+        present = {
+            column
+            for (column,) in (
+                await self.clickhouse.query(
+                    "SELECT name FROM system.columns WHERE database = {db:String} AND table = {table:String}",
+                    {"db": self.database, "table": name},
+                )
+            ).rows
+        }
+        for previous, column in zip(columns, columns[1:]):
+            if column.name not in present:
+                await self.clickhouse.command(
+                    f"ALTER TABLE {self.table(name)} ADD COLUMN IF NOT EXISTS {column.name} {column.clickhouse} "
+                    f"AFTER {previous.name}"
+                )
 
     async def _migrate(self, name: str, create: str) -> None:
         """Copy a table into the current layout, marking settled rows' versions."""
@@ -1457,8 +1920,20 @@ class ExecutionStore:
         await ch.command(f"DROP TABLE {target}__old")
 
     async def insert(self, name: str, data: Any) -> int:
-        """One Arrow insert into `name` (FILLS_TABLE or ORDERS_TABLE)."""
+        """One Arrow insert into `name` (FILLS_TABLE, ORDERS_TABLE or FILL_IDS_TABLE)."""
         return await self.clickhouse.insert_arrow(self.table(name), data)
+
+    async def seen_fills(self, fill_ids: Iterable[str]) -> dict[str, SeenFill]:
+        """The ledger's entries of these fill_ids (the first arrival of each)."""
+        result = await self.clickhouse.query(
+            "SELECT fill_id, min(seq), argMin(exec_type, seq), argMin(original_fill_id, seq), argMin(outcome, seq) "
+            f"FROM {self.table(FILL_IDS_TABLE)} WHERE fill_id IN {{ids:Array(String)}} GROUP BY fill_id",
+            {"ids": list(fill_ids)},
+        )
+        return {
+            fill_id: SeenFill(seq=seq, exec_type=exec_type, original_fill_id=original, outcome=outcome)
+            for fill_id, seq, exec_type, original, outcome in result.rows
+        }
 
     async def stored_progress(
         self, fills: dict[str, int], orders: dict[str, int]
@@ -1469,7 +1944,7 @@ class ExecutionStore:
             if not ids:
                 return []
             result = await self.clickhouse.query(
-                f"SELECT {id_column}, progress{extra} FROM {self.table(table)} FINAL "
+                f"SELECT {id_column}, amendments, progress{extra} FROM {self.table(table)} FINAL "
                 f"WHERE {time_column} >= fromUnixTimestamp64Nano({{first:Int64}}, 'UTC') "
                 f"AND {time_column} <= fromUnixTimestamp64Nano({{last:Int64}}, 'UTC') "
                 f"AND {id_column} IN {{ids:Array(String)}}",
@@ -1478,11 +1953,12 @@ class ExecutionStore:
             return result.rows
 
         stored_fills = {
-            key: (progress, 0, False) for key, progress in await read(FILLS_TABLE, "fill_id", "ts", fills, "")
+            key: (revision, progress, 0, False)
+            for key, revision, progress in await read(FILLS_TABLE, "fill_id", "ts", fills, "")
         }
         stored_orders = {
-            key: (progress, joined, bool(ended))
-            for key, progress, joined, ended in await read(
+            key: (revision, progress, joined, bool(ended))
+            for key, revision, progress, joined, ended in await read(
                 ORDERS_TABLE, "order_id", "arrival_ts", orders, ", fills, end_ts IS NOT NULL"
             )
         }
@@ -1495,22 +1971,35 @@ class ExecutionStore:
             await self._refresh(ranges, version)
 
     async def _refresh(self, ranges: list[tuple[int, int]] | None, version: int) -> None:
-        where = ""
-        if ranges is not None:
-            # Integers computed here, not user input: inlined, and the primary key (ts
+        """Recompute the rollup rows of these minutes (None: all). A group whose fills
+        all left it (busted, or corrected to another side or venue) gets a row of zeros:
+        recomputing only the groups that still have fills would leave its old row."""
+
+        def within(column: str) -> str:
+            if ranges is None:
+                return ""
+            # Integers computed here, not user input: inlined, and the primary key (time
             # first) narrows the read to these minutes.
-            where = " WHERE " + " OR ".join(
-                f"(ts >= fromUnixTimestamp64Nano(toInt64({start}), 'UTC') "
-                f"AND ts < fromUnixTimestamp64Nano(toInt64({end}), 'UTC'))"
+            return " AND (" + " OR ".join(
+                f"({column} >= fromUnixTimestamp64Nano(toInt64({start}), 'UTC') "
+                f"AND {column} < fromUnixTimestamp64Nano(toInt64({end}), 'UTC'))"
                 for start, end in ranges
-            )
+            ) + ")"
+
         names = ", ".join(name for name, _, _ in MINUTE_AGGREGATES)
         aggregates = ", ".join(expr for _, _, expr in MINUTE_AGGREGATES)
+        zeros = ", ".join(
+            f"CAST({'[]' if kind.startswith('Array') else 0} AS {kind})" for _, kind, _ in MINUTE_AGGREGATES
+        )
         keys = ", ".join(MINUTE_KEYS)
+        fills = f"{self.table(FILLS_TABLE)} FINAL WHERE busted = 0{within('ts')}"
         await self.clickhouse.command(
             f"INSERT INTO {self.table(MINUTES_TABLE)} (minute, {keys}, {names}, version) "
             f"SELECT toStartOfMinute(ts) AS minute, {keys}, {aggregates}, toUInt64({int(version)}) "
-            f"FROM {self.table(FILLS_TABLE)} FINAL{where} GROUP BY minute, {keys}"
+            f"FROM {fills} GROUP BY minute, {keys} "
+            f"UNION ALL SELECT minute, {keys}, {zeros}, toUInt64({int(version)}) "
+            f"FROM {self.table(MINUTES_TABLE)} FINAL WHERE fills > 0{within('minute')} "
+            f"AND (minute, {keys}) NOT IN (SELECT toStartOfMinute(ts), {keys} FROM {fills})"
         )
 
 
@@ -1528,6 +2017,7 @@ def arrow_table(columns: tuple[Column, ...], rows: list[tuple]):
         "bps": pa.decimal128(38, tca.BPS_PLACES),
         "int64": pa.int64(),
         "uint8": pa.uint8(),
+        "uint16": pa.uint16(),
         "uint32": pa.uint32(),
         "uint64": pa.uint64(),
     }
@@ -1666,6 +2156,20 @@ class ExecutionSink:
                 await stream.keep_alive()
         done.result()
 
+    async def look_up(self, fill_ids: set[str], stream: Stream | None = None) -> dict[str, SeenFill]:
+        """The ledger's entries of these fill_ids, telling the server the agent's batch
+        is in progress while ClickHouse is slow or not connected yet."""
+        lookup = asyncio.ensure_future(self._retrying("fill_id lookup", lambda store: store.seen_fills(fill_ids)))
+        try:
+            while True:
+                finished, _ = await asyncio.wait({lookup}, timeout=self.KEEP_ALIVE_S)
+                if finished:
+                    return lookup.result()
+                if stream is not None:
+                    await stream.keep_alive()
+        finally:
+            lookup.cancel()
+
     async def after_market_batch(self, stream: Stream) -> None:
         self.tracker.persist_market()
         if self.unwritten() >= self.batch_rows:
@@ -1682,8 +2186,9 @@ class ExecutionSink:
     # -- writing ---------------------------------------------------------------------------
 
     def _clock(self) -> int:
-        """A nanosecond clock, strictly increasing in the process (below bit 62)."""
-        self._last_clock = max(self._last_clock + 1, time.time_ns())
+        """A nanosecond clock, strictly increasing in the process (below bit 62), by at
+        least a microsecond per write: amended rows carry it in microseconds."""
+        self._last_clock = max(self._last_clock + 1000, time.time_ns())
         return self._last_clock
 
     async def flush(self) -> None:
@@ -1758,6 +2263,12 @@ class ExecutionSink:
         if orders:
             order_data = self.rows_to_arrow(ORDER_COLUMNS, orders)
             steps.append((ORDERS_TABLE, lambda store: store.insert(ORDERS_TABLE, order_data)))
+        if taken.seen:
+            seen_data = arrow_table(FILL_ID_COLUMNS, [
+                (fill_id, seen.seq, seen.exec_type, seen.original_fill_id, seen.outcome, clock)
+                for fill_id, seen in taken.seen.items()
+            ])
+            steps.append((FILL_IDS_TABLE, lambda store: store.insert(FILL_IDS_TABLE, seen_data)))
         for table, step in steps:
             await self._retrying(f"write to {table}", step)
         self.stale_minutes.update(minute_of(st.fill.ts) for st in written)
@@ -1829,26 +2340,39 @@ def register_agents(
     """
     market_within_s = within_s if market_within_s is None else market_within_s
 
-    async def trading_batch(stream: Stream, records, kind: str, handle: Callable[[Any, bool], None]) -> None:
-        replayed_up_to = tracker.replayed_up_to.get(kind, 0)
+    async def storable(stream: Stream, records) -> list:
+        kept = []
         for record in records:
             reason = unstorable_reason(record.value)
             if reason is not None:
                 await stream.dead_letter(record.delivery, reason)
-                continue
-            handle(record.value, record.seq <= replayed_up_to)
-        tracker.resolve_due()
-        await sink.write_through(stream)
+            else:
+                kept.append(record)
+        return kept
 
     @app.agent(channels.orders, name="orders")
     async def consume_orders(stream: Stream) -> None:
         async for records in stream.take_events(batch_size, within_s):
-            await trading_batch(stream, records, "orders", tracker.on_order)
+            replayed_up_to = tracker.replayed_up_to.get("orders", 0)
+            for record in await storable(stream, records):
+                tracker.on_order(record.value, record.seq <= replayed_up_to)
+            tracker.resolve_due()
+            await sink.write_through(stream)
 
     @app.agent(channels.fills, name="fills")
     async def consume_fills(stream: Stream) -> None:
         async for records in stream.take_events(batch_size, within_s):
-            await trading_batch(stream, records, "fills", tracker.on_fill)
+            replayed_up_to = tracker.replayed_up_to.get("fills", 0)
+            records = await storable(stream, records)
+            # Whether the fill_ids memory cannot place came before: one ledger read per batch.
+            unknown = tracker.unknown_ids(record.value for record in records)
+            if unknown:
+                tracker.recorded.update(await sink.look_up(unknown, stream))
+            for record in records:
+                tracker.on_fill(record.value, record.seq, record.seq <= replayed_up_to)
+            tracker.resolve_due()
+            await sink.write_through(stream)
+            tracker.end_fills_batch()
 
     @app.agent(channels.quotes, name="quotes")
     async def consume_quotes(stream: Stream) -> None:

@@ -9,7 +9,8 @@ agents do not (see the agents module). Two timers re-mark open orders to the lat
 mid and prune state nothing can change any more. `/metrics/execution` reads the fill
 and order tables (`FINAL`: rewritten rows count once); `/analytics/summary` reads the
 per-minute rollup when the request's buckets and bounds are whole minutes, else the
-fills table. docs/execution_quality.md documents formulas, joins and endpoints.
+fills table; a fill removed by a BUST is in neither answer. docs/execution_quality.md
+documents formulas, joins, corrections and busts, and endpoints.
 
 ClickHouse is the embedded chdb engine when `databases.clickhouse.dsn` is a `chdb://`
 dsn, else the server at `host:port` (or a `clickhouse://` / `http(s)://` dsn). A chdb
@@ -390,14 +391,18 @@ class _ExecutionCollector:
         tracker, sink = self.service.tracker, self.service.sink
         t, s = tracker.stats, sink.stats
         events = CounterMetricFamily("posttrade_execution_events", "Events folded into the join", labels=["kind"])
-        for kind, value in (("fill", t.fills), ("order", t.orders), ("quote", t.quotes), ("market_trade", t.market_trades)):
+        for kind, value in (
+            ("fill", t.fills), ("correction", t.corrections), ("bust", t.busts), ("order", t.orders),
+            ("quote", t.quotes), ("market_trade", t.market_trades),
+        ):
             events.add_metric([kind], value)
         yield events
         skipped = CounterMetricFamily(
             "posttrade_execution_skipped_events", "Events that changed nothing", labels=["kind", "reason"]
         )
+        for (kind, reason), value in sorted(t.skipped_fills.items()):
+            skipped.add_metric([kind, reason], value)
         for kind, reason, value in (
-            ("fill", "duplicate", t.duplicate_fills),
             ("quote", "duplicate", t.duplicate_quotes),
             ("market_trade", "duplicate", t.duplicate_trades),
             ("quote", "late", t.late_quotes),
@@ -431,6 +436,10 @@ class _ExecutionCollector:
         pending.add_metric(["quotes"], len(tracker.quote_waits))
         pending.add_metric(["market_trades"], len(tracker.trade_waits))
         yield pending
+        yield GaugeMetricFamily(
+            "posttrade_execution_amendments_waiting", "Corrections and busts kept until their execution arrives",
+            value=len(tracker.waiting),
+        )
         history = GaugeMetricFamily("posttrade_execution_history_points", "Series points kept in memory", labels=["series"])
         history.add_metric(["quotes"], tracker.quotes.total_points())
         history.add_metric(["market_trades"], tracker.trades.total_points())
@@ -542,8 +551,9 @@ class Filters:
         out.update({"from": self.from_ns, "to": self.to_ns})
         return {k: v for k, v in out.items() if v is not None}
 
-    def where(self, time_column: str) -> tuple[str, dict[str, Any]]:
-        parts, params = [], {}
+    def where(self, time_column: str, *conditions: str) -> tuple[str, dict[str, Any]]:
+        """The WHERE clause (with `conditions` of the caller's own) and its parameters."""
+        parts, params = list(conditions), {}
         for name in ("account", "symbol", "venue", "side", "order_id"):
             value = getattr(self, name)
             if value is not None:
@@ -573,6 +583,7 @@ _FILL_FIELDS = (
     ("mid_1s", "mid_1s", "dec"), ("mid_5s", "mid_5s", "dec"), ("mid_60s", "mid_60s", "dec"),
     ("markout_1s_bps", "markout_1s_bps", "dec"), ("markout_5s_bps", "markout_5s_bps", "dec"),
     ("markout_60s_bps", "markout_60s_bps", "dec"), ("complete", "complete", "bool"),
+    ("amendments", "amendments", "int"),
 )
 _ORDER_FIELDS = (
     ("order_id", "order_id", "str"), ("account", "account", "str"), ("symbol", "symbol", "str"),
@@ -591,7 +602,13 @@ _ORDER_FIELDS = (
     ("benchmark_notional", "benchmark_notional", "dec"), ("execution_cost", "execution_cost", "dec"),
     ("opportunity_cost", "opportunity_cost", "dec"), ("implementation_shortfall", "implementation_shortfall", "dec"),
     ("implementation_shortfall_bps", "implementation_shortfall_bps", "dec"), ("is_final", "is_final", "bool"),
+    ("amendments", "amendments", "int"),
 )
+
+
+# A fill removed by a BUST keeps its row (flagged, at a higher version, so FINAL sees the
+# flag): every reader of the fills table leaves it out.
+_LIVE_FILLS = "busted = 0"
 
 
 def _out(kind: str, value: Any) -> Any:
@@ -621,7 +638,9 @@ class ExecutionQueries:
     sums, counts and every slippage value per minute and account / symbol / venue /
     side) when every bucket and bound is a whole number of minutes, since each minute
     then lies wholly inside one bucket and inside or outside the bounds; otherwise it
-    reads the fills themselves. Both give the same numbers (a test compares them)."""
+    reads the fills themselves. Both give the same numbers (a test compares them).
+    Busted fills are in neither: the fills table's readers leave out `busted` rows,
+    and the rollup is computed without them."""
 
     def __init__(self, database: str, connection: Callable[[], ClickHouseStore | None]):
         self.database = database
@@ -636,10 +655,11 @@ class ExecutionQueries:
 
     async def rows(self, level: str, filters: Filters, limit: int, offset: int) -> tuple[int, list[dict]]:
         if level == "fill":
-            table, fields, time_column, order = FILLS_TABLE, _FILL_FIELDS, "ts", "ts DESC, fill_id"
+            table, fields, order = FILLS_TABLE, _FILL_FIELDS, "ts DESC, fill_id"
+            where, params = filters.where("ts", _LIVE_FILLS)
         else:
-            table, fields, time_column, order = ORDERS_TABLE, _ORDER_FIELDS, "arrival_ts", "arrival_ts DESC, order_id"
-        where, params = filters.where(time_column)
+            table, fields, order = ORDERS_TABLE, _ORDER_FIELDS, "arrival_ts DESC, order_id"
+            where, params = filters.where("arrival_ts")
         source = f"{self.database}.{table} FINAL{where}"
         total = (await self.store.query(f"SELECT count() FROM {source}", params)).scalar()
         select = ", ".join(f"{expr} AS out_{name}" for name, expr, _ in fields)
@@ -698,14 +718,13 @@ class ExecutionQueries:
 
     async def _fill_groups(self, filters: Filters, group_by, bucket_ns, rollup: bool) -> dict[tuple, dict]:
         if rollup:
-            table, time_column, time_ns, aggregates = (
-                MINUTES_TABLE, "minute", "toInt64(toUnixTimestamp(minute)) * 1000000000", self._ROLLUP_AGGREGATES
+            table, time_ns, aggregates = (
+                MINUTES_TABLE, "toInt64(toUnixTimestamp(minute)) * 1000000000", self._ROLLUP_AGGREGATES
             )
+            where, params = filters.where("minute")
         else:
-            table, time_column, time_ns, aggregates = (
-                FILLS_TABLE, "ts", "toUnixTimestamp64Nano(ts)", self._FILL_AGGREGATES
-            )
-        where, params = filters.where(time_column)
+            table, time_ns, aggregates = FILLS_TABLE, "toUnixTimestamp64Nano(ts)", self._FILL_AGGREGATES
+            where, params = filters.where("ts", _LIVE_FILLS)
         select, group = self._group_sql(group_by, bucket_ns, time_ns)
         if bucket_ns is not None:
             params["bucket_ns"] = bucket_ns

@@ -2,11 +2,14 @@
 
 The worked example of docs/execution_quality.md goes through NATS, the four agents and
 ClickHouse, and comes back out of `/metrics/execution` and `/analytics/summary` with the
-numbers the document prints. Then: a restart after a crash that left ClickHouse ahead of
-the changelog never shows a settled row unsettled (the rows are polled all through it),
-a replay through a fresh service leaves one row per fill and order, the summary's two
-sources (per-minute rollup, fills table) agree with a Python reference, an older table
-layout is migrated, and `posttrade worker execution_quality` serves it all as a process.
+numbers the document prints; so does the example with a resend, corrections, a bust
+that comes before its execution and an opening, and, once the example has left the
+service's state, a later resend and amendments change nothing. Then: a restart after a
+crash that left ClickHouse ahead of the changelog never shows a settled row unsettled
+(the rows are polled all through it), a replay through a fresh service leaves one row
+per fill and order, the summary's two sources (per-minute rollup, fills table) agree
+with a Python reference (busted and corrected fills included), an older table layout is
+migrated, and `posttrade worker execution_quality` serves it all as a process.
 
 Every test uses its own namespace (streams `<NS>_FILLS`, ... on `<ns>.trading.fills.>`,
 ...), service name (changelog buckets) and ClickHouse database, and removes its streams
@@ -26,6 +29,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from decimal import Decimal as D
+
 import httpx
 import nats
 import pytest
@@ -35,13 +40,15 @@ from posttrade.config import load_config
 from posttrade.services import execution_quality as eq
 from posttrade.stores import clickhouse as clickhouse_store
 from posttrade.stores.clickhouse import open_clickhouse
-from posttrade.streams.events import encode
+from posttrade.streams.events import Fill, Quote, encode
 from posttrade.web.server import build_web_app
-from tests.unit.test_execution_tracker import T0, example_events
+from tests.unit.test_execution_tracker import T0, amended_events, example_events, msgspec_replace
 
 ROOT = Path(__file__).resolve().parents[2]
+NS = 1_000_000_000
 SUBJECTS = {"quotes": "md.quotes.XYZ", "trades": "md.trades.XYZ", "orders": "trading.orders.ACC1.XYZ",
             "fills": "trading.fills.ACC1.XYZ"}
+BUCKETS = ("fills", "orders", "quote_book", "tape", "amendments")  # the service's changelog tables
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +111,7 @@ async def cleanup(nats_url: str, names: Names, services: list[str]) -> None:
             except nats.js.errors.NotFoundError:
                 pass
         for service in services:
-            for table in ("fills", "orders", "quote_book", "tape"):
+            for table in BUCKETS:
                 try:
                     await js.delete_key_value(f"{service}-{table}")
                 except nats.js.errors.NotFoundError:
@@ -154,10 +161,10 @@ EXPECTED_FILL_ROWS = {
            "liquidity": "TAKER", "arrival_ts": T0, "arrival_mid": "100", "slippage_bps": "5", "slippage_cost": "30",
            "mid_at_fill": "100.02", "effective_spread_bps": "5.99880024", "mid_1s": "100.04", "mid_5s": "100.08",
            "mid_60s": "100.12", "markout_1s_bps": "-0.99950025", "markout_5s_bps": "2.99850075",
-           "markout_60s_bps": "6.99650175", "complete": True},
+           "markout_60s_bps": "6.99650175", "complete": True, "amendments": 0},
     "F2": {"ts": T0 + 2_500_000_000, "slippage_bps": "10", "slippage_cost": "20", "mid_at_fill": "100.06",
            "effective_spread_bps": "7.99520288", "markout_1s_bps": "-3.996004", "markout_5s_bps": "-1.998002",
-           "markout_60s_bps": "-7.99200799", "complete": True},
+           "markout_60s_bps": "-7.99200799", "complete": True, "amendments": 0},
 }
 EXPECTED_ORDER_ROW = {
     "order_id": "O1", "account": "ACC1", "symbol": "XYZ", "venue": "XNAS", "side": "BUY", "order_type": "LIMIT",
@@ -168,7 +175,7 @@ EXPECTED_ORDER_ROW = {
     "market_vwap": "100.077", "market_volume": "2000", "vwap_slippage_bps": "-1.44888436",
     "unfilled_price": "100.12", "unfilled_price_ts": T0 + 30_000_000_000, "benchmark_notional": "100000",
     "execution_cost": "50", "opportunity_cost": "24", "implementation_shortfall": "78",
-    "implementation_shortfall_bps": "7.8", "is_final": True,
+    "implementation_shortfall_bps": "7.8", "is_final": True, "amendments": 0,
 }
 
 
@@ -238,7 +245,122 @@ async def test_worked_example_end_to_end(stack, chdb_location):
         await cleanup(stack.nats_url, names, [names.service])
 
 
-BUCKETS = ("fills", "orders", "quote_book", "tape")
+
+
+EXPECTED_AMENDED_F2 = {
+    "ts": T0 + 2_500_000_000, "qty": "150", "price": "100.08", "fee": "0.75", "notional": "15012",
+    "arrival_mid": "100", "slippage_bps": "8", "slippage_cost": "12", "mid_at_fill": "100.06",
+    "effective_spread_bps": "3.99760144", "markout_1s_bps": "-1.99840128", "markout_5s_bps": "0",
+    "markout_60s_bps": "-5.99520384", "complete": True, "amendments": 2,
+}
+EXPECTED_AMENDED_ORDER_ROW = {
+    **EXPECTED_ORDER_ROW, "fills": 2, "filled_qty": "750", "unfilled_qty": "250", "fill_ratio": "0.75",
+    "filled_notional": "75042", "fees": "3.75", "avg_fill_price": "100.056", "last_fill_ts": T0 + 2_500_000_000,
+    "time_to_last_fill_ns": 2_500_000_000, "vwap_slippage_bps": "-2.09838424", "execution_cost": "42",
+    "opportunity_cost": "30", "implementation_shortfall": "75.75", "implementation_shortfall_bps": "7.575",
+    "amendments": 3,
+}
+EXPECTED_AMENDED_SUMMARY = {
+    "fills": {"count": 2, "qty": "750", "notional": "75042", "fees": "3.75",
+              "slippage_bps": {"count": 2, "mean": "6.5", "median": "8", "p95": "8", "notional_weighted": "5.6",
+                               "cost": "42"},
+              "effective_spread_bps": {"count": 2, "mean": "4.99820084"},
+              "markout_bps": {"1s": {"count": 2, "mean": "-1.49895076"}, "5s": {"count": 2, "mean": "1.49925038"},
+                              "60s": {"count": 2, "mean": "0.50064896"}}},
+    "orders": {"count": 1, "ended": 1, "qty": "1000", "filled_qty": "750", "fill_ratio": "0.75",
+               "mean_fill_ratio": "0.75", "implementation_shortfall": {"count": 1, "total": "75.75", "bps": "7.575"},
+               "vwap_slippage_bps": {"count": 1, "mean": "-2.09838424"},
+               "time_to_first_fill_ns": {"count": 1, "mean": 500_000_000},
+               "time_to_last_fill_ns": {"count": 1, "mean": 2_500_000_000}},
+}
+
+
+async def test_corrections_busts_resends_and_openings_end_to_end(stack, chdb_location):
+    """The worked example with, on the fills stream: a bust before the execution it
+    removes (F3), a resend of F1 with another price, a correction of F2 and a
+    correction of that correction, and an opening. Every metric follows the amended
+    executions; then, two hours of event time later (nothing of the example is held
+    any more), a resend and two amendments change nothing: the ledger knows them."""
+    names = Names()
+    env = names.env(stack.nats_url, f"chdb://{chdb_location}",
+                    POSTTRADE_EXECUTION_QUALITY__EXECUTION__PRUNE_INTERVAL_S="0.2")
+    events = amended_events()
+    service = eq.build_service(load_config("execution_quality", eq.CONFIG, env=env))
+    try:
+        async with service.app, web_client(service.app) as client:
+            await connected(service)
+            await publish(stack.nats_url, names, events)
+            orders = await eventually(
+                lambda: get_json(client, "/metrics/execution?level=order"),
+                lambda b: b["total"] == 1 and b["rows"][0]["is_final"] and b["rows"][0]["amendments"] == 3,
+            )
+            fills = await eventually(
+                lambda: get_json(client, "/metrics/execution"),
+                lambda b: b["total"] == 2 and all(r["complete"] for r in b["rows"]) and b["rows"][0]["amendments"] == 2,
+            )
+            assert orders["rows"][0] == EXPECTED_AMENDED_ORDER_ROW
+            by_id = {r["fill_id"]: r for r in fills["rows"]}
+            assert set(by_id) == {"F1", "F2"}  # F3 busted, the resend and the opening never were fills
+            assert {k: by_id["F1"][k] for k in EXPECTED_FILL_ROWS["F1"]} == EXPECTED_FILL_ROWS["F1"]
+            assert {k: by_id["F2"][k] for k in EXPECTED_AMENDED_F2} == EXPECTED_AMENDED_F2
+
+            # The summary, from the rollup (whole minutes: it follows the fills table
+            # within batch.interval_sec) and from the fills table alike.
+            summary = await eventually(
+                lambda: get_json(client, "/analytics/summary"),
+                lambda b: b["total"] == 1 and {k: b["groups"][0][k] for k in ("fills", "orders")}
+                == EXPECTED_AMENDED_SUMMARY,
+            )
+            off_minute = await get_json(client, f"/analytics/summary?from={T0 - 1}")
+            assert {k: off_minute["groups"][0][k] for k in ("fills", "orders")} == EXPECTED_AMENDED_SUMMARY
+
+            # The busted fill's row is still there, flagged at a higher version.
+            store = service.store
+            busted = (await store.query(
+                f"SELECT busted, amendments, bitTest(version, 63) FROM {names.database}.execution_fills FINAL "
+                "WHERE fill_id = 'F3'")).rows
+            assert busted == [(1, 1, 1)]
+            ledger = dict((await store.query(
+                f"SELECT fill_id, outcome FROM {names.database}.execution_fill_ids FINAL")).rows)
+            assert ledger == {"F1": "applied", "B3": "applied", "F2": "applied", "C2": "applied",
+                              "F3": "applied", "C2b": "applied", "OP1": "opening"}
+            metrics = (await client.get("/metrics")).text
+            for line in ('posttrade_execution_events_total{kind="fill"} 3.0',
+                         'posttrade_execution_events_total{kind="correction"} 2.0',
+                         'posttrade_execution_events_total{kind="bust"} 1.0',
+                         'posttrade_execution_skipped_events_total{kind="fill",reason="duplicate"} 1.0',
+                         'posttrade_execution_skipped_events_total{kind="opening",reason="opening"} 1.0',
+                         "posttrade_execution_amendments_waiting 0.0"):
+                assert line in metrics, line
+
+            # Two hours on: retention forgets the example; the ledger still knows it.
+            later = {"quotes": [Quote(ts=T0 + 7200 * NS, symbol="LATER", bid=D("1"), ask=D("2"))]}
+            nc = await nats.connect(stack.nats_url)
+            try:
+                await nc.jetstream().publish(f"{names.namespace}.md.quotes.LATER", encode(later["quotes"][0]))
+            finally:
+                await nc.close()
+            tracker = service.tracker
+            await eventually(lambda: asyncio.sleep(0, (len(tracker.fills), len(tracker.orders))),
+                             lambda held: held == (0, 0))
+            common = dict(account="ACC1", symbol="XYZ")
+            late = {"fills": [
+                msgspec_replace(events["fills"][2], qty=D("1")),
+                Fill(ts=T0 + 7300 * NS, fill_id="B1", exec_type="BUST", ref_fill_id="F1", **common),
+                Fill(ts=T0 + 7300 * NS, fill_id="C2c", exec_type="CORRECT", ref_fill_id="C2b", side="BUY",
+                     qty=D("1"), price=D("1"), fee=D("0"), **common),
+            ]}
+            await publish(stack.nats_url, names, late, streams=("fills",))
+            await eventually(lambda: asyncio.sleep(0, dict(tracker.stats.skipped_fills)), lambda skipped: skipped == {
+                ("fill", "duplicate"): 2, ("opening", "opening"): 1, ("bust", "amends_forgotten"): 1,
+                ("correction", "amends_forgotten"): 1})
+            await eventually(lambda: asyncio.sleep(0, service.sink.unwritten()), lambda n: n == 0)
+            assert (await get_json(client, "/metrics/execution?level=order"))["rows"] == orders["rows"]
+            assert (await get_json(client, "/metrics/execution"))["rows"] == fills["rows"]
+            assert (await get_json(client, "/analytics/summary"))["groups"] == summary["groups"]
+            assert not tracker.fills and not tracker.orders
+    finally:
+        await cleanup(stack.nats_url, names, [names.service])
 
 
 async def changelog_snapshot(nats_url: str, service: str) -> dict[str, dict[str, bytes]]:
@@ -473,11 +595,12 @@ async def test_summary_sql_matches_a_python_reference(chdb_location):
     the summary must see only the newest rows, group and bucket them as documented, and
     compute mean, exact median/p95 (element ⌊q·n⌋ of the sorted values) and the
     notional-weighted mean exactly, from the per-minute rollup (whole-minute buckets
-    and bounds) and from the fills table (anything else) alike."""
+    and bounds) and from the fills table (anything else) alike. Some fills are busted
+    at their newest version (counted nowhere), some were first written on the other
+    side (a correction moved them: their old group must not keep them in the rollup)."""
     import random
-    from decimal import Decimal as D
 
-    from posttrade.agents.execution import FILL_COLUMNS, FILLS_TABLE, ExecutionStore, arrow_table
+    from posttrade.agents.execution import FILL_COLUMNS, FILLS_TABLE, ExecutionStore, arrow_table, row_version
     from posttrade.core.exact import format_decimal, round_quotient
     from posttrade.core.execution import slippage_bps, slippage_cost, to_bps
 
@@ -496,15 +619,31 @@ async def test_summary_sql_matches_a_python_reference(chdb_location):
             bps = slippage_bps(side, price, mid) if mid is not None else None
             cost = slippage_cost(side, qty, price, mid) if mid is not None else None
             row = dict.fromkeys(c.name for c in FILL_COLUMNS)
+            busted, moved = i % 11 == 0, i % 13 == 0
             row.update(fill_id=f"f{i}", account=account, symbol="S", venue="V", side=side, liquidity="", ts=ts,
                        qty=qty, price=price, fee=D(0), notional=qty * price, arrival_mid=mid,
                        arrival_notional=qty * mid if mid is not None else None, slippage_bps=bps,
-                       slippage_cost=cost, complete=1, progress=31, version=2 | SETTLED)
+                       slippage_cost=cost, complete=1, amendments=int(busted or moved), busted=int(busted),
+                       progress=31, version=row_version(2, int(busted or moved), True))
             stale = {**row, "slippage_bps": D("999"), "slippage_cost": D("999"), "complete": 0, "progress": 0,
-                     "version": 1}
+                     "amendments": 0, "busted": 0, "version": 1}
+            if moved:
+                stale["side"] = "SELL" if side == "BUY" else "BUY"
             rows += [tuple(stale.values()), tuple(row.values())]
-            fills.append(row)
+            if not busted:
+                fills.append(row)
         rng.shuffle(rows)
+        # Two fills alone in their groups, the first version in the first insert, the
+        # last in the last: Y's is busted, Z's corrected from BUY to SELL. Their old
+        # groups end up with no fill at all, and the rollup must say so.
+        alone = []
+        for account, busted in (("Y", 1), ("Z", 0)):
+            row = {**fills[1], "fill_id": f"alone-{account}", "account": account, "side": "SELL",
+                   "amendments": 1, "busted": busted, "version": row_version(3, 1, True)}
+            alone.append(({**row, "side": "BUY", "amendments": 0, "busted": 0, "version": 2 | SETTLED}, row))
+            if not busted:
+                fills.append(row)
+        rows = [tuple(first.values()) for first, _ in alone] + rows + [tuple(last.values()) for _, last in alone]
         for start in range(0, len(rows), 200):  # several parts, so FINAL has work to do
             chunk = rows[start:start + 200]
             await tables.insert(FILLS_TABLE, arrow_table(FILL_COLUMNS, chunk))
@@ -562,15 +701,17 @@ async def test_summary_sql_matches_a_python_reference(chdb_location):
 
 async def test_tables_of_the_older_layout_are_migrated(chdb_location):
     """An older version created the tables sorted by (account, symbol, id), without
-    the progress column or the SETTLED bit, and no rollup: the start migrates them and
-    fills the rollup from what they hold."""
+    the progress, amendments and busted columns or the SETTLED bit, and no rollup: the
+    start migrates them (no row amended or busted) and fills the rollup from what they
+    hold."""
     from posttrade.agents.execution import FILL_ALL, FILL_COLUMNS, ORDER_COLUMNS, ExecutionStore
 
     database = f"eqt_{uuid.uuid4().hex[:8]}"
     store = open_clickhouse(f"chdb://{chdb_location}")
     try:
         await store.command(f"CREATE DATABASE {database}")
-        old = lambda cols: ", ".join(f"{c.name} {c.clickhouse}" for c in cols if c.name != "progress")  # noqa: E731
+        added = ("progress", "amendments", "busted")
+        old = lambda cols: ", ".join(f"{c.name} {c.clickhouse}" for c in cols if c.name not in added)  # noqa: E731
         await store.command(
             f"CREATE TABLE {database}.execution_fills ({old(FILL_COLUMNS)}) ENGINE = ReplacingMergeTree(version) "
             "PARTITION BY toYYYYMM(ts) ORDER BY (account, symbol, fill_id)"
@@ -589,10 +730,17 @@ async def test_tables_of_the_older_layout_are_migrated(chdb_location):
         keys = dict((await store.query(
             "SELECT name, sorting_key FROM system.tables WHERE database = {d:String}", {"d": database})).rows)
         assert keys == {"execution_fills": "ts, fill_id", "execution_orders": "arrival_ts, order_id",
-                        "execution_fill_minutes": "minute, account, symbol, venue, side"}
+                        "execution_fill_minutes": "minute, account, symbol, venue, side",
+                        "execution_fill_ids": "fill_id"}
         rows = (await store.query(
-            f"SELECT fill_id, progress, version FROM {database}.execution_fills FINAL ORDER BY fill_id")).rows
-        assert rows == [("F1", FILL_ALL, 7 | SETTLED), ("F2", 0, 7)]
+            f"SELECT fill_id, progress, amendments, busted, version FROM {database}.execution_fills FINAL "
+            "ORDER BY fill_id")).rows
+        assert rows == [("F1", FILL_ALL, 0, 0, 7 | SETTLED), ("F2", 0, 0, 0, 7)]
+        for table, columns in (("execution_fills", FILL_COLUMNS), ("execution_orders", ORDER_COLUMNS)):
+            names = [name for (name,) in (await store.query(
+                "SELECT name FROM system.columns WHERE database = {d:String} AND table = {t:String} ORDER BY position",
+                {"d": database, "t": table})).rows]
+            assert names == [c.name for c in columns], table
         summary = await eq.ExecutionQueries(database, lambda: store).summary(eq.Filters(), (), None)
         assert summary[0]["fills"]["count"] == 2 and summary[0]["fills"]["notional"] == "30"
         assert summary[0]["fills"]["slippage_bps"]["median"] == "5"

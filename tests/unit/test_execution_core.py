@@ -77,6 +77,30 @@ def test_worked_example_summary_weighting():
     assert tca.to_bps(cost, weight) == D("6.25000000")
 
 
+def test_worked_example_after_its_correction_and_bust():
+    # docs/execution_quality.md, "Corrections and busts, worked": F2 corrected to 150 @
+    # 100.08 (fee 0.75); F3 (100 @ 100.12 at T0+3 s) busted. The fill's own numbers are
+    # the formulas over the corrected economics; the order's, over F1 and corrected F2.
+    assert tca.slippage_bps("BUY", D("100.08"), D("100.00")) == D("8.00000000")
+    assert tca.slippage_cost("BUY", D("150"), D("100.08"), D("100.00")) == D("12.00")
+    assert tca.effective_spread_bps(D("100.08"), D("100.06")) == D("3.99760144")
+    assert tca.markout_bps("BUY", D("100.08"), D("100.06")) == D("-1.99840128")
+    assert tca.markout_bps("BUY", D("100.08"), D("100.08")) == D("0")
+    assert tca.markout_bps("BUY", D("100.08"), D("100.02")) == D("-5.99520384")
+    m = tca.order_metrics(
+        tca.OrderInputs(
+            side="BUY", order_qty=D("1000"), filled_qty=D("750"), filled_notional=D("60030.00") + D("15012.00"),
+            fees=D("3.75"), arrival_ts=0, arrival_mid=D("100.00"), first_fill_ts=500_000_000,
+            last_fill_ts=2_500_000_000, unfilled_price=D("100.12"), market_vwap=D("100.077"),
+        )
+    )
+    assert (m.fill_ratio, m.avg_fill_price, m.vwap_slippage_bps) == (D("0.75"), D("100.056"), D("-2.09838424"))
+    assert (m.execution_cost, m.opportunity_cost) == (D("42.00"), D("30.00"))
+    assert (m.implementation_shortfall, m.implementation_shortfall_bps) == (D("75.75"), D("7.575"))
+    # The group's notional-weighted slippage: (30 + 12) / (60 000 + 15 000).
+    assert tca.to_bps(D("30.00") + D("12.00"), D("60000") + D("15000")) == D("5.6")
+
+
 # -- signs and edge cases ------------------------------------------------------------------
 
 

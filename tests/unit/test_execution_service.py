@@ -127,6 +127,35 @@ def test_filters_become_bound_parameters():
         "ts >= fromUnixTimestamp64Nano({from_ns:Int64}, 'UTC') AND ts < fromUnixTimestamp64Nano({to_ns:Int64}, 'UTC')"
     )
     assert eq.Filters().where("ts") == ("", {})
+    # The fills table's readers add their own condition: busted fills are left out.
+    assert eq.Filters(side="SELL").where("ts", "busted = 0") == (
+        " WHERE busted = 0 AND side = {side:String}", {"side": "SELL"})
+    assert eq.Filters().where("ts", "busted = 0") == (" WHERE busted = 0", {})
+
+
+def test_corrections_busts_resends_and_openings_are_counted_in_prometheus():
+    from prometheus_client import generate_latest
+
+    from posttrade.agents.execution import WaitingAmendment
+    from posttrade.streams.events import Fill
+
+    service = eq.build_service(config())
+    stats = service.tracker.stats
+    stats.fills, stats.corrections, stats.busts = 3, 2, 1
+    stats.skipped_fills.update({("fill", "duplicate"): 4, ("opening", "opening"): 1, ("bust", "amends_forgotten"): 1})
+    bust = Fill(ts=1_704_205_800_000_000_000, fill_id="B", exec_type="BUST", ref_fill_id="F", account="A", symbol="S")
+    service.tracker.waiting["B"] = WaitingAmendment(fill=bust, seq=7)
+    text = generate_latest(service.app.metrics.registry).decode()
+    for line in (
+        'posttrade_execution_events_total{kind="fill"} 3.0',
+        'posttrade_execution_events_total{kind="correction"} 2.0',
+        'posttrade_execution_events_total{kind="bust"} 1.0',
+        'posttrade_execution_skipped_events_total{kind="fill",reason="duplicate"} 4.0',
+        'posttrade_execution_skipped_events_total{kind="opening",reason="opening"} 1.0',
+        'posttrade_execution_skipped_events_total{kind="bust",reason="amends_forgotten"} 1.0',
+        "posttrade_execution_amendments_waiting 1.0",
+    ):
+        assert line in text, line
 
 
 async def test_clickhouse_health_check():

@@ -21,8 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from posttrade.agents.execution import (
+    AMENDED,
     FILL_ALL,
     FILL_COLUMNS,
+    FILL_IDS_TABLE,
     FILLS_TABLE,
     MINUTE_NS,
     ORDER_COLUMNS,
@@ -34,11 +36,15 @@ from posttrade.agents.execution import (
     ExecutionTracker,
     FillState,
     OrderState,
+    SeenFill,
     TapeEntry,
     TrackerSettings,
+    WaitingAmendment,
+    _covers,
     arrow_table,
     declare_tables,
     register_agents,
+    row_version,
     start_tracker,
     unstorable_reason,
 )
@@ -117,6 +123,48 @@ EXPECTED_ORDER = dict(
 )
 
 
+# -- the worked example, amended (docs/execution_quality.md, "Corrections and busts, worked") ---
+
+
+def amended_events(symbol: str = "XYZ", account: str = "ACC1", prefix: str = "") -> dict[str, list]:
+    """The worked example with, on the fills stream: a bust before the execution it
+    removes, a resend of F1 with another price, a correction of F2 and a correction of
+    that correction, and an opening. The rows must come out as EXPECTED_AMENDED_*."""
+    events = example_events(symbol, account, prefix)
+    f1, f2 = events["fills"]
+    common = dict(account=account, symbol=symbol)
+    f3 = Fill(ts=T0 + 3000 * MS, fill_id=f"{prefix}F3", order_id=f"{prefix}O1", side="BUY", qty=D("100"),
+              price=D("100.12"), fee=D("0.50"), venue="XNAS", liquidity="TAKER", **common)
+    bust = Fill(ts=T0 + 35 * NS, fill_id=f"{prefix}B3", exec_type="BUST", ref_fill_id=f"{prefix}F3", **common)
+    resend = msgspec_replace(f1, price=D("99.00"))
+    correction = Fill(ts=T0 + 45 * NS, fill_id=f"{prefix}C2", exec_type="CORRECT", ref_fill_id=f"{prefix}F2",
+                      side="BUY", qty=D("150"), price=D("100.09"), fee=D("0.75"), **common)
+    again = Fill(ts=T0 + 50 * NS, fill_id=f"{prefix}C2b", exec_type="CORRECT", ref_fill_id=f"{prefix}C2",
+                 side="BUY", qty=D("150"), price=D("100.08"), fee=D("0.75"), **common)
+    opening = Fill(ts=T0 - 60 * NS, fill_id=f"{prefix}OP1", exec_type="OPENING", side="BUY", qty=D("500"),
+                   price=D("95"), **common)
+    events["fills"] = [f1, bust, f2, resend, correction, f3, again, opening]
+    return events
+
+
+EXPECTED_AMENDED_FILLS = {
+    "F1": {**EXPECTED_FILLS["F1"], "amendments": 0, "busted": 0},
+    "F2": dict(ts=T0 + 2500 * MS, qty=D("150"), price=D("100.08"), fee=D("0.75"), notional=D("15012"),
+               arrival_ts=T0, arrival_mid=D("100.00"), arrival_notional=D("15000"), slippage_bps=D("8"),
+               slippage_cost=D("12"), mid_at_fill=D("100.06"), effective_spread_bps=D("3.99760144"),
+               mid_1s=D("100.06"), mid_5s=D("100.08"), mid_60s=D("100.02"), markout_1s_bps=D("-1.99840128"),
+               markout_5s_bps=D("0"), markout_60s_bps=D("-5.99520384"), complete=1, amendments=2, busted=0),
+    "F3": dict(ts=T0 + 3000 * MS, qty=D("100"), price=D("100.12"), amendments=1, busted=1),
+}
+EXPECTED_AMENDED_ORDER = dict(
+    EXPECTED_ORDER, fills=2, filled_qty=D("750"), unfilled_qty=D("250"), fill_ratio=D("0.75"),
+    filled_notional=D("75042"), fees=D("3.75"), avg_fill_price=D("100.056"), last_fill_ts=T0 + 2500 * MS,
+    time_to_last_fill_ns=2500 * MS, vwap_slippage_bps=D("-2.09838424"), execution_cost=D("42"),
+    opportunity_cost=D("30"), implementation_shortfall=D("75.75"), implementation_shortfall_bps=D("7.575"),
+    amendments=3,
+)
+
+
 # -- helpers ---------------------------------------------------------------------------------
 
 
@@ -126,6 +174,7 @@ def make_tracker(**settings: Any) -> ExecutionTracker:
         orders=Table("orders", bucket="t-orders", value_type=OrderState),
         quote_book=Table("quote_book", bucket="t-book", value_type=BookEntry),
         tape=Table("tape", bucket="t-tape", value_type=TapeEntry),
+        amendments=Table("amendments", bucket="t-amendments", value_type=WaitingAmendment),
     )
     return ExecutionTracker(tables, TrackerSettings(**settings))
 
@@ -135,20 +184,23 @@ class Feeder:
 
     def __init__(self, tracker: ExecutionTracker):
         self.tracker = tracker
-        self.seqs = {"quotes": 0, "trades": 0}
+        self.seqs = {"quotes": 0, "trades": 0, "fills": 0}
 
-    def feed(self, stream: str, event) -> None:
+    def feed(self, stream: str, event) -> int:
+        """Hands the event over; returns its stream sequence."""
         t = self.tracker
-        if stream == "quotes":
-            self.seqs["quotes"] += 1
-            t.on_quote(event, self.seqs["quotes"])
-        elif stream == "trades":
-            self.seqs["trades"] += 1
-            t.on_trade(event, self.seqs["trades"])
-        elif stream == "orders":
+        if stream == "orders":
             t.on_order(event)
+            return 0
+        self.seqs[stream] += 1
+        seq = self.seqs[stream]
+        if stream == "quotes":
+            t.on_quote(event, seq)
+        elif stream == "trades":
+            t.on_trade(event, seq)
         else:
-            t.on_fill(event)
+            t.on_fill(event, seq)
+        return seq
 
 
 def written(tracker: ExecutionTracker) -> None:
@@ -173,6 +225,18 @@ def assert_example_rows(tracker: ExecutionTracker, prefix: str = "") -> None:
     row = order_dict(tracker, prefix + "O1")
     assert row is not None
     assert {k: row[k] for k in EXPECTED_ORDER} == EXPECTED_ORDER
+
+
+def assert_amended_rows(tracker: ExecutionTracker, prefix: str = "") -> None:
+    for fill_id, expected in EXPECTED_AMENDED_FILLS.items():
+        row = fill_dict(tracker, prefix + fill_id)
+        assert {k: row[k] for k in expected} == expected, fill_id
+    row = order_dict(tracker, prefix + "O1")
+    assert {k: row[k] for k in EXPECTED_AMENDED_ORDER} == EXPECTED_AMENDED_ORDER
+    assert tracker.orders[prefix + "O1"].fill_ids == (prefix + "F1", prefix + "F2")
+    assert (tracker.stats.fills, tracker.stats.corrections, tracker.stats.busts) == (3, 2, 1)
+    assert tracker.stats.skipped_fills == {("fill", "duplicate"): 1, ("opening", "opening"): 1}
+    assert not tracker.waiting
 
 
 def by_time(events: dict[str, list]) -> list[tuple[str, Any]]:
@@ -230,6 +294,213 @@ def test_worked_example_any_interleaving(rng: random.Random):
             tracker.resolve_due()
     tracker.resolve_due()
     assert_example_rows(tracker)
+
+
+# -- corrections, busts, resends and openings ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "stream_order",
+    [
+        ("fills", "orders", "trades", "quotes"),
+        ("quotes", "trades", "orders", "fills"),
+        ("orders", "quotes", "fills", "trades"),
+    ],
+)
+def test_amended_example_whole_streams_one_after_another(stream_order):
+    tracker = make_tracker()
+    feeder = Feeder(tracker)
+    events = amended_events()
+    for stream in stream_order:
+        for event in events[stream]:
+            feeder.feed(stream, event)
+        tracker.resolve_due()
+    assert_amended_rows(tracker)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.randoms(use_true_random=False))
+def test_amended_example_any_interleaving(rng: random.Random):
+    """The fills stream keeps its own order (amendments apply in it); the other streams
+    interleave with it anyhow, with batch ends anywhere."""
+    queues = {name: list(stream) for name, stream in amended_events().items()}
+    tracker = make_tracker()
+    feeder = Feeder(tracker)
+    while any(queues.values()):
+        name = rng.choice([n for n, q in queues.items() if q])
+        feeder.feed(name, queues[name].pop(0))
+        if rng.random() < 0.3:
+            tracker.resolve_due()
+    tracker.resolve_due()
+    assert_amended_rows(tracker)
+
+
+def test_a_bust_before_its_execution_waits_in_the_table_and_survives_a_restart():
+    tracker = make_tracker()
+    events = amended_events()
+    bust, f3 = events["fills"][1], events["fills"][5]
+    tracker.on_fill(bust, 2)
+    assert set(tracker.waiting) == {"B3"} and not tracker.fills
+    written(tracker)
+    assert tracker.tables.amendments["B3"] == WaitingAmendment(fill=bust, seq=2)
+    assert not tracker.changed_seen and "B3" not in tracker.tables.fills  # decided only once applied
+
+    restarted = ExecutionTracker(tracker.tables)
+    restarted.load()
+    assert set(restarted.waiting) == {"B3"}
+    restarted.on_fill(bust, 2)  # redelivered: still the one waiting
+    assert restarted.stats.skipped_fills == {("bust", "redelivered"): 1}
+    restarted.on_fill(f3, 6)
+    state = restarted.fills["F3"]
+    assert state.busted and [a.fill_id for a in state.amendments] == ["B3"] and not restarted.waiting
+    assert restarted.orders["O1"].fill_ids == () and restarted.orders["O1"].filled_qty == 0
+    written(restarted)
+    assert "B3" not in restarted.tables.amendments and restarted.tables.fills["F3"].busted
+    assert {k: (v.seq, v.outcome) for k, v in restarted.recent.items()} == {"F3": (6, "applied"), "B3": (2, "applied")}
+
+
+def test_a_waiting_amendment_already_applied_when_the_changelog_was_cut_is_dropped_at_load():
+    """A crash between the flushes of the fills and the amendments table: the execution
+    has the bust, and the bust is still waiting. Loading applies nothing twice."""
+    tracker = make_tracker()
+    events = amended_events()
+    tracker.on_fill(events["fills"][1], 2)
+    written(tracker)
+    tracker.on_fill(events["fills"][5], 6)
+    taken = tracker.take_changes()
+    tracker.tables.fills["F3"] = taken.fills["F3"]  # the fills flush made it, the amendments one did not
+    restarted = ExecutionTracker(tracker.tables)
+    restarted.load()
+    assert not restarted.waiting and restarted.fills["F3"].busted
+    written(restarted)
+    assert "B3" not in restarted.tables.amendments
+
+
+def test_a_waiting_amendment_whose_execution_is_held_is_applied_at_load():
+    tracker = make_tracker()
+    events = amended_events()
+    f2, correction = events["fills"][2], events["fills"][4]
+    tracker.on_fill(f2, 3)
+    written(tracker)
+    tracker.tables.amendments["C2"] = WaitingAmendment(fill=correction, seq=5)  # its release was lost
+    restarted = ExecutionTracker(tracker.tables)
+    restarted.load()
+    assert restarted.fills["F2"].fill.price == D("100.09") and not restarted.waiting
+    assert restarted.orders["O1"].filled_qty == D("150") and restarted.orders["O1"].revision == 1
+
+
+def test_a_correction_can_move_the_execution_to_another_order():
+    tracker = make_tracker()
+    feeder = Feeder(tracker)
+    events = example_events()
+    for stream, event in by_time(events):
+        feeder.feed(stream, event)
+    tracker.resolve_due()
+    f2 = events["fills"][1]
+    moved = Fill(ts=T0 + 50 * NS, fill_id="C2", exec_type="CORRECT", ref_fill_id="F2", account="ACC1",
+                 symbol="XYZ", side="BUY", qty=f2.qty, price=f2.price, fee=f2.fee, order_id="O2")
+    feeder.feed("fills", moved)
+    o1 = order_dict(tracker, "O1")
+    assert (o1["fills"], o1["filled_qty"], o1["last_fill_ts"], o1["amendments"]) == (1, D("600"), T0 + 500 * MS, 1)
+    row = fill_dict(tracker, "F2")
+    assert row["order_id"] == "O2" and row["arrival_mid"] is None and row["slippage_bps"] is None
+    assert row["complete"] == 0 and row["venue"] == "XNAS"  # the venue stays the original's: not given
+    assert order_dict(tracker, "O2") is None  # a placeholder until its NEW
+    tracker.on_order(Order(ts=T0 + NS, order_id="O2", account="ACC1", symbol="XYZ", side="BUY", qty=D("200")))
+    tracker.resolve_due()
+    row = fill_dict(tracker, "F2")
+    # The arrival is now O2's: the mid at T0+1 s is 100.02 (the quote of +0.4 s).
+    assert (row["arrival_ts"], row["arrival_mid"], row["slippage_bps"], row["complete"]) == (
+        T0 + NS, D("100.02"), D("7.99840032"), 1)
+    o2 = order_dict(tracker, "O2")
+    assert (o2["fills"], o2["fill_ratio"], o2["amendments"]) == (1, D("1"), 1)
+
+
+def test_amendments_that_change_nothing_are_counted():
+    tracker = make_tracker()
+    feeder = Feeder(tracker)
+    events = amended_events()
+    for event in events["fills"]:
+        feeder.feed("fills", event)
+    common = dict(account="ACC1", symbol="XYZ", side="BUY", qty=D("1"), price=D("100"), fee=D("0"))
+    feeder.feed("fills", Fill(ts=T0, fill_id="X1", exec_type="CORRECT", ref_fill_id="B3", **common))  # F3 busted
+    feeder.feed("fills", Fill(ts=T0, fill_id="X2", exec_type="BUST", ref_fill_id="OP1", account="ACC1",
+                              symbol="XYZ"))
+    feeder.feed("fills", Fill(ts=T0, fill_id="X3", exec_type="CORRECT", ref_fill_id="F1",
+                              **{**common, "account": "ACC2"}))
+    feeder.feed("fills", Fill(ts=T0, fill_id="X4", exec_type="BUST", ref_fill_id="X3", account="ACC1",
+                              symbol="XYZ"))  # through an ignored amendment to F1 itself
+    feeder.feed("fills", events["fills"][4])  # C2 resent
+    assert tracker.stats.skipped_fills == {
+        ("fill", "duplicate"): 1, ("opening", "opening"): 1, ("correction", "amends_busted"): 1,
+        ("bust", "amends_opening"): 1, ("correction", "mismatch"): 1, ("correction", "duplicate"): 1,
+    }
+    assert tracker.fills["F1"].busted and tracker.stats.busts == 2
+    assert tracker.fills["F2"].fill.price == D("100.08")  # the resent C2 did not undo C2b
+    assert {k: (v.original_fill_id, v.outcome) for k, v in tracker.changed_seen.items() if k.startswith("X")} == {
+        "X1": ("F3", "amends_busted"), "X2": ("OP1", "amends_opening"), "X3": ("F1", "mismatch"),
+        "X4": ("F1", "applied"),
+    }
+
+
+def test_the_ledger_answers_for_fill_ids_memory_no_longer_has():
+    events = amended_events()
+    f1, f2 = events["fills"][0], events["fills"][2]
+    ledger = {"F1": SeenFill(seq=1, exec_type="NEW", original_fill_id="F1", outcome="applied"),
+              "C2": SeenFill(seq=5, exec_type="CORRECT", original_fill_id="F2", outcome="applied"),
+              "OP1": SeenFill(seq=8, exec_type="OPENING", original_fill_id="OP1", outcome="opening")}
+    tracker = make_tracker()
+    assert tracker.unknown_ids([f1, events["fills"][6]]) == {"F1", "C2b", "C2"}
+    tracker.recorded.update(ledger)
+    tracker.on_fill(msgspec_replace(f1, price=D("1")), 40)  # a resend of a forgotten execution
+    tracker.on_fill(Fill(ts=T0, fill_id="L1", exec_type="BUST", ref_fill_id="C2", account="ACC1", symbol="XYZ"), 41)
+    tracker.on_fill(Fill(ts=T0, fill_id="L2", exec_type="BUST", ref_fill_id="OP1", account="ACC1", symbol="XYZ"), 42)
+    assert not tracker.fills and not tracker.orders
+    assert tracker.stats.skipped_fills == {("fill", "duplicate"): 1, ("bust", "amends_forgotten"): 1,
+                                           ("bust", "amends_opening"): 1}
+    # The ledger having this very message: its state was lost in a crash, it is handled again.
+    tracker.on_fill(f1, 1)
+    assert "F1" in tracker.fills and tracker.stats.fills == 1
+    # An amendment naming an execution the ledger places further on in the stream: a
+    # redelivery after a crash, the execution comes again next.
+    tracker.recorded["F2"] = SeenFill(seq=3, exec_type="NEW", original_fill_id="F2", outcome="applied")
+    tracker.on_fill(Fill(ts=T0, fill_id="E1", exec_type="BUST", ref_fill_id="F2", account="ACC1", symbol="XYZ"), 2)
+    assert set(tracker.waiting) == {"E1"}
+    tracker.on_fill(f2, 3)
+    assert tracker.fills["F2"].busted and not tracker.waiting
+    tracker.end_fills_batch()
+    assert not tracker.recorded and not tracker.recent
+
+
+def test_a_redelivered_amendment_repairs_an_order_the_changelog_cut_off():
+    tracker = make_tracker()
+    events = amended_events()
+    for seq, fill in enumerate(events["fills"][:3], start=1):  # F1, B3 (waits), F2
+        tracker.on_fill(fill, seq)
+    before = tracker.orders["O1"]
+    tracker.on_fill(events["fills"][4], 5)  # C2
+    assert tracker.orders["O1"].filled_qty == D("750")
+    tracker.orders["O1"] = before  # the orders table lost the recomputation
+    tracker.on_fill(events["fills"][4], 5)  # redelivered
+    assert tracker.orders["O1"].filled_qty == D("750") and tracker.orders["O1"].amendment_ids == ("C2",)
+    assert tracker.stats.skipped_fills == {("correction", "redelivered"): 1}
+
+
+def test_amended_rows_outrank_every_row_before_the_amendment():
+    later = 2_000_000_000_000_000_000
+    ranks = [
+        row_version(later, 0, False), row_version(later, 0, True),  # as first reported
+        row_version(later - 10**9, 1, False), row_version(later - 10**9, 1, True),  # once amended
+        row_version(later - 2 * 10**9, 2, False),  # twice, even if written with an older clock
+    ]
+    assert ranks == sorted(ranks) and len(set(ranks)) == len(ranks)
+    assert ranks[2] & AMENDED and not ranks[1] & AMENDED
+    assert row_version(later, 1, True) < row_version(later + 1000, 1, True)  # within a revision, the clock
+    # A state a restart starts with can be behind a stored row of a later revision, and
+    # one revision on covers every earlier row even when a bust took a fill away.
+    assert not _covers((1, FILL_ALL, 0, False), (2, 0, 0, False))
+    assert _covers((2, 0, 1, False), (1, 15, 2, True))
+    assert not _covers((1, 0, 1, False), (1, 0, 2, False))
 
 
 def test_rows_before_everything_is_known():
@@ -321,17 +592,20 @@ def test_late_and_duplicate_market_data_change_nothing():
     assert (tracker.stats.duplicate_trades, tracker.stats.late_trades) == (1, 1)
 
 
-def test_duplicate_fills_and_orders_do_not_double_count():
+def test_redelivered_fills_and_orders_do_not_double_count():
     tracker = make_tracker()
     feeder = Feeder(tracker)
     events = example_events()
     for stream, event in by_time(events):
-        feeder.feed(stream, event)
-        if stream in ("fills", "orders"):
-            feeder.feed(stream, event)  # every trading event delivered twice
+        seq = feeder.feed(stream, event)
+        if stream == "orders":
+            feeder.feed(stream, event)
+        elif stream == "fills":
+            tracker.on_fill(event, seq)  # every trading event delivered twice
     tracker.resolve_due()
     assert_example_rows(tracker)
-    assert tracker.stats.duplicate_fills == 2
+    assert tracker.stats.skipped_fills == {("fill", "redelivered"): 2}
+    assert tracker.stats.fills == 2
 
 
 def test_a_crash_between_changelogs_is_repaired_by_the_redelivery():
@@ -339,12 +613,12 @@ def test_a_crash_between_changelogs_is_repaired_by_the_redelivery():
     tracker = make_tracker()
     events = example_events()
     tracker.on_order(events["orders"][0])
-    tracker.on_fill(events["fills"][0])
+    tracker.on_fill(events["fills"][0], 1)
     order = tracker.orders["O1"]
     tracker.orders["O1"] = msgspec_replace(order, fill_ids=(), filled_qty=D(0), filled_notional=D(0), fees=D(0))
-    tracker.on_fill(events["fills"][0])  # redelivered: a duplicate fill, but it rejoins its order
+    tracker.on_fill(events["fills"][0], 1)  # redelivered: changes nothing, but it rejoins its order
     assert tracker.orders["O1"].filled_qty == D("600")
-    tracker.on_fill(events["fills"][0])
+    tracker.on_fill(events["fills"][0], 1)
     assert tracker.orders["O1"].filled_qty == D("600")
 
 
@@ -449,7 +723,7 @@ def test_settled_rows_outrank_any_later_unsettled_row():
     assert settled[-1] == 100 | SETTLED and unsettled[-1] == 200 and settled[-1] > unsettled[-1]
     final = tracker.order_row(tracker.orders["O1"], 100)
     open_again = tracker.order_row(msgspec_replace(tracker.orders["O1"], resolved=0), 200)
-    assert final[-3] == 1 and open_again[-3] == 0 and final[-1] > open_again[-1]
+    assert final[-4] == 1 and open_again[-4] == 0 and final[-1] > open_again[-1]
 
 
 def test_persisted_states_survive_an_agents_roll_back():
@@ -460,7 +734,7 @@ def test_persisted_states_survive_an_agents_roll_back():
     tracker = make_tracker()
     token = current_agent.set("fills")
     try:
-        tracker.on_fill(example_events()["fills"][0])
+        tracker.on_fill(example_events()["fills"][0], 1)
         written(tracker)
     finally:
         current_agent.reset(token)
@@ -492,7 +766,8 @@ def test_a_write_persists_the_states_it_wrote_not_newer_ones():
 @dataclass
 class RecordingStore:
     """Stands in for ExecutionStore: keeps inserted rows like a ReplacingMergeTree read
-    with FINAL (highest version per id), and every row ever written (`log`)."""
+    with FINAL (highest version per id), every row ever written (`log`), and the ledger
+    of fill_ids (`seen`: the first arrival of each, as the store's query answers)."""
 
     fills: dict[str, dict]
     orders: dict[str, dict]
@@ -502,12 +777,22 @@ class RecordingStore:
     log: list[tuple[str, dict]] = field(default_factory=list)
     refreshed: set[int] = field(default_factory=set)
     progress_reads: int = 0
+    seen: dict[str, SeenFill] = field(default_factory=dict)
+    lookups: list[set[str]] = field(default_factory=list)
 
     async def insert(self, table: str, data) -> int:
         if self.fail_next:
             self.fail_next -= 1
             raise ConnectionError("ClickHouse went away")
         self.inserts += 1
+        if table == FILL_IDS_TABLE:
+            for row in data.to_pylist():
+                held = self.seen.get(row["fill_id"])
+                if held is None or row["seq"] < held.seq:
+                    self.seen[row["fill_id"]] = SeenFill(
+                        seq=row["seq"], exec_type=row["exec_type"], original_fill_id=row["original_fill_id"],
+                        outcome=row["outcome"])
+            return data.num_rows
         assert table in (FILLS_TABLE, ORDERS_TABLE)
         target, key = (self.fills, "fill_id") if table == FILLS_TABLE else (self.orders, "order_id")
         for row in data.to_pylist():
@@ -517,16 +802,25 @@ class RecordingStore:
                 target[row[key]] = row
         return data.num_rows
 
+    async def seen_fills(self, fill_ids) -> dict[str, SeenFill]:
+        self.lookups.append(set(fill_ids))
+        return {k: self.seen[k] for k in fill_ids if k in self.seen}
+
     async def refresh_minutes(self, minutes, version: int) -> None:
         self.refreshed |= set(minutes)
 
     async def stored_progress(self, fills: dict[str, int], orders: dict[str, int]):
         self.progress_reads += 1
         return (
-            {k: (self.fills[k]["progress"], 0, False) for k in fills if k in self.fills},
-            {k: (self.orders[k]["progress"], self.orders[k]["fills"], self.orders[k]["end_ts"] is not None)
+            {k: (self.fills[k]["amendments"], self.fills[k]["progress"], 0, False) for k in fills if k in self.fills},
+            {k: (self.orders[k]["amendments"], self.orders[k]["progress"], self.orders[k]["fills"],
+                 self.orders[k]["end_ts"] is not None)
              for k in orders if k in self.orders},
         )
+
+    def live_fills(self) -> dict[str, dict]:
+        """The fill rows a reader sees: busted ones left out."""
+        return {k: row for k, row in self.fills.items() if not row["busted"]}
 
     async def ping(self) -> bool:
         return True
@@ -633,9 +927,71 @@ async def test_agents_write_the_example_and_survive_restart_and_redelivery():
         # (ClickHouse has every persisted state), and the redelivered events are duplicates.
         assert tracker2.quotes.points("XYZ") == 8 and tracker2.trades.points("XYZ") == 6
         await wait_until(lambda: floors_at_end(transport))
-    assert tracker2.stats.duplicate_fills == 2 and tracker2.stats.duplicate_quotes == 8
+    assert tracker2.stats.skipped_fills == {("fill", "redelivered"): 2} and tracker2.stats.duplicate_quotes == 8
     assert tracker2.orders["O1"].filled_qty == D("800")
     assert store.inserts == inserts and (store.fills, store.orders) == rows_before
+
+
+async def test_agents_apply_amendments_and_the_ledger_remembers_fill_ids_past_retention():
+    transport = MemoryTransport()
+    store = RecordingStore({}, {})
+    app, tracker, sink = make_service_app(transport, store)
+    events = amended_events()
+    async with app:
+        await publish(transport, events)
+        await wait_until(lambda: floors_at_end(transport) and store.fills.get("F2", {}).get("amendments") == 2
+                         and settled(store) and store.orders["O1"]["amendments"] == 3)
+        for fill_id, expected in EXPECTED_AMENDED_FILLS.items():
+            row = store.fills[fill_id]
+            got = {k: ns_of(row[k]) if k in ("ts", "arrival_ts") else row[k] for k in expected}
+            assert got == expected, fill_id
+        assert set(store.live_fills()) == {"F1", "F2"}
+        row = store.orders["O1"]
+        assert {k: row[k] for k in ("fills", "filled_qty", "implementation_shortfall", "amendments")} == {
+            "fills": 2, "filled_qty": D("750"), "implementation_shortfall": D("75.75"), "amendments": 3}
+        assert {k: (v.seq, v.original_fill_id, v.outcome) for k, v in store.seen.items()} == {
+            "F1": (1, "F1", "applied"), "B3": (2, "F3", "applied"), "F2": (3, "F2", "applied"),
+            "C2": (5, "F2", "applied"), "F3": (6, "F3", "applied"), "C2b": (7, "F2", "applied"),
+            "OP1": (8, "OP1", "opening"),
+        }  # the resend (seq 4) is not a first arrival
+
+        # Two hours later nothing of the example is held any more; the ledger still
+        # knows every fill_id: a resend is a duplicate, an amendment changes nothing.
+        await transport.publish("md.quotes.LATER", encode(Quote(ts=T0 + 7200 * NS, symbol="LATER", bid=D("1"),
+                                                                ask=D("2"))))
+        await wait_until(lambda: tracker.event_time == T0 + 7200 * NS and not tracker.unwritten())
+        tracker.prune()
+        assert not tracker.fills and not tracker.orders and not tracker.aliases
+        rows = (dict(store.fills), dict(store.orders))
+        common = dict(account="ACC1", symbol="XYZ")
+        late = [
+            msgspec_replace(events["fills"][2], qty=D("1")),
+            Fill(ts=T0 + 7300 * NS, fill_id="B1", exec_type="BUST", ref_fill_id="F1", **common),
+            Fill(ts=T0 + 7300 * NS, fill_id="C2c", exec_type="CORRECT", ref_fill_id="C2b", side="BUY",
+                 qty=D("1"), price=D("1"), fee=D("0"), **common),
+        ]
+        for fill in late:
+            await transport.publish(SUBJECTS["fills"], encode(fill))
+        await wait_until(lambda: floors_at_end(transport, ("fills",)) and not tracker.unwritten())
+        assert tracker.stats.skipped_fills == {
+            ("fill", "duplicate"): 2, ("opening", "opening"): 1, ("bust", "amends_forgotten"): 1,
+            ("correction", "amends_forgotten"): 1,
+        }
+        assert {"F2", "B1", "F1", "C2c", "C2b"} <= store.lookups[-1]
+        assert (store.fills, store.orders) == rows and not tracker.fills
+        assert (store.seen["B1"].outcome, store.seen["C2c"].original_fill_id) == ("amends_forgotten", "F2")
+
+    # A crash before the late messages were acknowledged: they come again to a restart
+    # that holds none of the example, and the ledger decides as before.
+    transport.ack_floors[("FILLS", DURABLES["fills"])] = len(events["fills"])
+    seen = dict(store.seen)
+    app2, tracker2, _ = make_service_app(transport, store)
+    async with app2:
+        await wait_until(lambda: floors_at_end(transport) and not tracker2.unwritten())
+    assert tracker2.stats.fills == tracker2.stats.corrections == tracker2.stats.busts == 0
+    assert tracker2.stats.skipped_fills == {("fill", "duplicate"): 1, ("bust", "amends_forgotten"): 1,
+                                            ("correction", "amends_forgotten"): 1}
+    assert (store.fills, store.orders, store.seen) == (*rows, seen)
 
 
 async def test_a_restart_behind_clickhouse_never_writes_a_less_settled_row():
@@ -678,12 +1034,13 @@ async def test_a_state_that_moves_on_during_the_comparison_is_compared_as_taken(
     settle while the read is in flight, but the row to write is the one taken."""
     events = example_events()
     store = RecordingStore({}, {})
-    store.fills["F1"] = {"fill_id": "F1", "progress": FILL_ALL, "complete": 1, "version": 5 | SETTLED}
+    store.fills["F1"] = {"fill_id": "F1", "progress": FILL_ALL, "complete": 1, "amendments": 0, "busted": 0,
+                         "version": 5 | SETTLED}
     tracker = make_tracker()
     feeder = Feeder(tracker)
     sink = ExecutionSink(tracker)
     sink.attach(store)
-    feeder.tracker.on_fill(events["fills"][0], replayed=True)  # a redelivery: compared first
+    feeder.tracker.on_fill(events["fills"][0], 1, replayed=True)  # a redelivery: compared first
     read = store.stored_progress
 
     async def read_while_the_market_moves(fills, orders):
@@ -716,7 +1073,9 @@ async def test_trading_batches_wait_for_clickhouse_and_market_data_is_held_when_
     store = RecordingStore({}, {}, fail_next=10**9)  # ClickHouse down
     app, tracker, sink = make_service_app(transport, store, max_unwritten=2)
     async with app:
-        await publish(transport, example_events(), streams=("quotes", "trades", "orders", "fills"))
+        await publish(transport, example_events(), streams=("orders", "fills"))
+        await wait_until(lambda: sink.unwritten() > 2)
+        await publish(transport, example_events(), streams=("quotes", "trades"))
         await asyncio.sleep(0.5)
         # Orders and fills are never acknowledged before their rows are written; the
         # market data goes on until more than max_unwritten rows wait.
@@ -751,9 +1110,9 @@ def test_values_finer_than_the_columns_are_rounded_and_overflow_is_rejected():
     # 0.123456789 x 1.1234567891 = 0.1386983677625361999 has 19 decimals: the notional
     # column holds 18, so it is rounded half to even there (and nowhere else).
     tracker.on_fill(Fill(ts=T0, fill_id="FINE", account="A", symbol="S", side="BUY",
-                         qty=D("0.123456789"), price=D("1.1234567891")))
+                         qty=D("0.123456789"), price=D("1.1234567891")), 1)
     tracker.on_fill(Fill(ts=T0, fill_id="HUGE", account="A", symbol="S", side="BUY",
-                         qty=D("10000000000"), price=D("100000000000")))  # notional 1e21: too large
+                         qty=D("10000000000"), price=D("100000000000")), 2)  # notional 1e21: too large
     rows = [tracker.fill_row(tracker.fills["FINE"], 1), tracker.fill_row(tracker.fills["HUGE"], 1)]
     table = sink.rows_to_arrow(FILL_COLUMNS, rows)
     assert table.column("fill_id").to_pylist() == ["FINE"]
