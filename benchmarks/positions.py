@@ -8,6 +8,21 @@ best chunk are reported for `PositionBook.apply_many` (what a batch agent calls)
 `PositionBook.apply` (one fill at a time). Chunk timing keeps a busy neighbour on a
 shared machine from hiding the core's own speed; the load average is recorded.
 
+New core against today's (`core_*_vs_*`): `ExecutionBook.receive_many` (what keeps each
+position equal to a fresh book over its effective history) and `PositionBook.apply` in a
+loop (how ptrc applied fills before it) on the same 20,000 in-order fills (10 accounts x
+50 symbols), side by side in one process: `--side-rounds` rounds, the order of the calls
+alternating, each call on a fresh book. Reported: each call's median fills/s and the
+median of the per-round ratios (the issue's goal: ExecutionBook / apply >= 0.9); also
+ExecutionBook against `PositionBook.apply_many`, and `ExecutionBook.receive` one message
+at a time (as ptrc's agent calls it).
+
+Late fills (`late_fill_rederive_us`): one key with a 10,000-execution day (one second
+apart, default horizon and checkpoint_every); the time of receiving one fill whose ts
+places it 1,000 executions before the end, median over `--late-trials` trials (a fresh
+book each, its building not timed). For contrast, the same for a fill 9,000 executions
+late and for an in-order fill: the cost grows with what follows the late fill.
+
 Latency (needs the local stack): ptrc and pnl run as their own processes
 (`posttrade worker`, uniquely named, starting at the end of the shared streams). Fills
 are published at `--rate` per second over 200 positions: first unmeasured, for at least
@@ -26,12 +41,17 @@ measured by `benchmarks/reports.py`.
 Writes benchmarks/results/positions.json and prints a table.
 
     python benchmarks/positions.py [--fills 300000] [--rate 1000] [--warmup 3] [--seconds 20] [--no-latency]
+                                   [--side-fills 20000] [--side-rounds 15] [--late-trials 31]
+
+With `--no-latency` the latency fields of the previous results file are kept (marked
+`latency_from_previous_run`), so a core-only run does not erase them.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import random
@@ -49,6 +69,7 @@ import httpx
 import nats
 
 from posttrade import stack
+from posttrade.core.history import DEFAULT_CHECKPOINT_EVERY, ExecutionBook
 from posttrade.core.positions import PositionBook
 from posttrade.streams.events import Fill, encode
 from posttrade.streams.nats import forget_apps
@@ -61,6 +82,9 @@ CHUNK = 10_000
 CAUGHT_UP_LAG = 100  # messages an agent may hold or have pending and count as caught up
 LATENCY_PATH = {"ptrc": "track_positions", "pnl": "value_positions"}  # the agents a probe goes through
 MAX_WARMUP_S = 120.0
+#: What the latency part writes (prefixes): kept from the previous file by a --no-latency run.
+LATENCY_FIELDS = ("pnl_latency_", "latency_", "ptrc_cpu_us_per_fill", "pnl_cpu_us_per_fill", "slowest_probes",
+                  "goal_pnl_latency_")
 
 
 def random_fills(n: int, symbols: int = 100, accounts: int = 10, seed: int = 7) -> list[Fill]:
@@ -100,6 +124,147 @@ def chunk_rates(fills: list[Fill], mode: str, rounds: int = 3) -> list[float]:
                     book.apply(fill)
             rates.append(len(part) / (time.perf_counter() - started))
     return sorted(rates)
+
+
+MULTIPLIERS = {"SYM000": 50}
+SIDE_CALLS = ("execution_book", "apply", "apply_many", "execution_book_receive")
+
+
+def side_by_side(fills: list[Fill], rounds: int) -> dict:
+    """The new core against today's on the same fills, interleaved: per round each call
+    runs once on a fresh book, in an order that alternates between rounds. Returns each
+    call's fills/s per round."""
+    messages = [(fill, seq, None) for seq, fill in enumerate(fills, 1)]
+
+    def execution_book() -> None:
+        ExecutionBook(MULTIPLIERS).receive_many(messages)
+
+    def execution_book_receive() -> None:
+        receive = ExecutionBook(MULTIPLIERS).receive
+        for fill, seq, raw in messages:
+            receive(fill, seq, raw)
+
+    def apply() -> None:
+        book = PositionBook(multipliers=MULTIPLIERS)
+        for fill in fills:
+            book.apply(fill)
+
+    def apply_many() -> None:
+        PositionBook(multipliers=MULTIPLIERS).apply_many(fills)
+
+    calls = {"execution_book": execution_book, "apply": apply, "apply_many": apply_many,
+             "execution_book_receive": execution_book_receive}
+    for run in calls.values():  # warm up (first-use allocations, caches)
+        run()
+    rates: dict[str, list[float]] = {name: [] for name in calls}
+    for i in range(rounds):
+        order = list(SIDE_CALLS) if i % 2 == 0 else list(reversed(SIDE_CALLS))
+        for name in order:
+            gc.collect()
+            started = time.perf_counter()
+            calls[name]()
+            rates[name].append(len(fills) / (time.perf_counter() - started))
+    return rates
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def one_key_day(n: int, start_ns: int = 1_700_000_000_000_000_000, step_ns: int = 1_000_000_000) -> list[Fill]:
+    """`n` executions of one key, `step_ns` apart, random sides (a position that keeps
+    opening, reducing and flipping)."""
+    rng = random.Random(5)
+    return [
+        Fill(ts=start_ns + i * step_ns, fill_id=f"D{i}", account="ACC", symbol="SYM", side=rng.choice(("BUY", "SELL")),
+             qty=Decimal(rng.randint(1, 500)), price=Decimal(rng.randint(9_000, 11_000)).scaleb(-2),
+             fee=Decimal(rng.randint(0, 100)).scaleb(-2))
+        for i in range(n)
+    ]
+
+
+def late_fill_costs(history: int, trials: int) -> dict[str, list[float]]:
+    """µs to receive one fill into a key holding `history` executions, by how many
+    executions follow the place its ts gives it (0: in order). A fresh book per trial
+    (built untimed), the cases interleaved."""
+    day = one_key_day(history)
+    step = day[1].ts - day[0].ts
+    cases = {"late_1000": 1_000, "late_9000": 9_000, "in_order": 0}
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for trial in range(trials + 1):  # the first round warms up and is dropped
+        for name, behind in (cases.items() if trial % 2 == 0 else reversed(cases.items())):
+            book = ExecutionBook()
+            book.receive_many((fill, seq, None) for seq, fill in enumerate(day, 1))
+            ts = day[-1].ts + step if behind == 0 else day[history - behind].ts - step // 2
+            fill = Fill(ts=ts, fill_id="LATE", account="ACC", symbol="SYM", side="BUY", qty=Decimal(7),
+                        price=Decimal("100.25"), fee=Decimal("0.10"))
+            # No collection inside the timed call, and none just before it either: a full
+            # collection leaves the caches cold (an in-order fill then takes ~55 µs, not ~12).
+            gc.disable()
+            started = time.perf_counter()
+            result = book.receive(fill, history + 1, None)
+            elapsed = time.perf_counter() - started
+            gc.enable()
+            assert result.status == "applied" and result.reason == ("fill" if behind == 0 else "late"), result.reason
+            if trial:
+                times[name].append(elapsed * 1e6)
+    return times
+
+
+def measure_new_core(fills: int, rounds: int, history: int, trials: int) -> tuple[dict, list[str]]:
+    """The new core against today's, and the cost of a late fill: (results, table lines)."""
+    result: dict = {"load_average_new_core_start": round(os.getloadavg()[0], 2)}
+    rates = side_by_side(random_fills(fills, symbols=50, accounts=10, seed=13), rounds)
+    ratios = {
+        other: [new / old for new, old in zip(rates["execution_book"], rates[other])]
+        for other in ("apply", "apply_many")
+    }
+    ratios["receive_vs_apply"] = [new / old for new, old in zip(rates["execution_book_receive"], rates["apply"])]
+    result.update({
+        "side_by_side_fills": fills,
+        "side_by_side_rounds": rounds,
+        # Not `core_fills_per_s_<call>_*`: those are the 300,000-fill chunk figures above.
+        **{f"side_by_side_fills_per_s_{name}_median": round(_median(r)) for name, r in rates.items()},
+        # The issue's figure: the new core (receive_many) over today's (apply in a loop).
+        "core_ratio_execution_book_vs_apply_median": round(_median(ratios["apply"]), 3),
+        "core_ratio_execution_book_vs_apply_min": round(min(ratios["apply"]), 3),
+        "core_ratio_execution_book_vs_apply_max": round(max(ratios["apply"]), 3),
+        "goal_core_ratio_execution_book_vs_apply": 0.9,
+        # Labelled apart: today's batch call, which the old ptrc did not use.
+        "core_ratio_execution_book_vs_apply_many_median": round(_median(ratios["apply_many"]), 3),
+        # ptrc's agent calls receive() per message.
+        "core_ratio_execution_book_receive_vs_apply_median": round(_median(ratios["receive_vs_apply"]), 3),
+    })
+    costs = late_fill_costs(history, trials)
+    result.update({
+        "late_fill_history": history,
+        "late_fill_trials": trials,
+        "late_fill_checkpoint_every": DEFAULT_CHECKPOINT_EVERY,
+        "late_fill_rederive_us": round(_median(costs["late_1000"]), 1),  # 1,000 executions follow it
+        "late_fill_rederive_us_9000_late": round(_median(costs["late_9000"]), 1),
+        "in_order_fill_us": round(_median(costs["in_order"]), 1),
+        "load_average_new_core_end": round(os.getloadavg()[0], 2),
+    })
+    lines = [
+        f"new core vs today's: {fills:,} fills, {rounds} interleaved rounds "
+        f"(load {result['load_average_new_core_start']} -> {result['load_average_new_core_end']})",
+        f"{'call':<44}{'median fills/s':>16}{'ratio new/this':>16}",
+        f"{'ExecutionBook.receive_many':<44}{result['side_by_side_fills_per_s_execution_book_median']:>16,}{'':>16}",
+        f"{'PositionBook.apply loop (ptrc before)':<44}{result['side_by_side_fills_per_s_apply_median']:>16,}"
+        f"{result['core_ratio_execution_book_vs_apply_median']:>16} (goal >= 0.9; rounds "
+        f"{result['core_ratio_execution_book_vs_apply_min']}-{result['core_ratio_execution_book_vs_apply_max']})",
+        f"{'PositionBook.apply_many':<44}{result['side_by_side_fills_per_s_apply_many_median']:>16,}"
+        f"{result['core_ratio_execution_book_vs_apply_many_median']:>16}",
+        f"{'ExecutionBook.receive loop (ptrc now)':<44}{result['side_by_side_fills_per_s_execution_book_receive_median']:>16,}"
+        f"{'':>16} (vs apply loop: {result['core_ratio_execution_book_receive_vs_apply_median']})",
+        f"one fill into a {history:,}-execution key (checkpoint_every {DEFAULT_CHECKPOINT_EVERY}), median of {trials}:",
+        f"{'  1,000 executions late (late_fill_rederive_us)':<50}{result['late_fill_rederive_us']:>10,} µs",
+        f"{'  9,000 executions late':<50}{result['late_fill_rederive_us_9000_late']:>10,} µs",
+        f"{'  in order':<50}{result['in_order_fill_us']:>10,} µs",
+    ]
+    return result, lines
 
 
 def _free_port() -> int:
@@ -341,7 +506,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds at the rate before probing")
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds of probing (50 probes/s)")
     parser.add_argument("--no-latency", action="store_true", help="only the core (no servers needed)")
+    parser.add_argument("--side-fills", type=int, default=20_000, help="fills of the new-vs-old core comparison")
+    parser.add_argument("--side-rounds", type=int, default=15, help="interleaved rounds of that comparison")
+    parser.add_argument("--late-history", type=int, default=10_000, help="executions of the key a late fill goes into")
+    parser.add_argument("--late-trials", type=int, default=31, help="trials per late-fill case")
     args = parser.parse_args()
+    if args.late_history <= 9_000:
+        parser.error("--late-history must be above 9,000 (a fill 9,000 executions late is one of the cases)")
     fills = random_fills(args.fills)
     result: dict = {"fills": args.fills, "goal_core_fills_per_s": 200_000, "load_average": os.getloadavg()[0]}
     print(f"{'call':<12}{'median fills/s':>16}{'best fills/s':>14}")
@@ -353,6 +524,9 @@ def main() -> None:
         print(f"{mode:<12}{median:>16,.0f}{best:>14,.0f}")
     result["core_fills_per_s"] = result["core_fills_per_s_apply_many_median"]
     print(f"core_fills_per_s = {result['core_fills_per_s']:,} (goal 200,000)")
+    new_core, lines = measure_new_core(args.side_fills, args.side_rounds, args.late_history, args.late_trials)
+    result.update(new_core)
+    print("\n".join(lines))
     if not args.no_latency:
         result.update(measure_latency(args.rate, args.seconds, args.warmup))
         result["goal_pnl_latency_ms_p99"] = 10
@@ -366,6 +540,13 @@ def main() -> None:
         for probe in result["slowest_probes"]:
             print(f"{probe['at_s']:>18}{probe['ms']:>8}{probe.get('to_fill_stored_ms', '-'):>11}"
                   f"{probe.get('ptrc_ms', '-'):>8}{probe.get('pnl_and_poll_ms', '-'):>10}")
+    elif RESULTS.exists():
+        # A core-only run keeps the last latency figures rather than erase them.
+        previous = json.loads(RESULTS.read_text())
+        kept = {k: v for k, v in previous.items() if k.startswith(LATENCY_FIELDS) and k != "latency_from_previous_run"}
+        if kept:
+            result.update(kept)
+            result["latency_from_previous_run"] = True
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"-> {RESULTS}")
