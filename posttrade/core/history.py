@@ -331,8 +331,10 @@ class ExecutionBook:
         position = history.position
         place = len(entries)
         every = self.every
-        if place and not place % every and len(history.checkpoints) == place // every:
-            history.checkpoints.append(position.copy())  # type: ignore[union-attr]
+        if place and not place % every:
+            checkpoints = history.base_checkpoint()
+            if len(checkpoints) == place // every:
+                checkpoints.append(position.copy())  # type: ignore[union-attr]
         realized_before = position.realized_pnl_gross  # type: ignore[union-attr]
         position._apply(fill)  # type: ignore[union-attr]
         entries.append(execution)
