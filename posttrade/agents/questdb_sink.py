@@ -11,6 +11,10 @@ the acknowledgement never comes before QuestDB has the rows.
   DEDUP UPSERT KEYS that make a redelivered or replayed message land on the row it
   already made instead of adding one. Every table also stores `stream_seq`, the
   JetStream sequence of the message the row came from.
+* First arrival (fills): a layout may name a column whose first arrival is the one kept
+  (`fill_id`). Before a batch is written, messages whose value is already in the table,
+  or came earlier in the batch, are taken out (`FirstArrivals`): a resend, whatever its
+  `ts`, however late, is acknowledged without changing or adding a row.
 * QuestDB unreachable (or failing on its side): the same batch is retried with
   exponential back-off, `max_retry` attempts per cycle, then a longer pause and the
   next cycle, forever. The batch stays unacknowledged (`stream.keep_alive()` tells
@@ -33,11 +37,12 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Decimal
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import quote_plus
 
 import numpy as np
 import pandas as pd
@@ -105,6 +110,9 @@ class TableLayout:
     columns: tuple[Column, ...]
     dedup_keys: tuple[str, ...]  # besides `ts`, which QuestDB requires and is always first
     why: str  # why these dedup keys (docs/questdb_writer.md explains the same)
+    # A VARCHAR or SYMBOL column whose first arrival is kept: a later message with a value
+    # the table already has is not written (see FirstArrivals). None: every message is a row.
+    first_arrival: str | None = None
 
     def __post_init__(self) -> None:
         names = [c.name for c in self.columns]
@@ -113,6 +121,14 @@ class TableLayout:
         missing = set(self.dedup_keys) - set(names)
         if missing:
             raise ValueError(f"dedup keys {sorted(missing)} are not columns")
+        if self.first_arrival is not None and self.column(self.first_arrival).kind not in ("varchar", "symbol"):
+            raise ValueError(f"first-arrival column {self.first_arrival} must be a VARCHAR or SYMBOL column")
+
+    def column(self, name: str) -> Column:
+        for column in self.columns:
+            if column.name == name:
+                return column
+        raise ValueError(f"{name} is not a column")
 
     @property
     def table_columns(self) -> dict[str, str]:
@@ -177,6 +193,7 @@ def _rounded_decimal_column(name: str, items: list[Decimal | None]) -> Any:
 
 
 _SEQ = attrgetter("seq")
+_VALUE = attrgetter("value")
 TS = Column("ts", "timestamp")
 SEQ = Column("stream_seq", "stream_seq")
 
@@ -246,11 +263,15 @@ LAYOUTS: dict[str, TableLayout] = {
             Column("order_id", "varchar"),
             Column("venue", "symbol"),
             Column("liquidity", "symbol"),
+            Column("exec_type", "symbol"),
+            Column("ref_fill_id", "varchar"),
             SEQ,
         ),
         dedup_keys=("fill_id",),
-        why="fill_id is unique per fill: a fill published twice (even under two stream "
-        "sequences) is one row",
+        why="fill_id is unique across the feed and its first arrival is the row kept (a resend "
+        "is never written, see first_arrival); the key makes a write repeated after a lost "
+        "reply land on the rows it made",
+        first_arrival="fill_id",
     ),
     "orders": TableLayout(
         Order,
@@ -337,6 +358,7 @@ class TableStats:
     retries: int = 0  # attempts repeated because QuestDB was unreachable or failing
     rejected_batches: int = 0  # write requests QuestDB refused for their data
     dead_lettered: int = 0  # rows the sink dead-lettered (QuestDB can never take them)
+    resends: int = 0  # messages not written: their first-arrival value was already stored
     table_ready: bool = False
     last_error: str | None = None
     last_error_at: float | None = None  # epoch seconds
@@ -393,6 +415,7 @@ class TableStats:
             "retries": self.retries,
             "rejected_batches": self.rejected_batches,
             "dead_lettered": self.dead_lettered,
+            "resends": self.resends,
             "last_flush_at": _iso(self.last_flush_at),
             "last_error": self.last_error,
             "last_error_at": _iso(self.last_error_at),
@@ -428,9 +451,168 @@ class WriterMetrics:
         self.dead_letters = Counter(
             "posttrade_writer_dead_letters_total", "Rows QuestDB can never take, dead-lettered", ["table"], registry=r
         )
+        self.resends = Counter(
+            "posttrade_writer_resends_total",
+            "Messages not written because the table already had their first arrival (fill_id)",
+            ["table"],
+            registry=r,
+        )
         self.questdb_up = Gauge(
             "posttrade_writer_questdb_up", "1 when the last write or table check reached QuestDB", ["table"], registry=r
         )
+
+
+# -- first arrivals ------------------------------------------------------------------
+
+# URL-encoded characters of the `IN (...)` list of one look-up query. /exec takes the query
+# in the request line, and QuestDB closes the connection when the request's head passes
+# its header buffer (`http.request.header.buffer.size`, 32 KiB by default; a 28,600-byte
+# URL went through, a 38,000-byte one did not); this leaves room for the rest.
+LOOKUP_LIST_BUDGET = 16_000
+# Rows per query when the keys of a table are read (~10 MB of JSON for fill ids).
+READ_PAGE_ROWS = 500_000
+# Hashes of keys written kept in a set (~70 bytes each) before they go into the sorted
+# array: merging copies the array, so not after every batch.
+ADDED_HASHES_MERGED_AT = 1 << 18
+# How long a look-up waits, polling, for QuestDB to apply the commits made before it;
+# then it counts as a failed attempt and is retried with back-off.
+WAL_WAIT_S = 5.0
+
+
+def in_lists(values: Sequence[str], budget: int = LOOKUP_LIST_BUDGET) -> Iterator[str]:
+    """`values` as the insides of SQL `IN (...)` lists, each within `budget` URL-encoded."""
+    literals: list[str] = []
+    size = 0
+    for value in values:
+        literal = sql_literal(value)
+        cost = len(quote_plus(literal)) + 4  # with the ", " before the next one (%2C+)
+        if literals and size + cost > budget:
+            yield ", ".join(literals)
+            literals, size = [], 0
+        literals.append(literal)
+        size += cost
+    if literals:
+        yield ", ".join(literals)
+
+
+class FirstArrivals:
+    """Which records of a batch are the first arrival of their key (fills: `fill_id`).
+
+    The table is the memory: a key has arrived once a row has it, so a restart forgets
+    nothing, however long ago the first arrival was. Asking QuestDB about every new key
+    would scan the key column of the whole table once per `IN` list (a few hundred
+    keys; 5 million rows take ~0.1 s here), so the keys the table holds are known here
+    as 64-bit hashes in a sorted array (8 bytes a row), read from the table before the
+    first batch. A key whose hash is not there is new; one whose hash is (a resend, or
+    rarely another key with the same hash) is looked up in QuestDB, which has the last
+    word. The hashes are Python's `hash()`, salted per process: they are never kept
+    beyond it.
+
+    A WAL table shows a commit to SQL a little after accepting it, so the table is read,
+    and keys are looked up, only once every commit is applied. One process writes the
+    table: another's rows would be missing from the hashes.
+    """
+
+    def __init__(self, table: str, column: Column, client: QuestDBClient):
+        self.table = table
+        self.column = column.name
+        self._key = attrgetter(column.field or column.name)
+        self.client = client
+        self._table_read = False
+        self._hashes = np.empty(0, dtype=np.int64)  # sorted hashes of the keys the table has
+        self._added: set[int] = set()  # those of keys written since, merged into _hashes in bulk
+
+    async def select(self, records: Sequence[EventRecord]) -> list[EventRecord]:
+        """The records to write: the first of their key in the batch, in no row yet.
+
+        Raises QuestDBError when QuestDB cannot tell yet (away, or still applying
+        commits): ask again later.
+        """
+        firsts: dict[str, EventRecord] = {}
+        for record in records:
+            firsts.setdefault(self._key(record.value), record)
+        if not self._table_read:
+            await self._wait_applied()
+            self._hashes = await self._read_hashes()
+            self._table_read = True
+        keys = list(firsts)
+        maybe = [key for key, known in zip(keys, self._known(keys)) if known]
+        if not maybe:
+            return list(firsts.values())
+        await self._wait_applied()
+        stored = await self._stored(maybe)
+        return [record for key, record in firsts.items() if key not in stored]
+
+    def accepted(self, records: Sequence[EventRecord]) -> None:
+        """QuestDB took the rows of `records`: their keys have arrived."""
+        self._added.update(map(hash, map(self._key, map(_VALUE, records))))
+        if len(self._added) >= ADDED_HASHES_MERGED_AT:
+            added = np.fromiter(self._added, dtype=np.int64, count=len(self._added))
+            added.sort()
+            self._hashes = np.insert(self._hashes, np.searchsorted(self._hashes, added), added)
+            self._added.clear()
+
+    def _known(self, keys: list[str]) -> np.ndarray:
+        """Per key: True when a key with its hash has arrived."""
+        hash_list = list(map(hash, keys))
+        hashes = np.array(hash_list, dtype=np.int64)
+        known = np.zeros(len(keys), dtype=bool)
+        if len(self._hashes):
+            at = np.searchsorted(self._hashes, hashes).clip(max=len(self._hashes) - 1)
+            known = self._hashes[at] == hashes
+        if not self._added.isdisjoint(hash_list):  # rarely: a resend of a recent write
+            known |= np.array([h in self._added for h in hash_list], dtype=bool)
+        return known
+
+    async def _read_hashes(self) -> np.ndarray:
+        """The hashes of every key in the table, sorted (read in pages of rows)."""
+        pages = []
+        start = 0
+        while True:
+            result = await self.client.query(
+                f"SELECT {self.column} FROM {self.table} LIMIT {start}, {start + READ_PAGE_ROWS}"
+            )
+            keys = [row[0] for row in result.rows]
+            pages.append(np.fromiter(map(hash, keys), dtype=np.int64, count=len(keys)))
+            if len(keys) < READ_PAGE_ROWS:
+                break
+            start += READ_PAGE_ROWS
+        hashes = np.concatenate(pages)
+        hashes.sort()
+        log.info(
+            "table %s: %d %ss read (as hashes: %.1f MB)", self.table, len(hashes), self.column, hashes.nbytes / 1e6
+        )
+        return hashes
+
+    async def _wait_applied(self) -> None:
+        """Return once SQL shows every commit made to the table (polling a while)."""
+        deadline = time.monotonic() + WAL_WAIT_S
+        while True:
+            result = await self.client.query(
+                "SELECT writerTxn, sequencerTxn, suspended, errorMessage FROM wal_tables() "
+                f"WHERE name = {sql_literal(self.table)}"
+            )
+            if not result.rows:
+                raise QuestDBError(f"table {self.table} is not in wal_tables()")
+            writer_txn, sequencer_txn, suspended, error = result.rows[0]
+            if writer_txn >= sequencer_txn:
+                return
+            if suspended or time.monotonic() >= deadline:
+                state = f"suspended ({error})" if suspended else f"not applied after {WAL_WAIT_S:g}s"
+                raise QuestDBError(
+                    f"{sequencer_txn - writer_txn} transactions committed to {self.table} are {state}; "
+                    f"{self.column}s are looked up once they are applied"
+                )
+            await asyncio.sleep(0.02)
+
+    async def _stored(self, keys: list[str]) -> set[str]:
+        found: set[str] = set()
+        for in_list in in_lists(keys):
+            result = await self.client.query(
+                f"SELECT {self.column} FROM {self.table} WHERE {self.column} IN ({in_list})"
+            )
+            found.update(result.column(self.column))
+        return found
 
 
 # -- the sink ------------------------------------------------------------------------
@@ -484,6 +666,9 @@ class QuestDBSink:
         self.stopping = stopping
         self.stats = TableStats(table, clock=clock)
         self._table_lock = asyncio.Lock()
+        self.first_arrivals = (
+            FirstArrivals(table, layout.column(layout.first_arrival), client) if layout.first_arrival else None
+        )
 
     # -- table ---------------------------------------------------------------------
 
@@ -526,18 +711,53 @@ class QuestDBSink:
         self.stats.batch_taken(len(records))
         self.metrics.batches.labels(self.table).inc()
         self.metrics.batch_rows.labels(self.table).observe(len(records))
-        await self._write_part(records, stream)
+        if self.first_arrivals is not None:
+            records = await self._first_arrivals_only(self.first_arrivals, records, stream)
+        if records:
+            await self._write_part(records, stream)
+
+    async def _first_arrivals_only(
+        self, first_arrivals: FirstArrivals, records: Sequence[EventRecord], stream: Stream
+    ) -> list[EventRecord]:
+        """The records that are the first arrival of their key, asking QuestDB until it
+        answers; the others are resends, counted and never written."""
+        kept: list[EventRecord] = []
+
+        async def look_up() -> str | None:
+            nonlocal kept
+            try:
+                await self.ensure_table()
+            except QuestDBError as exc:
+                return self._unavailable(f"cannot create table {self.table}: {exc.message}")
+            try:
+                kept = await first_arrivals.select(records)
+            except QuestDBError as exc:
+                return self._unavailable(
+                    f"cannot look up which {first_arrivals.column}s {self.table} has: {exc.message}"
+                )
+            self._reached()
+            return None
+
+        await self._until_done(look_up, "look-up", len(records), stream)
+        resends = len(records) - len(kept)
+        if resends:
+            self.stats.resends += resends
+            self.metrics.resends.labels(self.table).inc(resends)
+        return kept
 
     async def _write_part(self, records: Sequence[EventRecord], stream: Stream) -> None:
         try:
             columns = self.layout.build_columns(records)
-            await self._write_until_accepted(columns, len(records), stream)
-            return
+            await self._until_done(lambda: self._attempt(columns, len(records)), "write", len(records), stream)
         except BadRows as exc:
             reason = exc.reason
-        except QuestDBWriteError as exc:  # bad data: _write_until_accepted retries the rest
+        except QuestDBWriteError as exc:  # bad data: the halves below are retried on their own
             reason = exc.message
             self.stats.rejected_batches += 1
+        else:
+            if self.first_arrivals is not None:
+                self.first_arrivals.accepted(records)
+            return
         if len(records) == 1:
             record = records[0]
             await stream.dead_letter(record.delivery, f"QuestDB table {self.table} cannot take the row: {reason}")
@@ -549,29 +769,32 @@ class QuestDBSink:
         await self._write_part(records[:middle], stream)
         await self._write_part(records[middle:], stream)
 
-    async def _write_until_accepted(self, columns: dict[str, Any], rows: int, stream: Stream) -> None:
-        """One request for the batch, repeated with back-off until QuestDB takes it.
+    async def _until_done(
+        self, attempt: Callable[[], Awaitable[str | None]], what: str, rows: int, stream: Stream
+    ) -> None:
+        """Repeat `attempt` (None when done, else why not) with back-off until it is done.
 
-        Returns once accepted; raises QuestDBWriteError only when the data was refused.
+        A write returns once accepted; it raises QuestDBWriteError only when the data was
+        refused.
         """
-        cycle = attempt = 0
+        cycle = tries = 0
         while True:
-            error = await self._attempt(columns, rows)
+            error = await attempt()
             if error is None:
-                if cycle or attempt:
-                    failed = cycle * self.retry.attempts + attempt
-                    log.info("QuestDB took the batch for %s after %d failed attempts", self.table, failed)
+                if cycle or tries:
+                    failed = cycle * self.retry.attempts + tries
+                    log.info("QuestDB %s for %s done after %d failed attempts", what, self.table, failed)
                 return
-            pause = self.retry.delay(cycle, attempt)
-            if attempt == self.retry.attempts - 1:
+            pause = self.retry.delay(cycle, tries)
+            if tries == self.retry.attempts - 1:
                 log.error(
-                    "QuestDB write to %s failed %d times in a row (%s); holding %d rows, next try in %.1fs",
-                    self.table, self.retry.attempts, error, rows, pause,
+                    "QuestDB %s for %s failed %d times in a row (%s); holding %d rows, next try in %.1fs",
+                    what, self.table, self.retry.attempts, error, rows, pause,
                 )  # fmt: skip
-                cycle, attempt = cycle + 1, 0
+                cycle, tries = cycle + 1, 0
             else:
-                log.warning("QuestDB write to %s failed (%s); retrying in %.2fs", self.table, error, pause)
-                attempt += 1
+                log.warning("QuestDB %s for %s failed (%s); retrying in %.2fs", what, self.table, error, pause)
+                tries += 1
             await self._pause(pause, stream)
             self.stats.retries += 1
             self.metrics.retries.labels(self.table).inc()
@@ -601,8 +824,17 @@ class QuestDBSink:
             self.stats.flushed(rows, elapsed)
             self.metrics.rows.labels(self.table).inc(rows)
             self.metrics.flush_seconds.labels(self.table).observe(elapsed)
-            self.metrics.questdb_up.labels(self.table).set(1)
+            self._reached()
             return None
+        return self._unavailable(error)
+
+    def _reached(self) -> None:
+        """QuestDB did what was asked: the table's writes are not failing any more."""
+        self.stats.failing_since = None
+        self.metrics.questdb_up.labels(self.table).set(1)
+
+    def _unavailable(self, error: str) -> str:
+        """Count a failure that is not the rows' fault (the batch is retried); returns `error`."""
         self.stats.failed(error, unavailable=True)
         self.metrics.errors.labels(self.table, "unavailable").inc()
         self.metrics.questdb_up.labels(self.table).set(0)

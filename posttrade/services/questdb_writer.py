@@ -8,12 +8,13 @@ ILP/HTTP request and returns only when QuestDB has every row (or a row QuestDB c
 never take is dead-lettered). The agent acknowledges a batch only once its write
 returned, in order, while the next batch is already being pulled and decoded; the
 tables' DEDUP UPSERT KEYS make the redelivery after a crash land on the rows already
-written.
+written. The fills table keeps the first arrival of each fill_id: a resend is looked up
+and left out before the write (`FirstArrivals` in the sink).
 
 Pages: `/stats` (rows, batches, batch sizes, flush latency, errors, retries, dead
-letters, lag, rows/s per table) and the runtime's `/health` (503 when NATS or QuestDB is
-unreachable, a table is not ready, or an agent's lag passes `runtime.max_lag`) and
-`/metrics`. See docs/questdb_writer.md.
+letters, resends, lag, rows/s per table) and the runtime's `/health` (503 when NATS or
+QuestDB is unreachable, a table is not ready, or an agent's lag passes
+`runtime.max_lag`) and `/metrics`. See docs/questdb_writer.md.
 """
 
 from __future__ import annotations
@@ -208,14 +209,14 @@ def wire(app: App, config: QuestDBWriterConfig, *, writer: QuestDBWriter, client
 
     @app.page("/stats")
     async def stats(request):
-        """Rows, batches, errors, retries, dead letters, lag, throughput and flush latency per table.
+        """Rows, batches, errors, retries, dead letters, resends, lag, throughput and flush latency per table.
 
         ---
         responses:
           200: {description: "`totals` and `tables` (one entry per route)", schema: {type: object}}
         """
         tables = {}
-        totals = {"rows": 0, "batches": 0, "errors": 0, "retries": 0, "dead_lettered": 0, "lag": 0}
+        totals = {"rows": 0, "batches": 0, "errors": 0, "retries": 0, "dead_lettered": 0, "resends": 0, "lag": 0}
         rate10 = rate60 = 0.0
         for name, sink in sinks.items():
             agent = agent_names[name]
@@ -225,6 +226,7 @@ def wire(app: App, config: QuestDBWriterConfig, *, writer: QuestDBWriter, client
             snapshot["stream"] = runner.channel.stream.name
             snapshot["subjects"] = list(runner.channel.filter_subjects or runner.channel.stream.subjects)
             snapshot["dedup_keys"] = ["ts", *sink.layout.dedup_keys]
+            snapshot["first_arrival_key"] = sink.layout.first_arrival
             # Dead letters of the route: rows QuestDB refused plus messages that did not
             # even decode (the runtime counts both per agent).
             all_dead = int(_sample(app, "posttrade_dead_letters_total", agent))
@@ -235,6 +237,7 @@ def wire(app: App, config: QuestDBWriterConfig, *, writer: QuestDBWriter, client
             totals["batches"] += snapshot["batches"]
             totals["errors"] += snapshot["errors"]
             totals["retries"] += snapshot["retries"]
+            totals["resends"] += snapshot["resends"]
             totals["dead_lettered"] += snapshot["dead_lettered"] + snapshot["dead_lettered_undecodable"]
             totals["lag"] += snapshot["lag"] or 0
             rate10 += snapshot["rows_per_s"]["10s"]

@@ -26,6 +26,7 @@ import nats.js.errors
 import pytest
 
 from posttrade import stack as local_stack
+from posttrade.agents.questdb_sink import LAYOUTS
 from posttrade.app import App
 from posttrade.config import load_config
 from posttrade.services import questdb_writer as service
@@ -249,11 +250,11 @@ async def test_every_channel_is_written_with_exact_values_and_a_replay_adds_no_r
         status, health = await get_json(app, "/health")
         assert status == 200, health
 
-    columns = "cast(ts AS LONG), fill_id, account, symbol, side, qty, price, fee, order_id, venue, liquidity, stream_seq"
+    columns = "cast(ts AS LONG), fill_id, account, symbol, side, qty, price, fee, order_id, venue, liquidity, stream_seq, exec_type, ref_fill_id"  # fmt: skip
     fills = (await qdb.query(f"SELECT {columns} FROM {names.table('fills')} ORDER BY ts")).rows
     assert fills[0][:5] == [T0 + 5, "F-1", "ACC1", "BRK.B", "BUY"]
     assert [dec(v) for v in fills[0][5:8]] == [Decimal(2), Decimal("412.123456789012"), Decimal("-0.35")]
-    assert fills[0][8:11] == ["O-7", "XNYS", "MAKER"] and fills[0][11] in (1, 2)
+    assert fills[0][8:] == ["O-7", "XNYS", "MAKER", 1, "NEW", None]  # the first of the two messages
     assert dec(fills[1][5]) == Decimal("0.000000000001") and fills[1][8:11] == [None, None, None]
     orders = (await qdb.query(f"SELECT status, order_type, limit_price FROM {names.table('orders')} ORDER BY ts")).rows
     assert orders[0][:2] == ["NEW", "LIMIT"] and dec(orders[0][2]) == Decimal("412.5")
@@ -308,6 +309,113 @@ async def test_rows_questdb_refuses_are_dead_lettered_and_the_rest_written(stack
     assert all("loss of precision" in m.headers["Posttrade-Reason"] for m in dead)
     table_stats = stats["tables"][table]
     assert table_stats["dead_lettered"] == 3 and table_stats["rows"] == n - 3 and table_stats["rejected_batches"] >= 3
+
+
+# -- fills: the first arrival of a fill_id is the row ------------------------------------------
+
+
+async def write_fills(stack, names, fills: list[Fill], acked: int) -> None:
+    """Publish `fills` and wait until the writer acknowledged the stream up to `acked`."""
+    await publish(stack.nats_url, [(names.subject("fills"), encode(f)) for f in fills], {names.stream("fills"): acked})
+    await wait_acked(stack.nats_url, names.stream("fills"), names.durable("fills"), acked)
+
+
+async def fill_rows(qdb: QuestDBClient, table: str) -> list[tuple]:
+    """(ts, fill_id, price, stream_seq) of every row, by fill_id (after the WAL is applied)."""
+    await qdb.wait_visible(table, 0)
+    result = await qdb.query(f"SELECT cast(ts AS LONG), fill_id, price, stream_seq FROM {table} ORDER BY fill_id, ts")
+    return [(ts, fill_id, dec(price), seq) for ts, fill_id, price, seq in result.rows]
+
+
+@pytest.mark.parametrize("resent_ts", [T0 + 1, T0 + 86_400_000_000_000], ids=["same ts", "another ts"])
+async def test_a_resent_fill_id_never_changes_or_adds_a_row(stack, names, qdb, cleanup, resent_ts):
+    table = names.table("fills")
+    app = writer_app(stack, names, routes=("fills",))
+    async with app:
+        await write_fills(stack, names, [sample_fill(T0 + 1, "F-1", price=Decimal(100)), sample_fill(T0 + 2, "F-2")], 2)  # fmt: skip
+        # Right behind (SQL may not show F-1 yet), and again once it does: neither is a row.
+        await write_fills(stack, names, [sample_fill(resent_ts, "F-1", price=Decimal(101))], 3)
+        await qdb.wait_visible(table, 2)
+        await write_fills(stack, names, [sample_fill(resent_ts, "F-1", price=Decimal(102)), sample_fill(T0 + 3, "F-3")], 5)  # fmt: skip
+        _, stats = await get_json(app, "/stats")
+    assert await fill_rows(qdb, table) == [
+        (T0 + 1, "F-1", Decimal(100), 1), (T0 + 2, "F-2", Decimal("412.5"), 2), (T0 + 3, "F-3", Decimal("412.5"), 5),
+    ]  # fmt: skip
+    table_stats = stats["tables"][table]
+    assert table_stats["resends"] == 2 and table_stats["rows"] == 3 and table_stats["first_arrival_key"] == "fill_id"
+
+
+async def test_a_fill_resent_after_a_restart_of_the_writer_adds_no_row(stack, names, qdb, cleanup, tmp_path):
+    table, stream = names.table("fills"), names.stream("fills")
+    port = free_port()
+    env = writer_env(stack, names, routes=("fills",), service__port=port, service__host="127.0.0.1")
+    log = tmp_path / "writer.log"
+    first = [sample_fill(T0 + i, f"F-{i}", price=Decimal(100 + i)) for i in range(1, 501)]
+    worker = start_worker(env, log)
+    try:
+        await wait_http(port)
+        await publish(stack.nats_url, [(names.subject("fills"), encode(f)) for f in first], {stream: 500})
+        await wait_acked(stack.nats_url, stream, names.durable("fills"), 500)
+        # SIGKILL right after: the next process starts with whatever QuestDB has not applied yet.
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=10)
+        resent = [sample_fill(T0 + 7 * 86_400_000_000_000 + i, f"F-{i}", price=Decimal(1)) for i in range(1, 501, 7)]
+        await publish(stack.nats_url, [(names.subject("fills"), encode(f)) for f in [*resent, sample_fill(T0, "F-new")]])
+        worker = start_worker(env, log)
+        await wait_acked(stack.nats_url, stream, names.durable("fills"), 500 + len(resent) + 1)
+        stats = await wait_http(port)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            assert worker.wait(timeout=30) == 0, log.read_text()[-3000:]
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            raise
+    expected = sorted([(f.ts, f.fill_id, f.price, seq) for seq, f in enumerate(first, 1)] + [(T0, "F-new", Decimal("412.5"), 500 + len(resent) + 1)], key=lambda r: (r[1], r[0]))  # fmt: skip
+    assert await fill_rows(qdb, table) == expected
+    assert stats["tables"][table]["resends"] == len(resent)
+
+    # A replay of the whole stream (a new consumer from the start) is all resends.
+    nc = await nats.connect(stack.nats_url)
+    await nc.jetstream().delete_consumer(stream, names.durable("fills"))
+    await nc.close()
+    app = writer_app(stack, names, routes=("fills",))
+    async with app:
+        await wait_acked(stack.nats_url, stream, names.durable("fills"), 500 + len(resent) + 1)
+        _, stats = await get_json(app, "/stats")
+    assert await fill_rows(qdb, table) == expected
+    assert stats["tables"][table]["resends"] == 500 + len(resent) + 1 and stats["tables"][table]["rows"] == 0
+
+
+async def test_corrections_busts_and_openings_are_rows_with_their_exec_type(stack, names, qdb, cleanup):
+    table = names.table("fills")
+    # A table made before amendments existed: the writer adds their columns.
+    old_columns = {c.name: c.sql_type for c in LAYOUTS["fills"].columns if c.name not in ("exec_type", "ref_fill_id")}
+    await qdb.create_table(table, old_columns, dedup_keys=LAYOUTS["fills"].dedup_keys)
+    await qdb.execute(f"INSERT INTO {table} (ts, fill_id, account, symbol, side, qty, price, fee, stream_seq) VALUES (cast({T0} AS TIMESTAMP_NS), 'F-OLD', 'ACC1', 'BRK.B', 'SELL', 1m, 400m, 0m, 0)")  # fmt: skip
+    fills = [
+        sample_fill(T0 + 1, "F-0", price=Decimal("399.5"), exec_type="OPENING"),
+        sample_fill(T0 + 2, "F-1"),
+        sample_fill(T0 + 3, "F-2", qty=Decimal(3), price=Decimal("412.75"), fee=Decimal("0.1"), exec_type="CORRECT", ref_fill_id="F-1"),  # fmt: skip
+        Fill(ts=T0 + 4, fill_id="F-3", account="ACC1", symbol="BRK.B", exec_type="BUST", ref_fill_id="F-1"),
+        sample_fill(T0 + 5, "F-OLD", price=Decimal(1)),  # a resend of the row the table already had
+    ]
+    app = writer_app(stack, names, routes=("fills",))
+    async with app:
+        await write_fills(stack, names, fills, len(fills))
+    await qdb.wait_visible(table, 5)
+    columns = "fill_id, exec_type, ref_fill_id, side, qty, price, fee"
+    rows = (await qdb.query(f"SELECT {columns} FROM {table} ORDER BY ts")).rows
+    as_decimals = [row[:4] + [None if v is None else dec(v) for v in row[4:]] for row in rows]
+    assert as_decimals == [
+        ["F-OLD", None, None, "SELL", Decimal(1), Decimal(400), Decimal(0)],  # written before the columns existed
+        ["F-0", "OPENING", None, "BUY", Decimal(2), Decimal("399.5"), Decimal(0)],
+        ["F-1", "NEW", None, "BUY", Decimal(2), Decimal("412.5"), Decimal(0)],
+        ["F-2", "CORRECT", "F-1", "BUY", Decimal(3), Decimal("412.75"), Decimal("0.1")],
+        ["F-3", "BUST", "F-1", None, None, None, Decimal(0)],
+    ]
+    types = dict((await qdb.query(f"SELECT \"column\", type FROM table_columns('{table}')")).rows)
+    assert types["exec_type"] == "SYMBOL" and types["ref_fill_id"] == "VARCHAR"
 
 
 # -- SIGKILL of the writer -------------------------------------------------------------------

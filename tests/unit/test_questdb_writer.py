@@ -1,8 +1,9 @@
 """questdb_writer without servers: layouts, back-off, statistics, and the sink's agent on
 the in-memory transport writing into `TableDouble`, a stand-in that behaves like QuestDB
 where the sink depends on it: one request is all-or-nothing, DEDUP UPSERT KEYS, refusal
-of bad values, and being away. The same behaviours are checked against the real QuestDB
-in tests/integration/test_questdb_writer.py."""
+of bad values, being away, and a WAL that shows a commit to SQL only once applied. The
+same behaviours are checked against the real QuestDB in
+tests/integration/test_questdb_writer.py."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import math
 import re
 from decimal import Decimal
 from pathlib import Path
+from urllib.parse import quote_plus
 
 import httpx
 import msgspec
@@ -18,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from posttrade.agents import questdb_sink
 from posttrade.agents.questdb_sink import (
     DECIMAL_SQL,
     LAYOUTS,
@@ -25,6 +28,7 @@ from posttrade.agents.questdb_sink import (
     RateWindow,
     RetryPolicy,
     TableStats,
+    in_lists,
     percentile,
 )
 from posttrade.app import App
@@ -138,6 +142,28 @@ def test_dedup_keys_identify_a_row_per_message():
     assert LAYOUTS["fills"].dedup_keys == ("fill_id",)
     assert LAYOUTS["orders"].dedup_keys == ("order_id", "status")
     assert LAYOUTS["bars"].dedup_keys == ("symbol", "interval")
+    # Only fills keep the first arrival of a key: a resent fill_id is never written.
+    assert {name: layout.first_arrival for name, layout in LAYOUTS.items()} == {
+        "market_trades": None, "quotes": None, "bars": None, "fills": "fill_id", "orders": None,
+    }  # fmt: skip
+
+
+def test_a_bust_without_economics_becomes_a_row_with_null_side_qty_and_price():
+    bust = Fill(ts=T0, fill_id="F-9", account="ACC1", symbol="ESZ5", exec_type="BUST", ref_fill_id="F-1")
+    built = LAYOUTS["fills"].build_columns([record(bust, 7)])
+    row = {name: column_values(values)[0] for name, values in built.items()}
+    assert row["side"] is None and row["qty"] is None and row["price"] is None
+    assert row["fee"] == Decimal(0) and row["exec_type"] == "BUST" and row["ref_fill_id"] == "F-1"
+
+
+def test_fill_id_look_ups_are_split_to_fit_questdbs_request_line():
+    ids = [f"F-{i:07d}" for i in range(3000)] + ["it's", "naïve id"]
+    lists = list(in_lists(ids, budget=4000))
+    assert len(lists) > 1
+    assert all(len(quote_plus(in_list)) <= 4000 for in_list in lists)
+    literals = [literal for in_list in lists for literal in re.findall(r"'(?:[^']|'')*'", in_list)]
+    assert literals == [f"'{i}'" for i in ids[:-2]] + ["'it''s'", "'naïve id'"]  # every id once, in order, quoted
+    assert list(in_lists([])) == []
 
 
 # -- back-off and statistics -----------------------------------------------------------
@@ -197,6 +223,21 @@ class TableDouble:
         self.down = False
         self.refuse = lambda row: False  # rows QuestDB would reject as bad data
         self.requests = 0
+        self.lookups: list[str] = []  # the SELECT ... WHERE key IN (...) queries asked
+        self.reads: list[str] = []  # the SELECT key FROM t LIMIT lo, hi queries asked
+        # WAL: each accepted write is a transaction; SQL sees a row once its transaction
+        # is applied, at once unless `hold_wal` (then at `apply()`).
+        self.hold_wal = False
+        self.sequencer_txn: dict[str, int] = {}
+        self.writer_txn: dict[str, int] = {}
+        self.row_txn: dict[str, dict[tuple, int]] = {}
+
+    def apply(self) -> None:
+        self.writer_txn.update(self.sequencer_txn)
+
+    def visible(self, table: str) -> list[dict]:
+        applied = self.writer_txn.get(table, 0)
+        return [row for key, row in self.tables[table].items() if self.row_txn[table][key] <= applied]
 
     async def create_table(self, table, columns, *, timestamp, partition_by, dedup_keys, wal):
         if self.down:
@@ -207,8 +248,24 @@ class TableDouble:
         self.columns.setdefault(table, list(columns))
 
     async def query(self, sql):
-        (table,) = re.findall(r"table_columns\('(\w+)'\)", sql)
-        return SqlResult(["column"], ["STRING"], [[c] for c in self.columns[table]])
+        if self.down:
+            raise QuestDBUnavailableError("connection refused")
+        if (columns_of := re.fullmatch(r".* FROM table_columns\('(\w+)'\)", sql)) is not None:
+            return SqlResult(["column"], ["STRING"], [[c] for c in self.columns[columns_of[1]]])
+        if (wal := re.fullmatch(r"SELECT writerTxn, sequencerTxn, suspended, errorMessage FROM wal_tables\(\) WHERE name = '(\w+)'", sql)) is not None:  # fmt: skip
+            table = wal[1]
+            state = [self.writer_txn.get(table, 0), self.sequencer_txn.get(table, 0), False, None]
+            return SqlResult(["writerTxn", "sequencerTxn", "suspended", "errorMessage"], [], [state])
+        if (page := re.fullmatch(r"SELECT (\w+) FROM (\w+) LIMIT (\d+), (\d+)", sql)) is not None:
+            self.reads.append(sql)
+            column, table, start, end = page.groups()
+            rows = self.visible(table)[int(start) : int(end)]
+            return SqlResult([column], ["VARCHAR"], [[row[column]] for row in rows])
+        column, table, column_again, in_list = re.fullmatch(r"SELECT (\w+) FROM (\w+) WHERE (\w+) IN \((.*)\)", sql).groups()
+        assert column == column_again
+        self.lookups.append(sql)
+        wanted = {literal.replace("''", "'") for literal in re.findall(r"'((?:[^']|'')*)'", in_list)}
+        return SqlResult([column], ["VARCHAR"], [[row[column]] for row in self.visible(table) if row[column] in wanted])
 
     async def execute(self, sql):
         table, added = re.fullmatch(r"ALTER TABLE (\w+) ADD COLUMN (.*)", sql).groups()
@@ -226,8 +283,13 @@ class TableDouble:
                 raise QuestDBWriteError(f"error in line {i + 1}: bad value", bad_data=True)
         stored = self.tables[table]  # KeyError: written before create_table
         assert set(names) <= set(self.columns[table]), "a column the table does not have"
+        txn = self.sequencer_txn[table] = self.sequencer_txn.get(table, 0) + 1
         for row in rows:
-            stored[tuple(row[k] for k in self.keys[table])] = row
+            key = tuple(row[k] for k in self.keys[table])
+            stored[key] = row
+            self.row_txn.setdefault(table, {})[key] = txn
+        if not self.hold_wal:
+            self.writer_txn[table] = txn
         return len(rows)
 
     async def close(self):
@@ -239,8 +301,8 @@ class TableDouble:
         return True
 
 
-def writer_config(**batch) -> service.QuestDBWriterConfig:
-    routes = {name: {"channel": name, "table": f"t_{name}", "enabled": name == "quotes"} for name in LAYOUTS}
+def writer_config(route: str = "quotes", **batch) -> service.QuestDBWriterConfig:
+    routes = {name: {"channel": name, "table": f"t_{name}", "enabled": name == route} for name in LAYOUTS}
     return msgspec.convert(
         {
             "service": {"name": "qw", "port": 0},
@@ -479,6 +541,167 @@ async def test_a_redelivered_batch_lands_on_the_rows_it_already_made():
     async with app2:
         await wait_for(lambda: ack_floor(transport) == 30)
     assert len(db.tables["t_quotes"]) == 30
+
+
+# -- fills: the first arrival of a fill_id is the row ------------------------------------
+
+
+def fill(fill_id: str, ts: int = T0, price: str = "100", **fields) -> Fill:
+    values = dict(account="ACC1", symbol="ESZ5", side="BUY", qty=Decimal(2), price=Decimal(price))
+    return Fill(ts=ts, fill_id=fill_id, **{**values, **fields})
+
+
+async def publish_fills(transport, fills) -> None:
+    for f in fills:
+        await transport.publish("trading.fills.ACC1.ESZ5", encode(f))
+
+
+def fills_floor(transport) -> int:
+    return transport.ack_floors.get(("FILLS", "qw-write_fills"), 0)
+
+
+def fill_rows(db) -> dict[str, tuple]:
+    """fill_id -> (ts, price, stream_seq) of every row of the fills table."""
+    rows = db.tables["t_fills"].values()
+    assert len({row["fill_id"] for row in rows}) == len(rows), "a fill_id with two rows"
+    return {row["fill_id"]: (row["ts"], row["price"], row["stream_seq"]) for row in rows}
+
+
+def restarted(transport, db) -> App:
+    """The writer again, on the same durable consumer and QuestDB: a restart."""
+    app = App("qw", transport)
+    app.runtime.poll_timeout_s = 0.05
+    service.wire(app, writer_config("fills"), writer=db, client=db)
+    return app
+
+
+@pytest.mark.parametrize("resent_ts", [T0 + 1, T0 + 3_600_000_000_000], ids=["same ts", "another ts"])
+async def test_a_resent_fill_id_never_changes_or_adds_a_row(resent_ts, monkeypatch):
+    monkeypatch.setattr(questdb_sink, "ADDED_HASHES_MERGED_AT", 2)  # F-1 is found in the sorted array
+    app, transport, db = make_writer(writer_config("fills"))
+    async with app:
+        await publish_fills(transport, [fill("F-1", T0 + 1, "100"), fill("F-2", T0 + 2)])
+        await wait_for(lambda: fills_floor(transport) == 2)
+        # Later, the same execution again with other economics (and maybe another ts).
+        await publish_fills(transport, [fill("F-1", resent_ts, "101"), fill("F-3", T0 + 3)])
+        await wait_for(lambda: fills_floor(transport) == 4)
+        _, stats = await get_json(app, "/stats")
+    assert fill_rows(db) == {"F-1": (T0 + 1, Decimal(100), 1), "F-2": (T0 + 2, Decimal(100), 2), "F-3": (T0 + 3, Decimal(100), 4)}  # fmt: skip
+    table = stats["tables"]["t_fills"]
+    assert table["resends"] == 1 and stats["totals"]["resends"] == 1 and table["rows"] == 3
+    assert table["first_arrival_key"] == "fill_id" and table["dead_lettered"] == 0
+
+
+async def test_a_fill_id_twice_in_one_batch_is_written_once_the_first_time():
+    app, transport, db = make_writer(writer_config("fills", size=100, interval_sec=0.3))
+    async with app:
+        await publish_fills(transport, [fill("F-1", T0 + 5, "100"), fill("F-2"), fill("F-1", T0 + 1, "99")])
+        await wait_for(lambda: fills_floor(transport) == 3)
+    assert fill_rows(db) == {"F-1": (T0 + 5, Decimal(100), 1), "F-2": (T0, Decimal(100), 2)}
+    assert db.requests == 1  # one batch, one write
+
+
+async def test_a_fill_resent_after_a_restart_is_found_in_questdb(monkeypatch):
+    monkeypatch.setattr(questdb_sink, "READ_PAGE_ROWS", 2)  # the table is read in pages
+    app, transport, db = make_writer(writer_config("fills"))
+    async with app:
+        await publish_fills(transport, [fill(f"F-{i}", T0 + i, "100") for i in range(1, 6)])
+        await wait_for(lambda: fills_floor(transport) == 5)
+    assert db.lookups == []  # new fill ids are never looked up
+    async with restarted(transport, db):  # remembers nothing of the first run in memory
+        await publish_fills(transport, [fill("F-5", T0 + 9, "101"), fill("F-6", T0 + 6, "100")])
+        await wait_for(lambda: fills_floor(transport) == 7)
+    assert fill_rows(db) == {f"F-{i}": (T0 + i, Decimal(100), i) for i in range(1, 6)} | {"F-6": (T0 + 6, Decimal(100), 7)}  # fmt: skip
+    assert len(db.reads) == 1 + 3 and all(page.endswith(f"LIMIT {lo}, {lo + 2}") for lo, page in zip((0, 2, 4), db.reads[1:]))  # fmt: skip
+    assert len(db.lookups) == 1 and "'F-5'" in db.lookups[0] and "'F-6'" not in db.lookups[0]
+
+
+async def test_questdb_decides_when_another_fill_id_has_the_same_hash(monkeypatch):
+    monkeypatch.setattr(questdb_sink, "hash", lambda key: 42, raising=False)  # every fill id collides
+    monkeypatch.setattr(questdb_sink, "ADDED_HASHES_MERGED_AT", 1)  # the written hashes go into the array at once
+    app, transport, db = make_writer(writer_config("fills"))
+    async with app:
+        await publish_fills(transport, [fill("F-1", T0 + 1, "100")])
+        await wait_for(lambda: fills_floor(transport) == 1)
+        await publish_fills(transport, [fill("F-2", T0 + 2, "100"), fill("F-1", T0 + 3, "101")])
+        await wait_for(lambda: fills_floor(transport) == 3)
+    assert fill_rows(db) == {"F-1": (T0 + 1, Decimal(100), 1), "F-2": (T0 + 2, Decimal(100), 2)}
+    assert len(db.lookups) == 1 and "'F-1'" in db.lookups[0] and "'F-2'" in db.lookups[0]
+
+
+async def test_nothing_is_looked_up_before_questdb_shows_every_commit(monkeypatch):
+    monkeypatch.setattr(questdb_sink, "WAL_WAIT_S", 0.05)
+    app, transport, db = make_writer(writer_config("fills"))
+    db.hold_wal = True  # QuestDB accepts writes but SQL does not show them until apply()
+    async with app:
+        await publish_fills(transport, [fill("F-1", T0 + 1, "100")])
+        await wait_for(lambda: fills_floor(transport) == 1)  # a new fill id needs no look-up
+        await publish_fills(transport, [fill("F-1", T0 + 2, "101")])
+        await asyncio.sleep(0.3)
+        assert fills_floor(transport) == 1 and db.lookups == []  # SQL could not see F-1 yet
+        status, health = await get_json(app, "/health")
+        assert status == 503 and "not applied after" in health["checks"]["questdb"]["detail"]["error"]
+        db.apply()
+        await wait_for(lambda: fills_floor(transport) == 2)
+        await publish_fills(transport, [fill("F-2", T0 + 2, "100")])
+        await wait_for(lambda: fills_floor(transport) == 3)
+    # Restarted before QuestDB applied F-2: the table is not read until it has.
+    reads, requests = len(db.reads), db.requests
+    app = restarted(transport, db)
+    async with app:
+        await publish_fills(transport, [fill("F-2", T0 + 9, "101"), fill("F-3", T0 + 3, "100")])
+        await asyncio.sleep(0.3)
+        assert fills_floor(transport) == 3 and len(db.reads) == reads and db.requests == requests
+        db.apply()
+        await wait_for(lambda: fills_floor(transport) == 5)
+        _, stats = await get_json(app, "/stats")
+    assert fill_rows(db) == {"F-1": (T0 + 1, Decimal(100), 1), "F-2": (T0 + 2, Decimal(100), 3), "F-3": (T0 + 3, Decimal(100), 5)}  # fmt: skip
+    table = stats["tables"]["t_fills"]
+    assert table["resends"] == 1 and table["retries"] >= 1 and table["writes_failing_since"] is None
+
+
+async def test_a_correction_and_a_bust_are_rows_with_their_exec_type():
+    app, transport, db = make_writer(writer_config("fills"))
+    correction = fill("F-2", T0 + 2, "100.5", qty=Decimal(3), fee=Decimal("0.1"), exec_type="CORRECT", ref_fill_id="F-1")  # fmt: skip
+    bust = Fill(ts=T0 + 3, fill_id="F-3", account="ACC1", symbol="ESZ5", exec_type="BUST", ref_fill_id="F-1")
+    opening = fill("F-0", T0 - 1, "98", exec_type="OPENING")
+    async with app:
+        await publish_fills(transport, [opening, fill("F-1", T0 + 1), correction, bust, correction])
+        await wait_for(lambda: fills_floor(transport) == 5)
+    rows = {row["fill_id"]: row for row in db.tables["t_fills"].values()}
+    assert {f: (r["exec_type"], r["ref_fill_id"]) for f, r in rows.items()} == {
+        "F-0": ("OPENING", None), "F-1": ("NEW", None), "F-2": ("CORRECT", "F-1"), "F-3": ("BUST", "F-1"),
+    }  # fmt: skip
+    assert (rows["F-2"]["side"], rows["F-2"]["qty"], rows["F-2"]["price"], rows["F-2"]["fee"]) == ("BUY", Decimal(3), Decimal("100.5"), Decimal("0.1"))  # fmt: skip
+    assert (rows["F-3"]["side"], rows["F-3"]["qty"], rows["F-3"]["price"], rows["F-3"]["fee"]) == (None, None, None, Decimal(0))  # fmt: skip
+
+
+async def test_a_fills_table_from_before_amendments_gets_their_columns():
+    app, transport, db = make_writer(writer_config("fills"))
+    old_layout = [c.name for c in LAYOUTS["fills"].columns if c.name not in ("exec_type", "ref_fill_id")]
+    db.tables["t_fills"] = {}
+    db.columns["t_fills"] = list(old_layout)
+    async with app:
+        await publish_fills(transport, [fill("F-1"), fill("F-2", fee=Decimal(0), exec_type="CORRECT", ref_fill_id="F-1")])
+        await wait_for(lambda: fills_floor(transport) == 2)
+    assert db.columns["t_fills"] == [*old_layout, "exec_type", "ref_fill_id"]
+    assert sorted(row["exec_type"] for row in db.tables["t_fills"].values()) == ["CORRECT", "NEW"]
+
+
+async def test_questdb_away_during_the_look_up_holds_the_batch():
+    app, transport, db = make_writer(writer_config("fills"))
+    async with app:
+        await wait_for(lambda: db.keys.get("t_fills") is not None)
+        db.down = True
+        await publish_fills(transport, [fill("F-1"), fill("F-1", T0 + 1)])
+        await wait_for(lambda: app.agents["write_fills"].stream is not None)
+        await asyncio.sleep(0.3)
+        assert fills_floor(transport) == 0 and db.requests == 0  # neither written nor acknowledged
+        _, stats = await get_json(app, "/stats")
+        assert "cannot look up which fill_ids t_fills has" in stats["tables"]["t_fills"]["last_error"]
+        db.down = False
+        await wait_for(lambda: fills_floor(transport) == 2)
+    assert fill_rows(db) == {"F-1": (T0, Decimal(100), 1)}
 
 
 # -- configuration ---------------------------------------------------------------------
