@@ -70,7 +70,9 @@ class ComplianceAlert(Alert, frozen=True):
 
 
 def position_update(position: Position, mark: Decimal | None, reason: str, ts: int, fill: Fill | None = None,
-                    realized: Decimal | None = None) -> PositionUpdate:
+                    result: Result | None = None) -> PositionUpdate:
+    """The update of `position` after `fill` (the book's `result` of it), or a roll."""
+    execution = result.execution if result is not None else None
     return PositionUpdate(
         ts=ts,
         account=position.account,
@@ -100,11 +102,14 @@ def position_update(position: Position, mark: Decimal | None, reason: str, ts: i
         qty=fill.qty if fill else None,
         price=fill.price if fill else None,
         fee=fill.fee if fill else None,
-        realized_pnl_fill=realized,
+        realized_pnl_fill=result.realized if result is not None else None,
         order_id=fill.order_id if fill else None,
         venue=fill.venue if fill else None,
         exec_type=fill.exec_type if fill else None,
         ref_fill_id=fill.ref_fill_id if fill else None,
+        execution=execution.fill if execution is not None else None,
+        execution_state=None if execution is None else "busted" if execution.busted else "corrected",
+        released=[s.amendment.message for s in result.settled if s.applied] if execution is not None else [],
     )
 
 
@@ -255,7 +260,7 @@ class PositionKeeper:
         key = (position.account, position.symbol)
         self.positions[key] = position.to_state()
         mark = self.book.mark(position.symbol)
-        update = position_update(position, mark, result.reason or "fill", fill.ts, fill, result.realized)
+        update = position_update(position, mark, result.reason or "fill", fill.ts, fill, result)
         await self.app.send(
             subjects.position_subject(*key), update, msg_id=f"pos:{position.revision}:{key[0]}:{key[1]}"
         )

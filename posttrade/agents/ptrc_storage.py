@@ -10,13 +10,16 @@ when the database is back. Writes are idempotent: QuestDB tables deduplicate on
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from decimal import Decimal
+
+import msgspec
 
 from ..app import App
 from ..streams.stream import EventRecord, Stream
 from ..stores.clickhouse import ClickHouseStore
 from ..stores.questdb import QuestDBClient, QuestDBWriteError, QuestDBWriter
-from ..streams.events import PositionUpdate
+from ..streams.events import Fill, PositionUpdate
 from .positions import PositionKeeper
 from .questdb_sink import TS, BadRows, Column, TableLayout
 from .retry import until_done
@@ -31,8 +34,63 @@ SNAPSHOTS_TABLE = "position_snapshots"
 # The fill's own inputs are stored as they came (a value DECIMAL(38, 12) cannot hold is
 # refused, not rounded); values ptrc derived (P&L, marks) are rounded half to even at 12
 # places, like pnl's history.
+class TradeRow(msgspec.Struct, frozen=True):
+    """One row of the trade blotter (`ptrc_trades`): an execution in its final state, or
+    an amendment message itself. `state`: `active` (in force as it arrived), `corrected`,
+    `busted`, or `amendment` (a CORRECT or BUST row)."""
+
+    ts: int
+    fill_id: str
+    account: str
+    symbol: str
+    side: str | None
+    qty: Decimal | None
+    price: Decimal | None
+    fee: Decimal
+    realized_pnl_fill: Decimal | None
+    order_id: str | None
+    venue: str | None
+    net_qty_after: Decimal | None
+    exec_type: str
+    ref_fill_id: str | None
+    state: str
+
+
+def _row(fill: Fill, state: str, realized: Decimal | None = None, net_qty_after: Decimal | None = None) -> TradeRow:
+    return TradeRow(
+        fill.ts, fill.fill_id, fill.account, fill.symbol, fill.side, fill.qty, fill.price, fill.fee, realized,
+        fill.order_id, fill.venue, net_qty_after, fill.exec_type, fill.ref_fill_id, state,
+    )
+
+
+def trade_rows(update: PositionUpdate) -> list[TradeRow]:
+    """The blotter rows an update writes. A new execution is one row. A CORRECT or BUST
+    is a row of its own, plus its execution's row in the final state, which lands on the
+    execution's first row (same `ts` and `fill_id`: the table's dedup keys). Amendments
+    that were waiting for the execution get rows of their own too."""
+    fill_id = update.fill_id
+    if fill_id is None:
+        return []  # a roll
+    message = Fill(
+        ts=update.ts, fill_id=fill_id, account=update.account, symbol=update.symbol, side=update.side, qty=update.qty,
+        price=update.price, fee=update.fee, order_id=update.order_id, venue=update.venue,
+        exec_type=update.exec_type or "NEW", ref_fill_id=update.ref_fill_id,
+    )  # fmt: skip
+    execution, state = update.execution, update.execution_state
+    if message.is_amendment:
+        rows = [_row(message, "amendment", update.realized_pnl_fill, update.net_qty)]
+        if execution is not None and state is not None:
+            rows.append(_row(execution, state))
+        return rows
+    if execution is None or state is None:
+        return [_row(message, "active", update.realized_pnl_fill, update.net_qty)]
+    return [_row(execution, state, update.realized_pnl_fill, update.net_qty)] + [
+        _row(amendment, "amendment") for amendment in update.released
+    ]
+
+
 TRADES = TableLayout(
-    PositionUpdate,
+    TradeRow,
     (
         TS,
         Column("fill_id", "varchar"),
@@ -45,10 +103,13 @@ TRADES = TableLayout(
         Column("realized_pnl_fill", "rounded_decimal"),
         Column("order_id", "varchar"),
         Column("venue", "symbol"),
-        Column("net_qty_after", "decimal", field="net_qty"),
+        Column("net_qty_after", "decimal"),
+        Column("exec_type", "symbol"),
+        Column("ref_fill_id", "varchar"),
+        Column("state", "symbol"),
     ),
     dedup_keys=("fill_id",),
-    why="a fill is stored once however often its update is redelivered",
+    why="an execution is one row however often its update is redelivered; an amendment rewrites it in place",
 )
 SNAPSHOTS = TableLayout(
     PositionUpdate,
@@ -161,8 +222,10 @@ class PtrcStorage:
 
     async def _store_positions(self, stream: Stream) -> None:
         async for records in stream.take_events(self.batch_size, within=self.interval_s):
-            fills = [r for r in records if r.value.reason == "fill" and r.value.fill_id is not None]
-            await self._write(stream, TRADES_TABLE, fills)
+            # A row keeps its update's record: a row that can never be written
+            # dead-letters the update it came from.
+            trades = [replace(r, value=row) for r in records for row in trade_rows(r.value)]
+            await self._write(stream, TRADES_TABLE, trades)
             await self._write(stream, SNAPSHOTS_TABLE, latest_per_position(records))
 
 

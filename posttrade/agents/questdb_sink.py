@@ -687,14 +687,6 @@ class QuestDBSink:
                 dedup_keys=self.layout.dedup_keys,
                 wal=True,
             )
-            # A table made by an older layout (or by hand) may lack columns; ILP adds
-            # missing columns itself, but not DECIMAL ones, so add them here.
-            listed = await self.client.query(f"SELECT \"column\" FROM table_columns({sql_literal(self.table)})")
-            existing = set(listed.column("column"))
-            missing = [c for c in self.layout.columns if c.name not in existing]
-            for column in missing:  # one per statement: a WAL table takes no more
-                await self.client.execute(f"ALTER TABLE {self.table} ADD COLUMN {column.name} {column.sql_type}")
-                log.info("table %s: added column %s %s", self.table, column.name, column.sql_type)
             self.stats.table_ready = True
             log.info("table %s ready (dedup keys ts, %s)", self.table, ", ".join(self.layout.dedup_keys))
 

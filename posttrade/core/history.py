@@ -138,6 +138,8 @@ class Result:
     - `position`, `realized`: applied: the key's position now, and the change of its
       average-cost realized gross;
     - `first`: conflict: the version that won;
+    - `execution`: applied, when an amendment changed it: the execution concerned, as
+      now in force (a busted one as it was when busted);
     - `settled`: pending amendments this message decided; `expired`: pending ones it
       pushed past the horizon.
 
@@ -145,6 +147,7 @@ class Result:
     """
 
     first: Fill | None = None
+    execution: Execution | None = None
     settled: Sequence[Settled] = ()
     expired: Sequence[Amendment] = ()
 
@@ -364,6 +367,8 @@ class ExecutionBook:
             reason = "late" if place < len(entries) - 1 else "fill"
         result = self._rederive(history, place, reason)
         result.settled = settled
+        if applied:
+            result.execution = execution
         self._advance(history, fill.ts, result)
         return result
 
@@ -376,6 +381,8 @@ class ExecutionBook:
         settled = self._settle_waiting(history, execution)
         result = self._rederive(history, None, "opening")
         result.settled = settled
+        if any(s.applied for s in settled):
+            result.execution = execution
         self._changed_keys.add(history.key)
         return result
 
@@ -393,6 +400,7 @@ class ExecutionBook:
         self._changed_ids.add(fill.fill_id)
         place = self._amend_execution(history, target, amendment)
         result = self._rederive(history, place, "correction" if fill.exec_type == "CORRECT" else "bust")
+        result.execution = target
         return result
 
     # -- amendments ------------------------------------------------------------------------

@@ -6,7 +6,9 @@ Four reports per trading day, each written as CSV and Parquet
 * `daily_pnl` — per (account, symbol) and per account (`level`): realized P&L gross,
   fees, net, unrealized, total (= realized net + unrealized) and day P&L.
 * `positions` — the open positions (net_qty != 0) with their valuation.
-* `trade_blotter` — the day's fills as ptrc stored them (`ptrc_trades`).
+* `trade_blotter` — the day's fills as ptrc stored them (`ptrc_trades`): each execution
+  in its final state (`state` active, corrected or busted) and the corrections and busts
+  themselves (`state` amendment).
 * `compliance` — the day's compliance alerts (`compliance_alerts`).
 
 Where the positions come from
@@ -121,6 +123,9 @@ TRADE_BLOTTER_COLUMNS: Columns = (
     ("order_id", "string"),
     ("venue", "string"),
     ("net_qty_after", "decimal"),
+    ("exec_type", "string"),  # NEW, OPENING, CORRECT, BUST
+    ("ref_fill_id", "string"),  # a CORRECT's or BUST's execution
+    ("state", "string"),  # active, corrected, busted; amendment for a CORRECT or BUST row
 )
 COMPLIANCE_COLUMNS: Columns = (
     ("ts", "timestamp"),

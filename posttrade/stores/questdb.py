@@ -354,8 +354,8 @@ class QuestDBClient:
         `ALTER TABLE ... DEDUP ENABLE UPSERT KEYS(...)`, because a writer relying on
         dedup for exactly-once must not run against a table that silently duplicates.
         A different designated timestamp, or a non-WAL table where dedup is asked,
-        cannot be fixed in place and raises QuestDBError. Columns are not altered
-        (ILP adds missing ones on first write).
+        cannot be fixed in place and raises QuestDBError. Columns the table lacks are
+        added; existing ones are not altered.
         """
         sql = create_table_sql(
             table, columns, timestamp=timestamp, partition_by=partition_by, dedup_keys=dedup_keys, wal=wal
@@ -372,6 +372,7 @@ class QuestDBClient:
             raise QuestDBError(
                 f"table {table} exists with designated timestamp {designated!r}, not {timestamp!r}"
             )
+        await self._add_missing_columns(table, columns)
         if not keys:
             return
         if not wal_enabled:
@@ -385,6 +386,17 @@ class QuestDBClient:
             if time.monotonic() >= deadline:
                 raise QuestDBError(f"table {table}: dedup keys still {sorted(current)} after ALTER, wanted {keys}")
             await asyncio.sleep(0.02)
+
+    async def _add_missing_columns(self, table: str, columns: Mapping[str, str]) -> None:
+        # A table made by an older layout (or by hand) may lack columns. ILP adds missing
+        # columns on a write, but not DECIMAL ones, and a reader's SELECT of a column no
+        # row has written yet would fail: add them here.
+        listed = await self.query(f"SELECT \"column\" FROM table_columns({sql_literal(table)})")
+        existing = set(listed.column("column"))
+        for name, sql_type in columns.items():
+            if name not in existing:  # one per statement: a WAL table takes no more
+                await self.execute(f"ALTER TABLE {table} ADD COLUMN {check_identifier(name)} {sql_type}")
+                log.info("table %s: added column %s %s", table, name, sql_type)
 
     async def _upsert_keys(self, table: str) -> set[str]:
         cols = await self.query(f"SELECT \"column\", upsertKey FROM table_columns({sql_literal(table)})")

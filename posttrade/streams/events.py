@@ -335,3 +335,8 @@ class PositionUpdate(Event, frozen=True):
     venue: str | None = None
     exec_type: ExecType | None = None
     ref_fill_id: str | None = None
+    # When amendments changed the execution concerned (a CORRECT or BUST of it, or ones
+    # that were waiting for it): the execution as now in force (a busted one as it was).
+    execution: Fill | None = None
+    execution_state: Literal["corrected", "busted"] | None = None
+    released: list[Fill] = []  # amendments that were waiting for this message, applied now

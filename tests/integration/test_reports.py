@@ -27,6 +27,7 @@ import pytest
 
 from posttrade.agents.reports import ReportsSection, install_reports
 from posttrade.app import App
+from posttrade.agents import ptrc_storage
 from posttrade.core.positions import PositionState
 from posttrade.core.reports import NS, TradingDay, iso_ns
 from posttrade.stores import clickhouse as clickhouse_store
@@ -37,11 +38,7 @@ from posttrade.streams.memory import MemoryTransport
 from posttrade.web.server import build_web_app
 
 DEC = "DECIMAL(38, 12)"
-TRADES_COLUMNS = {  # ptrc's ptrc_trades (the contract)
-    "ts": "TIMESTAMP_NS", "fill_id": "VARCHAR", "account": "SYMBOL", "symbol": "SYMBOL", "side": "SYMBOL",
-    "qty": DEC, "price": DEC, "fee": DEC, "realized_pnl_fill": DEC, "order_id": "VARCHAR", "venue": "SYMBOL",
-    "net_qty_after": DEC,
-}
+TRADES_COLUMNS = ptrc_storage.TRADES.table_columns  # ptrc's ptrc_trades (the contract)
 SNAPSHOT_COLUMNS = {  # ptrc's position_snapshots
     "ts": "TIMESTAMP_NS", "account": "SYMBOL", "symbol": "SYMBOL", "reason": "SYMBOL", "net_qty": DEC,
     "avg_open_price": DEC, "realized_pnl_gross": DEC, "fees": DEC, "realized_pnl_net": DEC, "mark": DEC,
@@ -62,7 +59,7 @@ HOUR = 3_600_000_000_000
 def trade(ts, fill_id, side, qty, price, fee, realized, net_after, symbol="XYZ", venue="XNAS"):
     return {"ts": ts, "fill_id": fill_id, "account": "ACC1", "symbol": symbol, "side": side, "qty": D(qty),
             "price": D(price), "fee": D(fee), "realized_pnl_fill": D(realized), "order_id": f"o-{fill_id}",
-            "venue": venue, "net_qty_after": D(net_after)}
+            "venue": venue, "net_qty_after": D(net_after), "exec_type": "NEW", "ref_fill_id": None, "state": "active"}
 
 
 # The worked example on DAY (fee 1 per fill), one fill the day before and one the day after.
@@ -120,7 +117,7 @@ async def stored_day(stack, clickhouse):
     try:
         await questdb.create_table(trades, TRADES_COLUMNS, dedup_keys=("ts", "fill_id"))
         await questdb.create_table(snapshots, SNAPSHOT_COLUMNS, dedup_keys=("ts", "account", "symbol", "reason"))
-        await writer.write_batch(trades, TRADES, symbols=("account", "symbol", "side", "venue"))
+        await writer.write_batch(trades, TRADES, symbols=ptrc_storage.TRADES.symbols)
         await writer.write_batch(snapshots, SNAPSHOTS, symbols=("account", "symbol", "reason"))
         await questdb.wait_visible(trades, len(TRADES))
         await questdb.wait_visible(snapshots, len(SNAPSHOTS))
@@ -226,7 +223,7 @@ async def test_a_day_without_data_gives_empty_reports_with_their_columns(stored_
     blotter = pq.read_table(tmp_path / "reports" / "2026-01-05" / "trade_blotter.parquet")
     assert blotter.num_rows == 0 and blotter.schema.field("qty").type == pa.decimal128(38, 12)
     header = (tmp_path / "reports" / "2026-01-05" / "trade_blotter.csv").read_text().splitlines()[0]
-    assert header.replace('"', "") == "ts,fill_id,account,symbol,side,qty,price,fee,realized_pnl_fill,order_id,venue,net_qty_after"
+    assert header.replace('"', "") == ",".join(TRADES_COLUMNS)
 
 
 async def test_without_a_roll_into_the_next_day_the_days_last_snapshots_are_reported(stored_day, clickhouse, tmp_path):
@@ -273,7 +270,7 @@ async def trades_table(stack):
     stored: list[dict] = []
 
     async def store(rows: list[dict]) -> None:
-        await writer.write_batch(table, rows, symbols=("account", "symbol", "side", "venue"))
+        await writer.write_batch(table, rows, symbols=ptrc_storage.TRADES.symbols)
         stored.extend(r for r in rows if not any(s["ts"] == r["ts"] and s["fill_id"] == r["fill_id"] for s in stored))
         await questdb.wait_visible(table, len(stored))
 

@@ -10,7 +10,8 @@ import pyarrow as pa
 import pytest
 
 from posttrade.agents.positions import position_update
-from posttrade.agents.ptrc_storage import SNAPSHOTS, TRADES
+from posttrade.agents.ptrc_storage import SNAPSHOTS, TRADES, trade_rows
+from posttrade.core.history import ExecutionBook
 from posttrade.agents.questdb_sink import BadRows
 from posttrade.core.positions import Position
 from posttrade.streams.events import Fill
@@ -25,15 +26,17 @@ def record(update) -> EventRecord:
 
 
 def updates_after(*fills: tuple[str, str, str]) -> list:
-    position = Position("A1", "XYZ")
+    book = ExecutionBook()
     out = []
     for i, (side, qty, price) in enumerate(fills, 1):
         fill = Fill(ts=T0 + i, fill_id=f"f{i}", account="A1", symbol="XYZ", side=side, qty=D(qty), price=D(price), fee=D("0.5"))
-        realized_before = position.realized_pnl_gross
-        position.apply(fill)
-        realized = position.realized_pnl_gross - realized_before
-        out.append(position_update(position, D(price), "fill", fill.ts, fill, realized))
+        result = book.receive(fill, i)
+        out.append(position_update(result.position, D(price), result.reason, fill.ts, fill, result))
     return out
+
+
+def trades_of(updates) -> list:
+    return [record(row) for u in updates for row in trade_rows(u)]
 
 
 def column(columns: dict, name: str) -> list:
@@ -42,7 +45,7 @@ def column(columns: dict, name: str) -> list:
 
 def test_a_fill_becomes_one_trade_row_and_one_snapshot_row_with_its_exact_values():
     updates = updates_after(("BUY", "10", "100"), ("BUY", "10", "110"), ("SELL", "15", "120"))
-    trades = TRADES.build_columns([record(u) for u in updates])
+    trades = TRADES.build_columns(trades_of(updates))
     assert column(trades, "fill_id") == ["f1", "f2", "f3"]
     assert column(trades, "realized_pnl_fill") == [D(0), D(0), D(225)]
     assert column(trades, "net_qty_after") == [D("10.000000000000"), D("20.000000000000"), D("5.000000000000")]
@@ -60,7 +63,7 @@ def test_derived_values_round_at_12_places_but_inputs_that_do_not_fit_are_refuse
     assert column(snapshots, "avg_open_price") == [D("1.333333333333")]
     too_fine = updates_after(("BUY", "0.0000000000001", "100"))  # a quantity of 13 places
     with pytest.raises(BadRows, match="qty"):
-        TRADES.build_columns([record(too_fine[0])])
+        TRADES.build_columns(trades_of(too_fine))
 
 
 def test_a_batch_snapshots_each_position_once_as_its_last_fill_left_it_and_every_roll():
@@ -75,3 +78,28 @@ def test_a_batch_snapshots_each_position_once_as_its_last_fill_left_it_and_every
     kept = [r.value for r in latest_per_position(batch)]
     assert kept == [roll, a[1], b]  # the roll; A1 after its second fill; A2 after its fill
     assert latest_per_position([]) == []
+
+
+def test_the_blotter_shows_each_execution_final_and_the_amendments_themselves():
+    book = ExecutionBook()
+    feed = [
+        Fill(ts=T0 + 1, fill_id="f1", account="A1", symbol="XYZ", side="BUY", qty=D(10), price=D(100), order_id="o1"),
+        Fill(ts=T0 + 9, fill_id="b2", account="A1", symbol="XYZ", exec_type="BUST", ref_fill_id="f2"),  # waits
+        Fill(ts=T0 + 2, fill_id="f2", account="A1", symbol="XYZ", side="BUY", qty=D(5), price=D(101)),
+        Fill(ts=T0 + 8, fill_id="c1", account="A1", symbol="XYZ", exec_type="CORRECT", ref_fill_id="f1",
+             side="BUY", qty=D(10), price=D("99.5"), fee=D(1)),
+    ]
+    rows = []
+    for seq, fill in enumerate(feed, 1):
+        result = book.receive(fill, seq)
+        if result.status == "applied":
+            rows += trade_rows(position_update(result.position, None, result.reason, fill.ts, fill, result))
+    seen = [(r.fill_id, r.ts - T0, r.exec_type, r.state, r.price) for r in rows]
+    assert seen == [
+        ("f1", 1, "NEW", "active", D(100)),
+        ("f2", 2, "NEW", "busted", D(101)),  # arrived after its BUST: final state at once
+        ("b2", 9, "BUST", "amendment", None),
+        ("c1", 8, "CORRECT", "amendment", D("99.5")),
+        ("f1", 1, "NEW", "corrected", D("99.5")),  # same (ts, fill_id): rewrites f1's row
+    ]
+    assert rows[-1].order_id == "o1" and rows[-1].fee == D(1)

@@ -245,7 +245,8 @@ class TableDouble:
         assert wal and partition_by == "DAY" and timestamp == "ts"
         self.tables.setdefault(table, {})
         self.keys[table] = ["ts", *dedup_keys]
-        self.columns.setdefault(table, list(columns))
+        existing = self.columns.setdefault(table, [])
+        existing += [name for name in columns if name not in existing]  # as the client adds them
 
     async def query(self, sql):
         if self.down:

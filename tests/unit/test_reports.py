@@ -209,11 +209,12 @@ def test_an_empty_table_still_has_its_columns_and_types():
 
 
 QUESTDB_CSV = (
-    b'"ts","fill_id","account","symbol","side","qty","price","fee","realized_pnl_fill","order_id","venue","net_qty_after"\r\n'
+    b'"ts","fill_id","account","symbol","side","qty","price","fee","realized_pnl_fill","order_id","venue","net_qty_after",'
+    b'"exec_type","ref_fill_id","state"\r\n'
     b'"2026-11-23T10:00:00.000000001Z","f1","A","X","BUY","10.000000000000","100.123456789012","1.000000000000",'
-    b'"0.000000000000","o1","","10.000000000000"\r\n'
+    b'"0.000000000000","o1","","10.000000000000","NEW",,"corrected"\r\n'
     b'"2026-11-23T10:00:01.000000000Z","null","A","X","SELL","4.000000000000","101.000000000000","-0.010000000000",'
-    b'null,"o""2","XNAS","6.000000000000"\r\n'
+    b'null,"o""2","XNAS","6.000000000000","CORRECT","f1","amendment"\r\n'
 )
 
 
@@ -227,6 +228,8 @@ def test_the_blotter_is_read_from_questdb_csv_exactly():
     assert table.column("realized_pnl_fill").to_pylist() == [D(0), None]
     assert table.column("order_id").to_pylist() == ["o1", 'o"2']
     assert table.column("venue").to_pylist() == ["", "XNAS"]
+    assert table.column("state").to_pylist() == ["corrected", "amendment"]
+    assert table.column("ref_fill_id").to_pylist()[1] == "f1"
 
 
 @pytest.mark.parametrize("kind", ["daily_pnl", "positions", "trade_blotter", "compliance"])

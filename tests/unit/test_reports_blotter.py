@@ -62,6 +62,9 @@ def blotter_rows(n: int, first: int = 0, step: int = 7 * MINUTE // 10) -> pa.Tab
         "order_id": [None if i % 13 == 0 else f"o{i // 2}" for i in index],
         "venue": ["XNAS" if i % 3 else "XNYS" for i in index],
         "net_qty_after": pa.array([D(i % 40 - 20) for i in index], pa.decimal128(38, 12)),
+        "exec_type": ["CORRECT" if i % 19 == 0 else "NEW" for i in index],
+        "ref_fill_id": [f"f{i - 1}" if i % 19 == 0 else None for i in index],
+        "state": ["amendment" if i % 19 == 0 else "active" for i in index],
     }, schema=empty_blotter().schema)
 
 
@@ -209,7 +212,7 @@ def test_a_layout_refuses_what_cannot_be_joined():
 
 
 def test_blotter_csv_header_is_questdbs():
-    assert BLOTTER_CSV_HEADER.startswith(b'"ts","fill_id","account"') and BLOTTER_CSV_HEADER.endswith(b'"net_qty_after"\r\n')
+    assert BLOTTER_CSV_HEADER.startswith(b'"ts","fill_id","account"') and BLOTTER_CSV_HEADER.endswith(b'"net_qty_after","exec_type","ref_fill_id","state"\r\n')
     assert blotter_from_questdb_csv(BLOTTER_CSV_HEADER).num_rows == 0
 
 
