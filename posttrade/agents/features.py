@@ -1,17 +1,21 @@
 """The feature agents of feast_pipeline: NATS flow → windowed tables → Feast.
 
-| agent            | consumes                    | state (tables)                              | pushes to                     |
-|------------------|-----------------------------|---------------------------------------------|-------------------------------|
-| trade_features   | TRADES (`md.trades.>`)      | trade_minutes (1 m windows), trade_ticks,   | symbol_trade_features         |
-|                  |                             | trade_history (recent closed minutes)       |                               |
-| quote_features   | QUOTES (`md.quotes.>`)      | quote_minutes (1 m windows), quote_tops     | symbol_quote_features         |
-| account_features | FILLS (`trading.fills.>`)   | positions (core.positions, average cost),   | account_features,             |
-|                  |                             | account_days                                | account_order_features        |
-| order_features   | ORDERS (`trading.orders.>`) | order_days                                  | account_order_features        |
+| agent            | consumes                              | state (tables)                              | pushes to                     |
+|------------------|---------------------------------------|---------------------------------------------|-------------------------------|
+| trade_features   | TRADES (`md.trades.>`)                | trade_minutes (1 m windows), trade_ticks,   | symbol_trade_features         |
+|                  |                                       | trade_history (recent closed minutes)       |                               |
+| quote_features   | QUOTES (`md.quotes.>`)                | quote_minutes (1 m windows), quote_tops     | symbol_quote_features         |
+| account_features | POSITIONS (`posttrade.positions.>`)   | ptrc_positions (ptrc's newest update per    | account_features,             |
+|                  |                                       | (account, symbol)), counted_fills (the      | account_order_features        |
+|                  |                                       | executions of each account's latest day)    |                               |
+| order_features   | ORDERS (`trading.orders.>`)           | order_days                                  | account_order_features        |
 
-Account features are computed here from the fills with `posttrade.core.positions` (the
-same arithmetic as ptrc), not from ptrc's position events: they then depend on nothing
-but the trading flow, and the marks are the last market prints this service sees.
+Everything per account that comes from executions is ptrc's: the project has one
+position computation, so this service keeps no position and does not decide what an
+execution feed's resends, corrections, busts and openings mean. It takes ptrc's
+`PositionUpdate`s (the highest revision per key), values them with
+`posttrade.core.valuation` at the last market prints it sees, and counts the executions
+they report (`features.math.execution_change`).
 
 Each agent takes events in batches (`batch.size` events or `batch.interval_sec`
 seconds), folds every event into its tables with `apply` (a redelivered event changes
@@ -20,20 +24,28 @@ before asking for the next batch — so a batch is acknowledged only once Feast'
 and offline stores have its rows. Windows are event time: a minute closes once an event
 more than `grace` past its end has been seen on that stream (any symbol); later events
 for it are counted as late and dropped.
+
+An account's `account_order_features` rows come from two agents (positions, orders),
+each computed from everything the service knows of the account at that moment. Their
+pushes take turns in the order the rows were computed (`_account_push`), so the online
+store ends with the newest state. Every account row is stamped by one clock per account
+(`stamp`): an account's rows never go back in event time (ptrc's update of a late fill
+is older than the state it carries) and never share a stored time, so a
+point-in-time join never sees a state computed from later events nor has to pick
+between two rows.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+import asyncio
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
 
 from ..app import App
-from ..core.positions import Position
 from ..features.math import (
     MINUTE_NS,
-    AccountDay,
+    CountedFill,
+    FillsDay,
     OrdersDay,
     QuoteMinute,
     QuoteTop,
@@ -41,23 +53,34 @@ from ..features.math import (
     TradeMinute,
     TradeTick,
     account_features,
-    add_fill_to_day,
     add_order_to_day,
     add_quote,
     add_trade,
+    counted_fill,
+    execution_change,
     fill_rate_features,
+    fills_day,
     next_tick,
     next_top,
     order_flow_term,
     quote_features,
+    recount,
     row,
+    take_update,
     trade_features,
     trade_sign,
     utc_day,
 )
-from ..features.views import ACCOUNT_FEATURES, ACCOUNT_ORDER_FEATURES, SYMBOL_QUOTE_FEATURES, SYMBOL_TRADE_FEATURES
+from ..features.views import (
+    ACCOUNT_FEATURES,
+    ACCOUNT_ORDER_FEATURES,
+    EVENT_TIME_RESOLUTION_NS,
+    SYMBOL_QUOTE_FEATURES,
+    SYMBOL_TRADE_FEATURES,
+)
 from ..streams import subjects
 from ..streams.channel import Channel
+from ..streams.events import PositionUpdate
 
 
 def _none() -> None:
@@ -69,7 +92,7 @@ def _none() -> None:
 class FeatureChannels:
     trades: Channel
     quotes: Channel
-    fills: Channel
+    positions: Channel
     orders: Channel
 
     @classmethod
@@ -78,7 +101,7 @@ class FeatureChannels:
         return cls(
             trades=subjects.market_trades(app),
             quotes=subjects.quotes(app),
-            fills=subjects.fills(app),
+            positions=subjects.output(app, "positions", "POSITIONS", "posttrade.positions.>", PositionUpdate),
             orders=subjects.orders(app),
         )
 
@@ -103,7 +126,7 @@ class FeatureAgents:
         channels = channels or FeatureChannels.standard(app)
         self.trades = channels.trades
         self.quotes = channels.quotes
-        self.fills = channels.fills
+        self.positions = channels.positions
         self.orders = channels.orders
 
         self.trade_minutes = app.windowed_table(
@@ -115,22 +138,44 @@ class FeatureAgents:
             "quote_minutes", size_s=60, grace_s=window_grace_s, value_type=QuoteMinute, key_type=str, default=QuoteMinute
         )
         self.quote_tops = app.table("quote_tops", value_type=QuoteTop, key_type=str, default=_none)
-        self.positions = app.table("positions", value_type=dict[str, Any], key_type=tuple[str, str])
-        self.account_days = app.table("account_days", value_type=AccountDay, key_type=str, default=_none)
+        # (account, symbol) -> ptrc's update with the highest revision: one value per key.
+        self.ptrc_positions = app.table("ptrc_positions", value_type=PositionUpdate, key_type=tuple[str, str])
+        # (account, fill_id) -> CountedFill. Bounded: when an account's first execution
+        # of a later UTC day arrives, its executions of earlier days are deleted, so it
+        # holds the executions of each account's latest day.
+        self.counted_fills = app.table("counted_fills", value_type=CountedFill, key_type=tuple[str, str])
         self.order_days = app.table("order_days", value_type=OrdersDay, key_type=str, default=_none)
 
-        # Decoded positions by account, rebuilt from the table whenever the fills agent
-        # (re)starts: a crash rolls the table back, and this cache with it.
-        self._positions_by_account: dict[str, dict[str, Position]] = {}
+        # Derived from the two tables and rebuilt from them (`recover_accounts`) at start
+        # and whenever the positions agent restarts, since a crash rolls the tables back:
+        # the positions and the fill counts by account, and the counted fill_ids by
+        # account (what an eviction deletes).
+        self._positions_by_account: dict[str, dict[str, PositionUpdate]] = {}
+        self._fills_days: dict[str, FillsDay] = {}
+        self._counted_ids: dict[str, set[str]] = {}
+        # The event time of each account's newest row (see `stamp`). It only moves on: a
+        # crash that rolls a table back leaves it ahead, which costs nothing.
+        self._account_clock: dict[str, int] = {}
+        self._account_push = asyncio.Lock()
 
+        app.on_startup.append(self._recover_accounts)
         app.agent(self.trades, name="trade_features")(self.trade_agent)
         app.agent(self.quotes, name="quote_features")(self.quote_agent)
-        app.agent(self.fills, name="account_features")(self.fill_agent)
+        app.agent(self.positions, name="account_features")(self.position_agent)
         app.agent(self.orders, name="order_features")(self.order_agent)
 
     async def _push(self, stream, view, rows: list[tuple]) -> None:
         if rows:
             await self.publisher.push(view.name, rows, stream.keep_alive)
+
+    async def _push_accounts(self, stream, account_rows: list[tuple], rate_rows: list[tuple]) -> None:
+        """Push account rows in the order they were computed: the lock is asked for in
+        the same step that computed them (no await in between) and serves in turn."""
+        if not (account_rows or rate_rows):
+            return
+        async with self._account_push:
+            await self._push(stream, ACCOUNT_FEATURES, account_rows)
+            await self._push(stream, ACCOUNT_ORDER_FEATURES, rate_rows)
 
     def batches(self, stream):
         return stream.take_events(self.batch_size, self.batch_interval_s)
@@ -178,57 +223,122 @@ class FeatureAgents:
         self.quote_tops.apply(quote.symbol, lambda held: next_top(held, top))
         self.quote_minutes.apply(quote.symbol, quote.ts, lambda m: add_quote(m, top, term))
 
-    # -- fills: positions, exposure, realized P&L today --------------------------------------
+    # -- accounts: the shared state ------------------------------------------------------------
+
+    async def _recover_accounts(self) -> None:
+        # Before any agent runs: the order agent reads the fill counts from its first order.
+        self.recover_accounts()
+
+    def recover_accounts(self) -> None:
+        """Rebuild the positions and fill counts by account from the two tables."""
+        self._positions_by_account = {}
+        for (account, symbol), update in self.ptrc_positions.items():
+            self._positions_by_account.setdefault(account, {})[symbol] = update
+            self._raise_clock(account, update.ts)
+        executions: dict[str, list[CountedFill]] = {}
+        self._counted_ids = {}
+        for (account, fill_id), execution in self.counted_fills.items():
+            executions.setdefault(account, []).append(execution)
+            self._counted_ids.setdefault(account, set()).add(fill_id)
+        self._fills_days = {account: fills_day(held) for account, held in executions.items()}
+
+    def _raise_clock(self, account: str, ts: int) -> None:
+        if ts > self._account_clock.get(account, 0):
+            self._account_clock[account] = ts
+
+    def stamp(self, account: str, ts: int) -> int:
+        """The event time of the account's next row: the event's own, but at least one
+        stored time step (a microsecond) after the account's newest row, whose state
+        this one includes."""
+        newest = self._account_clock.get(account)
+        stamped = ts if newest is None else max(ts, newest + EVENT_TIME_RESOLUTION_NS)
+        self._account_clock[account] = stamped
+        return stamped
 
     def mark(self, symbol: str) -> Decimal | None:
+        """The symbol's last market print seen by this service."""
         tick = self.trade_ticks.get(symbol)
         return tick.price if tick is not None else None
 
-    def _load_positions(self) -> None:
-        self._positions_by_account = defaultdict(dict)
-        for (account, symbol), state in self.positions.items():
-            self._positions_by_account[account][symbol] = Position.from_dict(state)
+    def account_values(self, account: str, day: int) -> dict:
+        """The `account_features` of `account` now, for UTC day `day`."""
+        held = self._positions_by_account.get(account, {})
+        prints = {symbol: mark for symbol in held if (mark := self.mark(symbol)) is not None}
+        counts = self._fills_days.get(account)
+        fills_today = counts.fills if counts is not None and counts.day == day else 0
+        return account_features(held.values(), prints, fills_today)
 
-    async def fill_agent(self, stream) -> None:
-        self._load_positions()
+    def rate_values(self, account: str, day: int) -> dict:
+        """The `account_order_features` of `account` now, for UTC day `day`."""
+        return fill_rate_features(day, self._fills_days.get(account), self.order_days.get(account))
+
+    # -- positions: ptrc's updates ----------------------------------------------------------
+
+    async def position_agent(self, stream) -> None:
+        self.recover_accounts()
         account_names = ACCOUNT_FEATURES.feature_names
         rate_names = ACCOUNT_ORDER_FEATURES.feature_names
         async for records in self.batches(stream):
             account_rows, rate_rows = [], []
             for record in records:
-                fill = record.value
+                update = record.value
                 with stream.processing(record):
-                    self.fold_fill(fill)
-                day = utc_day(fill.ts)
-                held = self._positions_by_account[fill.account]
-                marks = {s: m for s in held if (m := self.mark(s)) is not None}
-                days = self.account_days.get(fill.account)
-                fills_today = days.fills if days is not None and days.day == day else 0
-                account_rows.append(
-                    row(fill.account, fill.ts, account_features(day, held.values(), marks, fills_today), account_names)
-                )
-                rates = fill_rate_features(day, days, self.order_days.get(fill.account))
-                rate_rows.append(row(fill.account, fill.ts, rates, rate_names))
-            await self._push(stream, ACCOUNT_FEATURES, account_rows)
-            await self._push(stream, ACCOUNT_ORDER_FEATURES, rate_rows)
+                    taken, counted = self.hold_update(update)
+                if taken or counted:
+                    account = update.account
+                    ts = self.stamp(account, update.ts)
+                    day = utc_day(ts)
+                    account_rows.append(row(account, ts, self.account_values(account, day), account_names))
+                    if counted:
+                        rate_rows.append(row(account, ts, self.rate_values(account, day), rate_names))
+            await self._push_accounts(stream, account_rows, rate_rows)
 
-    def fold_fill(self, fill) -> None:
-        key = (fill.account, fill.symbol)
-        day = utc_day(fill.ts)
-        mark = self.mark(fill.symbol)
+    def hold_update(self, update: PositionUpdate) -> tuple[bool, bool]:
+        """Take one of ptrc's updates: (whether it is now its key's position, whether it
+        moved the account's fill counts). Neither for a lower revision than the one held,
+        nor for an event taken before (its row went out with the batch that took it);
+        after a crash that made part of its changes durable, the rest is made."""
+        key = (update.account, update.symbol)
+        positions = self.ptrc_positions
+        taken = False
+        if not positions.already_applied(key):
+            if not take_update(positions.get(key), update):
+                return False, False
+            positions[key] = update
+            self._positions_by_account.setdefault(update.account, {})[update.symbol] = update
+            taken = True
+        return taken, self.count_execution(update)
 
-        def update(state: dict | None) -> dict:
-            position = Position.from_dict(state) if state else Position(account=fill.account, symbol=fill.symbol)
-            if position.last_ts is not None and utc_day(position.last_ts) < day:
-                position.roll_day(mark)  # first fill of a new day: snapshot the start of day
-            position.apply(fill)
-            return position.to_dict()
+    def count_execution(self, update: PositionUpdate) -> bool:
+        """Hold what `update` did to an execution; True when the account's counts moved."""
+        change = execution_change(update)
+        if change is None:
+            return False
+        account = update.account
+        key = (account, change.fill_id)
+        executions = self.counted_fills
+        if executions.already_applied(key):
+            return False
+        counts = self._fills_days.get(account)
+        held = executions.get(key)
+        execution = counted_fill(change, held, counts.day if counts is not None else None)
+        if execution is None:
+            return False
+        executions[key] = execution
+        self._counted_ids.setdefault(account, set()).add(change.fill_id)
+        recounted = recount(counts, held, execution)
+        if counts is not None and recounted.day > counts.day:
+            self._evict_before(account, recounted.day)
+        self._fills_days[account] = recounted
+        return recounted != counts
 
-        if not self.positions.already_applied(key):
-            state = update(self.positions.get(key))
-            self.positions[key] = state
-            self._positions_by_account.setdefault(fill.account, {})[fill.symbol] = Position.from_dict(state)
-        self.account_days.apply(fill.account, lambda d: add_fill_to_day(d, fill.ts, fill.qty))
+    def _evict_before(self, account: str, day: int) -> None:
+        """Delete the account's executions of days before `day`: its counts are of `day`
+        now, and an amendment of an earlier day's execution no longer changes them."""
+        ids = self._counted_ids[account]
+        for fill_id in [i for i in ids if self.counted_fills[(account, i)].day < day]:
+            del self.counted_fills[(account, fill_id)]
+            ids.discard(fill_id)
 
     # -- orders: fill rate ---------------------------------------------------------------------
 
@@ -242,8 +352,6 @@ class FeatureAgents:
                     continue  # updates of an order already counted
                 with stream.processing(record):
                     self.order_days.apply(order.account, lambda d: add_order_to_day(d, order.ts, order.qty))
-                rates = fill_rate_features(
-                    utc_day(order.ts), self.account_days.get(order.account), self.order_days.get(order.account)
-                )
-                rows.append(row(order.account, order.ts, rates, names))
-            await self._push(stream, ACCOUNT_ORDER_FEATURES, rows)
+                ts = self.stamp(order.account, order.ts)
+                rows.append(row(order.account, ts, self.rate_values(order.account, utc_day(ts)), names))
+            await self._push_accounts(stream, [], rows)

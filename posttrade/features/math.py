@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import math
 from decimal import Decimal
-from typing import Iterable, Protocol
+from typing import Iterable, Mapping
 
 import msgspec
 
 from ..core.exact import EXACT, ZERO, divide
+from ..core.valuation import PositionLike, value_position
+from ..streams.events import PositionUpdate
 
 NS_PER_S = 1_000_000_000
 MINUTE_NS = 60 * NS_PER_S
@@ -272,15 +274,189 @@ def quote_features(minute: QuoteMinute) -> dict:
     }
 
 
-# -- accounts ----------------------------------------------------------------------------
+# -- accounts: ptrc's positions -----------------------------------------------------------
+#
+# feast_pipeline keeps no position of its own: ptrc's `PositionUpdate`s are the project's
+# one position computation, and `posttrade.core.valuation` is the one way to value them.
 
 
-class AccountDay(msgspec.Struct, kw_only=True, frozen=True):
+def take_update(held: PositionUpdate | None, update: PositionUpdate) -> bool:
+    """Whether `update` replaces `held` as ptrc's state of its (account, symbol).
+
+    The highest `revision` wins, never the newest `ts` (a late fill's update is older in
+    event time than the update it replaces). A tie goes to the later in stream order:
+    ptrc numbers each state once, so an equal revision is that state published again,
+    and the updates ptrc published before it numbered them all carry 0.
+    """
+    return held is None or update.revision >= held.revision
+
+
+def position_exposure(position: PositionLike, mark: Decimal | None) -> tuple[Decimal, Decimal]:
+    """(gross, net) exposure of one position at `mark`: |market value| and the signed
+    market value, net qty x mark x multiplier (`core.valuation.value_position`).
+
+    An open position without a mark counts at its cost, open cost x multiplier (the
+    core's gross notional does the same), so an account's exposure never silently
+    leaves a position out.
+    """
+    value = value_position(position, mark)
+    if value.market_value is None:
+        return value.gross_notional, _mul(position.open_cost, position.multiplier)
+    return value.gross_notional, value.market_value
+
+
+def realized_today(position: PositionLike) -> Decimal:
+    """Realized P&L net of fees since ptrc's start of the trading day: ptrc snapshots
+    `sod_realized_pnl_net` when it rolls the day, so a position not changed since then
+    realized 0 today, and an amendment made today of an earlier execution counts today."""
+    return _sub(position.realized_pnl_net, position.sod_realized_pnl_net)
+
+
+def account_features(positions: Iterable[PositionUpdate], prints: Mapping[str, Decimal], fills_today: int) -> dict:
+    """`account_features` from ptrc's newest update of each of an account's positions.
+
+    A position is valued at its symbol's last market print seen by this service
+    (`prints`), else at the mark ptrc published with the update, else at its cost
+    (`position_exposure`).
+    """
+    gross = net = realized = ZERO
+    for p in positions:
+        position_gross, position_net = position_exposure(p, prints.get(p.symbol, p.mark))
+        gross = _add(gross, position_gross)
+        net = _add(net, position_net)
+        realized = _add(realized, realized_today(p))
+    return {
+        "gross_exposure": to_float(gross),
+        "net_exposure": to_float(net),
+        "realized_pnl_today": to_float(realized),
+        "fills_today": fills_today,
+    }
+
+
+# -- accounts: fill counts ---------------------------------------------------------------
+#
+# The features that count fills take ptrc's word for what the executions are. ptrc
+# publishes an update for each message that changed a position, having dropped resends,
+# resolved amendments (also ones that arrived before their execution) and refused what
+# its rules refuse (docs/events.md, "Corrections, busts and openings"); the update names
+# the execution concerned and its state. So a resend counts once (ptrc publishes nothing
+# for it), a BUST removes its execution, a CORRECT replaces its quantity, an OPENING is
+# no fill. What the counts need besides: the executions already counted for the
+# account's day (a republished update must not count twice; a correction changes a
+# quantity counted before).
+
+
+class ExecutionChange(msgspec.Struct, kw_only=True, frozen=True):
+    """What one of ptrc's updates did to one execution: `arrived` (a NEW, counted once)
+    or amended (a CORRECT or BUST of it); its state now: the quantity in force and
+    whether it is busted. `ts` is the execution's own time (an amendment keeps it)."""
+
+    fill_id: str
+    ts: int
+    qty: Decimal
+    busted: bool
+    arrived: bool
+
+
+def execution_change(update: PositionUpdate) -> ExecutionChange | None:
+    """The execution `update` is about, or None for one that changes no fill: a roll, an
+    opening (or an amendment of one).
+
+    A NEW's update carries the fill itself, or, when amendments that came before it were
+    released, `execution`: the fill in force. An amendment's update carries `execution`:
+    the execution in force (a busted one as it was). Updates from before ptrc published
+    `exec_type` are NEWs (reason "fill")."""
+    exec_type = update.exec_type or ("NEW" if update.reason == "fill" else None)
+    execution = update.execution
+    if exec_type == "NEW":
+        fill = execution if execution is not None else update
+        return ExecutionChange(
+            fill_id=fill.fill_id, ts=fill.ts, qty=fill.qty, busted=update.execution_state == "busted", arrived=True
+        )
+    if exec_type not in ("CORRECT", "BUST") or execution is None or execution.exec_type == "OPENING":
+        return None
+    return ExecutionChange(
+        fill_id=execution.fill_id, ts=execution.ts, qty=execution.qty,
+        busted=update.execution_state == "busted", arrived=False,
+    )
+
+
+class CountedFill(msgspec.Struct, kw_only=True, frozen=True):
+    """An execution of an account as its fill counts hold it: its time (the UTC day it
+    counts on), the quantity in force, whether it is busted."""
+
+    ts: int
+    qty: Decimal
+    busted: bool = False
+
+    @property
+    def day(self) -> int:
+        return utc_day(self.ts)
+
+    def counts_on(self, day: int) -> bool:
+        """True when this execution is one of the fills counted for UTC day `day`."""
+        return not self.busted and utc_day(self.ts) == day
+
+
+class FillsDay(msgspec.Struct, kw_only=True, frozen=True):
     """An account's fills of one UTC day."""
 
     day: int
     fills: int = 0
     filled_qty: Decimal = ZERO
+
+
+def counted_fill(change: ExecutionChange, held: CountedFill | None, day: int | None) -> CountedFill | None:
+    """What the counts hold of `change`'s execution after it (None: nothing changes).
+
+    `held`: the execution as held before (None: not held); `day`: the day the account's
+    counts are of (None before its first execution).
+
+    - An arrival is held once: one already held is ptrc's update published again. An
+      execution of a day before `day` arriving late is not held: today's counts stay.
+    - An amendment changes a held execution's quantity or busts it; one of an execution
+      not held (of an earlier day) changes nothing today.
+    """
+    if change.arrived:
+        if held is not None or (day is not None and utc_day(change.ts) < day):
+            return None
+        return CountedFill(ts=change.ts, qty=change.qty, busted=change.busted)
+    if held is None:
+        return None
+    return CountedFill(ts=held.ts, qty=change.qty, busted=change.busted)
+
+
+def recount(counts: FillsDay | None, before: CountedFill | None, after: CountedFill) -> FillsDay:
+    """An account's counts after one of its executions changed from `before` (None: not
+    held) to `after`. An execution of a later day than the counts begins that day's."""
+    if counts is None or after.day > counts.day:
+        counts = FillsDay(day=after.day)
+    fills, filled = counts.fills, counts.filled_qty
+    if before is not None and before.counts_on(counts.day):
+        fills -= 1
+        filled = _sub(filled, before.qty)
+    if after.counts_on(counts.day):
+        fills += 1
+        filled = _add(filled, after.qty)
+    return FillsDay(day=counts.day, fills=fills, filled_qty=filled)
+
+
+def fills_day(executions: Iterable[CountedFill]) -> FillsDay | None:
+    """An account's counts from the executions held, the ones `recount` keeps up: the
+    day of its newest execution, and that day's executions in force."""
+    held = list(executions)
+    if not held:
+        return None
+    day = max(e.day for e in held)
+    fills, filled = 0, ZERO
+    for e in held:
+        if e.counts_on(day):
+            fills += 1
+            filled = _add(filled, e.qty)
+    return FillsDay(day=day, fills=fills, filled_qty=filled)
+
+
+# -- accounts: orders and the fill rate ----------------------------------------------------
 
 
 class OrdersDay(msgspec.Struct, kw_only=True, frozen=True):
@@ -291,25 +467,16 @@ class OrdersDay(msgspec.Struct, kw_only=True, frozen=True):
     ordered_qty: Decimal = ZERO
 
 
-def add_fill_to_day(current: AccountDay | None, ts: int, qty: Decimal) -> AccountDay:
-    day = utc_day(ts)
-    if current is None or current.day < day:
-        current = AccountDay(day=day)
-    elif current.day > day:
-        return current  # a fill of an earlier day arriving late: today's counts stay
-    return AccountDay(day=day, fills=current.fills + 1, filled_qty=_add(current.filled_qty, qty))
-
-
 def add_order_to_day(current: OrdersDay | None, ts: int, qty: Decimal) -> OrdersDay:
     day = utc_day(ts)
     if current is None or current.day < day:
         current = OrdersDay(day=day)
     elif current.day > day:
-        return current
+        return current  # an order of an earlier day arriving late: today's counts stay
     return OrdersDay(day=day, orders=current.orders + 1, ordered_qty=_add(current.ordered_qty, qty))
 
 
-def fill_rate_features(day: int, fills: AccountDay | None, orders: OrdersDay | None) -> dict:
+def fill_rate_features(day: int, fills: FillsDay | None, orders: OrdersDay | None) -> dict:
     """`account_order_features` for UTC day `day` (counts of another day count as 0)."""
     filled = fills.filled_qty if fills is not None and fills.day == day else ZERO
     ordered = orders.ordered_qty if orders is not None and orders.day == day else ZERO
@@ -319,49 +486,6 @@ def fill_rate_features(day: int, fills: AccountDay | None, orders: OrdersDay | N
         "orders_today": count,
         "ordered_qty_today": to_float(ordered),
         "filled_qty_today": to_float(filled),
-    }
-
-
-class PositionLike(Protocol):
-    """What `account_features` reads of a `posttrade.core.positions.Position`."""
-
-    symbol: str
-    net_qty: Decimal
-    open_cost: Decimal
-    multiplier: Decimal
-    last_ts: int | None
-    day_realized_pnl_net: Decimal
-
-
-def account_features(
-    day: int,
-    positions: Iterable[PositionLike],
-    marks: dict[str, Decimal],
-    fills_today: int,
-) -> dict:
-    """`account_features` from an account's positions (average cost, `core.positions`).
-
-    A position is valued at its symbol's mark (the last market print) and, with no
-    mark yet, at its open cost. Realized P&L today sums the positions traded today:
-    each was rolled (start-of-day snapshot) at its first fill of the day, so its
-    `day_realized_pnl_net` is today's; a position untraded today realized nothing today.
-    """
-    gross = ZERO
-    net = ZERO
-    realized = ZERO
-    for p in positions:
-        mark = marks.get(p.symbol)
-        value = _mul(p.net_qty, mark) if mark is not None else p.open_cost
-        value = _mul(value, p.multiplier)
-        gross = _add(gross, EXACT.abs(value))
-        net = _add(net, value)
-        if p.last_ts is not None and utc_day(p.last_ts) == day:
-            realized = _add(realized, p.day_realized_pnl_net)
-    return {
-        "gross_exposure": to_float(gross),
-        "net_exposure": to_float(net),
-        "realized_pnl_today": to_float(realized),
-        "fills_today": fills_today,
     }
 
 

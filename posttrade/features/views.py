@@ -22,6 +22,9 @@ EntityName = Literal["symbol", "account"]
 
 #: Event-time column of every view's offline data.
 TIMESTAMP_FIELD = "event_timestamp"
+#: Feast keeps event times to the microsecond (online and offline): two rows of an
+#: entity less than this apart in nanoseconds can land on the same stored time.
+EVENT_TIME_RESOLUTION_NS = 1_000
 
 
 @dataclass(frozen=True)
@@ -103,12 +106,15 @@ ACCOUNT_FEATURES = ViewSpec(
     entity="account",
     kind="stream",
     ttl_s=7 * 24 * 3600,
-    description="Per account, after each fill (event time = the fill's time).",
+    description=(
+        "Per account, after each of ptrc's position updates "
+        "(event time = the update's time, never before the account's previous row)."
+    ),
     features=(
-        _f("gross_exposure", "sum over symbols of |net qty x mark x multiplier|"),
-        _f("net_exposure", "sum over symbols of net qty x mark x multiplier"),
-        _f("realized_pnl_today", "realized P&L net of fees since 00:00 UTC (average cost)"),
-        _i("fills_today", "fills since 00:00 UTC"),
+        _f("gross_exposure", "sum over symbols of |net qty x mark x multiplier| (ptrc's positions)"),
+        _f("net_exposure", "sum over symbols of net qty x mark x multiplier (ptrc's positions)"),
+        _f("realized_pnl_today", "realized P&L net of fees since ptrc's start of day, 00:00 UTC by default"),
+        _i("fills_today", "executions since 00:00 UTC in ptrc's positions: a resend once, busted ones not, openings not"),
     ),
 )
 
@@ -117,12 +123,15 @@ ACCOUNT_ORDER_FEATURES = ViewSpec(
     entity="account",
     kind="stream",
     ttl_s=7 * 24 * 3600,
-    description="Per account, after each new order or fill (event time = that event's time).",
+    description=(
+        "Per account, after each new order and each of ptrc's position updates that changes the fill counts "
+        "(event time = that event's time, never before the account's previous row)."
+    ),
     features=(
         _f("fill_rate_today", "quantity filled today / quantity ordered today (00:00 UTC)"),
         _i("orders_today", "new orders since 00:00 UTC"),
         _f("ordered_qty_today", "quantity of the new orders since 00:00 UTC"),
-        _f("filled_qty_today", "quantity filled since 00:00 UTC"),
+        _f("filled_qty_today", "quantity filled since 00:00 UTC, corrected quantities, busted fills left out"),
     ),
 )
 

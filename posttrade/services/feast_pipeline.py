@@ -1,9 +1,11 @@
 """feast_pipeline (port 8104): ML features computed from the NATS flow, served by Feast.
 
-Stream agents (`posttrade.agents.features`) compute per-symbol and per-account features
-in event-time windows and push them to Feast's online store (Valkey by default, SQLite
-as the local option) and offline store (Parquet). A timer computes the hourly batch view
-from the offline store and materializes it online with `materialize_incremental`.
+Stream agents (`posttrade.agents.features`) compute per-symbol features in event-time
+windows from the market data, and per-account features from ptrc's position updates
+(stream POSITIONS) and the orders, and push them to Feast's online store (Valkey by
+default, SQLite as the local option) and offline store (Parquet). A timer computes the
+hourly batch view from the offline store and materializes it online with
+`materialize_incremental`.
 The Feast feature repository (`posttrade.features.repo`) is applied at start.
 
 Feast is imported only when the service starts, so the rest of posttrade works without

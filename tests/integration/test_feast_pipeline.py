@@ -20,7 +20,7 @@ from posttrade.app import App
 from posttrade.features.online import FeastRedisWriter, RespConnection
 from posttrade.features.views import ACCOUNT_FEATURES, SYMBOL_TRADE_FEATURES
 from posttrade.services.feast_pipeline import assemble
-from posttrade.streams.events import Fill, MarketTrade, Order, Quote
+from posttrade.streams.events import MarketTrade, Order, PositionUpdate, Quote
 from posttrade.streams.nats import NatsTransport
 
 from ..unit.test_features_pipeline import at, run_scenario, scenario_config
@@ -57,7 +57,7 @@ def channels(app: App, names: Names) -> FeatureChannels:
     return FeatureChannels(
         trades=channel("trades", MarketTrade, "md.trades"),
         quotes=channel("quotes", Quote, "md.quotes"),
-        fills=channel("fills", Fill, "trading.fills"),
+        positions=channel("positions", PositionUpdate, "posttrade.positions"),
         orders=channel("orders", Order, "trading.orders"),
     )
 
@@ -66,13 +66,15 @@ async def cleanup(url: str, names: Names, app: App) -> None:
     nc = await nats.connect(url)
     js = nc.jetstream()
     try:
-        for kind in ("TRADES", "QUOTES", "FILLS", "ORDERS"):
+        for kind in ("TRADES", "QUOTES", "POSITIONS", "ORDERS"):
             with contextlib.suppress(Exception):
                 await js.delete_stream(names.stream(kind))
         for table in app.tables.values():
-            bucket = table.table.bucket if hasattr(table, "table") else table.bucket
-            with contextlib.suppress(Exception):
-                await js.delete_key_value(bucket)
+            # A windowed table has two buckets: its windows and its watermark.
+            buckets = [table.table.bucket, table.meta.bucket] if hasattr(table, "table") else [table.bucket]
+            for bucket in buckets:
+                with contextlib.suppress(Exception):
+                    await js.delete_key_value(bucket)
     finally:
         await nc.close()
 

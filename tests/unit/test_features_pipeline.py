@@ -1,15 +1,20 @@
 """feast_pipeline end to end on the in-memory transport and Feast's SQLite online store.
 
-A known sequence of trades, quotes, orders and fills (the worked example of
-docs/feast_pipeline.md) must give the hand-computed features online (read through Feast)
-and offline (a point-in-time training set from `get_historical_features`), and the
-hourly batch view must be computed from the offline store and materialized online.
-The integration test runs the same scenario on NATS and Valkey.
+A known sequence of trades, quotes, orders and ptrc's position updates for a known
+sequence of fills (the worked example of docs/feast_pipeline.md) must give the
+hand-computed features online (read through Feast) and offline (a point-in-time training
+set from `get_historical_features`), and the hourly batch view must be computed from the
+offline store and materialized online. The integration test runs the same scenario on
+NATS and Valkey.
+
+ptrc is not running here: its part, the POSITIONS stream, is played by what it is built
+on (`PtrcPositions`). The expected features are computed by hand.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 import uuid
@@ -20,13 +25,17 @@ import msgspec
 import pandas as pd
 import pytest
 
+from posttrade.agents.features import FeatureAgents
 from posttrade.app import App
-from posttrade.features.math import DAY_NS, MINUTE_NS, NS_PER_S
+from posttrade.features.math import DAY_NS, MINUTE_NS, NS_PER_S, FillsDay, utc_day
 from posttrade.services.feast_pipeline import FeastPipelineConfig, assemble
 from posttrade.streams import subjects
-from posttrade.streams.events import Fill, MarketTrade, Order, Quote, encode
+from posttrade.streams.events import Fill, MarketTrade, Order, PositionUpdate, Quote, encode
 from posttrade.streams.memory import MemoryTransport
+from posttrade.streams.stream import EventRecord, current_event
 from posttrade.web.server import build_web_app
+
+from .test_features_math import PtrcPositions
 
 S = NS_PER_S
 # Third-party noise: DuckDB deprecations seen through ibis, and Feast's own online write
@@ -50,13 +59,15 @@ TRADES = [
     (at(0, 40), "ACME", "101", "5", None),
     (at(1, 5), "ACME", "100.5", "20", None),
     (at(1, 30), "ACME", "102", "10", "SELL"),
+    (at(2, 30), "ESZ5", "4510", "1", None),
     (at(3, 15), "ACME", "103", "10", None),
     (at(6, 0), "ACME", "99", "4", None),
     (at(8, 10), "ZZZ", "10", "1", None),
     (at(60, 30), "ZZZ", "10.5", "2", None),
     (at(61, 10), "ZZZ", "11", "3", None),
 ]
-TRADE_ROWS = 6  # ACME minutes 0, 1, 3, 6; ZZZ minutes 8, 60
+TRADE_ROWS = 7  # ACME minutes 0, 1, 3, 6; ESZ5 minute 2; ZZZ minutes 8, 60
+HOURLY_ROWS = 3  # hour 0 of ACME, ESZ5 and ZZZ
 # (ts, symbol, bid, ask, bid_size, ask_size); ZZZ's quote closes ACME's minutes 0 and 1.
 QUOTES = [
     (at(0, 1), "ACME", "99.9", "100.1", "100", "200"),
@@ -65,17 +76,47 @@ QUOTES = [
     (at(3, 10), "ZZZ", "9.9", "10.1", "1", "1"),
 ]
 QUOTE_ROWS = 2
-ORDERS = [
-    (at(2, 0), "o1", "ACME", "BUY", "100"),
-    (at(2, 1), "o2", "XYZ", "BUY", "10"),
-]
-# (ts, fill id, order id, symbol, side, qty, price, fee)
-FILLS = [
-    (at(2, 10), "f1", "o1", "ACME", "BUY", "60", "100", "1"),
-    (at(4, 0), "f2", "o1", "ACME", "SELL", "20", "103", "0.5"),
-    (at(5, 0), "f3", "o2", "XYZ", "BUY", "10", "50", "0"),
-]
 ACCOUNT = "ACC1"
+FUTURES = "ACC2"
+ORDERS = [
+    (at(2, 0), "o1", ACCOUNT, "ACME", "BUY", "100"),
+    (at(2, 1), "o2", ACCOUNT, "XYZ", "BUY", "10"),
+    (at(2, 2), "o3", FUTURES, "ESZ5", "BUY", "5"),
+    (at(2, 3), "o4", FUTURES, "ESZ5", "SELL", "2"),
+]
+MULTIPLIERS = {"ESZ5": D(50)}  # ptrc's instruments
+
+
+def fill(ts, fill_id, account, symbol, side=None, qty=None, price=None, fee=None, order_id=None, *,
+         exec_type="NEW", ref=None) -> Fill:
+    return Fill(
+        ts=ts, fill_id=fill_id, account=account, symbol=symbol, side=side,
+        qty=None if qty is None else D(qty), price=None if price is None else D(price),
+        fee=None if fee is None else D(fee), order_id=order_id, exec_type=exec_type, ref_fill_id=ref,
+    )
+
+
+# The fills as ptrc receives them, and whether ptrc's update for each moves feast's fill
+# counts. ACC1 trades shares; ACC2 trades a future (multiplier 50) on a feed with an
+# opening, a resend, a bust, a correction and a late fill.
+FILLS = [
+    (fill(at(2, 10), "f1", ACCOUNT, "ACME", "BUY", "60", "100", "1", "o1"), True),
+    (fill(at(4, 0), "f2", ACCOUNT, "ACME", "SELL", "20", "103", "0.5", "o1"), True),
+    (fill(at(5, 0), "f3", ACCOUNT, "XYZ", "BUY", "10", "50", "0", "o2"), True),
+    (fill(at(-1440), "open1", FUTURES, "ESZ5", "BUY", "1", "4400", exec_type="OPENING"), False),
+    (fill(at(2, 20), "f4", FUTURES, "ESZ5", "BUY", "3", "4500", "2.10", "o3"), True),
+    (fill(at(2, 20), "f4", FUTURES, "ESZ5", "BUY", "3", "4500", "2.10", "o3"), False),  # resent
+    (fill(at(3, 0), "f5", FUTURES, "ESZ5", "BUY", "2", "4505", "1.40", "o3"), True),
+    (fill(at(4, 10), "f6", FUTURES, "ESZ5", "SELL", "1", "4520", "0.70", "o4"), True),
+    (fill(at(5, 30), "f5-x", FUTURES, "ESZ5", exec_type="BUST", ref="f5"), True),
+    (fill(at(5, 40), "f6-c", FUTURES, "ESZ5", "SELL", "2", "4520", "1.40", exec_type="CORRECT", ref="f6"), True),
+    (fill(at(3, 30), "f7", FUTURES, "ESZ5", "BUY", "1", "4490", "0.70", "o3"), True),  # late
+]
+COUNTING_FILLS = sum(counts for _, counts in FILLS)
+PTRC_UPDATES = 10  # one per fill message that changed a position: all but the resend
+ACCOUNT_ROWS = PTRC_UPDATES  # a row per update taken (not the earlier revision published again)
+RATE_ROWS = len(ORDERS) + COUNTING_FILLS  # a row per new order and per update that moved the counts
+
 
 # Hand-computed (docs/feast_pipeline.md, "worked example").
 ONLINE_SYMBOL = {
@@ -101,6 +142,20 @@ ONLINE_ACCOUNT = {
     "account_order_features:orders_today": 2,
     "account_order_features:ordered_qty_today": 110.0,
     "account_order_features:filled_qty_today": 90.0,
+}
+# ACC2's effective history: the opening (1 @ 4400), f4 (3 @ 4500), f7 (1 @ 4490, placed
+# before f6 by its time), f6 as corrected (sell 2 @ 4520); f5 busted, f4's resend dropped.
+# Open 5 at a cost of 22390; selling 2 takes 22390 x 2 / 5 = 8956 of it and realizes
+# (2 x 4520 - 8956) x 50 = 4200, less fees 2.10 + 0.70 + 1.40; 3 left at a cost of 13434.
+ONLINE_FUTURES = {
+    "account_features:gross_exposure": 676_500.0,  # 3 x 4510 (ESZ5's print) x 50
+    "account_features:net_exposure": 676_500.0,
+    "account_features:realized_pnl_today": 4195.8,  # 4200 - 4.20
+    "account_features:fills_today": 3,  # f4, f6, f7: the opening is no fill, f5 busted
+    "account_order_features:fill_rate_today": 0.857142857143,  # (3 + 2 + 1) / (5 + 2)
+    "account_order_features:orders_today": 2,
+    "account_order_features:ordered_qty_today": 7.0,
+    "account_order_features:filled_qty_today": 6.0,
 }
 HOURLY_ACME = {
     "symbol_hourly_features:return_1h": 99 / 101 - 1,
@@ -151,7 +206,10 @@ def pushed(app, view: str) -> int:
 
 
 async def publish_scenario(app, publish) -> None:
-    """Publish the scenario in the order that makes its marks and fill rates deterministic."""
+    """Publish the scenario in the order that makes its marks and fill rates deterministic:
+    the market data, the orders, then ptrc's update for each fill. Before the last one,
+    an earlier update of the same position arrives again: a lower revision than the one
+    held, it changes nothing."""
     for ts, symbol, price, size, aggressor in TRADES:
         event = MarketTrade(ts=ts, symbol=symbol, price=D(price), size=D(size), aggressor=aggressor)
         await publish(subjects.trade_subject(symbol), encode(event))
@@ -159,17 +217,31 @@ async def publish_scenario(app, publish) -> None:
     for ts, symbol, bid, ask, bid_size, ask_size in QUOTES:
         event = Quote(ts=ts, symbol=symbol, bid=D(bid), ask=D(ask), bid_size=D(bid_size), ask_size=D(ask_size))
         await publish(subjects.quote_subject(symbol), encode(event))
-    for ts, order_id, symbol, side, qty in ORDERS:
-        event = Order(ts=ts, order_id=order_id, account=ACCOUNT, symbol=symbol, side=side, qty=D(qty))
-        await publish(subjects.order_subject(ACCOUNT, symbol), encode(event))
+    for ts, order_id, account, symbol, side, qty in ORDERS:
+        event = Order(ts=ts, order_id=order_id, account=account, symbol=symbol, side=side, qty=D(qty))
+        await publish(subjects.order_subject(account, symbol), encode(event))
     await wait_for(lambda: pushed(app, "account_order_features") >= len(ORDERS), what="order features")
-    for ts, fill_id, order_id, symbol, side, qty, price, fee in FILLS:
-        event = Fill(
-            ts=ts, fill_id=fill_id, order_id=order_id, account=ACCOUNT, symbol=symbol,
-            side=side, qty=D(qty), price=D(price), fee=D(fee),
-        )
-        await publish(subjects.fill_subject(ACCOUNT, symbol), encode(event))
-    await wait_for(lambda: pushed(app, "account_features") >= len(FILLS), what="account features")
+
+    ptrc = PtrcPositions(MULTIPLIERS)
+    published: dict[str, PositionUpdate] = {}  # ptrc's updates by the fill that caused them
+    account_rows, rate_rows = 0, len(ORDERS)
+    for message, counts in FILLS:
+        update = ptrc.receive(message)
+        if update is None:
+            assert not counts  # the resend: ptrc drops it
+            continue
+        subject = subjects.position_subject(update.account, update.symbol)
+        if message.fill_id == "f7":
+            await publish(subject, encode(published["f6"]))
+        await publish(subject, encode(update))
+        published[message.fill_id] = update
+        account_rows, rate_rows = account_rows + 1, rate_rows + counts
+
+        def reached(account_rows=account_rows, rate_rows=rate_rows) -> bool:
+            return pushed(app, "account_features") >= account_rows and pushed(app, "account_order_features") >= rate_rows
+
+        await wait_for(reached, what=f"the rows of ptrc's update for {message.fill_id}")
+    assert len(published) == PTRC_UPDATES and published["f7"].reason == "late"
     await wait_for(lambda: pushed(app, "symbol_quote_features") >= QUOTE_ROWS, what="quote features")
 
 
@@ -212,13 +284,16 @@ def check_training_set(repository) -> None:
     assert vwap[2] == pytest.approx(101.181818181818) and count[2] == 1  # minute 3: 5565 / 55
     assert math.isnan(vwap[3])  # older than the TTL
     assert vwap[4] == pytest.approx(10.5) and count[4] == 1
-    df = repository.training_set(accounts, ["account_features:gross_exposure", "account_features:realized_pnl_today"])
+    refs = ["account_features:gross_exposure", "account_features:realized_pnl_today", "account_features:fills_today"]
+    df = repository.training_set(accounts, refs)
     df = df.sort_values("event_timestamp").reset_index(drop=True)
-    assert math.isnan(df["account_features__gross_exposure"][0])  # before the first fill
-    assert df["account_features__gross_exposure"][1] == pytest.approx(5940.0)  # 60 x 99
-    assert df["account_features__realized_pnl_today"][1] == pytest.approx(-1.0)  # the fee
-    assert df["account_features__gross_exposure"][2] == pytest.approx(3960.0)  # 40 x 99
-    assert df["account_features__realized_pnl_today"][2] == pytest.approx(58.5)
+    gross, realized = df["account_features__gross_exposure"], df["account_features__realized_pnl_today"]
+    assert math.isnan(gross[0])  # before the first fill
+    assert gross[1] == pytest.approx(5940.0)  # 60 x 99
+    assert realized[1] == pytest.approx(-1.0)  # the fee
+    assert df["account_features__fills_today"][1] == 1
+    assert gross[2] == pytest.approx(3960.0)  # 40 x 99
+    assert realized[2] == pytest.approx(58.5)
 
 
 async def check_web(app) -> None:
@@ -228,6 +303,8 @@ async def check_web(app) -> None:
         assert_features(body["features"], ONLINE_SYMBOL | HOURLY_ACME)
         body = (await http.get("/features/online", params={"account": ACCOUNT})).json()
         assert_features(body["features"], ONLINE_ACCOUNT)
+        body = (await http.get("/features/online", params={"account": FUTURES})).json()
+        assert_features(body["features"], ONLINE_FUTURES)
         body = (await http.get("/features/online", params={"symbol": "ACME", "features": "vwap_5m,mid"})).json()
         assert body["features"] == {
             "symbol_trade_features:vwap_5m": pytest.approx(101.857142857143),
@@ -243,11 +320,11 @@ async def check_web(app) -> None:
         status = (await http.get("/features/status")).json()
         views = {v["view"]: v for v in status["views"]}
         assert views["symbol_trade_features"]["rows_pushed"] == TRADE_ROWS
-        assert views["account_features"]["rows_pushed"] == len(FILLS)
-        assert views["account_order_features"]["rows_pushed"] == len(ORDERS) + len(FILLS)
+        assert views["account_features"]["rows_pushed"] == ACCOUNT_ROWS
+        assert views["account_order_features"]["rows_pushed"] == RATE_ROWS
         assert views["symbol_trade_features"]["newest_event_time"] is not None
         assert views["symbol_trade_features"]["freshness_s"] > 0
-        assert views["symbol_hourly_features"]["rows_pushed"] == 2  # ACME and ZZZ, hour 0
+        assert views["symbol_hourly_features"]["rows_pushed"] == HOURLY_ROWS
         assert views["symbol_hourly_features"]["last_materialization"]["duration_s"] >= 0
         assert all(v["errors"] == 0 for v in views.values())
         health = await http.get("/health")
@@ -257,13 +334,14 @@ async def check_web(app) -> None:
 async def run_scenario(app, publish) -> None:
     await publish_scenario(app, publish)
     run = await app.feast.run_batch()
-    assert run["hours_computed"] == 1 and run["rows"] == 2
+    assert run["hours_computed"] == 1 and run["rows"] == HOURLY_ROWS
     assert run["materialized_s"]["symbol_hourly_features"] is not None
     repository = app.feast.repository
     online = await asyncio.to_thread(repository.online_features, "symbol", ["ACME"], list(ONLINE_SYMBOL) + list(HOURLY_ACME))
     assert_features(online[0], ONLINE_SYMBOL | HOURLY_ACME)
-    online = await asyncio.to_thread(repository.online_features, "account", [ACCOUNT], list(ONLINE_ACCOUNT))
+    online = await asyncio.to_thread(repository.online_features, "account", [ACCOUNT, FUTURES], list(ONLINE_ACCOUNT))
     assert_features(online[0], ONLINE_ACCOUNT)
+    assert_features(online[1], ONLINE_FUTURES)
     await asyncio.to_thread(check_training_set, repository)
     await check_web(app)
 
@@ -300,3 +378,44 @@ async def test_feature_repository_cli_config_has_no_secret(tmp_path):
     text = write_cli_config(settings).read_text()
     assert "s3cret" not in text and "127.0.0.1:1,db=3" in text and "duckdb" in text
     assert "password=s3cret" in settings.redis_connection_string()
+
+
+def test_a_redelivered_update_makes_only_the_changes_that_did_not_become_durable():
+    """A crash while a batch's table changes were being written leaves some keys with
+    the event and some without; its redelivery must make exactly the missing ones."""
+    app = App("feast_pipeline", MemoryTransport())
+    agents = FeatureAgents(app, batch_size=10, batch_interval_s=0.05, window_grace_s=5)
+    ptrc = PtrcPositions()
+    arrival = ptrc.receive(fill(at(1), "a", "A", "ES", "BUY", "5", "100"))
+
+    def event(seq: int, update: PositionUpdate) -> EventRecord:
+        return EventRecord(value=update, stream="POSITIONS", seq=seq, subject="posttrade.positions.A.ES", ts=0,
+                           delivered=1, delivery=None)
+
+    @contextlib.contextmanager
+    def handling(record: EventRecord):
+        token = current_event.set(record)
+        try:
+            yield
+        finally:
+            current_event.reset(token)
+
+    def receive(record: EventRecord) -> tuple[bool, bool]:
+        with handling(record):
+            return agents.hold_update(record.value)
+
+    first = event(1, arrival)
+    assert receive(first) == (True, True)
+    # Only the position became durable: the counted execution did not.
+    with handling(first):
+        del agents.counted_fills[("A", "a")]
+    agents.recover_accounts()  # the agent restarts from the tables
+    assert "A" not in agents._fills_days
+    assert receive(first) == (False, True)  # redelivered: the missing change is made
+    assert agents._fills_days["A"] == FillsDay(day=utc_day(at(1)), fills=1, filled_qty=D(5))
+    assert receive(first) == (False, False)  # and once only
+    assert receive(event(2, arrival)) == (True, False)  # published again: held, not recounted
+    correction = ptrc.receive(fill(at(2), "a-c", "A", "ES", "BUY", "4", "100", "0", exec_type="CORRECT", ref="a"))
+    assert receive(event(3, correction)) == (True, True)
+    assert receive(event(4, arrival)) == (False, False)  # a lower revision than the one held
+    assert agents._fills_days["A"] == FillsDay(day=utc_day(at(1)), fills=1, filled_qty=D(4))
