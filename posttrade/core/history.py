@@ -655,10 +655,12 @@ class ExecutionBook:
         before it (all of it is past the horizon too: entries are in time order), so
         that every live entry keeps a record of its own."""
         record = self._ids[fill_id]
-        if isinstance(record, Execution):
+        if isinstance(record, Execution):  # (openings never pass the horizon)
             first = record.first
             history = self._histories[(first.account, first.symbol)]
-            if not record.busted and not record.opening:
+            if record.busted:
+                self._forget(record)  # its amendments go with it: they name its id too
+            else:
                 self._fold_through(history, self._place_of(history, record))
         else:
             history = self._histories[(record.message.account, record.message.symbol)]
