@@ -23,6 +23,7 @@ from ..core.compliance import ComplianceRules
 from ..core.history import DEFAULT_CHECKPOINT_EVERY, Amendment, parse_horizon
 from ..core.marks import DEFAULT_PRIORITY, MarkSource
 from ..core.positions import position_row
+from ..core.valuation import PositionValue, sum_known, value_position
 from ..stores.questdb import QuestDBClient, QuestDBWriter
 from ..web.server import JSON, BadRequest, query_int
 from .wiring import clickhouse_store, new_app, object_store
@@ -208,24 +209,11 @@ def build(config: PtrcConfig) -> App:
         account = request.query_params.get("account") or None
         accounts = [account] if account else keeper.book.accounts()
         by_account = [keeper.book.account_totals(a) for a in accounts if keeper.book.positions(a)]
-        by_symbol: dict[str, dict] = {}
+        by_symbol: dict[str, list[PositionValue]] = {}
         for position in keeper.book.positions(account):
-            mark = keeper.mark_of(position.symbol)
-            entry = by_symbol.setdefault(
-                position.symbol,
-                {"symbol": position.symbol, "net_qty": Decimal(0), "realized_pnl_gross": Decimal(0),
-                 "fees": Decimal(0), "realized_pnl_net": Decimal(0), "unrealized_pnl": Decimal(0),
-                 "total_pnl": Decimal(0), "day_pnl": Decimal(0), "mark": mark},
-            )
-            entry["net_qty"] += position.net_qty
-            entry["realized_pnl_gross"] += position.realized_pnl_gross
-            entry["fees"] += position.fees
-            entry["realized_pnl_net"] += position.realized_pnl_net
-            for name, value in (("unrealized_pnl", position.unrealized_pnl(mark)),
-                                ("total_pnl", position.total_pnl(mark)),
-                                ("day_pnl", position.day_pnl(mark))):
-                entry[name] = None if value is None or entry[name] is None else entry[name] + value
-        return JSON({"by_account": by_account, "by_symbol": sorted(by_symbol.values(), key=lambda e: e["symbol"])})
+            by_symbol.setdefault(position.symbol, []).append(value_position(position, keeper.mark_of(position.symbol)))
+        symbols = [symbol_totals(symbol, values) for symbol, values in sorted(by_symbol.items())]
+        return JSON({"by_account": by_account, "by_symbol": symbols})
 
     @app.page("/marks")
     async def marks(request):
@@ -301,6 +289,21 @@ def build(config: PtrcConfig) -> App:
         return True, {"fills": dict(keeper.outcomes), "pending_amendments": len(keeper.executions.pending())}
 
     return app
+
+
+def symbol_totals(symbol: str, values: list[PositionValue]) -> dict:
+    """One symbol's positions summed over accounts (a sum with an unknown term is null)."""
+    return {
+        "symbol": symbol,
+        "net_qty": sum_known(v.net_qty for v in values),
+        "realized_pnl_gross": sum_known(v.realized_pnl_gross for v in values),
+        "fees": sum_known(v.fees for v in values),
+        "realized_pnl_net": sum_known(v.realized_pnl_net for v in values),
+        "unrealized_pnl": sum_known(v.unrealized_pnl for v in values),
+        "total_pnl": sum_known(v.total_pnl for v in values),
+        "day_pnl": sum_known(v.day_pnl for v in values),
+        "mark": values[0].mark,
+    }
 
 
 def amendment_row(amendment: Amendment) -> dict:
