@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import datetime as _dt
 import json
+import logging
 import math
 import queue
 import re
@@ -62,6 +63,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import questdb as _qdb
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "QuestDBError",
