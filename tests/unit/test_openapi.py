@@ -17,7 +17,6 @@ from openapi_spec_validator import validate
 from posttrade.app import App
 from posttrade.config import SERVICES, load_config
 from posttrade.services import service_module
-from posttrade.streams.memory import MemoryTransport
 from posttrade.web.openapi import OPENAPI_PATH, RouteDocError, openapi_document, openapi_path
 from posttrade.web.server import JSON, build_web_app
 from starlette.routing import Route

@@ -7,7 +7,6 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import msgspec
-import pytest
 
 from posttrade.app import App
 from posttrade.streams.events import Fill, encode
