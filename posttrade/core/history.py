@@ -79,6 +79,7 @@ Status = Literal["applied", "duplicate", "conflict", "pending", "refused"]
 #: Why an applied message changed the position (the PositionUpdate's reason).
 ChangeReason = Literal["fill", "late", "correction", "bust", "opening"]
 
+
 class Execution:
     """One execution (NEW or OPENING) of a key's history, in the state it is in now."""
 
