@@ -60,7 +60,9 @@ class ServiceSection(_Section, kw_only=True):
 
 
 class NatsSection(_Section):
-    url: str = "nats://nats:4222"
+    # One server, or a cluster's: a YAML list, or one comma-separated string (what an
+    # environment variable holds). The client connects through any of them that answers.
+    url: str | list[str] = "nats://nats:4222"
     user: str | None = None
     password: str | None = None
     token: str | None = None

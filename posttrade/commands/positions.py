@@ -764,6 +764,7 @@ async def publish_openings(url: str, fills: list[Fill], acks: list) -> str | Non
     import nats.js.errors
     from nats.js import api
 
+    from posttrade.streams.nats import server_urls
     from posttrade.streams.subjects import fill_subject
 
     environ = os.environ
@@ -780,7 +781,7 @@ async def publish_openings(url: str, fills: list[Fill], acks: list) -> str | Non
 
     try:
         nc = await nats.connect(
-            url, name="posttrade-positions-load", connect_timeout=5, max_reconnect_attempts=2,
+            servers=server_urls(url), name="posttrade-positions-load", connect_timeout=5, max_reconnect_attempts=2,
             reconnect_time_wait=0.5, error_cb=on_error, **{k: v for k, v in options.items() if v},
         )
     except Exception as exc:  # noqa: BLE001 - nats-py raises several kinds
@@ -818,6 +819,10 @@ def _default_nats_url() -> str:
 
 
 def _without_password(url: str) -> str:
+    return ",".join(_one_without_password(one) for one in url.split(","))
+
+
+def _one_without_password(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if "@" in rest:
         rest = "***@" + rest.split("@", 1)[1]

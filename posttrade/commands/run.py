@@ -33,7 +33,7 @@ from pathlib import Path
 from posttrade.commands.demo import add_feed_options, settings_from
 from posttrade.commands.stack import print_stops
 from posttrade.demo.feed import DemoFeed, FeedSettings
-from posttrade.stack import SERVERS, Endpoints, StackError, endpoints
+from posttrade.stack import Endpoints, StackError, endpoints, stack_servers
 from posttrade.stack import down as stack_down
 from posttrade.stack import status as stack_status
 from posttrade.stack import up as stack_up
@@ -201,7 +201,7 @@ def run_up(args: argparse.Namespace) -> int:
             for result in fleet.stop_services():
                 if result.pid is not None:
                     print(f"  {result.name}: {result.outcome}", flush=True)
-        for result in stack_down(ep, names=[s.name for s in SERVERS if s.name not in running_before]):
+        for result in stack_down(ep, names=[s.name for s in stack_servers(ep) if s.name not in running_before]):
             if result.pid is not None:
                 print(f"  {result.name}: {result.outcome}", flush=True)
         if running_before:

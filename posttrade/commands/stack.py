@@ -10,6 +10,7 @@ from pathlib import Path
 
 from posttrade.stack import (
     HOME_ENV,
+    NATS_CLUSTER_ENV,
     PORT_ENV,
     Endpoints,
     ServerState,
@@ -43,6 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "--" + field.replace("_", "-"), type=int, dest=field, metavar="PORT",
             help=f"env {var}, default {default}",
         )  # fmt: skip
+    common.add_argument(
+        "--nats-cluster", type=int, choices=(1, 3, 5), metavar="NODES",
+        help=f"run NATS as a cluster of 3 (or 5) nodes, node i on the NATS ports + i; the services then "
+             f"use replicas 3 (env {NATS_CLUSTER_ENV}; default: the layout `up` last started, else 1)",
+    )  # fmt: skip
     parser = subparsers.add_parser("stack", help="run the local servers on 127.0.0.1", description=__doc__)
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     for name, help_text in ACTIONS.items():
@@ -52,7 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        ep = endpoints(home=args.home, **{field: getattr(args, field) for field in PORT_ENV})
+        ports = {field: getattr(args, field) for field in PORT_ENV}
+        ep = endpoints(home=args.home, nats_cluster=args.nats_cluster, **ports)
         return HANDLERS[args.action](ep)
     except (StackError, ValueError) as exc:
         print(f"posttrade stack {args.action}: {exc}", file=sys.stderr)

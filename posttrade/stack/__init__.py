@@ -5,16 +5,17 @@
 so it is no server here: each process opens its own data path under `Endpoints.chdb_dir`.
 """
 
-from .endpoints import HOME_ENV, PORT_ENV, Endpoints, endpoints
-from .servers import QUESTDB_VERSION, SERVERS, Server, StackError, chdb_version, fetch_questdb_jar
+from .endpoints import HOME_ENV, NATS_CLUSTER_ENV, PORT_ENV, Endpoints, NatsNode, endpoints
+from .servers import QUESTDB_VERSION, Server, StackError, chdb_version, fetch_questdb_jar, nats_server, stack_servers
 from .supervisor import ServerState, StopResult, down, log_tail, logfile, pidfile, status, up
 
 __all__ = [
     "HOME_ENV",
+    "NATS_CLUSTER_ENV",
     "PORT_ENV",
     "QUESTDB_VERSION",
-    "SERVERS",
     "Endpoints",
+    "NatsNode",
     "Server",
     "ServerState",
     "StackError",
@@ -25,7 +26,9 @@ __all__ = [
     "fetch_questdb_jar",
     "log_tail",
     "logfile",
+    "nats_server",
     "pidfile",
+    "stack_servers",
     "status",
     "up",
 ]

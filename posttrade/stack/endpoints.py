@@ -2,6 +2,10 @@
 
 One place reads the environment, so `posttrade stack`, the services' config overrides,
 the integration tests and the benchmarks always agree on the same addresses.
+
+NATS runs as one server (`nats`) or as a cluster of `nats_cluster` nodes (`nats-1`,
+`nats-2`, ...): node i (from 0) listens on the configured client, monitor and route
+ports + i, and keeps its data in a folder of its own.
 """
 
 from __future__ import annotations
@@ -18,12 +22,33 @@ HOST = "127.0.0.1"
 PORT_ENV = {
     "nats_port": "POSTTRADE_STACK_NATS_PORT",
     "nats_monitor_port": "POSTTRADE_STACK_NATS_MONITOR_PORT",
+    "nats_cluster_port": "POSTTRADE_STACK_NATS_CLUSTER_PORT",
     "valkey_port": "POSTTRADE_STACK_VALKEY_PORT",
     "questdb_http_port": "POSTTRADE_STACK_QUESTDB_HTTP_PORT",
     "questdb_pg_port": "POSTTRADE_STACK_QUESTDB_PG_PORT",
     "questdb_ilp_port": "POSTTRADE_STACK_QUESTDB_ILP_PORT",
 }
 HOME_ENV = "POSTTRADE_HOME"
+NATS_CLUSTER_ENV = "POSTTRADE_STACK_NATS_CLUSTER"
+NATS_CLUSTER_SIZES = (1, 3, 5)  # JetStream's replicated groups want an odd number of nodes
+# What a clustered stack's services use, for 3 nodes and for 5: a stream survives one
+# node's loss (R5 would add two copies to every write to survive a second loss as well).
+CLUSTER_REPLICAS = 3
+# Written by `up` while a cluster runs, so `env`, `status` and `down` find its layout
+# without being told again.
+NATS_CLUSTER_FILE = "run/nats-cluster"
+
+
+@dataclass(frozen=True)
+class NatsNode:
+    name: str  # its data folder, pidfile and log: "nats" alone, "nats-1" ... in a cluster
+    client_port: int
+    monitor_port: int
+    cluster_port: int | None  # the route port; None for a lone server
+
+    @property
+    def server_name(self) -> str:
+        return "posttrade_local" + self.name[len("nats"):].replace("-", "_")
 
 
 @dataclass(frozen=True)
@@ -31,19 +56,57 @@ class Endpoints:
     home: Path
     nats_port: int = 4222
     nats_monitor_port: int = 8222
+    nats_cluster_port: int = 6222  # only used by a cluster: its nodes' routes
     valkey_port: int = 6379
     questdb_http_port: int = 9000
     questdb_pg_port: int = 8812
     questdb_ilp_port: int = 9009
     host: str = HOST
+    nats_cluster: int = 1  # NATS nodes
 
     def __post_init__(self) -> None:
-        ports = {name: getattr(self, name) for name in PORT_ENV}
-        for name, port in ports.items():
+        if self.nats_cluster not in NATS_CLUSTER_SIZES:
+            raise ValueError(f"{NATS_CLUSTER_ENV}={self.nats_cluster}: a NATS cluster has 1, 3 or 5 nodes")
+        listening = self._listening()
+        for port, variable in listening:
             if not 0 < port < 65536:
-                raise ValueError(f"{PORT_ENV[name]}={port} is not a TCP port")
-        if len(set(ports.values())) != len(ports):
-            raise ValueError(f"two servers of the stack would share a port: {ports}")
+                raise ValueError(f"{variable}={port} is not a TCP port")
+        ports = [port for port, _ in listening]
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"two servers of the stack would share a port: {listening}")
+
+    def port_variables(self) -> dict[int, str]:
+        """Every port the stack listens on -> the variable (and node offset) that sets it."""
+        return dict(self._listening())
+
+    def _listening(self) -> list[tuple[int, str]]:
+        ports = [(getattr(self, name), var) for name, var in PORT_ENV.items() if not name.startswith("nats_")]
+        fields = {"client_port": "nats_port", "monitor_port": "nats_monitor_port", "cluster_port": "nats_cluster_port"}
+        for i, node in enumerate(self.nats_nodes):
+            for attribute, field in fields.items():
+                port = getattr(node, attribute)
+                if port is not None:
+                    ports.append((port, PORT_ENV[field] + (f" + {i}" if i else "")))
+        return ports
+
+    @property
+    def nats_nodes(self) -> tuple[NatsNode, ...]:
+        if self.nats_cluster == 1:
+            return (NatsNode("nats", self.nats_port, self.nats_monitor_port, None),)
+        return tuple(
+            NatsNode(f"nats-{i + 1}", self.nats_port + i, self.nats_monitor_port + i, self.nats_cluster_port + i)
+            for i in range(self.nats_cluster)
+        )
+
+    def nats_node(self, name: str) -> NatsNode:
+        for node in self.nats_nodes:
+            if node.name == name:
+                return node
+        raise ValueError(f"this stack has no NATS node {name!r} (its NATS runs as {self.nats_cluster} node(s))")
+
+    @property
+    def nats_urls(self) -> list[str]:
+        return [f"nats://{self.host}:{node.client_port}" for node in self.nats_nodes]
 
     # The host is the same for every server; the per-server names read better at call sites.
     @property
@@ -56,7 +119,12 @@ class Endpoints:
 
     @property
     def nats_url(self) -> str:
-        return f"nats://{self.host}:{self.nats_port}"
+        """Every node's URL, comma-separated: what `nats.url` takes from the environment."""
+        return ",".join(self.nats_urls)
+
+    @property
+    def nats_replicas(self) -> int:
+        return 1 if self.nats_cluster == 1 else CLUSTER_REPLICAS
 
     @property
     def questdb_http_url(self) -> str:
@@ -75,6 +143,7 @@ class Endpoints:
         """The config overrides that point the six services at this stack."""
         return {
             "POSTTRADE__NATS__URL": self.nats_url,
+            "POSTTRADE__NATS__REPLICAS": str(self.nats_replicas),
             "POSTTRADE__DATABASES__QUESTDB__HOST": self.questdb_host,
             "POSTTRADE__DATABASES__QUESTDB__PORT": str(self.questdb_http_port),
             "POSTTRADE__DATABASES__QUESTDB__PG_PORT": str(self.questdb_pg_port),
@@ -99,6 +168,11 @@ def endpoints(environ: Mapping[str, str] | None = None, **overrides: object) -> 
                 values[name] = int(environ[var])
             except ValueError:
                 raise ValueError(f"{var}={environ[var]!r} is not a port number") from None
+    if environ.get(NATS_CLUSTER_ENV):
+        try:
+            values["nats_cluster"] = int(environ[NATS_CLUSTER_ENV])
+        except ValueError:
+            raise ValueError(f"{NATS_CLUSTER_ENV}={environ[NATS_CLUSTER_ENV]!r} is not a number of nodes") from None
     known = {f.name for f in fields(Endpoints)}
     for name, value in overrides.items():
         if name not in known:
@@ -106,8 +180,29 @@ def endpoints(environ: Mapping[str, str] | None = None, **overrides: object) -> 
         if value is not None:
             values[name] = value
     # Absolute, because the servers run with their own data folder as working directory.
-    values["home"] = Path(values["home"]).expanduser().absolute()  # type: ignore[arg-type]
+    values["home"] = home = Path(values["home"]).expanduser().absolute()  # type: ignore[arg-type]
+    if "nats_cluster" not in values:
+        values["nats_cluster"] = running_cluster_size(home)
     return Endpoints(**values)  # type: ignore[arg-type]
 
 
-__all__ = ["HOME_ENV", "HOST", "PORT_ENV", "Endpoints", "endpoints"]
+def running_cluster_size(home: Path) -> int:
+    """The NATS nodes `up` last started under `home` (1 when no cluster was started)."""
+    try:
+        return int((home / NATS_CLUSTER_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return 1
+
+
+__all__ = [
+    "CLUSTER_REPLICAS",
+    "HOME_ENV",
+    "HOST",
+    "NATS_CLUSTER_ENV",
+    "NATS_CLUSTER_FILE",
+    "PORT_ENV",
+    "Endpoints",
+    "NatsNode",
+    "endpoints",
+    "running_cluster_size",
+]

@@ -9,6 +9,7 @@ ClickHouse is not among them: the project embeds it (chdb through clickhouse-con
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import redis
 
-from .endpoints import Endpoints
+from .endpoints import Endpoints, NatsNode
 
 QUESTDB_VERSION = "9.3.1"  # pinned: runs on Java 17, which 9.4+ (Java 25) no longer does
 
@@ -74,50 +75,79 @@ def _nats_binary() -> Path:
     return Path(found)
 
 
-def _nats_command(ep: Endpoints, folder: Path) -> list[str]:
-    conf = folder / "nats.conf"
+def _nats_config(ep: Endpoints, node: NatsNode, folder: Path) -> str:
     # json.dumps quotes the store path the way the NATS config parser reads strings.
-    conf.write_text(
-        "# Written by `posttrade stack up` on every start: change the endpoints, not this file.\n"
-        f'listen: "{ep.host}:{ep.nats_port}"\n'
-        f'http: "{ep.host}:{ep.nats_monitor_port}"\n'
-        "server_name: posttrade_local\n"
-        "jetstream {\n"
-        "  # JetStream keeps its data in a jetstream/ folder of its own under store_dir.\n"
-        f"  store_dir: {json.dumps(str(folder))}\n"
-        "  # Caps instead of the defaults (75% of RAM, most of the disk): the machine is shared.\n"
-        "  max_memory_store: 512MB\n"
-        "  max_file_store: 10GB\n"
-        "}\n"
-    )
-    return [str(_nats_binary()), "--config", str(conf)]
+    lines = [
+        "# Written by `posttrade stack up` on every start: change the endpoints, not this file.",
+        f'listen: "{ep.host}:{node.client_port}"',
+        f'http: "{ep.host}:{node.monitor_port}"',
+        f"server_name: {node.server_name}",
+        "jetstream {",
+        "  # JetStream keeps its data in a jetstream/ folder of its own under store_dir.",
+        f"  store_dir: {json.dumps(str(folder))}",
+        "  # Caps instead of the defaults (75% of RAM, most of the disk): the machine is shared.",
+        "  max_memory_store: 512MB",
+        "  max_file_store: 10GB",
+        "}",
+    ]
+    if node.cluster_port is not None:
+        # Every node lists every route, its own included (a server skips itself): the
+        # cluster forms whichever node starts first.
+        routes = ", ".join(f'"nats-route://{ep.host}:{other.cluster_port}"' for other in ep.nats_nodes)
+        lines += [
+            "cluster {",
+            "  name: posttrade_local",
+            f'  listen: "{ep.host}:{node.cluster_port}"',
+            f"  routes: [{routes}]",
+            "}",
+        ]
+    return "\n".join(lines) + "\n"
 
 
-def _nats_client_port_answers(ep: Endpoints) -> bool:
+def _nats_client_port_answers(ep: Endpoints, node: NatsNode) -> bool:
     # A NATS server greets every new client with an INFO line.
     try:
-        with socket.create_connection((ep.host, ep.nats_port), timeout=2) as client:
+        with socket.create_connection((ep.host, node.client_port), timeout=2) as client:
             return client.recv(5) == b"INFO "
     except OSError:
         return False
 
 
-def _nats_healthy(ep: Endpoints) -> bool:
-    # js-enabled-only: healthy means JetStream is up too. The monitor port alone could belong
-    # to a server whose client port is not the one configured now, so ask that one as well.
-    return _http_ok(
-        f"http://{ep.host}:{ep.nats_monitor_port}/healthz?js-enabled-only=true"
-    ) and _nats_client_port_answers(ep)
+def _nats_healthy(ep: Endpoints, node: NatsNode) -> bool:
+    # A lone server: JetStream enabled (js-enabled-only). A cluster node: the full check,
+    # which also wants a JetStream meta leader and every stream and consumer it holds
+    # caught up, i.e. the node is a working member again. The monitor port alone could
+    # belong to a server whose client port is not the one configured now, so ask that too.
+    query = "?js-enabled-only=true" if node.cluster_port is None else ""
+    return _http_ok(f"http://{ep.host}:{node.monitor_port}/healthz{query}") and _nats_client_port_answers(ep, node)
 
 
-NATS = Server(
-    name="nats",
-    executable="nats-server",
-    ports=lambda ep: {"client": ep.nats_port, "monitor": ep.nats_monitor_port},
-    command=_nats_command,
-    healthy=_nats_healthy,
-    start_timeout=20,
-)
+@functools.cache
+def nats_server(name: str) -> Server:
+    """The NATS node called `name` ("nats", or "nats-<i>" in a cluster); its ports come
+    from the endpoints it is given, so one Server serves every stack's node of that name."""
+
+    def node(ep: Endpoints) -> NatsNode:
+        return ep.nats_node(name)
+
+    def command(ep: Endpoints, folder: Path) -> list[str]:
+        conf = folder / "nats.conf"
+        conf.write_text(_nats_config(ep, node(ep), folder))
+        return [str(_nats_binary()), "--config", str(conf)]
+
+    def ports(ep: Endpoints) -> dict[str, int]:
+        n = node(ep)
+        found = {"client": n.client_port, "monitor": n.monitor_port}
+        return found | ({"cluster": n.cluster_port} if n.cluster_port is not None else {})
+
+    return Server(
+        name=name,
+        executable="nats-server",
+        ports=ports,
+        command=command,
+        healthy=lambda ep: _nats_healthy(ep, node(ep)),
+        start_timeout=20,
+    )
 
 
 # --- Valkey --------------------------------------------------------------------------------
@@ -284,8 +314,10 @@ QUESTDB = Server(
     nice=10,
 )
 
-# Slowest first, so its start overlaps with the others'.
-SERVERS: tuple[Server, ...] = (QUESTDB, NATS, VALKEY)
+def stack_servers(ep: Endpoints) -> tuple[Server, ...]:
+    """The servers of the stack `ep` describes: QuestDB, its NATS node(s), Valkey."""
+    # Slowest first, so its start overlaps with the others'.
+    return (QUESTDB, *(nats_server(node.name) for node in ep.nats_nodes), VALKEY)
 
 
 def chdb_version() -> str:

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from .endpoints import PORT_ENV, Endpoints, endpoints
-from .servers import SERVERS, Server, StackError
+from .endpoints import NATS_CLUSTER_FILE, Endpoints, endpoints
+from .servers import Server, StackError, nats_server, stack_servers
 
 STOP_TIMEOUT = 30.0  # SIGTERM grace period; QuestDB flushes and closes its tables on shutdown
 KILL_TIMEOUT = 5.0
@@ -201,7 +201,7 @@ def _wait_healthy(ep: Endpoints, pids: dict[Server, int]) -> dict[Server, str]:
 
 
 def _taken_ports(ep: Endpoints, servers: Iterable[Server]) -> list[str]:
-    env_var = {getattr(ep, field): var for field, var in PORT_ENV.items()}
+    env_var = ep.port_variables()
     return [
         f"{ep.host}:{port} ({server.name} {label}, {env_var[port]})"
         for server in servers
@@ -210,8 +210,13 @@ def _taken_ports(ep: Endpoints, servers: Iterable[Server]) -> list[str]:
     ]
 
 
-def up(ep: Endpoints | None = None) -> list[ServerState]:
-    """Make every server run and answer its health check; idempotent.
+def _nats_nodes_on_disk(ep: Endpoints) -> list[Server]:
+    """The NATS nodes with a pidfile under this home, whatever layout `ep` describes."""
+    return [nats_server(path.stem) for path in sorted((ep.home / "run").glob("nats*.pid"))]
+
+
+def up(ep: Endpoints | None = None, names: Iterable[str] | None = None) -> list[ServerState]:
+    """Make every server (or those named) run and answer its health check; idempotent.
 
     Servers already running from our pidfiles are kept. Raises StackError, after stopping
     whatever it started that did not become healthy, when a server cannot be started.
@@ -220,8 +225,16 @@ def up(ep: Endpoints | None = None) -> list[ServerState]:
     require_proc()
     for folder in (ep.home, ep.chdb_dir, ep.objects_dir):
         folder.mkdir(parents=True, exist_ok=True)
+    servers = _selected(ep, names)
     with _locked(ep):
-        running = {server: running_pid(ep, server) for server in SERVERS}
+        layout = stack_servers(ep)
+        other_layout = [s.name for s in _nats_nodes_on_disk(ep) if s not in layout and running_pid(ep, s)]
+        if other_layout:
+            raise StackError(
+                f"NATS runs here as {', '.join(other_layout)}, not as the {ep.nats_cluster} node(s) asked for: "
+                "`posttrade stack down` first"
+            )
+        running = {server: running_pid(ep, server) for server in servers}
         missing = [server for server, pid in running.items() if pid is None]
         taken = _taken_ports(ep, missing)
         if taken:
@@ -230,6 +243,12 @@ def up(ep: Endpoints | None = None) -> list[ServerState]:
                 + "\n  ".join(taken)
                 + "\nStop them, or choose other ports through the variables named above."
             )
+        # What runs here from now on, for the `env`, `status` and `down` that do not say.
+        cluster_file = ep.home / NATS_CLUSTER_FILE
+        if ep.nats_cluster > 1:
+            cluster_file.write_text(f"{ep.nats_cluster}\n")
+        else:
+            cluster_file.unlink(missing_ok=True)
         # Write every config (and fetch QuestDB) before starting anything, so a missing
         # binary or a failed download never leaves half a stack behind.
         commands = {}
@@ -316,23 +335,37 @@ def _stop(ep: Endpoints, servers: Iterable[Server]) -> list[StopResult]:
     return results
 
 
-def down(ep: Endpoints | None = None, names: Iterable[str] | None = None) -> list[StopResult]:
-    """Stop the servers `up` started (all, or those named), by the pids in their pidfiles."""
-    ep = ep or endpoints()
-    require_proc()
-    wanted = set(names) if names is not None else {server.name for server in SERVERS}
-    unknown = wanted - {server.name for server in SERVERS}
+def _selected(ep: Endpoints, names: Iterable[str] | None, extra: Iterable[Server] = ()) -> list[Server]:
+    known = list(stack_servers(ep)) + [server for server in extra if server not in stack_servers(ep)]
+    if names is None:
+        return known
+    wanted = set(names)
+    unknown = wanted - {server.name for server in known}
     if unknown:
         raise StackError(f"no such server in the stack: {', '.join(sorted(unknown))}")
+    return [server for server in known if server.name in wanted]
+
+
+def down(ep: Endpoints | None = None, names: Iterable[str] | None = None) -> list[StopResult]:
+    """Stop the servers `up` started (all, or those named), by the pids in their pidfiles.
+
+    NATS nodes are found by their pidfiles too, so a cluster is stopped whole even when
+    `ep` describes another layout."""
+    ep = ep or endpoints()
+    require_proc()
     with _locked(ep):
-        return _stop(ep, [server for server in SERVERS if server.name in wanted])
+        servers = _selected(ep, names, extra=_nats_nodes_on_disk(ep))
+        results = _stop(ep, servers)
+        if not _nats_nodes_on_disk(ep):
+            (ep.home / NATS_CLUSTER_FILE).unlink(missing_ok=True)
+        return results
 
 
 def status(ep: Endpoints | None = None) -> list[ServerState]:
     ep = ep or endpoints()
     require_proc()
     states = []
-    for server in SERVERS:
+    for server in stack_servers(ep):
         pid = running_pid(ep, server)
         states.append(ServerState(server, pid, healthy=pid is not None and server.healthy(ep)))
     return states

@@ -8,8 +8,12 @@ with AckPolicy.ALL a batch is committed by one `+ACK` on its last message.
 Ordering after a crash: JetStream redelivers an unacknowledged message only when its
 ack wait expires, by which time later messages may have been processed. Agents rely on
 in-order delivery (a position is a fold over fills), so when a durable consumer is
-opened with unacknowledged deliveries outstanding it is recreated at its ack floor + 1:
-what was in flight comes back first, in order, at once.
+opened with unacknowledged deliveries outstanding it is recreated where its
+acknowledged history ends (`resume_point`): what was in flight comes back first, in
+order, at once.
+
+Clusters: `url` is one server or several (a list, or one comma-separated string); the
+client connects through any that answers and follows the cluster from there.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import json
 import logging
 import ssl
 import time
-from datetime import timezone
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import nats
 import nats.errors
@@ -27,7 +33,7 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.js import api
 
-from .natslink import AckedPublisher, DeliveryCallback, LeanLink
+from .natslink import AckedPublisher, DeliveryCallback, LeanLink, LinkClosed
 from .transport import (
     Consumer,
     ConsumerSpec,
@@ -44,10 +50,20 @@ log = logging.getLogger(__name__)
 _NS = 1_000_000_000
 
 
+def server_urls(url: str | Sequence[str]) -> list[str]:
+    """The seed servers `url` names: one URL, a comma-separated string of them (what an
+    environment variable can hold) or a list (YAML)."""
+    parts = [url] if isinstance(url, str) else list(url)
+    urls = [u.strip() for part in parts for u in part.split(",") if u.strip()]
+    if not urls:
+        raise ValueError(f"no NATS server URL in {url!r}")
+    return urls
+
+
 class NatsTransport(Transport):
     def __init__(
         self,
-        url: str = "nats://127.0.0.1:4222",
+        url: str | Sequence[str] = "nats://127.0.0.1:4222",
         *,
         name: str = "posttrade",
         user: str | None = None,
@@ -60,7 +76,7 @@ class NatsTransport(Transport):
     ):
         if replicas < 1:
             raise ValueError("replicas must be >= 1")
-        self.url = url
+        self.servers = server_urls(url)
         self.replicas = replicas  # of the streams and changelog buckets this transport creates
         self._options = dict(
             name=name,
@@ -80,6 +96,7 @@ class NatsTransport(Transport):
         self.nc: NatsClient | None = None
         self.js = None
         self._closing = False
+        self._server = "no server"  # host:port of the server connected to, for the logs
 
     async def connect(self) -> None:
         if self.nc is not None and self.nc.is_connected:
@@ -91,15 +108,19 @@ class NatsTransport(Transport):
 
         async def on_disconnect() -> None:
             if not self._closing:
-                log.warning("NATS disconnected from %s; reconnecting", self.url)
+                log.warning("NATS disconnected from %s; reconnecting", self._server)
 
         async def on_reconnect() -> None:
-            log.info("NATS reconnected to %s", self.url)
+            # The server actually reached: in a cluster it is often not the one that went away.
+            self._server = self._connected_server()
+            log.info("NATS reconnected to %s", self._server)
 
         options = {k: v for k, v in self._options.items() if v is not None}
         self.nc = await nats.connect(
-            self.url,
-            max_reconnect_attempts=-1,  # a server that goes away is waited for, forever
+            servers=self.servers,
+            # A server that goes away is waited for, forever; this also makes the first
+            # connect go on to the next seed when one is down.
+            max_reconnect_attempts=-1,
             reconnect_time_wait=1,
             error_cb=on_error,
             disconnected_cb=on_disconnect,
@@ -108,19 +129,36 @@ class NatsTransport(Transport):
             **options,
         )
         self.js = self.nc.jetstream(timeout=self._request_timeout)
+        self._server = self._connected_server()
+
+    def _connected_server(self) -> str:
+        """host:port of the server nats-py is connected to (no credentials: it is logged)."""
+        url = self.nc.connected_url if self.nc is not None else None
+        return f"{url.hostname}:{url.port}" if url is not None else "no server"
 
     async def open_lean_link(self, on_message: DeliveryCallback, purpose: str = "publish") -> LeanLink:
+        """A lean connection to the server nats-py is connected to, else to the first seed
+        server that answers (the cluster moves on while nats-py reconnects)."""
         options = self._options
         nc = self.nc
-        return await LeanLink.open(
-            nc.connected_url.geturl() if nc is not None and nc.connected_url else self.url,
-            on_message,
-            user=options["user"],
-            password=options["password"],
-            token=options["token"],
-            tls=options["tls"],
-            name=f"{options['name']}-{purpose}",
-        )
+        candidates = list(self.servers)
+        if nc is not None and nc.connected_url is not None:
+            candidates.insert(0, nc.connected_url.geturl())
+        failures = []
+        for url in candidates:
+            try:
+                return await LeanLink.open(
+                    url,
+                    on_message,
+                    user=options["user"],
+                    password=options["password"],
+                    token=options["token"],
+                    tls=options["tls"],
+                    name=f"{options['name']}-{purpose}",
+                )
+            except (OSError, asyncio.TimeoutError) as exc:  # LinkClosed is an OSError too
+                failures.append(exc)
+        raise LinkClosed(f"no NATS server answered: {failures[-1]!r}")
 
     async def close(self) -> None:
         if self._publisher is not None:
@@ -243,7 +281,7 @@ class NatsTransport(Transport):
         return found
 
 
-async def forget_apps(url: str, app_names: list[str]) -> None:
+async def forget_apps(url: str | Sequence[str], app_names: list[str]) -> None:
     """Connect to `url` and forget each app (`NatsTransport.forget_app`): what tests and
     benchmarks call for the uniquely named instances they started."""
     transport = NatsTransport(url, name="posttrade-forget")
@@ -257,6 +295,47 @@ async def forget_apps(url: str, app_names: list[str]) -> None:
 
 async def _sequence_of(puback: asyncio.Future) -> int:
     return (await puback).seq
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a durable consumer with deliveries outstanding is recreated: a stream
+    sequence, a time, or (neither) its first configuration again."""
+
+    seq: int | None = None
+    time: datetime | None = None
+
+
+def resume_point(info: api.ConsumerInfo) -> ResumePoint | None:
+    """None when nothing delivered is unacknowledged (the consumer resumes as it is);
+    otherwise the first message that was delivered and not acknowledged.
+
+    Acknowledged history is read from consumer sequences, which count deliveries, and
+    never from an ack floor's stream sequence alone: until its first acknowledgement a
+    replicated (R3) consumer created at stream sequence S reports an ack floor of 0, a
+    single server S - 1, and "0 + 1" replayed the whole stream after every failover.
+    Before the first acknowledgement the consumer's own configured start is its position.
+    """
+    if info.num_ack_pending == 0 and info.delivered.consumer_seq <= info.ack_floor.consumer_seq:
+        return None
+    config = info.config
+    created_at = config.opt_start_seq if config.deliver_policy == api.DeliverPolicy.BY_START_SEQUENCE else None
+    if info.ack_floor.consumer_seq > 0:
+        # Something was acknowledged, so the floor's stream sequence is real; never below
+        # the configured start either (its messages before that were not this consumer's).
+        return ResumePoint(seq=max(info.ack_floor.stream_seq + 1, created_at or 1))
+    if created_at is not None:
+        return ResumePoint(seq=created_at)
+    if config.deliver_policy == api.DeliverPolicy.BY_START_TIME:
+        return ResumePoint(time=config.opt_start_time)
+    if config.deliver_policy == api.DeliverPolicy.NEW:
+        # "New" meant: stored after the consumer was created. A message stored in the same
+        # instant comes again, which the tables' per-key sequences make harmless.
+        return ResumePoint(time=info.created)
+    if config.deliver_policy == api.DeliverPolicy.ALL:
+        return ResumePoint(seq=1)
+    # The last message (per subject): what that is now, as when it was first created.
+    return ResumePoint()
 
 
 class NatsPullConsumer(Consumer):
@@ -283,11 +362,14 @@ class NatsPullConsumer(Consumer):
         self._max_messages = 0
         self._pending_cache: tuple[float, int] | None = None
 
-    def _config(self, start_seq: int | None = None) -> api.ConsumerConfig:
+    def _config(self, resume: ResumePoint | None = None) -> api.ConsumerConfig:
         start = self.spec.start
         kwargs: dict = {}
-        if start_seq is not None:
-            kwargs = dict(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq)
+        resume = resume or ResumePoint()
+        if resume.seq is not None:
+            kwargs = dict(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=resume.seq)
+        elif resume.time is not None:
+            kwargs = dict(deliver_policy=api.DeliverPolicy.BY_START_TIME, opt_start_time=resume.time)
         elif start.seq is not None:
             kwargs = dict(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start.seq)
         elif start.time is not None:
@@ -302,7 +384,7 @@ class NatsPullConsumer(Consumer):
         else:
             kwargs = dict(deliver_policy=api.DeliverPolicy.ALL)
         filters = list(self.spec.filter_subjects)
-        if start.last_per_subject and not filters and start_seq is None:
+        if start.last_per_subject and not filters and resume == ResumePoint():
             # JetStream wants a filter to know what "per subject" ranges over.
             filters = list(self._stream_subjects)
         if len(filters) == 1:
@@ -330,16 +412,18 @@ class NatsPullConsumer(Consumer):
             except nats.js.errors.NotFoundError:
                 info = await js.add_consumer(self.spec.stream, self._config())
             else:
-                if info.num_ack_pending > 0 or info.delivered.stream_seq > info.ack_floor.stream_seq:
-                    restart = info.ack_floor.stream_seq + 1
+                resume = resume_point(info)
+                if resume is not None:
                     log.info(
-                        "consumer %s had %d unacknowledged deliveries; restarting it at seq %d",
+                        "consumer %s had %d unacknowledged deliveries; restarting it at %s",
                         self.spec.durable,
                         info.num_ack_pending,
-                        restart,
+                        f"seq {resume.seq}" if resume.seq is not None
+                        else f"time {resume.time.isoformat()}" if resume.time is not None
+                        else "its first configuration",
                     )
                     await js.delete_consumer(self.spec.stream, self.spec.durable)
-                    info = await js.add_consumer(self.spec.stream, self._config(start_seq=restart))
+                    info = await js.add_consumer(self.spec.stream, self._config(resume))
         self.name = info.name
         transport = self.transport
         self._inbox = transport.nc.new_inbox()

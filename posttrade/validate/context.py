@@ -24,6 +24,7 @@ from ..config import SERVICES
 from ..stack.fleet import FleetError, service_section
 from ..stores.questdb import QuestDBClient
 from ..streams.events import encode
+from ..streams.nats import server_urls
 
 #: Besides the services, `--url` accepts these two servers.
 SERVERS = ("nats", "questdb")
@@ -85,6 +86,10 @@ def configured_port(service: str, environ: Mapping[str, str]) -> int:
 
 
 def _without_password(url: str) -> str:
+    return ",".join(_one_without_password(one) for one in url.split(","))
+
+
+def _one_without_password(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if "@" in rest:
         rest = "***@" + rest.split("@", 1)[1]
@@ -148,7 +153,7 @@ class GateContext:
         self.questdb = QuestDBClient(host=host, port=int(port or 9000), tls=scheme == "https", timeout=30.0)
         try:
             self.nc = await nats.connect(
-                self.targets.nats_url, name=f"posttrade-validate-{self.run_id}", connect_timeout=5,
+                servers=server_urls(self.targets.nats_url), name=f"posttrade-validate-{self.run_id}", connect_timeout=5,
                 max_reconnect_attempts=3, reconnect_time_wait=0.5, pending_size=128 * 1024 * 1024,
             )  # fmt: skip
         except Exception as exc:

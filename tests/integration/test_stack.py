@@ -16,6 +16,7 @@ import nats
 import redis
 
 from posttrade import stack as local_stack
+from posttrade.stack.supervisor import port_in_use
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -137,3 +138,42 @@ def test_lifecycle_of_an_isolated_stack(tmp_path: Path, stack: local_stack.Endpo
 
     assert _pids(stack.home) == main_pids  # the suite's own stack was not touched
     assert all(state.healthy for state in local_stack.status(stack))
+
+
+def test_a_clustered_stack_is_found_by_env_status_and_down_without_the_flag(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env = {**os.environ, local_stack.HOME_ENV: str(home)}
+    # Every single port free, and each NATS port + 1 and + 2 for the other two nodes.
+    ports = iter(_free_ports(len(local_stack.PORT_ENV) * 3))
+    for variable in local_stack.PORT_ENV.values():
+        while True:
+            base = next(ports)
+            span = range(base, base + (3 if "NATS" in variable else 1))
+            if not any(port_in_use("127.0.0.1", port) for port in span):
+                break
+        env[variable] = str(base)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "posttrade.cli", "stack", *args],
+            cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+
+    try:
+        started = cli("up", "--nats-cluster", "3")
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert sorted(_pids(home)) == ["nats-1", "nats-2", "nats-3", "questdb", "valkey"]
+        assert cli("status").returncode == 0
+        exports = cli("env").stdout
+        client = int(env["POSTTRADE_STACK_NATS_PORT"])
+        urls = ",".join(f"nats://127.0.0.1:{client + i}" for i in range(3))
+        assert f"export POSTTRADE__NATS__URL={urls}" in exports and "POSTTRADE__NATS__REPLICAS=3" in exports
+        monitor = int(env["POSTTRADE_STACK_NATS_MONITOR_PORT"])
+        routes = httpx.get(f"http://127.0.0.1:{monitor}/routez", timeout=5).json()
+        assert {route.get("remote_name") for route in routes["routes"]} == {"posttrade_local_2", "posttrade_local_3"}
+        stopped = cli("down")
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        assert _pids(home) == {} and _processes_under(home) == []
+        assert "POSTTRADE__NATS__REPLICAS=1" in cli("env").stdout  # the next `up` is one server again
+    finally:
+        cli("down")
