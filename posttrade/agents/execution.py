@@ -982,16 +982,7 @@ class ExecutionTracker:
             changes["busted"] = True
             order_after = None
         else:
-            corrected = _replace(
-                fill,
-                side=amendment.side,
-                qty=amendment.qty,
-                price=amendment.price,
-                fee=amendment.fee,
-                order_id=amendment.order_id if amendment.order_id is not None else fill.order_id,
-                venue=amendment.venue if amendment.venue is not None else fill.venue,
-                liquidity=amendment.liquidity if amendment.liquidity is not None else fill.liquidity,
-            )
+            corrected = fill.corrected_by(amendment)
             changes["fill"] = corrected
             order_after = corrected.order_id
             if order_after != fill.order_id:

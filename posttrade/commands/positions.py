@@ -662,6 +662,8 @@ def run_load(args: argparse.Namespace) -> int:
     if not openings:
         print("nothing to publish", file=report)
         return 0
+    from posttrade.streams.nats import without_passwords  # imports nats-py: only to publish
+
     url = args.nats_url or _default_nats_url()
     acks: list = []
     try:
@@ -670,7 +672,7 @@ def run_load(args: argparse.Namespace) -> int:
         for text in opening_lines(openings, acks):
             print(text, file=report)
         print(
-            f"{name}: publishing to {_without_password(url)} failed after {len(acks)} of {len(openings)} "
+            f"{name}: publishing to {without_passwords(url)} failed after {len(acks)} of {len(openings)} "
             f"opening(s): {_describe(exc)}; running the same load again is safe (same ids)",
             file=sys.stderr,
         )
@@ -681,7 +683,7 @@ def run_load(args: argparse.Namespace) -> int:
         print(text, file=report)
     duplicates = sum(1 for ack in acks if ack.duplicate)
     print(
-        f"published {len(acks) - duplicates} opening(s) to {_without_password(url)}"
+        f"published {len(acks) - duplicates} opening(s) to {without_passwords(url)}"
         + (f"; {duplicates} already on the bus (same Nats-Msg-Id)" if duplicates else ""),
         file=report,
     )
@@ -764,7 +766,7 @@ async def publish_openings(url: str, fills: list[Fill], acks: list) -> str | Non
     import nats.js.errors
     from nats.js import api
 
-    from posttrade.streams.nats import server_urls
+    from posttrade.streams.nats import server_urls, without_passwords
     from posttrade.streams.subjects import fill_subject
 
     environ = os.environ
@@ -786,7 +788,7 @@ async def publish_openings(url: str, fills: list[Fill], acks: list) -> str | Non
         )
     except Exception as exc:  # noqa: BLE001 - nats-py raises several kinds
         why = _describe(errors[-1] if errors else exc)
-        raise OSError(f"cannot connect to NATS at {_without_password(url)}: {why}") from None
+        raise OSError(f"cannot connect to NATS at {without_passwords(url)}: {why}") from None
     created = None
     try:
         js = nc.jetstream(timeout=10)
@@ -817,13 +819,3 @@ def _default_nats_url() -> str:
 
     return os.environ.get("POSTTRADE__NATS__URL") or endpoints().nats_url
 
-
-def _without_password(url: str) -> str:
-    return ",".join(_one_without_password(one) for one in url.split(","))
-
-
-def _one_without_password(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        rest = "***@" + rest.split("@", 1)[1]
-    return scheme + sep + rest

@@ -455,17 +455,7 @@ class ExecutionBook:
             if position is not None:
                 position.busts += 1
         else:
-            current = target.fill
-            target.fill = msgspec.structs.replace(
-                current,
-                side=fill.side,
-                qty=fill.qty,
-                price=fill.price,
-                fee=fill.fee,
-                order_id=fill.order_id if fill.order_id is not None else current.order_id,
-                venue=fill.venue if fill.venue is not None else current.venue,
-                liquidity=fill.liquidity if fill.liquidity is not None else current.liquidity,
-            )
+            target.fill = target.fill.corrected_by(fill)
             if position is not None:
                 position.corrections += 1
         target.amendments = [*target.amendments, fill.fill_id]

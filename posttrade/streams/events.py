@@ -152,6 +152,20 @@ class Fill(Event, frozen=True):
     def is_amendment(self) -> bool:
         return self.exec_type == "CORRECT" or self.exec_type == "BUST"
 
+    def corrected_by(self, correction: Fill) -> Fill:
+        """This execution as a CORRECT leaves it: the correction's side, qty, price and
+        fee; its order, venue and liquidity where it gives them; id, time and type kept."""
+        return msgspec.structs.replace(
+            self,
+            side=correction.side,
+            qty=correction.qty,
+            price=correction.price,
+            fee=correction.fee,
+            order_id=correction.order_id if correction.order_id is not None else self.order_id,
+            venue=correction.venue if correction.venue is not None else self.venue,
+            liquidity=correction.liquidity if correction.liquidity is not None else self.liquidity,
+        )
+
 
 class Order(Event, frozen=True):
     """An order as the OMS saw it; `ts` is the arrival time for a NEW order."""

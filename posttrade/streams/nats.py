@@ -60,6 +60,16 @@ def server_urls(url: str | Sequence[str]) -> list[str]:
     return urls
 
 
+def without_passwords(url: str | Sequence[str]) -> str:
+    """The server URLs as one comma-separated string with any credentials masked, for
+    messages and logs."""
+    masked = []
+    for one in server_urls(url):
+        scheme, sep, rest = one.partition("://")
+        masked.append(scheme + sep + ("***@" + rest.split("@", 1)[1] if "@" in rest else rest))
+    return ",".join(masked)
+
+
 class NatsTransport(Transport):
     def __init__(
         self,

@@ -24,7 +24,7 @@ from ..config import SERVICES
 from ..stack.fleet import FleetError, service_section
 from ..stores.questdb import QuestDBClient
 from ..streams.events import encode
-from ..streams.nats import server_urls
+from ..streams.nats import server_urls, without_passwords
 
 #: Besides the services, `--url` accepts these two servers.
 SERVERS = ("nats", "questdb")
@@ -49,7 +49,7 @@ class Targets:
     ptrc_token: str | None = None
 
     def urls(self) -> dict[str, str]:
-        return {**self.services, "nats": _without_password(self.nats_url), "questdb": self.questdb_url}
+        return {**self.services, "nats": without_passwords(self.nats_url), "questdb": self.questdb_url}
 
 
 def parse_url_overrides(pairs: list[str] | None) -> dict[str, str]:
@@ -84,16 +84,6 @@ def configured_port(service: str, environ: Mapping[str, str]) -> int:
     except (FleetError, KeyError, TypeError, ValueError) as exc:
         raise GateError(f"{service}: no usable service.port in its config ({exc})") from None
 
-
-def _without_password(url: str) -> str:
-    return ",".join(_one_without_password(one) for one in url.split(","))
-
-
-def _one_without_password(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        rest = "***@" + rest.split("@", 1)[1]
-    return scheme + sep + rest
 
 
 def new_run_id() -> str:
@@ -158,7 +148,7 @@ class GateContext:
             )  # fmt: skip
         except Exception as exc:
             await self.aclose()
-            raise GateError(f"cannot connect to NATS at {_without_password(self.targets.nats_url)}: {exc!r}") from None
+            raise GateError(f"cannot connect to NATS at {without_passwords(self.targets.nats_url)}: {exc!r}") from None
         self.js = self.nc.jetstream()
         return self
 
