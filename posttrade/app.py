@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 DLQ_STREAM = StreamSpec(name="DLQ", subjects=("posttrade.dlq.>",))
 
 AgentFn = Callable[[Stream], Awaitable[None]]
+#: How long a start waits for the bus to answer stream and bucket requests.
+START_RETRY_S = 60.0
 HealthCheck = Callable[[], Awaitable[tuple[bool, Any]]]
 
 
@@ -456,12 +458,19 @@ class App:
         """Connect, declare streams, recover tables, start agents and timers."""
         self.stopping = False
         await self.transport.connect()
-        await self.transport.ensure_stream(DLQ_STREAM)
-        for channel in self.channels.values():
-            await self.transport.ensure_stream(channel.stream)
-        with recovering():
-            for table in self.tables.values():
-                await table.open(self.transport)
+        deadline = time.monotonic() + START_RETRY_S
+        while True:
+            try:
+                await self._declare_and_recover()
+                break
+            except TimeoutError as exc:
+                # A clustered bus that just lost a node answers stream and bucket requests
+                # again once their groups have elected leaders: wait for it, as for a
+                # server that went away, instead of exiting.
+                if time.monotonic() >= deadline:
+                    raise
+                log.warning("%s: the bus did not answer (%r); trying again", self.name, exc)
+                await asyncio.sleep(1.0)
         for hook in self.on_startup:
             await hook()
         for runner in self.agents.values():
@@ -470,6 +479,15 @@ class App:
             self._timer_tasks.append(asyncio.create_task(self._run_timer(timer), name=f"timer:{timer.name}"))
         self.started = True
         self.started_at = time.time()
+
+    async def _declare_and_recover(self) -> None:
+        """The streams declared and the tables read back (both can be done again)."""
+        await self.transport.ensure_stream(DLQ_STREAM)
+        for channel in self.channels.values():
+            await self.transport.ensure_stream(channel.stream)
+        with recovering():
+            for table in self.tables.values():
+                await table.open(self.transport)
 
     async def _run_timer(self, timer: Timer) -> None:
         next_run = time.monotonic() + timer.interval

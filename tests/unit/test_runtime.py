@@ -323,3 +323,31 @@ async def test_a_crash_rolls_back_only_the_crashing_agents_changes():
     app.rollback_tables("crasher")
     assert "A" not in totals
     assert other["k"] == 1 and other.dirty == 1
+
+
+async def test_a_start_waits_for_a_bus_that_does_not_answer_yet(monkeypatch):
+    """Stream requests that time out (a cluster electing leaders) are tried again; the
+    app starts once they answer, with its tables read back."""
+    monkeypatch.setattr("posttrade.app.asyncio.sleep", _no_wait)
+    transport = MemoryTransport()
+    answers = iter([TimeoutError("nats: timeout"), TimeoutError("nats: timeout")])
+    ensure_stream = transport.ensure_stream
+
+    async def electing(spec):
+        failure = next(answers, None)
+        if failure is not None:
+            raise failure
+        return await ensure_stream(spec)
+
+    monkeypatch.setattr(transport, "ensure_stream", electing)
+    app = App("svc", transport)
+    table = app.table("totals", value_type=int)
+    async with app:
+        assert app.started and next(answers, None) is None and len(table) == 0
+
+
+_real_sleep = asyncio.sleep
+
+
+async def _no_wait(seconds: float) -> None:
+    await _real_sleep(0)
