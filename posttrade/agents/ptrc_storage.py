@@ -56,11 +56,16 @@ class TradeRow(msgspec.Struct, frozen=True):
     state: str
 
 
-def _row(fill: Fill, state: str, realized: Decimal | None = None, net_qty_after: Decimal | None = None) -> TradeRow:
+def _row(
+    source: Fill | PositionUpdate, state: str, realized: Decimal | None = None, net_qty_after: Decimal | None = None
+) -> TradeRow:
+    """A row of `source`: an execution or amendment (a Fill), or the message an update
+    carries (the same field names)."""
     return TradeRow(
-        fill.ts, fill.fill_id, fill.account, fill.symbol, fill.side, fill.qty, fill.price, fill.fee, realized,
-        fill.order_id, fill.venue, net_qty_after, fill.exec_type, fill.ref_fill_id, state,
-    )
+        source.ts, source.fill_id, source.account, source.symbol, source.side, source.qty, source.price,
+        source.fee, realized, source.order_id, source.venue, net_qty_after, source.exec_type or "NEW",
+        source.ref_fill_id, state,
+    )  # type: ignore[arg-type]
 
 
 def trade_rows(update: PositionUpdate) -> list[TradeRow]:
@@ -68,22 +73,16 @@ def trade_rows(update: PositionUpdate) -> list[TradeRow]:
     is a row of its own, plus its execution's row in the final state, which lands on the
     execution's first row (same `ts` and `fill_id`: the table's dedup keys). Amendments
     that were waiting for the execution get rows of their own too."""
-    fill_id = update.fill_id
-    if fill_id is None:
+    if update.fill_id is None:
         return []  # a roll
-    message = Fill(
-        ts=update.ts, fill_id=fill_id, account=update.account, symbol=update.symbol, side=update.side, qty=update.qty,
-        price=update.price, fee=update.fee, order_id=update.order_id, venue=update.venue,
-        exec_type=update.exec_type or "NEW", ref_fill_id=update.ref_fill_id,
-    )  # fmt: skip
     execution, state = update.execution, update.execution_state
-    if message.is_amendment:
-        rows = [_row(message, "amendment", update.realized_pnl_fill, update.net_qty)]
+    if update.exec_type in ("CORRECT", "BUST"):
+        rows = [_row(update, "amendment", update.realized_pnl_fill, update.net_qty)]
         if execution is not None and state is not None:
             rows.append(_row(execution, state))
         return rows
     if execution is None or state is None:
-        return [_row(message, "active", update.realized_pnl_fill, update.net_qty)]
+        return [_row(update, "active", update.realized_pnl_fill, update.net_qty)]
     return [_row(execution, state, update.realized_pnl_fill, update.net_qty)] + [
         _row(amendment, "amendment") for amendment in update.released
     ]

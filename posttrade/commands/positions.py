@@ -283,8 +283,7 @@ class Replay:
         return [o for o in self.outcomes.values() if o.status in ("conflict", "pending", "refused")]
 
 
-#: The kind of an applied record, by its exec_type (a NEW is a "fill", or "late" when
-#: it arrived after a NEW of its key with a later ts).
+#: The kind of an applied amendment or opening, by its exec_type.
 _KIND = {"OPENING": "opening", "CORRECT": "correction", "BUST": "bust"}
 
 
@@ -298,11 +297,10 @@ def replay(
     """Feed (line, fill, raw) records, in arrival order, to a fresh `ExecutionBook`."""
     book = ExecutionBook(multipliers, horizon_ns=horizon_ns)
     for symbol, price in marks.items():
-        book.set_mark(symbol, price)
+        book.positions.set_mark(symbol, price)
     result = Replay(book)
     outcomes = result.outcomes
     first_line: dict[str, int] = {}
-    latest: dict[tuple[str, str], int] = {}  # key -> the latest ts of an applied NEW
     for number, fill, raw in records:
         answer = book.receive(fill, number, raw)
         outcome = outcomes[number] = Outcome(number, fill, answer.status, answer.reason)
@@ -311,13 +309,9 @@ def replay(
         elif answer.status != "duplicate":
             first_line[fill.fill_id] = number
         if answer.status == "applied":
-            outcome.reason = _KIND.get(fill.exec_type, "fill")
-            if fill.exec_type == "NEW":
-                key = (fill.account, fill.symbol)
-                if fill.ts < latest.get(key, fill.ts):
-                    outcome.reason = "late"
-                else:
-                    latest[key] = fill.ts
+            # The record's own kind: the book names a NEW that released amendments after
+            # them, and those are counted as records of their own below.
+            outcome.reason = answer.reason if answer.reason in ("fill", "late") else _KIND.get(fill.exec_type, "fill")
         # Pending amendments this record decided, and those it made expire.
         for settled in answer.settled:
             earlier = outcomes[settled.amendment.seq]

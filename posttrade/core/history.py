@@ -344,12 +344,7 @@ class ExecutionBook:
         entries.append(execution)
         result = Result("applied", "fill", position, position.realized_pnl_gross - realized_before)  # type: ignore[union-attr]
         if newest is None or ts > newest:
-            history.newest = ts
-            self._changed_keys.add(history.key)
-            if history.pending or history.refused:
-                self._expire(history, result)
-            if place >= every - 1 and entries[every - 1].first.ts < ts - self.horizon:
-                self._fold(history)
+            self._advance(history, ts, result)
         return result
 
     def _new(self, history: History, fill: Fill, seq: int) -> Result:
@@ -384,7 +379,6 @@ class ExecutionBook:
         result.settled = settled
         if any(s.applied for s in settled):
             result.execution = execution
-        self._changed_keys.add(history.key)
         return result
 
     def _amend(self, history: History, fill: Fill, seq: int, raw: bytes | None) -> Result:
@@ -592,7 +586,8 @@ class ExecutionBook:
         if history.newest is not None and ts <= history.newest:
             return
         history.newest = ts
-        self._changed_keys.add(history.key)
+        if history.folded:  # only a folded key has a record to keep (`history_record`)
+            self._changed_keys.add(history.key)
         if history.pending or history.refused:
             self._expire(history, result)
         entries, every = history.entries, self.every
@@ -639,6 +634,7 @@ class ExecutionBook:
         del entries[:count]
         del checkpoints[:blocks]
         history.folded += count
+        self._changed_keys.add(history.key)
 
     def _retire(self, fill_id: str) -> None:
         """Drop the record of an id past its horizon before the id is used again. An
@@ -739,9 +735,6 @@ class ExecutionBook:
 
     def history(self, account: str, symbol: str) -> History | None:
         return self._histories.get((account, symbol))
-
-    def histories(self) -> Iterable[History]:
-        return self._histories.values()
 
     def effective_history(self, account: str, symbol: str) -> list[Fill]:
         """The openings, then the live executions in order, as in force now (the folded
@@ -846,11 +839,6 @@ class ExecutionBook:
             history.position = self.positions.get(history.account, history.symbol)
         for amendment in sorted((a for h in self._histories.values() for a in h.pending), key=lambda a: a.seq):
             self._wait(amendment)
-
-    # -- market data and reads through the position book -----------------------------------
-
-    def set_mark(self, symbol: str, price: Decimal | str | int) -> None:
-        self.positions.set_mark(symbol, price)
 
 
 #: Position fields a re-derivation keeps from the position it replaces.

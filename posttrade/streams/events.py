@@ -148,10 +148,6 @@ class Fill(Event, frozen=True):
         elif ref is not None:
             raise ValueError(f"ref_fill_id is only for CORRECT and BUST, not {exec_type}")
 
-    @property
-    def is_amendment(self) -> bool:
-        return self.exec_type == "CORRECT" or self.exec_type == "BUST"
-
     def corrected_by(self, correction: Fill) -> Fill:
         """This execution as a CORRECT leaves it: the correction's side, qty, price and
         fee; its order, venue and liquidity where it gives them; id, time and type kept."""

@@ -25,7 +25,7 @@ import nats
 import redis
 
 from posttrade.core.history import ExecutionBook
-from posttrade.core.positions import position_row
+from posttrade.core.positions import PositionBook, position_row
 from posttrade.streams.events import Fill, Quote, encode
 from posttrade.streams.subjects import fill_subject, quote_subject
 
@@ -95,8 +95,13 @@ def expected_rows(messages: list[Fill]) -> tuple[ExecutionBook, dict]:
     for seq, message in enumerate(messages, start=1):
         book.receive(message, seq)
     for symbol, mark in MARKS.items():
-        book.set_mark(symbol, mark)
+        book.positions.set_mark(symbol, mark)
     rows = {(p.account, p.symbol): position_row(p, book.positions.mark(p.symbol)) for p in book.positions}
+    # The rule itself: a fresh book over each key's effective history gives these rows.
+    fresh = PositionBook(MULTIPLIERS, marks=MARKS)
+    for account, symbol in rows:
+        fresh.apply_many(book.effective_history(account, symbol))
+    assert {(p.account, p.symbol): position_row(p, MARKS[p.symbol]) for p in fresh} == rows
     return book, rows
 
 

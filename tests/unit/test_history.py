@@ -711,7 +711,7 @@ def feeds(draw, ts_span: int):
 
     for j in range(draw(st.integers(0, 10))):
         pos = draw(st.integers(0, len(seq)))
-        earlier = [f.fill_id for f in seq[:pos] if f.is_amendment]
+        earlier = [f.fill_id for f in seq[:pos] if f.exec_type in ("CORRECT", "BUST")]
         ref = draw(st.sampled_from(sorted(root_key.keys() - {f"a{i}" for i in range(j)}) + earlier))
         account, symbol = root_key[ref]
         if draw(st.integers(0, 9)) == 0:
