@@ -12,9 +12,8 @@ rebuilt into the book whenever the agent (re)starts:
 
 Per message:
 
-1. skip it if the position's key already applied this stream sequence (redelivery);
-2. hand it to the book and write what changed to the tables;
-3. when the position changed, publish a `PositionUpdate` with the next revision of the
+1. hand it to the book (a redelivered message is a resend to it: its id is known) and write what changed to the tables;
+2. when the position changed, publish a `PositionUpdate` with the next revision of the
    key (msg id `pos:<revision>:<account>:<symbol>`), and the compliance alerts of a new
    execution; a conflicting resend, a pending amendment and a refusal raise an alert
    of their own (msg id `alert:<alert_id>`); a refused message, or a pending one that is
@@ -204,12 +203,10 @@ class PositionKeeper:
     async def _track_positions(self, stream: Stream) -> None:
         # Also after a crash, which rolled the tables back.
         self._rebuild_book()
-        positions = self.positions
         async for event in stream.events():
             fill: Fill = event.value
-            key = (fill.account, fill.symbol)
-            if positions.already_applied(key):
-                continue  # redelivered: this message is in the position already
+            # A redelivered message is a resend to the book (its id is known): the id index,
+            # not the position's last sequence, says whether it was applied.
             executions = self.executions
             result = executions.receive(fill, event.seq, event.delivery.data)
             self._store_changes()

@@ -834,9 +834,19 @@ class ExecutionBook:
                     history.pending.append(amendment)
                 elif record.status == "refused":
                     history.refused.append(amendment)
-        for history in self._histories.values():
-            history.entries.sort(key=_sort_key)
-            history.position = self.positions.get(history.account, history.symbol)
+        saved = getcontext()
+        setcontext(EXACT)
+        try:
+            for history in self._histories.values():
+                history.entries.sort(key=_sort_key)
+                history.position = self.positions.get(history.account, history.symbol)
+                if history.entries or history.openings or history.folded:
+                    # The tables are committed one after another, so a crash can leave a
+                    # stored position ahead of or behind its executions: the executions
+                    # (and the base) decide; the position keeps only what is not derived.
+                    self._rederive(history, None if not history.folded else 0, "fill")
+        finally:
+            setcontext(saved)
         for amendment in sorted((a for h in self._histories.values() for a in h.pending), key=lambda a: a.seq):
             self._wait(amendment)
 
