@@ -128,6 +128,7 @@ def synthetic_fills(start: int, n: int, clock: int, rng: np.random.Generator) ->
         "order_id": strings("o", i // 10),
         "account": strings("ACC", i % 20),
         "symbol": strings("SYM", i % 200),
+        "currency": pa.array(np.full(n, "USD")),  # the symbols are not in the reference data
         "venue": strings("V", i % 5),
         "side": pa.array(np.where(buy, "BUY", "SELL")),
         "liquidity": pa.array(np.where(i % 3 == 0, "MAKER", "TAKER")),
@@ -135,6 +136,7 @@ def synthetic_fills(start: int, n: int, clock: int, rng: np.random.Generator) ->
         "qty": decimals(qty, 0),
         "price": decimals(price, 4),
         "fee": decimals(qty, 3),
+        "fee_currency": pa.array(np.full(n, "USD")),
         "notional": decimals(qty * price, 4),
         "arrival_ts": timestamps(ts - 50_000_000),
         "arrival_mid": decimals(arrival, 4),
@@ -167,6 +169,7 @@ def synthetic_orders(n: int, clock: int, rng: np.random.Generator) -> pa.Table:
         "order_id": strings("o", i),
         "account": strings("ACC", (i * 10) % 20),
         "symbol": strings("SYM", (i * 10) % 200),
+        "currency": pa.array(np.full(n, "USD")),
         "venue": strings("V", (i * 10) % 5),
         "side": pa.array(np.where(i % 2 == 0, "BUY", "SELL")),
         "order_type": pa.array(np.full(n, "LIMIT")),
@@ -181,6 +184,7 @@ def synthetic_orders(n: int, clock: int, rng: np.random.Generator) -> pa.Table:
         "fill_ratio": decimals(filled * 1_000_000 // qty, 6),
         "filled_notional": decimals(filled * mid, 4),
         "fees": decimals(filled, 3),
+        "fees_other": pa.array([[]] * n, _arrow_type(next(c for c in ORDER_COLUMNS if c.name == "fees_other"))),
         "benchmark_notional": decimals(qty * mid, 4),
         "implementation_shortfall": decimals(rng.integers(-500, 1500, n), 2),
         "implementation_shortfall_bps": decimals(rng.integers(-50_000_000, 150_000_000, n), 8, 8),
@@ -198,7 +202,7 @@ def _arrow_type(column) -> pa.DataType:
     return {
         "string": pa.string(), "ts": pa.timestamp("ns", tz="UTC"), "d18": pa.decimal128(38, 18),
         "bps": pa.decimal128(38, 8), "int64": pa.int64(), "uint8": pa.uint8(), "uint16": pa.uint16(), "uint32": pa.uint32(),
-        "uint64": pa.uint64(),
+        "uint64": pa.uint64(), "d18_map": pa.map_(pa.string(), pa.decimal128(38, 18)),
     }[column.arrow]
 
 

@@ -16,9 +16,15 @@ Also read from the service's /metrics: `pnl_position_visible_seconds`, measured 
 the service from the moment JetStream stored each update to its P&L being in memory
 (coarse: histogram buckets).
 
-Writes benchmarks/results/pnl.json and prints a table.
+With `--currencies` the positions are in three currencies (S1 and S3 in JPY, S2 in
+EUR, S0 in USD; the accounts' base is USD) and every tick also moves an FX quote
+(USDJPY or EURUSD): each FX move revalues every position converted through it. `--both`
+runs the plain case and then that one against the same service settings, and reports
+the ratio of their p99s (what FX costs the P&L path).
 
-    python benchmarks/pnl.py [--rate 1000] [--seconds 10] [--keys 200]
+Writes benchmarks/results/pnl.json (with `--both`: pnl_fx.json) and prints a table.
+
+    python benchmarks/pnl.py [--rate 1000] [--seconds 10] [--keys 200] [--currencies | --both]
 
 Run with the stack's environment (`eval "$(posttrade stack env)"`).
 """
@@ -58,6 +64,14 @@ RESULTS = Path(__file__).parent / "results" / "pnl.json"
 T_MS = 10  # publishing tick
 PROBE_EVERY_TICKS = 2  # a probe every 20 ms
 SYMBOLS = ("S0", "S1", "S2", "S3")
+FX_SYMBOLS = ("USDJPY", "EURUSD")
+#: The reference data of `--currencies` (JSON is YAML).
+CURRENCIES_REFERENCE = {
+    "instruments": {
+        "S1": {"currency": "JPY"}, "S2": {"currency": "EUR"}, "S3": {"currency": "JPY"},
+        "USDJPY": {"fx": {"base": "USD", "quote": "JPY"}}, "EURUSD": {"fx": {"base": "EUR", "quote": "USD"}},
+    },
+}
 
 
 class BenchNames:
@@ -85,9 +99,10 @@ class BenchNames:
             bars=channel("bars", "BARS", Bar),
         )
 
-    def env(self, port: int) -> dict[str, str]:
+    def env(self, port: int, reference: str | None = None) -> dict[str, str]:
         return {
             **stack.endpoints().service_env(),
+            **({"POSTTRADE_PNL__REFERENCE_FILE": reference} if reference else {}),
             "POSTTRADE_PNL__SERVICE__NAME": self.app,
             "POSTTRADE_PNL__SERVICE__PORT": str(port),
             "POSTTRADE_PNL__PNL__KEY_PREFIX": self.prefix,
@@ -96,11 +111,11 @@ class BenchNames:
         }
 
 
-def serve(suffix: str, port: int) -> None:
+def serve(suffix: str, port: int, reference: str | None = None) -> None:
     """The service process: pnl.build on the benchmark's streams, run until SIGTERM."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     names = BenchNames(suffix)
-    config = load_config("pnl", pnl.CONFIG, env={**os.environ, **names.env(port)})
+    config = load_config("pnl", pnl.CONFIG, env={**os.environ, **names.env(port, reference)})
     app = pnl.build(config, channels=names.channels)
     asyncio.run(app.run(host="127.0.0.1", port=port))
 
@@ -149,7 +164,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def run(rate: int, seconds: float, key_count: int, port: int, names: BenchNames, pid: int) -> dict:
+async def run(rate: int, seconds: float, key_count: int, port: int, names: BenchNames, pid: int,
+              currencies: bool = False) -> dict:  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient(base_url=base, timeout=10) as http:
         deadline = time.monotonic() + 60
@@ -173,6 +189,7 @@ async def run(rate: int, seconds: float, key_count: int, port: int, names: Bench
         positions = [Position(a, s) for a in accounts for s in SYMBOLS]
         probe = Position("PROBE", "XYZ")
         mids = {s: Decimal(100) for s in SYMBOLS}
+        fx_mids = {"USDJPY": Decimal("150.00"), "EURUSD": Decimal("1.0800")}
         published: dict[int, float] = {}  # probe fill_count -> perf_counter at publish
         seen: dict[int, float] = {}  # probe fill_count -> latency upper bound (s)
         seen_low: dict[int, float] = {}  # ... and lower bound (s)
@@ -246,6 +263,12 @@ async def run(rate: int, seconds: float, key_count: int, port: int, names: Bench
             mids[symbol] += Decimal(rng.randint(-5, 5)) / 100
             await nc.publish(names.subject("QUOTES", symbol),
                              encode(Quote(ts=now, symbol=symbol, bid=mids[symbol] - Decimal("0.01"), ask=mids[symbol] + Decimal("0.01"))))
+            if currencies:
+                pair = FX_SYMBOLS[tick % len(FX_SYMBOLS)]
+                step = Decimal("0.01") if pair == "USDJPY" else Decimal("0.0001")
+                fx_mids[pair] += rng.randint(-3, 3) * step
+                await nc.publish(names.subject("QUOTES", pair),
+                                 encode(Quote(ts=now, symbol=pair, bid=fx_mids[pair] - step, ask=fx_mids[pair] + step)))
         elapsed = time.perf_counter() - started
         service_cpu = cpu_seconds(pid) - cpu_before
         await nc.flush()
@@ -263,6 +286,7 @@ async def run(rate: int, seconds: float, key_count: int, port: int, names: Bench
     lower = [seen_low[n] * 1000 for n in sorted(seen_low)]
     missing = len(published) - len(seen)
     return {
+        "currencies": currencies,
         "rate_per_s": rate,
         "achieved_rate_per_s": round(sent / elapsed),
         "seconds": seconds,
@@ -321,27 +345,32 @@ async def cleanup(names: BenchNames) -> None:
     await qdb.close()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rate", type=int, default=1000, help="PositionUpdates per second")
-    parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--keys", type=int, default=200, help="positions the updates spread over")
-    args = parser.parse_args()
+def measure(args: argparse.Namespace, currencies: bool) -> dict:
+    """One run against a fresh pnl process on streams of its own."""
     names = BenchNames(uuid.uuid4().hex[:8])
     port = free_port()
-    process = multiprocessing.get_context("spawn").Process(target=serve, args=(names.suffix, port), daemon=True)
+    reference = None
+    if currencies:
+        reference = str(RESULTS.parent / f"pnl_reference_{names.suffix}.tmp")
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        Path(reference).write_text(json.dumps(CURRENCIES_REFERENCE))
+    process = multiprocessing.get_context("spawn").Process(target=serve, args=(names.suffix, port, reference), daemon=True)
     process.start()
     try:
-        result = asyncio.run(run(args.rate, args.seconds, args.keys, port, names, process.pid))
+        return asyncio.run(run(args.rate, args.seconds, args.keys, port, names, process.pid, currencies))
     finally:
         process.terminate()  # SIGTERM: the app stops cleanly
         process.join(15)
         asyncio.run(cleanup(names))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'PositionUpdate published -> visible at /pnl/realtime':<58}{'ms':>10}")
+        if reference:
+            Path(reference).unlink(missing_ok=True)
+
+
+def show(result: dict, path: Path) -> None:
+    what = "in three currencies, FX moving" if result["currencies"] else "in one currency"
+    print(f"{'PositionUpdate published -> visible at /pnl/realtime, ' + what:<70}{'ms':>8}")
     for name in ("p50", "p90", "p99", "max"):
-        print(f"  {name + ' (upper bound, probe poll)':<56}{result[f'pnl_latency_ms_{name}']:>10}")
+        print(f"  {name + ' (upper bound, probe poll)':<68}{result[f'pnl_latency_ms_{name}']:>8}")
     print(f"  {'p50 / p99 lower bound (previous poll did not show it)':<56}"
           f"{result['pnl_latency_lower_bound_ms_p50']:>5}/{result['pnl_latency_lower_bound_ms_p99']}")
     print(f"  {'p50 / p99 stored -> in memory (service histogram bucket)':<56}"
@@ -352,7 +381,30 @@ def main() -> None:
     print(f"service CPU {result['service_cpu_percent_of_a_core']}% of a core; machine load average "
           f"{result['load_average_1m']:.1f} on {result['cpus']} CPUs")
     print(f"rate {result['achieved_rate_per_s']}/s over {result['keys']} positions, {result['probes']} probes "
-          f"({result['probes_not_seen']} not seen); goal p99 < 10 ms -> {RESULTS}")
+          f"({result['probes_not_seen']} not seen); goal p99 < 10 ms -> {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rate", type=int, default=1000, help="PositionUpdates per second")
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--keys", type=int, default=200, help="positions the updates spread over")
+    parser.add_argument("--currencies", action="store_true", help="positions in three currencies, FX quotes moving")
+    parser.add_argument("--both", action="store_true", help="one currency, then three: the ratio of the p99s")
+    args = parser.parse_args()
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    if not args.both:
+        result = measure(args, args.currencies)
+        RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+        show(result, RESULTS)
+        return
+    plain, fx = measure(args, False), measure(args, True)
+    path = RESULTS.with_name("pnl_fx.json")
+    ratio = {q: round(fx[f"pnl_latency_ms_{q}"] / plain[f"pnl_latency_ms_{q}"], 2) for q in ("p50", "p99")}
+    path.write_text(json.dumps({"one_currency": plain, "three_currencies": fx, "ratio": ratio}, indent=2) + "\n")
+    show(plain, path)
+    show(fx, path)
+    print(f"three currencies with FX moving / one currency: p50 x{ratio['p50']}, p99 x{ratio['p99']}")
 
 
 if __name__ == "__main__":

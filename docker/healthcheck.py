@@ -79,10 +79,22 @@ def service_port(service: str, config_file: str | None, env: dict[str, str]) -> 
         raise CheckError(f"{path}: no valid service.port") from None
 
 
-def probe(port: int, host: str = "127.0.0.1") -> tuple[bool, str]:
+def service_token(service: str, config_file: str | None, env: dict[str, str]) -> str | None:
+    """A token to read /health with (needed when service.protect_health is set): the
+    read-only one, else the full one; None when the service has neither."""
+    path = Path(config_file) if config_file else default_config_dir() / service / "config.yaml"
+    data = yaml.safe_load(path.read_text()) or {}
+    apply_env_overrides(data, service, env)
+    section = data.get("service") or {}
+    token = section.get("read_token") or section.get("auth_token")
+    return str(token) if token else None
+
+
+def probe(port: int, host: str = "127.0.0.1", token: str | None = None) -> tuple[bool, str]:
     url = f"http://{host}:{port}/health"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
             return response.status == 200, f"{url}: {response.status}"
     except urllib.error.HTTPError as exc:  # 503: the body says which check failed
         body = exc.read(2000).decode(errors="replace")
@@ -100,7 +112,7 @@ def main(env: dict[str, str] | None = None) -> int:
                 raise CheckError(f"POSTTRADE_SERVICE={service!r} is not one of {', '.join(SERVICES)}")
         else:
             service, config_file = running_worker()
-        healthy, said = probe(service_port(service, config_file, env))
+        healthy, said = probe(service_port(service, config_file, env), token=service_token(service, config_file, env))
     except (CheckError, OSError, yaml.YAMLError) as exc:
         print(f"unhealthy: {exc}")
         return 1

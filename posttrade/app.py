@@ -22,7 +22,10 @@ Faust's programming model on NATS JetStream:
 Each agent owns a durable consumer named `<app>-<agent>`. If an agent's body raises,
 its uncommitted table changes are rolled back, it is restarted after a back-off and
 resumes at its ack floor; an event that crashed it `poison_attempts` times is sent to
-the dead-letter subject instead of being retried forever.
+the dead-letter subject instead of being retried forever (every crash is charged to a
+message: see `AgentRunner.crashed`). A dead-letter record always fits the server's
+`max_payload` (`dead_letter_record`); a message that cannot even be dead-lettered is
+terminated, logged and counted.
 """
 
 from __future__ import annotations
@@ -30,29 +33,134 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import signal
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .streams.channel import Channel
 from .streams.events import InvalidEvent, decode, encode
-from .streams.stream import EventRecord, Stream, current_agent, current_event
-from .streams.transport import ConsumerSpec, StartPosition, StreamSpec, Transport
+from .streams.stream import EventRecord, MessageFailed, Stream, current_agent, current_event
+from .streams.transport import (
+    ConsumerSpec,
+    PayloadTooLarge,
+    StartPosition,
+    StreamSpec,
+    Transport,
+    header_block_size,
+)
 from .tables.table import Table
 from .tables.windowed import WindowedTable
 
+if TYPE_CHECKING:
+    from .config import ServiceConfig
+
 log = logging.getLogger(__name__)
 
-DLQ_STREAM = StreamSpec(name="DLQ", subjects=("posttrade.dlq.>",))
+DLQ_STREAM_NAME = "DLQ"
+DLQ_SUBJECTS = ("posttrade.dlq.>",)
+# The reason header carries at most this many bytes (an exception's text can be long).
+REASON_MAX_BYTES = 4000
+# When the headers alone would not fit a (very small) max_payload, the reason is cut,
+# but never below this: without it the record says nothing.
+REASON_MIN_BYTES = 200
 
 AgentFn = Callable[[Stream], Awaitable[None]]
 #: How long a start waits for the bus to answer stream and bucket requests.
 START_RETRY_S = 60.0
-HealthCheck = Callable[[], Awaitable[tuple[bool, Any]]]
+#: `async fn() -> (ok, detail)`: ok is True, False (unhealthy: /health 503) or "degraded"
+#: (the check and /health say so, with 200).
+HealthCheck = Callable[[], Awaitable[tuple[bool | str, Any]]]
+DEGRADED = "degraded"
+
+
+def _header_value(text: str) -> str:
+    """`text` as one header value: control characters (a newline would end the header
+    block) become spaces, and the ends are trimmed (some clients trim them, which would
+    change the size the record was fitted to)."""
+    return "".join(" " if ch < " " or ch == "\x7f" else ch for ch in text).strip()
+
+
+def _cut_utf8(text: str, max_bytes: int) -> str:
+    """The longest prefix of `text` of at most `max_bytes` bytes of UTF-8."""
+    raw = text.encode()
+    return text if len(raw) <= max_bytes else raw[:max_bytes].decode(errors="ignore")
+
+
+def dead_letter_record(
+    data: bytes, headers: dict[str, str], *, msg_id: str | None, max_payload: int
+) -> tuple[bytes, dict[str, str]]:
+    """The dead-letter message for `data`: `headers` (reason and origin) always, and as
+    much of `data` as fits with them under `max_payload`, the size the server refuses a
+    message over (headers, the `Nats-Msg-Id` that `msg_id` becomes, and payload count).
+
+    When `data` is cut, `Posttrade-Truncated` gives its original length in bytes; what
+    is kept is its first bytes. A reason too long for even the headers to fit is cut
+    (down to `REASON_MIN_BYTES`); raises PayloadTooLarge if that is still too much.
+    """
+    headers = {k: _header_value(v) for k, v in headers.items()}
+    if "Posttrade-Reason" in headers:
+        headers["Posttrade-Reason"] = _cut_utf8(headers["Posttrade-Reason"], REASON_MAX_BYTES)
+    sent = {"Nats-Msg-Id": msg_id} if msg_id is not None else {}
+
+    def room(h: dict[str, str]) -> int:
+        return max_payload - header_block_size({**h, **sent})
+
+    if len(data) <= room(headers):
+        return data, headers
+    headers["Posttrade-Truncated"] = str(len(data))
+    left = room(headers)
+    if left < 0 and "Posttrade-Reason" in headers:
+        reason = headers["Posttrade-Reason"]
+        keep = max(REASON_MIN_BYTES, len(reason.encode()) + left)
+        headers["Posttrade-Reason"] = _cut_utf8(reason, keep)
+        left = room(headers)
+    if left < 0:
+        raise PayloadTooLarge(
+            f"the dead-letter headers alone take {max_payload - left} bytes: over the server's max_payload "
+            f"of {max_payload}"
+        )
+    return data[:left], headers
+
+
+class RecentCount:
+    """How many times something happened in the last seconds: counts per whole second,
+    only as far back as `keep_s` (a burst of a million costs one entry per second)."""
+
+    def __init__(self, keep_s: float):
+        self.keep_s = keep_s
+        self._seconds: deque[list[int]] = deque()  # [second, count], oldest first
+        self.total = 0
+
+    def add(self, n: int = 1, now: float | None = None) -> None:
+        second = int(time.monotonic() if now is None else now)
+        if self._seconds and self._seconds[-1][0] == second:
+            self._seconds[-1][1] += n
+        else:
+            self._seconds.append([second, n])
+        self.total += n
+        horizon = second - self.keep_s
+        while self._seconds and self._seconds[0][0] < horizon:
+            self._seconds.popleft()
+
+    def within(self, window_s: float, now: float | None = None) -> int:
+        """Events in the whole seconds that overlap the last `window_s` seconds."""
+        since = (time.monotonic() if now is None else now) - window_s
+        return sum(count for second, count in self._seconds if second + 1 > since)
+
+
+def _json_text(value: Any, limit: int = 500) -> str:
+    """A check's non-text detail as one line for `reasons`."""
+    try:
+        text = json.dumps(value, default=str)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text[:limit]
 
 
 @contextlib.contextmanager
@@ -77,6 +185,9 @@ class Page:
     path: str
     handler: Callable
     methods: tuple[str, ...]
+    # Public: reads need no token even when the service has one (counters without account
+    # data). Everything else is confidential, so a new page is protected by default.
+    public: bool = False
 
 
 @dataclass
@@ -100,6 +211,18 @@ class AppMetrics:
         self.dead_letters = Counter(
             "posttrade_dead_letters_total", "Messages sent to the dead-letter subject", ["agent"], registry=r
         )
+        self.dead_letters_truncated = Counter(
+            "posttrade_dead_letters_truncated_total",
+            "Dead letters whose original bytes were cut to fit the server's max_payload",
+            ["agent"],
+            registry=r,
+        )
+        self.terminated = Counter(
+            "posttrade_terminated_total",
+            "Messages terminated (never delivered again) because not even the dead-letter subject took them",
+            ["agent"],
+            registry=r,
+        )
         self.agent_crashes = Counter("posttrade_agent_crashes_total", "Agent bodies that raised", ["agent"], registry=r)
         self.commit_seconds = Histogram(
             "posttrade_commit_seconds",
@@ -114,7 +237,16 @@ class AppMetrics:
 
 
 class AgentRunner:
-    """Runs one agent: its consumer, its stream, its restarts."""
+    """Runs one agent: its consumer, its stream, its restarts.
+
+    Every crash is charged to a message, so that `runtime.poison_attempts` always ends a
+    loop (`crashed`): to the event being handled, or the one a `MessageFailed` names. A
+    crash with messages in hand but none of them to blame (a commit that failed, a sink's
+    batch) makes the runner take batches of half as many until it is past those messages;
+    one that happens with a single message in hand (or at one-at-a-time) is charged to the
+    first message in hand. A crash with nothing in hand (opening the consumer, the bus
+    away) is nobody's: the message that comes next is not at fault.
+    """
 
     RESTART_BACKOFF_S = (0.5, 1, 2, 5, 10)
 
@@ -140,6 +272,15 @@ class AgentRunner:
         self.crashes = 0
         self.last_error: str | None = None
         self.failed_seqs: dict[int, int] = {}  # seq -> times it crashed the agent
+        # Narrowing down a crash no single message was to blame for: batches of at most
+        # `_limit` messages until a commit passes `_limit_until`.
+        self._limit: int | None = None
+        self._limit_until = 0
+        # Monotonic times of the crashes within `runtime.health_window_s`, newest last.
+        self.crash_times: deque[float] = deque()
+        # Monotonic time of the last sign of progress: a commit that acknowledged
+        # something, or a poll that found nothing to do with nothing in hand.
+        self.last_progress = 0.0
         self._task: asyncio.Task | None = None
 
     @property
@@ -163,6 +304,35 @@ class AgentRunner:
             return f"agent {self.name} failed on this event {failures} times: {self.last_error}"
         return None
 
+    def batch_limit(self, wanted: int) -> int:
+        """How many messages the stream may take now, of the `wanted`."""
+        return wanted if self._limit is None else min(wanted, self._limit)
+
+    def committed_through(self, seq: int) -> None:
+        """Everything up to `seq` is acknowledged: progress."""
+        self.last_progress = time.monotonic()
+        if self._limit is not None and seq >= self._limit_until:
+            log.info("agent %s is past the messages of its last crash: batches of %d again", self.name, self.batch_size)
+            self._limit = None
+        if self.failed_seqs:
+            for done in [s for s in self.failed_seqs if s <= seq]:
+                del self.failed_seqs[done]
+
+    def caught_up(self) -> None:
+        """The consumer had nothing more and nothing is in hand: the agent is alive and idle."""
+        self.last_progress = time.monotonic()
+
+    def crash_looping(self, now: float | None = None) -> bool:
+        """`runtime.crash_loop_crashes` crashes within `runtime.health_window_s`, and no
+        progress since the first of them."""
+        runtime = self.app.runtime
+        count = runtime.crash_loop_crashes
+        if count < 1 or len(self.crash_times) < count:
+            return False
+        now = time.monotonic() if now is None else now
+        first = self.crash_times[-count]
+        return now - first <= runtime.health_window_s and self.last_progress < first
+
     def metrics_batch(self, size: int) -> None:
         metrics = self.app.metrics
         metrics.batches.labels(self.name).inc()
@@ -179,6 +349,8 @@ class AgentRunner:
         attempt = 0
         while not self.app.stopping:
             self.consumer = None
+            self.stream = None  # a crash before the new one exists holds nothing in hand
+            started = time.monotonic()
             try:
                 self.consumer = await self.app.transport.open_consumer(self.consumer_spec())
                 self.stream = Stream(self, self.consumer, self.batch_size, self.app.runtime.poll_timeout_s)
@@ -191,12 +363,7 @@ class AgentRunner:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.crashes += 1
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                self.app.metrics.agent_crashes.labels(self.name).inc()
-                if self.current is not None:
-                    self.failed_seqs[self.current.seq] = self.failed_seqs.get(self.current.seq, 0) + 1
-                log.exception("agent %s crashed on seq %s", self.name, self.current and self.current.seq)
+                self.crashed(exc)
                 self.app.rollback_tables(self.name)
             finally:
                 self.running = False
@@ -207,9 +374,52 @@ class AgentRunner:
                         await self.consumer.close()
                     except Exception:
                         log.warning("closing the consumer of %s failed", self.name, exc_info=True)
+            if self.last_progress > started:
+                attempt = 0  # it worked for a while: this is not a loop, restart soon
             delay = self.RESTART_BACKOFF_S[min(attempt, len(self.RESTART_BACKOFF_S) - 1)]
             attempt += 1
             await asyncio.sleep(delay)
+
+    def crashed(self, exc: Exception) -> None:
+        """Count a crash and charge it (see the class): the runner's own state only, so
+        that it holds across the restart."""
+        self.crashes += 1
+        now = time.monotonic()
+        self.crash_times.append(now)
+        while now - self.crash_times[0] > self.app.runtime.health_window_s:
+            self.crash_times.popleft()
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.app.metrics.agent_crashes.labels(self.name).inc()
+        in_hand = list(self.stream.in_hand()) if self.stream is not None else []
+        if isinstance(exc, MessageFailed):
+            seq = exc.seq
+        elif self.current is not None:
+            seq = self.current.seq
+        elif not in_hand:
+            log.error("agent %s crashed with no message in hand (its consumer or the bus)", self.name, exc_info=exc)
+            return
+        elif not self.app.transport.connected:
+            log.error("agent %s crashed while the bus was away; %d messages in hand are not blamed",
+                      self.name, len(in_hand), exc_info=exc)
+            return
+        elif len(in_hand) == 1 or self._limit == 1:
+            seq = in_hand[0].seq
+            log.error("agent %s crashed outside any one event; charged to seq %d, the first of %d in hand",
+                      self.name, seq, len(in_hand), exc_info=exc)
+            self._charge(seq)
+            return
+        else:
+            self._limit = max(1, min(len(in_hand), self._limit or len(in_hand)) // 2)
+            self._limit_until = max(self._limit_until, in_hand[-1].seq)
+            log.error("agent %s crashed outside any one event, with seqs %d..%d in hand: it takes them %d at a "
+                      "time until it is past them", self.name, in_hand[0].seq, in_hand[-1].seq, self._limit,
+                      exc_info=exc)
+            return
+        log.error("agent %s crashed on seq %d", self.name, seq, exc_info=exc)
+        self._charge(seq)
+
+    def _charge(self, seq: int) -> None:
+        self.failed_seqs[seq] = self.failed_seqs.get(seq, 0) + 1
 
     async def stop(self) -> None:
         if self.stream is not None:
@@ -232,6 +442,40 @@ class RuntimeSettings:
     poison_attempts: int = 3
     poll_timeout_s: float = 1.0  # how long an idle agent waits before checking for stop
     start_from: str = "all"  # "all" or "new": where agents without their own start begin
+    # /health: over the last `health_window_s`, an agent that crashed `crash_loop_crashes`
+    # times without progress is unhealthy; one that dead-lettered (or terminated) more
+    # than `dead_letter_rate_limit` messages a minute on average is degraded.
+    health_window_s: float = 300.0
+    crash_loop_crashes: int = 5
+    dead_letter_rate_limit: float = 10.0
+    # The DLQ stream's limits: the oldest dead letters go first when one is reached.
+    dead_letter_max_age_s: float = 7 * 24 * 3600.0
+    dead_letter_max_bytes: int = 1024**3
+
+    @classmethod
+    def from_config(cls, config: ServiceConfig) -> RuntimeSettings:
+        r, dlq = config.runtime, config.dead_letter
+        return cls(
+            batch_size=r.batch_size,
+            max_ack_pending=r.max_ack_pending,
+            ack_wait_s=r.ack_wait_s,
+            max_lag=r.max_lag,
+            poison_attempts=r.poison_attempts,
+            start_from=r.start_from,
+            health_window_s=r.health_window_s,
+            crash_loop_crashes=r.crash_loop_crashes,
+            dead_letter_rate_limit=r.dead_letter_rate_limit,
+            dead_letter_max_age_s=dlq.max_age_s,
+            dead_letter_max_bytes=dlq.max_bytes,
+        )
+
+    def dead_letter_stream(self) -> StreamSpec:
+        return StreamSpec(
+            name=DLQ_STREAM_NAME,
+            subjects=DLQ_SUBJECTS,
+            max_age_s=self.dead_letter_max_age_s,
+            max_bytes=self.dead_letter_max_bytes,
+        )
 
 
 @dataclass
@@ -254,6 +498,8 @@ class App:
         self.started = False
         self.started_at: float | None = None
         self._timer_tasks: list[asyncio.Task] = []
+        # Per agent: the messages it dead-lettered or terminated lately (/health's rate).
+        self._bad_input: dict[str, RecentCount] = {}
 
     # -- declarations ------------------------------------------------------------------
 
@@ -341,15 +587,20 @@ class App:
 
         return register
 
-    def page(self, path: str, *, methods: tuple[str, ...] = ("GET",)):
+    def page(self, path: str, *, methods: tuple[str, ...] = ("GET",), public: bool = False):
+        """Register a web page. With a token configured (web/auth.py), reads of a page need
+        one unless it is `public`; a state-changing method always needs the full token."""
+
         def register(fn):
-            self.pages.append(Page(path, fn, tuple(methods)))
+            self.pages.append(Page(path, fn, tuple(methods), public))
             return fn
 
         return register
 
     def health_check(self, name: str):
-        """Register `async fn() -> (ok, detail)`; /health answers 503 when one is not ok."""
+        """Register `async fn() -> (ok, detail)`. `ok` is True, False (/health answers
+        503) or "degraded" (the service works, but not fully: /health answers 200 with
+        `"status": "degraded"` unless something is unhealthy). Raising counts as False."""
 
         def register(fn: HealthCheck) -> HealthCheck:
             self.health_checks[name] = fn
@@ -366,10 +617,10 @@ class App:
         data = value if isinstance(value, bytes) else encode(value)
         event = current_event.get()
         runner_stream = self._stream_of(event)
-        if runner_stream is None:
+        if event is None or runner_stream is None:
             await self.transport.publish(subject, data, headers=headers, msg_id=msg_id)
             return
-        runner_stream.add_pending_publish(await self.transport.publish_deferred(subject, data, headers, msg_id))
+        runner_stream.add_pending_publish(await self.transport.publish_deferred(subject, data, headers, msg_id), event.seq)
 
     def _stream_of(self, event: EventRecord | None) -> Stream | None:
         if event is None:
@@ -380,20 +631,42 @@ class App:
         return None
 
     async def dead_letter(self, data: bytes, *, reason: str, agent: str, stream: str, subject: str, seq: int) -> None:
-        """Keep a message the service cannot use, with why, on `posttrade.dlq.<service>`."""
+        """Keep a message the service cannot use, with why, on `posttrade.dlq.<service>`.
+
+        The record always fits the server's `max_payload`: the reason and origin headers
+        are kept, and of the original bytes as many as fit (`Posttrade-Truncated` then
+        gives their full length). Raises only when the server does not store it."""
+        msg_id = f"dlq:{self.name}:{agent}:{stream}:{seq}"
         headers = {
-            "Posttrade-Reason": reason[:4000],
+            "Posttrade-Reason": reason,
             "Posttrade-Service": self.name,
             "Posttrade-Agent": agent,
             "Posttrade-Stream": stream,
             "Posttrade-Subject": subject,
             "Posttrade-Seq": str(seq),
         }
-        await self.transport.publish(
-            f"posttrade.dlq.{self.name}", data, headers=headers, msg_id=f"dlq:{self.name}:{agent}:{stream}:{seq}"
-        )
+        kept, headers = dead_letter_record(data, headers, msg_id=msg_id, max_payload=self.transport.max_payload)
+        await self.transport.publish(f"posttrade.dlq.{self.name}", kept, headers=headers, msg_id=msg_id)
         self.metrics.dead_letters.labels(agent).inc()
-        log.warning("dead-lettered %s seq %d from %s: %s", stream, seq, subject, reason)
+        self._bad_input_of(agent).add()
+        cut = ""
+        if len(kept) < len(data):
+            self.metrics.dead_letters_truncated.labels(agent).inc()
+            cut = f" (first {len(kept)} of its {len(data)} bytes kept)"
+        log.warning("dead-lettered %s seq %d from %s%s: %s", stream, seq, subject, cut, headers["Posttrade-Reason"][:500])
+
+    def terminated(self, *, agent: str, stream: str, subject: str, seq: int, reason: str) -> None:
+        """Account for a message its agent terminated (`Consumer.term`): it could not
+        even be dead-lettered, and the server will not deliver it again."""
+        self.metrics.terminated.labels(agent).inc()
+        self._bad_input_of(agent).add()
+        log.error("terminated %s seq %d from %s, which could not be dead-lettered: %s", stream, seq, subject, reason[:2000])
+
+    def _bad_input_of(self, agent: str) -> RecentCount:
+        counts = self._bad_input.get(agent)
+        if counts is None:
+            counts = self._bad_input[agent] = RecentCount(self.runtime.health_window_s)
+        return counts
 
     # -- tables ------------------------------------------------------------------------
 
@@ -482,7 +755,8 @@ class App:
 
     async def _declare_and_recover(self) -> None:
         """The streams declared and the tables read back (both can be done again)."""
-        await self.transport.ensure_stream(DLQ_STREAM)
+        # Updated to the configured limits when it exists (with other ones, or none).
+        await self.transport.ensure_stream(self.runtime.dead_letter_stream())
         for channel in self.channels.values():
             await self.transport.ensure_stream(channel.stream)
         with recovering():
@@ -530,11 +804,32 @@ class App:
         await self.stop()
 
     async def health(self) -> tuple[bool, dict]:
-        """Every dependency and agent, with details: what /health serves."""
+        """(not unhealthy, checks): `health_report` for callers that want a yes or no."""
+        report = await self.health_report()
+        return report["status"] != "unhealthy", report["checks"]
+
+    async def health_report(self) -> dict[str, Any]:
+        """What /health serves: `status` ("ok", "degraded" or "unhealthy"), every check
+        (NATS, each agent, each registered one) with details, and `reasons`: check name →
+        why it is unhealthy or degraded.
+
+        An agent is unhealthy when it is not running, its lag is over `runtime.max_lag`,
+        or it is crash-looping (`AgentRunner.crash_looping`); degraded when it
+        dead-lettered or terminated more than `runtime.dead_letter_rate_limit` messages a
+        minute on average over the last `runtime.health_window_s`.
+        """
+        runtime = self.runtime
+        now = time.monotonic()
+        reasons: dict[str, str] = {}
         checks: dict[str, Any] = {"nats": {"ok": self.transport.connected}}
+        if not self.transport.connected:
+            reasons["nats"] = "not connected"
         for name, runner in self.agents.items():
+            check = f"agent:{name}"
+            why: list[str] = []
             detail: dict[str, Any] = {"running": runner.running, "crashes": runner.crashes}
-            ok = runner.running
+            if not runner.running:
+                why.append("not running")
             if runner.last_error:
                 detail["last_error"] = runner.last_error
             if runner.consumer is not None and self.transport.connected:
@@ -542,25 +837,66 @@ class App:
                     lag = await runner.consumer.pending()
                     self.metrics.consumer_lag.labels(name).set(lag)
                     detail["lag"] = lag
-                    detail["max_lag"] = self.runtime.max_lag
-                    ok = ok and lag <= self.runtime.max_lag
+                    detail["max_lag"] = runtime.max_lag
+                    if lag > runtime.max_lag:
+                        why.append(f"lag {lag} over {runtime.max_lag}")
                 except Exception as exc:
-                    ok = False
                     detail["lag_error"] = str(exc)
-            detail["ok"] = ok
-            checks[f"agent:{name}"] = detail
-        for name, check in self.health_checks.items():
+                    why.append(f"lag unknown: {exc}")
+            if runner.crash_looping(now):
+                detail["crash_looping"] = True
+                why.append(
+                    f"crash-looping: {runtime.crash_loop_crashes} crashes within {runtime.health_window_s:g} s "
+                    f"without progress (last: {runner.last_error})"
+                )
+            bad = self._bad_input.get(name)
+            recent = bad.within(runtime.health_window_s, now) if bad is not None else 0
+            rate = recent * 60.0 / runtime.health_window_s
+            detail["dead_letters_per_min"] = round(rate, 3)
+            detail["dead_letter_rate_limit"] = runtime.dead_letter_rate_limit
+            detail["ok"] = not why
+            if why:
+                reasons[check] = "; ".join(why)
+            elif rate > runtime.dead_letter_rate_limit:
+                detail["degraded"] = True
+                reasons[check] = (
+                    f"{recent} messages dead-lettered or terminated in the last {runtime.health_window_s:g} s: "
+                    f"{rate:.3g} a minute, over the limit of {runtime.dead_letter_rate_limit:g}"
+                )
+            checks[check] = detail
+        for name, health_check in self.health_checks.items():
             try:
-                ok, detail = await asyncio.wait_for(check(), timeout=3.0)
+                ok, said = await asyncio.wait_for(health_check(), timeout=3.0)
             except Exception as exc:
-                ok, detail = False, f"{type(exc).__name__}: {exc}"
-            checks[name] = {"ok": bool(ok), "detail": detail}
+                ok, said = False, f"{type(exc).__name__}: {exc}"
+            if ok == DEGRADED:
+                checks[name] = {"ok": True, "degraded": True, "detail": said}
+            else:
+                checks[name] = {"ok": bool(ok), "detail": said}
+            if ok == DEGRADED or not ok:
+                reasons[name] = said if isinstance(said, str) else _json_text(said)
         for name, table in self.tables.items():
             self.metrics.table_keys.labels(name).set(len(table))
-        healthy = self.started and all(c["ok"] for c in checks.values())
-        return healthy, checks
+        if not self.started:
+            reasons["service"] = "not started"
+        if not self.started or not all(c["ok"] for c in checks.values()):
+            status = "unhealthy"
+        elif any(c.get("degraded") for c in checks.values()):
+            status = DEGRADED
+        else:
+            status = "ok"
+        return {"status": status, "checks": checks, "reasons": reasons}
 
-    async def run(self, *, host: str = "0.0.0.0", port: int, metrics_port: int | None = None, auth_token: str | None = None) -> None:
+    async def run(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int,
+        metrics_port: int | None = None,
+        auth_token: str | None = None,
+        read_token: str | None = None,
+        protect_health: bool = False,
+    ) -> None:
         """Run until SIGINT/SIGTERM: agents, timers and the web server on `port`."""
         from .web.server import WebServer, build_metrics_app, build_web_app
 
@@ -573,9 +909,10 @@ class App:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        servers = [WebServer(build_web_app(self, auth_token=auth_token), host, port)]
+        tokens = {"auth_token": auth_token, "read_token": read_token, "protect_health": protect_health}
+        servers = [WebServer(build_web_app(self, **tokens), host, port)]
         if metrics_port:
-            servers.append(WebServer(build_metrics_app(self), host, metrics_port))
+            servers.append(WebServer(build_metrics_app(self, **tokens), host, metrics_port))
         tasks = [asyncio.create_task(server.serve()) for server in servers]
         log.info("%s serving on %s:%d", self.name, host, port)
         stopper = asyncio.create_task(stop.wait())

@@ -22,6 +22,8 @@ from typing import Any, Literal, Mapping, TypeVar
 import msgspec
 import yaml
 
+from .core.reference import REFERENCE_FILE, Reference, ReferenceError
+
 ENV_PREFIX = "POSTTRADE"
 SERVICES = ("ptrc", "pnl", "hot_cache", "questdb_writer", "feast_pipeline", "execution_quality")
 
@@ -52,11 +54,26 @@ class TLSSection(_Section):
 
 class ServiceSection(_Section, kw_only=True):
     name: str
-    host: str = "0.0.0.0"
+    # Loopback unless a deployment opens it: the compose file sets 0.0.0.0 for its containers.
+    host: str = "127.0.0.1"
     port: int
     metrics_port: int | None = None  # a second port serving only /metrics
-    auth_token: str | None = None  # bearer token for state-changing endpoints (env only)
+    # Bearer tokens, from the environment only (docs/configuration.md, "Access"). With
+    # either set, account data and every state change need one (web/auth.py):
+    auth_token: str | None = None  # reads and changes
+    read_token: str | None = None  # reads only: a change with it is a 403
+    protect_health: bool = False  # true: /health, /metrics, /openapi.json and public pages need a token too
     log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        for name in ("auth_token", "read_token"):
+            token = getattr(self, name)
+            if token is not None and not token.strip():
+                raise ValueError(f"service.{name} is empty; unset it to run without a token")
+        if self.read_token is not None and self.auth_token is None:
+            raise ValueError("service.read_token needs service.auth_token (the token that may change state)")
+        if self.read_token is not None and self.read_token == self.auth_token:
+            raise ValueError("service.read_token must differ from service.auth_token")
 
 
 class NatsSection(_Section):
@@ -131,7 +148,8 @@ class BatchSection(_Section):
 
 
 class RuntimeSection(_Section):
-    """How agents consume: batch size, in-flight bound, lag that makes /health fail."""
+    """How agents consume: batch size, in-flight bound, and what /health calls unhealthy
+    (lag, crash loops) or degraded (too many dead letters)."""
 
     batch_size: int = 1000
     max_ack_pending: int = 20_000
@@ -141,6 +159,35 @@ class RuntimeSection(_Section):
     # Where a *new* durable consumer starts when its agent does not say: "all" the
     # stream's history (what positions need), or only "new" messages.
     start_from: Literal["all", "new"] = "all"
+    # The window /health looks back over, for both of the following.
+    health_window_s: float = 300.0
+    # An agent that crashed this often within the window, with no progress (a commit, or
+    # an idle poll) since the first of those crashes, is crash-looping: /health 503.
+    # Above poison_attempts, so that one poison message (dead-lettered after that many
+    # crashes) is not taken for a loop.
+    crash_loop_crashes: int = 5
+    # Dead letters (and terminated messages) a minute, per agent, averaged over the
+    # window, above which /health answers 200 with "status": "degraded".
+    dead_letter_rate_limit: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.health_window_s <= 0:
+            raise ValueError("runtime.health_window_s must be positive")
+        if self.poison_attempts < 1:
+            raise ValueError("runtime.poison_attempts must be at least 1")
+
+
+class DeadLetterSection(_Section):
+    """The limits of the dead-letter stream (`DLQ`, shared by every service: give them
+    all the same). At a limit the oldest dead letters go; applied to an existing stream
+    at each start."""
+
+    max_age_s: float = 7 * 24 * 3600.0  # 7 days
+    max_bytes: int = 1024**3  # 1 GiB
+
+    def __post_init__(self) -> None:
+        if self.max_age_s <= 0 or self.max_bytes <= 0:
+            raise ValueError("dead_letter.max_age_s and dead_letter.max_bytes must be positive")
 
 
 class ServiceConfig(_Section):
@@ -153,6 +200,17 @@ class ServiceConfig(_Section):
     cache: CacheSection = msgspec.field(default_factory=CacheSection)
     batch: BatchSection = msgspec.field(default_factory=BatchSection)
     runtime: RuntimeSection = msgspec.field(default_factory=RuntimeSection)
+    dead_letter: DeadLetterSection = msgspec.field(default_factory=DeadLetterSection)
+    # The reference data every service values money by (`core.reference`); None:
+    # `reference.yaml` in the config folder, or the defaults when there is none.
+    reference_file: str | None = None
+
+    def reference(self) -> Reference:
+        """The reference data, loaded and checked; a problem is a `ConfigError`."""
+        try:
+            return Reference.load(self.reference_file, default_config_dir() / REFERENCE_FILE)
+        except ReferenceError as exc:
+            raise ConfigError(f"reference data: {exc}") from None
 
 
 C = TypeVar("C", bound=ServiceConfig)

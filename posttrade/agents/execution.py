@@ -107,6 +107,11 @@ per-minute rollup the summary reads and the ledger of fill_ids. Each write carri
 therefore always outranks an unsettled one: whatever path tried to write a less settled
 row later (a replay, an operator's reset), readers keep seeing the settled one. Rows
 of amended fills and orders rank by their amendment count first (`row_version`).
+
+Every row carries its instrument's `currency` (the tracker's reference data): all its
+money is in it. Nothing adds two currencies: a fee charged in another one (a fill's
+`fee_currency`) stays out of the order's `fees` and shortfall (`fees_other`), and the
+rollup has `currency` in its key (docs/execution_quality.md, "Currencies").
 """
 
 from __future__ import annotations
@@ -126,7 +131,9 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from ..core import execution as tca
+from ..core.bounds import CLICKHOUSE_DECIMAL, CLICKHOUSE_PRECISION, CLICKHOUSE_SCALE
 from ..core.exact import EXACT, ZERO
+from ..core.reference import Reference
 from ..stores.clickhouse import ClickHouseError
 from ..streams.events import Fill, MarketTrade, Order, Quote
 from ..streams.stream import current_agent, current_event
@@ -185,10 +192,10 @@ ORDER_END_TAPE = 8
 ORDER_ALL = ORDER_ARRIVAL_MID | ORDER_ARRIVAL_TAPE | ORDER_END_MID | ORDER_END_TAPE
 
 # ClickHouse columns hold Decimal(38, 18) (money, prices, quantities) and Decimal(38, 8)
-# (bps): 20 integer digits either way.
-STORE_PLACES = 18
+# (bps): 20 integer digits either way (core.bounds: every value an event carries fits).
+STORE_PLACES = CLICKHOUSE_SCALE
 _STORE_QUANTUM = Decimal(1).scaleb(-STORE_PLACES)
-_STORE_LIMIT = Decimal(10) ** 20
+_STORE_LIMIT = Decimal(10) ** (CLICKHOUSE_PRECISION - CLICKHOUSE_SCALE)
 
 Tape = tuple[Decimal, Decimal]  # cumulative (sum of price x size, sum of size)
 
@@ -298,7 +305,10 @@ class OrderState(msgspec.Struct, frozen=True):
     fill_ids: tuple[str, ...] = ()  # the executions it holds (busted or moved ones leave)
     filled_qty: Decimal = ZERO
     filled_notional: Decimal = ZERO
-    fees: Decimal = ZERO
+    fees: Decimal = ZERO  # in the instrument's currency (states persisted before currencies: every fee)
+    # Fees charged in another currency (a fill's `fee_currency`), by currency, sorted:
+    # never added to `fees` nor to the shortfall (nothing adds two currencies).
+    fees_other: tuple[tuple[str, Decimal], ...] = ()
     first_fill_ts: int | None = None
     last_fill_ts: int | None = None
     amendment_ids: tuple[str, ...] = ()  # the CORRECTs and BUSTs that changed its fills
@@ -317,6 +327,20 @@ class OrderState(msgspec.Struct, frozen=True):
 
 
 _replace = msgspec.structs.replace
+
+
+def _charge(
+    fees: Decimal, fees_other: tuple[tuple[str, Decimal], ...], fill: Fill, currency: str
+) -> tuple[Decimal, tuple[tuple[str, Decimal], ...]]:
+    """An order's fees with `fill`'s added: to `fees` when it is charged in the order's
+    `currency` (a fill without `fee_currency` is), else to its own currency's entry of
+    `fees_other`."""
+    fee_currency = fill.fee_currency
+    if fee_currency is None or fee_currency == currency:
+        return EXACT.add(fees, fill.fee), fees_other
+    others = dict(fees_other)
+    others[fee_currency] = EXACT.add(others.get(fee_currency, ZERO), fill.fee)
+    return fees, tuple(sorted(others.items()))
 
 
 # -- event-time series -------------------------------------------------------------------
@@ -522,6 +546,11 @@ class TrackerSettings:
     quiet_grace_ns: int = 5 * NS
     retention_ns: int = 3600 * NS
     open_order_ttl_ns: int = 86_400 * NS
+    # Finished state held beyond which the oldest is forgotten before `retention_ns` is
+    # up (0: no bound): what is held after retention_ns grows with the rate, and these
+    # bound it whatever the rate (see `ExecutionTracker.prune`).
+    max_fills: int = 50_000
+    max_orders: int = 25_000
 
 
 # What a message of the FILLS stream is, for the counters: its exec_type in lower case
@@ -555,8 +584,10 @@ class TrackerStats:
     late_quotes: int = 0
     late_trades: int = 0
     unavailable_mids: int = 0  # values decided as unknown: no quote at or before the time
-    pruned_fills: int = 0
+    pruned_fills: int = 0  # forgotten, for either reason
     pruned_orders: int = 0
+    pruned_fills_capacity: int = 0  # ...of which before their retention was up (max_fills / max_orders)
+    pruned_orders_capacity: int = 0
     rows_rejected: int = 0
 
 
@@ -642,9 +673,13 @@ class ExecutionTracker:
     writer takes them (`take_changes`), writes their rows and persists them (`persist`).
     """
 
-    def __init__(self, tables: ExecutionTables, settings: TrackerSettings | None = None):
+    def __init__(
+        self, tables: ExecutionTables, settings: TrackerSettings | None = None, reference: Reference | None = None
+    ):
         self.tables = tables
         self.settings = settings or TrackerSettings()
+        # The currency of each symbol (rows carry it; fees in another one are kept apart).
+        self.reference = reference or Reference()
         # The working state: what the tables hold plus changes not persisted yet.
         self.fills: dict[str, FillState] = {}
         self.orders: dict[str, OrderState] = {}
@@ -1019,6 +1054,8 @@ class ExecutionTracker:
             state = OrderState(order_id=order_id, account=fill.account, symbol=fill.symbol, last_event_ts=ts)
         members = []
         qty = notional = fees = ZERO
+        fees_other: tuple[tuple[str, Decimal], ...] = ()
+        currency = self.reference.currency(state.symbol)
         times = []
         for member in dict.fromkeys(state.fill_ids + (fill_id,)):
             held = self.fills.get(member)
@@ -1028,7 +1065,7 @@ class ExecutionTracker:
             members.append(member)
             qty = EXACT.add(qty, fill.qty)
             notional = EXACT.add(notional, EXACT.multiply(fill.qty, fill.price))
-            fees = EXACT.add(fees, fill.fee)
+            fees, fees_other = _charge(fees, fees_other, fill, currency)
             times.append(fill.ts)
         self.orders[order_id] = _replace(
             state,
@@ -1036,6 +1073,7 @@ class ExecutionTracker:
             filled_qty=qty,
             filled_notional=notional,
             fees=fees,
+            fees_other=fees_other,
             first_fill_ts=min(times) if times else None,
             last_fill_ts=max(times) if times else None,
             amendment_ids=state.amendment_ids + (amendment_id,),
@@ -1051,12 +1089,14 @@ class ExecutionTracker:
             state = OrderState(order_id=order_id, account=fill.account, symbol=fill.symbol, last_event_ts=fill.ts)
         if fill.fill_id in state.fill_ids:
             return
+        fees, fees_other = _charge(state.fees, state.fees_other, fill, self.reference.currency(state.symbol))
         state = _replace(
             state,
             fill_ids=state.fill_ids + (fill.fill_id,),
             filled_qty=EXACT.add(state.filled_qty, fill.qty),
             filled_notional=EXACT.add(state.filled_notional, EXACT.multiply(fill.qty, fill.price)),
-            fees=EXACT.add(state.fees, fill.fee),
+            fees=fees,
+            fees_other=fees_other,
             first_fill_ts=fill.ts if state.first_fill_ts is None else min(state.first_fill_ts, fill.ts),
             last_fill_ts=fill.ts if state.last_fill_ts is None else max(state.last_fill_ts, fill.ts),
             last_event_ts=max(state.last_event_ts, fill.ts),
@@ -1189,11 +1229,13 @@ class ExecutionTracker:
         spread = tca.effective_spread_bps(price, mid) if mid is not None else None
         m1, m5, m60 = state.markout_mids
         complete = state.complete
+        currency = self.reference.currency(f.symbol)
         return (
             f.fill_id,
             f.order_id,
             f.account,
             f.symbol,
+            currency,
             f.venue or "",
             side,
             f.liquidity or "",
@@ -1201,6 +1243,7 @@ class ExecutionTracker:
             qty,
             price,
             f.fee,
+            f.fee_currency or currency,
             EXACT.multiply(qty, price),
             state.arrival_ts,
             arrival_mid,
@@ -1259,6 +1302,7 @@ class ExecutionTracker:
             state.order_id,
             state.account,
             symbol,
+            self.reference.currency(symbol),
             state.venue or "",
             state.side,
             state.order_type or "",
@@ -1274,6 +1318,7 @@ class ExecutionTracker:
             metrics.fill_ratio,
             state.filled_notional,
             state.fees,
+            state.fees_other,
             metrics.avg_fill_price,
             state.first_fill_ts,
             state.last_fill_ts,
@@ -1458,6 +1503,17 @@ class ExecutionTracker:
                 continue  # an amendment recomputes its order from the order's executions
             # Complete fills are done; incomplete ones (no quotes came) are abandoned.
             gone_fills.append(fill_id)
+        over_fills = len(self.fills) - len(gone_fills) - s.max_fills if s.max_fills else 0
+        over_orders = len(self.orders) - len(gone_orders) - s.max_orders if s.max_orders else 0
+        if over_fills > 0 or over_orders > 0:
+            more_orders, more_fills = self._over_capacity(
+                over_fills, over_orders, set(gone_fills), set(gone_orders),
+                unwritten_fills, unwritten_orders, stale_minutes,
+            )
+            gone_orders += more_orders
+            gone_fills += more_fills
+            self.stats.pruned_orders_capacity += len(more_orders)
+            self.stats.pruned_fills_capacity += len(more_fills)
         with _unowned():
             for fill_id in gone_fills:
                 for amendment in self.fills.pop(fill_id).amendments:
@@ -1476,6 +1532,62 @@ class ExecutionTracker:
             self._prune_history()
         self.quote_waits.drop_decided(self.quotes, s.quiet_grace_ns)
         self.trade_waits.drop_decided(self.trades, s.quiet_grace_ns)
+
+    def _over_capacity(
+        self,
+        over_fills: int,
+        over_orders: int,
+        gone_fills: set[str],
+        gone_orders: set[str],
+        unwritten_fills: set[str],
+        unwritten_orders: set[str],
+        stale_minutes: set[int],
+    ) -> tuple[list[str], list[str]]:
+        """More than `max_fills` fills or `max_orders` orders would stay: the oldest
+        finished ones go before their retention is up, until both bounds hold (or nothing
+        finished is left). An order goes with its executions (an amendment recomputes an
+        order from all of them), oldest last event first; a fill without a held order on
+        its own, by its `ts`. Finished: a final order whose fills are all complete or
+        busted, a complete or busted fill; written, and its rollup minute refreshed. What
+        is not finished (open orders, fills waiting for quotes) is never cut short."""
+
+        def finished(fill_id: str) -> bool:
+            state = self.fills[fill_id]
+            return (
+                (state.complete or state.busted)
+                and fill_id not in unwritten_fills
+                and not (stale_minutes and minute_of(state.fill.ts) in stale_minutes)
+            )
+
+        held_orders = self.orders.keys() - gone_orders
+        by_order: dict[str, list[str]] = {}  # held order -> the held fills that name it
+        units: list[tuple[int, str | None, list[str]]] = []  # (time, order or None, fills)
+        for fill_id, state in self.fills.items():
+            if fill_id in gone_fills:
+                continue
+            order_id = state.fill.order_id
+            if order_id in held_orders:
+                by_order.setdefault(order_id, []).append(fill_id)
+            elif finished(fill_id):
+                units.append((state.fill.ts, None, [fill_id]))
+        for order_id in held_orders:
+            state = self.orders[order_id]
+            if order_id in unwritten_orders or not state.final:
+                continue
+            members = by_order.get(order_id, [])
+            if all(finished(f) for f in members):
+                units.append((state.last_event_ts, order_id, members))
+        more_orders: list[str] = []
+        more_fills: list[str] = []
+        for _, order_id, members in sorted(units, key=lambda unit: unit[0]):
+            if over_fills <= 0 and over_orders <= 0:
+                break
+            if order_id is not None:
+                more_orders.append(order_id)
+                over_orders -= 1
+            more_fills += members
+            over_fills -= len(members)
+        return more_orders, more_fills
 
     def _prune_history(self) -> None:
         keep = self.settings.history_ns
@@ -1637,7 +1749,10 @@ def _stored(value: Decimal | None) -> Decimal | None:
 def storable_row(columns: tuple[Column, ...], row: tuple) -> tuple:
     """`row` with every Decimal(38, 18) value made to fit (see `_stored`); raises
     ValueError for a value that cannot."""
-    return tuple(_stored(v) if c.arrow == "d18" else v for c, v in zip(columns, row))
+    return tuple(
+        _stored(v) if c.arrow == "d18" else tuple((k, _stored(x)) for k, x in v) if c.arrow == "d18_map" else v
+        for c, v in zip(columns, row)
+    )
 
 
 # -- ClickHouse ------------------------------------------------------------------------------
@@ -1652,10 +1767,10 @@ FILL_IDS_TABLE = "execution_fill_ids"  # the ledger: every fill_id of the FILLS 
 class Column:
     name: str
     clickhouse: str
-    arrow: str  # "string", "ts", "d18", "bps", "int64", "uint8", "uint16", "uint32", "uint64"
+    arrow: str  # "string", "ts", "d18", "d18_map" (currency -> d18), "bps", "int64", "uint8", ..., "uint64"
 
 
-_D18 = "Decimal(38, 18)"
+_D18 = CLICKHOUSE_DECIMAL
 _BPS = "Decimal(38, 8)"
 _TS = "DateTime64(9, 'UTC')"
 
@@ -1664,6 +1779,7 @@ FILL_COLUMNS: tuple[Column, ...] = (
     Column("order_id", "Nullable(String)", "string"),
     Column("account", "LowCardinality(String)", "string"),
     Column("symbol", "LowCardinality(String)", "string"),
+    Column("currency", "LowCardinality(String)", "string"),  # the instrument's (reference data)
     Column("venue", "LowCardinality(String)", "string"),
     Column("side", "LowCardinality(String)", "string"),
     Column("liquidity", "LowCardinality(String)", "string"),
@@ -1671,6 +1787,7 @@ FILL_COLUMNS: tuple[Column, ...] = (
     Column("qty", _D18, "d18"),
     Column("price", _D18, "d18"),
     Column("fee", _D18, "d18"),
+    Column("fee_currency", "LowCardinality(String)", "string"),  # the fill's, else the instrument's
     Column("notional", _D18, "d18"),
     Column("arrival_ts", f"Nullable({_TS})", "ts"),
     Column("arrival_mid", f"Nullable({_D18})", "d18"),
@@ -1696,6 +1813,7 @@ ORDER_COLUMNS: tuple[Column, ...] = (
     Column("order_id", "String", "string"),
     Column("account", "LowCardinality(String)", "string"),
     Column("symbol", "LowCardinality(String)", "string"),
+    Column("currency", "LowCardinality(String)", "string"),  # the instrument's: every money column's
     Column("venue", "LowCardinality(String)", "string"),
     Column("side", "LowCardinality(String)", "string"),
     Column("order_type", "LowCardinality(String)", "string"),
@@ -1710,7 +1828,8 @@ ORDER_COLUMNS: tuple[Column, ...] = (
     Column("unfilled_qty", _D18, "d18"),
     Column("fill_ratio", _D18, "d18"),
     Column("filled_notional", _D18, "d18"),
-    Column("fees", _D18, "d18"),
+    Column("fees", _D18, "d18"),  # in `currency`
+    Column("fees_other", f"Map(String, {_D18})", "d18_map"),  # fees charged in other currencies
     Column("avg_fill_price", f"Nullable({_D18})", "d18"),
     Column("first_fill_ts", f"Nullable({_TS})", "ts"),
     Column("last_fill_ts", f"Nullable({_TS})", "ts"),
@@ -1745,14 +1864,17 @@ FILL_ID_COLUMNS: tuple[Column, ...] = (
 
 
 # The per-minute rollup of the fills the summary reads: (column, type, aggregate over
-# the fills of one minute and one account / symbol / venue / side). Sums and counts
-# add up exactly across minutes; `slippage_values` keeps every slippage of the minute,
-# so quantiles over any set of minutes are exact (`quantilesExactArray`).
+# the fills of one minute and one account / symbol / venue / side / currency). Sums and
+# counts add up exactly across minutes; `slippage_values` keeps every slippage of the
+# minute, so quantiles over any set of minutes are exact (`quantilesExactArray`). Money
+# is in the row's `currency`, except `fees_other`: the fees charged in other currencies,
+# by currency (never added to `fee`).
 MINUTE_AGGREGATES: tuple[tuple[str, str, str], ...] = (
     ("fills", "UInt64", "count()"),
     ("qty", _D18, "sum(qty)"),
     ("notional", _D18, "sum(notional)"),
-    ("fee", _D18, "sum(fee)"),
+    ("fee", _D18, "sumIf(fee, fee_currency = currency)"),
+    ("fees_other", f"Map(String, {_D18})", "sumMapIf(map(fee_currency, fee), fee_currency != currency)"),
     ("slippage_count", "UInt64", "count(slippage_bps)"),
     ("slippage_sum", _BPS, "ifNull(sum(slippage_bps), 0)"),
     ("slippage_values", f"Array({_BPS})", "groupArray(slippage_bps)"),  # NULLs are left out
@@ -1767,12 +1889,13 @@ MINUTE_AGGREGATES: tuple[tuple[str, str, str], ...] = (
     ("markout_60s_count", "UInt64", "count(markout_60s_bps)"),
     ("markout_60s_sum", _BPS, "ifNull(sum(markout_60s_bps), 0)"),
 )
-MINUTE_KEYS = ("account", "symbol", "venue", "side")
+# `currency` is a key: money of two currencies never shares a row (nothing adds them).
+MINUTE_KEYS = ("account", "symbol", "venue", "side", "currency")
 
 # The sorting key of each table (ClickHouse's spelling in system.tables): a table
 # created by an older version with another key is migrated at start.
 _SORTING_KEYS = {FILLS_TABLE: "ts, fill_id", ORDERS_TABLE: "arrival_ts, order_id",
-                 MINUTES_TABLE: "minute, account, symbol, venue, side", FILL_IDS_TABLE: "fill_id"}
+                 MINUTES_TABLE: "minute, account, symbol, venue, side, currency", FILL_IDS_TABLE: "fill_id"}
 
 
 def schema_sql(database: str) -> dict[str, str]:
@@ -1811,6 +1934,11 @@ def schema_sql(database: str) -> dict[str, str]:
     }
 
 
+def _sql_string(value: str) -> str:
+    """A ClickHouse string literal of `value` (symbols are free text)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def minute_ranges(minutes: Iterable[int]) -> list[tuple[int, int]]:
     """Minute starts (epoch ns) as sorted, merged `[start, end)` ranges."""
     ranges: list[tuple[int, int]] = []
@@ -1830,11 +1958,15 @@ class ExecutionStore:
     (FINAL, so each fill counts once at its newest version; busted fills not at all)
     and writes them with a newer version: the rollup is always a function of the fills
     table, never a running total that a rewrite or a replay could double. The writer
-    calls it after each fills insert, for the minutes that insert touched."""
+    calls it after each fills insert, for the minutes that insert touched.
 
-    def __init__(self, clickhouse: ClickHouseStore, database: str):
+    `reference` gives the currency of the rows an older version wrote without one (see
+    `_add_missing_columns`)."""
+
+    def __init__(self, clickhouse: ClickHouseStore, database: str, reference: Reference | None = None):
         self.clickhouse = clickhouse
         self.database = database
+        self.reference = reference or Reference()
 
     @property
     def location(self) -> str:
@@ -1872,12 +2004,19 @@ class ExecutionStore:
                     await self._migrate(name, statements[name])
         for statement in statements.values():
             await ch.command(statement)
-        if MINUTES_TABLE not in existing or existing.get(FILLS_TABLE) != _SORTING_KEYS[FILLS_TABLE]:
+        if existing.get(MINUTES_TABLE, _SORTING_KEYS[MINUTES_TABLE]) != _SORTING_KEYS[MINUTES_TABLE]:
+            # Other keys (before `currency`, say): the rollup is a function of the fills table.
+            await self._rebuild_rollup(statements[MINUTES_TABLE])
+        elif MINUTES_TABLE not in existing or existing.get(FILLS_TABLE) != _SORTING_KEYS[FILLS_TABLE]:
             await self._refresh(None, time.time_ns())  # the rollup of what the fills table already holds
 
     async def _add_missing_columns(self, name: str, columns: tuple[Column, ...]) -> None:
         """Add the columns a table created by an older version lacks (amendments, busted:
-        0 for every row it has), each at its place in `columns`."""
+        0 for every row it has), each at its place in `columns`. The rows it has read
+        `currency` as the reference data gives their symbol now, at the upgrade (the
+        expression is the column's DEFAULT, fixed then), `fee_currency` as that currency
+        (the older version did not record a fill's), `fees_other` empty."""
+        defaults = {"currency": self._currency_of_symbol(), "fee_currency": "currency"}
         present = {
             column
             for (column,) in (
@@ -1889,10 +2028,35 @@ class ExecutionStore:
         }
         for previous, column in zip(columns, columns[1:]):
             if column.name not in present:
+                default = f" DEFAULT {defaults[column.name]}" if column.name in defaults else ""
                 await self.clickhouse.command(
-                    f"ALTER TABLE {self.table(name)} ADD COLUMN IF NOT EXISTS {column.name} {column.clickhouse} "
-                    f"AFTER {previous.name}"
+                    f"ALTER TABLE {self.table(name)} ADD COLUMN IF NOT EXISTS {column.name} {column.clickhouse}"
+                    f"{default} AFTER {previous.name}"
                 )
+
+    def _currency_of_symbol(self) -> str:
+        """SQL: the reference data's currency of the row's `symbol`."""
+        reference = self.reference
+        default = reference.default_base_currency
+        named = {s: c for s in reference.instruments if (c := reference.currency(s)) != default}
+        if not named:
+            return _sql_string(default)
+        symbols = ", ".join(map(_sql_string, named))
+        currencies = ", ".join(map(_sql_string, named.values()))
+        return f"transform(symbol, [{symbols}], [{currencies}], {_sql_string(default)})"
+
+    async def _rebuild_rollup(self, create: str) -> None:
+        """Recompute the whole rollup from the fills table into the current layout and
+        swap it in (a crash before the swap leaves the old one, rebuilt at the next start)."""
+        ch, target = self.clickhouse, self.table(MINUTES_TABLE)
+        fresh = f"{MINUTES_TABLE}__rebuilding"
+        log.warning("rebuilding %s with ORDER BY (%s) from %s", target, _SORTING_KEYS[MINUTES_TABLE], FILLS_TABLE)
+        await ch.command(f"DROP TABLE IF EXISTS {self.table(fresh)}")
+        await ch.command(f"DROP TABLE IF EXISTS {target}__old")
+        await ch.command(create.replace(f"{target} (", f"{self.table(fresh)} (", 1))
+        await self._refresh(None, time.time_ns(), into=fresh)
+        await ch.command(f"RENAME TABLE {target} TO {target}__old, {self.table(fresh)} TO {target}")
+        await ch.command(f"DROP TABLE {target}__old")
 
     async def _migrate(self, name: str, create: str) -> None:
         """Copy a table into the current layout, marking settled rows' versions."""
@@ -1961,10 +2125,11 @@ class ExecutionStore:
         if ranges:
             await self._refresh(ranges, version)
 
-    async def _refresh(self, ranges: list[tuple[int, int]] | None, version: int) -> None:
-        """Recompute the rollup rows of these minutes (None: all). A group whose fills
-        all left it (busted, or corrected to another side or venue) gets a row of zeros:
-        recomputing only the groups that still have fills would leave its old row."""
+    async def _refresh(self, ranges: list[tuple[int, int]] | None, version: int, into: str = MINUTES_TABLE) -> None:
+        """Recompute the rollup rows of these minutes (None: all) in the rollup table
+        `into`. A group whose fills all left it (busted, or corrected to another side or
+        venue) gets a row of zeros: recomputing only the groups that still have fills
+        would leave its old row."""
 
         def within(column: str) -> str:
             if ranges is None:
@@ -1979,17 +2144,19 @@ class ExecutionStore:
 
         names = ", ".join(name for name, _, _ in MINUTE_AGGREGATES)
         aggregates = ", ".join(expr for _, _, expr in MINUTE_AGGREGATES)
+        empty = {"Array": "[]", "Map(": "map()"}
         zeros = ", ".join(
-            f"CAST({'[]' if kind.startswith('Array') else 0} AS {kind})" for _, kind, _ in MINUTE_AGGREGATES
+            f"CAST({next((v for k, v in empty.items() if kind.startswith(k)), 0)} AS {kind})"
+            for _, kind, _ in MINUTE_AGGREGATES
         )
         keys = ", ".join(MINUTE_KEYS)
         fills = f"{self.table(FILLS_TABLE)} FINAL WHERE busted = 0{within('ts')}"
         await self.clickhouse.command(
-            f"INSERT INTO {self.table(MINUTES_TABLE)} (minute, {keys}, {names}, version) "
+            f"INSERT INTO {self.table(into)} (minute, {keys}, {names}, version) "
             f"SELECT toStartOfMinute(ts) AS minute, {keys}, {aggregates}, toUInt64({int(version)}) "
             f"FROM {fills} GROUP BY minute, {keys} "
             f"UNION ALL SELECT minute, {keys}, {zeros}, toUInt64({int(version)}) "
-            f"FROM {self.table(MINUTES_TABLE)} FINAL WHERE fills > 0{within('minute')} "
+            f"FROM {self.table(into)} FINAL WHERE fills > 0{within('minute')} "
             f"AND (minute, {keys}) NOT IN (SELECT toStartOfMinute(ts), {keys} FROM {fills})"
         )
 
@@ -2005,6 +2172,7 @@ def arrow_table(columns: tuple[Column, ...], rows: list[tuple]):
         "string": pa.string(),
         "ts": pa.timestamp("ns", tz="UTC"),
         "d18": pa.decimal128(38, STORE_PLACES),
+        "d18_map": pa.map_(pa.string(), pa.decimal128(38, STORE_PLACES)),
         "bps": pa.decimal128(38, tca.BPS_PLACES),
         "int64": pa.int64(),
         "uint8": pa.uint8(),

@@ -17,6 +17,11 @@ execution feed's resends, corrections, busts and openings mean. It takes ptrc's
 `posttrade.core.valuation` at the last market prints it sees, and counts the executions
 they report (`features.math.execution_change`).
 
+Account money is in the account's base currency (reference data: `config.reference()`),
+converted with `core.fx.FxRates` over the marks this service sees (`fx_mark`): an FX
+instrument's last quote mid, else its last print, else the mark ptrc published with an
+update of a position in it. A feature that needs a rate nobody has given yet is null.
+
 Each agent takes events in batches (`batch.size` events or `batch.interval_sec`
 seconds), folds every event into its tables with `apply` (a redelivered event changes
 nothing), turns the windows that closed into feature rows, and pushes the batch's rows
@@ -42,6 +47,9 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from ..app import App
+from ..core.exact import EXACT, divide
+from ..core.fx import FxRates
+from ..core.reference import Reference
 from ..features.math import (
     MINUTE_NS,
     CountedFill,
@@ -83,6 +91,9 @@ from ..streams.channel import Channel
 from ..streams.events import PositionUpdate
 
 
+TWO = Decimal(2)
+
+
 def _none() -> None:
     """Default of tables whose update functions start from "nothing yet"."""
     return None
@@ -117,8 +128,12 @@ class FeatureAgents:
         batch_interval_s: float,
         window_grace_s: float,
         channels: FeatureChannels | None = None,
+        reference: Reference | None = None,
     ):
         self.app = app
+        # Account money in each account's base currency, at the rates of the marks seen here.
+        self.reference = reference or Reference()
+        self.fx = FxRates(self.reference, self.fx_mark)
         self.batch_size = batch_size
         self.batch_interval_s = batch_interval_s
         self.publisher = None  # a features.publisher.FeaturePublisher, created when Feast is up
@@ -151,6 +166,8 @@ class FeatureAgents:
         # the positions and the fill counts by account, and the counted fill_ids by
         # account (what an eviction deletes).
         self._positions_by_account: dict[str, dict[str, PositionUpdate]] = {}
+        # symbol -> (mark, event time) ptrc published last with an update held here (`fx_mark`).
+        self._ptrc_marks: dict[str, tuple[Decimal, int]] = {}
         self._fills_days: dict[str, FillsDay] = {}
         self._counted_ids: dict[str, set[str]] = {}
         # The event time of each account's newest row (see `stamp`). It only moves on: a
@@ -232,9 +249,11 @@ class FeatureAgents:
     def recover_accounts(self) -> None:
         """Rebuild the positions and fill counts by account from the two tables."""
         self._positions_by_account = {}
+        self._ptrc_marks = {}
         for (account, symbol), update in self.ptrc_positions.items():
             self._positions_by_account.setdefault(account, {})[symbol] = update
             self._raise_clock(account, update.ts)
+            self._note_ptrc_mark(update, recovering=True)
         executions: dict[str, list[CountedFill]] = {}
         self._counted_ids = {}
         for (account, fill_id), execution in self.counted_fills.items():
@@ -260,13 +279,38 @@ class FeatureAgents:
         tick = self.trade_ticks.get(symbol)
         return tick.price if tick is not None else None
 
+    def fx_mark(self, symbol: str) -> tuple[Decimal, str, int] | None:
+        """(price, source, event time) an FX rate is read from (`core.fx`): the
+        instrument's last quote mid, else its last print, else ptrc's mark of it."""
+        top = self.quote_tops.get(symbol)
+        if top is not None:
+            return divide(EXACT.add(top.bid, top.ask), TWO), "quote_mid", top.ts
+        tick = self.trade_ticks.get(symbol)
+        if tick is not None:
+            return tick.price, "last_trade", tick.ts
+        held = self._ptrc_marks.get(symbol)
+        if held is not None:
+            return held[0], "ptrc_mark", held[1]
+        return None
+
+    def _note_ptrc_mark(self, update: PositionUpdate, recovering: bool = False) -> None:
+        """Keep ptrc's mark of `update`'s symbol. ptrc marks an update when it publishes
+        it, so the update taken last carries its newest mark (a late fill's update has
+        an old `ts` but a current mark); rebuilt from the table, the newest `ts` wins."""
+        if update.mark is None:
+            return
+        held = self._ptrc_marks.get(update.symbol)
+        if not recovering or held is None or update.ts >= held[1]:
+            self._ptrc_marks[update.symbol] = (update.mark, update.ts)
+
     def account_values(self, account: str, day: int) -> dict:
-        """The `account_features` of `account` now, for UTC day `day`."""
+        """The `account_features` of `account` now, for UTC day `day` (money in the
+        account's base currency at the current rates)."""
         held = self._positions_by_account.get(account, {})
         prints = {symbol: mark for symbol in held if (mark := self.mark(symbol)) is not None}
         counts = self._fills_days.get(account)
         fills_today = counts.fills if counts is not None and counts.day == day else 0
-        return account_features(held.values(), prints, fills_today)
+        return account_features(held.values(), prints, fills_today, self.fx)
 
     def rate_values(self, account: str, day: int) -> dict:
         """The `account_order_features` of `account` now, for UTC day `day`."""
@@ -306,6 +350,7 @@ class FeatureAgents:
                 return False, False
             positions[key] = update
             self._positions_by_account.setdefault(update.account, {})[update.symbol] = update
+            self._note_ptrc_mark(update)
             taken = True
         return taken, self.count_execution(update)
 

@@ -55,7 +55,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from ..app import App
 from ..core.bars import NS_PER_S, interval_seconds
 from ..core.exact import EXACT, format_decimal
+from ..core.fx import FxRates
 from ..core.marks import DEFAULT_PRIORITY, MarkSource, MarkState
+from ..core.reference import Reference
 from ..core.valuation import AccountSums, AccountValue, PositionValue, value_position
 from ..streams.channel import Channel
 from ..streams.events import Bar, MarketTrade, PositionUpdate, Quote
@@ -96,15 +98,17 @@ class AccountPnl(msgspec.Struct, frozen=True, kw_only=True):
     as_of: int
 
 
-def value_update(update: PositionUpdate, mark: Mark | None) -> PositionPnl:
-    """`update`'s position valued at `mark` (price, source, event time), or unmarked."""
+def value_update(update: PositionUpdate, mark: Mark | None, fx: FxRates | None = None) -> PositionPnl:
+    """`update`'s position valued at `mark` (price, source, event time), or unmarked, and
+    in its account's base currency at `fx`'s rates."""
     if mark is None:
         return PositionPnl(
-            value=value_position(update, None), mark_source=None, mark_ts=None, position_ts=update.ts, as_of=update.ts
+            value=value_position(update, None, fx), mark_source=None, mark_ts=None, position_ts=update.ts,
+            as_of=update.ts,
         )
     price, source, mark_ts = mark
     return PositionPnl(
-        value=value_position(update, price),
+        value=value_position(update, price, fx),
         mark_source=source,
         mark_ts=mark_ts,
         position_ts=update.ts,
@@ -132,11 +136,29 @@ def plain_data(row: PositionPnl | AccountPnl) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in value.__struct_fields__:
         field = getattr(value, name)
-        out[name] = canonical(field) if type(field) is Decimal else field
+        if type(field) is Decimal:
+            out[name] = canonical(field)
+        elif name in _NESTED:
+            out[name] = _canonical_nested(field)
+        else:
+            out[name] = field
     for name in row.__struct_fields__:
         if name != "value":
             out[name] = getattr(row, name)
     return out
+
+
+#: Fields holding decimals inside containers (the rate's legs, fees by currency).
+_NESTED = frozenset({"fx_legs", "foreign_fees"})
+
+
+def _canonical_nested(value: Any) -> Any:
+    data = msgspec.to_builtins(value, builtin_types=(Decimal,))
+    if isinstance(data, dict):
+        return {k: canonical(v) if type(v) is Decimal else _canonical_nested(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_canonical_nested(v) for v in data]
+    return canonical(data) if type(data) is Decimal else data
 
 
 _json = msgspec.json.Encoder()
@@ -190,9 +212,13 @@ class PnlBook:
         *,
         priority: tuple[MarkSource, ...] = DEFAULT_PRIORITY,
         use_position_mark: bool = True,
+        reference: Reference | None = None,
     ):
         self.positions = positions
         self.marks = marks
+        self.reference = reference or Reference()
+        self.fx = FxRates(self.reference, self._marks_get)
+        self._fx_symbols = self.reference.fx_symbols()
         self.priority = tuple(priority)
         self.use_position_mark = use_position_mark
         # What readers have not written yet. The Valkey writer keeps two: changes
@@ -210,6 +236,9 @@ class PnlBook:
         self._holders: dict[str, set[Key]] = {}  # symbol -> keys holding it
         self._marks: dict[str, Mark] = {}  # the market data mark in use per symbol
         self._stale: set[str] = set()  # symbols whose mark moved since their rows were valued
+        # (currency, base) -> the symbols held whose rows convert through it (their own
+        # currency, or a fee currency): what an FX instrument's move makes stale.
+        self._conversions: dict[tuple[str, str], set[str]] = {}
         self._sums: dict[str, AccountSums] = {}
         self._as_of: dict[str, int] = {}  # per account: the newest as_of of its rows
         self._totals: dict[str, AccountPnl] = {}  # built from _sums on demand
@@ -258,6 +287,11 @@ class PnlBook:
         self._marks[symbol] = selected
         if symbol in self._holders:
             self._stale.add(symbol)
+        if symbol in self._fx_symbols:
+            rate_symbols = self.reference.rate_symbols
+            for (currency, base), symbols in self._conversions.items():
+                if symbol in rate_symbols(currency, base):
+                    self._stale.update(symbols)
 
     # -- derived state ---------------------------------------------------------------
 
@@ -270,6 +304,15 @@ class PnlBook:
             symbols[symbol] = key
             self._holders.setdefault(symbol, set()).add(key)
 
+    def _marks_get(self, symbol: str) -> Mark | None:
+        return self._marks.get(symbol)
+
+    def _note_conversions(self, value: PositionValue) -> None:
+        base, symbol = value.base_currency, value.symbol
+        for currency in (value.currency, *value.foreign_fees):
+            if currency != base:
+                self._conversions.setdefault((currency, base), set()).add(symbol)
+
     def _mark_of(self, update: PositionUpdate) -> Mark | None:
         mark = self._marks.get(update.symbol)
         if mark is None and self.use_position_mark and update.mark is not None:
@@ -277,7 +320,8 @@ class PnlBook:
         return mark
 
     def _value(self, key: Key, update: PositionUpdate, cache: Changes | None = None) -> None:
-        row = value_update(update, self._mark_of(update))
+        row = value_update(update, self._mark_of(update), self.fx)
+        self._note_conversions(row.value)
         account = key[0]
         sums = self._sums.get(account)
         if sums is None:
@@ -340,6 +384,7 @@ class PnlBook:
         self._holders.clear()
         self._marks.clear()
         self._stale.clear()
+        self._conversions.clear()
         self._sums.clear()
         self._as_of.clear()
         self._totals.clear()

@@ -16,9 +16,10 @@ Per message:
 2. when the position changed, publish a `PositionUpdate` with the next revision of the
    key (msg id `pos:<revision>:<account>:<symbol>`), and the compliance alerts of a new
    execution; a conflicting resend, a pending amendment and a refusal raise an alert
-   of their own (msg id `alert:<alert_id>`); a refused message, or a pending one that is
-   refused or expires later, goes to the dead-letter subject with the reason. All of it
-   is part of the batch's commit.
+   of their own (msg id `alert:<alert_id>`); a refused message (by the feed's rules, or
+   because its effects would not fit the bounds: `core.bounds`, docs/ptrc.md "Bounds"),
+   or a pending one that is refused or expires later, goes to the dead-letter subject
+   with the reason. All of it is part of the batch's commit.
 
 Marks come from quotes, market trades and bars (priority in config). They re-value
 positions on read and drive the account-level compliance checks on a timer. The
@@ -33,13 +34,14 @@ import logging
 import time
 from datetime import date, datetime, time as dtime, timedelta
 from decimal import Decimal
-from typing import Mapping
 from zoneinfo import ZoneInfo
 
 import msgspec
 
 from ..app import App, recovering
+from ..core.bounds import figure_fits
 from ..core.compliance import Alert, ComplianceEvaluator, ComplianceRules, ComplianceState, alert_id
+from ..core.fx import FxRates
 from ..core.history import (
     DEFAULT_CHECKPOINT_EVERY,
     DEFAULT_HORIZON_NS,
@@ -51,6 +53,7 @@ from ..core.history import (
 )
 from ..core.marks import DEFAULT_PRIORITY, MarkSource, MarkState
 from ..core.positions import Position, PositionState
+from ..core.reference import Reference
 from ..streams import subjects
 from ..streams.events import Bar, Fill, MarketTrade, PositionUpdate, Quote, encode
 from ..streams.stream import EventRecord, Stream
@@ -66,6 +69,13 @@ class ComplianceAlert(Alert, frozen=True):
     resend)."""
 
     versions: list[Fill] = []
+
+
+def _valued(value: Decimal | None) -> Decimal | None:
+    """A valuation at a mark as published: null (unknown) when it does not fit the bound
+    of a figure (`core.bounds`). The book keeps its own figures within it; a valuation
+    moves with the market, which no fill can be refused for."""
+    return value if figure_fits(value) else None
 
 
 def position_update(position: Position, mark: Decimal | None, reason: str, ts: int, fill: Fill | None = None,
@@ -87,12 +97,15 @@ def position_update(position: Position, mark: Decimal | None, reason: str, ts: i
         fifo_open_cost=position.fifo_open_cost,
         fifo_realized_pnl_gross=position.fifo_realized_pnl_gross,
         sod_realized_pnl_net=position.sod_realized_pnl_net,
-        sod_unrealized_pnl=position.sod_unrealized_pnl,
+        sod_unrealized_pnl=_valued(position.sod_unrealized_pnl),
         mark=mark,
-        unrealized_pnl=position.unrealized_pnl(mark),
-        fifo_unrealized_pnl=position.fifo_unrealized_pnl(mark),
-        day_pnl=position.day_pnl(mark),
+        unrealized_pnl=_valued(position.unrealized_pnl(mark)),
+        fifo_unrealized_pnl=_valued(position.fifo_unrealized_pnl(mark)),
+        day_pnl=_valued(position.day_pnl(mark)),
         fill_count=position.fill_count,
+        currency=position.currency,
+        foreign_fees=position.foreign_fees,
+        sod_foreign_fees=position.sod_foreign_fees,
         revision=position.revision,
         corrections=position.corrections,
         busts=position.busts,
@@ -119,7 +132,7 @@ class PositionKeeper:
         self,
         app: App,
         *,
-        multipliers: Mapping[str, Decimal],
+        reference: Reference | None = None,
         mark_priority: tuple[MarkSource, ...] = DEFAULT_PRIORITY,
         rules: ComplianceRules | None = None,
         compliance_check_interval_s: float = 1.0,
@@ -129,11 +142,12 @@ class PositionKeeper:
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     ):
         self.app = app
-        self.multipliers = dict(multipliers)
+        self.reference = reference or Reference()
         self.horizon_ns = horizon_ns
         self.checkpoint_every = checkpoint_every
         self.mark_priority = mark_priority
         self.rules = rules or ComplianceRules()
+        self.fx = FxRates(self.reference, self.mark_reading)
         self.zone = ZoneInfo(day_timezone)
         self.roll_at = day_roll_at
         self.executions = self.new_book()
@@ -175,7 +189,10 @@ class PositionKeeper:
     # -- recovery ------------------------------------------------------------------------
 
     def new_book(self) -> ExecutionBook:
-        return ExecutionBook(self.multipliers, horizon_ns=self.horizon_ns, checkpoint_every=self.checkpoint_every)
+        book = ExecutionBook(reference=self.reference, horizon_ns=self.horizon_ns, checkpoint_every=self.checkpoint_every)
+        # Rates from the marks table, so that each leg shows its mark's source and time.
+        book.positions.fx = self.fx
+        return book
 
     async def _recover(self) -> None:
         """At start-up: the trading day (the book and the compliance memory are rebuilt by
@@ -372,7 +389,18 @@ class PositionKeeper:
             position.revision += 1
             key = (position.account, position.symbol)
             self.positions[key] = position.to_state()
-            update = position_update(position, mark, "roll", ts)
+            try:
+                update = position_update(position, mark, "roll", ts)
+            except ValueError as exc:  # a state from before the bounds (core.bounds): rolled, not publishable
+                log.error("%s/%s is beyond the bounds; its roll is not published (bust what put it there): %s",
+                          key[0], key[1], exc)
+                continue
+            # The rates of this moment go with the roll: its snapshot is the close the
+            # past day's reports show, at these rates and not at later ones.
+            base = self.reference.base_currency(position.account)
+            currencies = (position.currency or self.reference.currency(position.symbol), *position.foreign_fees)
+            rates = {c: rate.rate for c in currencies if (rate := self.fx.rate(c, base)) is not None}
+            update = msgspec.structs.replace(update, base_currency=base, fx_rates=rates)
             await self.app.send(
                 subjects.position_subject(*key), update, msg_id=f"roll:{day.isoformat()}:{key[0]}:{key[1]}"
             )
@@ -386,6 +414,11 @@ class PositionKeeper:
 
     def mark_of(self, symbol: str) -> Decimal | None:
         return self.book.mark(symbol)
+
+    def mark_reading(self, symbol: str) -> tuple[Decimal, str, int] | None:
+        """(price, source, event time) of `symbol`'s mark: what FX rates are read from."""
+        state = self.marks.get(symbol)
+        return state.mark(self.mark_priority) if state else None
 
     def mark_detail(self, symbol: str) -> dict | None:
         state = self.marks.get(symbol)

@@ -5,17 +5,29 @@ consumers, so a database that is down delays storage but never the positions: th
 position agent keeps going, JetStream holds the updates, and these agents catch up
 when the database is back. Writes are idempotent: QuestDB tables deduplicate on
 (ts, fill_id) / (ts, account, symbol, reason), the ClickHouse table replaces by alert_id.
+
+A position snapshot carries its money in the instrument's currency and in the account's
+base currency (`SnapshotRecord`). The rates are the ones the update itself carries —
+a roll's are the rates of the roll's moment, which ptrc put in it — else the rates
+that hold at any time (the same currency, a fixed rate): never the rates of the moment
+the row happens to be written, so a snapshot stored late, or again, is the same row.
+The past day's reports read the roll's rows (`posttrade.core.reports`, "Currencies").
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
 import msgspec
 
 from ..app import App
+from ..core.bounds import figure_fits
+from ..core.exact import format_decimal
+from ..core.reference import Reference
+from ..core.reports import StoredRates, encode_amounts, encode_currencies
+from ..core.valuation import value_position
 from ..streams.stream import EventRecord, Stream
 from ..stores.clickhouse import ClickHouseStore
 from ..stores.questdb import QuestDBClient, QuestDBWriteError, QuestDBWriter
@@ -110,8 +122,83 @@ TRADES = TableLayout(
     dedup_keys=("fill_id",),
     why="an execution is one row however often its update is redelivered; an amendment rewrites it in place",
 )
-SNAPSHOTS = TableLayout(
-    PositionUpdate,
+
+
+class SnapshotRecord(msgspec.Struct, frozen=True):
+    """One row of `position_snapshots`: the update's figures in the instrument's
+    `currency`, and in the account's `base_currency` at `fx_rate` (the module doc says
+    which rates). A base figure whose rate is unknown is NULL, and the currency is in
+    `missing_rates`; a base figure DECIMAL(38, 12) cannot hold (26 integer digits or
+    more) is NULL too, rather than the snapshot being refused."""
+
+    ts: int
+    account: str
+    symbol: str
+    reason: str
+    net_qty: Decimal
+    avg_open_price: Decimal | None
+    realized_pnl_gross: Decimal
+    fees: Decimal
+    realized_pnl_net: Decimal
+    mark: Decimal | None
+    unrealized_pnl: Decimal | None
+    day_pnl: Decimal | None
+    currency: str
+    base_currency: str
+    fx_rate: str | None  # exact text: a cross rate has more places than DECIMAL(38, 12) keeps
+    foreign_fees: str | None  # fees in other currencies, {"BNB":"0.02"}
+    foreign_fee_rates: str | None  # their rates to the base, when known
+    realized_pnl_gross_base: Decimal | None
+    fees_base: Decimal | None
+    realized_pnl_net_base: Decimal | None
+    unrealized_pnl_base: Decimal | None
+    total_pnl_base: Decimal | None
+    day_pnl_base: Decimal | None
+    missing_rates: str | None  # comma-separated currencies; NULL when none
+
+
+def _fitting(value: Decimal | None) -> Decimal | None:
+    return value if figure_fits(value) else None
+
+
+def snapshot_record(update: PositionUpdate, reference: Reference | None = None) -> SnapshotRecord:
+    """The snapshot row of `update`, valued at its own mark and at the rates it carries
+    (`fx_rates` to `base_currency`, which ptrc sets on a roll), else at the rates that
+    hold at any time under `reference` (default: everything in USD)."""
+    reference = reference or Reference()
+    rates = StoredRates(reference, update.base_currency, update.fx_rates)
+    value = value_position(update, update.mark, rates)
+    fee_rates = {}
+    for currency in value.foreign_fees:
+        rate = rates.rate(currency, value.base_currency)
+        if rate is not None:
+            fee_rates[currency] = rate.rate
+    return SnapshotRecord(
+        update.ts, update.account, update.symbol, update.reason, update.net_qty, update.avg_open_price,
+        update.realized_pnl_gross, update.fees, update.realized_pnl_net, update.mark, update.unrealized_pnl,
+        update.day_pnl, value.currency, value.base_currency,
+        None if value.fx_rate is None else format_decimal(value.fx_rate),
+        encode_amounts(value.foreign_fees), encode_amounts(fee_rates),
+        _fitting(value.realized_pnl_gross_base), _fitting(value.fees_base), _fitting(value.realized_pnl_net_base),
+        _fitting(value.unrealized_pnl_base), _fitting(value.total_pnl_base), _fitting(value.day_pnl_base),
+        encode_currencies(value.missing_rates),
+    )
+
+
+@dataclass(frozen=True)
+class SnapshotLayout(TableLayout):
+    """`position_snapshots`: rows of `SnapshotRecord`s; a record holding a
+    `PositionUpdate` is turned into one with the default reference data (the agent
+    turns them with the service's)."""
+
+    def build_columns(self, records):
+        return super().build_columns(
+            [r if isinstance(r.value, SnapshotRecord) else replace(r, value=snapshot_record(r.value)) for r in records]
+        )
+
+
+SNAPSHOTS = SnapshotLayout(
+    SnapshotRecord,
     (
         TS,
         Column("account", "symbol"),
@@ -125,6 +212,18 @@ SNAPSHOTS = TableLayout(
         Column("mark", "rounded_decimal"),
         Column("unrealized_pnl", "rounded_decimal"),
         Column("day_pnl", "rounded_decimal"),
+        Column("currency", "symbol"),
+        Column("base_currency", "symbol"),
+        Column("fx_rate", "varchar"),
+        Column("foreign_fees", "varchar"),
+        Column("foreign_fee_rates", "varchar"),
+        Column("realized_pnl_gross_base", "rounded_decimal"),
+        Column("fees_base", "rounded_decimal"),
+        Column("realized_pnl_net_base", "rounded_decimal"),
+        Column("unrealized_pnl_base", "rounded_decimal"),
+        Column("total_pnl_base", "rounded_decimal"),
+        Column("day_pnl_base", "rounded_decimal"),
+        Column("missing_rates", "varchar"),
     ),
     dedup_keys=("account", "symbol", "reason"),
     why="one snapshot per position per update time and cause",
@@ -163,8 +262,11 @@ class PtrcStorage:
         clickhouse: ClickHouseStore,
         batch_size: int,
         interval_s: float,
+        reference: Reference | None = None,
     ):
         self.app = app
+        # The currencies of the snapshots (default: the keeper's reference data).
+        self.reference = reference or keeper.reference
         self.questdb = questdb
         self.writer = writer
         self.clickhouse = clickhouse
@@ -225,7 +327,9 @@ class PtrcStorage:
             # dead-letters the update it came from.
             trades = [replace(r, value=row) for r in records for row in trade_rows(r.value)]
             await self._write(stream, TRADES_TABLE, trades)
-            await self._write(stream, SNAPSHOTS_TABLE, latest_per_position(records))
+            reference = self.reference
+            snapshots = [replace(r, value=snapshot_record(r.value, reference)) for r in latest_per_position(records)]
+            await self._write(stream, SNAPSHOTS_TABLE, snapshots)
 
 
     async def _store_alerts(self, stream: Stream) -> None:

@@ -23,10 +23,12 @@ the acknowledgement never comes before QuestDB has the rows.
   halves until the rows that can never be written are alone; those are dead-lettered
   with QuestDB's reason, the rest is written.
 
-Money and quantities go in as `DECIMAL(38, 12)`: exact. A value that does not fit
-(more than 12 decimal places, more than 26 integer digits) is a row that can never be
-written and is dead-lettered, never rounded, except a bar's `vwap`, a derived average
-whose long tail of digits is rounded half-even to 12 places.
+Money and quantities go in as `DECIMAL(38, 12)`: exact. Every value an event can carry
+fits (`posttrade.core.bounds`: at most 12 decimal places, below 1E+20; the decoder
+refuses the rest, as every service does). A value that does not fit all the same (more
+than 12 decimal places, more than 26 integer digits) is a row that can never be written
+and is dead-lettered, never rounded, except a bar's `vwap`, a derived average whose long
+tail of digits is rounded half-even to 12 places.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ import numpy as np
 import pandas as pd
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from ..core.bounds import QUESTDB_DECIMAL, QUESTDB_PRECISION, QUESTDB_SCALE
+from ..core.exact import EXACT
 from ..streams.events import Bar, Fill, MarketTrade, Order, Quote
 from ..stores.questdb import QuestDBError, QuestDBWriteError, decimal_column, sql_literal
 
@@ -57,9 +61,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DECIMAL_PRECISION = 38
-DECIMAL_SCALE = 12
-DECIMAL_SQL = f"DECIMAL({DECIMAL_PRECISION}, {DECIMAL_SCALE})"
+# The project's one exact column type (core.bounds): every value an event can carry fits
+# it as it is, every figure ptrc keeps fits it rounded at 12 places.
+DECIMAL_PRECISION = QUESTDB_PRECISION
+DECIMAL_SCALE = QUESTDB_SCALE
+DECIMAL_SQL = QUESTDB_DECIMAL
 _DECIMAL_QUANTUM = Decimal(1).scaleb(-DECIMAL_SCALE)
 
 ColumnKind = Literal["timestamp", "symbol", "varchar", "decimal", "rounded_decimal", "long", "stream_seq"]
@@ -172,7 +178,9 @@ class TableLayout:
 
 
 def _round_to_scale(value: Decimal) -> Decimal:
-    return value.quantize(_DECIMAL_QUANTUM, rounding=ROUND_HALF_EVEN)
+    # Under the exact context: the caller's (28 digits by default) cannot hold a value of
+    # 20 integer digits at 12 places, and quantize would raise.
+    return value.quantize(_DECIMAL_QUANTUM, rounding=ROUND_HALF_EVEN, context=EXACT)
 
 
 def _decimal_column(name: str, items: list[Decimal | None]) -> Any:
@@ -265,6 +273,7 @@ LAYOUTS: dict[str, TableLayout] = {
             Column("liquidity", "symbol"),
             Column("exec_type", "symbol"),
             Column("ref_fill_id", "varchar"),
+            Column("fee_currency", "symbol"),
             SEQ,
         ),
         dedup_keys=("fill_id",),

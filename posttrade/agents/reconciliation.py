@@ -49,7 +49,7 @@ import contextlib
 import logging
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Callable, Literal, Mapping
@@ -75,7 +75,9 @@ from ..core.reconciliation import (
 from ..streams.channel import Channel
 from ..streams.transport import StartPosition
 from ..tables.table import Table
-from ..web.server import JSON, BadRequest, query_int
+from ..web import params
+from ..web.params import BadRequest, query_int
+from ..web.server import JSON
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +140,10 @@ class ReconciliationRun(msgspec.Struct, kw_only=True):
 
 
 class _ToleranceRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    qty: Decimal | None = None
-    avg_price: Decimal | None = None
-    realized_pnl: Decimal | None = None
+    # Decimal strings in plain notation (web/params.py `Amount`), checked by `plan`.
+    qty: str | None = None
+    avg_price: str | None = None
+    realized_pnl: str | None = None
 
 
 class RunRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -211,16 +214,38 @@ class ReconciliationService:
 
         JSON body (every field optional): `from_seq` or `from_time`, `statement` (CSV text) or
         `statement_path`, `tolerance` {qty, avg_price, realized_pnl}. Or the statement itself as
-        `text/csv` with the other fields in the query string.
+        `text/csv`. The options may also be given in the query string (with either body), each
+        once: an option in both the query and the body is a 400, as are `from_seq` with
+        `from_time`, `statement` with `statement_path`, a statement that does not parse (the
+        400 lists its lines) and `statement_path` while `reconciliation.statement_dir` is unset.
 
         ---
         query:
-          from_seq: {type: integer, minimum: 1, description: "text/csv uploads: replay from this stream sequence"}
-          from_time: "text/csv uploads: replay from this time (ISO-8601)"
-          tolerance_qty: "text/csv uploads: quantity tolerance (decimal)"
-          tolerance_avg_price: "text/csv uploads: average price tolerance (decimal)"
-          tolerance_realized_pnl: "text/csv uploads: realized P&L tolerance (decimal)"
-        body: {content: [application/json, text/csv], description: the run's options, or the statement as CSV}
+          from_seq: {type: integer, minimum: 1, maximum: 9223372036854775807, description: "replay from this stream sequence"}
+          from_time: {$ref: IsoTime, description: "replay from this time"}
+          tolerance_qty: {$ref: Amount, description: quantity tolerance (a decimal >= 0)}
+          tolerance_avg_price: {$ref: Amount, description: average price tolerance (a decimal >= 0)}
+          tolerance_realized_pnl: {$ref: Amount, description: realized P&L tolerance (a decimal >= 0)}
+        body:
+          description: the run's options (JSON), or the statement itself (CSV)
+          content:
+            application/json:
+              type: object
+              additionalProperties: false
+              description: every field optional; null is the same as absent
+              properties:
+                from_seq: {type: [integer, "null"], minimum: 1, maximum: 9223372036854775807}
+                from_time: {anyOf: [{$ref: "#/components/schemas/IsoTime"}, {type: "null"}]}
+                statement: {type: [string, "null"], description: the statement as CSV text}
+                statement_path: {type: [string, "null"], description: "a file under `reconciliation.statement_dir`"}
+                tolerance:
+                  type: [object, "null"]
+                  additionalProperties: false
+                  properties:
+                    qty: {anyOf: [{$ref: "#/components/schemas/Amount"}, {type: "null"}]}
+                    avg_price: {anyOf: [{$ref: "#/components/schemas/Amount"}, {type: "null"}]}
+                    realized_pnl: {anyOf: [{$ref: "#/components/schemas/Amount"}, {type: "null"}]}
+            text/csv: {type: string, description: "the statement: a header line, then one position per line"}
         responses:
           202: {description: "`id`, `status` (running), `url`; a `Location` header", schema: {type: object}}
           409: another run is in progress
@@ -241,11 +266,11 @@ class ReconciliationService:
 
         ---
         query:
-          limit: {type: integer, minimum: 1, default: 20, description: "at most `reconciliation.keep_runs`"}
+          limit: {type: integer, minimum: 1, maximum: 10000, default: 20, description: "runs to list (the service keeps the last `reconciliation.keep_runs`)"}
         responses:
           200: {description: "`runs`, `count`", schema: {type: object}}
         """
-        limit = query_int(request, "limit", 20, minimum=1, maximum=max(1, self.settings.keep_runs))
+        limit = query_int(request, "limit", 20, minimum=1, maximum=10_000)
         runs = sorted(self.runs.values(), key=lambda r: r.id, reverse=True)[:limit]
         return JSON({"runs": [run.summary() for run in runs], "count": len(runs)})
 
@@ -270,43 +295,30 @@ class ReconciliationService:
     # -- requests --------------------------------------------------------------------------
 
     async def plan_from_request(self, request: Request) -> RunPlan:
-        """Validate a POST (JSON or text/csv) into a plan; BadRequest says what is wrong."""
+        """Validate a POST (JSON or text/csv, options in the body or the query string) into
+        a plan; BadRequest says what is wrong."""
+        given = _query_options(request)
         body = await request.body()
         if len(body) > self.settings.max_statement_bytes:
             raise BadRequest({"error": f"request body over {self.settings.max_statement_bytes} bytes"}, 413)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type == "text/csv":
-            params = request.query_params
-            unknown = set(params) - {"from_seq", "from_time", "tolerance_qty", "tolerance_avg_price",
-                                     "tolerance_realized_pnl"}
-            if unknown:
-                raise BadRequest({"error": f"unknown query parameters: {', '.join(sorted(unknown))}"})
             try:
-                text = body.decode("utf-8")
+                sent = {"statement": body.decode("utf-8")}
             except UnicodeDecodeError as exc:
-                raise BadRequest({"error": f"the statement is not UTF-8 text: {exc}"}) from None
-            tolerance = {
-                name: params[f"tolerance_{name}"]
-                for name in ("qty", "avg_price", "realized_pnl")
-                if params.get(f"tolerance_{name}")
-            }
-            raw = {"statement": text, "tolerance": tolerance or None}
-            if params.get("from_seq"):
-                raw["from_seq"] = params["from_seq"]
-            if params.get("from_time"):
-                raw["from_time"] = params["from_time"]
-            try:
-                run_request = msgspec.convert(raw, RunRequest, strict=False)
-            except msgspec.ValidationError as exc:
-                raise BadRequest({"error": str(exc)}) from None
+                raise BadRequest({"field": "statement", "error": f"the statement is not UTF-8 text: {exc}"}) from None
         elif content_type in ("", "application/json"):
             try:
-                run_request = msgspec.json.decode(body or b"{}", type=RunRequest)
+                decoded = msgspec.json.decode(body or b"{}", type=RunRequest)
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 raise BadRequest({"error": f"invalid request body: {exc}"}) from None
+            sent = {f: getattr(decoded, f) for f in RunRequest.__struct_fields__ if getattr(decoded, f) is not None}
         else:
             raise BadRequest({"error": f"send application/json or text/csv, not {content_type}"}, 415)
-        return await self.plan(run_request)
+        twice = sorted(set(given) & set(sent))
+        if twice:
+            raise BadRequest({"field": twice[0], "error": "given in both the query string and the body; give it once"})
+        return await self.plan(RunRequest(**given, **sent))
 
     async def plan(self, req: RunRequest) -> RunPlan:
         if req.from_seq is not None and req.from_time is not None:
@@ -316,8 +328,8 @@ class ReconciliationService:
         start = StartPosition()
         from_time = None
         if req.from_seq is not None:
-            if req.from_seq < 1:
-                raise BadRequest({"field": "from_seq", "error": "stream sequences start at 1"})
+            if not 1 <= req.from_seq <= params.INT64_MAX:
+                raise BadRequest({"field": "from_seq", "error": f"must be between 1 and {params.INT64_MAX} (stream sequences start at 1)"})
             start = StartPosition(seq=req.from_seq)
         elif req.from_time is not None:
             when = parse_time(req.from_time)
@@ -325,11 +337,16 @@ class ReconciliationService:
             start = StartPosition(time=when)
         defaults = self.settings.tolerance
         given = req.tolerance or _ToleranceRequest()
+
+        def amount(name: str, default: Decimal) -> Decimal:
+            raw = getattr(given, name)
+            return default if raw is None else params.parse_amount(f"tolerance.{name}", raw, where="field")
+
         try:
             tolerance = Tolerance(
-                qty=defaults.qty if given.qty is None else given.qty,
-                avg_price=defaults.avg_price if given.avg_price is None else given.avg_price,
-                realized_pnl=defaults.realized_pnl if given.realized_pnl is None else given.realized_pnl,
+                qty=amount("qty", defaults.qty),
+                avg_price=amount("avg_price", defaults.avg_price),
+                realized_pnl=amount("realized_pnl", defaults.realized_pnl),
             )
         except ValueError as exc:
             raise BadRequest({"field": "tolerance", "error": str(exc)}) from None
@@ -526,14 +543,32 @@ class ReconciliationService:
 
 
 def parse_time(text: str) -> datetime:
-    """ISO-8601; a time without a zone is UTC."""
-    try:
-        when = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise BadRequest({"field": "from_time", "error": f"not an ISO-8601 time: {text!r}"}) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return when.astimezone(timezone.utc)
+    """ISO-8601 with a year from 1990 to 2199 (web/params.py `Time`); no zone is UTC."""
+    ns = params.parse_time("from_time", text, epoch_ns=False, where="field")
+    return datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=ns // 1000)
+
+
+_TOLERANCE_PARAMETERS = {"tolerance_qty": "qty", "tolerance_avg_price": "avg_price", "tolerance_realized_pnl": "realized_pnl"}
+
+
+def _query_options(request: Request) -> dict:
+    """The run's options given in the query string, checked (the same for either body)."""
+    query = request.query_params
+    params.reject_unknown(request, {"from_seq", "from_time", *_TOLERANCE_PARAMETERS})
+    options: dict = {}
+    if "from_seq" in query:
+        options["from_seq"] = params.parse_int("from_seq", query["from_seq"], minimum=1, maximum=params.INT64_MAX)
+    if "from_time" in query:
+        parse_time(query["from_time"])  # checked here so that the error names the parameter's place
+        options["from_time"] = query["from_time"]
+    tolerance = {}
+    for parameter, name in _TOLERANCE_PARAMETERS.items():
+        if parameter in query:
+            params.parse_amount(parameter, query[parameter])  # here, so that the error names the parameter
+            tolerance[name] = query[parameter]
+    if tolerance:
+        options["tolerance"] = _ToleranceRequest(**tolerance)
+    return options
 
 
 def amendment_summary(amendment: Amendment) -> dict:

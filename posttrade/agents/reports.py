@@ -16,7 +16,10 @@
   are all there already — so a restart does not redo them, and a service that was down
   at that moment catches up.
 
-What each report holds and where its rows come from: `posttrade.core.reports`.
+What each report holds and where its rows come from: `posttrade.core.reports`. Money
+is in each instrument's currency and in the account's base currency: the current day
+at ptrc's current FX rates (`fx`), a past day at the rates ptrc stored with the roll
+into the next day (`position_snapshots`; `posttrade.core.reports`, "Currencies").
 
 The trade blotter is the big one (a day can hold millions of fills), and exporting it
 from QuestDB is most of the work (QuestDB formats every DECIMAL as text). So it is kept
@@ -62,7 +65,9 @@ from starlette.responses import Response
 
 from ..app import App
 from ..config import _Section
+from ..core.fx import FxRates
 from ..core.positions import Position
+from ..core.reference import Reference
 from ..core.reports import (
     BLOTTER_CSV_HEADER,
     BLOTTER_DECIMALS,
@@ -72,6 +77,7 @@ from ..core.reports import (
     NS,
     REPORT_KINDS,
     SNAPSHOT_FIELDS,
+    SNAPSHOT_LOCAL_FIELDS,
     BlotterPiece,
     ChunkHead,
     Fingerprint,
@@ -104,13 +110,14 @@ from ..stores.clickhouse import ClickHouseStore, ClickHouseUnavailableError
 from ..stores.objects import ObjectNotFoundError, ObjectStore, check_object_name
 from ..stores.questdb import QuestDBClient, QuestDBError, QuestDBUnavailableError, check_identifier, sql_literal
 from ..tables.table import Table
-from ..web.server import JSON, BadRequest
+from ..web import params
+from ..web.params import BadRequest
+from ..web.server import JSON
 
 log = logging.getLogger(__name__)
 
 MarkOf = Callable[[str], Decimal | None]
 
-SNAPSHOT_SELECT = ", ".join(SNAPSHOT_FIELDS)
 BLOTTER_FIELDS = ", ".join(name for name, _ in COLUMNS["trade_blotter"])
 SPOOL_STEP_NS = 3600 * NS  # the spool is brought up to date an hour of cells at a time
 
@@ -187,12 +194,13 @@ class ReportService:
         *,
         positions: Table,
         mark_of: MarkOf,
-        multipliers: Mapping[str, Decimal],
+        multipliers: Mapping[str, Decimal] | None = None,
         object_store: ObjectStore,
         questdb: QuestDBClient,
         clickhouse: ClickHouseStore | None,
         settings: ReportsSection = ReportsSection(),
         trading_day: TradingDay = TradingDay(),
+        fx: FxRates | None = None,
     ):
         for table in (settings.trades_table, settings.snapshots_table):
             check_identifier(table)
@@ -206,7 +214,11 @@ class ReportService:
         self.app = app
         self.positions = positions
         self.mark_of = mark_of
-        self.multipliers = multipliers
+        # Current rates for the current day; the reference data for past days' rows
+        # stored without their currencies (default: everything in USD, no FX marks).
+        self.fx = fx or FxRates(Reference(), lambda symbol: None)
+        self.reference = self.fx.reference
+        self.multipliers = self.reference.multipliers if multipliers is None else multipliers
         self.store = object_store
         self.questdb = questdb
         self._exporter = QuestDBExporter(questdb, retry_s=settings.export_retry_s)
@@ -255,11 +267,19 @@ class ReportService:
     async def post_generate(self, request: Request) -> JSON:
         """Generate a day's reports (CSV and Parquet) into object storage, and say how long it took.
 
+        A `date` after the current trading day is a 400 (it has not started).
+
         ---
         body:
           description: "`date` (YYYY-MM-DD, default today) and `kinds` (default all four)"
           required: false
-          schema: {type: object, properties: {date: {type: string, format: date}, kinds: {type: array, items: {enum: [daily_pnl, positions, trade_blotter, compliance]}}}}
+          schema:
+            type: object
+            additionalProperties: false
+            description: null is the same as absent
+            properties:
+              date: {anyOf: [{$ref: "#/components/schemas/Date"}, {type: "null"}]}
+              kinds: {type: [array, "null"], minItems: 1, items: {enum: [daily_pnl, positions, trade_blotter, compliance]}}
         responses:
           201: {description: the files written and the time of each step, schema: {type: object}}
           503: a store (QuestDB, ClickHouse, object storage) is unavailable
@@ -270,7 +290,7 @@ class ReportService:
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise BadRequest({"error": f"invalid request body: {exc}"}) from None
         today = self.calendar.of(datetime.now(timezone.utc))
-        day = parse_day(req.date) if req.date is not None else today
+        day = params.parse_date("date", req.date, where="field") if req.date is not None else today
         if day > today:
             raise BadRequest({"field": "date", "error": f"{day} has not started yet (the trading day is {today})"})
         kinds = req.kinds if req.kinds is not None else list(REPORT_KINDS)
@@ -290,10 +310,13 @@ class ReportService:
 
         ---
         query:
-          date: {format: date, description: only this trading day (YYYY-MM-DD)}
+          date: {$ref: Date, description: only this trading day}
+        responses:
+          200: {description: "`reports` (name, date, kind, format, size, last_modified, url) and `count`", schema: {type: object}}
+          503: the object storage is unavailable
         """
-        raw = request.query_params.get("date")
-        prefix = f"{self.prefix}/" if not raw else f"{self.prefix}/{parse_day(raw).isoformat()}/"
+        day = params.query_date(request, "date")
+        prefix = f"{self.prefix}/" if day is None else f"{self.prefix}/{day.isoformat()}/"
         listed = await self.store.list(prefix)
         reports = []
         for info in listed:
@@ -318,12 +341,13 @@ class ReportService:
 
         ---
         path:
-          name: the report's name as `GET /reports` lists it, e.g. `2026-11-24/positions.csv`
+          name: {$ref: ObjectName, description: "the report's name as `GET /reports` lists it, e.g. `2026-11-24/positions.csv`"}
         responses:
           200: {description: the file, content: [text/csv, application/octet-stream]}
           404: no such report
+          503: the object storage is unavailable
         """
-        relative = request.path_params["name"]
+        relative = params.path_object_name(request, "name")
         if relative.startswith(f"{self.prefix}/"):
             relative = relative[len(self.prefix) + 1:]
         name = f"{self.prefix}/{relative}"
@@ -391,12 +415,15 @@ class ReportService:
         """The positions the day's P&L and positions reports show (see core.reports)."""
         if self._is_today(day):
             positions = [Position.from_state(state) for state in self.positions.values()]
-            return valuations_from_live(positions, self.mark_of, time.time_ns())
+            return valuations_from_live(positions, self.mark_of, time.time_ns(), self.fx)
         start, end = self.calendar.window_ns(day)
         _, next_end = self.calendar.window_ns(day + timedelta(days=1))
         table = self.settings.snapshots_table
+        select = await self._snapshot_select(table)
+        if select is None:
+            return []  # ptrc has stored no snapshot yet
         rolls = await self._snapshots(
-            f"SELECT {SNAPSHOT_SELECT} FROM {table} WHERE reason = 'roll' "
+            f"SELECT {select} FROM {table} WHERE reason = 'roll' "
             f"AND ts >= {_ts(start)} AND ts < {_ts(next_end)} ORDER BY ts"
         )
         latest = []
@@ -405,9 +432,27 @@ class ReportService:
             # position's last snapshot of the day. A roll covers every position ptrc
             # knows, so with one this query would add nothing.
             latest = await self._snapshots(
-                f"SELECT {SNAPSHOT_SELECT} FROM {table} WHERE ts < {_ts(end)} LATEST ON ts PARTITION BY account, symbol"
+                f"SELECT {select} FROM {table} WHERE ts < {_ts(end)} LATEST ON ts PARTITION BY account, symbol"
             )
-        return valuations_from_snapshots(rolls, latest, (start, end), next_end, self.multipliers)
+        return valuations_from_snapshots(rolls, latest, (start, end), next_end, self.multipliers, self.reference)
+
+    async def _snapshot_select(self, table: str) -> str | None:
+        """The snapshot columns the table has (one stored before the base-currency
+        columns lacks them: its rows are converted at the rates that hold at any time);
+        None when the table does not exist."""
+        try:
+            result = await self.questdb.query(f"SELECT \"column\" FROM table_columns({sql_literal(table)})")
+        except QuestDBError as exc:
+            if "does not exist" in exc.message:
+                return None
+            raise
+        existing = set(result.column("column"))
+        if not existing:
+            return None
+        missing = [name for name in SNAPSHOT_LOCAL_FIELDS if name not in existing]
+        if missing:
+            raise QuestDBError(f"table {table} lacks the snapshot columns {missing}")
+        return ", ".join(name for name in SNAPSHOT_FIELDS if name in existing)
 
     async def _snapshots(self, sql: str) -> list[SnapshotRow]:
         try:
@@ -927,13 +972,6 @@ def _auth_headers(client: httpx.AsyncClient) -> dict[str, str]:
     return headers
 
 
-def parse_day(text: str) -> date:
-    try:
-        return date.fromisoformat(text)
-    except (TypeError, ValueError):
-        raise BadRequest({"field": "date", "error": f"not a date (YYYY-MM-DD): {text!r}"}) from None
-
-
 def _ts(ns: int) -> str:
     """A QuestDB timestamp literal, to the microsecond (slice bounds are whole µs)."""
     return sql_literal(datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=ns // 1000))
@@ -948,18 +986,22 @@ def install_reports(
     *,
     positions: Table,
     mark_of: MarkOf,
-    multipliers: Mapping[str, Decimal],
+    multipliers: Mapping[str, Decimal] | None = None,
     object_store: ObjectStore,
     questdb: QuestDBClient,
     clickhouse: ClickHouseStore | None,
     settings: ReportsSection = ReportsSection(),
     day_timezone: str = "UTC",
     day_starts_at: dtime = dtime(0, 0),
+    fx: FxRates | None = None,
 ) -> ReportService:
     """Register reports on `app`: `/reports` pages, the daily timer, a store health check.
 
     `positions`: the live table (current day's reports); `mark_of`: current marks;
-    `multipliers`: contract multipliers (market value of snapshot-based positions);
+    `fx`: current FX rates (ptrc's `FxRates` over its marks), whose reference data also
+    names the currencies of snapshots stored without them (default: everything in USD);
+    `multipliers`: contract multipliers (market value of snapshot-based positions;
+    default: the reference data's);
     `object_store`: where files go; `questdb`: SQL and exports of `ptrc_trades` and
     `position_snapshots`; `clickhouse`: `compliance_alerts` (None: no alerts);
     `day_timezone` / `day_starts_at`: ptrc's trading-day calendar.
@@ -967,7 +1009,7 @@ def install_reports(
     return ReportService(
         app, positions=positions, mark_of=mark_of, multipliers=multipliers, object_store=object_store,
         questdb=questdb, clickhouse=clickhouse, settings=settings,
-        trading_day=TradingDay(ZoneInfo(day_timezone), day_starts_at),
+        trading_day=TradingDay(ZoneInfo(day_timezone), day_starts_at), fx=fx,
     )
 
 

@@ -16,10 +16,12 @@ from posttrade.stack import endpoints
 from posttrade.streams.nats import NatsTransport
 
 FEED_HELP = """\
-Publish a synthetic trading day on NATS, in real time: 20 symbols whose quotes follow a
-random walk, market trades around them, and orders from five accounts filled by a
-simple execution simulator against the quotes (fills with slippage, partly filled and
-cancelled orders). Every service consumes it. The same --seed gives the same events.
+Publish a synthetic trading day on NATS, in real time: 25 instruments whose quotes follow
+a random walk (20 US equities; the future ESU4, the FX pairs USDJPY and EURUSD, BTCUSDT
+and SAP, in USD, JPY, EUR and USDT as config/backend/reference.yaml says), market trades
+around them, and orders from five accounts filled by a simple execution simulator
+against the quotes (fills with slippage, partly filled and cancelled orders). Every
+service consumes it. The same --seed gives the same events.
 """
 
 
@@ -28,7 +30,8 @@ def add_feed_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=300.0, help="events per second, all kinds (default 300)")
     parser.add_argument("--seed", type=int, help="random seed (default: a new one, printed)")
     parser.add_argument(
-        "--tag", help="append -TAG to every symbol and account, to keep this feed's data apart from others'"
+        "--tag", help="append -TAG to every symbol and account, to keep this feed's data apart from others' "
+        "(`up` gives its services reference data under the tagged names)"
     )
 
 

@@ -32,6 +32,7 @@ import msgspec
 from posttrade.core.exact import ZERO, format_decimal, parse_decimal
 from posttrade.core.history import DEFAULT_HORIZON_NS, ExecutionBook, Status, parse_horizon
 from posttrade.core.positions import PositionBook
+from posttrade.core.reference import Reference, ReferenceError
 from posttrade.streams.events import Fill, InvalidEvent, decode, encode
 
 COMPUTE_HELP = """\
@@ -67,12 +68,28 @@ On stderr: one line per bad line ("FILE: line N: reason": not JSON, or not a val
 Fill; it is left out, as ptrc dead-letters it), then a summary with the count of each
 outcome, then every conflicting, pending and refused line with its number and why.
 
-MARKS.json (optional): {"SYMBOL": "<decimal>", ...}. MULTIPLIERS.json: the same
-shape, the contract multiplier per symbol (default 1).
+MARKS.json (optional): {"SYMBOL": "<decimal>", ...}, FX instruments' marks included
+(they give the rates). MULTIPLIERS.json: the same shape, the contract multiplier per
+symbol (default 1; over INSTRUMENTS.json's).
+
+Currencies: the reference data's three sections, as JSON (the services read them from
+config/backend/reference.yaml; posttrade.core.reference):
+  --instruments INSTRUMENTS.json  {"ESU4": {"multiplier": 50, "currency": "USD"},
+                                   "USDJPY": {"currency": "JPY", "fx": {"base": "USD", "quote": "JPY"}}}
+  --accounts ACCOUNTS.json        {"default_base_currency": "USD", "ACC-EU": {"base_currency": "EUR"}}
+  --fx FX.json                    {"fixed": {"USDT": {"USD": "1"}}, "pivot": "USD"}
+Without them every instrument and account is in USD.
 
 Row fields: account, symbol, net_qty, avg_open_price, realized_pnl_gross, fees,
 realized_pnl_net, mark, unrealized_pnl, fifo_realized_pnl_gross,
-fifo_unrealized_pnl. Every number is a decimal string in plain notation with
+fifo_unrealized_pnl (in the instrument's currency); then currency, base_currency
+(the account's), fx_rate (from currency to base; null when unknown), fx_legs (how it
+was found: each leg's from, to, rate, source, instrument, inverse), foreign_fees
+(fees charged in other currencies, by currency), realized_pnl_gross_base, fees_base,
+realized_pnl_net_base, unrealized_pnl_base, total_pnl_base, day_pnl_base,
+gross_notional_base, fifo_realized_pnl_gross_base, fifo_unrealized_pnl_base (each the
+local figure times the rate, rounded half-even at 12 places; null when a rate is
+unknown) and missing_rates (the currencies without a rate). Every number is a decimal string in plain notation with
 trailing fractional zeros removed ("225", "0.1", never "2.25E+2"). avg_open_price
 is null when the position is flat. A symbol without a mark gets mark,
 unrealized_pnl and fifo_unrealized_pnl null.
@@ -169,6 +186,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     compute.add_argument(
         "--multipliers", metavar="MULTIPLIERS.json", help="contract multiplier per symbol (default 1)"
     )
+    compute.add_argument("--instruments", metavar="INSTRUMENTS.json", help="multiplier, currency and FX pair per symbol")
+    compute.add_argument("--accounts", metavar="ACCOUNTS.json", help="the accounts' base currencies")
+    compute.add_argument("--fx", metavar="FX.json", help="fixed rates and the pivot currency")
     compute.add_argument(
         "--horizon", type=_horizon_arg, default=DEFAULT_HORIZON_NS, metavar="DURATION",
         help="how far back in event time the history may change: 7d, 36h, 90m, 30s or seconds "
@@ -217,13 +237,14 @@ def run_compute(args: argparse.Namespace) -> int:
     try:
         marks = read_prices(args.marks, "mark") if args.marks else {}
         multipliers = read_prices(args.multipliers, "multiplier") if args.multipliers else {}
+        reference = read_reference(args.instruments, args.accounts, args.fx)
         records, bad = read_records(args.fills)
     except InputError as exc:
         print(f"posttrade positions compute: {exc}", file=sys.stderr)
         return 1
     for number, reason in bad:
         print(f"posttrade positions compute: {args.fills}: line {number}: {reason}", file=sys.stderr)
-    result = replay(records, marks, multipliers, horizon_ns=args.horizon)
+    result = replay(records, marks, multipliers, horizon_ns=args.horizon, reference=reference)
     result.bad = bad
     json.dump({"positions": result.book.positions.rows(args.method)}, sys.stdout, indent=2)
     sys.stdout.write("\n")
@@ -293,9 +314,10 @@ def replay(
     multipliers: dict[str, Decimal],
     *,
     horizon_ns: int = DEFAULT_HORIZON_NS,
+    reference: Reference | None = None,
 ) -> Replay:
     """Feed (line, fill, raw) records, in arrival order, to a fresh `ExecutionBook`."""
-    book = ExecutionBook(multipliers, horizon_ns=horizon_ns)
+    book = ExecutionBook(multipliers, reference=reference, horizon_ns=horizon_ns)
     for symbol, price in marks.items():
         book.positions.set_mark(symbol, price)
     result = Replay(book)
@@ -331,10 +353,11 @@ def compute(
     multipliers: dict[str, Decimal],
     *,
     horizon_ns: int = DEFAULT_HORIZON_NS,
+    reference: Reference | None = None,
 ) -> PositionBook:
     """The positions after `fills` arrive in this order (the history orders them)."""
     records = ((number, fill, None) for number, fill in enumerate(fills, start=1))
-    return replay(records, marks, multipliers, horizon_ns=horizon_ns).book.positions
+    return replay(records, marks, multipliers, horizon_ns=horizon_ns, reference=reference).book.positions
 
 
 _untyped_decoder = msgspec.json.Decoder(float_hook=Decimal)  # numbers keep their exact text
@@ -394,6 +417,22 @@ def read_prices(path: str, what: str) -> dict[str, Decimal]:
         if not value.is_finite() or value <= 0:
             raise InputError(f"{path}: {what} of {symbol!r} must be a number > 0, got {value}")
     return values
+
+
+def read_reference(instruments: str | None, accounts: str | None, fx: str | None) -> Reference:
+    """The reference data from the three JSON files (each optional)."""
+    sections: dict[str, object] = {}
+    for name, path in (("instruments", instruments), ("accounts", accounts), ("fx", fx)):
+        if path is None:
+            continue
+        try:
+            sections[name] = _untyped_decoder.decode(_read(path))
+        except msgspec.DecodeError as exc:
+            raise InputError(f"{path}: malformed JSON: {exc}") from None
+    try:
+        return Reference.from_data(sections)
+    except ReferenceError as exc:
+        raise InputError(f"reference data: {exc}") from None
 
 
 def _read(path: str) -> bytes:

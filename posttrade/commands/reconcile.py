@@ -81,7 +81,7 @@ def build_request(args: argparse.Namespace) -> dict:
 
 def reconcile(args: argparse.Namespace, *, poll_interval: float = 0.5) -> dict:
     """Start the run and wait for it; returns the finished run (CommandError otherwise)."""
-    token = args.token or os.environ.get(TOKEN_ENV)
+    token = args.token or os.environ.get(TOKEN_ENV) or os.environ.get("POSTTRADE__SERVICE__AUTH_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     body = build_request(args)
     try:

@@ -150,7 +150,12 @@ def run_up(args: argparse.Namespace) -> int:
     try:
         ep = endpoints(home=args.home)
         feed = None if args.no_feed else settings_from(args)
-    except ValueError as exc:
+        # A tagged feed's symbols are not the reference data's: its services read a copy
+        # naming them (ESU4-<tag> with ESU4's multiplier, USDJPY-<tag> quoting USD/JPY).
+        fleet_env = {}
+        if feed is not None and feed.tag:
+            fleet_env["POSTTRADE__REFERENCE_FILE"] = str(_tagged_reference(ep.home, feed.tag))
+    except (ValueError, OSError) as exc:
         print(f"posttrade up: {exc}", file=sys.stderr)
         return 2
     other = running_up(ep.home)
@@ -177,7 +182,7 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"posttrade up: the local stack under {_shown(ep.home)} ...", flush=True)
         states = stack_up(ep)
         print("  " + ", ".join(f"{s.server.name} {'started' if s.started else 'already running'}" for s in states))
-        fleet = ServiceFleet(ep.home, services=args.services)
+        fleet = ServiceFleet(ep.home, services=args.services, env=fleet_env)
         print(f"starting {', '.join(fleet.services)} (logs in {_shown(ep.home / 'logs' / 'services')}) ...", flush=True)
         began = time.monotonic()
         # A start that fails stops what it started itself; services it refused to start
@@ -209,6 +214,28 @@ def run_up(args: argparse.Namespace) -> int:
                   "(`posttrade down` stops them)")  # fmt: skip
         _release_up(ep.home)
     return status
+
+
+def _tagged_reference(home: Path, tag: str) -> Path:
+    """The reference data the services would read, with the demo's symbols renamed with
+    the feed's tag (`posttrade.demo.market.tagged_reference`), written under the home."""
+    import yaml
+
+    from posttrade.config import default_config_dir, load_config
+    from posttrade.core.reference import REFERENCE_FILE, Reference
+    from posttrade.demo.market import INSTRUMENTS, tagged_reference
+    from posttrade.services.ptrc import CONFIG
+
+    configured = load_config("ptrc", CONFIG).reference_file
+    source = Path(configured) if configured else default_config_dir() / REFERENCE_FILE
+    data = yaml.safe_load(source.read_text()) if configured or source.exists() else None
+    tagged = tagged_reference(data, INSTRUMENTS, tag)
+    Reference.from_data(tagged)  # a ReferenceError (a ValueError) names the problem
+    path = home / "run" / f"reference-{tag}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# {source} with the demo feed's symbols tagged -{tag} (posttrade up --tag)\n"
+                    + yaml.safe_dump(tagged, sort_keys=False))  # fmt: skip
+    return path.absolute()
 
 
 def _print_welcome(fleet: ServiceFleet, ep: Endpoints, feed: FeedSettings | None) -> None:

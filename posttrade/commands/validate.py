@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--writer-rows", type=int, default=100_000, metavar="N", help="rows of the writer load (100000)")
     parser.add_argument("--latency-probes", type=int, default=200, metavar="N", help="fills timed to /pnl/realtime (200)")
     parser.add_argument("--cache-reads", type=int, default=300, metavar="N", help="reads of the hit-rate pattern (300)")
-    parser.add_argument("--token", help="ptrc's bearer token for POST /reports (default $POSTTRADE_PTRC__SERVICE__AUTH_TOKEN)")
+    parser.add_argument("--token", help="ptrc's bearer token (default $POSTTRADE_PTRC__SERVICE__AUTH_TOKEN, else $POSTTRADE__SERVICE__AUTH_TOKEN)")
     parser.set_defaults(handler=run_command)
 
 
@@ -63,7 +63,10 @@ def run_command(args: argparse.Namespace) -> int:
             writer_rows=args.writer_rows,
             latency_probes=args.latency_probes,
             cache_reads=args.cache_reads,
-            ptrc_token=args.token or os.environ.get("POSTTRADE_PTRC__SERVICE__AUTH_TOKEN") or None,
+            ptrc_token=args.token
+            or os.environ.get("POSTTRADE_PTRC__SERVICE__AUTH_TOKEN")
+            or os.environ.get("POSTTRADE__SERVICE__AUTH_TOKEN")
+            or None,
         )
         report, path = run(options)
     except GateError as exc:

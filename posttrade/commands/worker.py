@@ -38,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
             port=config.service.port,
             metrics_port=config.service.metrics_port,
             auth_token=config.service.auth_token,
+            read_token=config.service.read_token,
+            protect_health=config.service.protect_health,
         )
     )
     return 0

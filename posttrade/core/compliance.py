@@ -16,6 +16,12 @@ records and never does I/O. The rules (each off unless configured):
 |                     |                   | (an open position without a mark at its cost)      |
 | `daily_loss_limit`  | account           | `day_pnl < -daily_loss_limit` (see `positions`     |
 |                     |                   | for day P&L; not evaluated while it is unknown)    |
+| `missing_fx_rate`   | account, currency | an account limit is configured and a figure of the |
+|                     |                   | account needs a rate to its base that is unknown   |
+
+Account limits are in the account's base currency: the sums of `core.valuation`'s base
+figures, at the current rates. A sum that needs an unknown rate is not evaluated; the
+`missing_fx_rate` alert says which currency's rate is missing (symbol: the currency).
 
 Alert storms: `restricted_symbol` and `wash_trade` alert on every offending fill (each
 is a separate event to look at). The three limits alert once, **on crossing into
@@ -49,6 +55,7 @@ Rule = Literal[
     "restricted_symbol", "wash_trade", "max_position", "max_gross_notional", "daily_loss_limit",
     # Raised by the execution history (`core.history`), not by limits: the feed itself.
     "conflicting_duplicate", "pending_amendment", "refused_execution",
+    "missing_fx_rate",
 ]
 RULES: tuple[str, ...] = Rule.__args__  # type: ignore[attr-defined]
 SEVERITIES = ("info", "warning", "critical")
@@ -58,6 +65,7 @@ DEFAULT_SEVERITY: dict[str, str] = {
     "wash_trade": "warning",
     "max_position": "critical",
     "max_gross_notional": "critical",
+    "missing_fx_rate": "warning",
     "daily_loss_limit": "critical",
     "conflicting_duplicate": "critical",
     "pending_amendment": "warning",
@@ -213,9 +221,11 @@ class ComplianceEvaluator:
         """Re-check the account limits (notional, loss) after marks moved.
 
         `symbols`: the symbols whose mark changed (None: all); only accounts holding
-        one of them are checked. `ts` is the mark time: it names the trigger.
+        one of them are checked (all of them when one is an FX instrument). `ts` is the mark time: it names the trigger.
         """
         wanted = None if symbols is None else set(symbols)
+        if wanted is not None and wanted & book.reference.fx_symbols():
+            wanted = None  # a rate moved: any account may hold something it converts
         alerts: list[Alert] = []
         for account in book.accounts():
             if wanted is not None and not any(
@@ -232,32 +242,49 @@ class ComplianceEvaluator:
         fill: FillLike | None, ts: int | None = None,
     ) -> list[Alert]:
         rules = self.rules
-        alerts = []
-        if rules.max_gross_notional is not None:
-            notional = book.gross_notional(account)
+        alerts: list[Alert] = []
+        if rules.max_gross_notional is None and rules.daily_loss_limit is None:
+            return alerts
+        totals = book.account_totals(account)
+        base = totals.base_currency
+        missing = set(totals.missing_rates)
+        for currency in sorted(missing):
+            if self._crossed("missing_fx_rate", account, currency, True):
+                alerts.append(
+                    self._alert(
+                        "missing_fx_rate", trigger, fill, account, currency,
+                        f"{account}: no rate from {currency} to the base currency {base}; "
+                        "account limits that need it are not evaluated",
+                        None, None, ts,
+                    )
+                )
+        for key in [k for k in self.state.breaches if k[0] == "missing_fx_rate" and k[1] == account]:
+            if key[2] not in missing:
+                self.state.breaches.discard(key)  # the rate is known again: re-armed
+        notional = totals.gross_notional
+        if rules.max_gross_notional is not None and notional is not None:
             limit = rules.max_gross_notional
             if self._crossed("max_gross_notional", account, "", notional > limit):
                 alerts.append(
                     self._alert(
                         "max_gross_notional", trigger, fill, account, None,
-                        f"{account}: gross notional {format_decimal(notional)} exceeds the "
+                        f"{account}: gross notional {format_decimal(notional)} {base} exceeds the "
                         f"limit of {format_decimal(limit)}",
                         notional, limit, ts,
                     )
                 )
-        if rules.daily_loss_limit is not None:
-            day = book.day_pnl(account)
-            if day is not None:
-                floor = -rules.daily_loss_limit
-                if self._crossed("daily_loss_limit", account, "", day < floor):
-                    alerts.append(
-                        self._alert(
-                            "daily_loss_limit", trigger, fill, account, None,
-                            f"{account}: day P&L {format_decimal(day)} is below the daily "
-                            f"loss limit of {format_decimal(floor)}",
-                            day, floor, ts,
-                        )
+        day = totals.day_pnl
+        if rules.daily_loss_limit is not None and day is not None:
+            floor = -rules.daily_loss_limit
+            if self._crossed("daily_loss_limit", account, "", day < floor):
+                alerts.append(
+                    self._alert(
+                        "daily_loss_limit", trigger, fill, account, None,
+                        f"{account}: day P&L {format_decimal(day)} {base} is below the daily "
+                        f"loss limit of {format_decimal(floor)}",
+                        day, floor, ts,
                     )
+                )
         return alerts
 
     def _wash_trade(self, fill: FillLike, trigger: str) -> Alert | None:

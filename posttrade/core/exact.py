@@ -19,6 +19,11 @@ decimal places) and both correctly rounded:
   for the average price it shows. The core is arranged so that this rounding never
   loses money: see `posttrade.core.positions`.
 
+How large or fine a number may be is not this module's rule: values on the bus and
+the figures derived from them are bounded by `posttrade.core.bounds` (12 decimal
+places, below 1E+20 on the bus, below 1E+26 derived), which is what keeps the exact,
+unbounded arithmetic here from producing what no store or message can hold.
+
 `format_decimal` is the one way numbers leave the core as text: plain notation (never
 `1E+2`), trailing fractional zeros stripped (`225.00` -> `225`, `0.10` -> `0.1`), no
 negative zero. Stripping zeros cannot mislead: the value is unchanged, and one value has

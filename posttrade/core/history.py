@@ -41,6 +41,15 @@ The rules, message by message (`receive`):
   than `newest - horizon`. The same messages in the same order therefore give the same
   decisions live, in replay and in `posttrade positions compute`.
 
+- **Bounds** (`core.bounds`). A message is refused when the fold of its key's history
+  with it would not fit at some step, its own or a later execution's: a figure (net
+  quantity, open cost, realized P&L gross or net, fees, a fill's notional or the P&L
+  it realizes) of 1E+26 or more, or more than `MAX_OPEN_LOTS` open lots. The
+  re-derivation is checked before the book takes it (`Unfit`; `_Undo` puts back what
+  the message changed on the way), so a refused message leaves the book as it was. An
+  execution takes at most `MAX_AMENDMENTS` amendments, and at most as many may wait
+  for one unknown id.
+
 What the book remembers is bounded by the horizon: executions older than it are folded
 into the key's base state (`HistoryRecord.base`) in blocks of `checkpoint_every`, and
 their ids (and those of their amendments) are forgotten. An id counts as known only
@@ -66,8 +75,10 @@ from typing import Iterable, Literal, Mapping, Sequence
 
 import msgspec
 
+from posttrade.core.bounds import MAX_AMENDMENTS, step_problem
 from posttrade.core.exact import EXACT, ONE, ZERO, parse_decimal
 from posttrade.core.positions import Position, PositionBook, PositionState
+from posttrade.core.reference import Reference
 from posttrade.streams.events import Fill
 
 Key = tuple[str, str]
@@ -131,6 +142,83 @@ class Settled:
     applied: bool
 
 
+class Unfit(Exception):
+    """A fold step after which a position would not fit the bounds (`core.bounds`):
+    the message that caused the re-derivation is refused, and the book left as it was."""
+
+    def __init__(self, reason: str, fill_id: str | None):
+        super().__init__(reason)
+        self.reason = reason
+        self.fill_id = fill_id  # the execution at whose step it happened
+
+
+def _check_step(position: Position, fill: Fill, realized_before: Decimal) -> None:
+    problem = step_problem(position, fill, realized_before)
+    if problem is not None:
+        raise Unfit(problem, fill.fill_id)
+
+
+class _Undo:
+    """What a message on the slow path (`_new`, `_opening`, `_amend`) may change before
+    its re-derivation is checked, kept so that an `Unfit` one leaves the book as it was.
+
+    The key's executions are not copied (a long history would make every late fill pay
+    for it): the message adds at most its own execution and removes at most the one it
+    busts, and `restore` undoes exactly that."""
+
+    __slots__ = ("book", "history", "fill_id", "prior_id", "lists", "amendments", "waiting", "target", "counters")
+
+    def __init__(self, book: ExecutionBook, history: History, fill: Fill):
+        self.book = book
+        self.history = history
+        self.fill_id = fill.fill_id
+        self.prior_id = book._ids.get(fill.fill_id)
+        histories = {id(history): history}
+        waiting = book._waiting.get(fill.fill_id)
+        self.waiting = list(waiting) if waiting is not None else None
+        self.amendments = []
+        for amendment in waiting or ():
+            self.amendments.append((amendment, amendment.status, amendment.root, amendment.raw, amendment.reason))
+            owner = book._histories.get((amendment.message.account, amendment.message.symbol))
+            if owner is not None:
+                histories[id(owner)] = owner
+        self.lists = [
+            (h, list(h.openings), list(h.checkpoints), list(h.pending), list(h.refused)) for h in histories.values()
+        ]
+        target = book._resolve(fill.ref_fill_id) if fill.ref_fill_id is not None else None
+        self.target = (target, target.fill, target.busted, target.amendments) if isinstance(target, Execution) else None
+        position = book.positions.get(history.account, history.symbol)
+        self.counters = (position, position.busts, position.corrections) if position is not None else None
+
+    def restore(self) -> None:
+        book, entries = self.book, self.history.entries
+        created = book._ids.get(self.fill_id)
+        if isinstance(created, Execution) and created is not self.prior_id and not created.opening:
+            place = bisect.bisect_left(entries, _sort_key(created), key=_sort_key)
+            if place < len(entries) and entries[place] is created:  # (a BUST waiting for it took it out)
+                del entries[place]
+        if self.prior_id is None:
+            book._ids.pop(self.fill_id, None)
+        else:
+            book._ids[self.fill_id] = self.prior_id
+        book._changed_ids.add(self.fill_id)
+        for history, openings, checkpoints, pending, refused in self.lists:
+            history.openings, history.checkpoints = openings, checkpoints
+            history.pending, history.refused = pending, refused
+        for amendment, status, root, raw, reason in self.amendments:
+            amendment.status, amendment.root, amendment.raw, amendment.reason = status, root, raw, reason
+        if self.waiting is not None:
+            book._waiting[self.fill_id] = self.waiting
+        if self.target is not None:
+            target, fill, busted, amendments = self.target
+            if target.busted and not busted and not target.opening:  # this BUST took it out
+                bisect.insort(entries, target, key=_sort_key)
+            target.fill, target.busted, target.amendments = fill, busted, amendments
+            book._changed_ids.add(target.fill_id)
+        if self.counters is not None:
+            position, position.busts, position.corrections = self.counters
+
+
 class Result:
     """What `receive` did with one message.
 
@@ -168,15 +256,16 @@ class History:
     """One key's effective history (see the module doc)."""
 
     __slots__ = (
-        "account", "symbol", "key", "multiplier", "position", "openings", "entries", "checkpoints", "folded",
+        "account", "symbol", "key", "multiplier", "currency", "position", "openings", "entries", "checkpoints", "folded",
         "newest", "pending", "refused",
     )
 
-    def __init__(self, account: str, symbol: str, multiplier: Decimal):
+    def __init__(self, account: str, symbol: str, multiplier: Decimal, currency: str | None = None):
         self.account = account
         self.symbol = symbol
         self.key = (account, symbol)
         self.multiplier = multiplier
+        self.currency = currency
         self.position: Position | None = None  # the key's position in the book, once it has one
         self.openings: list[Execution] = []  # arrival order; busted ones removed
         self.entries: list[Execution] = []  # live executions by (ts, seq); busted removed
@@ -189,14 +278,18 @@ class History:
         self.pending: list[Amendment] = []  # amendments waiting for their original
         self.refused: list[Amendment] = []  # amendments refused (kept for the record)
 
-    def base_checkpoint(self) -> list[Position]:
+    def base_checkpoint(self, check: bool = False) -> list[Position]:
         """The checkpoints, with the base built if it was not: the fold of the openings
-        (nothing was folded into a base that was never built)."""
+        (nothing was folded into a base that was never built). `check`: raise `Unfit`
+        at an opening after which the position would not fit the bounds."""
         checkpoints = self.checkpoints
         if not checkpoints:
-            base = Position(self.account, self.symbol, self.multiplier)
+            base = Position(self.account, self.symbol, self.multiplier, self.currency)
             for opening in self.openings:
+                before = base.realized_pnl_gross
                 base._apply(opening.fill)
+                if check:
+                    _check_step(base, opening.fill, before)
             checkpoints.append(base)
         return checkpoints
 
@@ -251,6 +344,7 @@ class ExecutionBook:
         self,
         multipliers: Mapping[str, Decimal | str | int] | None = None,
         *,
+        reference: Reference | None = None,
         horizon_ns: int = DEFAULT_HORIZON_NS,
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     ):
@@ -258,7 +352,7 @@ class ExecutionBook:
             raise ValueError("horizon_ns must be >= 0")
         if checkpoint_every < 1:
             raise ValueError("checkpoint_every must be >= 1")
-        self.positions = PositionBook(multipliers)
+        self.positions = PositionBook(multipliers, reference=reference)
         self.horizon = horizon_ns
         self.every = checkpoint_every
         self._histories: dict[Key, History] = {}
@@ -310,11 +404,24 @@ class ExecutionBook:
             return Result("conflict", first=first)
         history = self._history(fill.account, fill.symbol)
         exec_type = fill.exec_type
-        if exec_type == "NEW":
-            return self._new(history, fill, seq)
-        if exec_type == "OPENING":
-            return self._opening(history, fill, seq)
-        return self._amend(history, fill, seq, raw)
+        undo = _Undo(self, history, fill)
+        try:
+            if exec_type == "NEW":
+                return self._new(history, fill, seq)
+            if exec_type == "OPENING":
+                return self._opening(history, fill, seq)
+            return self._amend(history, fill, seq, raw)
+        except Unfit as unfit:
+            # The re-derivation is checked before it is committed: the book stays as it
+            # was, and the message is refused with why.
+            undo.restore()
+            at = "" if unfit.fill_id == fill_id else f" (at execution {unfit.fill_id}, which follows it)"
+            why = f"the position would not fit the bounds{at}: {unfit.reason}"
+            if exec_type == "NEW" or exec_type == "OPENING":
+                result = Result("refused", why)
+                result.settled = self._refuse_waiting(fill)
+                return result
+            return self._refuse_amendment(history, fill, seq, raw, why)
 
     def _append(self, history: History, fill: Fill, seq: int) -> Result | None:
         """The common case, kept lean: a new execution later than everything of its key
@@ -329,10 +436,10 @@ class ExecutionBook:
         newest = history.newest
         if newest is not None and ts < newest - self.horizon:
             return None
+        position = history.position
         execution = Execution(fill, seq)
         self._ids[fill.fill_id] = execution
         self._changed_ids.add(fill.fill_id)
-        position = history.position
         place = len(entries)
         every = self.every
         if place and not place % every:
@@ -341,6 +448,11 @@ class ExecutionBook:
                 checkpoints.append(position.copy())  # type: ignore[union-attr]
         realized_before = position.realized_pnl_gross  # type: ignore[union-attr]
         position._apply(fill)  # type: ignore[union-attr]
+        problem = step_problem(position, fill, realized_before)
+        if problem is not None:  # rare: undone by folding the history it is not part of
+            del self._ids[fill.fill_id]
+            self._rederive(history, place, "fill", check=False)
+            return Result("refused", f"the position would not fit the bounds: {problem}")
         entries.append(execution)
         result = Result("applied", "fill", position, position.realized_pnl_gross - realized_before)  # type: ignore[union-attr]
         if newest is None or ts > newest:
@@ -425,6 +537,8 @@ class ExecutionBook:
             )
         if target.busted:
             return f"{target.fill_id} was busted: it cannot be amended"
+        if len(target.amendments) >= MAX_AMENDMENTS:
+            return f"{target.fill_id} was amended {len(target.amendments)} times: the most one execution may be"
         if target.opening:
             if history.reaches_past_horizon(self.horizon):
                 return f"opening {target.fill_id} cannot change: the key's history reaches past the horizon"
@@ -469,6 +583,12 @@ class ExecutionBook:
             )
         amendment = Amendment(fill, seq, "pending", raw=raw)
         self._wait(amendment)
+        waiting = self._waiting[amendment.waits_on]  # type: ignore[index]
+        if len(waiting) > MAX_AMENDMENTS:  # they are released in one update: bounded
+            waiting.pop()
+            return self._refuse_amendment(
+                history, fill, seq, raw, f"{MAX_AMENDMENTS} amendments already wait for {amendment.waits_on}"
+            )
         self._ids[fill.fill_id] = amendment
         history.pending.append(amendment)
         self._changed_ids.add(fill.fill_id)
@@ -544,19 +664,21 @@ class ExecutionBook:
 
     # -- deriving ------------------------------------------------------------------------
 
-    def _rederive(self, history: History, place: int | None, reason: ChangeReason) -> Result:
-        """Recompute the key's position from entry `place` (None: from the openings)."""
+    def _rederive(self, history: History, place: int | None, reason: ChangeReason, check: bool = True) -> Result:
+        """Recompute the key's position from entry `place` (None: from the openings).
+        `check`: every step of the fold must fit the bounds (else `Unfit` is raised
+        before the book takes the new position); restore does not check what was."""
         every = self.every
         if place is None:  # the openings changed: a new base
             history.checkpoints.clear()
-            history.base_checkpoint()
+            history.base_checkpoint(check)
             start = 0
         else:
             checkpoints = history.base_checkpoint()
             keep = min(place // every, len(checkpoints) - 1)
             del checkpoints[keep + 1:]
             start = keep * every
-        fresh = self._replay(history, start, record=True)
+        fresh = self._replay(history, start, record=True, check=check)
         old = self.positions.get(history.account, history.symbol)
         realized_before = ZERO
         if old is not None:
@@ -567,9 +689,10 @@ class ExecutionBook:
         history.position = fresh
         return Result("applied", reason, fresh, fresh.realized_pnl_gross - realized_before)
 
-    def _replay(self, history: History, start: int, *, record: bool) -> Position:
+    def _replay(self, history: History, start: int, *, record: bool, check: bool = False) -> Position:
         """The fold of the key from entry `start` (a checkpoint) to the end, recording
-        the checkpoints it passes when `record`."""
+        the checkpoints it passes when `record`; `check`: raising `Unfit` at the first
+        step that does not fit the bounds."""
         every = self.every
         checkpoints = history.base_checkpoint()
         position = checkpoints[start // every].copy()
@@ -577,7 +700,15 @@ class ExecutionBook:
         for index in range(start, len(entries)):
             if record and index and not index % every and len(checkpoints) == index // every:
                 checkpoints.append(position.copy())
-            position._apply(entries[index].fill)
+            fill = entries[index].fill
+            if check:
+                before = position.realized_pnl_gross
+                position._apply(fill)
+                problem = step_problem(position, fill, before)
+                if problem is not None:
+                    raise Unfit(problem, fill.fill_id)
+            else:
+                position._apply(fill)
         return position
 
     def _advance(self, history: History, ts: int, result: Result) -> None:
@@ -726,8 +857,10 @@ class ExecutionBook:
     def _history(self, account: str, symbol: str) -> History:
         history = self._histories.get((account, symbol))
         if history is None:
-            multiplier = self.positions.multipliers.get(symbol, ONE)
-            history = self._histories[(account, symbol)] = History(account, symbol, multiplier)
+            book = self.positions
+            history = self._histories[(account, symbol)] = History(
+                account, symbol, book.multipliers.get(symbol, ONE), book.reference.currency(symbol)
+            )
             history.position = self.positions.get(account, symbol)
         return history
 
@@ -844,7 +977,7 @@ class ExecutionBook:
                     # The tables are committed one after another, so a crash can leave a
                     # stored position ahead of or behind its executions: the executions
                     # (and the base) decide; the position keeps only what is not derived.
-                    self._rederive(history, None if not history.folded else 0, "fill")
+                    self._rederive(history, None if not history.folded else 0, "fill", check=False)
         finally:
             setcontext(saved)
         for amendment in sorted((a for h in self._histories.values() for a in h.pending), key=lambda a: a.seq):
@@ -853,7 +986,8 @@ class ExecutionBook:
 
 #: Position fields a re-derivation keeps from the position it replaces.
 _CARRIED = (
-    "sod_realized_pnl_gross", "sod_fees", "sod_unrealized_pnl", "sod_mark", "revision", "corrections", "busts",
+    "sod_realized_pnl_gross", "sod_fees", "sod_foreign_fees", "sod_unrealized_pnl", "sod_mark", "revision",
+    "corrections", "busts",
 )
 
 

@@ -125,14 +125,17 @@ from posttrade.core.exact import (
     EXACT,
     ONE,
     ZERO,
-    add_known,
     divide_rounded,
     divide_rounded_noting,
     format_decimal,
     parse_decimal,
 )
+from posttrade.core.fx import FxRates
+from posttrade.core.reference import Reference
 from posttrade.core.valuation import (
+    BASE_FIELDS,
     AccountValue,
+    PositionValue,
     account_value,
     day_pnl_of,
     notional_of,
@@ -156,6 +159,7 @@ ROW_FIELDS = (
     "unrealized_pnl",
     "fifo_realized_pnl_gross",
     "fifo_unrealized_pnl",
+    *BASE_FIELDS,
 )
 
 
@@ -170,6 +174,7 @@ class FillLike(Protocol):
     qty: Decimal  # > 0
     price: Decimal  # > 0
     fee: Decimal  # negative for a rebate
+    fee_currency: str | None  # None: the instrument's currency
 
 
 #: An open FIFO lot: (qty > 0 left open, price, ts of the fill that opened it). The lot's
@@ -213,6 +218,11 @@ class PositionState(msgspec.Struct):
     revision: int = 0
     corrections: int = 0
     busts: int = 0
+    # The instrument's currency (reference data; None: not given, as in a bare book), and
+    # fees charged in other currencies, by currency (`fees` holds the instrument's own).
+    currency: str | None = None
+    foreign_fees: dict[str, Decimal] = {}
+    sod_foreign_fees: dict[str, Decimal] = {}
 
 
 _STATE_FIELDS: tuple[str, ...] = PositionState.__struct_fields__
@@ -227,7 +237,9 @@ class Position:
     - `net_qty`: signed quantity.
     - `open_cost`: signed sum of qty x price of the open position by average cost
       (`avg_open_price = open_cost / net_qty`); 0 when flat.
-    - `realized_pnl_gross`, `fees`: money; `realized_pnl_net` = gross - fees.
+    - `realized_pnl_gross`, `fees`: money; `realized_pnl_net` = gross - fees. A fee
+      whose `fee_currency` is not the position's `currency` goes to `foreign_fees`
+      instead (by currency): only a base currency adds them (`core.valuation`).
     - `fifo_lots` (oldest first), `fifo_open_cost` (signed sum over the lots of
       qty x price), `fifo_realized_pnl_gross`.
     - `fill_count`, `last_ts`, `last_fill_id`: the fills applied so far.
@@ -261,12 +273,18 @@ class Position:
     revision: int
     corrections: int
     busts: int
+    currency: str | None
+    foreign_fees: dict[str, Decimal]
+    sod_foreign_fees: dict[str, Decimal]
 
-    def __init__(self, account: str, symbol: str, multiplier: Decimal = ONE):
+    def __init__(self, account: str, symbol: str, multiplier: Decimal = ONE, currency: str | None = None):
         """A flat position with no history."""
         self.account = account
         self.symbol = symbol
         self.multiplier = multiplier
+        self.currency = currency
+        self.foreign_fees = {}
+        self.sod_foreign_fees = {}
         self.net_qty = ZERO
         self.open_cost = ZERO
         self.realized_pnl_gross = ZERO
@@ -331,7 +349,11 @@ class Position:
             self.fifo_lots.append((qty, price, fill.ts))
             self.avg_open_price_held = None  # the new weighted average: from the cost
             if fee:
-                self.fees += fee
+                currency = fill.fee_currency
+                if currency is None or currency == self.currency:
+                    self.fees += fee
+                else:
+                    self._charge_foreign(currency, fee)
             self.fill_count += 1
             self.last_ts = fill.ts
             self.last_fill_id = fill.fill_id
@@ -413,15 +435,26 @@ class Position:
             self.avg_open_price_held = None
 
         if fee:
-            self.fees += fee
+            currency = fill.fee_currency
+            if currency is None or currency == self.currency:
+                self.fees += fee
+            else:
+                self._charge_foreign(currency, fee)
         self.fill_count += 1
         self.last_ts = fill.ts
         self.last_fill_id = fill.fill_id
+
+    def _charge_foreign(self, currency: str, fee: Decimal) -> None:
+        # A new dict, not an update in place: snapshots (`to_state`) share it.
+        fees = dict(self.foreign_fees)
+        fees[currency] = fees.get(currency, ZERO) + fee
+        self.foreign_fees = fees
 
     def roll_day(self, mark: Decimal | None) -> None:
         """Start a new day: snapshot realized gross, fees, and unrealized P&L at `mark`."""
         self.sod_realized_pnl_gross = self.realized_pnl_gross
         self.sod_fees = self.fees
+        self.sod_foreign_fees = self.foreign_fees
         self.sod_unrealized_pnl = self.unrealized_pnl(mark)
         self.sod_mark = mark
 
@@ -544,8 +577,12 @@ _encoder = msgspec.json.Encoder(decimal_format="string")
 _state_decoder = msgspec.json.Decoder(PositionState)
 
 
-def position_row(position: Position, mark: Decimal | None, method: Method = "both") -> dict:
+def position_row(position: Position, mark: Decimal | None, method: Method = "both", fx: FxRates | None = None) -> dict:
     """The reconciliation row (`ROW_FIELDS`), every number a canonical decimal string.
+
+    The local figures (in the instrument's currency) are followed by the base-currency
+    ones at `fx`'s rates (`core.valuation`'s `BASE_FIELDS`, by average cost with the
+    FIFO ones beside them, whatever the method).
 
     - `both`: the headline fields (`avg_open_price`, `realized_pnl_gross`,
       `realized_pnl_net`, `unrealized_pnl`) by average cost, plus the `fifo_*` fields.
@@ -584,7 +621,25 @@ def position_row(position: Position, mark: Decimal | None, method: Method = "bot
         "fifo_unrealized_pnl": (
             format_decimal(position.fifo_unrealized_pnl(mark)) if with_fifo and marked else None
         ),
+        **base_row(value_position(position, mark, fx)),
     }
+
+
+def base_row(value: PositionValue) -> dict:
+    """`value`'s base-currency fields as text: decimals canonical, the rate's legs and
+    the foreign fees as plain data."""
+    return {name: _text(getattr(value, name)) for name in BASE_FIELDS}
+
+
+def _text(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return format_decimal(value)
+    if isinstance(value, (msgspec.Struct, tuple, list, dict)):
+        data = msgspec.to_builtins(value, builtin_types=(Decimal,))
+        if isinstance(data, dict):
+            return {k: _text(v) for k, v in data.items()}
+        return [_text(v) for v in data]
+    return value
 
 
 #: Sums over one account's positions (see `core.valuation.AccountValue`).
@@ -592,35 +647,45 @@ AccountTotals = AccountValue
 
 
 def account_totals(
-    account: str, positions: Iterable[Position], marks: Mapping[str, Decimal]
+    account: str, positions: Iterable[Position], marks: Mapping[str, Decimal], fx: FxRates | None = None
 ) -> AccountValue:
-    """Totals of `positions` (all of `account`), valued at `marks` (symbol -> price)."""
-    return account_value(account, (value_position(p, marks.get(p.symbol)) for p in positions))
+    """Totals of `positions` (all of `account`), valued at `marks` (symbol -> price), in
+    the account's base currency at `fx`'s rates (default: everything in USD)."""
+    return account_value(account, (value_position(p, marks.get(p.symbol), fx) for p in positions))
 
 
 class PositionBook:
     """All positions, keyed by (account, symbol), with instrument data and marks.
 
-    - `multipliers`: symbol -> contract multiplier (absent: 1). A position takes its
-      symbol's multiplier when it is created; changing the multiplier of a symbol with an
-      open position is refused (that is a corporate action, not a data update).
-    - `marks`: symbol -> last mark price, set with `set_mark`.
+    - `reference`: the reference data (`core.reference`): each symbol's multiplier and
+      currency, the accounts' base currencies and fixed FX rates. Default: everything
+      in USD, multiplier 1.
+    - `multipliers`: symbol -> contract multiplier, over the reference's. A position
+      takes its symbol's multiplier and currency when it is created; changing the
+      multiplier of a symbol with an open position is refused (that is a corporate
+      action, not a data update).
+    - `marks`: symbol -> last mark price, set with `set_mark`; FX instruments' marks
+      give the rates of the account totals (`fx`).
 
     `apply(fill)` routes the fill to its position (creating it) and returns the position,
     updated in place. `apply_many` does the same for a batch, a little faster.
     """
 
-    __slots__ = ("_accounts", "multipliers", "marks")
+    __slots__ = ("_accounts", "multipliers", "marks", "reference", "fx")
 
     def __init__(
         self,
         multipliers: Mapping[str, Decimal | str | int] | None = None,
         marks: Mapping[str, Decimal | str | int] | None = None,
         positions: Iterable[Position] = (),
+        reference: Reference | None = None,
     ):
         self._accounts: dict[str, dict[str, Position]] = {}
-        self.multipliers: dict[str, Decimal] = {}
+        self.reference = reference or Reference()
+        self.multipliers: dict[str, Decimal] = dict(self.reference.multipliers)
         self.marks: dict[str, Decimal] = {}
+        marks_now = self.marks
+        self.fx = FxRates(self.reference, lambda symbol: (marks_now[symbol], "mark", None) if symbol in marks_now else None)
         for symbol, value in (multipliers or {}).items():
             self.multipliers[symbol] = parse_decimal(f"multiplier of {symbol}", value, positive=True)
         for symbol, value in (marks or {}).items():
@@ -687,7 +752,7 @@ class PositionBook:
         position = symbols.get(fill.symbol)
         if position is None:
             position = symbols[fill.symbol] = Position(
-                fill.account, fill.symbol, self.multipliers.get(fill.symbol, ONE)
+                fill.account, fill.symbol, self.multipliers.get(fill.symbol, ONE), self.reference.currency(fill.symbol)
             )
         return position
 
@@ -761,27 +826,9 @@ class PositionBook:
         """The account's positions, unsorted (a live view: do not mutate it)."""
         return self._accounts.get(account, {}).values()
 
-    def gross_notional(self, account: str) -> Decimal:
-        """`sum abs(net_qty x mark x multiplier)` over the account (unmarked: at cost)."""
-        marks = self.marks
-        total = ZERO
-        for position in self.account_positions(account):
-            if position.net_qty:
-                total = _add(total, position.notional(marks.get(position.symbol)))
-        return total
-
-    def day_pnl(self, account: str) -> Decimal | None:
-        """The account's day P&L (sum over its positions); None if any is unknown."""
-        marks = self.marks
-        total: Decimal | None = ZERO
-        for position in self.account_positions(account):
-            total = add_known(total, position.day_pnl(marks.get(position.symbol)))
-            if total is None:
-                return None
-        return total
-
     def account_totals(self, account: str) -> AccountTotals:
-        return account_totals(account, self._accounts.get(account, {}).values(), self.marks)
+        """The account's sums in its base currency, at the current marks and rates."""
+        return account_totals(account, self._accounts.get(account, {}).values(), self.marks, self.fx)
 
     def totals(self) -> list[AccountTotals]:
         """One `AccountTotals` per account, sorted by account."""
@@ -789,4 +836,4 @@ class PositionBook:
 
     def rows(self, method: Method = "both") -> list[dict]:
         """`position_row` for every position, sorted by (account, symbol)."""
-        return [position_row(p, self.marks.get(p.symbol), method) for p in self.positions()]
+        return [position_row(p, self.marks.get(p.symbol), method, self.fx) for p in self.positions()]

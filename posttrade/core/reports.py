@@ -30,6 +30,29 @@ Every figure follows `posttrade.core.valuation`: a live position is valued there
 day P&L, market value), and a sum that would need an unknown value (no mark for an
 open position) is null, never a partial number.
 
+Currencies
+----------
+A position's money is in its instrument's `currency` (the local columns) and, beside
+it, in its account's `base_currency` (the `*_base` columns): the local figure times
+`fx_rate`, rounded half-even at 12 places (`posttrade.core.fx`, and
+`posttrade.core.valuation`, "Base currency", for fees charged in a third currency). A
+base figure whose rate is unknown is null, and the currency is listed in
+`missing_rates`. The rates are the ones of the moment the row is valued at:
+
+* the current day: the current FX marks (ptrc's `FxRates`);
+* a past day: the rates of the roll into the next day, which ptrc stored with the
+  roll's snapshot (`fx_rate`, `foreign_fee_rates`, and the base figures computed at the
+  roll); never today's. The day's P&L in base is the local day P&L times the roll's
+  rate (less the day's foreign fees, each at its own). A snapshot stored before the
+  base columns existed is converted at the rates that hold at any time (the same
+  currency, a fixed rate of the reference data); any other rate of it is unknown.
+
+Nothing adds two currencies. An account row (`daily_pnl`, `level = account`) sums its
+positions' base figures: all its money columns, the local ones included, are in the
+account's base currency, which its `currency` names (and `fx_rate` is 1). Should one
+account's positions carry two base currencies (snapshots stored under different
+reference data), it gets one total row per base currency.
+
 Files
 -----
 Names are `<prefix>/<YYYY-MM-DD>/<kind>.<csv|parquet>`. CSV: a header row, decimals in
@@ -50,7 +73,7 @@ import io
 import json
 import re
 from functools import lru_cache
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -62,6 +85,8 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from posttrade.core.exact import EXACT, ONE, ZERO, format_decimal
+from posttrade.core.fx import FxRates, Rate, RateLeg, convert, round_base
+from posttrade.core.reference import Reference
 from posttrade.core.valuation import (
     PositionLike,
     PositionValue,
@@ -96,6 +121,18 @@ DAILY_PNL_COLUMNS: Columns = (
     ("total_pnl", "decimal"),
     ("day_pnl", "decimal"),
     ("valued_at", "timestamp"),
+    # The money columns above are in `currency`: the instrument's on a position row, the
+    # account's base currency on an account row (module doc, "Currencies").
+    ("currency", "string"),
+    ("base_currency", "string"),
+    ("fx_rate", "decimal"),  # currency -> base_currency; exact (a cross rate may need > 12 places)
+    ("realized_pnl_gross_base", "decimal"),
+    ("fees_base", "decimal"),
+    ("realized_pnl_net_base", "decimal"),
+    ("unrealized_pnl_base", "decimal"),
+    ("total_pnl_base", "decimal"),
+    ("day_pnl_base", "decimal"),
+    ("missing_rates", "string"),  # currencies without a rate to the base, comma-separated
 )
 POSITIONS_COLUMNS: Columns = (
     ("date", "string"),
@@ -109,6 +146,13 @@ POSITIONS_COLUMNS: Columns = (
     ("unrealized_pnl", "decimal"),
     ("realized_pnl_net", "decimal"),
     ("valued_at", "timestamp"),
+    ("currency", "string"),  # of the money columns above: the instrument's
+    ("base_currency", "string"),
+    ("fx_rate", "decimal"),
+    ("market_value_base", "decimal"),
+    ("unrealized_pnl_base", "decimal"),
+    ("realized_pnl_net_base", "decimal"),
+    ("missing_rates", "string"),
 )
 TRADE_BLOTTER_COLUMNS: Columns = (
     ("ts", "timestamp"),
@@ -217,6 +261,56 @@ def _epoch_seconds(head: str) -> int:
     return _epoch_seconds_of_minute(head[:16]) + int(head[17:19])
 
 
+# -- rates ----------------------------------------------------------------------------------
+
+
+def _no_mark(symbol: str) -> None:
+    return None
+
+
+class StoredRates(FxRates):
+    """Rates as a snapshot stored them: `rates` (currency -> rate to `base`), else the
+    rates that hold at any time (the same currency; `fx.fixed` of `reference`). It never
+    reads a mark: a valuation of the past must not take today's rates."""
+
+    __slots__ = ("base", "rates")
+
+    def __init__(self, reference: Reference, base: str | None, rates: Mapping[str, Decimal] | None = None):
+        super().__init__(reference, _no_mark)
+        self.base = base
+        self.rates = rates or {}
+
+    def rate(self, currency: str, base: str) -> Rate | None:
+        if base == self.base and currency != base:
+            stored = self.rates.get(currency)
+            if stored is not None:
+                leg = RateLeg(from_=currency, to=base, rate=stored, source="stored")
+                return Rate(currency=currency, base=base, rate=stored, legs=(leg,))
+        return super().rate(currency, base)
+
+
+def encode_amounts(amounts: Mapping[str, Decimal] | None) -> str | None:
+    """Amounts (or rates) by currency as stored in a VARCHAR: a JSON object of exact
+    decimal strings, `{"BNB":"0.02"}`; None when there are none."""
+    if not amounts:
+        return None
+    return json.dumps({currency: format_decimal(value) for currency, value in sorted(amounts.items())},
+                      separators=(",", ":"))
+
+
+def decode_amounts(text: str | None) -> dict[str, Decimal]:
+    """`encode_amounts`' text back (None or empty: none)."""
+    if not text:
+        return {}
+    return {currency: Decimal(value) for currency, value in json.loads(text).items()}
+
+
+def encode_currencies(currencies: Iterable[str]) -> str | None:
+    """Currencies as a comma-separated text (`missing_rates`); None when there are none."""
+    text = ",".join(sorted(set(currencies)))
+    return text or None
+
+
 # -- valuations -------------------------------------------------------------------------------
 
 
@@ -225,7 +319,11 @@ class Valuation:
     """One position's line in the `daily_pnl` and `positions` reports, as of
     `valued_at` (epoch ns): the report's columns of a `PositionValue`. Live positions
     have their whole valuation (`of`); a past day has only what ptrc's snapshots
-    stored, which is why the reports do not take `PositionValue` itself."""
+    stored, which is why the reports do not take `PositionValue` itself.
+
+    The local figures are in `currency`; the `*_base` ones in `base_currency` at
+    `fx_rate` (None, with the figures that need it, when the rate is unknown; the
+    currencies without a rate are in `missing_rates`)."""
 
     account: str
     symbol: str
@@ -241,6 +339,17 @@ class Valuation:
     day_pnl: Decimal | None
     market_value: Decimal | None  # net_qty x mark x multiplier
     valued_at: int
+    currency: str
+    base_currency: str
+    fx_rate: Decimal | None
+    realized_pnl_gross_base: Decimal | None
+    fees_base: Decimal | None
+    realized_pnl_net_base: Decimal | None
+    unrealized_pnl_base: Decimal | None
+    total_pnl_base: Decimal | None
+    day_pnl_base: Decimal | None
+    market_value_base: Decimal | None
+    missing_rates: tuple[str, ...]
 
     @classmethod
     def of(cls, value: PositionValue, valued_at: int) -> Valuation:
@@ -249,22 +358,33 @@ class Valuation:
             avg_open_price=value.avg_open_price, realized_pnl_gross=value.realized_pnl_gross, fees=value.fees,
             realized_pnl_net=value.realized_pnl_net, mark=value.mark, unrealized_pnl=value.unrealized_pnl,
             total_pnl=value.total_pnl, day_pnl=value.day_pnl, market_value=value.market_value, valued_at=valued_at,
+            currency=value.currency, base_currency=value.base_currency, fx_rate=value.fx_rate,
+            realized_pnl_gross_base=value.realized_pnl_gross_base, fees_base=value.fees_base,
+            realized_pnl_net_base=value.realized_pnl_net_base, unrealized_pnl_base=value.unrealized_pnl_base,
+            total_pnl_base=value.total_pnl_base, day_pnl_base=value.day_pnl_base,
+            market_value_base=convert(value.market_value, value.fx_rate), missing_rates=tuple(value.missing_rates),
         )
 
 
 def valuations_from_live(
-    positions: Iterable[PositionLike], mark_of: Callable[[str], Decimal | None], valued_at: int
+    positions: Iterable[PositionLike], mark_of: Callable[[str], Decimal | None], valued_at: int,
+    fx: FxRates | None = None,
 ) -> list[Valuation]:
-    """The live positions valued at the current marks, sorted by (account, symbol)."""
+    """The live positions valued at the current marks and `fx`'s current rates (default:
+    everything in USD), sorted by (account, symbol)."""
     return [
-        Valuation.of(value_position(p, mark_of(p.symbol)), valued_at)
+        Valuation.of(value_position(p, mark_of(p.symbol), fx), valued_at)
         for p in sorted(positions, key=lambda p: (p.account, p.symbol))
     ]
 
 
 @dataclass(frozen=True)
 class SnapshotRow:
-    """One row of ptrc's `position_snapshots` table."""
+    """One row of ptrc's `position_snapshots` table.
+
+    The base-currency part (`currency` ... `missing_rates`) is what ptrc stored with the
+    snapshot (`posttrade.agents.ptrc_storage`): the rates of its moment and the figures
+    at them. `base_currency` None: the row was stored before those columns existed."""
 
     ts: int
     account: str
@@ -278,6 +398,18 @@ class SnapshotRow:
     mark: Decimal | None
     unrealized_pnl: Decimal | None
     day_pnl: Decimal | None
+    currency: str | None = None
+    base_currency: str | None = None
+    fx_rate: Decimal | None = None  # None with a base_currency: unknown at the snapshot
+    foreign_fees: Mapping[str, Decimal] = dataclass_field(default_factory=dict)  # fees in other currencies, by currency
+    foreign_fee_rates: Mapping[str, Decimal] = dataclass_field(default_factory=dict)  # their rates to the base, when known
+    realized_pnl_gross_base: Decimal | None = None
+    fees_base: Decimal | None = None
+    realized_pnl_net_base: Decimal | None = None
+    unrealized_pnl_base: Decimal | None = None
+    total_pnl_base: Decimal | None = None
+    day_pnl_base: Decimal | None = None
+    missing_rates: tuple[str, ...] = ()
 
     @property
     def key(self) -> tuple[str, str]:
@@ -292,6 +424,69 @@ class SnapshotRow:
     def total_pnl(self) -> Decimal | None:
         return total_pnl_of(self.realized_pnl_net, self.unrealized)
 
+    def rates(self, reference: Reference) -> tuple[str, str, StoredRates]:
+        """(currency, base currency, the rates this row is valued at): as stored with it;
+        for a row stored before the base columns, the reference data's currencies and
+        the rates that hold at any time."""
+        currency = self.currency or reference.currency(self.symbol)
+        base = self.base_currency or reference.base_currency(self.account)
+        stored = dict(self.foreign_fee_rates)
+        if self.fx_rate is not None:
+            stored[currency] = self.fx_rate
+        return currency, base, StoredRates(reference, base, stored)
+
+
+def _day_pnl_base(
+    close: SnapshotRow, sod_foreign_fees: Mapping[str, Decimal], day_pnl: Decimal | None, rates: StoredRates,
+    currency: str, base: str,
+) -> Decimal | None:
+    """The day P&L in base at `close`'s rates: `day_pnl x rate - sum((foreign fee -
+    at the day's start) x its rate)`, rounded once (`core.valuation`'s rule)."""
+    if day_pnl is None:
+        return None
+    rate = rates.rate(currency, base)
+    if rate is None:
+        return None
+    if not close.foreign_fees:
+        return convert(day_pnl, rate.rate)
+    total = EXACT.multiply(day_pnl, rate.rate)
+    for fee_currency, fee in close.foreign_fees.items():
+        fee_rate = rates.rate(fee_currency, base)
+        if fee_rate is None:
+            return None
+        today = EXACT.subtract(fee, sod_foreign_fees.get(fee_currency, ZERO))
+        total = EXACT.subtract(total, EXACT.multiply(today, fee_rate.rate))
+    return round_base(total)
+
+
+def _snapshot_valuation(
+    row: SnapshotRow, multiplier: Decimal, day_pnl: Decimal | None, day_pnl_base: Decimal | None,
+    currency: str, base: str, rates: StoredRates,
+) -> Valuation:
+    market_value = market_value_of(row.net_qty, row.mark, multiplier)
+    if row.base_currency is not None:  # as stored at the snapshot
+        rate, missing = row.fx_rate, row.missing_rates
+        gross_base, fees_base, net_base = row.realized_pnl_gross_base, row.fees_base, row.realized_pnl_net_base
+        unrealized_base, total_base = row.unrealized_pnl_base, row.total_pnl_base
+    else:  # stored before the base columns: at a rate that holds at any time, if any
+        found = rates.rate(currency, base)
+        rate = None if found is None else found.rate
+        missing = () if rate is not None else (currency,)
+        gross_base, fees_base = convert(row.realized_pnl_gross, rate), convert(row.fees, rate)
+        net_base, unrealized_base = convert(row.realized_pnl_net, rate), convert(row.unrealized, rate)
+        total_base = convert(row.total_pnl, rate)
+    return Valuation(
+        account=row.account, symbol=row.symbol, multiplier=multiplier,
+        net_qty=row.net_qty, avg_open_price=row.avg_open_price if row.net_qty else None,
+        realized_pnl_gross=row.realized_pnl_gross, fees=row.fees, realized_pnl_net=row.realized_pnl_net,
+        mark=row.mark, unrealized_pnl=row.unrealized, total_pnl=row.total_pnl, day_pnl=day_pnl,
+        market_value=market_value, valued_at=row.ts,
+        currency=currency, base_currency=base, fx_rate=rate, realized_pnl_gross_base=gross_base,
+        fees_base=fees_base, realized_pnl_net_base=net_base, unrealized_pnl_base=unrealized_base,
+        total_pnl_base=total_base, day_pnl_base=day_pnl_base, market_value_base=convert(market_value, rate),
+        missing_rates=tuple(missing),
+    )
+
 
 def valuations_from_snapshots(
     rolls: Iterable[SnapshotRow],
@@ -299,12 +494,16 @@ def valuations_from_snapshots(
     window: tuple[int, int],
     next_window_end: int,
     multipliers: Mapping[str, Decimal],
+    reference: Reference | None = None,
 ) -> list[Valuation]:
     """The close of the day `window` = [start, end) from ptrc's snapshots (module doc).
 
     `rolls`: the `roll` snapshots in [start, next_window_end); `latest_before_end`: each
-    key's last snapshot before `end` (any reason).
+    key's last snapshot before `end` (any reason). Base figures are at the rates stored
+    with the row shown (module doc, "Currencies"); `reference` gives the currencies of
+    rows stored without them (default: everything in USD).
     """
+    reference = reference or Reference()
     start, end = window
     opening: dict[tuple[str, str], SnapshotRow] = {}  # roll into the day
     closing: dict[tuple[str, str], SnapshotRow] = {}  # roll into the next day
@@ -319,51 +518,85 @@ def valuations_from_snapshots(
     for key in sorted(set(closing) | set(fallback)):
         row = closing.get(key)
         if row is not None:
+            currency, base, rates = row.rates(reference)
             sod = opening.get(key)
             sod_total = sod.total_pnl if sod is not None else (ZERO if rolled_in else None)
             day_pnl = day_pnl_of(row.total_pnl, sod_total)
+            sod_foreign = sod.foreign_fees if sod is not None else {}
+            day_pnl_base = _day_pnl_base(row, sod_foreign, day_pnl, rates, currency, base)
         else:
             row = fallback[key]
+            currency, base, rates = row.rates(reference)
             day_pnl = row.day_pnl
+            if row.base_currency is not None:
+                day_pnl_base = row.day_pnl_base
+            else:
+                found = rates.rate(currency, base)
+                day_pnl_base = convert(day_pnl, None if found is None else found.rate)
         multiplier = multipliers.get(row.symbol, ONE)
-        out.append(
-            Valuation(
-                account=row.account, symbol=row.symbol, multiplier=multiplier,
-                net_qty=row.net_qty, avg_open_price=row.avg_open_price if row.net_qty else None,
-                realized_pnl_gross=row.realized_pnl_gross, fees=row.fees, realized_pnl_net=row.realized_pnl_net,
-                mark=row.mark, unrealized_pnl=row.unrealized, total_pnl=row.total_pnl, day_pnl=day_pnl,
-                market_value=market_value_of(row.net_qty, row.mark, multiplier), valued_at=row.ts,
-            )
-        )
+        out.append(_snapshot_valuation(row, multiplier, day_pnl, day_pnl_base, currency, base, rates))
     return out
 
 
-SNAPSHOT_FIELDS = (
+#: The columns of `position_snapshots` a report reads; a table may lack `SNAPSHOT_BASE_FIELDS`
+#: (stored before them), not the others.
+SNAPSHOT_LOCAL_FIELDS = (
     "ts", "account", "symbol", "reason", "net_qty", "avg_open_price", "realized_pnl_gross", "fees",
     "realized_pnl_net", "mark", "unrealized_pnl", "day_pnl",
 )
+SNAPSHOT_BASE_FIELDS = (
+    "currency", "base_currency", "fx_rate", "foreign_fees", "foreign_fee_rates", "realized_pnl_gross_base",
+    "fees_base", "realized_pnl_net_base", "unrealized_pnl_base", "total_pnl_base", "day_pnl_base", "missing_rates",
+)
+SNAPSHOT_FIELDS = SNAPSHOT_LOCAL_FIELDS + SNAPSHOT_BASE_FIELDS
+_BASE_DECIMALS = ("realized_pnl_gross_base", "fees_base", "realized_pnl_net_base", "unrealized_pnl_base",
+                  "total_pnl_base", "day_pnl_base")
 
 
 def snapshot_rows(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[SnapshotRow]:
     """`position_snapshots` rows from QuestDB's JSON (decimals as text, ts as ISO text).
 
     Positional and without per-row dicts: a past day's report reads one or two rows
-    per position, tens of thousands of them.
+    per position, tens of thousands of them. `columns` must hold `SNAPSHOT_LOCAL_FIELDS`;
+    the base columns are read when there.
     """
-    at = [columns.index(name) for name in SNAPSHOT_FIELDS]
+    at = [columns.index(name) for name in SNAPSHOT_LOCAL_FIELDS]
     i_ts, i_account, i_symbol, i_reason, *i_decimals = at
+    present = {name: columns.index(name) for name in SNAPSHOT_BASE_FIELDS if name in columns}
+    i_base = present.get("base_currency")
     out = []
     for row in rows:
         net, avg, gross, fees, net_pnl, mark, unrealized, day = [
             Decimal(text) if text else None for text in map(row.__getitem__, i_decimals)
         ]
+        base_part = _stored_base(row, present) if i_base is not None and row[i_base] else {}
         out.append(
             SnapshotRow(
                 ts=parse_iso_ns(row[i_ts]), account=row[i_account], symbol=row[i_symbol], reason=row[i_reason],
                 net_qty=net or ZERO, avg_open_price=avg, realized_pnl_gross=gross or ZERO, fees=fees or ZERO,
-                realized_pnl_net=net_pnl or ZERO, mark=mark, unrealized_pnl=unrealized, day_pnl=day,
+                realized_pnl_net=net_pnl or ZERO, mark=mark, unrealized_pnl=unrealized, day_pnl=day, **base_part,
             )
         )
+    return out
+
+
+def _stored_base(row: Sequence[Any], present: Mapping[str, int]) -> dict[str, Any]:
+    def text(name: str) -> Any:
+        i = present.get(name)
+        return None if i is None else row[i]
+
+    rate = text("fx_rate")
+    missing = text("missing_rates")
+    out: dict[str, Any] = {
+        "currency": text("currency"), "base_currency": text("base_currency"),
+        "fx_rate": Decimal(rate) if rate else None,
+        "foreign_fees": decode_amounts(text("foreign_fees")),
+        "foreign_fee_rates": decode_amounts(text("foreign_fee_rates")),
+        "missing_rates": tuple(missing.split(",")) if missing else (),
+    }
+    for name in _BASE_DECIMALS:
+        value = text(name)
+        out[name] = Decimal(value) if value else None
     return out
 
 
@@ -374,36 +607,45 @@ def snapshot_row(record: Mapping[str, Any]) -> SnapshotRow:
 
 # -- report rows --------------------------------------------------------------------------------
 
+#: The money an account row sums: each the sum of its positions' base figures.
+_ACCOUNT_SUMS = ("realized_pnl_gross", "fees", "realized_pnl_net", "unrealized_pnl", "total_pnl", "day_pnl")
+
 
 def daily_pnl_rows(day: date, valuations: Sequence[Valuation]) -> list[dict]:
-    """Position rows, each account's rows followed by its total row."""
+    """Position rows, each account's rows followed by its total row: in the account's
+    base currency (one per base currency, should its rows carry two; module doc)."""
     rows: list[dict] = []
     by_account: dict[str, list[Valuation]] = {}
     for v in sorted(valuations, key=lambda v: (v.account, v.symbol)):
         by_account.setdefault(v.account, []).append(v)
     for account, items in by_account.items():
+        by_base: dict[str, list[Valuation]] = {}
         for v in items:
+            by_base.setdefault(v.base_currency, []).append(v)
             rows.append(
                 {
                     "date": day.isoformat(), "level": "position", "account": account, "symbol": v.symbol,
                     "net_qty": v.net_qty, "mark": v.mark, "realized_pnl_gross": v.realized_pnl_gross,
                     "fees": v.fees, "realized_pnl_net": v.realized_pnl_net, "unrealized_pnl": v.unrealized_pnl,
                     "total_pnl": v.total_pnl, "day_pnl": v.day_pnl, "valued_at": v.valued_at,
+                    "currency": v.currency, "base_currency": v.base_currency, "fx_rate": v.fx_rate,
+                    "realized_pnl_gross_base": v.realized_pnl_gross_base, "fees_base": v.fees_base,
+                    "realized_pnl_net_base": v.realized_pnl_net_base, "unrealized_pnl_base": v.unrealized_pnl_base,
+                    "total_pnl_base": v.total_pnl_base, "day_pnl_base": v.day_pnl_base,
+                    "missing_rates": encode_currencies(v.missing_rates),
                 }
             )
-        rows.append(
-            {
-                "date": day.isoformat(), "level": "account", "account": account, "symbol": None,
-                "net_qty": None, "mark": None,
-                "realized_pnl_gross": sum_known(v.realized_pnl_gross for v in items),
-                "fees": sum_known(v.fees for v in items),
-                "realized_pnl_net": sum_known(v.realized_pnl_net for v in items),
-                "unrealized_pnl": sum_known(v.unrealized_pnl for v in items),
-                "total_pnl": sum_known(v.total_pnl for v in items),
-                "day_pnl": sum_known(v.day_pnl for v in items),
-                "valued_at": max(v.valued_at for v in items),
-            }
-        )
+        for base, members in sorted(by_base.items()):
+            sums = {name: sum_known(getattr(v, f"{name}_base") for v in members) for name in _ACCOUNT_SUMS}
+            rows.append(
+                {
+                    "date": day.isoformat(), "level": "account", "account": account, "symbol": None,
+                    "net_qty": None, "mark": None, **sums, "valued_at": max(v.valued_at for v in members),
+                    "currency": base, "base_currency": base, "fx_rate": ONE,
+                    **{f"{name}_base": value for name, value in sums.items()},
+                    "missing_rates": encode_currencies(c for v in members for c in v.missing_rates),
+                }
+            )
     return rows
 
 
@@ -415,6 +657,9 @@ def positions_rows(day: date, valuations: Sequence[Valuation]) -> list[dict]:
             "avg_open_price": v.avg_open_price, "multiplier": v.multiplier, "mark": v.mark,
             "market_value": v.market_value, "unrealized_pnl": v.unrealized_pnl,
             "realized_pnl_net": v.realized_pnl_net, "valued_at": v.valued_at,
+            "currency": v.currency, "base_currency": v.base_currency, "fx_rate": v.fx_rate,
+            "market_value_base": v.market_value_base, "unrealized_pnl_base": v.unrealized_pnl_base,
+            "realized_pnl_net_base": v.realized_pnl_net_base, "missing_rates": encode_currencies(v.missing_rates),
         }
         for v in sorted(valuations, key=lambda v: (v.account, v.symbol))
         if v.net_qty

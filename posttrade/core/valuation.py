@@ -40,6 +40,26 @@ An account's sum that includes an unknown value is None (`AccountValue`).
 
 All arithmetic runs in `posttrade.core.exact.EXACT` whatever the caller's context, so
 +, - and x never round; nothing here divides.
+
+Base currency
+-------------
+Every figure above is in the instrument's currency (`currency`). `value_position` also
+gives each money figure in the account's base currency (`*_base`), by the rates of
+`posttrade.core.fx`: the local figure times the current rate from the position's
+currency to the base, rounded half-even at 12 decimal places (translation at the
+current rate; there is no separate FX P&L). Fees charged in a third currency (a fill's
+`fee_currency`) are kept apart in the position (`foreign_fees`, by currency; `fees` and
+the local net figures hold only the fees in the instrument's currency) and enter the
+base figures each at its own rate:
+
+    fees_base              = fees x rate + sum(foreign fee x its rate)
+    realized_pnl_net_base  = realized_pnl_net x rate - sum(foreign fee x its rate)
+    total_pnl_base         = total_pnl x rate - sum(foreign fee x its rate)
+    day_pnl_base           = day_pnl x rate - sum((foreign fee - at the roll) x its rate)
+
+each computed exactly and rounded once. A base figure that needs an unknown rate is
+None, and the currency is in `missing_rates`. Account sums (`AccountValue`) are in the
+account's base currency only: nothing ever adds two currencies.
 """
 
 from __future__ import annotations
@@ -51,6 +71,8 @@ from typing import Protocol
 import msgspec
 
 from posttrade.core.exact import EXACT, ZERO
+from posttrade.core.fx import FxRates, RateLeg, convert, round_base
+from posttrade.core.reference import Reference
 
 _add = EXACT.add
 _sub = EXACT.subtract
@@ -90,6 +112,17 @@ class PositionLike(Protocol):
     def sod_unrealized_pnl(self) -> Decimal | None: ...
     @property
     def fill_count(self) -> int: ...
+    @property
+    def currency(self) -> str | None: ...
+    @property
+    def foreign_fees(self) -> dict[str, Decimal]: ...
+    @property
+    def sod_foreign_fees(self) -> dict[str, Decimal]: ...
+
+
+#: Rates when the caller gives none: the default reference data (everything in USD, every
+#: account based in USD), so every figure converts at exactly 1.
+_DEFAULT_FX = FxRates(Reference(), lambda symbol: None)
 
 
 class PositionValue(msgspec.Struct, frozen=True, kw_only=True):
@@ -116,10 +149,46 @@ class PositionValue(msgspec.Struct, frozen=True, kw_only=True):
     market_value: Decimal | None  # signed: net_qty x mark x multiplier
     gross_notional: Decimal  # |market_value|; open without a mark: at cost
     fill_count: int
+    # In the account's base currency (module doc, "Base currency"); None: a rate is unknown.
+    currency: str
+    base_currency: str
+    fx_rate: Decimal | None
+    fx_legs: tuple[RateLeg, ...] | None
+    foreign_fees: dict[str, Decimal]
+    realized_pnl_gross_base: Decimal | None
+    fees_base: Decimal | None
+    realized_pnl_net_base: Decimal | None
+    unrealized_pnl_base: Decimal | None
+    total_pnl_base: Decimal | None
+    day_pnl_base: Decimal | None
+    gross_notional_base: Decimal | None
+    fifo_realized_pnl_gross_base: Decimal | None
+    fifo_unrealized_pnl_base: Decimal | None
+    missing_rates: tuple[str, ...]  # currencies with no rate to the base
 
 
-def value_position(position: PositionLike, mark: Decimal | None) -> PositionValue:
-    """`position` valued at `mark` (None when there is no mark): the module doc's formulas."""
+def value_position(position: PositionLike, mark: Decimal | None, fx: FxRates | None = None) -> PositionValue:
+    """`position` valued at `mark` (None when there is no mark), in its own currency and
+    in its account's base currency at `fx`'s rates (default: everything in USD): the
+    module doc's formulas."""
+    fx = fx or _DEFAULT_FX
+    reference = fx.reference
+    currency = position.currency or reference.currency(position.symbol)
+    base = reference.base_currency(position.account)
+    rate = fx.rate(currency, base)
+    missing = [] if rate is not None else [currency]
+    foreign_fees = position.foreign_fees
+    foreign = foreign_day = ZERO
+    fees_known = True  # every foreign fee has a rate
+    for fee_currency, fee in foreign_fees.items():
+        fee_rate = fx.rate(fee_currency, base)
+        if fee_rate is None:
+            missing.append(fee_currency)
+            fees_known = False
+            continue
+        foreign = _add(foreign, _mul(fee, fee_rate.rate))
+        today = _sub(fee, position.sod_foreign_fees.get(fee_currency, ZERO))
+        foreign_day = _add(foreign_day, _mul(today, fee_rate.rate))
     net = position.net_qty
     multiplier = position.multiplier
     market_value = market_value_of(net, mark, multiplier)
@@ -132,6 +201,8 @@ def value_position(position: PositionLike, mark: Decimal | None) -> PositionValu
     total = total_pnl_of(realized_net, unrealized)
     sod_realized_net = position.sod_realized_pnl_net
     sod_unrealized = position.sod_unrealized_pnl
+    day = day_pnl_of(total, total_pnl_of(sod_realized_net, sod_unrealized))
+    r = None if rate is None else rate.rate
     return PositionValue(
         account=position.account,
         symbol=position.symbol,
@@ -147,13 +218,47 @@ def value_position(position: PositionLike, mark: Decimal | None) -> PositionValu
         fifo_realized_pnl_net=_sub(fifo_gross, fees),
         fifo_unrealized_pnl=fifo_unrealized,
         total_pnl=total,
-        day_pnl=day_pnl_of(total, total_pnl_of(sod_realized_net, sod_unrealized)),
+        day_pnl=day,
         sod_realized_pnl_net=sod_realized_net,
         sod_unrealized_pnl=sod_unrealized,
         market_value=market_value,
         gross_notional=gross_notional,
         fill_count=position.fill_count,
+        currency=currency,
+        base_currency=base,
+        fx_rate=r,
+        fx_legs=None if rate is None else rate.legs,
+        foreign_fees=foreign_fees,
+        realized_pnl_gross_base=convert(position.realized_pnl_gross, r),
+        fees_base=_less_foreign(fees, r, foreign, fees_known, sign=1),
+        realized_pnl_net_base=_less_foreign(realized_net, r, foreign, fees_known),
+        unrealized_pnl_base=convert(unrealized, r),
+        total_pnl_base=_less_foreign(total, r, foreign, fees_known),
+        day_pnl_base=_less_foreign(day, r, foreign_day, fees_known),
+        gross_notional_base=convert(gross_notional, r),
+        fifo_realized_pnl_gross_base=convert(fifo_gross, r),
+        fifo_unrealized_pnl_base=convert(fifo_unrealized, r),
+        missing_rates=tuple(missing),
     )
+
+
+#: `PositionValue`'s fields about the base currency, in the order rows show them.
+BASE_FIELDS = (
+    "currency", "base_currency", "fx_rate", "fx_legs", "foreign_fees", "realized_pnl_gross_base", "fees_base",
+    "realized_pnl_net_base", "unrealized_pnl_base", "total_pnl_base", "day_pnl_base", "gross_notional_base",
+    "fifo_realized_pnl_gross_base", "fifo_unrealized_pnl_base", "missing_rates",
+)
+
+
+def _less_foreign(local: Decimal | None, rate: Decimal | None, foreign: Decimal, known: bool, sign: int = -1) -> Decimal | None:
+    """`local x rate` minus (or, for fees, plus) the foreign fees already converted,
+    rounded once; None when a term is unknown."""
+    if local is None or rate is None or not known:
+        return None
+    if not foreign:
+        return convert(local, rate)
+    converted = _mul(local, rate)
+    return round_base(_add(converted, foreign) if sign > 0 else _sub(converted, foreign))
 
 
 # The rules below are `value_position`'s parts. They are public for figures that were
@@ -215,23 +320,42 @@ def sum_known(values: Iterable[Decimal | None]) -> Decimal | None:
 
 
 class AccountValue(msgspec.Struct, frozen=True, kw_only=True):
-    """Sums over one account's position values. A sum that includes an unknown value
-    (an open position without a mark; for `day_pnl` also an unknown start of day) is
-    None. Flat positions count 0 whether marked or not; `gross_notional` counts an
-    unmarked open position at cost, as `PositionValue` does."""
+    """Sums over one account's position values, in the account's `base_currency`: each
+    the sum of the positions' `*_base` figures. A sum that includes an unknown value (an
+    open position without a mark; for `day_pnl` also an unknown start of day; any
+    figure whose rate is unknown) is None; `missing_rates` lists the currencies whose
+    rate to the base is unknown. Flat positions count 0 whether marked or not;
+    `gross_notional` counts an unmarked open position at cost, as `PositionValue` does."""
 
     account: str
+    base_currency: str
     positions: int
     open_positions: int
-    realized_pnl_gross: Decimal
-    fees: Decimal
-    realized_pnl_net: Decimal
+    realized_pnl_gross: Decimal | None
+    fees: Decimal | None
+    realized_pnl_net: Decimal | None
     unrealized_pnl: Decimal | None
-    fifo_realized_pnl_gross: Decimal
+    fifo_realized_pnl_gross: Decimal | None
     fifo_unrealized_pnl: Decimal | None
     total_pnl: Decimal | None
     day_pnl: Decimal | None
-    gross_notional: Decimal
+    gross_notional: Decimal | None
+    missing_rates: list[str]
+
+
+#: The base figures an account sums, and the `AccountValue` field each sum goes to.
+_SUMMED = (
+    ("realized_pnl_gross_base", "realized_pnl_gross"),
+    ("fees_base", "fees"),
+    ("realized_pnl_net_base", "realized_pnl_net"),
+    ("unrealized_pnl_base", "unrealized_pnl"),
+    ("fifo_realized_pnl_gross_base", "fifo_realized_pnl_gross"),
+    ("fifo_unrealized_pnl_base", "fifo_unrealized_pnl"),
+    ("total_pnl_base", "total_pnl"),
+    ("day_pnl_base", "day_pnl"),
+    ("gross_notional_base", "gross_notional"),
+)
+_N = len(_SUMMED)
 
 
 class AccountSums:
@@ -239,23 +363,18 @@ class AccountSums:
     value, `remove` the one it replaces, read `value(account)`. This is the definition
     of `AccountValue` (`account_value` folds values into one), kept incrementally for
     readers that revalue one position at a time and must not go over the whole account
-    again. Exact: removing a value and adding its successor never rounds. A sum that
-    may be unknown also counts its unknown terms and is None while there are any.
-
-    Written out field by field: it runs for every change of every position.
+    again. Exact: removing a value and adding its successor never rounds. Each sum also
+    counts its unknown terms and is None while there are any.
     """
 
-    __slots__ = (
-        "positions", "open_positions", "realized_pnl_gross", "fees", "fifo_realized_pnl_gross",
-        "gross_notional", "unrealized_pnl", "fifo_unrealized_pnl", "day_pnl",
-        "unknown_unrealized", "unknown_fifo_unrealized", "unknown_day",
-    )  # fmt: skip
+    __slots__ = ("positions", "open_positions", "sums", "unknown", "missing", "base_currency")
 
     def __init__(self) -> None:
         self.positions = self.open_positions = 0
-        self.realized_pnl_gross = self.fees = self.fifo_realized_pnl_gross = self.gross_notional = ZERO
-        self.unrealized_pnl = self.fifo_unrealized_pnl = self.day_pnl = ZERO
-        self.unknown_unrealized = self.unknown_fifo_unrealized = self.unknown_day = 0
+        self.sums = [ZERO] * _N
+        self.unknown = [0] * _N
+        self.missing: dict[str, int] = {}  # currency -> positions missing its rate
+        self.base_currency: str | None = None
 
     def add(self, value: PositionValue) -> None:
         self._fold(value, _add, 1)
@@ -266,44 +385,35 @@ class AccountSums:
 
     def _fold(self, value: PositionValue, op: Callable[[Decimal, Decimal], Decimal], sign: int) -> None:
         self.positions += sign
+        self.base_currency = value.base_currency
         if value.net_qty:
             self.open_positions += sign
-        self.realized_pnl_gross = op(self.realized_pnl_gross, value.realized_pnl_gross)
-        self.fees = op(self.fees, value.fees)
-        self.fifo_realized_pnl_gross = op(self.fifo_realized_pnl_gross, value.fifo_realized_pnl_gross)
-        self.gross_notional = op(self.gross_notional, value.gross_notional)
-        term = value.unrealized_pnl
-        if term is None:
-            self.unknown_unrealized += sign
-        else:
-            self.unrealized_pnl = op(self.unrealized_pnl, term)
-        term = value.fifo_unrealized_pnl
-        if term is None:
-            self.unknown_fifo_unrealized += sign
-        else:
-            self.fifo_unrealized_pnl = op(self.fifo_unrealized_pnl, term)
-        term = value.day_pnl
-        if term is None:
-            self.unknown_day += sign
-        else:
-            self.day_pnl = op(self.day_pnl, term)
+        sums, unknown = self.sums, self.unknown
+        for i, (field, _) in enumerate(_SUMMED):
+            term = getattr(value, field)
+            if term is None:
+                unknown[i] += sign
+            else:
+                sums[i] = op(sums[i], term)
+        for currency in value.missing_rates:
+            count = self.missing.get(currency, 0) + sign
+            if count:
+                self.missing[currency] = count
+            else:
+                del self.missing[currency]
 
-    def value(self, account: str) -> AccountValue:
-        unrealized = None if self.unknown_unrealized else self.unrealized_pnl
-        realized_net = _sub(self.realized_pnl_gross, self.fees)
+    def value(self, account: str, base_currency: str | None = None) -> AccountValue:
+        """The sums; `base_currency` names the base of an account with no positions."""
+        sums = {
+            name: None if self.unknown[i] else self.sums[i] for i, (_, name) in enumerate(_SUMMED)
+        }
         return AccountValue(
             account=account,
+            base_currency=self.base_currency or base_currency or _DEFAULT_FX.reference.default_base_currency,
             positions=self.positions,
             open_positions=self.open_positions,
-            realized_pnl_gross=self.realized_pnl_gross,
-            fees=self.fees,
-            realized_pnl_net=realized_net,
-            unrealized_pnl=unrealized,
-            fifo_realized_pnl_gross=self.fifo_realized_pnl_gross,
-            fifo_unrealized_pnl=None if self.unknown_fifo_unrealized else self.fifo_unrealized_pnl,
-            total_pnl=total_pnl_of(realized_net, unrealized),
-            day_pnl=None if self.unknown_day else self.day_pnl,
-            gross_notional=self.gross_notional,
+            missing_rates=sorted(self.missing),
+            **sums,
         )
 
 

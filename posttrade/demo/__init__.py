@@ -1,12 +1,13 @@
-"""Synthetic trading for local runs: a market of 20 symbols, accounts that trade in it,
-and a feed that publishes it all on NATS (`posttrade demo feed`, and `posttrade up`).
+"""Synthetic trading for local runs: a market of 25 instruments in USD, JPY, EUR and
+USDT (equities, a future, FX and crypto pairs), accounts that trade in it, and a feed
+that publishes it all on NATS (`posttrade demo feed`, and `posttrade up`).
 
 `market` (quotes and the tape), `execution` (orders filled against the quotes),
 `feed` (the deterministic generator and the real-time publisher).
 """
 
 from .feed import ACCOUNTS, Account, DemoFeed, FeedGenerator, FeedProgress, FeedSettings
-from .market import INSTRUMENTS, Instrument
+from .market import INSTRUMENTS, Fees, Instrument, tagged_reference
 
 __all__ = [
     "ACCOUNTS",
@@ -16,5 +17,7 @@ __all__ = [
     "FeedGenerator",
     "FeedProgress",
     "FeedSettings",
+    "Fees",
     "Instrument",
+    "tagged_reference",
 ]

@@ -14,8 +14,12 @@
 Every order emits NEW at arrival, its fills, and a terminal FILLED or CANCELED event;
 fill quantities of an order never add up to more than its quantity, taker fills are at
 or beyond the touch of the quote they executed against (and within the limit), maker
-fills are at the limit price. Fees: a per-share fee for taking, a rebate (negative fee)
-for making. All randomness comes from the generator passed in, so a seed reproduces it.
+fills are at the limit price. Fees are the instrument's (`market.Fees`): for the US
+equities a per-share fee for taking and a rebate (negative fee) for making; a fill
+charged in another currency than the instrument's says so (`fee_currency`). Prices are
+integer ticks and quantities integer units of the instrument's grid (`SymbolBook`), so
+every fill is exactly on it. All randomness comes from the generator passed in, so a
+seed reproduces it.
 """
 
 from __future__ import annotations
@@ -23,15 +27,14 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from decimal import Decimal
 
 import msgspec
 
 from ..streams.events import Fill, MarketTrade, Order
-from .market import LOT, TICK, SymbolBook, ticks_to_price
+from .market import SMART_ROUTER_VENUES, US_EQUITY_FEES, SymbolBook
 
-TAKER_FEE_PER_SHARE = Decimal("0.0030")
-MAKER_FEE_PER_SHARE = Decimal("-0.0020")  # a rebate
+TAKER_FEE_PER_SHARE = US_EQUITY_FEES.taker
+MAKER_FEE_PER_SHARE = US_EQUITY_FEES.maker  # a rebate
 
 _US = 1_000  # ns
 
@@ -41,14 +44,15 @@ class WorkingOrder:
     """An order with quantity left that rests at its limit price."""
 
     order: Order  # the NEW event
+    book: SymbolBook  # its symbol's market (and grids)
     limit_ticks: int
     expires_at: int  # ns: cancelled then
-    filled: int = 0
+    filled: int = 0  # in units of the instrument's qty_step
     fills: list[Fill] = field(default_factory=list)
 
     @property
     def qty(self) -> int:
-        return int(self.order.qty)
+        return self.book.units(self.order.qty)
 
     @property
     def remaining(self) -> int:
@@ -66,15 +70,11 @@ class ExecutionSimulator:
         *,
         depth_levels: int = 4,
         latency_slip_probability: float = 0.2,
-        taker_fee: Decimal = TAKER_FEE_PER_SHARE,
-        maker_fee: Decimal = MAKER_FEE_PER_SHARE,
     ):
         self.rng = rng
         self.next_fill_id = next_fill_id
         self.depth_levels = depth_levels
         self.latency_slip_probability = latency_slip_probability
-        self.taker_fee = taker_fee
-        self.maker_fee = maker_fee
         self.working: dict[str, WorkingOrder] = {}  # order id -> resting order, in arrival order
 
     # -- new orders --------------------------------------------------------------------
@@ -84,11 +84,11 @@ class ExecutionSimulator:
         if book.quote is None:
             raise ValueError(f"no quote for {book.symbol} yet: publish one before orders")
         events: list[Order | Fill] = [order]
-        limit_ticks = None if order.limit_price is None else _ticks(order.limit_price)
-        qty = int(order.qty)
+        limit_ticks = None if order.limit_price is None else book.ticks(order.limit_price)
+        qty = book.units(order.qty)
         fills = self._take(order, book, qty, limit_ticks)
         events.extend(fills)
-        filled = sum(int(f.qty) for f in fills)
+        filled = sum(book.units(f.qty) for f in fills)
         last_ts = fills[-1].ts if fills else order.ts
         if filled == qty:
             events.append(_with_status(order, "FILLED", last_ts + _US))
@@ -97,7 +97,7 @@ class ExecutionSimulator:
             events.append(_with_status(order, "CANCELED", last_ts + _US))
         else:
             assert limit_ticks is not None
-            working = WorkingOrder(order, limit_ticks, expires_at=order.ts + ttl_ns, filled=filled, fills=fills)
+            working = WorkingOrder(order, book, limit_ticks, expires_at=order.ts + ttl_ns, filled=filled, fills=fills)
             self.working[order.order_id] = working
         return events
 
@@ -118,9 +118,9 @@ class ExecutionSimulator:
                 break
             if limit_ticks is not None and (price_ticks > limit_ticks if buy else price_ticks < limit_ticks):
                 break
-            available = touch_size if level == 0 and not slip else LOT * rng.randint(1, 6) * (level + 1)
+            available = touch_size if level == 0 and not slip else book.lot_units * rng.randint(1, 6) * (level + 1)
             take = min(remaining, available)
-            fills.append(self._fill(order, take, price_ticks, ts, "TAKER"))
+            fills.append(self._fill(order, book, take, price_ticks, ts, "TAKER"))
             remaining -= take
             if remaining == 0:
                 break
@@ -144,9 +144,9 @@ class ExecutionSimulator:
                 at_touch = book.ask_ticks == working.limit_ticks
                 liquidity = book.bid_size
             if crossed:
-                qty = min(working.remaining, liquidity, LOT * self.rng.randint(1, 10))
+                qty = min(working.remaining, liquidity, book.lot_units * self.rng.randint(1, 10))
             elif at_touch and self.rng.random() < 0.1:
-                qty = min(working.remaining, LOT * self.rng.randint(1, 5))
+                qty = min(working.remaining, book.lot_units * self.rng.randint(1, 5))
             else:
                 continue
             events.extend(self._maker_fill(working, qty, quote.ts + _US))
@@ -155,16 +155,15 @@ class ExecutionSimulator:
     def on_trade(self, trade: MarketTrade) -> list[Order | Fill]:
         """A print at a resting order's price on the other side takes part of it."""
         events: list[Order | Fill] = []
-        price_ticks = _ticks(trade.price)
         for working in self._working_in(trade.symbol):
-            if working.limit_ticks != price_ticks:
+            if working.limit_ticks != working.book.ticks(trade.price):
                 continue
             if trade.aggressor != ("SELL" if working.is_buy() else "BUY"):
                 continue
             # Whether, and how much of, the print is ours depends on where we are in the queue.
             if self.rng.random() < 0.5:
                 continue
-            share = max(1, int(int(trade.size) * self.rng.uniform(0.1, 0.6)))
+            share = max(1, int(working.book.units(trade.size) * self.rng.uniform(0.1, 0.6)))
             events.extend(self._maker_fill(working, min(working.remaining, share), trade.ts + _US))
         return events
 
@@ -181,7 +180,7 @@ class ExecutionSimulator:
         return [w for w in self.working.values() if w.order.symbol == symbol]
 
     def _maker_fill(self, working: WorkingOrder, qty: int, ts: int) -> list[Order | Fill]:
-        fill = self._fill(working.order, qty, working.limit_ticks, ts, "MAKER")
+        fill = self._fill(working.order, working.book, qty, working.limit_ticks, ts, "MAKER")
         working.filled += qty
         working.fills.append(fill)
         events: list[Order | Fill] = [fill]
@@ -190,20 +189,15 @@ class ExecutionSimulator:
             events.append(_with_status(working.order, "FILLED", ts + _US))
         return events
 
-    def _fill(self, order: Order, qty: int, price_ticks: int, ts: int, liquidity: str) -> Fill:
-        fee_per_share = self.taker_fee if liquidity == "TAKER" else self.maker_fee
+    def _fill(self, order: Order, book: SymbolBook, units: int, price_ticks: int, ts: int, liquidity: str) -> Fill:
+        qty, price = book.qty(units), book.price(price_ticks)
+        fees = book.instrument.fees
         return Fill(
             ts=ts, fill_id=self.next_fill_id(), account=order.account, symbol=order.symbol, side=order.side,
-            qty=Decimal(qty), price=ticks_to_price(price_ticks), fee=fee_per_share * qty, order_id=order.order_id,
-            venue=order.venue or self.rng.choice(("XNAS", "XNYS", "ARCX", "BATS")), liquidity=liquidity,
+            qty=qty, price=price, fee=fees.fee(liquidity, qty, price), order_id=order.order_id,
+            venue=order.venue or self.rng.choice(SMART_ROUTER_VENUES), liquidity=liquidity,
+            fee_currency=fees.currency,
         )  # fmt: skip
-
-
-def _ticks(price: Decimal) -> int:
-    ticks = price / TICK
-    if ticks != ticks.to_integral_value():
-        raise ValueError(f"{price} is not on the {TICK} tick grid")
-    return int(ticks)
 
 
 def _with_status(order: Order, status: str, ts: int) -> Order:

@@ -12,6 +12,10 @@ the same events. Time advances in steps of `step_s`; each step holds a number of
   the account's style, leaning against the position it holds so positions come and go),
   executed by `ExecutionSimulator` against the symbol's current quote.
 
+The instruments (`market.INSTRUMENTS`) are twenty US equities and five in other
+currencies and shapes (a future, two FX pairs, a crypto pair, a EUR stock), each with
+its own tick, lot and fees; every account trades all of them, so the services' base
+currency totals add up JPY, EUR and USDT P&L converted at the FX pairs' quotes.
 Resting orders are cancelled when their time to live runs out. `DemoFeed` publishes the
 steps on NATS in real time, one step per `step_s`, each message with `Nats-Msg-Id` set
 to the event's id, so a step republished after a connection error is deduplicated.
@@ -33,15 +37,14 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass, field
-from decimal import Decimal
+from dataclasses import dataclass, field, replace
 
 from ..app import App
 from ..streams import subjects
 from ..streams.events import Fill, MarketTrade, Order, Quote, encode
 from ..streams.transport import Transport
 from .execution import ExecutionSimulator
-from .market import INSTRUMENTS, LOT, Instrument, SymbolBook, tagged, ticks_to_price
+from .market import INSTRUMENTS, Instrument, SymbolBook, tagged
 
 log = logging.getLogger(__name__)
 
@@ -57,26 +60,26 @@ class Account:
     name: str
     market_share: float  # fraction of its orders sent as MARKET orders
     aggressive_share: float  # fraction of its LIMIT orders priced through the spread
-    qty_range: tuple[int, int]  # order size in shares
-    venues: tuple[str | None, ...]  # where it routes (None: the broker's smart router)
+    # Order size in round lots of the instrument (100 shares, a contract, a million of
+    # an FX pair's base currency, 0.1 BTC); below one lot, odd sizes on the qty grid.
+    qty_range: tuple[float, float]
+    venues: tuple[str | None, ...]  # where it routes US equities (None: the broker's smart router)
     ttl_s: tuple[float, float]  # how long its resting orders live
 
 
 ACCOUNTS: tuple[Account, ...] = (
-    Account("ALPHA-MOMENTUM", 0.6, 0.7, (100, 2000), ("XNAS", "XNYS", "ARCX"), (1.0, 8.0)),
-    Account("BRAVO-PASSIVE", 0.05, 0.1, (100, 3000), ("XNAS", "XNYS", "BATS", "EDGX"), (5.0, 45.0)),
-    Account("CHARLIE-MM", 0.0, 0.05, (100, 500), ("XNAS", "XNYS", "ARCX", "IEXG"), (2.0, 20.0)),
-    Account("DELTA-BLOCK", 0.3, 0.5, (1000, 6000), (None, "XNAS", "XNYS"), (3.0, 30.0)),
-    Account("ECHO-RETAIL", 0.7, 0.5, (1, 150), ("IEXG", "MEMX", None), (2.0, 15.0)),
+    Account("ALPHA-MOMENTUM", 0.6, 0.7, (1, 20), ("XNAS", "XNYS", "ARCX"), (1.0, 8.0)),
+    Account("BRAVO-PASSIVE", 0.05, 0.1, (1, 30), ("XNAS", "XNYS", "BATS", "EDGX"), (5.0, 45.0)),
+    Account("CHARLIE-MM", 0.0, 0.05, (1, 5), ("XNAS", "XNYS", "ARCX", "IEXG"), (2.0, 20.0)),
+    Account("DELTA-BLOCK", 0.3, 0.5, (10, 60), (None, "XNAS", "XNYS"), (3.0, 30.0)),
+    Account("ECHO-RETAIL", 0.7, 0.5, (0.01, 1.5), ("IEXG", "MEMX", None), (2.0, 15.0)),
 )
 
 
 def tagged_accounts(accounts: tuple[Account, ...], tag: str | None) -> tuple[Account, ...]:
     if not tag:
         return accounts
-    return tuple(
-        Account(f"{a.name}-{tag}", a.market_share, a.aggressive_share, a.qty_range, a.venues, a.ttl_s) for a in accounts
-    )
+    return tuple(replace(a, name=f"{a.name}-{tag}") for a in accounts)
 
 
 @dataclass(frozen=True)
@@ -152,7 +155,7 @@ class FeedGenerator:
         self._last_move = {symbol: start_ns for symbol in self.books}
         self._counters: Counter[str] = Counter()
         self.executions = ExecutionSimulator(self.rng, lambda: self._next_id("F"))
-        self.positions: Counter[tuple[str, str]] = Counter()  # (account, symbol) -> net shares
+        self.positions: Counter[tuple[str, str]] = Counter()  # (account, symbol) -> net qty units
         self.steps = 0
         self.actions = 0
         self.emitted: Counter[str] = Counter()  # kind -> events
@@ -202,30 +205,31 @@ class FeedGenerator:
         for event in events:
             self.emitted[kind_of(event)] += 1
             if isinstance(event, Fill):
-                signed = event.qty if event.side == "BUY" else -event.qty
-                self.positions[(event.account, event.symbol)] += int(signed)
+                units = self.books[event.symbol].units(event.qty)
+                self.positions[(event.account, event.symbol)] += units if event.side == "BUY" else -units
         self.steps += 1
         self.now = start + self.step_ns
         return events
 
     def _new_order(self, account: Account, book: SymbolBook, at: int) -> tuple[Order, int]:
         rng = self.rng
-        low, high = account.qty_range
+        lot = book.lot_units
+        low, high = (max(1, round(lots * lot)) for lots in account.qty_range)  # in units
         qty = rng.randint(low, high)
-        if qty >= LOT:
-            qty = max(LOT, qty // LOT * LOT)  # institutional sizes in round lots
+        if qty >= lot:
+            qty = qty // lot * lot  # institutional sizes in round lots
         # Lean against the position held, so positions get closed (and P&L realized).
         held = self.positions[(account.name, book.symbol)]
         lean = max(-0.35, min(0.35, held / (5 * high)))
         side = "BUY" if rng.random() < 0.5 - lean else "SELL"
         buy = side == "BUY"
-        venue = rng.choice(account.venues)
+        venue = rng.choice(book.instrument.routes or account.venues)
         ttl_ns = int(rng.uniform(*account.ttl_s) * _NS)
         order_id = self._next_id("O")
         if rng.random() < account.market_share:
             return Order(
                 ts=at, order_id=order_id, account=account.name, symbol=book.symbol, side=side,
-                qty=Decimal(qty), order_type="MARKET", venue=venue,
+                qty=book.qty(qty), order_type="MARKET", venue=venue,
             ), ttl_ns  # fmt: skip
         if rng.random() < account.aggressive_share:
             # Through the spread, a few ticks deep: takes at once, the rest may rest.
@@ -236,7 +240,7 @@ class FeedGenerator:
         limit = max(1, limit)
         return Order(
             ts=at, order_id=order_id, account=account.name, symbol=book.symbol, side=side,
-            qty=Decimal(qty), order_type="LIMIT", limit_price=ticks_to_price(limit), venue=venue,
+            qty=book.qty(qty), order_type="LIMIT", limit_price=book.price(limit), venue=venue,
         ), ttl_ns  # fmt: skip
 
 

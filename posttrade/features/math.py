@@ -24,6 +24,8 @@ from typing import Iterable, Mapping
 import msgspec
 
 from ..core.exact import EXACT, ZERO, divide
+from ..core.fx import FxRates, round_base
+from ..core.reference import Reference
 from ..core.valuation import PositionLike, value_position
 from ..streams.events import PositionUpdate
 
@@ -292,8 +294,9 @@ def take_update(held: PositionUpdate | None, update: PositionUpdate) -> bool:
 
 
 def position_exposure(position: PositionLike, mark: Decimal | None) -> tuple[Decimal, Decimal]:
-    """(gross, net) exposure of one position at `mark`: |market value| and the signed
-    market value, net qty x mark x multiplier (`core.valuation.value_position`).
+    """(gross, net) exposure of one position at `mark`, in the instrument's currency:
+    |market value| and the signed market value, net qty x mark x multiplier
+    (`core.valuation.value_position`).
 
     An open position without a mark counts at its cost, open cost x multiplier (the
     core's gross notional does the same), so an account's exposure never silently
@@ -306,31 +309,86 @@ def position_exposure(position: PositionLike, mark: Decimal | None) -> tuple[Dec
 
 
 def realized_today(position: PositionLike) -> Decimal:
-    """Realized P&L net of fees since ptrc's start of the trading day: ptrc snapshots
-    `sod_realized_pnl_net` when it rolls the day, so a position not changed since then
-    realized 0 today, and an amendment made today of an earlier execution counts today."""
+    """Realized P&L net of fees since ptrc's start of the trading day, in the
+    instrument's currency (fees charged in other currencies are not in it: see
+    `realized_today_base`): ptrc snapshots `sod_realized_pnl_net` when it rolls the
+    day, so a position not changed since then realized 0 today, and an amendment made
+    today of an earlier execution counts today."""
     return _sub(position.realized_pnl_net, position.sod_realized_pnl_net)
 
 
-def account_features(positions: Iterable[PositionUpdate], prints: Mapping[str, Decimal], fills_today: int) -> dict:
-    """`account_features` from ptrc's newest update of each of an account's positions.
+def _in_base(local: Decimal, rate: Decimal | None) -> Decimal | None:
+    """`local` in the base currency, exact (rounded by the caller); 0 needs no rate."""
+    if not local:
+        return ZERO
+    return None if rate is None else _mul(local, rate)
+
+
+def realized_today_base(position: PositionLike, rate: Decimal | None, base: str, fx: FxRates) -> Decimal | None:
+    """`realized_today` in the account's base currency at the current rates, less the
+    fees charged today in other currencies (each at its own rate): as
+    `core.valuation` converts (local x rate, rounded half-even at 12 places, once).
+    None when a rate it needs is unknown; a term of 0 needs none."""
+    total = _in_base(realized_today(position), rate)
+    if total is None:
+        return None
+    for currency, fee in position.foreign_fees.items():
+        today = _sub(fee, position.sod_foreign_fees.get(currency, ZERO))
+        if not today:
+            continue
+        fee_rate = fx.rate(currency, base)
+        if fee_rate is None:
+            return None
+        total = _sub(total, _mul(today, fee_rate.rate))
+    return round_base(total)
+
+
+#: Rates when the caller gives none: everything in USD, no FX marks (`core.valuation`'s default).
+_NO_FX = FxRates(Reference(), lambda symbol: None)
+
+
+def account_features(
+    positions: Iterable[PositionUpdate], prints: Mapping[str, Decimal], fills_today: int, fx: FxRates | None = None,
+) -> dict:
+    """`account_features` from ptrc's newest update of each of an account's positions,
+    in the account's base currency at `fx`'s current rates (default: everything in USD).
 
     A position is valued at its symbol's last market print seen by this service
     (`prints`), else at the mark ptrc published with the update, else at its cost
-    (`position_exposure`).
+    (`position_exposure`), in its instrument's currency; each position's figure is
+    converted (local x rate, rounded half-even at 12 places) and the converted figures
+    are summed, so two currencies are never added. A feature that needs a rate that is
+    unknown is None (a position's figure of 0 needs no rate).
     """
-    gross = net = realized = ZERO
+    fx = fx or _NO_FX
+    gross: Decimal | None = ZERO
+    net: Decimal | None = ZERO
+    realized: Decimal | None = ZERO
     for p in positions:
-        position_gross, position_net = position_exposure(p, prints.get(p.symbol, p.mark))
-        gross = _add(gross, position_gross)
-        net = _add(net, position_net)
-        realized = _add(realized, realized_today(p))
+        value = value_position(p, prints.get(p.symbol, p.mark), fx)
+        if value.market_value is None:
+            position_gross, position_net = value.gross_notional, _mul(p.open_cost, p.multiplier)
+        else:
+            position_gross, position_net = value.gross_notional, value.market_value
+        rate = value.fx_rate
+        gross = _sum_converted(gross, position_gross, rate)
+        net = _sum_converted(net, position_net, rate)
+        if realized is not None:
+            term = realized_today_base(p, rate, value.base_currency, fx)
+            realized = None if term is None else _add(realized, term)
     return {
         "gross_exposure": to_float(gross),
         "net_exposure": to_float(net),
         "realized_pnl_today": to_float(realized),
         "fills_today": fills_today,
     }
+
+
+def _sum_converted(total: Decimal | None, local: Decimal, rate: Decimal | None) -> Decimal | None:
+    if total is None:
+        return None
+    term = _in_base(local, rate)
+    return None if term is None else _add(total, round_base(term))
 
 
 # -- accounts: fill counts ---------------------------------------------------------------

@@ -5,7 +5,12 @@ agents (row layout), `/features/status` and `/features/online`. Each view has on
 entity (`symbol` or `account`, a string join key of the same name), an event-time
 column `event_timestamp` and typed features. A row travels as a tuple
 `(entity value, event time in epoch ns, feature values in the view's order...)`; a
-value is None when it is not defined (a return with no earlier price).
+value is None when it is not defined (a return with no earlier price, an account's
+money whose FX rate is unknown): an empty `Value` online, a null offline.
+
+Currencies: a symbol's prices, VWAP and mid are in the symbol's currency (returns,
+volatility, spreads and imbalances have none); an account's money (exposures, realized
+P&L) is in the account's base currency; quantities and counts are not money.
 
 Stream views are computed by agents and pushed (online and offline) through a push
 source; batch views are computed from the offline store on a schedule and reach the
@@ -108,12 +113,13 @@ ACCOUNT_FEATURES = ViewSpec(
     ttl_s=7 * 24 * 3600,
     description=(
         "Per account, after each of ptrc's position updates "
-        "(event time = the update's time, never before the account's previous row)."
+        "(event time = the update's time, never before the account's previous row). "
+        "Money in the account's base currency at the current FX rates; null when a rate it needs is unknown."
     ),
     features=(
-        _f("gross_exposure", "sum over symbols of |net qty x mark x multiplier| (ptrc's positions)"),
-        _f("net_exposure", "sum over symbols of net qty x mark x multiplier (ptrc's positions)"),
-        _f("realized_pnl_today", "realized P&L net of fees since ptrc's start of day, 00:00 UTC by default"),
+        _f("gross_exposure", "sum over symbols of |net qty x mark x multiplier| (ptrc's positions), in base currency"),
+        _f("net_exposure", "sum over symbols of net qty x mark x multiplier (ptrc's positions), in base currency"),
+        _f("realized_pnl_today", "realized P&L net of fees since ptrc's start of day (00:00 UTC by default), in base currency"),
         _i("fills_today", "executions since 00:00 UTC in ptrc's positions: a resend once, busted ones not, openings not"),
     ),
 )

@@ -9,8 +9,10 @@ agents do not (see the agents module). Two timers re-mark open orders to the lat
 mid and prune state nothing can change any more. `/metrics/execution` reads the fill
 and order tables (`FINAL`: rewritten rows count once); `/analytics/summary` reads the
 per-minute rollup when the request's buckets and bounds are whole minutes, else the
-fills table; a fill removed by a BUST is in neither answer. docs/execution_quality.md
-documents formulas, joins, corrections and busts, and endpoints.
+fills table; a fill removed by a BUST is in neither answer. Every summary group is in
+one currency (the reference data's, `config.reference()`, stored on each row): money of
+two currencies is never added. docs/execution_quality.md documents formulas,
+currencies, joins, corrections and busts, and endpoints.
 
 ClickHouse is the embedded chdb engine when `databases.clickhouse.dsn` is a `chdb://`
 dsn, else the server at `host:port` (or a `clickhouse://` / `http(s)://` dsn). A chdb
@@ -28,7 +30,6 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlparse
@@ -61,7 +62,9 @@ from ..streams import subjects
 from ..streams.events import Fill, MarketTrade, Order, Quote
 from ..streams.subjects import MARKET_DATA_MAX_AGE_S
 from ..streams.transport import Transport
-from ..web.server import JSON, BadRequest, query_int
+from ..web import params as web_params
+from ..web.params import BadRequest, query_int
+from ..web.server import JSON
 from .wiring import new_app
 
 log = logging.getLogger(__name__)
@@ -85,6 +88,11 @@ class ExecutionSection(_Section):
     quiet_symbol_grace_s: float = 5.0  # a quiet symbol's pending values are decided this long after every symbol's time passed
     retention_s: float = 3600.0  # how long a finished fill/order stays in state (late fills still join it)
     open_order_ttl_s: float = 86_400.0  # an order with no terminal event is forgotten after this long
+    # At most this many fills / orders stay in state: beyond, the oldest finished ones are
+    # forgotten before retention_s is up (0: no bound). What retention_s keeps grows with
+    # the rate (at 300 events/s, about 50 fills and 22 orders a second); these bound it.
+    max_fills: int = 50_000
+    max_orders: int = 25_000
     open_order_mark_interval_s: float = 5.0  # how often open orders are re-marked to the latest mid
     prune_interval_s: float = 30.0
     # Rows changed but not yet in ClickHouse beyond which the agents wait (ClickHouse down).
@@ -92,6 +100,10 @@ class ExecutionSection(_Section):
     # Prefixes every consumed stream name and subject (isolation on a shared NATS, tests):
     # stream `<NS>_FILLS` on `<ns>.trading.fills.>`, and so on.
     namespace: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_fills < 0 or self.max_orders < 0:
+            raise ValueError("max_fills and max_orders must be >= 0 (0: no bound)")
 
 
 class ExecutionQualityConfig(ServiceConfig):
@@ -171,6 +183,7 @@ class ExecutionQualityService:
             app.transport = transport
         self.channels = execution_channels(app, ex.namespace)
         self.tables = declare_tables(app)
+        self.reference = config.reference()  # each symbol's currency: rows carry it
         self.tracker = ExecutionTracker(
             self.tables,
             TrackerSettings(
@@ -178,7 +191,10 @@ class ExecutionQualityService:
                 quiet_grace_ns=int(ex.quiet_symbol_grace_s * NS),
                 retention_ns=int(ex.retention_s * NS),
                 open_order_ttl_ns=int(ex.open_order_ttl_s * NS),
+                max_fills=ex.max_fills,
+                max_orders=ex.max_orders,
             ),
+            self.reference,
         )
         self.sink = ExecutionSink(
             self.tracker,
@@ -226,7 +242,7 @@ class ExecutionQualityService:
             store = None
             try:
                 store = await asyncio.to_thread(open_clickhouse, **options)
-                tables = ExecutionStore(store, self.database)
+                tables = ExecutionStore(store, self.database, self.reference)
                 await tables.create_schema()
                 self.store = store
                 self.sink.attach(tables)
@@ -293,20 +309,26 @@ class ExecutionQualityService:
     async def metrics_execution(self, request: Request) -> JSON:
         """Execution metrics per fill or per order, newest first, with filters and pagination.
 
+        Money is in the row's `currency` (the instrument's, from the reference data): a
+        fill's `fee` is in its `fee_currency` (the instrument's unless the fill said
+        otherwise); an order's `fees` are those charged in its `currency` and
+        `fees_other` the rest, by currency (`{"USD": "10"}`), left out of
+        `implementation_shortfall`.
+
         ---
         query:
           level: {enum: [fill, order], default: fill, description: one row per fill or per order}
-          account: only this account
-          symbol: only this symbol
-          venue: only this venue
-          side: {enum: [BUY, SELL]}
-          order_id: only this order's rows
-          from: event time from (ISO 8601 or epoch ns), inclusive
-          to: event time to (ISO 8601 or epoch ns), exclusive
+          account: {$ref: Name, description: only this account}
+          symbol: {$ref: Name, description: only this symbol}
+          venue: {$ref: Name, description: only this venue}
+          side: {enum: [BUY, SELL], description: only this side (lower case is taken too)}
+          order_id: {$ref: Id, description: only this order's rows}
+          from: {$ref: Time, description: "event time from, inclusive (before `to`)"}
+          to: {$ref: Time, description: event time to, exclusive}
           limit: {type: integer, minimum: 1, maximum: 1000, default: 100}
-          offset: {type: integer, minimum: 0, default: 0}
+          offset: {type: integer, minimum: 0, maximum: 10000000, default: 0}
         responses:
-          200: {description: "`total`, `next_offset` and the `rows`", schema: {type: object}}
+          200: {description: "`total`, `next_offset` and the `rows` (each with its `currency`)", schema: {type: object}}
           503: ClickHouse is not connected or the query failed
         """
         params = request.query_params
@@ -333,27 +355,33 @@ class ExecutionQualityService:
     async def analytics_summary(self, request: Request) -> JSON:
         """Slippage, spread, markouts and fill ratio aggregated by group and time bucket.
 
+        Groups are always split by currency as well: each carries `currency`, and its
+        money (`fills.notional`, `fills.fees`, `fills.slippage_bps.cost`,
+        `orders.implementation_shortfall.total`, and the notional weights of the
+        weighted bps) is in it alone: two currencies are never added. Fees charged in
+        another currency than the instrument's are in `fills.fees_other`, by currency.
+
         ---
         query:
-          group_by: comma-separated dimensions out of account, symbol, venue, side
-          bucket: time bucket, `<n>s`, `<n>m`, `<n>h` or `<n>d`
-          account: only this account
-          symbol: only this symbol
-          venue: only this venue
-          side: {enum: [BUY, SELL]}
-          from: event time from (ISO 8601 or epoch ns), inclusive
-          to: event time to (ISO 8601 or epoch ns), exclusive
+          group_by: {pattern: '^(?!(?:[a-z]+,)*(account|symbol|venue|side),(?:[a-z]+,)*\\1(?:,|$))(?:(?:account|symbol|venue|side)(?:,(?:account|symbol|venue|side))*)?$', description: "comma-separated dimensions out of account, symbol, venue, side, each at most once (default all four; empty: one overall group per currency)"}
+          bucket: {$ref: Bucket, description: time bucket}
+          account: {$ref: Name, description: only this account}
+          symbol: {$ref: Name, description: only this symbol}
+          venue: {$ref: Name, description: only this venue}
+          side: {enum: [BUY, SELL], description: only this side (lower case is taken too)}
+          from: {$ref: Time, description: "event time from, inclusive (before `to`)"}
+          to: {$ref: Time, description: event time to, exclusive}
           limit: {type: integer, minimum: 1, maximum: 10000, default: 1000}
-          offset: {type: integer, minimum: 0, default: 0}
+          offset: {type: integer, minimum: 0, maximum: 10000000, default: 0}
         responses:
-          200: {description: "`total` groups and the page of `groups`", schema: {type: object}}
+          200: {description: "`total` groups and the page of `groups`, one per key, currency (and bucket)", schema: {type: object}}
           503: ClickHouse is not connected or the query failed
         """
         params = request.query_params
         _reject_unknown(params, {"group_by", "bucket", "limit", "offset", *Filters.PARAMETERS})
         group_by = _parse_group_by(params.get("group_by"))
-        bucket = params.get("bucket") or None
-        bucket_ns = _parse_bucket(bucket) if bucket else None
+        bucket = params.get("bucket")
+        bucket_ns = _parse_bucket(bucket) if bucket is not None else None
         filters = Filters.parse(request)
         limit = query_int(request, "limit", 1000, minimum=1, maximum=10_000)
         offset = query_int(request, "offset", 0, minimum=0, maximum=10_000_000)
@@ -440,6 +468,19 @@ class _ExecutionCollector:
             "posttrade_execution_amendments_waiting", "Corrections and busts kept until their execution arrives",
             value=len(tracker.waiting),
         )
+        held = GaugeMetricFamily("posttrade_execution_held", "Fills and orders held in state", labels=["kind"])
+        held.add_metric(["fill"], len(tracker.fills))
+        held.add_metric(["order"], len(tracker.orders))
+        yield held
+        pruned = CounterMetricFamily(
+            "posttrade_execution_pruned", "Fills and orders forgotten: retention_s up, or beyond max_fills / max_orders",
+            labels=["kind", "reason"],
+        )
+        pruned.add_metric(["fill", "retention"], t.pruned_fills - t.pruned_fills_capacity)
+        pruned.add_metric(["fill", "capacity"], t.pruned_fills_capacity)
+        pruned.add_metric(["order", "retention"], t.pruned_orders - t.pruned_orders_capacity)
+        pruned.add_metric(["order", "capacity"], t.pruned_orders_capacity)
+        yield pruned
         history = GaugeMetricFamily("posttrade_execution_history_points", "Series points kept in memory", labels=["series"])
         history.add_metric(["quotes"], tracker.quotes.total_points())
         history.add_metric(["market_trades"], tracker.trades.total_points())
@@ -459,7 +500,6 @@ def build(config: ExecutionQualityConfig) -> App:
 _GROUP_KEYS = ("account", "symbol", "venue", "side")
 _BUCKET = re.compile(r"^([1-9][0-9]{0,5})(s|m|h|d)$")
 _UNIT_NS = {"s": NS, "m": 60 * NS, "h": 3600 * NS, "d": 86_400 * NS}
-_MIN_TS, _MAX_TS = 631_152_000_000_000_000, 7_258_118_400_000_000_000  # as the event contract
 
 
 def _reject_unknown(params, allowed: set[str]) -> None:
@@ -468,19 +508,26 @@ def _reject_unknown(params, allowed: set[str]) -> None:
         raise BadRequest({"parameter": unknown[0], "error": f"unknown parameter; allowed: {', '.join(sorted(allowed))}"})
 
 
+# What the OpenAPI document says of `group_by` (tests/unit/test_auth.py compares them).
+GROUP_BY_PATTERN = (
+    r"^(?!(?:[a-z]+,)*(account|symbol|venue|side),(?:[a-z]+,)*\1(?:,|$))"
+    r"(?:(?:account|symbol|venue|side)(?:,(?:account|symbol|venue|side))*)?$"
+)
+_group_by = re.compile(GROUP_BY_PATTERN)
+
+
 def _parse_group_by(raw: str | None) -> tuple[str, ...]:
     if raw is None:
         return _GROUP_KEYS
-    keys = tuple(k.strip() for k in raw.split(",") if k.strip())
-    for key in keys:
-        if key not in _GROUP_KEYS:
-            raise BadRequest({"parameter": "group_by", "error": f"{key!r} is not one of {', '.join(_GROUP_KEYS)}"})
-    if len(set(keys)) != len(keys):
-        raise BadRequest({"parameter": "group_by", "error": "a key is repeated"})
-    return keys
+    if not _group_by.fullmatch(raw):
+        raise BadRequest(
+            {"parameter": "group_by", "error": f"comma-separated keys out of {', '.join(_GROUP_KEYS)}, each at most once; got {raw!r}"}
+        )
+    return tuple(raw.split(",")) if raw else ()
 
 
 def _parse_bucket(raw: str) -> int:
+    web_params.check_interval("bucket", raw, bucket=True)  # the published pattern, exactly
     match = _BUCKET.match(raw)
     if not match:
         raise BadRequest({"parameter": "bucket", "error": f"must look like 30s, 5m, 1h or 1d, got {raw!r}"})
@@ -491,24 +538,8 @@ def _parse_bucket(raw: str) -> int:
 
 
 def _parse_time(name: str, raw: str) -> int:
-    """Epoch nanoseconds, or ISO 8601 (a time without an offset is UTC)."""
-    raw = raw.strip()
-    if re.fullmatch(r"-?[0-9]+", raw):
-        value = int(raw)
-    else:
-        try:
-            moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-        except ValueError:
-            raise BadRequest(
-                {"parameter": name, "error": f"must be epoch nanoseconds or ISO 8601, got {raw!r}"}
-            ) from None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=timezone.utc)
-        delta = moment - datetime(1970, 1, 1, tzinfo=timezone.utc)
-        value = (delta.days * 86_400 + delta.seconds) * NS + delta.microseconds * 1000
-    if not _MIN_TS <= value <= _MAX_TS:
-        raise BadRequest({"parameter": name, "error": f"out of range (1990..2200 in epoch nanoseconds), got {raw!r}"})
-    return value
+    """Epoch nanoseconds, or ISO 8601 (a time without an offset is UTC): web/params.py `Time`."""
+    return web_params.parse_time(name, raw)
 
 
 @dataclass(frozen=True)
@@ -530,17 +561,16 @@ class Filters:
         for name in ("account", "symbol", "venue", "order_id"):
             raw = p.get(name)
             if raw is not None:
-                if not raw or len(raw) > 256:
-                    raise BadRequest({"parameter": name, "error": "must be 1 to 256 characters"})
-                values[name] = raw
+                max_length = web_params.ID_MAX if name == "order_id" else web_params.NAME_MAX
+                values[name] = web_params.check_name(name, raw, max_length=max_length)
         side = p.get("side")
         if side is not None:
             if side.upper() not in ("BUY", "SELL"):
                 raise BadRequest({"parameter": "side", "error": f"must be BUY or SELL, got {side!r}"})
             values["side"] = side.upper()
-        if p.get("from"):
+        if "from" in p:
             values["from_ns"] = _parse_time("from", p["from"])
-        if p.get("to"):
+        if "to" in p:
             values["to_ns"] = _parse_time("to", p["to"])
         if "from_ns" in values and "to_ns" in values and values["from_ns"] >= values["to_ns"]:
             raise BadRequest({"parameter": "to", "error": "must be after from"})
@@ -574,9 +604,10 @@ class Filters:
 # leave as epoch nanoseconds (clickhouse-connect would truncate DateTime64 to µs).
 _FILL_FIELDS = (
     ("fill_id", "fill_id", "str"), ("order_id", "order_id", "str"), ("account", "account", "str"),
-    ("symbol", "symbol", "str"), ("venue", "venue", "str"), ("side", "side", "str"),
+    ("symbol", "symbol", "str"), ("currency", "currency", "str"), ("venue", "venue", "str"), ("side", "side", "str"),
     ("liquidity", "liquidity", "str"), ("ts", "toUnixTimestamp64Nano(ts)", "int"),
-    ("qty", "qty", "dec"), ("price", "price", "dec"), ("fee", "fee", "dec"), ("notional", "notional", "dec"),
+    ("qty", "qty", "dec"), ("price", "price", "dec"), ("fee", "fee", "dec"), ("fee_currency", "fee_currency", "str"),
+    ("notional", "notional", "dec"),
     ("arrival_ts", "toUnixTimestamp64Nano(arrival_ts)", "int"), ("arrival_mid", "arrival_mid", "dec"),
     ("slippage_bps", "slippage_bps", "dec"), ("slippage_cost", "slippage_cost", "dec"),
     ("mid_at_fill", "mid_at_fill", "dec"), ("effective_spread_bps", "effective_spread_bps", "dec"),
@@ -587,12 +618,14 @@ _FILL_FIELDS = (
 )
 _ORDER_FIELDS = (
     ("order_id", "order_id", "str"), ("account", "account", "str"), ("symbol", "symbol", "str"),
-    ("venue", "venue", "str"), ("side", "side", "str"), ("order_type", "order_type", "str"),
+    ("currency", "currency", "str"), ("venue", "venue", "str"), ("side", "side", "str"),
+    ("order_type", "order_type", "str"),
     ("limit_price", "limit_price", "dec"), ("status", "status", "str"), ("qty", "qty", "dec"),
     ("arrival_ts", "toUnixTimestamp64Nano(arrival_ts)", "int"), ("end_ts", "toUnixTimestamp64Nano(end_ts)", "int"),
     ("arrival_mid", "arrival_mid", "dec"), ("fills", "fills", "int"), ("filled_qty", "filled_qty", "dec"),
     ("unfilled_qty", "unfilled_qty", "dec"), ("fill_ratio", "fill_ratio", "dec"),
-    ("filled_notional", "filled_notional", "dec"), ("fees", "fees", "dec"), ("avg_fill_price", "avg_fill_price", "dec"),
+    ("filled_notional", "filled_notional", "dec"), ("fees", "fees", "dec"), ("fees_other", "fees_other", "map"),
+    ("avg_fill_price", "avg_fill_price", "dec"),
     ("first_fill_ts", "toUnixTimestamp64Nano(first_fill_ts)", "int"),
     ("last_fill_ts", "toUnixTimestamp64Nano(last_fill_ts)", "int"),
     ("time_to_first_fill_ns", "time_to_first_fill_ns", "int"), ("time_to_last_fill_ns", "time_to_last_fill_ns", "int"),
@@ -616,9 +649,16 @@ def _out(kind: str, value: Any) -> Any:
         return None
     if kind == "dec":
         return format_decimal(value)
+    if kind == "map":
+        return _amounts(value)
     if kind == "bool":
         return bool(value)
     return value
+
+
+def _amounts(by_currency: dict[str, Decimal]) -> dict[str, str]:
+    """Money by currency (fees charged in other currencies), sorted by currency."""
+    return {currency: format_decimal(by_currency[currency]) for currency in sorted(by_currency)}
 
 
 def _mean(total: Decimal | None, count: int) -> str | None:
@@ -640,7 +680,12 @@ class ExecutionQueries:
     then lies wholly inside one bucket and inside or outside the bounds; otherwise it
     reads the fills themselves. Both give the same numbers (a test compares them).
     Busted fills are in neither: the fills table's readers leave out `busted` rows,
-    and the rollup is computed without them."""
+    and the rollup is computed without them.
+
+    Every group is also split by `currency` (the instrument's, stored on each row):
+    money is only ever summed in one currency. Fees charged in another currency than
+    the instrument's (a fill's `fee_currency`) are summed apart, by currency
+    (`fees_other`)."""
 
     def __init__(self, database: str, connection: Callable[[], ClickHouseStore | None]):
         self.database = database
@@ -681,6 +726,7 @@ class ExecutionQueries:
         out = []
         for key in keys:
             group: dict[str, Any] = dict(zip(group_by, key[: len(group_by)]))
+            group["currency"] = key[len(group_by)]
             if bucket_ns is not None:
                 group["bucket_start"] = key[-1]
             group["fills"] = fills.get(key, _EMPTY_FILLS)
@@ -689,8 +735,9 @@ class ExecutionQueries:
         return out
 
     def _group_sql(self, group_by: tuple[str, ...], bucket_ns: int | None, time_ns: str) -> tuple[str, str]:
-        """SELECT prefix and GROUP BY of the keys; `time_ns` is the row's time in epoch ns."""
-        exprs = list(group_by)
+        """SELECT prefix and GROUP BY of the keys, then the currency (every group is in
+        one), then the bucket; `time_ns` is the row's time in epoch ns."""
+        exprs = [*group_by, "currency"]
         if bucket_ns is not None:
             exprs.append(f"intDiv({time_ns}, {{bucket_ns:Int64}}) * {{bucket_ns:Int64}}")
         select = "".join(f"{e} AS g{i}, " for i, e in enumerate(exprs))
@@ -700,7 +747,8 @@ class ExecutionQueries:
     # The fill aggregates, in the order `_fill_groups` reads them: over the fills
     # themselves, and the same figures over the rollup's per-minute partial sums.
     _FILL_AGGREGATES = (
-        "count() AS n, sum(qty), sum(notional), sum(fee), "
+        "count() AS n, sum(qty), sum(notional), sumIf(fee, fee_currency = currency), "
+        "sumMapIf(map(fee_currency, fee), fee_currency != currency), "
         "count(slippage_bps), sum(slippage_bps), quantilesExact(0.5, 0.95)(slippage_bps), "
         "sum(slippage_cost), sum(arrival_notional), "
         "count(effective_spread_bps), sum(effective_spread_bps), "
@@ -708,7 +756,7 @@ class ExecutionQueries:
         "count(markout_60s_bps), sum(markout_60s_bps)"
     )
     _ROLLUP_AGGREGATES = (
-        "sum(fills) AS n, sum(qty), sum(notional), sum(fee), "
+        "sum(fills) AS n, sum(qty), sum(notional), sum(fee), sumMap(fees_other), "
         "sum(slippage_count), sum(slippage_sum), quantilesExactArray(0.5, 0.95)(slippage_values), "
         "sum(slippage_cost), sum(arrival_notional), "
         "sum(effective_spread_count), sum(effective_spread_sum), "
@@ -730,11 +778,11 @@ class ExecutionQueries:
             params["bucket_ns"] = bucket_ns
         sql = f"SELECT {select}{aggregates} FROM {self.database}.{table} FINAL{where}{group}"
         result = await self.store.query(sql, params)
-        width = len(group_by) + (bucket_ns is not None)
+        width = len(group_by) + 1 + (bucket_ns is not None)
         groups = {}
         for row in result.rows:
             key, v = tuple(row[:width]), row[width:]
-            (n, qty, notional, fees, slip_n, slip_sum, slip_q, slip_cost, slip_weight, es_n, es_sum,
+            (n, qty, notional, fees, fees_other, slip_n, slip_sum, slip_q, slip_cost, slip_weight, es_n, es_sum,
              m1_n, m1_sum, m5_n, m5_sum, m60_n, m60_sum) = v
             if not n:
                 continue  # the one row an ungrouped query returns over nothing
@@ -743,6 +791,7 @@ class ExecutionQueries:
                 "qty": format_decimal(qty),
                 "notional": format_decimal(notional),
                 "fees": format_decimal(fees),
+                "fees_other": _amounts(fees_other),
                 "slippage_bps": {
                     "count": slip_n,
                     "mean": _mean(slip_sum, slip_n),
@@ -775,7 +824,7 @@ class ExecutionQueries:
             f"FROM {self.database}.{ORDERS_TABLE} FINAL{where}{group}"
         )
         result = await self.store.query(sql, params)
-        width = len(group_by) + (bucket_ns is not None)
+        width = len(group_by) + 1 + (bucket_ns is not None)
         groups = {}
         for row in result.rows:
             key, v = tuple(row[:width]), row[width:]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,8 +32,17 @@ from ..agents.features import FeatureAgents, FeatureChannels
 from ..app import App
 from ..config import ConfigError, ServiceConfig, _Section
 from ..features.views import VIEWS, resolve_features
-from ..web.server import JSON, BadRequest
+from ..web.params import BadRequest, check_name
+from ..web.server import JSON
 from .wiring import new_app
+
+# `features` of /features/online: comma-separated names out of every view's features,
+# bare or `view:feature` (the entity's own are checked once the entity is known).
+_FEATURE = "(?:" + "|".join(
+    sorted({f for v in VIEWS.values() for f in v.feature_names} | {f"{v.name}:{f}" for v in VIEWS.values() for f in v.feature_names})
+) + ")"
+FEATURES_PATTERN = f"^(?:{_FEATURE}(?:,{_FEATURE})*)?$"
+FEATURES = re.compile(FEATURES_PATTERN)
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +256,7 @@ def assemble(app: App, config: FeastPipelineConfig, channels: FeatureChannels | 
         batch_interval_s=config.batch.interval_sec,
         window_grace_s=config.features.window_grace_s,
         channels=channels,
+        reference=config.reference(),
     )
     runtime = FeastRuntime(config, agents)
     app.feast = runtime  # type: ignore[attr-defined]  # for tests and operators
@@ -274,7 +285,7 @@ def assemble(app: App, config: FeastPipelineConfig, channels: FeatureChannels | 
             detail["valkey"] = runtime.valkey.location
         return True, detail
 
-    @app.page("/features/status")
+    @app.page("/features/status", public=True)  # pipeline health: views, counts, errors
     async def features_status(request):
         """Each feature view's freshness, rows, last push and materialization, errors; the batch job.
 
@@ -312,13 +323,14 @@ def assemble(app: App, config: FeastPipelineConfig, channels: FeatureChannels | 
     async def features_online(request):
         """Online feature values of one symbol or one account, read through Feast.
 
-        Give exactly one of `symbol` or `account`.
+        Give exactly one of `symbol` or `account`; `features` names features of that
+        entity (`feature` or `view:feature`), anything else is a 400.
 
         ---
         query:
-          symbol: the symbol whose features to read
-          account: the account whose features to read
-          features: "comma-separated feature names (default: all of the entity's)"
+          symbol: {$ref: Name, description: the symbol whose features to read}
+          account: {$ref: Name, description: the account whose features to read}
+          features: {maxLength: 4000, pattern: 'FEATURES_PATTERN', description: "comma-separated feature names, `feature` or `view:feature` (default: all of the entity's)"}
         responses:
           200: {description: "`entity`, the name, `features` (name → value), `read_ms`", schema: {type: object}}
           503: the feature repository is not applied yet
@@ -328,11 +340,11 @@ def assemble(app: App, config: FeastPipelineConfig, channels: FeatureChannels | 
         if len(given) != 1:
             raise BadRequest({"parameter": "symbol|account", "error": "give exactly one of symbol or account"})
         entity = given[0]
-        value = params[entity]
-        if not value or value != value.strip() or len(value) > 200:
-            raise BadRequest({"parameter": entity, "error": "must be a non-empty name without surrounding spaces"})
+        value = check_name(entity, params[entity])
         raw = params.get("features", "")
-        requested = [name.strip() for name in raw.split(",") if name.strip()]
+        if len(raw) > 4000 or not FEATURES.fullmatch(raw):
+            raise BadRequest({"parameter": "features", "error": "comma-separated names of features (or view:feature), at most 4000 characters"})
+        requested = raw.split(",") if raw else []
         try:
             refs = resolve_features(entity, requested)
         except KeyError as exc:
@@ -347,6 +359,9 @@ def assemble(app: App, config: FeastPipelineConfig, channels: FeatureChannels | 
         return JSON(
             {"entity": entity, entity: value, "features": values, "read_ms": round((time.perf_counter() - started) * 1e3, 3)}
         )
+
+    # The document names every feature (the views are fixed in code).
+    features_online.__doc__ = (features_online.__doc__ or "").replace("FEATURES_PATTERN", FEATURES_PATTERN)
 
     @app.page("/features/materialize", methods=("POST",))
     async def features_materialize(request):

@@ -33,6 +33,9 @@ key has the TTL `cache.redis.ttl`, renewed by each write):
 |                              |            | lists every symbol of the account)               |
 | `P:meta:newest`              | sorted set | member = family, score = newest event time       |
 |                              |            | written, ms (no TTL: freshness of the feed)      |
+| `P:meta:sentinel:{service}`  | string     | Valkey's run_id when the feed's process wrote it |
+|                              |            | (no TTL): gone or older means Valkey lost the    |
+|                              |            | keys, and `CacheRebuilder` rebuilds them         |
 
 Writes are whole values (never increments) made by Lua scripts that take a whole batch
 (one call per 1,000 items), queued on one pipeline (one round trip). A quote is replaced
@@ -74,7 +77,7 @@ from ..agents.bars import (
     check_built_interval,
     write_until_done,
 )
-from ..app import App
+from ..app import DEGRADED, App
 from ..config import QuestDBSection, RedisSection, ServiceConfig, _Section
 from ..core.bars import NS_PER_S, bar_from_totals, interval_seconds, plain, plain_decimals
 from ..streams import subjects
@@ -89,8 +92,9 @@ from ..stores.questdb import (
     check_identifier,
     sql_literal,
 )
-from ..stores.valkey import ValkeyStore, open_valkey
-from ..web.server import JSON, BadRequest, query_int
+from ..stores.valkey import ValkeyLoss, ValkeyStore, ValkeyWatch, open_valkey
+from ..web.params import BadRequest, check_interval, path_name, query_int
+from ..web.server import JSON
 from .wiring import new_app
 
 log = logging.getLogger(__name__)
@@ -142,6 +146,9 @@ class HotCacheSection(_Section):
     warm_concurrency: int = 1
     write_batch: int = 1000  # events folded into one Valkey pipeline at most
     write_within_s: float = 0.05  # ...or fewer, once this long has passed
+    # How often the feed's process looks whether Valkey lost the keys (restarted: new
+    # run_id; emptied: the sentinel key gone); a loss rebuilds them at once (CacheRebuilder).
+    valkey_check_s: float = 1.0
     read_through: ReadThroughSection = msgspec.field(default_factory=ReadThroughSection)
 
     def __post_init__(self) -> None:
@@ -160,6 +167,8 @@ class HotCacheSection(_Section):
         interval_seconds(self.default_bar_interval)
         if self.grace_s < 0 or self.write_batch < 1 or self.write_within_s <= 0 or self.warm_concurrency < 0:
             raise ValueError("grace_s, warm_concurrency must be >= 0, write_batch >= 1 and write_within_s > 0")
+        if self.valkey_check_s <= 0:
+            raise ValueError("valkey_check_s must be > 0")
 
 
 class HotCacheConfig(ServiceConfig):
@@ -290,6 +299,7 @@ return 1
 """
 
 WRITE_CHUNK = 1000  # items per script call: bounds how long one call holds Valkey
+_RESTORE_CALLS = 8  # script calls per pipeline of a rebuild (then the agents get a turn)
 
 
 class _Script:
@@ -321,6 +331,10 @@ class CacheKeys:
     def pattern(self, family: str) -> str:
         token = {"bars": "bars", "quotes": "quote", "positions": "pos"}[family]
         return f"{self.prefix}:{token}:*"
+
+    def sentinel(self, service: str) -> str:
+        """The feed process's sentinel (`stores.valkey.ValkeyWatch`): gone means Valkey was emptied."""
+        return f"{self.prefix}:meta:sentinel:{service}"
 
 
 def _stored(event: msgspec.Struct) -> str:
@@ -501,6 +515,59 @@ class ValkeyCache:
                 pipe.evalsha(self.HSET_IF_HIGHER_REVISION.sha, 1, self.keys.positions(account), self.ttl_s, "1", "[]")
 
         await self._execute(build)
+
+    # -- rebuilding after Valkey lost the keys (CacheRebuilder) ------------------------------
+
+    async def restore_positions(self, updates: Sequence[PositionUpdate], complete: Iterable[str]) -> None:
+        """Store positions read from the POSITIONS stream (a higher revision the live feed
+        wrote meanwhile stays), then mark the `complete` accounts' hashes complete: only
+        once every one of their symbols is in, so no reader sees a complete hash that
+        lacks one. Several pipelines, yielding in between: the agents keep writing."""
+        entries = ((self.keys.positions(u.account), u.symbol, _stored(u)) for u in updates)
+        await self._restore(self.HSET_IF_HIGHER_REVISION, entries, lambda: ("0",))
+        accounts = [(self.keys.positions(account),) for account in complete]
+        for start in range(0, len(accounts), WRITE_CHUNK * _RESTORE_CALLS):
+            part = accounts[start : start + WRITE_CHUNK * _RESTORE_CALLS]
+
+            def build(pipe, part=part) -> None:
+                for first in range(0, len(part), WRITE_CHUNK):
+                    keys = [key for key, in part[first : first + WRITE_CHUNK]]
+                    pipe.evalsha(self.HSET_IF_HIGHER_REVISION.sha, len(keys), *keys, self.ttl_s, "1", "[]")
+
+            await self._execute(build)
+            await asyncio.sleep(0)
+        if updates:
+            await self._execute(lambda pipe: self._queue_newest(pipe, "positions", max(u.ts for u in updates)))
+
+    async def restore_quotes(self, quotes: Sequence[Quote]) -> None:
+        """Store quotes read from the QUOTES stream (a newer one stays)."""
+        entries = ((self.keys.quote(q.symbol), _stored(q)) for q in quotes)
+        await self._restore(self.SET_IF_NEWER, entries, lambda: ())
+        if quotes:
+            await self._execute(lambda pipe: self._queue_newest(pipe, "quotes", max(q.ts for q in quotes)))
+
+    async def restore_bars(self, bars: Sequence[Bar]) -> None:
+        """Store the bars of the open windows where the key has no bar of that open time
+        (a bar the live feed wrote meanwhile is newer: it stays)."""
+        entries = ((self.keys.bars(b.symbol, b.interval), _bar_score(b), _stored(b)) for b in bars)
+        await self._restore(self.PUT_BARS, entries, lambda: (self.bars_kept, "fill"))
+
+    async def _restore(self, script: _Script, entries, extra: Callable[[], tuple]) -> None:
+        """Script calls of WRITE_CHUNK items, `_RESTORE_CALLS` calls per pipeline."""
+        calls: list[_Batch] = []
+
+        def build(pipe) -> None:
+            for batch in calls:
+                pipe.evalsha(script.sha, len(batch.keys), *batch.keys, self.ttl_s, *extra(), _json.encode(batch.items))
+
+        for batch in _batches(entries):
+            calls.append(batch)
+            if len(calls) >= _RESTORE_CALLS:
+                await self._execute(build)
+                calls = []
+                await asyncio.sleep(0)  # let the agents in
+        if calls:
+            await self._execute(build)
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -758,6 +825,34 @@ class QuestDBReadThrough:
 # -- positions read-through: ptrc's POSITIONS stream ---------------------------------------------
 
 
+#: Messages per pull of a DeliverLastPerSubject read. nats-server 2.15 drops a subject's
+#: last message from such a consumer when a pull request's max_bytes cuts the batch
+#: before it (a read of 50,000 positions in pulls of 50,000 missed 5, one per ~8 MB
+#: pulled): pulls this small stay far below the transport's max_bytes.
+LAST_PER_SUBJECT_PULL = 1000
+
+
+async def last_per_subject(transport: Transport, spec: ConsumerSpec, timeout_s: float) -> list[Delivery]:
+    """The messages an ephemeral consumer of `spec` (DeliverLastPerSubject) has pending
+    when it is created: the last message of each subject its filter matches."""
+    consumer = await transport.open_consumer(spec)
+    try:
+        expected = await consumer.pending()
+        deliveries: list[Delivery] = []
+        while len(deliveries) < expected:
+            want = min(expected - len(deliveries), LAST_PER_SUBJECT_PULL)
+            batch = await consumer.next_batch(want, timeout_s)
+            if not batch:
+                raise TimeoutError(f"{len(deliveries)} of {expected} messages within {timeout_s} s")
+            deliveries += batch
+            # Acknowledged as they come: more subjects than the consumer's
+            # max_ack_pending would otherwise stall the delivery.
+            await consumer.ack_through(batch[-1])
+        return deliveries
+    finally:
+        await consumer.close()
+
+
 class PositionsUnavailable(RuntimeError):
     """The POSITIONS stream could not be read (NATS unreachable, or no answer in time)."""
 
@@ -810,21 +905,49 @@ class PublishedPositions:
         return await asyncio.to_thread(self._updates, account, deliveries)
 
     async def _last_per_subject(self, spec: ConsumerSpec) -> list[Delivery]:
-        consumer = await self.transport.open_consumer(spec)
+        return await last_per_subject(self.transport, spec, self.timeout_s)
+
+    async def all_positions(self) -> tuple[list[PositionUpdate], set[str], int]:
+        """Every account's positions as ptrc last published them (a rebuild after Valkey
+        lost them): the updates, the accounts whose every position is among them, and
+        how many messages were unusable (their account is left out of the complete ones).
+        Raises PositionsUnavailable."""
+        spec = ConsumerSpec(
+            stream=self.stream, durable=None, filter_subjects=(f"{self._prefix}>",),
+            start=StartPosition(last_per_subject=True),
+        )
         try:
-            expected = await consumer.pending()
-            deliveries: list[Delivery] = []
-            while len(deliveries) < expected:
-                batch = await consumer.next_batch(expected - len(deliveries), self.timeout_s)
-                if not batch:
-                    raise TimeoutError(f"{len(deliveries)} of {expected} messages within {self.timeout_s} s")
-                deliveries += batch
-                # Acknowledged as they come: an account with more symbols than the
-                # consumer's max_ack_pending would otherwise stall the delivery.
-                await consumer.ack_through(batch[-1])
-            return deliveries
-        finally:
-            await consumer.close()
+            deliveries = await self._last_per_subject(spec)
+        except (nats.errors.Error, OSError) as exc:
+            raise PositionsUnavailable(f"stream {self.stream}: {exc!r}") from exc
+        return await asyncio.to_thread(self._all_updates, deliveries)
+
+    def _all_updates(self, deliveries: list[Delivery]) -> tuple[list[PositionUpdate], set[str], int]:
+        updates: list[PositionUpdate] = []
+        bad_tokens: set[str] = set()
+        unusable = 0
+        for delivery in deliveries:
+            # `<prefix><account token>.<symbol token>`: the account token names the hash.
+            token = delivery.subject[len(self._prefix):].split(".", 1)[0]
+            try:
+                update = decode(PositionUpdate, delivery.data)
+            except InvalidEvent as exc:
+                bad_tokens.add(token)
+                unusable += 1
+                log.warning("%s seq %d (%s) is not a PositionUpdate: %s", self.stream, delivery.seq,
+                            delivery.subject, exc.reason)
+                continue
+            if subject_token(update.account) != token:
+                bad_tokens.add(token)
+                unusable += 1
+                log.warning("%s seq %d (%s) is a position of account %r", self.stream, delivery.seq,
+                            delivery.subject, update.account)
+                continue
+            updates.append(plain_decimals(update))
+        # Updates published during the read may come along: the highest revision counts.
+        updates = highest_revisions(updates)
+        complete = {u.account for u in updates if subject_token(u.account) not in bad_tokens}
+        return updates, complete, unusable
 
     def _updates(self, account: str, deliveries: list[Delivery]) -> list[PositionUpdate]:
         updates = []
@@ -906,6 +1029,15 @@ class CacheWarmer:
             if offered is None or now - offered > self.cache.ttl_s:
                 self._offered_at[key] = now
                 self.queue.put_nowait(key)
+
+    def offer_again(self) -> int:
+        """Queue every key offered so far once more (Valkey lost them); returns how many."""
+        now = time.monotonic()
+        keys = list(self._offered_at)
+        for key in keys:
+            self._offered_at[key] = now
+            self.queue.put_nowait(key)
+        return len(keys)
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._work(), name=f"warmer:{i}") for i in range(self.concurrency)]
@@ -1220,6 +1352,176 @@ class HotCache:
         return body
 
 
+# -- Valkey lost the keys: the rebuild -----------------------------------------------------------
+
+
+class CacheRebuilder:
+    """Rebuilds at once what the feed's process keeps in Valkey when Valkey has lost it.
+
+    `watch` (`stores.valkey.ValkeyWatch`) looks every `check_s`, and at every /health,
+    whether Valkey was restarted (its run_id changed) or emptied (the sentinel key is
+    gone). After a loss the keys are rebuilt from what hot_cache can read again:
+
+    * **positions**: the last message of every subject of the POSITIONS stream, i.e.
+      ptrc's latest update of every position of every account (one ephemeral consumer,
+      DeliverLastPerSubject, as a positions miss reads one account); each account's hash
+      is marked complete once all its symbols are in, so reads of quiet accounts are
+      hits again at once;
+    * **quotes**: the last message of every subject of the QUOTES stream, the last quote
+      of every symbol;
+    * **bars**: the bars still forming (the open windows of the built intervals, from the
+      windowed tables). The closed bars of every bars key this process has written are
+      queued for the warmer, which fills them from QuestDB in the background (with
+      `warm_concurrency: 0` they come back through the read-through on a miss).
+
+    The writes go through the same compare-and-set scripts as the live feed's, so a
+    value the feed wrote meanwhile is never replaced by an older one. Until positions,
+    quotes and open bars are written, `rebuilding` is the loss (/health: degraded, with
+    the reason); a rebuild that fails (Valkey or NATS away) is retried with back-off.
+    """
+
+    BACKOFF_S = (0.5, 1, 2, 5, 10)
+
+    def __init__(
+        self,
+        cache: ValkeyCache,
+        service: HotCache,
+        published: PublishedPositions,
+        quotes: Channel,
+        watch: ValkeyWatch,
+        *,
+        check_s: float,
+        timeout_s: float,
+    ):
+        self.cache = cache
+        self.service = service
+        self.published = published
+        self.quotes = quotes
+        self.watch = watch
+        self.check_s = check_s
+        self.timeout_s = timeout_s
+        self.progress: dict[str, Any] = {}  # of the rebuild under way
+        self.last_rebuild: dict[str, Any] | None = None
+        self.last_error: str | None = None
+        self.check_error: str | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    @property
+    def rebuilding(self) -> ValkeyLoss | None:
+        return self.watch.lost
+
+    async def start(self) -> None:
+        # The first look at once, in the background: a start does not wait for a rebuild
+        # (it can take seconds: the whole POSITIONS stream is read).
+        self._task = asyncio.create_task(self._run(), name="hot_cache:rebuild")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def check(self) -> ValkeyLoss | None:
+        """Look whether Valkey lost the keys; a loss starts the rebuild. Valkey
+        unreachable: nothing to decide yet (look again later)."""
+        try:
+            loss = await self.watch.check()
+        except _TRANSIENT + (ResponseError,) as exc:
+            self.check_error = f"{type(exc).__name__}: {exc}"
+            return None
+        self.check_error = None
+        if loss is not None:
+            log.warning("hot_cache: Valkey lost the keys (%s: %s); rebuilding them", loss.reason, loss.detail)
+            self._wake.set()
+        return loss
+
+    async def _run(self) -> None:
+        attempt = 0
+        delay = 0.0  # the first look at once
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            await self.check()
+            loss = self.watch.lost
+            if loss is None:
+                delay = self.check_s
+                continue
+            try:
+                await self.rebuild(loss)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Valkey or NATS away: again, later
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                delay = self.BACKOFF_S[min(attempt, len(self.BACKOFF_S) - 1)]
+                attempt += 1
+                log.warning("hot_cache: rebuilding Valkey failed (attempt %d), again in %.1fs: %s", attempt, delay,
+                            self.last_error)
+                continue
+            attempt = 0
+            self.last_error = None
+            delay = 0.0 if self.watch.lost is not None else self.check_s  # lost again meanwhile: at once
+
+    async def rebuild(self, loss: ValkeyLoss) -> dict[str, Any]:
+        """Write positions, quotes and the open bars again (see the class); returns what
+        was written."""
+        progress = self.progress = {"step": "positions"}
+        updates, complete, skipped = await self.published.all_positions()
+        await self.cache.restore_positions(updates, sorted(complete))
+        progress.update(step="quotes", positions=len(updates), accounts=len(complete), unusable_messages=skipped)
+        quotes = await self._last_quotes()
+        await self.cache.restore_quotes(quotes)
+        progress.update(step="bars", quotes=len(quotes))
+        bars = self._open_bars()
+        await self.cache.restore_bars(bars)
+        progress.update(step="done", open_bars=len(bars))
+        warmer = self.service.warmer
+        progress["bars_keys_to_warm"] = warmer.offer_again() if warmer is not None else 0
+        if self.watch.rebuilt(loss):  # else lost again meanwhile: the next rebuild is due
+            seconds = round(time.time() - loss.noticed_at, 3)  # from noticing, as pnl's
+            self.last_rebuild = {"reason": loss.reason, "noticed_at": loss.noticed_at, "seconds": seconds,
+                                 **{k: v for k, v in progress.items() if k != "step"}}
+            log.warning("hot_cache: Valkey rebuilt in %.3f s: %s", seconds, self.last_rebuild)
+        return progress
+
+    async def _last_quotes(self) -> list[Quote]:
+        spec = ConsumerSpec(
+            stream=self.quotes.stream.name, durable=None,
+            filter_subjects=tuple(self.quotes.subjects or self.quotes.stream.subjects),
+            start=StartPosition(last_per_subject=True),
+        )
+        deliveries = await last_per_subject(self.published.transport, spec, self.timeout_s)
+        return await asyncio.to_thread(_newest_quotes, deliveries)
+
+    def _open_bars(self) -> list[Bar]:
+        builder = self.service.builder
+        if builder is None:
+            return []
+        bars = []
+        for interval, windows in builder.windows.items():
+            for (symbol, start), state in list(windows.table.items()):
+                if state.count:
+                    bars.append(state.to_bar(symbol, interval, start))
+        return bars
+
+
+def _newest_quotes(deliveries: Sequence[Delivery]) -> list[Quote]:
+    """The newest quote per symbol among the messages (undecodable ones are skipped)."""
+    newest: dict[str, Quote] = {}
+    for delivery in deliveries:
+        try:
+            quote = decode(Quote, delivery.data)
+        except InvalidEvent:
+            continue
+        held = newest.get(quote.symbol)
+        if held is None or quote.ts >= held.ts:
+            newest[quote.symbol] = quote
+    return [plain_decimals(quote) for quote in newest.values()]
+
+
 # -- agents for quotes and positions -----------------------------------------------------------
 
 
@@ -1266,10 +1568,8 @@ def bus_channels(app: App) -> HotCacheChannels:
 
 
 def _name(request: Request, parameter: str) -> str:
-    value = request.path_params[parameter]
-    if not value or len(value) > 128 or any(not c.isprintable() or c.isspace() for c in value):
-        raise BadRequest({"parameter": parameter, "error": "must be 1-128 printable characters without spaces"})
-    return value
+    """A symbol or account in the path (web/params.py `Name`)."""
+    return path_name(request, parameter)
 
 
 def build(config: HotCacheConfig, *, channels: Callable[[App], HotCacheChannels] = bus_channels) -> App:
@@ -1322,6 +1622,18 @@ def build(config: HotCacheConfig, *, channels: Callable[[App], HotCacheChannels]
         add_quote_agent(app, streams.quotes, cache, **batching)
         add_position_agent(app, streams.positions, cache, **batching)
     service.builder, service.bar_messages = builder, bar_messages
+    # The feed's process rebuilds Valkey when it lost the keys (a read replica holds
+    # nothing of its own to rebuild from).
+    rebuilder: CacheRebuilder | None = None
+    if section.consume:
+        rebuilder = CacheRebuilder(
+            cache, service, published, streams.quotes,
+            ValkeyWatch(store, cache.keys.sentinel(config.service.name)),
+            check_s=section.valkey_check_s, timeout_s=section.read_through.timeout_s,
+        )
+        app.hot_cache_rebuilder = rebuilder  # type: ignore[attr-defined]  # for tests and benchmarks
+        app.on_startup.append(rebuilder.start)
+        app.on_shutdown.append(rebuilder.stop)
 
     @app.page("/bars/{symbol:path}")
     async def get_bars(request: Request) -> CachedJSON:
@@ -1329,10 +1641,10 @@ def build(config: HotCacheConfig, *, channels: Callable[[App], HotCacheChannels]
 
         ---
         path:
-          symbol: the symbol (1-128 printable characters, no spaces)
+          symbol: {$ref: Name, description: the symbol}
         query:
-          interval: {description: "bar interval `<n>s|m|h|d`; default `hot_cache.default_bar_interval`"}
-          limit: {type: integer, minimum: 1, description: "bars to return, newest last; at most `hot_cache.bars_kept`; default `hot_cache.default_bar_limit`"}
+          interval: {$ref: Interval, description: "bar interval; default `hot_cache.default_bar_interval`"}
+          limit: {type: integer, minimum: 1, maximum: BARS_KEPT, description: "bars to return, newest last; at most `hot_cache.bars_kept` (BARS_KEPT); default `hot_cache.default_bar_limit`"}
         responses:
           200: {description: "the bars, with `hit` (answered from Valkey alone) and `source` (cache or questdb)", schema: {type: object}}
           404: nothing in Valkey nor QuestDB
@@ -1340,7 +1652,7 @@ def build(config: HotCacheConfig, *, channels: Callable[[App], HotCacheChannels]
           503: QuestDB is needed for a miss and cannot be reached
         """
         symbol = _name(request, "symbol")
-        interval = request.query_params.get("interval") or section.default_bar_interval
+        interval = check_interval("interval", request.query_params.get("interval", section.default_bar_interval))
         try:
             interval_seconds(interval)
         except ValueError as exc:
@@ -1348,13 +1660,16 @@ def build(config: HotCacheConfig, *, channels: Callable[[App], HotCacheChannels]
         limit = query_int(request, "limit", section.default_bar_limit, minimum=1, maximum=section.bars_kept)
         return CachedJSON(await service.bars(symbol, interval, limit))
 
+    # The documented maximum is this service's configured one.
+    get_bars.__doc__ = (get_bars.__doc__ or "").replace("BARS_KEPT", str(section.bars_kept))
+
     @app.page("/quotes/{symbol:path}")
     async def get_quote(request: Request) -> CachedJSON:
         """The last quote of a symbol: Valkey, or QuestDB on a miss.
 
         ---
         path:
-          symbol: the symbol (1-128 printable characters, no spaces)
+          symbol: {$ref: Name, description: the symbol}
         responses:
           200: {description: "`symbol`, `quote`, with `hit` and `source`", schema: {type: object}}
           404: nothing in Valkey nor QuestDB
@@ -1370,7 +1685,7 @@ def build(config: HotCacheConfig, *, channels: Callable[[App], HotCacheChannels]
 
         ---
         path:
-          account: the account (1-128 printable characters, no spaces)
+          account: {$ref: Name, description: the account}
         responses:
           200: {description: "`account`, `positions` (ptrc's PositionUpdates) sorted by symbol, with `hit` and `source` (cache or stream)", schema: {type: object}}
           404: nothing in Valkey nor in the POSITIONS stream
@@ -1379,7 +1694,7 @@ def build(config: HotCacheConfig, *, channels: Callable[[App], HotCacheChannels]
         """
         return CachedJSON(await service.positions(_name(request, "account")))
 
-    @app.page("/cache/stats")
+    @app.page("/cache/stats", public=True)  # counters, no account data
     async def cache_stats(request: Request) -> JSON:
         """Hits, misses, hit rate, key count, memory and freshness lag of the cache.
 
@@ -1390,12 +1705,25 @@ def build(config: HotCacheConfig, *, channels: Callable[[App], HotCacheChannels]
         return JSON(await service.stats())
 
     @app.health_check("valkey")
-    async def valkey_check() -> tuple[bool, Any]:
+    async def valkey_check() -> tuple[bool | str, Any]:
         try:
             await store.ping()
-            return True, store.location
         except Exception as exc:  # noqa: BLE001 - any failure means not healthy
             return False, str(exc)
+        if rebuilder is None:
+            return True, store.location
+        # Look now too: a Valkey back empty is said at once, not a check interval later.
+        await rebuilder.check()
+        detail: dict[str, Any] = {"location": store.location}
+        if rebuilder.last_rebuild is not None:
+            detail["last_rebuild"] = rebuilder.last_rebuild
+        loss = rebuilder.rebuilding
+        if loss is not None:
+            detail["rebuilding"] = {**loss.describe(), "progress": rebuilder.progress}
+            if rebuilder.last_error:
+                detail["rebuilding"]["last_error"] = rebuilder.last_error
+            return DEGRADED, detail
+        return True, detail
 
     @app.health_check("questdb")
     async def questdb_check() -> tuple[bool, Any]:

@@ -46,9 +46,10 @@ from ..agents.pnl import (
     add_pnl_agents,
     plain_data,
 )
-from ..app import App
+from ..app import DEGRADED, App
 from ..config import QuestDBSection, RedisSection, ServiceConfig, _Section
 from ..core.bars import NS_PER_S, interval_seconds
+from ..core.bounds import QUESTDB_DECIMAL, QUESTDB_PRECISION, QUESTDB_SCALE
 from ..core.exact import EXACT, format_decimal
 from ..core.marks import DEFAULT_PRIORITY, MarkSource, MarkState
 from ..streams import subjects
@@ -64,8 +65,10 @@ from ..stores.questdb import (
     columns_from_rows,
     sql_literal,
 )
-from ..stores.valkey import ValkeyStore, open_valkey
-from ..web.server import JSON, BadRequest
+from ..stores.valkey import ValkeyLoss, ValkeyStore, ValkeyWatch, open_valkey
+from ..web import params as web_params
+from ..web.params import BadRequest
+from ..web.server import JSON
 from .wiring import new_app
 
 log = logging.getLogger(__name__)
@@ -117,6 +120,9 @@ class PnlSection(_Section):
     # all the time. /pnl/realtime is always current.
     cache_price_interval_s: float = 1.0
     cache_refresh_s: float | None = None  # rewrite every key this often (default: ttl / 3)
+    # How often the Valkey writer looks whether Valkey lost its keys (restarted: new
+    # run_id; emptied: the sentinel key gone); a loss rewrites every key at once.
+    valkey_check_s: float = 1.0
     snapshots: SnapshotSection = msgspec.field(default_factory=SnapshotSection)
     history: HistorySection = msgspec.field(default_factory=HistorySection)
 
@@ -129,6 +135,8 @@ class PnlSection(_Section):
             raise ValueError("cache_min_interval_s and cache_price_interval_s must be >= 0")
         if self.cache_refresh_s is not None and self.cache_refresh_s <= 0:
             raise ValueError("cache_refresh_s must be > 0")
+        if self.valkey_check_s <= 0:
+            raise ValueError("valkey_check_s must be > 0")
 
 
 class PnlConfig(ServiceConfig):
@@ -148,6 +156,10 @@ class PnlMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1),
         )
         self.cache_errors = Counter("pnl_cache_errors_total", "Valkey writes that failed (retried)", registry=registry)
+        self.cache_rebuilds = Counter(
+            "pnl_cache_rebuilds_total", "Every key rewritten because Valkey lost them (restarted, emptied)", ["reason"],
+            registry=registry,
+        )
         self.snapshot_rows = Counter("pnl_snapshot_rows_total", "Rows written to QuestDB", ["table"], registry=registry)
         self.snapshot_errors = Counter("pnl_snapshot_errors_total", "QuestDB writes that failed", ["kind"], registry=registry)
         self.snapshot_dropped = Counter(
@@ -188,6 +200,10 @@ class PnlKeys:
     def accounts(self) -> str:
         return f"{self.base}:accounts"
 
+    def sentinel(self, service: str) -> str:
+        """The service's sentinel (`stores.valkey.ValkeyWatch`): gone means Valkey was emptied."""
+        return f"{self.base}:meta:sentinel:{key_part(service)}"
+
 
 class ValkeyFull(ConnectionError):
     """Valkey refuses writes for lack of memory (retried like an outage)."""
@@ -218,6 +234,12 @@ class PnlCacheWriter:
     A failed write gives its changes back and is retried with back-off; every
     `refresh_s` all keys are rewritten, which renews their TTL (a key whose service
     stopped expires instead of showing stale P&L forever).
+
+    Every `check_s` (and at every /health) `watch` looks whether Valkey lost the keys
+    (restarted, emptied: `stores.valkey.ValkeyWatch`). A loss marks every key changed and
+    wakes the writer: the next write rewrites them all (the book is the state, Valkey a
+    copy). Until a write that took all of them has succeeded, `rebuilding` is the loss
+    (/health: degraded, with the reason).
     """
 
     def __init__(
@@ -231,6 +253,8 @@ class PnlCacheWriter:
         price_interval_s: float,
         refresh_s: float,
         metrics: PnlMetrics,
+        watch: ValkeyWatch | None = None,
+        check_s: float = 1.0,
     ):
         if ttl_s < 1:
             raise ValueError("the cache TTL must be >= 1 s")
@@ -245,6 +269,14 @@ class PnlCacheWriter:
         self.flushes = 0
         self.last_error: str | None = None
         self.last_flush_at: float | None = None
+        self.watch = watch
+        self.check_s = check_s
+        self.check_error: str | None = None
+        # The last rewrite after a loss: reason, seconds from noticing to done, keys.
+        self.last_rebuild: dict[str, Any] | None = None
+        # Every key is marked changed and no write has taken them yet (a write that does
+        # and succeeds ends a rebuild).
+        self._all_marked = False
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._stopping = False
@@ -254,9 +286,37 @@ class PnlCacheWriter:
 
     def start(self) -> None:
         self._stopping = False
-        self.book.mark_all_changed(self.book.cache_changes)
+        self._mark_all()
         self._wake.set()
         self._task = asyncio.create_task(self._run(), name="pnl:valkey")
+
+    def _mark_all(self) -> None:
+        self.book.mark_all_changed(self.book.cache_changes)
+        self._all_marked = True
+
+    @property
+    def rebuilding(self) -> ValkeyLoss | None:
+        """The loss whose rewrite is not done yet (None: Valkey has every key)."""
+        return self.watch.lost if self.watch is not None else None
+
+    async def check_valkey(self) -> ValkeyLoss | None:
+        """Look whether Valkey lost the keys; on a loss, have every key rewritten now.
+        Valkey unreachable: nothing to decide (the writes fail and are retried)."""
+        if self.watch is None:
+            return None
+        try:
+            loss = await self.watch.check()
+        except _VALKEY_TRANSIENT + (ResponseError,) as exc:
+            self.check_error = f"{type(exc).__name__}: {exc}"
+            return None
+        self.check_error = None
+        if loss is not None:
+            self.metrics.cache_rebuilds.labels(loss.reason).inc()
+            log.warning("pnl: Valkey lost its keys (%s: %s); rewriting all %d positions", loss.reason, loss.detail,
+                        len(self.book))
+            self._mark_all()
+            self._wake.set()
+        return loss
 
     async def stop(self) -> None:
         self._stopping = True
@@ -278,17 +338,21 @@ class PnlCacheWriter:
         now = time.monotonic()
         next_refresh = now + self.refresh_s
         next_prices = now
+        next_check = now  # the first look, before the first write
         while True:
             if not self._stopping:
-                timeout = max(0.0, min(next_refresh, next_prices) - time.monotonic())
+                timeout = max(0.0, min(next_refresh, next_prices, next_check) - time.monotonic())
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 except asyncio.TimeoutError:
                     pass
             self._wake.clear()
             now = time.monotonic()
+            if now >= next_check and not self._stopping:
+                await self.check_valkey()
+                next_check = time.monotonic() + self.check_s
             if now >= next_refresh:
-                self.book.mark_all_changed(self.book.cache_changes)
+                self._mark_all()
                 next_refresh = now + self.refresh_s
             prices = now >= next_prices or self._stopping
             if prices:
@@ -306,7 +370,8 @@ class PnlCacheWriter:
                 delay = RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)]
                 attempt += 1
                 log.warning("pnl: writing Valkey failed (attempt %d), retrying in %.1fs: %s", attempt, delay, exc)
-                await asyncio.sleep(delay)
+                if await self._back_off(delay):
+                    attempt = 0  # Valkey is back (and lost the keys): rewrite them now
                 self._wake.set()
                 continue
             except Exception:  # a bug: log it, keep the writer alive
@@ -319,18 +384,33 @@ class PnlCacheWriter:
             if rest > 0:
                 await asyncio.sleep(rest)
 
+    async def _back_off(self, delay: float) -> bool:
+        """Wait `delay` after a failed write, looking at Valkey every `check_s`: True as
+        soon as it is back having lost the keys (the rewrite should not wait)."""
+        deadline = time.monotonic() + delay
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, self.check_s))
+            if await self.check_valkey() is not None:
+                return True
+        return False
+
     async def flush(self, *, prices: bool = True) -> int:
         """Write what position updates changed since the last flush and, with
         `prices`, what price moves did; return the keys written."""
         book = self.book
         if prices:
             await refresh_in_slices(book)
+        # A write that takes every key after a loss ends its rebuild once it succeeds.
+        rebuild, everything = self.rebuilding, self._all_marked
+        self._all_marked = False
         keys, accounts = book.cache_changes.take()
         if prices:
             price_keys, price_accounts = book.cache_price_changes.take()
             keys |= price_keys
             accounts |= price_accounts
         if not keys and not accounts:
+            if rebuild is not None and everything:
+                self._rebuilt(rebuild, 0)
             return 0
         started = time.perf_counter()
         try:
@@ -338,6 +418,7 @@ class PnlCacheWriter:
         except ResponseError as exc:
             if str(exc).startswith("OOM"):  # Valkey full: like being away, try again
                 book.cache_changes.give_back(keys, accounts)
+                self._all_marked |= everything
                 raise ValkeyFull(str(exc)) from exc
             # Refused (e.g. a foreign key of another type under one of our names):
             # it would be refused again. What the script wrote before stays; the
@@ -348,12 +429,24 @@ class PnlCacheWriter:
             return 0
         except BaseException:
             book.cache_changes.give_back(keys, accounts)
+            self._all_marked |= everything
             raise
         self.metrics.cache_flush_seconds.observe(time.perf_counter() - started)
         self.flushes += 1
         self.last_error = None
         self.last_flush_at = time.time()
+        if rebuild is not None and everything:
+            self._rebuilt(rebuild, len(keys))
         return written
+
+    def _rebuilt(self, loss: ValkeyLoss, positions: int) -> None:
+        assert self.watch is not None
+        if self.watch.rebuilt(loss):  # else a newer loss: its own rewrite is under way
+            seconds = round(time.time() - loss.noticed_at, 3)
+            self.last_rebuild = {"reason": loss.reason, "noticed_at": loss.noticed_at, "seconds": seconds,
+                                 "positions": positions}
+            log.warning("pnl: Valkey has every key again (%d positions rewritten %.3f s after the loss was noticed)",
+                        positions, seconds)
 
     async def _write(self, keys: set[Key], accounts: set[str]) -> int:
         book, scheme = self.book, self.keys
@@ -419,14 +512,17 @@ return #KEYS
 
 # -- QuestDB snapshots --------------------------------------------------------------------
 
-DECIMAL_SQL = "DECIMAL(38, 12)"
-_QUANTUM = Decimal(1).scaleb(-12)
-_MAX_ADJUSTED = 25  # DECIMAL(38, 12) holds 26 integer digits: adjusted exponent <= 25
+DECIMAL_SQL = QUESTDB_DECIMAL  # core.bounds: every figure ptrc keeps fits it
+_QUANTUM = Decimal(1).scaleb(-QUESTDB_SCALE)
+_MAX_ADJUSTED = QUESTDB_PRECISION - QUESTDB_SCALE - 1  # 26 integer digits: adjusted exponent <= 25
 
 POSITION_MONEY = (
     "net_qty", "avg_open_price", "multiplier", "mark", "realized_pnl_gross", "fees", "realized_pnl_net",
     "unrealized_pnl", "fifo_realized_pnl_gross", "fifo_unrealized_pnl", "total_pnl", "day_pnl",
     "sod_realized_pnl_net", "sod_unrealized_pnl", "gross_notional",
+    # In the account's base currency (`core.valuation`, "Base currency").
+    "realized_pnl_gross_base", "fees_base", "realized_pnl_net_base", "unrealized_pnl_base", "total_pnl_base",
+    "day_pnl_base", "gross_notional_base",
 )
 ACCOUNT_MONEY = (
     "realized_pnl_gross", "fees", "realized_pnl_net", "unrealized_pnl", "fifo_realized_pnl_gross",
@@ -439,6 +535,9 @@ POSITION_COLUMNS: dict[str, str] = {
     "as_of": "TIMESTAMP_NS",
     "mark_source": "SYMBOL",
     "fill_count": "LONG",
+    "currency": "SYMBOL",
+    "base_currency": "SYMBOL",
+    "fx_rate": "VARCHAR",  # exact: a cross rate has more places than DECIMAL(38, 12) keeps
     **{name: DECIMAL_SQL for name in POSITION_MONEY},
 }
 ACCOUNT_COLUMNS: dict[str, str] = {
@@ -447,6 +546,8 @@ ACCOUNT_COLUMNS: dict[str, str] = {
     "as_of": "TIMESTAMP_NS",
     "positions": "LONG",
     "open_positions": "LONG",
+    "base_currency": "SYMBOL",  # every money column of the row is in it
+    "missing_rates": "VARCHAR",  # comma-separated currencies; NULL when none
     **{name: DECIMAL_SQL for name in ACCOUNT_MONEY},
 }
 #: Rows per `write_batch` call: a snapshot is usually one request (one QuestDB commit;
@@ -493,12 +594,18 @@ async def snapshot_rows(snapshot: PendingSnapshot) -> tuple[list[dict[str, Any]]
     for done, row in enumerate(snapshot.rows, 1):
         figures = row.value
         data: dict[str, Any] = {"ts": ts, "account": figures.account, "as_of": row.as_of}
+        data["base_currency"] = figures.base_currency
         if snapshot.account_level:
             data["positions"] = figures.positions
             data["open_positions"] = figures.open_positions
+            if figures.missing_rates:
+                data["missing_rates"] = ",".join(figures.missing_rates)
         else:
             data["symbol"] = figures.symbol
             data["fill_count"] = figures.fill_count
+            data["currency"] = figures.currency
+            if figures.fx_rate is not None:
+                data["fx_rate"] = format_decimal(figures.fx_rate)
             if row.mark_source is not None:  # absent: NULL
                 data["mark_source"] = row.mark_source
         try:
@@ -722,32 +829,10 @@ class PnlSnapshots:
 
 # -- /pnl/history ------------------------------------------------------------------------
 
-_EPOCH_NS = re.compile(r"^-?[0-9]+$")
-# 1990-01-01 .. 2200-01-01, as for events: catches seconds or milliseconds by mistake.
-_TS_MIN, _TS_MAX = 631_152_000_000_000_000, 7_258_118_400_000_000_000
-
-
 def parse_time(parameter: str, raw: str) -> int:
-    """ISO-8601 (a zone or Z; none means UTC) or integer epoch ns → epoch ns."""
-    text = raw.strip()
-    if _EPOCH_NS.match(text):
-        value = int(text)
-        if not _TS_MIN <= value <= _TS_MAX:
-            raise BadRequest({"parameter": parameter, "error": f"epoch nanoseconds expected (1990..2200), got {raw!r}"})
-        return value
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise BadRequest(
-            {"parameter": parameter, "error": f"must be ISO-8601 (2024-01-02T03:04:05Z) or epoch ns, got {raw!r}"}
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    delta = moment - datetime(1970, 1, 1, tzinfo=timezone.utc)
-    value = (delta.days * 86_400 + delta.seconds) * NS_PER_S + delta.microseconds * 1000
-    if not _TS_MIN <= value <= _TS_MAX:
-        raise BadRequest({"parameter": parameter, "error": f"must be between 1990 and 2200, got {raw!r}"})
-    return value
+    """ISO-8601 (a zone or Z; none means UTC) or integer epoch ns → epoch ns, 1990..2200
+    as for events (web/params.py `Time`)."""
+    return web_params.parse_time(parameter, raw)
 
 
 def iso(ns: int) -> str:
@@ -770,25 +855,21 @@ class HistoryQuery:
 
 
 def name_parameter(request: Request, parameter: str) -> str | None:
-    value = request.query_params.get(parameter)
-    if value is None or value == "":
-        return None
-    if len(value) > 128 or any(not c.isprintable() for c in value) or value.strip() != value:
-        raise BadRequest({"parameter": parameter, "error": "must be 1-128 printable characters without surrounding spaces"})
-    return value
+    """An account or symbol filter (web/params.py `Name`); None when absent."""
+    return web_params.query_name(request, parameter)
 
 
 def history_query(request: Request, section: HistorySection, now_ns: int | None = None) -> HistoryQuery:
     params = request.query_params
-    interval = params.get("interval") or section.default_interval
+    interval = web_params.check_interval("interval", params.get("interval", section.default_interval))
     try:
         step = interval_seconds(interval) * NS_PER_S
     except ValueError as exc:
         raise BadRequest({"parameter": "interval", "error": str(exc)}) from None
     now = time.time_ns() if now_ns is None else now_ns
     raw_from, raw_to = params.get("from"), params.get("to")
-    end = parse_time("to", raw_to) if raw_to else now
-    start = parse_time("from", raw_from) if raw_from else end - section.default_range_s * NS_PER_S
+    end = parse_time("to", raw_to) if raw_to is not None else now
+    start = parse_time("from", raw_from) if raw_from is not None else end - section.default_range_s * NS_PER_S
     if start >= end:
         raise BadRequest({"parameter": "from", "error": f"must be before to ({iso(start)} >= {iso(end)})"})
     points = math.ceil((end - start) / step)
@@ -799,8 +880,16 @@ def history_query(request: Request, section: HistorySection, now_ns: int | None 
     return HistoryQuery(name_parameter(request, "account"), name_parameter(request, "symbol"), start, end, interval)
 
 
-POSITION_HISTORY = ("net_qty", "mark", "realized_pnl_net", "unrealized_pnl", "fifo_unrealized_pnl", "total_pnl", "day_pnl")
-ACCOUNT_HISTORY = ("realized_pnl_net", "unrealized_pnl", "fifo_unrealized_pnl", "total_pnl", "day_pnl", "gross_notional")
+#: The figures a history point has. A position's are in its currency, with the two
+#: headline figures also in the base; an account's are all in its base currency.
+POSITION_HISTORY = (
+    "net_qty", "mark", "realized_pnl_net", "unrealized_pnl", "fifo_unrealized_pnl", "total_pnl", "day_pnl",
+    "currency", "base_currency", "total_pnl_base", "day_pnl_base",
+)
+ACCOUNT_HISTORY = (
+    "base_currency", "realized_pnl_net", "unrealized_pnl", "fifo_unrealized_pnl", "total_pnl", "day_pnl",
+    "gross_notional",
+)
 
 
 def history_sql(query: HistoryQuery, section: SnapshotSection, limit: int) -> str:
@@ -906,7 +995,10 @@ def build(
         app.transport = transport  # nothing has used the NATS one yet: it connects at start
     positions = app.table("positions", value_type=PositionUpdate, key_type=tuple[str, str])
     marks = app.table("marks", value_type=MarkState, key_type=str, default=MarkState)
-    book = PnlBook(positions, marks, priority=tuple(section.mark_priority), use_position_mark=section.use_position_mark)
+    book = PnlBook(
+        positions, marks, priority=tuple(section.mark_priority), use_position_mark=section.use_position_mark,
+        reference=config.reference(),
+    )
     agent_metrics = add_pnl_agents(app, channels(app), book)
     metrics = PnlMetrics(app.metrics.registry)
     app.pnl_book = book  # type: ignore[attr-defined]  # for tests and benchmarks
@@ -937,8 +1029,8 @@ def build(
 
         ---
         query:
-          account: only this account (exact, 1-128 printable characters)
-          symbol: only this symbol (exact, 1-128 printable characters)
+          account: {$ref: Name, description: only this account}
+          symbol: {$ref: Name, description: only this symbol}
         responses:
           200: {description: "`as_of`, `count`, `positions` (sorted by account, symbol) and `accounts` (totals)", schema: {type: object}}
         """
@@ -971,14 +1063,16 @@ def build(
         """P&L history from QuestDB snapshots, one point per interval bucket per key.
 
         With `symbol`: one series per position; without: one series per account (totals).
+        `from` must be before `to`, and the range at most `history.max_points` intervals
+        long: otherwise a 400 says which.
 
         ---
         query:
-          account: only this account
-          symbol: only this symbol (position series instead of account totals)
-          from: "start, inclusive: ISO-8601 (no offset = UTC) or epoch ns; default `to` minus one hour"
-          to: "end, exclusive: ISO-8601 or epoch ns; default now"
-          interval: {default: 1m, description: "bucket size `<n>s|m|h|d`; at most `history.max_points` buckets over the range"}
+          account: {$ref: Name, description: only this account}
+          symbol: {$ref: Name, description: only this symbol (position series instead of account totals)}
+          from: {$ref: Time, description: "start, inclusive; default `to` minus `history.default_range_s`"}
+          to: {$ref: Time, description: "end, exclusive; default now"}
+          interval: {$ref: Interval, description: "bucket size (default `history.default_interval`)"}
         responses:
           200: {description: "`level`, `from`, `to`, `interval`, `series` (points per key), `truncated`", schema: {type: object}}
           503: QuestDB is not configured or unreachable
@@ -1003,10 +1097,12 @@ def _cache_writer(config: PnlConfig, redis: RedisSection, book: PnlBook, metrics
     )
     section = config.pnl
     refresh_s = section.cache_refresh_s if section.cache_refresh_s is not None else max(1.0, redis.ttl / 3)
+    keys = PnlKeys(section.key_prefix)
     return PnlCacheWriter(
-        book, store, PnlKeys(section.key_prefix), ttl_s=redis.ttl,
+        book, store, keys, ttl_s=redis.ttl,
         min_interval_s=section.cache_min_interval_s, price_interval_s=section.cache_price_interval_s,
         refresh_s=refresh_s, metrics=metrics,
+        watch=ValkeyWatch(store, keys.sentinel(config.service.name)), check_s=section.valkey_check_s,
     )
 
 
@@ -1022,15 +1118,23 @@ def _register_cache(app: App, cache: PnlCacheWriter) -> None:
     app.on_shutdown.append(stop)
 
     @app.health_check("valkey")
-    async def valkey_check() -> tuple[bool, Any]:
+    async def valkey_check() -> tuple[bool | str, Any]:
         detail: dict[str, Any] = {"location": cache.store.location, "pending_changes": cache.pending}
         if cache.last_error:
             detail["last_error"] = cache.last_error
+        if cache.last_rebuild is not None:
+            detail["last_rebuild"] = cache.last_rebuild
         try:
             await cache.store.ping()
         except Exception as exc:  # noqa: BLE001 - any failure means not healthy
             detail["error"] = str(exc)
             return False, detail
+        # Look now too: a Valkey back empty is said at once, not a check interval later.
+        await cache.check_valkey()
+        loss = cache.rebuilding
+        if loss is not None:
+            detail["rebuilding"] = {**loss.describe(), "positions": len(cache.book)}
+            return DEGRADED, detail
         return True, detail
 
 

@@ -8,7 +8,6 @@ in ClickHouse, reconciliation and reports. See docs/ptrc.md.
 from __future__ import annotations
 
 from datetime import time as dtime
-from decimal import Decimal
 
 import msgspec
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -25,12 +24,9 @@ from ..core.marks import DEFAULT_PRIORITY, MarkSource
 from ..core.positions import position_row
 from ..core.valuation import PositionValue, sum_known, value_position
 from ..stores.questdb import QuestDBClient, QuestDBWriter
-from ..web.server import JSON, BadRequest, query_int
+from ..web.params import query_choice, query_int, query_name
+from ..web.server import JSON
 from .wiring import clickhouse_store, new_app, object_store
-
-
-class InstrumentSection(_Section):
-    multiplier: Decimal = Decimal(1)
 
 
 class MarksSection(_Section):
@@ -60,7 +56,6 @@ class TradingDaySection(_Section):
 
 
 class PtrcConfig(ServiceConfig, kw_only=True):
-    instruments: dict[str, InstrumentSection] = {}
     marks: MarksSection = msgspec.field(default_factory=MarksSection)
     books: BooksSection = msgspec.field(default_factory=BooksSection)
     compliance: ComplianceSection = msgspec.field(default_factory=ComplianceSection)
@@ -77,9 +72,10 @@ METHODS = ("avg", "fifo", "both")
 def build(config: PtrcConfig) -> App:
     app = new_app(config)
     rules = ComplianceRules(**{f: getattr(config.compliance, f) for f in ComplianceRules.__struct_fields__})
+    reference = config.reference()
     keeper = PositionKeeper(
         app,
-        multipliers={symbol: inst.multiplier for symbol, inst in config.instruments.items()},
+        reference=reference,
         mark_priority=config.marks.priority,
         rules=rules,
         compliance_check_interval_s=config.compliance.check_interval_s,
@@ -104,7 +100,7 @@ def build(config: PtrcConfig) -> App:
         interval_s=config.batch.interval_sec,
     )
 
-    multipliers = {symbol: inst.multiplier for symbol, inst in config.instruments.items()}
+    multipliers = reference.multipliers
     install_reconciliation(
         app,
         fills=keeper.fills,
@@ -118,6 +114,7 @@ def build(config: PtrcConfig) -> App:
         app,
         positions=keeper.positions,
         mark_of=keeper.mark_of,
+        fx=keeper.fx,
         multipliers=multipliers,
         object_store=object_store(config),
         questdb=questdb,
@@ -148,22 +145,21 @@ def build(config: PtrcConfig) -> App:
 
         ---
         query:
-          account: only this account
-          symbol: only this symbol
+          account: {$ref: Name, description: only this account}
+          symbol: {$ref: Name, description: only this symbol}
           method: {enum: [avg, fifo, both], default: both, description: "P&L method: average cost, FIFO, or both"}
         responses:
           200: {description: "`positions` (one row per account and symbol), `count`, `method`", schema: {type: object}}
         """
-        method = request.query_params.get("method", "both")
-        if method not in METHODS:
-            raise BadRequest({"parameter": "method", "error": f"must be one of {', '.join(METHODS)}"})
-        account = request.query_params.get("account") or None
-        symbol = request.query_params.get("symbol") or None
+        method = query_choice(request, "method", METHODS, "both")
+        account = query_name(request, "account")
+        symbol = query_name(request, "symbol")
         rows = []
         for position in keeper.book.positions(account, symbol):
-            row = position_row(position, keeper.mark_of(position.symbol), method)  # type: ignore[arg-type]
+            mark = keeper.mark_of(position.symbol)
+            row = position_row(position, mark, method, keeper.fx)  # type: ignore[arg-type]
             row["multiplier"] = position.multiplier
-            row["day_pnl"] = position.day_pnl(keeper.mark_of(position.symbol))
+            row["day_pnl"] = position.day_pnl(mark)
             row["fill_count"] = position.fill_count
             row["corrections"] = position.corrections
             row["busts"] = position.busts
@@ -179,13 +175,13 @@ def build(config: PtrcConfig) -> App:
 
         ---
         query:
-          account: only this account
-          symbol: only this symbol
+          account: {$ref: Name, description: only this account}
+          symbol: {$ref: Name, description: only this symbol}
         responses:
           200: {description: "`pending` and `refused` amendments in arrival order, and the book's counts", schema: {type: object}}
         """
-        account = request.query_params.get("account") or None
-        symbol = request.query_params.get("symbol") or None
+        account = query_name(request, "account")
+        symbol = query_name(request, "symbol")
         book = keeper.executions
 
         def rows(items: list[Amendment]) -> list[dict]:
@@ -202,16 +198,16 @@ def build(config: PtrcConfig) -> App:
 
         ---
         query:
-          account: only this account
+          account: {$ref: Name, description: only this account}
         responses:
-          200: {description: "`by_account` and `by_symbol`; a P&L that needs a missing mark is null", schema: {type: object}}
+          200: {description: "`by_account` in each account's base currency (a total that needs a missing mark or rate is null; `missing_rates` names the currencies) and `by_symbol` in each symbol's currency", schema: {type: object}}
         """
-        account = request.query_params.get("account") or None
+        account = query_name(request, "account")
         accounts = [account] if account else keeper.book.accounts()
         by_account = [keeper.book.account_totals(a) for a in accounts if keeper.book.positions(a)]
         by_symbol: dict[str, list[PositionValue]] = {}
         for position in keeper.book.positions(account):
-            by_symbol.setdefault(position.symbol, []).append(value_position(position, keeper.mark_of(position.symbol)))
+            by_symbol.setdefault(position.symbol, []).append(value_position(position, keeper.mark_of(position.symbol), keeper.fx))
         symbols = [symbol_totals(symbol, values) for symbol, values in sorted(by_symbol.items())]
         return JSON({"by_account": by_account, "by_symbol": symbols})
 
@@ -221,11 +217,11 @@ def build(config: PtrcConfig) -> App:
 
         ---
         query:
-          symbol: only this symbol
+          symbol: {$ref: Name, description: only this symbol}
         responses:
           200: {description: "`marks`: symbol → mark detail", schema: {type: object}}
         """
-        symbol = request.query_params.get("symbol")
+        symbol = query_name(request, "symbol")
         symbols = [symbol] if symbol else sorted(keeper.marks.keys())
         return JSON({"marks": {s: keeper.mark_detail(s) for s in symbols}})
 
@@ -235,21 +231,22 @@ def build(config: PtrcConfig) -> App:
 
         ---
         query:
-          account: only this account
-          rule: only this rule
-          severity: only this severity
-          symbol: only this symbol
+          account: {$ref: Name, description: only this account}
+          rule: {$ref: Name, description: "only this rule (e.g. `restricted_symbol`, `max_position`)"}
+          severity: {$ref: Name, description: "only this severity (`info`, `warning`, `critical`)"}
+          symbol: {$ref: Name, description: only this symbol}
           limit: {type: integer, minimum: 1, maximum: 10000, default: 100}
-          offset: {type: integer, minimum: 0, default: 0}
+          offset: {type: integer, minimum: 0, maximum: 10000000, default: 0}
         responses:
           200: {description: "`alerts`, `limit`, `offset`", schema: {type: object}}
+          503: ClickHouse is unavailable
         """
         limit = query_int(request, "limit", 100, minimum=1, maximum=10_000)
-        offset = query_int(request, "offset", 0, minimum=0)
+        offset = query_int(request, "offset", 0, minimum=0, maximum=10_000_000)
         where, params = [], {}
         for name in ("account", "rule", "severity", "symbol"):
-            value = request.query_params.get(name)
-            if value:
+            value = query_name(request, name)
+            if value is not None:
                 where.append(f"{'`limit`' if name == 'limit' else name} = {{{name}:String}}")
                 params[name] = value
         sql = (
@@ -261,7 +258,7 @@ def build(config: PtrcConfig) -> App:
         rows = await clickhouse.query(sql, parameters=params)
         return JSON({"alerts": rows.dicts(), "limit": limit, "offset": offset})
 
-    @app.page("/stats")
+    @app.page("/stats", public=True)  # counts only, like /metrics
     async def stats(request):
         """Counters: positions, marked symbols, alerts raised, rows written, storage retries, trading day.
 
@@ -295,6 +292,7 @@ def symbol_totals(symbol: str, values: list[PositionValue]) -> dict:
     """One symbol's positions summed over accounts (a sum with an unknown term is null)."""
     return {
         "symbol": symbol,
+        "currency": values[0].currency,
         "net_qty": sum_known(v.net_qty for v in values),
         "realized_pnl_gross": sum_known(v.realized_pnl_gross for v in values),
         "fees": sum_known(v.fees for v in values),

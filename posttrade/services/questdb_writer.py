@@ -207,7 +207,7 @@ def wire(app: App, config: QuestDBWriterConfig, *, writer: QuestDBWriter, client
                 }
         return True, detail
 
-    @app.page("/stats")
+    @app.page("/stats", public=True)  # counters, no account data
     async def stats(request):
         """Rows, batches, errors, retries, dead letters, resends, lag, throughput and flush latency per table.
 

@@ -23,16 +23,7 @@ def nats_transport(config: ServiceConfig) -> NatsTransport:
 
 def new_app(config: ServiceConfig) -> App:
     """An App on NATS with the runtime settings of `config`."""
-    r = config.runtime
-    runtime = RuntimeSettings(
-        batch_size=r.batch_size,
-        max_ack_pending=r.max_ack_pending,
-        ack_wait_s=r.ack_wait_s,
-        max_lag=r.max_lag,
-        poison_attempts=r.poison_attempts,
-        start_from=r.start_from,
-    )
-    return App(config.service.name, nats_transport(config), runtime)
+    return App(config.service.name, nats_transport(config), RuntimeSettings.from_config(config))
 
 
 def chdb_dsn_for(dsn: str | None, service: str) -> str | None:

@@ -101,6 +101,8 @@ class ServiceFleet:
         self._env: dict[str, dict[str, str]] = {}
         self.ports: dict[str, int] = {}
         self.metrics_ports: dict[str, int] = {}
+        # A token to read /health with, for services that protect it (service.protect_health).
+        self._health_tokens: dict[str, str] = {}
         for service in self.services:
             service_env = dict(common)
             if _service_var(service, "HOST") not in service_env and f"{ENV_PREFIX}__SERVICE__HOST" not in service_env:
@@ -108,6 +110,9 @@ class ServiceFleet:
             if ports and service in ports:
                 service_env[_service_var(service, "PORT")] = str(ports[service])
             section = service_section(service, service_env)
+            token = section.get("read_token") or section.get("auth_token")
+            if token:
+                self._health_tokens[service] = str(token)
             try:
                 self.ports[service] = int(section["port"])
                 if section.get("metrics_port"):
@@ -265,7 +270,9 @@ class ServiceFleet:
                         failures[service] = f"exited with code {proc.returncode} during start-up"
                     else:
                         try:
-                            response = client.get(f"{self.urls()[service]}/health")
+                            token = self._health_tokens.get(service)
+                            headers = {"Authorization": f"Bearer {token}"} if token else {}
+                            response = client.get(f"{self.urls()[service]}/health", headers=headers)
                         except httpx.HTTPError as exc:
                             last_answer[service] = f"no answer ({type(exc).__name__})"
                         else:

@@ -64,6 +64,8 @@ import pandas as pd
 import pyarrow as pa
 import questdb as _qdb
 
+from ..core.bounds import QUESTDB_PRECISION, QUESTDB_SCALE
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -747,11 +749,12 @@ def _prepare_frame(data: pd.DataFrame | Mapping[str, Any], at: str, timestamp_co
 _DECIMAL_TYPE = re.compile(r"^DECIMAL\(\s*(\d+)\s*,\s*(\d+)\s*\)$")
 
 
-def decimal_column(values: Sequence[Any], precision: int, scale: int) -> Any:
+def decimal_column(values: Sequence[Any], precision: int = QUESTDB_PRECISION, scale: int = QUESTDB_SCALE) -> Any:
     """Decimals (or None) as an exact decimal128 column, which the client sends as a
     binary DECIMAL: exact, and ~3x faster than serialising Decimal objects one by one.
     Raises ValueError for a value with more than `scale` places or `precision` digits
-    (Arrow refuses rather than rounds), or one that is not a Decimal."""
+    (Arrow refuses rather than rounds), or one that is not a Decimal. The defaults are
+    the project's column (`core.bounds.QUESTDB_DECIMAL`), which every bounded value fits."""
     try:
         return pd.arrays.ArrowExtensionArray(pa.array(values, type=pa.decimal128(precision, scale)))
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:

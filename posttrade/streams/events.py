@@ -5,14 +5,36 @@ has the right type and a sane value, or raises `InvalidEvent` with a reason that
 the field. Money and quantities are `Decimal` (sent as JSON strings, numbers accepted),
 timestamps are integer nanoseconds since the epoch (UTC). `docs/events.md` documents
 the subjects and fields; keep the two in step.
+
+Every service decodes with these models, so a value one service accepts, every service
+accepts: decimals are finite, have at most 12 decimal places and are below 1E+20 in
+magnitude, names are at most 128 characters and an input message at most 64 KiB
+(`posttrade.core.bounds`, which also holds what the stores' columns are built from).
 """
 
 from __future__ import annotations
 
 from decimal import Decimal
+from operator import attrgetter
 from typing import Literal
 
 import msgspec
+
+from posttrade.core.bounds import (
+    EVENT_BYTES,
+    NAME_CHARS,
+    QUANTUM as _QUANTUM,
+    VALUE_DIGITS,
+    all_fit,
+    bounded_quantize as _bounded,
+    check_figures,
+    check_names,
+    check_values,
+    figure_fits,
+    notional_problem,
+    show,
+)
+from posttrade.core.reference import check_currency
 
 Side = Literal["BUY", "SELL"]
 
@@ -49,10 +71,27 @@ def _names(**values: str) -> None:
     for name, value in values.items():
         if not value or value[0].isspace() or value[-1].isspace():
             raise ValueError(f"{name} must be a non-empty string without surrounding spaces")
+    check_names(**values)
 
 
 def _well_named(value: str) -> bool:
-    return bool(value) and not value[0].isspace() and not value[-1].isspace()
+    return bool(value) and not value[0].isspace() and not value[-1].isspace() and len(value) <= NAME_CHARS
+
+
+def _short(*values: str | None) -> bool:
+    """True when every optional name (None skipped) is within the bound."""
+    return all(value is None or len(value) <= NAME_CHARS for value in values)
+
+
+def _notional(qty: Decimal, price: Decimal, what: str = "qty x price") -> None:
+    if qty.adjusted() + price.adjusted() >= _NOTIONAL_FAST:
+        problem = notional_problem(qty, price, what)
+        if problem is not None:
+            raise ValueError(problem)
+
+
+# Below this sum of the two values' adjusted exponents their product is surely < 1E+20.
+_NOTIONAL_FAST = VALUE_DIGITS - 1
 
 
 def _is_positive(value: Decimal) -> bool:
@@ -108,6 +147,8 @@ class Fill(Event, frozen=True):
     liquidity: Literal["MAKER", "TAKER"] | None = None
     exec_type: ExecType = "NEW"
     ref_fill_id: str | None = None  # CORRECT / BUST: the execution amended
+    # The currency `fee` is charged in; None: the instrument's (docs/events.md).
+    fee_currency: str | None = None
 
     def __post_init__(self) -> None:
         # Inlined: this runs for every fill on the hot path (see benchmarks/runtime.py).
@@ -130,14 +171,33 @@ class Fill(Event, frozen=True):
             _finite("fee", fee)
         elif exec_type == "OPENING" and fee:
             raise ValueError(f"an OPENING fill carries no fee, got {fee}")
+        # The bound every service shares (core.bounds), and the fill's own notional. qty
+        # and price are finite and > 0 here; a zero fee needs its exponent checked.
+        try:
+            if qty is not None:
+                _bounded(qty, _QUANTUM)
+            if price is not None:
+                _bounded(price, _QUANTUM)
+            if fee is not None:
+                _bounded(fee, _QUANTUM)
+                if fee.adjusted() >= VALUE_DIGITS:
+                    raise ArithmeticError
+        except ArithmeticError:
+            check_values(qty=qty, price=price, fee=fee)
+        if qty is not None and price is not None and qty.adjusted() + price.adjusted() >= _NOTIONAL_FAST:
+            _notional(qty, price)
         fill_id, account, symbol = self.fill_id, self.account, self.symbol
         if not (
             fill_id and account and symbol
             and not fill_id[0].isspace() and not fill_id[-1].isspace()
             and not account[0].isspace() and not account[-1].isspace()
             and not symbol[0].isspace() and not symbol[-1].isspace()
+            and len(fill_id) <= NAME_CHARS and len(account) <= NAME_CHARS and len(symbol) <= NAME_CHARS
         ):
             _names(fill_id=fill_id, account=account, symbol=symbol)
+        order_id, venue = self.order_id, self.venue
+        if (order_id is not None and len(order_id) > NAME_CHARS) or (venue is not None and len(venue) > NAME_CHARS):
+            check_names(order_id=order_id, venue=venue)
         ref = self.ref_fill_id
         if exec_type == "CORRECT" or exec_type == "BUST":
             if ref is None:
@@ -147,16 +207,19 @@ class Fill(Event, frozen=True):
                 raise ValueError("ref_fill_id must name another execution than the message's own fill_id")
         elif ref is not None:
             raise ValueError(f"ref_fill_id is only for CORRECT and BUST, not {exec_type}")
+        if self.fee_currency is not None:
+            check_currency(self.fee_currency, "fee_currency")
 
     def corrected_by(self, correction: Fill) -> Fill:
-        """This execution as a CORRECT leaves it: the correction's side, qty, price and
-        fee; its order, venue and liquidity where it gives them; id, time and type kept."""
+        """This execution as a CORRECT leaves it: the correction's side, qty, price,
+        fee and fee currency; its order, venue and liquidity where it gives them; id, time and type kept."""
         return msgspec.structs.replace(
             self,
             side=correction.side,
             qty=correction.qty,
             price=correction.price,
             fee=correction.fee,
+            fee_currency=correction.fee_currency,
             order_id=correction.order_id if correction.order_id is not None else self.order_id,
             venue=correction.venue if correction.venue is not None else self.venue,
             liquidity=correction.liquidity if correction.liquidity is not None else self.liquidity,
@@ -181,12 +244,18 @@ class Order(Event, frozen=True):
         super().__post_init__()
         if not (_well_named(self.order_id) and _well_named(self.account) and _well_named(self.symbol)):
             _names(order_id=self.order_id, account=self.account, symbol=self.symbol)
+        if not _short(self.venue):
+            check_names(venue=self.venue)
         if not _is_positive(self.qty):
             _positive(qty=self.qty)
         if self.order_type == "LIMIT" and self.limit_price is None:
             raise ValueError("a LIMIT order needs limit_price")
         if self.limit_price is not None and not _is_positive(self.limit_price):
             _positive(limit_price=self.limit_price)
+        if not all_fit(self.qty, self.limit_price):
+            check_values(qty=self.qty, limit_price=self.limit_price)
+        if self.limit_price is not None:
+            _notional(self.qty, self.limit_price, "qty x limit_price")
 
 
 class Quote(Event, frozen=True):
@@ -208,6 +277,10 @@ class Quote(Event, frozen=True):
             _positive(bid=bid, ask=ask)
         if not (bid_size.is_finite() and bid_size >= _ZERO and ask_size.is_finite() and ask_size >= _ZERO):
             _non_negative(bid_size=bid_size, ask_size=ask_size)
+        if not all_fit(bid, ask, bid_size, ask_size):
+            check_values(bid=bid, ask=ask, bid_size=bid_size, ask_size=ask_size)
+        if not _short(self.venue):
+            check_names(venue=self.venue)
         if ask < bid:
             raise ValueError(f"crossed quote: ask {self.ask} < bid {self.bid}")
 
@@ -232,6 +305,10 @@ class MarketTrade(Event, frozen=True):
             _names(symbol=self.symbol)
         if not (_is_positive(self.price) and _is_positive(self.size)):
             _positive(price=self.price, size=self.size)
+        if not all_fit(self.price, self.size):
+            check_values(price=self.price, size=self.size)
+        if not _short(self.trade_id, self.venue):
+            check_names(trade_id=self.trade_id, venue=self.venue)
 
 
 class Bar(Event, frozen=True):
@@ -256,6 +333,13 @@ class Bar(Event, frozen=True):
             _positive(open=open_, high=high, low=low, close=close)
         if not (self.volume.is_finite() and self.volume >= _ZERO):
             _non_negative(volume=self.volume)
+        if not all_fit(open_, high, low, close, self.volume):
+            check_values(open=open_, high=high, low=low, close=close, volume=self.volume)
+        vwap = self.vwap
+        if vwap is not None and not (vwap.is_finite() and vwap.adjusted() < VALUE_DIGITS):
+            # A derived average: its places are not bounded (the stores round it at 12),
+            # its size is (an average of prices).
+            raise ValueError(f"vwap must be a finite number below 1E+{VALUE_DIGITS}, got {show(vwap)}")
         if not (low <= open_ <= high and low <= close <= high):
             raise ValueError("bar must satisfy low <= open, close <= high")
         if self.count < 0:
@@ -263,11 +347,23 @@ class Bar(Event, frozen=True):
 
 
 _decoders: dict[type, msgspec.json.Decoder] = {}
+_INPUT_EVENTS = frozenset((Fill, Order, Quote, MarketTrade, Bar))
 _encoder = msgspec.json.Encoder(decimal_format="string")
+
+
+def event_size_limit(event_type: type) -> int | None:
+    """The most bytes a message of `event_type` may have: `EVENT_BYTES` for the input
+    events (fills, orders, quotes, market trades, bars); None for the services' own
+    outputs, which the server's `max_payload` bounds."""
+    return EVENT_BYTES if event_type in _INPUT_EVENTS else None
 
 
 def decode(event_type: type[msgspec.Struct], raw: bytes):
     """Decode and validate one JSON message, raising InvalidEvent with the reason."""
+    if event_type in _INPUT_EVENTS and len(raw) > EVENT_BYTES:
+        raise InvalidEvent(
+            f"invalid {event_type.__name__}: a message of {len(raw)} bytes is over the {EVENT_BYTES}-byte bound of an event"
+        )
     decoder = _decoders.get(event_type)
     if decoder is None:
         decoder = _decoders[event_type] = msgspec.json.Decoder(event_type)
@@ -328,6 +424,16 @@ class PositionUpdate(Event, frozen=True):
     fifo_unrealized_pnl: Decimal | None = None
     day_pnl: Decimal | None = None
     fill_count: int = 0
+    # The instrument's currency, which every figure above is in, and the fees charged in
+    # other currencies (`core.valuation`, "Base currency"), now and at the roll.
+    currency: str | None = None
+    foreign_fees: dict[str, Decimal] = {}
+    sod_foreign_fees: dict[str, Decimal] = {}
+    # On a roll: the account's base currency and the rate to it of each currency of the
+    # position (its own, its foreign fees') at the roll, where known. The roll's snapshot,
+    # and so the past day's reports, are valued at them (agents/ptrc_storage.py).
+    base_currency: str | None = None
+    fx_rates: dict[str, Decimal] = {}
     # Counts up by one with every update of the key: a reader keeps the highest
     # revision (a late fill's update has an older `ts` than the update it replaces).
     revision: int = 0
@@ -350,3 +456,22 @@ class PositionUpdate(Event, frozen=True):
     execution: Fill | None = None
     execution_state: Literal["corrected", "busted"] | None = None
     released: list[Fill] = []  # amendments that were waiting for this message, applied now
+
+    def __post_init__(self) -> None:
+        # Every number is a figure ptrc keeps within the bound (core.bounds: finite,
+        # below 1E+26); a valuation that would not be is published as null.
+        super().__post_init__()
+        values = _update_figures(self)
+        if not all(map(figure_fits, values)):
+            check_figures(**dict(zip(_UPDATE_FIGURES, values)))
+        for name in ("foreign_fees", "sod_foreign_fees"):
+            fees = getattr(self, name)
+            if fees and not all(map(figure_fits, fees.values())):
+                check_figures(**{f"{name}[{currency}]": fee for currency, fee in fees.items()})
+
+
+_UPDATE_FIGURES = tuple(
+    name for name, kind in zip(PositionUpdate.__struct_fields__, msgspec.structs.fields(PositionUpdate))
+    if kind.type in (Decimal, Decimal | None)
+)
+_update_figures = attrgetter(*_UPDATE_FIGURES)

@@ -13,13 +13,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from .transport import (
+    DEFAULT_MAX_PAYLOAD,
     Consumer,
     ConsumerSpec,
     Delivery,
     KeyValueStore,
+    PayloadTooLarge,
+    PublishFailed,
     StreamSpec,
     StreamState,
     Transport,
+    message_size,
 )
 
 
@@ -44,11 +48,13 @@ class _Stream:
 
 
 class MemoryTransport(Transport):
-    def __init__(self) -> None:
+    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+        self._max_payload = max_payload  # what a NATS server's INFO would say
         self.streams: dict[str, _Stream] = {}
         self.ack_floors: dict[tuple[str, str], int] = {}
         self.buckets: dict[str, dict[str, bytes]] = {}
         self.published_without_stream: list[tuple[str, bytes]] = []
+        self.terminated: list[tuple[str, int, str]] = []  # (stream, seq, reason) of `term`
         self._connected = False
 
     async def connect(self) -> None:
@@ -60,6 +66,10 @@ class MemoryTransport(Transport):
     @property
     def connected(self) -> bool:
         return self._connected
+
+    @property
+    def max_payload(self) -> int:
+        return self._max_payload
 
     async def ensure_stream(self, spec: StreamSpec) -> None:
         if spec.name in self.streams:
@@ -78,9 +88,13 @@ class MemoryTransport(Transport):
         return None
 
     async def publish(self, subject, data, headers=None, msg_id=None) -> int:
+        # Weighed as NATS would receive it: with the Nats-Msg-Id header the id becomes.
+        size = message_size(data, {**(headers or {}), "Nats-Msg-Id": msg_id} if msg_id is not None else headers)
+        if size > self._max_payload:
+            raise PayloadTooLarge(f"{size} bytes to {subject}: over the server's max_payload of {self._max_payload}")
         stream = self._stream_for(subject)
         if stream is None:
-            raise LookupError(f"no stream captures subject {subject!r}")
+            raise PublishFailed(f"no stream captures subject {subject!r}")
         if msg_id is not None and msg_id in stream.msg_ids:
             return stream.msg_ids[msg_id]
         stream.messages.append((subject, bytes(data), dict(headers) if headers else None, time.time_ns()))
@@ -174,6 +188,9 @@ class MemoryConsumer(Consumer):
 
     async def in_progress(self, delivery: Delivery) -> None:
         pass
+
+    async def term(self, delivery: Delivery, reason: str) -> None:
+        self.transport.terminated.append((self.spec.stream, delivery.seq, reason))
 
     async def pending(self) -> int:
         floor = self.transport.ack_floors[self.key]

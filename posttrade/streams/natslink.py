@@ -13,6 +13,8 @@ Everything else (stream and consumer management, key-value reads) stays on nats-
 Supported: nats:// and tls:// URLs, user/password and token auth (from the transport's
 options or the URL), TLS when asked or when the server requires it. Not supported:
 credential files (JWT/nkeys) — the transport then keeps consumers on nats-py.
+A message over the server's `max_payload` is refused (`PayloadTooLarge`) instead of
+sent: the server would answer it by closing the connection.
 A lost connection is not reconnected here: the consumer fails, its agent restarts and
 resumes at its ack floor, which is the recovery path anyway; the publisher fails what it
 had in flight (those commits fail, so their inputs are redelivered) and opens a new link
@@ -31,6 +33,8 @@ from typing import Awaitable, Callable
 import msgspec
 from urllib.parse import unquote, urlparse
 
+from .transport import DEFAULT_MAX_PAYLOAD, PayloadTooLarge, PublishFailed
+
 # (subject, reply or None, payload, status header line or None, headers or None)
 DeliveryCallback = Callable[[str, bytes | None, bytes, bytes | None, dict | None], None]
 
@@ -42,7 +46,12 @@ class LinkClosed(ConnectionError):
 class _Protocol(asyncio.Protocol):
     def __init__(self, on_message: DeliveryCallback):
         self.on_message = on_message
-        self.rest = b""
+        # What is left of a message that has not fully arrived, as the reads came (joined
+        # once it is whole: re-joining at every read copied a 1 MB message ~16 times),
+        # and how many bytes it needs before parsing is worth trying again.
+        self.partial: list[bytes] = []
+        self.have = 0
+        self.need = 0
         self.transport: asyncio.Transport | None = None
         self.info: asyncio.Future = asyncio.get_running_loop().create_future()
         self.pong: asyncio.Future | None = None
@@ -61,8 +70,16 @@ class _Protocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         # Parsed as immutable bytes: a slice is one copy, where a bytearray slice turned
-        # into bytes is two. What is left of a partial message waits in `self.rest`.
-        buf = self.rest + data if self.rest else data
+        # into bytes is two. What is left of a partial message waits in `self.partial`.
+        if self.partial:
+            self.partial.append(data)
+            self.have += len(data)
+            if self.have < self.need:
+                return
+            buf = b"".join(self.partial)
+        else:
+            buf = data
+        need = 0
         pos = 0
         end_of_buf = len(buf)
         find = buf.find
@@ -77,6 +94,7 @@ class _Protocol(asyncio.Protocol):
                 start = eol + 2
                 stop = start + int(parts[-1])
                 if stop + 2 > end_of_buf:
+                    need = stop + 2 - pos
                     break  # the payload has not fully arrived
                 on_message(parts[0].decode(), parts[2] if len(parts) == 4 else None, buf[start:stop], None, None)
                 pos = stop + 2
@@ -86,6 +104,7 @@ class _Protocol(asyncio.Protocol):
                 start = eol + 2
                 stop = start + total
                 if stop + 2 > end_of_buf:
+                    need = stop + 2 - pos
                     break
                 reply = parts[2] if len(parts) == 5 else None
                 status, headers = _parse_headers(buf[start : start + header_size])
@@ -95,7 +114,11 @@ class _Protocol(asyncio.Protocol):
                 line = buf[pos:eol]
                 pos = eol + 2
                 self._control(line)
-        self.rest = buf[pos:] if pos < end_of_buf else b""
+        if pos < end_of_buf:
+            rest = buf[pos:]
+            self.partial, self.have, self.need = [rest], len(rest), need
+        else:
+            self.partial, self.have, self.need = [], 0, 0
 
     def _control(self, line: bytes) -> None:
         if line == b"PING":
@@ -129,9 +152,12 @@ class LeanLink:
     """One socket to the server: one consumer's deliveries, pulls and acks, or one
     publisher's messages and their PubAcks."""
 
-    def __init__(self, protocol: _Protocol):
+    def __init__(self, protocol: _Protocol, max_payload: int = DEFAULT_MAX_PAYLOAD):
         self._protocol = protocol
         self._sid = 1
+        # The server's limit on one message (headers and payload): one over it makes the
+        # server close the connection, so `publish` refuses it instead.
+        self.max_payload = max_payload
         # Writes made during one pass of the event loop leave in one system call: an
         # agent publishing a batch's events would otherwise pay a send() per message.
         self._out: list[bytes] = []
@@ -181,7 +207,7 @@ class LeanLink:
             connect.update(user=user, **({"pass": password} if password is not None else {}))
         if token:
             connect["auth_token"] = token
-        link = cls(protocol)
+        link = cls(protocol, info.get("max_payload") or DEFAULT_MAX_PAYLOAD)
         protocol.pong = loop.create_future()
         transport.write(b"CONNECT " + json.dumps(connect).encode() + b"\r\nPING\r\n")
         await asyncio.wait_for(protocol.pong, timeout)
@@ -217,10 +243,17 @@ class LeanLink:
         target = subject + b" " + reply if reply else subject
         if headers:
             block = b"NATS/1.0\r\n" + b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items()) + b"\r\n"
-            head = b"HPUB %s %d %d\r\n" % (target, len(block), len(block) + len(payload))
-            self._write(head + block + payload + b"\r\n")
+            size = len(block) + len(payload)
+            if size > self.max_payload:
+                raise PayloadTooLarge(self._too_large(subject, size))
+            self._write(b"HPUB %s %d %d\r\n" % (target, len(block), size) + block + payload + b"\r\n")
         else:
+            if len(payload) > self.max_payload:
+                raise PayloadTooLarge(self._too_large(subject, len(payload)))
             self._write(b"PUB %s %d\r\n" % (target, len(payload)) + payload + b"\r\n")
+
+    def _too_large(self, subject: bytes, size: int) -> str:
+        return f"{size} bytes to {subject.decode(errors='replace')}: over the server's max_payload of {self.max_payload}"
 
     async def flush(self, timeout: float = 5.0) -> None:
         """Returns once the server has read everything written before it (PING/PONG)."""
@@ -239,11 +272,6 @@ class LeanLink:
             if self._out:
                 self._send_out()
             transport.close()
-
-
-class PublishFailed(Exception):
-    """JetStream did not store a message (its PubAck carried an error, or no stream
-    listens on the subject)."""
 
 
 class _PubAck(msgspec.Struct):
@@ -289,10 +317,18 @@ class AckedPublisher:
             await asyncio.wait_for(self._room.wait(), self.timeout_s)
         self._next += 1
         token = b"%d" % self._next
+        # Sent first: a message the link refuses (PayloadTooLarge) leaves nothing pending.
+        # Its PubAck cannot overtake the registration: it is read on a later loop pass.
+        link.publish(subject, data, self._inbox + token, headers)
         future = asyncio.get_running_loop().create_future()
         self._pending[token] = (future, time.monotonic() + self.timeout_s)
-        link.publish(subject, data, self._inbox + token, headers)
         return future
+
+    @property
+    def max_payload(self) -> int | None:
+        """The limit of the server the open link is connected to (None: no link yet)."""
+        link = self._link
+        return link.max_payload if link is not None and link.is_open else None
 
     async def _connect(self) -> LeanLink:
         if self._opening is None:

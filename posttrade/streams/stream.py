@@ -13,6 +13,11 @@ to their changelogs, the messages the agent published are confirmed by the serve
 only then is the batch acknowledged (one `+ACK` on its last message). A crash at any
 point before that means the whole batch is redelivered, and the tables' per-key input
 sequences make re-applying it a no-op.
+
+Every crash is charged to a message, so that `runtime.poison_attempts` ends any loop: the
+event being handled; the message whose dead-lettering failed, or whose output the server
+refused (`MessageFailed`); otherwise (a commit that failed, a sink's batch) the runner
+narrows the batches it takes until the failing one is a single message (`AgentRunner`).
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
 
 import msgspec
 
-from .events import InvalidEvent, decode
-from .transport import Consumer, Delivery
+from .events import InvalidEvent, decode, event_size_limit
+from .transport import Consumer, Delivery, PayloadTooLarge, PublishFailed
 
 if TYPE_CHECKING:
     from ..app import AgentRunner
@@ -45,6 +50,15 @@ YIELD_EVERY = 32
 # One msgspec decoder per event type, for decoding a whole batch in one call.
 _batch_decoders: dict[type, msgspec.json.Decoder] = {}
 _SEQ_OF = attrgetter("seq")
+
+
+class MessageFailed(Exception):
+    """A failure that belongs to one input message: its agent's crash is charged to `seq`
+    (the message could not be dead-lettered, or what handling it published was refused)."""
+
+    def __init__(self, seq: int, message: str):
+        super().__init__(message)
+        self.seq = seq
 
 
 @dataclass(slots=True)
@@ -79,7 +93,9 @@ class Stream:
         self._uncommitted: Delivery | None = None  # last delivery of the batch in hand
         self._in_hand: list[Delivery] = []  # every delivery not yet acknowledged
         self._last_seq = 0  # highest sequence handed to the agent
-        self._outbox: list[asyncio.Future] = []  # pubacks the commit must wait for
+        # PubAcks the commit must wait for, each with the sequence of the event that
+        # published it (None: published between events).
+        self._outbox: list[tuple[asyncio.Future, int | None]] = []
         self._stopping = False
 
     # -- iteration -------------------------------------------------------------------
@@ -126,7 +142,11 @@ class Stream:
         `await stream.commit_to(mark)`, in the order the batches came. A window in which
         only dead letters arrived yields an empty list, so that its mark is committed too.
         """
+        asked = max_events
         while True:
+            # While the runner narrows down a crash it could not charge to one event, a
+            # window holds no more than it allows.
+            max_events = self.runner.batch_limit(asked)
             records: list[EventRecord] = []
             deadline = time.monotonic() + within
             while len(records) < max_events:
@@ -180,9 +200,12 @@ class Stream:
             await self.commit()
         while not self._stopping:
             deliveries = await self.consumer.next_batch(
-                max_messages or self.batch_size, self.poll_timeout if timeout is None else timeout
+                self.runner.batch_limit(max_messages or self.batch_size),
+                self.poll_timeout if timeout is None else timeout,
             )
             if not deliveries:
+                if not self._in_hand:
+                    self.runner.caught_up()
                 if timeout is not None:
                     return []
                 continue
@@ -209,7 +232,7 @@ class Stream:
                 poison = runner.poison_reason(d.seq)
                 if poison is not None:
                     self._last_seq = last_seq
-                    await self.dead_letter(d, poison)
+                    await self._dead_letter_or_terminate(d, poison)
                     continue
             fresh.append(d)
         self._last_seq = last_seq
@@ -246,7 +269,7 @@ class Stream:
         await self.runner.app.flush_tables()
         if self._outbox:
             outbox, self._outbox = self._outbox, []
-            await asyncio.gather(*outbox)
+            await self._confirm(outbox)
         if delivery is not None:
             await self.consumer.ack_through(delivery)
             if self._uncommitted is delivery:
@@ -254,7 +277,19 @@ class Stream:
                 self._in_hand.clear()
             else:
                 del self._in_hand[: bisect.bisect_right(self._in_hand, delivery.seq, key=_SEQ_OF)]
+            self.runner.committed_through(delivery.seq)
         self.runner.metrics_commit(time.perf_counter() - started)
+
+    @staticmethod
+    async def _confirm(outbox: list[tuple[asyncio.Future, int | None]]) -> None:
+        """Wait for every PubAck; a message the server refused fails the commit, charged
+        to the event that published it."""
+        results = await asyncio.gather(*(future for future, _ in outbox), return_exceptions=True)
+        for (_, seq), result in zip(outbox, results):
+            if isinstance(result, BaseException):
+                if seq is not None and isinstance(result, (PayloadTooLarge, PublishFailed)):
+                    raise MessageFailed(seq, f"what seq {seq} published was refused: {result}") from result
+                raise result
 
     async def keep_alive(self) -> None:
         """Tell the server the batch in hand is still being worked on (long retries).
@@ -264,19 +299,50 @@ class Stream:
         for delivery in self._in_hand:
             await self.consumer.in_progress(delivery)
 
-    def add_pending_publish(self, future: asyncio.Future) -> None:
-        self._outbox.append(future)
+    def add_pending_publish(self, future: asyncio.Future, seq: int | None = None) -> None:
+        """Make the commit wait for `future` (a PubAck); `seq`: the event that published it."""
+        self._outbox.append((future, seq))
+
+    def in_hand(self) -> list[Delivery]:
+        """Every delivery received and not yet acknowledged, in sequence order."""
+        return self._in_hand
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        """Send one message to the service's dead-letter subject, with its reason."""
-        await self.runner.app.dead_letter(
-            delivery.data,
-            reason=reason,
-            agent=self.runner.name,
-            stream=self.channel.stream.name,
-            subject=delivery.subject,
-            seq=delivery.seq,
-        )
+        """Send one message to the service's dead-letter subject, with its reason.
+
+        Raises `MessageFailed` (charged to the message) when the subject did not take it:
+        a message is never acknowledged without being kept.
+        """
+        try:
+            await self.runner.app.dead_letter(
+                delivery.data,
+                reason=reason,
+                agent=self.runner.name,
+                stream=self.channel.stream.name,
+                subject=delivery.subject,
+                seq=delivery.seq,
+            )
+        except Exception as exc:
+            # The reason is cut: it becomes part of the poison reason of the next attempt.
+            raise MessageFailed(
+                delivery.seq,
+                f"dead-lettering seq {delivery.seq} failed ({type(exc).__name__}: {exc}); why: {reason[:300]}",
+            ) from exc
+
+    async def _dead_letter_or_terminate(self, delivery: Delivery, reason: str) -> None:
+        """Dead-letter a message that crashed the agent `poison_attempts` times. One whose
+        dead-lettering then fails as often again is terminated: the server never
+        delivers it again, and the runtime logs and counts it."""
+        try:
+            await self.dead_letter(delivery, reason)
+        except MessageFailed as exc:
+            if self.runner.failed_seqs.get(delivery.seq, 0) < 2 * self.runner.app.runtime.poison_attempts:
+                raise  # charged once more: the dead-letter subject may take it next time
+            await self.consumer.term(delivery, f"{reason}; {exc}")
+            self.runner.app.terminated(
+                agent=self.runner.name, stream=self.channel.stream.name, subject=delivery.subject,
+                seq=delivery.seq, reason=f"{reason}; {exc}",
+            )
 
     def stop(self) -> None:
         self._stopping = True
@@ -297,6 +363,9 @@ def _decode_all(value_type: type, deliveries: list[Delivery]) -> list[Any] | Non
         if joined.count(b"\n") != len(payloads) - 1 or not all(payloads) or any(map(bytes.isspace, payloads)):
             return None
     except TypeError:  # a payload that is not bytes
+        return None
+    limit = event_size_limit(value_type)
+    if limit is not None and max(map(len, payloads)) > limit:  # `decode` refuses it, with why
         return None
     decoder = _batch_decoders.get(value_type)
     if decoder is None:

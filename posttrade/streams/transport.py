@@ -10,7 +10,10 @@ Two implementations: `NatsTransport` (JetStream, the real thing) and `MemoryTran
 * after a crash the consumer starts again right after its ack floor, so unacknowledged
   messages are redelivered *in order* (never later than messages after them);
 * a key-value bucket keeps the last value per key and can be read back whole (the
-  changelog tables recover from).
+  changelog tables recover from);
+* a message larger than the server's `max_payload` (headers and payload together) is
+  refused with `PayloadTooLarge` before anything is sent: NATS answers one by closing
+  the connection, which would fail every other publish and acknowledgement on it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,36 @@ import asyncio
 from dataclasses import dataclass, field
 from datetime import datetime
 
+# nats-server's default `max_payload`; the connected server's INFO says the real one.
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
+# The header block's fixed parts: "NATS/1.0\r\n" before the headers, "\r\n" after them.
+_HEADER_BLOCK_FRAME = len(b"NATS/1.0\r\n") + len(b"\r\n")
+
+
+class PayloadTooLarge(ValueError):
+    """A message the server would refuse for its size (headers and payload together
+    over `max_payload`)."""
+
+
+def header_block_size(headers: dict[str, str] | None) -> int:
+    """Bytes the NATS header block of `headers` takes on the wire: what the server adds to
+    the payload's length before comparing it with `max_payload`. Keys and values are
+    counted as sent (UTF-8, `key: value\r\n` each); they must not need the trimming or
+    newline replacement some clients apply."""
+    if not headers:
+        return 0
+    return _HEADER_BLOCK_FRAME + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+
+
+def message_size(data: bytes, headers: dict[str, str] | None) -> int:
+    """What a message weighs against the server's `max_payload`."""
+    return header_block_size(headers) + len(data) if headers else len(data)
+
+
+class PublishFailed(Exception):
+    """The server did not store a message (JetStream refused it, or no stream listens on
+    its subject)."""
+
 
 @dataclass(frozen=True, slots=True)
 class StreamSpec:
@@ -28,7 +61,7 @@ class StreamSpec:
     name: str
     subjects: tuple[str, ...]
     max_age_s: float | None = None  # None: keep forever (replay needs history)
-    max_bytes: int | None = None
+    max_bytes: int | None = None  # None: no limit; when reached, the oldest messages go
     duplicate_window_s: float = 120.0  # publishes with the same msg id inside it are dropped
 
 
@@ -95,6 +128,11 @@ class Consumer(abc.ABC):
         """Still working on `delivery` (and its batch): do not redeliver yet."""
 
     @abc.abstractmethod
+    async def term(self, delivery: Delivery, reason: str) -> None:
+        """Never deliver `delivery` again (what the runtime does with an input it could
+        not even dead-letter); `reason` goes to the server's advisory where it has one."""
+
+    @abc.abstractmethod
     async def pending(self) -> int:
         """Messages not yet acknowledged: the consumer's lag."""
 
@@ -129,6 +167,11 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def connected(self) -> bool: ...
 
+    @property
+    def max_payload(self) -> int:
+        """The largest message (headers and payload) the server takes."""
+        return DEFAULT_MAX_PAYLOAD
+
     @abc.abstractmethod
     async def ensure_stream(self, spec: StreamSpec) -> None:
         """Create the stream, or update it to `spec`; idempotent."""
@@ -144,7 +187,9 @@ class Transport(abc.ABC):
         headers: dict[str, str] | None = None,
         msg_id: str | None = None,
     ) -> int:
-        """Publish durably; returns the stream sequence. `msg_id` deduplicates retries."""
+        """Publish durably; returns the stream sequence. `msg_id` deduplicates retries.
+        Raises `PayloadTooLarge`, sending nothing, for a message over `max_payload`
+        (the `Nats-Msg-Id` header `msg_id` becomes counts)."""
 
     @abc.abstractmethod
     async def publish_many(

@@ -11,6 +11,13 @@ The changelog is a JetStream key-value bucket holding the last value of each key
 (msgpack of `[value, {stream: seq}]`); recovery reads it back whole on start.
 Changes are buffered and written by `flush()`, which the stream's commit calls
 before acknowledging the input.
+
+One key's value is one message to the server, so it must fit the server's
+`max_payload`: a flush with a value over `core.bounds.payload_bound(max_payload)` raises
+`ValueTooLarge` naming the table and key before anything is written, and leaves the
+changes in place for the agent's rollback (its commit fails, and the runtime charges the
+failure to the message that made the value). The state a key holds is bounded by design
+(docs/ptrc.md, "Bounds"); this is the guard that says so when it is not.
 """
 
 from __future__ import annotations
@@ -22,13 +29,18 @@ from typing import Any, Callable, Generic, Iterator, TypeVar
 
 import msgspec
 
+from ..core.bounds import payload_bound
 from ..streams.stream import current_agent, current_event
-from ..streams.transport import KeyValueStore, Transport
+from ..streams.transport import DEFAULT_MAX_PAYLOAD, KeyValueStore, Transport
 
 V = TypeVar("V")
 
 _MISSING = object()
 _BUCKET_SAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+class ValueTooLarge(ValueError):
+    """A table value whose changelog write the server would refuse for its size."""
 
 
 class Table(Generic[V]):
@@ -54,6 +66,7 @@ class Table(Generic[V]):
         self._key_decoder = msgspec.msgpack.Decoder(key_type)
         self._value_encoder = msgspec.msgpack.Encoder(decimal_format="string")
         self._entry_decoder = msgspec.msgpack.Decoder(tuple[value_type, dict[str, int]])
+        self.max_payload = DEFAULT_MAX_PAYLOAD  # the server's, once opened
 
     # -- reading -----------------------------------------------------------------------
 
@@ -179,6 +192,7 @@ class Table(Generic[V]):
     async def open(self, transport: Transport) -> None:
         """Attach the changelog and recover the table's contents from it."""
         self._kv = await transport.key_value(self.bucket)
+        self.max_payload = transport.max_payload
         entries = await self._kv.load_all()
         self._data.clear()
         self._seqs.clear()
@@ -199,14 +213,25 @@ class Table(Generic[V]):
         if not self._dirty:
             return
         async with self._flush_lock:
-            dirty, self._dirty = self._dirty, set()
-            self._undo.clear()
+            bound = payload_bound(self.max_payload)
             items: dict[str, bytes | None] = {}
-            for key in dirty:
+            for key in self._dirty:
                 if key in self._data:
-                    items[self._kv_key(key)] = self._value_encoder.encode((self._data[key], self._seqs.get(key, {})))
+                    value = items[self._kv_key(key)] = self._value_encoder.encode(
+                        (self._data[key], self._seqs.get(key, {}))
+                    )
+                    if len(value) > bound:
+                        # Before anything is written or forgotten: the rollback undoes it.
+                        shown = repr(key)
+                        raise ValueTooLarge(
+                            f"table {self.name}: the value of key {shown[:200]} is {len(value)} bytes, over the "
+                            f"{bound}-byte bound of one changelog value (the server's max_payload "
+                            f"{self.max_payload} less room for headers); nothing was written"
+                        )
                 else:
                     items[self._kv_key(key)] = None
+            dirty, self._dirty = self._dirty, set()
+            self._undo.clear()
             if self._kv is None:
                 raise RuntimeError(f"table {self.name} was written before it was opened")
             try:

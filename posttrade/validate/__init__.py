@@ -6,8 +6,10 @@ criterion and written as JSON. See docs/validate.md.
 
 | module          | what                                                            |
 |-----------------|-----------------------------------------------------------------|
-| `expected`      | the test trades and the values they must give (pure)            |
-| `accuracy`      | test 1: ptrc /positions, /pnl/summary, pnl /pnl/realtime, report |
+| `expected`      | the test trades, the validation instruments and currencies,     |
+|                 | and the values they must give (pure)                            |
+| `accuracy`      | test 1: ptrc /positions, /pnl/summary, pnl /pnl/realtime, report; |
+|                 | money in several currencies, before and after an FX move        |
 | `dataflow`      | test 2: each hop queried in its store                           |
 | `performance`   | test 3: hit rate, writer rows/s, P&L latency, report time       |
 | `integration`   | test 4: /health, dependencies, ERROR lines in the logs          |

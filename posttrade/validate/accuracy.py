@@ -1,9 +1,12 @@
 """Gate test 1, P&L accuracy: test fills whose results are known in advance, checked on
-ptrc's `/positions` and `/pnl/summary`, pnl's `/pnl/realtime` and a generated report.
+ptrc's `/positions` and `/pnl/summary`, pnl's `/pnl/realtime` and a generated report;
+then money in several currencies: positions in made-up currencies valued in their
+accounts' base currencies at FX quotes the gate publishes, and again after it moves them.
 
 The expected values are computed by the core the CLI uses (`posttrade positions
-compute`) and the worked example is also pinned to its literal numbers. Every
-comparison is exact (decimal equality, field by field).
+compute`, over the same reference data as the services) and the worked example is also
+pinned to its literal numbers. Every comparison is exact (decimal equality, field by
+field).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from .expected import (
     REPORT_DAILY_ACCOUNT_FIELDS,
     REPORT_DAILY_POSITION_FIELDS,
     REPORT_POSITIONS_FIELDS,
+    CurrencyPlan,
     Difference,
     Expected,
     Scenario,
@@ -40,15 +44,22 @@ from .expected import (
     real_feed_messages,
     scenarios,
 )
+from ..core.reference import Reference
 from ..streams.events import Quote
 from .report import Check, failed
 
 SECTION = 1
+ANOTHER_PTRC_HINT = (
+    "ptrc shows the expected values but pnl does not. pnl values the positions ptrc publishes on "
+    "POSITIONS (msg id pos:<revision>:<account>:<symbol>, so the first publisher of an update wins): is another "
+    "ptrc deployment, with other reference data or started later, consuming the same FILLS stream?"
+)
 FIRST_TIMEOUT_S = 30.0  # the fills travel NATS -> ptrc (-> POSITIONS -> pnl)
 NEXT_TIMEOUT_S = 10.0
 
 
-async def publish_accuracy_trades(ctx: GateContext, multiplier: tuple[str, Decimal] | None) -> Expected:
+async def publish_accuracy_trades(ctx: GateContext, multiplier: tuple[str, Decimal] | None,
+                                  reference: Reference | None = None) -> Expected:  # fmt: skip
     """Quotes first (so the marks are known), then the fills; returns what they must give."""
     chosen = scenarios(ctx.run_id, *(multiplier or (None, None)))
     now = time.time_ns()
@@ -59,29 +70,91 @@ async def publish_accuracy_trades(ctx: GateContext, multiplier: tuple[str, Decim
         await ctx.publish(fill_subject(fill.account, fill.symbol), fill, msg_id=f"validate:{fill.fill_id}")
     ctx.state["accuracy_scenarios"] = chosen
     ctx.state["accuracy_fills"] = fills
-    expected = Expected.of(ctx.account, fills, chosen)
+    expected = Expected.of(ctx.account, fills, chosen, reference)
     ctx.state["accuracy_expected"] = expected
     return expected
 
 
-async def run(ctx: GateContext, multiplier: tuple[str, Decimal] | None) -> list[Check]:
-    expected = await publish_accuracy_trades(ctx, multiplier)
+async def run(ctx: GateContext, multiplier: tuple[str, Decimal] | None, reference: Reference | None = None,
+              currencies: CurrencyPlan | None = None) -> list[Check]:  # fmt: skip
+    expected = await publish_accuracy_trades(ctx, multiplier, reference)
     chosen: list[Scenario] = ctx.state["accuracy_scenarios"]
     pinned = _pinned_check(expected, chosen)
     positions = await _surface(ctx, "accuracy.ptrc_positions", "ptrc /positions", _ptrc_positions, expected, FIRST_TIMEOUT_S)
     summary = await _surface(ctx, "accuracy.ptrc_pnl_summary", "ptrc /pnl/summary", _ptrc_summary, expected, NEXT_TIMEOUT_S)
     realtime = await _surface(ctx, "accuracy.pnl_realtime", "pnl /pnl/realtime", _pnl_realtime, expected, FIRST_TIMEOUT_S)
     if positions.passed and not realtime.passed:
-        realtime.details["hint"] = (
-            "ptrc shows the expected values but pnl does not. pnl values the positions ptrc publishes on "
-            "POSITIONS (msg id pos:<revision>:<account>:<symbol>, so the first publisher of an update wins): is another "
-            "ptrc deployment, with another config or started later, consuming the same FILLS stream?"
-        )
-    feed = await _real_feed_check(ctx)
-    return [pinned, positions, summary, realtime, feed, await _report_check(ctx, expected)]
+        realtime.details["hint"] = ANOTHER_PTRC_HINT
+    feed = await _real_feed_check(ctx, reference)
+    money = await currency_checks(ctx, currencies) if currencies is not None and currencies.positions else []
+    return [pinned, positions, summary, realtime, feed, *money, await _report_check(ctx, expected)]
 
 
-async def _real_feed_check(ctx: GateContext) -> Check:
+# -- money in several currencies -------------------------------------------------------------
+
+
+async def currency_checks(ctx: GateContext, plan: CurrencyPlan) -> list[Check]:
+    """The plan's quotes (instrument marks and FX pairs), its fills, the three surfaces;
+    then the FX quotes move and the surfaces must follow."""
+    now = time.time_ns()
+    for quote in plan.quotes(now):
+        await ctx.publish(quote_subject(quote.symbol), quote, msg_id=f"validate:{ctx.run_id}:fx:quote:{quote.symbol}")
+    fills = plan.fills(ctx.run_id, now + 1_000_000)
+    for fill in fills:
+        await ctx.publish(fill_subject(fill.account, fill.symbol), fill, msg_id=f"validate:{fill.fill_id}")
+    ctx.state["currency_fills"] = fills
+    currencies = sorted({plan.reference.currency(p.symbol) for p in plan.positions})
+    bases = sorted({plan.reference.base_currency(a) for a in plan.accounts()})
+    first = await _currency_check(
+        ctx, "accuracy.currencies",
+        "money in other currencies (FX pairs, a fixed rate, a fee in another currency, a currency without a "
+        "rate): ptrc /positions, /pnl/summary and pnl /pnl/realtime show the local and base-currency figures "
+        "and base totals (missing_rates where a rate is absent) of `positions compute`, exactly",
+        plan.expected(fills),
+        f"{len(plan.positions)} positions in {', '.join(currencies)}, {len(plan.accounts())} accounts based in "
+        f"{', '.join(bases)}",
+    )  # fmt: skip
+    moved_at = time.time_ns()
+    for quote in plan.quotes(moved_at, moved=True):
+        await ctx.publish(quote_subject(quote.symbol), quote, msg_id=f"validate:{ctx.run_id}:fx:moved:{quote.symbol}")
+    moves = ", ".join(f"{symbol} {canonical(a)} -> {canonical(b)}" for symbol, (a, b) in sorted(plan.fx.items()))
+    moved = await _currency_check(
+        ctx, "accuracy.fx_move",
+        "after the FX quotes move, every base-currency figure and total follows at the new rates (the local "
+        "figures of instruments that are not FX pairs stay), on all three surfaces, exactly",
+        plan.expected(fills, moved=True), moves,
+    )  # fmt: skip
+    return [first, moved]
+
+
+async def _currency_check(ctx: GateContext, name: str, criterion: str, expected: dict[str, Expected],
+                          what: str) -> Check:  # fmt: skip
+    async def differences() -> tuple[list[Difference], int]:
+        found: list[Difference] = []
+        compared = 0
+        for account_expected in expected.values():
+            for surface in (_ptrc_positions, _ptrc_summary, _pnl_realtime):
+                more, count = await surface(ctx, account_expected)
+                found += more
+                compared += count
+        return found, compared
+
+    try:
+        (found, compared), settled = await settle(differences, lambda r: not r[0], FIRST_TIMEOUT_S)
+    except ServiceError as exc:
+        return failed(SECTION, name, criterion, str(exc))
+    measured = f"{what}; {compared} values compared, " + ("all equal" if settled else f"{len(found)} differ")
+    details: dict = {}
+    if found and all(d.where.startswith("pnl ") for d in found):
+        details["hint"] = ANOTHER_PTRC_HINT
+    totals = {account: {key: canonical(value) for key, value in e.account_values().items()
+                        if key in ("base_currency", "total_pnl", "missing_rates")}
+              for account, e in expected.items()}  # fmt: skip
+    details.update(expected_totals=totals, differences=[str(d) for d in found])
+    return Check(SECTION, name, criterion, settled, measured, value=len(found), details=details)
+
+
+async def _real_feed_check(ctx: GateContext, reference: Reference | None = None) -> Check:
     """An opening, a resend, a late fill, a correction and a bust, published in that
     order: ptrc and pnl show what the rule (`core.history`) computes from them."""
     name = "accuracy.real_feed"
@@ -95,7 +168,7 @@ async def _real_feed_check(ctx: GateContext) -> Check:
     messages = real_feed_messages(account, symbol, ctx.run_id, now + 1_000_000)
     for fill, msg_id in messages:
         await ctx.publish(fill_subject(fill.account, fill.symbol), fill, msg_id=msg_id)
-    expected = Expected.of_feed(account, [fill for fill, _ in messages], {symbol: quote.mid})
+    expected = Expected.of_feed(account, [fill for fill, _ in messages], {symbol: quote.mid}, reference)
 
     async def differences() -> tuple[list[Difference], int]:
         ptrc = await ctx.get_json("ptrc", "/positions", {"account": account, "method": "both"})
@@ -166,35 +239,39 @@ def _compare_positions(where: str, expected: Expected, rows: dict[str, dict], fi
 
 
 async def _ptrc_positions(ctx: GateContext, expected: Expected) -> tuple[list[Difference], int]:
-    body = await ctx.get_json("ptrc", "/positions", {"account": ctx.account, "method": "both"})
-    return _compare_positions("ptrc /positions", expected, _rows_by_symbol(body.get("positions", []), ctx.account),
-                              PTRC_POSITION_FIELDS)  # fmt: skip
+    account = expected.account
+    body = await ctx.get_json("ptrc", "/positions", {"account": account, "method": "both"})
+    return _compare_positions(f"ptrc /positions {account}", expected,
+                              _rows_by_symbol(body.get("positions", []), account), PTRC_POSITION_FIELDS)  # fmt: skip
 
 
 async def _ptrc_summary(ctx: GateContext, expected: Expected) -> tuple[list[Difference], int]:
-    body = await ctx.get_json("ptrc", "/pnl/summary", {"account": ctx.account})
-    accounts = [row for row in body.get("by_account", []) if row.get("account") == ctx.account]
+    account = expected.account
+    body = await ctx.get_json("ptrc", "/pnl/summary", {"account": account})
+    accounts = [row for row in body.get("by_account", []) if row.get("account") == account]
     where = "ptrc /pnl/summary"
     if len(accounts) != 1:
-        return [Difference(f"{where} by_account", ctx.account, "1 row", f"{len(accounts)} rows")], 0
-    differences = compare(f"{where} by_account {ctx.account}", expected.account_values(), accounts[0],
+        return [Difference(f"{where} by_account", account, "1 row", f"{len(accounts)} rows")], 0
+    differences = compare(f"{where} by_account {account}", expected.account_values(), accounts[0],
                           PTRC_SUMMARY_ACCOUNT_FIELDS)  # fmt: skip
     compared = len(PTRC_SUMMARY_ACCOUNT_FIELDS)
     # Filtered by the account, by_symbol sums only its positions: one per test symbol.
     by_symbol = {row.get("symbol"): row for row in body.get("by_symbol", [])}
-    more, count = _compare_positions(f"{where} by_symbol", expected, by_symbol, PTRC_SUMMARY_SYMBOL_FIELDS)
+    more, count = _compare_positions(f"{where} by_symbol {account}", expected, by_symbol, PTRC_SUMMARY_SYMBOL_FIELDS)
     return differences + more, compared + count
 
 
 async def _pnl_realtime(ctx: GateContext, expected: Expected) -> tuple[list[Difference], int]:
-    body = await ctx.get_json("pnl", "/pnl/realtime", {"account": ctx.account})
+    account = expected.account
+    body = await ctx.get_json("pnl", "/pnl/realtime", {"account": account})
     where = "pnl /pnl/realtime"
-    differences, compared = _compare_positions(where, expected, _rows_by_symbol(body.get("positions", []), ctx.account),
+    differences, compared = _compare_positions(f"{where} {account}", expected,
+                                               _rows_by_symbol(body.get("positions", []), account),
                                                PNL_POSITION_FIELDS)  # fmt: skip
-    accounts = [row for row in body.get("accounts", []) if row.get("account") == ctx.account]
+    accounts = [row for row in body.get("accounts", []) if row.get("account") == account]
     if len(accounts) != 1:
-        return differences + [Difference(f"{where} accounts", ctx.account, "1 row", f"{len(accounts)} rows")], compared
-    differences += compare(f"{where} accounts {ctx.account}", expected.account_values(), accounts[0], PNL_ACCOUNT_FIELDS)
+        return differences + [Difference(f"{where} accounts", account, "1 row", f"{len(accounts)} rows")], compared
+    differences += compare(f"{where} accounts {account}", expected.account_values(), accounts[0], PNL_ACCOUNT_FIELDS)
     return differences, compared + len(PNL_ACCOUNT_FIELDS)
 
 

@@ -90,6 +90,11 @@ def new_run_id() -> str:
     return secrets.token_hex(4).upper()
 
 
+def account_name(run_id: str) -> str:
+    """The run's account; its sub-accounts are `<account>-<suffix>`."""
+    return f"VALIDATE-{run_id}"
+
+
 async def settle(
     fetch: Callable[[], Awaitable[T]], done: Callable[[T], bool], timeout: float, interval: float = 0.2
 ) -> tuple[T, bool]:
@@ -121,7 +126,7 @@ class GateContext:
         self.run_id = run_id or new_run_id()
         self.started_at = datetime.now(timezone.utc)
         self.started_ns = time.time_ns()
-        self.account = f"VALIDATE-{self.run_id}"
+        self.account = account_name(self.run_id)
         # Filled in as the run goes, read by later parts (data flow reads what accuracy wrote).
         self.state: dict[str, Any] = {}
         self.http: httpx.AsyncClient | None = None
@@ -182,8 +187,10 @@ class GateContext:
         return _json(response, service, path)
 
     async def get(self, service: str, path: str, params: Mapping[str, Any] | None = None) -> httpx.Response:
+        # ptrc's confidential pages (positions, P&L, reports) need its token when it has one.
+        headers = {"Authorization": f"Bearer {self.targets.ptrc_token}"} if service == "ptrc" and self.targets.ptrc_token else {}
         try:
-            return await self.http.get(self.url(service, path), params=params)
+            return await self.http.get(self.url(service, path), params=params, headers=headers)
         except httpx.HTTPError as exc:
             raise ServiceError(f"{service} GET {path}: {type(exc).__name__}: {exc}") from None
 

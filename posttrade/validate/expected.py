@@ -8,6 +8,13 @@ literal numbers, so a change in the core cannot silently move both sides of the 
 Each scenario trades its own symbol, all in one account (`VALIDATE-<run id>`), so
 neither a running demo feed nor an earlier run can touch the positions; the run
 publishes a quote for each symbol first, which makes its mark known (the quote mid).
+
+The multiplier and the multi-currency scenarios trade instruments of the reference data
+(`core.reference`) whose names start with `validate` (any case), never a real one: a
+real instrument's marks would move and its by-symbol totals would include the test.
+`validation_reference` is what `--start` adds to the deployment's reference data: such
+instruments in made-up currencies (XVJ, XVE, XVT, XVN), so the gate's FX pairs never
+take the place of a deployment's (at most one instrument per pair).
 """
 
 from __future__ import annotations
@@ -17,10 +24,15 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+import msgspec
+
 from ..commands.positions import compute
 from ..core.exact import format_decimal
+from ..core.fx import FxRates
 from ..core.history import ExecutionBook
 from ..core.positions import Position, PositionBook
+from ..core.reference import Reference
+from ..core.valuation import BASE_FIELDS, value_position
 from ..streams.events import Fill, Quote
 
 # Issue 3's worked example: fee 1 per fill, marked at 95.
@@ -41,14 +53,17 @@ WORKED_EXAMPLE_PINNED = {
     "total_pnl": "121",
 }
 
-# Fields each surface shows for one position / one account, compared exactly.
+# Fields each surface shows for one position / one account, compared exactly. Position
+# rows carry their figures in the instrument's currency and, beside them, in the
+# account's base currency (`core.valuation.BASE_FIELDS`); account totals are in the base.
 PTRC_POSITION_FIELDS = (
     "net_qty", "avg_open_price", "realized_pnl_gross", "fees", "realized_pnl_net", "mark", "unrealized_pnl",
-    "fifo_realized_pnl_gross", "fifo_unrealized_pnl", "multiplier", "day_pnl", "fill_count",
+    "fifo_realized_pnl_gross", "fifo_unrealized_pnl", "multiplier", "day_pnl", "fill_count", *BASE_FIELDS,
 )  # fmt: skip
 PTRC_SUMMARY_ACCOUNT_FIELDS = (
     "positions", "open_positions", "realized_pnl_gross", "fees", "realized_pnl_net", "unrealized_pnl",
-    "total_pnl", "day_pnl", "fifo_realized_pnl_gross", "fifo_unrealized_pnl", "gross_notional",
+    "total_pnl", "day_pnl", "fifo_realized_pnl_gross", "fifo_unrealized_pnl", "gross_notional", "base_currency",
+    "missing_rates",
 )  # fmt: skip
 PTRC_SUMMARY_SYMBOL_FIELDS = (
     "net_qty", "realized_pnl_gross", "fees", "realized_pnl_net", "unrealized_pnl", "total_pnl", "day_pnl", "mark",
@@ -56,11 +71,12 @@ PTRC_SUMMARY_SYMBOL_FIELDS = (
 PNL_POSITION_FIELDS = (
     "net_qty", "avg_open_price", "multiplier", "mark", "realized_pnl_gross", "fees", "realized_pnl_net",
     "unrealized_pnl", "fifo_realized_pnl_gross", "fifo_realized_pnl_net", "fifo_unrealized_pnl", "total_pnl",
-    "day_pnl", "sod_realized_pnl_net", "sod_unrealized_pnl", "gross_notional", "fill_count",
+    "day_pnl", "sod_realized_pnl_net", "sod_unrealized_pnl", "gross_notional", "fill_count", *BASE_FIELDS,
 )  # fmt: skip
 PNL_ACCOUNT_FIELDS = (
     "positions", "open_positions", "realized_pnl_gross", "fees", "realized_pnl_net", "unrealized_pnl",
-    "fifo_realized_pnl_gross", "fifo_unrealized_pnl", "total_pnl", "day_pnl", "gross_notional",
+    "fifo_realized_pnl_gross", "fifo_unrealized_pnl", "total_pnl", "day_pnl", "gross_notional", "base_currency",
+    "missing_rates",
 )  # fmt: skip
 REPORT_DAILY_POSITION_FIELDS = (
     "net_qty", "mark", "realized_pnl_gross", "fees", "realized_pnl_net", "unrealized_pnl", "total_pnl", "day_pnl",
@@ -144,18 +160,20 @@ def scenarios(run_id: str, multiplier_symbol: str | None = None, multiplier: Dec
     return out
 
 
-def multiplier_instrument(instruments: Mapping[str, Any]) -> tuple[str, Decimal] | None:
-    """The validation instrument in ptrc's `instruments` config: a symbol whose name
-    starts with `validate` (any case) and has a multiplier other than 1.
+def is_validation_symbol(symbol: str) -> bool:
+    """A symbol the gate may trade and quote: its name starts with `validate` (any case)."""
+    return symbol.lower().startswith("validate")
 
-    Only such a dedicated symbol is traded: a real instrument would put the test
-    position into the by-symbol totals of real trading, and its marks would move.
-    """
-    for symbol, section in sorted(instruments.items()):
-        value = section.get("multiplier", 1) if isinstance(section, Mapping) else getattr(section, "multiplier", 1)
-        multiplier = Decimal(str(value))
-        if symbol.lower().startswith("validate") and multiplier != 1:
-            return symbol, multiplier
+
+def multiplier_instrument(reference: Reference) -> tuple[str, Decimal] | None:
+    """The validation instrument of the multiplier scenario in the reference data: the
+    first (by name) whose name starts with `validate`, whose multiplier is not 1, not an
+    FX pair, in the default base currency (so the test account's totals need no rate)."""
+    for symbol in sorted(reference.instruments):
+        instrument = reference.instruments[symbol]
+        if (is_validation_symbol(symbol) and instrument.multiplier != 1 and instrument.fx is None
+                and reference.currency(symbol) == reference.default_base_currency):  # fmt: skip
+            return symbol, instrument.multiplier
     return None
 
 
@@ -254,16 +272,17 @@ class Expected:
     marks: dict[str, Decimal] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, account: str, fills: list[Fill], chosen: Iterable[Scenario]) -> Expected:
+    def of(cls, account: str, fills: list[Fill], chosen: Iterable[Scenario], reference: Reference | None = None) -> Expected:
         chosen = list(chosen)
         marks = {s.symbol: s.mark for s in chosen}
         multipliers = {s.symbol: s.multiplier for s in chosen if s.multiplier != 1}
-        return cls(account, compute(fills, marks, multipliers), marks)
+        return cls(account, compute(fills, marks, multipliers, reference=reference), marks)
 
     @classmethod
-    def of_feed(cls, account: str, messages: Iterable[Fill], marks: dict[str, Decimal]) -> Expected:
+    def of_feed(cls, account: str, messages: Iterable[Fill], marks: dict[str, Decimal],
+                reference: Reference | None = None) -> Expected:  # fmt: skip
         """The book of messages received in this order by the rule ptrc applies."""
-        book = ExecutionBook()
+        book = ExecutionBook(reference=reference)
         for seq, fill in enumerate(messages, start=1):
             book.receive(fill, seq)
         return cls(account, book.positions, marks)
@@ -285,6 +304,7 @@ class Expected:
         unrealized = p.unrealized_pnl(mark)
         fifo_unrealized = p.fifo_unrealized_pnl(mark)
         total = p.total_pnl(mark)
+        value = value_position(p, mark, self.book.fx)  # the base figures, at the book's FX marks
         return {
             "net_qty": p.net_qty,
             "avg_open_price": p.avg_open_price,
@@ -304,6 +324,7 @@ class Expected:
             "gross_notional": p.notional(mark) if p.net_qty else Decimal(0),
             "market_value": None if mark is None else p.net_qty * mark * p.multiplier,
             "fill_count": p.fill_count,
+            **{name: getattr(value, name) for name in BASE_FIELDS},
         }
 
     def account_values(self) -> dict[str, Any]:
@@ -325,25 +346,61 @@ class Difference:
 
 def canonical(value: Any) -> str | None:
     """A value as the canonical decimal text (`"121"`, `"0.1"`), so "121.000" and "121"
-    compare equal and anything that is not a number stays visibly different."""
+    compare equal and anything that is not a number stays visibly different. Lists and
+    mappings (missing rates, fees by currency) are spelled out with canonical items."""
     if value is None or value == "":
         return None
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, float):
         return f"float {value!r}"  # money must never travel as a float
+    if isinstance(value, msgspec.Struct):
+        value = msgspec.to_builtins(value, builtin_types=(Decimal,))
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{key}: {canonical(item)}" for key, item in sorted(value.items())) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(str(canonical(item)) for item in value) + "]"
     try:
         return format_decimal(Decimal(str(value).strip()))
     except (InvalidOperation, ValueError):
         return repr(value)
 
 
+#: Where a rate leg's mark came from is the surface's own word (quote_mid, last_trade,
+#: bar_close; `positions compute` says mark): compared as "mark", without its time.
+_LEG_SOURCES = ("identity", "fixed")
+
+
+def rate_legs(legs: Any) -> Any:
+    """The legs of a rate (`core.fx.RateLeg`s or their JSON) as compared: from, to,
+    rate, instrument, inverse, and the source (identity, fixed or mark)."""
+    if not isinstance(legs, (list, tuple)):
+        return legs
+    out = []
+    for leg in legs:
+        data = msgspec.to_builtins(leg, builtin_types=(Decimal,)) if isinstance(leg, msgspec.Struct) else leg
+        if not isinstance(data, Mapping):
+            return legs  # not legs at all: shown as they came
+        source = data.get("source")
+        out.append({
+            "from": data.get("from"), "to": data.get("to"), "rate": data.get("rate"),
+            "instrument": data.get("instrument"), "inverse": data.get("inverse"),
+            "source": source if source in _LEG_SOURCES else "mark",
+        })  # fmt: skip
+    return out
+
+
+#: Fields compared in a form of their own.
+_NORMALIZED = {"fx_legs": rate_legs}
+
+
 def compare(where: str, expected: Mapping[str, Any], actual: Mapping[str, Any], fields: Iterable[str]) -> list[Difference]:
     """Exact equality, field by field; a field missing from `actual` is a difference."""
     out = []
     for name in fields:
-        want = canonical(expected.get(name))
-        got = canonical(actual.get(name)) if name in actual else "(missing)"
+        normalize = _NORMALIZED.get(name, lambda value: value)
+        want = canonical(normalize(expected.get(name)))
+        got = canonical(normalize(actual.get(name))) if name in actual else "(missing)"
         if want != got:
             out.append(Difference(where, name, want, got))
     return out
@@ -353,3 +410,211 @@ def pinned_differences(expected: Expected, symbol: str) -> list[Difference]:
     """The worked example computed by the core against its literal numbers."""
     return compare("core (positions compute) worked example", WORKED_EXAMPLE_PINNED,
                    expected.position_values(symbol), WORKED_EXAMPLE_PINNED)  # fmt: skip
+
+
+# -- money in several currencies ---------------------------------------------------------------
+
+#: Made-up currency codes of the gate's own instruments (`validation_reference`).
+XVJ, XVE, XVT, XVN = "XVJ", "XVE", "XVT", "XVN"
+#: The fixed rate `validation_reference` gives XVT (like USDT's peg, but not 1, so that
+#: a conversion that forgets it shows).
+XVT_RATE = "0.9985"
+#: The sub-account `validation_reference` bases in XVE (`<account>-XVE`).
+CROSS_SUFFIX = XVE
+
+
+def validation_reference(base: str, account: str | None = None) -> dict[str, Any]:
+    """The reference data sections `--start` adds to the deployment's, for accounts based
+    in `base` by default (docs/validate.md):
+
+    - VALIDATE_MULT, multiplier 50 (the multiplier scenario);
+    - VALIDATE_XVJ in XVJ, whose rate is the inverse of VALIDATE_<base>XVJ's mark (a JPY
+      stock and USDJPY); VALIDATE_<base>XVJ is traded too (its P&L is in XVJ);
+    - VALIDATE_XVE in XVE, whose rate is VALIDATE_XVE<base>'s mark (SAP and EURUSD);
+    - VALIDATE_XVT in XVT, at the fixed rate XVT_RATE (BTCUSDT and USDT);
+    - VALIDATE_XVN in XVN, which has no rate at all;
+    - with `account` (the run's, known before the services start): `<account>-XVE`
+      based in XVE, whose conversions cross through the pivot.
+    """
+    data: dict[str, Any] = {
+        "instruments": {
+            "VALIDATE_MULT": {"multiplier": 50},
+            "VALIDATE_XVJ": {"currency": XVJ},
+            f"VALIDATE_{base}{XVJ}": {"fx": {"base": base, "quote": XVJ}},
+            "VALIDATE_XVE": {"currency": XVE},
+            f"VALIDATE_{XVE}{base}": {"fx": {"base": XVE, "quote": base}},
+            "VALIDATE_XVT": {"currency": XVT},
+            "VALIDATE_XVN": {"currency": XVN},
+        },
+        "fx": {"fixed": {XVT: {base: XVT_RATE}}},
+    }
+    if account is not None:
+        data["accounts"] = {f"{account}-{CROSS_SUFFIX}": {"base_currency": XVE}}
+    return data
+
+
+def with_validation(data: Mapping[str, Any] | None, additions: Mapping[str, Any]) -> dict[str, Any]:
+    """`data` (reference sections as read from YAML) plus what `additions` has that it
+    has not: instruments and accounts by name, fixed rates by pair; the deployment's own
+    entries (and its pivot and default base) always win."""
+    out: dict[str, Any] = {key: value for key, value in (data or {}).items()}
+    for section in ("instruments", "accounts"):
+        if section in additions:
+            out[section] = {**additions[section], **(out.get(section) or {})}
+    fixed = additions.get("fx", {}).get("fixed")
+    if fixed:
+        fx = dict(out.get("fx") or {})
+        merged = {source: dict(targets) for source, targets in (fx.get("fixed") or {}).items()}
+        for source, targets in fixed.items():
+            for target, rate in targets.items():
+                if target not in merged.get(source, {}) and source not in merged.get(target, {}):
+                    merged.setdefault(source, {})[target] = rate
+        fx["fixed"] = merged
+        out["fx"] = fx
+    return out
+
+
+#: FX quotes the scenario publishes, by the FX instrument's place among the validation
+#: ones (sorted by name): the first mid, then the mid after the move.
+FX_LEVELS = ((Decimal("150"), Decimal("152.5")), (Decimal("1.085"), Decimal("1.0935")),
+             (Decimal("0.7"), Decimal("0.69")), (Decimal("3.75"), Decimal("3.8")))  # fmt: skip
+#: Price levels of the other instruments, the same way; an FX instrument trades at its first mid.
+PRICE_LEVELS = (Decimal("2500"), Decimal("180.5"), Decimal("99.75"), Decimal("4200.25"), Decimal("42.5"))
+#: Each position's fills: (side, qty, price as a multiple of the level, fee, fee in the
+#: default base currency rather than the instrument's); marked at 1.01 x the level.
+CURRENCY_TRADES = (
+    ("BUY", "300", Decimal("1"), "2.5", False),
+    ("SELL", "100", Decimal("1.02"), "1.25", True),  # a fee charged in another currency
+    ("BUY", "50", Decimal("0.99"), "-0.5", False),  # a rebate
+)
+MARK_FACTOR = Decimal("1.01")
+HALF_SPREAD = Decimal("0.0005")  # of the mid, each side
+
+
+@dataclass(frozen=True)
+class CurrencyPosition:
+    account: str
+    symbol: str
+    level: Decimal
+    foreign_fee: str | None  # the currency of its second fill's fee; None: the instrument's
+
+
+@dataclass
+class CurrencyPlan:
+    """The multi-currency scenario as the reference data allows it (`currency_plan`)."""
+
+    reference: Reference
+    fx: dict[str, tuple[Decimal, Decimal]]  # FX symbol -> (first mid, moved mid)
+    marks: dict[str, Decimal]  # the other instruments' marks
+    positions: list[CurrencyPosition] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def accounts(self) -> list[str]:
+        return sorted({p.account for p in self.positions})
+
+    def mids(self, moved: bool = False) -> dict[str, Decimal]:
+        """Every mark: the instruments' and the FX quotes' (first or moved)."""
+        return {**self.marks, **{symbol: pair[1 if moved else 0] for symbol, pair in self.fx.items()}}
+
+    def quotes(self, ts_ns: int, moved: bool = False) -> list[Quote]:
+        """The first quotes (every instrument and FX pair), or the moved FX quotes."""
+        mids = {symbol: pair[1] for symbol, pair in self.fx.items()} if moved else self.mids()
+        return [
+            Quote(ts=ts_ns, symbol=symbol, bid=mid - mid * HALF_SPREAD, ask=mid + mid * HALF_SPREAD,
+                  bid_size=Decimal(1), ask_size=Decimal(1))
+            for symbol, mid in sorted(mids.items())
+        ]  # fmt: skip
+
+    def fills(self, run_id: str, t0_ns: int) -> list[Fill]:
+        fills = []
+        for position in self.positions:
+            for side, qty, factor, fee, foreign in CURRENCY_TRADES:
+                n = len(fills)
+                fills.append(Fill(
+                    ts=t0_ns + n * 1_000, fill_id=f"VALIDATE-{run_id}-C{n:03d}", account=position.account,
+                    symbol=position.symbol, side=side, qty=Decimal(qty), price=position.level * factor,  # type: ignore[arg-type]
+                    fee=Decimal(fee), fee_currency=position.foreign_fee if foreign else None,
+                    order_id=f"VALIDATE-{run_id}-CO{n:03d}", venue="VALIDATE",
+                ))  # fmt: skip
+        return fills
+
+    def expected(self, fills: list[Fill], moved: bool = False) -> dict[str, Expected]:
+        """Per account, what the surfaces must show after `fills`, at the first or the
+        moved FX quotes: `positions compute`'s book over the reference data."""
+        marks = self.mids(moved)
+        book = compute(fills, marks, {}, reference=self.reference)
+        return {account: Expected(account, book, marks) for account in self.accounts()}
+
+
+def currency_plan(reference: Reference, account: str, taken: Iterable[str] = ()) -> CurrencyPlan:
+    """The positions of the multi-currency scenario, from the reference data's validation
+    instruments (names starting with `validate`): in `<account>-CCY` every instrument in
+    another currency than the default base whose rate the gate's own quotes (or a fixed
+    rate) give; in `<account>-NORATE` those with no rate at all, beside one that has one
+    (its totals are then unknown, and name the currency); in each account of the
+    reference data named `<account>-...` (based in another currency) every instrument
+    whose rate to that base the gate controls. An instrument whose rate would read a
+    real instrument's mark is left out (with a note): the gate never quotes one; so are
+    the `taken` symbols, which another scenario quotes at marks of its own.
+    """
+    base = reference.default_base_currency
+    symbols = sorted(s for s in reference.instruments if is_validation_symbol(s))
+    fx_symbols = [s for s in symbols if reference.instruments[s].fx is not None]
+    others = [s for s in symbols if reference.instruments[s].fx is None]
+    fx = {s: FX_LEVELS[i % len(FX_LEVELS)] for i, s in enumerate(fx_symbols)}
+    levels = {s: PRICE_LEVELS[i % len(PRICE_LEVELS)] for i, s in enumerate(others)}
+    levels.update({s: pair[0] for s, pair in fx.items()})
+    plan = CurrencyPlan(reference, fx, {s: levels[s] * MARK_FACTOR for s in others})
+    first = plan.mids()
+    rates = FxRates(reference, lambda symbol: (first[symbol], "mark", None) if symbol in first else None)
+    real: set[str] = set()
+    taken = set(taken)
+
+    def controlled(currency: str, account_base: str) -> bool:
+        reads = reference.rate_symbols(currency, account_base)
+        outside = {s for s in reads if not is_validation_symbol(s)}
+        real.update(outside)
+        return not outside
+
+    def rate_known(symbol: str, account_base: str) -> bool | None:
+        """Whether `symbol`'s rate to `account_base` is known; None: not for this account."""
+        currency = reference.currency(symbol)
+        if symbol in taken or currency == account_base or not controlled(currency, account_base):
+            return None
+        return rates.rate(currency, account_base) is not None
+
+    def fee_currency(account_base: str) -> str | None:
+        known = base == account_base or (controlled(base, account_base) and rates.rate(base, account_base) is not None)
+        return base if known else None
+
+    known = [s for s in symbols if rate_known(s, base)]
+    unknown = [s for s in symbols if rate_known(s, base) is False]
+    if not known and not unknown:
+        plan.notes.append(
+            f"no multi-currency scenario: the reference data has no `validate*` instrument in another currency "
+            f"than {base} whose rate the gate controls (--start adds them; docs/validate.md)"
+        )
+        return plan
+    plan.positions += [CurrencyPosition(f"{account}-CCY", s, levels[s], base) for s in known]
+    if unknown:
+        plan.positions += [CurrencyPosition(f"{account}-NORATE", s, levels[s], base) for s in unknown + known[:1]]
+    else:
+        plan.notes.append("no missing-rate case: every `validate*` instrument in another currency has a rate")
+    crosses = sorted((name, code) for name, code in reference.base_currencies.items() if name.startswith(f"{account}-"))
+    for name, code in crosses:
+        plan.positions += [
+            CurrencyPosition(name, s, levels[s], fee_currency(code)) for s in symbols if rate_known(s, code)
+        ]
+    if not crosses:
+        plan.notes.append(
+            f"no account based in another currency than {base}: only with --start, which bases "
+            f"{account}-{CROSS_SUFFIX} in {XVE} (the run's name is known only then)"
+        )
+    traded = {p.symbol for p in plan.positions}
+    plan.marks = {symbol: mark for symbol, mark in plan.marks.items() if symbol in traded}  # nothing else is quoted
+    if real:
+        plan.notes.append(
+            f"multi-currency scenario: left out `validate*` instruments whose rate reads {', '.join(sorted(real))} "
+            "(the gate quotes its own instruments only)"
+        )
+    return plan

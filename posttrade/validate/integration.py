@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,31 @@ async def health_of(ctx: GateContext, service: str) -> Health:
 
 async def health_all(ctx: GateContext) -> list[Health]:
     return list(await asyncio.gather(*(health_of(ctx, service) for service in SERVICES)))
+
+
+def lagging(healths: list[Health], max_lag: int) -> dict[str, int]:
+    """`<service> <agent>` -> its lag, for every agent more than `max_lag` messages behind."""
+    return {
+        f"{h.service} {name.removeprefix('agent:')}": check["lag"]
+        for h in healths for name, check in h.checks.items()
+        if name.startswith("agent:") and isinstance(check, dict) and isinstance(check.get("lag"), int)
+        and check["lag"] > max_lag
+    }  # fmt: skip
+
+
+async def wait_caught_up(ctx: GateContext, timeout_s: float, max_lag: int = 1000,
+                         interval_s: float = 1.0) -> tuple[float, dict[str, int]]:  # fmt: skip
+    """Wait until no agent is more than `max_lag` messages behind its stream, or
+    `timeout_s`: (seconds waited, the agents still behind). A service that has just
+    started may have a stream's history to read first (pnl takes the last position of
+    every key on POSITIONS); test data published meanwhile would wait behind it."""
+    began = time.monotonic()
+    while True:
+        behind = lagging(await health_all(ctx), max_lag)
+        waited = time.monotonic() - began
+        if not behind or waited >= timeout_s:
+            return waited, behind
+        await asyncio.sleep(interval_s)
 
 
 def health_checks(start: list[Health], end: list[Health]) -> list[Check]:

@@ -5,12 +5,18 @@ Order, and why:
 1. integration, first look: /health of every service, and where each log ends;
 2. market data and an order/fill published early (bars, features and execution
    analytics need time, and features need a minute to close);
-3. P&L accuracy (publishes the test fills, generates the report);
+3. P&L accuracy (publishes the test fills; money in several currencies, whose FX
+   quotes it then moves; generates the report);
 4. data flow (queries every hop of what 2 and 3 published);
 5. performance (cache reads, latency probes, then the writer load), after the checks
    that compare values, so its load cannot delay them;
 6. features online (its minute has closed by now, or the run waits for it);
 7. integration, last look: /health again and the logs since the start.
+
+`--start` also writes the reference data its services read (the deployment's, plus the
+validation instruments of the multiplier and multi-currency scenarios) and points them
+at it with POSTTRADE__REFERENCE_FILE; against running services the gate reads theirs
+and skips, with a note, the scenarios it has no instruments for.
 """
 
 from __future__ import annotations
@@ -21,19 +27,21 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from decimal import Decimal
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import yaml
+
 from .. import stack
-from ..config import SERVICES, ConfigError, load_config
+from ..config import SERVICES, ConfigError, default_config_dir, load_config
+from ..core.reference import REFERENCE_FILE, Reference, ReferenceError
 from . import accuracy, dataflow, integration, performance
-from .context import GateContext, GateError, Targets, default_log_dir, service_urls
-from .expected import multiplier_instrument
+from .context import GateContext, GateError, Targets, account_name, default_log_dir, new_run_id, service_urls
+from .expected import currency_plan, multiplier_instrument, validation_reference, with_validation
 from .report import Check, GateReport
 
-#: The instrument `--start` gives ptrc for the multiplier scenario (env keys are lower case).
-START_MULTIPLIER_ENV = {"POSTTRADE_PTRC__INSTRUMENTS__VALIDATE_MULT__MULTIPLIER": "50"}
+#: The variable that points every service at a reference data file (`reference_file`).
+REFERENCE_ENV = "POSTTRADE__REFERENCE_FILE"
 
 
 @dataclass
@@ -47,6 +55,9 @@ class GateOptions:
     latency_probes: int = 200
     cache_reads: int = 300
     start_timeout_s: float = 180.0
+    # How long the gate waits for the services to catch up with their streams before it
+    # publishes anything (integration.wait_caught_up).
+    catch_up_timeout_s: float = 180.0
     ptrc_token: str | None = None
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
 
@@ -68,16 +79,65 @@ def _silent(message: str) -> None:
     pass
 
 
-def ptrc_settings(environ: Mapping[str, str]) -> tuple[tuple[str, Decimal] | None, str, str | None]:
-    """(validation instrument, trades table, why the config could not be read) from
-    ptrc's config as this environment sees it (file + overrides)."""
+def ptrc_settings(environ: Mapping[str, str]) -> tuple[Reference | None, str, str | None]:
+    """(reference data, trades table, why they could not be read) from ptrc's config as
+    this environment sees it (file + overrides; the reference data its `reference_file`
+    names, else reference.yaml in the config folder)."""
     from ..services.ptrc import CONFIG
 
     try:
         config = load_config("ptrc", CONFIG, env=environ)
     except ConfigError as exc:
         return None, "ptrc_trades", str(exc)
-    return multiplier_instrument(config.instruments), config.reports.trades_table, None
+    try:
+        return config.reference(), config.reports.trades_table, None
+    except ConfigError as exc:
+        return None, config.reports.trades_table, str(exc)
+
+
+def deployment_reference(environ: Mapping[str, str]) -> tuple[Path, dict]:
+    """The reference data file the services read in this environment, and its sections
+    as written there (empty when the default file does not exist)."""
+    from ..services.ptrc import CONFIG
+
+    try:
+        configured = load_config("ptrc", CONFIG, env=environ).reference_file
+    except ConfigError as exc:
+        raise GateError(f"ptrc's config: {exc}") from None
+    path = Path(configured) if configured else default_config_dir() / REFERENCE_FILE
+    if not configured and not path.exists():
+        return path, {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise GateError(f"the reference data {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise GateError(f"the reference data {path}: the top level must be a mapping")
+    return path, data
+
+
+def write_reference(home: Path, run_id: str, environ: Mapping[str, str]) -> Path:
+    """`--start`'s reference data: the deployment's plus the validation instruments (and,
+    for this run's account, `<account>-XVE` based in XVE), written under the home for the
+    services it starts (expected.validation_reference; the deployment's entries win)."""
+    source, data = deployment_reference(environ)
+    try:
+        base = Reference.from_data(data).default_base_currency
+    except ReferenceError as exc:
+        raise GateError(f"the reference data {source}: {exc}") from None
+    merged = with_validation(data, validation_reference(base, account_name(run_id)))
+    try:
+        Reference.from_data(merged)
+    except ReferenceError as exc:
+        raise GateError(f"the validation instruments do not fit the reference data {source}: {exc}") from None
+    path = home / "validate" / REFERENCE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"# Written by `posttrade validate --start` (run {run_id}): {source}\n"
+        "# plus the gate's validation instruments (posttrade/validate/expected.py, validation_reference).\n"
+        + yaml.safe_dump(merged, sort_keys=False)
+    )
+    return path.absolute()
 
 
 def log_files(options: GateOptions, ep: stack.Endpoints, fleet_logs: Mapping[str, Path] | None = None) -> dict[str, Path]:
@@ -108,16 +168,21 @@ async def run_gate(targets: Targets, options: GateOptions, *, watch: integration
     """The four tests against running services; never raises for a failing service
     (that is a FAIL in the report), only GateError when nothing can be reached."""
     watch = watch or integration.LogWatch(targets.logs)
-    multiplier, trades_table, config_problem = ptrc_settings(options.environ)
+    reference, trades_table, config_problem = ptrc_settings(options.environ)
+    reference = reference or Reference()
+    multiplier = multiplier_instrument(reference)
     async with GateContext(targets, run_id) as ctx:
         report = GateReport(ctx.run_id, ctx.started_at, targets.urls())
         if config_problem:
             report.notes.append(f"ptrc's config could not be read ({config_problem}); assumed defaults")
         if multiplier is None:
             report.notes.append(
-                "no multiplier scenario: ptrc has no `validate*` instrument with a multiplier "
-                "(e.g. POSTTRADE_PTRC__INSTRUMENTS__VALIDATE_MULT__MULTIPLIER=50; --start sets it)"
+                "no multiplier scenario: the reference data has no `validate*` instrument with a multiplier "
+                "(e.g. VALIDATE_MULT: {multiplier: 50}; --start adds it)"
             )
+        # The multiplier scenario quotes its instrument at a mark of its own.
+        currencies = currency_plan(reference, ctx.account, taken=[multiplier[0]] if multiplier else [])
+        report.notes.extend(currencies.notes)
         ctx.state["ptrc_trades_table"] = trades_table
         ctx.state["service_pids"] = dict(pids or {})  # known when the services run here (--start)
         progress(f"run {ctx.run_id}: account {ctx.account}; services {', '.join(f'{k}={v}' for k, v in targets.services.items())}")
@@ -128,10 +193,21 @@ async def run_gate(targets: Targets, options: GateOptions, *, watch: integration
                 "no service answers /health at " + ", ".join(targets.services.values())
                 + ". Start them (posttrade up), point at them (--url service=URL), or use --start."
             )
+        waited, behind = await integration.wait_caught_up(ctx, options.catch_up_timeout_s)
+        report.timings["catch_up"] = round(waited, 2)
+        if waited >= 1:
+            progress(f"the services caught up with their streams in {waited:.0f} s" if not behind else
+                     f"still behind their streams after {waited:.0f} s: {behind}")  # fmt: skip
+        if behind:
+            lags = ", ".join(f"{agent}: {lag}" for agent, lag in sorted(behind.items()))
+            report.notes.append(
+                f"after {waited:.0f} s some agents were still behind their streams ({lags}); "
+                "checks that wait for the test data may time out"
+            )
         await dataflow.publish_market_data(ctx)
         steps = (
             ("1/4 P&L accuracy: test fills published, comparing ptrc, pnl and the report",
-             "accuracy", lambda: accuracy.run(ctx, multiplier)),
+             "accuracy", lambda: accuracy.run(ctx, multiplier, reference, currencies)),
             ("2/4 data flow: QuestDB, P&L history, object storage, Valkey, ClickHouse",
              "dataflow", lambda: dataflow.run(ctx)),
             (f"3/4 performance: {options.cache_reads} cache reads, {options.latency_probes} latency probes, "
@@ -209,8 +285,9 @@ def _run_started(options: GateOptions, ep: stack.Endpoints, progress: Progress) 
 
     home = options.home or ep.home
     # The fleet gives its services this process's environment and the stack's; what the
-    # gate adds is the validation instrument, unless ptrc's config has one already.
-    extra_env = {} if ptrc_settings(options.environ)[0] is not None else dict(START_MULTIPLIER_ENV)
+    # gate adds is its reference data: the deployment's plus the validation instruments.
+    run_id = new_run_id()  # before the services start: the reference data names its account
+    extra_env = {REFERENCE_ENV: str(write_reference(home, run_id, options.environ))}
     options = replace(options, environ={**options.environ, **extra_env})
     progress(f"starting the local stack under {ep.home} (servers already running are kept)")
     try:
@@ -230,7 +307,8 @@ def _run_started(options: GateOptions, ep: stack.Endpoints, progress: Progress) 
             raise GateError(f"the services did not start: {exc}") from None
         targets = resolve_targets(options, ep, logs, fleet.urls())
         report = asyncio.run(
-            run_gate(targets, options, watch=watch, crashed=fleet.crashed, pids=fleet.pids(), progress=progress)
+            run_gate(targets, options, watch=watch, crashed=fleet.crashed, pids=fleet.pids(), progress=progress,
+                     run_id=run_id)  # fmt: skip
         )
     finally:
         progress("stopping what --start started")

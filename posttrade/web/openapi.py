@@ -26,17 +26,23 @@ Before the `---` line: the first line is the summary, the rest the description. 
 it, YAML with these keys (all optional):
 
 * `query`, `path`: parameter name → a description, or a mapping of JSON Schema keywords
-  (`type` defaults to string) plus `description` and `required`. Path parameters are
-  taken from the route itself; `path` only describes them.
-* `body`: `{description, required, content: a media type or a list of them, schema}`.
+  (`type` defaults to string) plus `description` and `required`. `$ref: Name` names one
+  of the shared parameter schemas (web/params.py `SCHEMAS`: Name, Id, Date, Time,
+  IsoTime, Interval, Bucket, Amount, ObjectName), whose parsers accept exactly what the
+  schema says. Path parameters are taken from the route
+  itself; `path` only describes them.
+* `body`: `{description, required, content: a media type or a list of them, schema}`;
+  or `content` maps each media type to its own schema.
 * `responses`: status → a description, or `{description, content, schema}`. The first
   2xx given replaces the default `200`.
 
 Every operation also gets the error answers the runtime produces: 400 when it takes
-parameters or a body (`BadRequest`), 401 for state-changing methods when the service
-has an auth token, 500 for an unexpected failure — all with the `Error` shape
-`{"error", "detail"}`. A route without a docstring is listed with a summary made from
-its handler's name and a plain `200`.
+parameters or a body (`BadRequest`); when the service has a token (web/auth.py), the
+bearer `security` requirement and 401 on every operation that needs one, and 403 on
+state-changing ones when a read-only token exists; 503 when a store or the bus it needs
+is down; 500 for an unexpected failure — all with the `Error` shape `{"error", "detail"}`.
+A route without a docstring is listed with a summary made from its handler's name and a
+plain `200`.
 """
 
 from __future__ import annotations
@@ -52,11 +58,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from .auth import PUBLIC, WRITE, AccessPolicy, Tokens
+from .params import SCHEMAS as PARAMETER_SCHEMAS
+
 OPENAPI_VERSION = "3.1.0"
 OPENAPI_PATH = "/openapi.json"
 
-# State-changing methods need the bearer token when one is configured (web/server.py).
-_SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 # HEAD is answered for every GET by Starlette; it is not an operation of its own.
 _DOCUMENTED_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
@@ -85,11 +92,25 @@ HEALTH_SCHEMA = {
     "required": ["service", "status", "checks"],
     "properties": {
         "service": {"type": "string"},
-        "status": {"enum": ["ok", "unhealthy"]},
+        "status": {
+            "enum": ["ok", "degraded", "unhealthy"],
+            "description": "ok and degraded answer 200 (degraded: working, but a check says something is not "
+            "right, e.g. a dead-letter rate over its limit); unhealthy answers 503",
+        },
         "checks": {
             "type": "object",
-            "description": "check name (`nats`, `agent:<name>`, the service's own) → `{ok, ...detail}`",
-            "additionalProperties": {"type": "object", "required": ["ok"], "properties": {"ok": {"type": "boolean"}}},
+            "description": "check name (`nats`, `agent:<name>`, the service's own) → `{ok, degraded?, ...detail}`; "
+            "an agent's detail has `dead_letters_per_min` and `dead_letter_rate_limit`, and `crash_looping` when it is",
+            "additionalProperties": {
+                "type": "object",
+                "required": ["ok"],
+                "properties": {"ok": {"type": "boolean"}, "degraded": {"type": "boolean"}},
+            },
+        },
+        "reasons": {
+            "type": "object",
+            "description": "check name → why it is unhealthy or degraded (empty when the status is ok)",
+            "additionalProperties": {"type": "string"},
         },
     },
 }
@@ -113,9 +134,16 @@ def openapi_document(
     routes: Iterable[BaseRoute],
     *,
     auth: bool = False,
+    policy: AccessPolicy | None = None,
     version: str | None = None,
 ) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of `routes` (what a service's web app serves)."""
+    """The OpenAPI 3.1 document of `routes` (what a service's web app serves).
+
+    `policy` says which operations need which token; without one, `auth=True` means a
+    token is configured and every route is confidential."""
+    if policy is None:
+        policy = AccessPolicy(Tokens(full="token" if auth else None))
+    auth = policy.tokens.enabled
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
         if not isinstance(route, Route):
@@ -124,7 +152,7 @@ def openapi_document(
         doc = route_doc(route.endpoint, route.path)
         item = paths.setdefault(openapi_path(route.path), {})
         for method in methods:
-            item[method.lower()] = _operation(route, method, doc, auth=auth)
+            item[method.lower()] = _operation(route, method, doc, policy=policy)
     document: dict[str, Any] = {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -134,18 +162,24 @@ def openapi_document(
                 f"The HTTP API of the posttrade service `{service}`. Answers are JSON; exact "
                 "numbers (money, quantities, prices) are decimal strings. Every error is JSON "
                 "`{\"error\", \"detail\"}` with a 4xx/5xx status."
-                + (" State-changing requests need `Authorization: Bearer <token>`." if auth else "")
+                + (
+                    " Operations with a `security` requirement need `Authorization: Bearer <token>`: "
+                    "reads take the service's auth token or its read-only token, changes only the auth token."
+                    if auth else ""
+                )
             ),
         },
         "paths": dict(sorted(paths.items())),
-        "components": {"schemas": {"Error": ERROR_SCHEMA, "Health": HEALTH_SCHEMA}},
+        "components": {"schemas": {"Error": ERROR_SCHEMA, "Health": HEALTH_SCHEMA, **PARAMETER_SCHEMAS}},
     }
     if auth:
         document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     return document
 
 
-def openapi_route(service: str, routes: list[BaseRoute], *, auth: bool = False) -> Route:
+def openapi_route(
+    service: str, routes: list[BaseRoute], *, auth: bool = False, policy: AccessPolicy | None = None
+) -> Route:
     """`GET /openapi.json` describing `routes` — the list this route is appended to, so
     the document (built at the first request, then kept) includes the route itself."""
     document: dict[str, Any] | None = None
@@ -159,7 +193,7 @@ def openapi_route(service: str, routes: list[BaseRoute], *, auth: bool = False) 
         """
         nonlocal document
         if document is None:
-            document = openapi_document(service, routes, auth=auth)
+            document = openapi_document(service, routes, auth=auth, policy=policy)
         return JSONResponse(document)
 
     return Route(OPENAPI_PATH, openapi, methods=["GET"])
@@ -206,7 +240,7 @@ def _summary_from_name(endpoint: Any) -> str:
     return name.replace("_", " ").strip().capitalize()
 
 
-def _operation(route: Route, method: str, doc: RouteDoc, *, auth: bool) -> dict[str, Any]:
+def _operation(route: Route, method: str, doc: RouteDoc, *, policy: AccessPolicy) -> dict[str, Any]:
     path = openapi_path(route.path)
     operation: dict[str, Any] = {
         "operationId": _operation_id(method, path),
@@ -220,8 +254,12 @@ def _operation(route: Route, method: str, doc: RouteDoc, *, auth: bool) -> dict[
     body = doc.meta.get("body")
     if body is not None:
         operation["requestBody"] = _request_body(body, path)
-    operation["responses"] = _responses(doc, path, method, takes_input=bool(parameters) or body is not None, auth=auth)
-    if auth and method not in _SAFE_METHODS:
+    required = policy.required(route, method)
+    operation["responses"] = _responses(
+        doc, path, takes_input=bool(parameters) or body is not None,
+        needs_token=required != PUBLIC, read_only_refused=required == WRITE and bool(policy.tokens.read),
+    )  # fmt: skip
+    if required != PUBLIC:
         operation["security"] = [{"bearer": []}]
     return operation
 
@@ -267,6 +305,13 @@ def _parameter(name: str, where: str, spec: Any, path: str, default_schema: dict
             parameter["required"] = True
         if "enum" in spec and "type" not in spec:
             schema.pop("type", None)  # the enum's values say it
+        if "$ref" in spec:
+            ref = str(spec["$ref"])
+            if not ref.startswith("#"):
+                if ref not in PARAMETER_SCHEMAS:
+                    raise RouteDocError(f"{path}: parameter {name!r}: no shared schema {ref!r}; one of {sorted(PARAMETER_SCHEMAS)}")
+                spec["$ref"] = f"#/components/schemas/{ref}"
+            schema = {}  # the referenced schema says everything
         schema.update(spec)
     elif spec is not None:
         raise RouteDocError(f"{path}: parameter {name!r} needs a description or a mapping")
@@ -278,6 +323,8 @@ def _content(spec: dict[str, Any], default_type: str | None) -> dict[str, Any] |
     types = spec.get("content", default_type)
     if types is None:
         return None
+    if isinstance(types, dict):  # media type → its own schema
+        return {t: ({"schema": s} if s is not None else {}) for t, s in types.items()}
     if isinstance(types, str):
         types = [types]
     schema = spec.get("schema")
@@ -313,7 +360,9 @@ def _error(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
 
-def _responses(doc: RouteDoc, path: str, method: str, *, takes_input: bool, auth: bool) -> dict[str, Any]:
+def _responses(
+    doc: RouteDoc, path: str, *, takes_input: bool, needs_token: bool, read_only_refused: bool
+) -> dict[str, Any]:
     declared = doc.meta.get("responses") or {}
     if not isinstance(declared, dict):
         raise RouteDocError(f"{path}: `responses` must map status codes to descriptions")
@@ -322,9 +371,12 @@ def _responses(doc: RouteDoc, path: str, method: str, *, takes_input: bool, auth
         responses["200"] = {"description": "OK"}
     if takes_input:
         responses["400"] = _error("invalid request: `detail` names the parameter or field and what is wrong")
-    if auth and method not in _SAFE_METHODS:
+    if needs_token:
         responses["401"] = _error("the bearer token is missing or wrong")
+    if read_only_refused:
+        responses["403"] = _error("the read-only token cannot change state")
     responses["500"] = _error("unexpected failure")
+    responses["503"] = _error("a store or the bus this answer needs is unavailable (`detail` says which)")
     for status, spec in declared.items():
         code = str(status)
         if code.startswith(("4", "5")) and isinstance(spec, str):

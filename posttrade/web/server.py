@@ -1,15 +1,17 @@
 """The web face of a service: its pages, /health, /metrics, JSON errors, auth.
 
-Every error is JSON (`{"error": ..., "detail": ...}`) with a 4xx/5xx status. When an
-auth token is configured, requests that change state (anything but GET/HEAD/OPTIONS)
-must carry `Authorization: Bearer <token>`.
+Every error is JSON (`{"error": ..., "detail": ...}`) with a 4xx/5xx status: a 405
+carries `Allow` (every method the path answers), a store or bus that is down is a 503
+and one that refuses a query a 502, never a 500 with the store's traceback. When a token
+is configured, confidential pages and every state change need
+`Authorization: Bearer <token>` (web/auth.py decides per route).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
+import sys
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -19,28 +21,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..core.exact import format_decimal
+from .auth import AccessPolicy, BearerAuth, Tokens
 from .openapi import openapi_route
 
 if TYPE_CHECKING:
     from ..app import App
 
 log = logging.getLogger(__name__)
-
-SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
-
-
-class BadRequest(HTTPException):
-    """Raise from a page for an invalid request: 400 with what is wrong."""
-
-    def __init__(self, detail: Any, status_code: int = 400):
-        super().__init__(status_code=status_code, detail=detail)
-
 
 class JSON(JSONResponse):
     """JSON that accepts msgspec structs and renders every Decimal as its canonical
@@ -64,35 +57,89 @@ def _canonical(value: Any) -> Any:
     return value
 
 
-def query_int(request: Request, name: str, default: int | None = None, *, minimum: int | None = None, maximum: int | None = None) -> int | None:
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequest({"parameter": name, "error": f"must be an integer, got {raw!r}"}) from None
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise BadRequest({"parameter": name, "error": f"must be between {minimum} and {maximum}, got {value}"})
-    return value
-
-
-class BearerAuth(BaseHTTPMiddleware):
-    def __init__(self, app, token: str):
-        super().__init__(app)
-        self.token = token.encode()
-
-    async def dispatch(self, request: Request, call_next):
-        if request.method not in SAFE_METHODS:
-            header = request.headers.get("authorization", "")
-            scheme, _, given = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), self.token):
-                return JSON({"error": "unauthorized", "detail": "this endpoint needs a bearer token"}, 401)
-        return await call_next(request)
-
-
 async def _http_error(request: Request, exc: HTTPException) -> Response:
-    return JSON({"error": _reason(exc.status_code), "detail": exc.detail}, status_code=exc.status_code)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        # Starlette names the methods of the one route it tried; the path may have more.
+        headers["Allow"] = ", ".join(allowed_methods(request.app.router.routes, request.url.path))
+    return JSON({"error": _reason(exc.status_code), "detail": exc.detail}, status_code=exc.status_code, headers=headers)
+
+
+def allowed_methods(routes: list[BaseRoute], path: str) -> list[str]:
+    methods: set[str] = set()
+    for route in routes:
+        if isinstance(route, Route) and route.path_regex.match(path):
+            methods |= route.methods or {"GET", "HEAD"}
+    return sorted(methods)
+
+
+class StoreErrors:
+    """A store or the bus failing a request is a JSON 503 (down, timed out) or 502 (it
+    refused the query: a request that should have been refused before), never a 500.
+
+    The store modules are looked up, not imported: a service that never loaded
+    clickhouse_connect cannot be failed by it, and importing it costs a quarter second.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            failure = store_failure(exc)
+            if failure is None or started:
+                raise
+            status, store, reason = failure
+            log.warning("%s %s: %s %s: %s", scope["method"], scope["path"], store, "unavailable" if status == 503 else "refused", reason)
+            error = "store unavailable" if status == 503 else "store refused the query"
+            await JSON({"error": error, "detail": {"store": store, "reason": reason[:500]}}, status)(scope, receive, send)
+
+
+def store_failure(exc: BaseException) -> tuple[int, str, str] | None:
+    """(status, store, reason) when `exc` is a store's or the bus's failure, else None."""
+    reason = f"{type(exc).__name__}: {exc}"
+    modules = sys.modules
+    questdb = modules.get("posttrade.stores.questdb")
+    if questdb is not None and isinstance(exc, questdb.QuestDBError):
+        return (503 if isinstance(exc, questdb.QuestDBUnavailableError) else 502), "questdb", exc.message
+    clickhouse = modules.get("clickhouse_connect.driver.exceptions")
+    if clickhouse is not None and isinstance(exc, clickhouse.Error):
+        down = isinstance(exc, clickhouse.OperationalError) or type(exc).__name__ == "ClickHouseUnavailableError"
+        return (503 if down else 502), "clickhouse", reason
+    valkey = modules.get("posttrade.stores.valkey")
+    if valkey is not None and isinstance(exc, valkey.ValkeyUnavailableError):
+        return 503, "valkey", reason
+    redis = modules.get("redis.exceptions")
+    if redis is not None and isinstance(exc, redis.RedisError):
+        down = isinstance(exc, (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError))
+        return (503 if down else 502), "valkey", reason
+    nats = modules.get("nats.errors")
+    if nats is not None and isinstance(exc, nats.Error):
+        return 503, "nats", reason
+    botocore = modules.get("botocore.exceptions")
+    if botocore is not None and isinstance(exc, botocore.BotoCoreError):
+        return 503, "object storage", reason
+    if botocore is not None and isinstance(exc, botocore.ClientError):
+        return 502, "object storage", reason
+    httpx = modules.get("httpx")
+    if httpx is not None and isinstance(exc, httpx.TransportError):
+        return 503, "a store", reason
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return 503, "a store", reason
+    return None
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
@@ -109,17 +156,23 @@ def _reason(status: int) -> str:
         return "error"
 
 
-def build_web_app(app: App, *, auth_token: str | None = None) -> Starlette:
+def build_web_app(
+    app: App,
+    *,
+    auth_token: str | None = None,
+    read_token: str | None = None,
+    protect_health: bool = False,
+) -> Starlette:
     async def health(request: Request) -> Response:
-        """Whether the service works: NATS, every agent (running, lag) and the service's checks.
+        """Whether the service works: NATS, every agent (running, lag, crash loops, dead-letter rate) and the service's checks.
 
         ---
         responses:
-          200: {description: every check is ok, schema: {$ref: "#/components/schemas/Health"}}
-          503: {description: a check is not ok (`checks` says which and why), schema: {$ref: "#/components/schemas/Health"}}
+          200: {description: "`status` ok, or degraded (works, but `reasons` says what is not right)", schema: {$ref: "#/components/schemas/Health"}}
+          503: {description: "`status` unhealthy: a check is not ok (`reasons` says which and why)", schema: {$ref: "#/components/schemas/Health"}}
         """
-        healthy, checks = await app.health()
-        return JSON({"service": app.name, "status": "ok" if healthy else "unhealthy", "checks": checks}, 200 if healthy else 503)
+        report = await app.health_report()
+        return JSON({"service": app.name, **report}, 503 if report["status"] == "unhealthy" else 200)
 
     async def metrics(request: Request) -> Response:
         """Prometheus metrics of the service (text exposition format).
@@ -132,21 +185,39 @@ def build_web_app(app: App, *, auth_token: str | None = None) -> Starlette:
         return Response(generate_latest(app.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     routes = [Route("/health", health), Route("/metrics", metrics)]
-    routes += [Route(p.path, p.handler, methods=list(p.methods)) for p in app.pages]
-    routes.append(openapi_route(app.name, routes, auth=bool(auth_token)))
-    middleware = [Middleware(BearerAuth, token=auth_token)] if auth_token else []
+    # The service's own routes are open (no account data); its pages are confidential
+    # unless registered public (web/auth.py).
+    public: list[BaseRoute] = list(routes)
+    for page in app.pages:
+        route = Route(page.path, page.handler, methods=list(page.methods))
+        routes.append(route)
+        if page.public:
+            public.append(route)
+    policy = AccessPolicy(Tokens(auth_token, read_token, protect_health), public)
+    routes.append(openapi_route(app.name, routes, policy=policy))
+    public.append(routes[-1])
+    return _starlette(routes, policy)
+
+
+def build_metrics_app(
+    app: App, *, auth_token: str | None = None, read_token: str | None = None, protect_health: bool = False
+) -> Starlette:
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(app.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    routes: list[BaseRoute] = [Route("/metrics", metrics), Route("/", metrics)]
+    return _starlette(routes, AccessPolicy(Tokens(auth_token, read_token, protect_health), list(routes)))
+
+
+def _starlette(routes: list[BaseRoute], policy: AccessPolicy) -> Starlette:
+    middleware = [Middleware(StoreErrors)]
+    if policy.tokens.enabled:
+        middleware.insert(0, Middleware(BearerAuth, policy=policy, routes=routes))
     return Starlette(
         routes=routes,
         middleware=middleware,
         exception_handlers={HTTPException: _http_error, Exception: _unexpected_error},
     )
-
-
-def build_metrics_app(app: App) -> Starlette:
-    async def metrics(request: Request) -> Response:
-        return Response(generate_latest(app.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    return Starlette(routes=[Route("/metrics", metrics), Route("/", metrics)])
 
 
 class WebServer(uvicorn.Server):

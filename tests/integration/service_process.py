@@ -24,6 +24,17 @@ from posttrade.streams.nats import forget_apps
 REPO = Path(__file__).resolve().parents[2]
 
 
+def reference_setting(text: str) -> str:
+    """A config line pointing a service at reference data `text` (YAML), written to a
+    file of its own: symbols are case-sensitive, so they cannot come from the environment."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="posttrade-reference-"))
+    path = folder / "reference.yaml"
+    path.write_text(text)
+    return f"reference_file: {path}\n"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

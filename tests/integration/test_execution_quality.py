@@ -158,6 +158,7 @@ def fills_complete(body: dict) -> bool:
 
 EXPECTED_FILL_ROWS = {
     "F1": {"ts": T0 + 500_000_000, "qty": "600", "price": "100.05", "fee": "3", "notional": "60030", "venue": "XNAS",
+           "currency": "USD", "fee_currency": "USD",
            "liquidity": "TAKER", "arrival_ts": T0, "arrival_mid": "100", "slippage_bps": "5", "slippage_cost": "30",
            "mid_at_fill": "100.02", "effective_spread_bps": "5.99880024", "mid_1s": "100.04", "mid_5s": "100.08",
            "mid_60s": "100.12", "markout_1s_bps": "-0.99950025", "markout_5s_bps": "2.99850075",
@@ -167,10 +168,11 @@ EXPECTED_FILL_ROWS = {
            "markout_60s_bps": "-7.99200799", "complete": True, "amendments": 0},
 }
 EXPECTED_ORDER_ROW = {
-    "order_id": "O1", "account": "ACC1", "symbol": "XYZ", "venue": "XNAS", "side": "BUY", "order_type": "LIMIT",
-    "limit_price": "100.1", "status": "CANCELED", "qty": "1000", "arrival_ts": T0, "end_ts": T0 + 30_000_000_000,
-    "arrival_mid": "100", "fills": 2, "filled_qty": "800", "unfilled_qty": "200", "fill_ratio": "0.8",
-    "filled_notional": "80050", "fees": "4", "avg_fill_price": "100.0625", "first_fill_ts": T0 + 500_000_000,
+    "order_id": "O1", "account": "ACC1", "symbol": "XYZ", "currency": "USD", "venue": "XNAS", "side": "BUY",
+    "order_type": "LIMIT", "limit_price": "100.1", "status": "CANCELED", "qty": "1000", "arrival_ts": T0,
+    "end_ts": T0 + 30_000_000_000, "arrival_mid": "100", "fills": 2, "filled_qty": "800", "unfilled_qty": "200",
+    "fill_ratio": "0.8", "filled_notional": "80050", "fees": "4", "fees_other": {}, "avg_fill_price": "100.0625",
+    "first_fill_ts": T0 + 500_000_000,
     "last_fill_ts": T0 + 2_500_000_000, "time_to_first_fill_ns": 500_000_000, "time_to_last_fill_ns": 2_500_000_000,
     "market_vwap": "100.077", "market_volume": "2000", "vwap_slippage_bps": "-1.44888436",
     "unfilled_price": "100.12", "unfilled_price_ts": T0 + 30_000_000_000, "benchmark_notional": "100000",
@@ -216,9 +218,10 @@ async def test_worked_example_end_to_end(stack, chdb_location):
             summary = await get_json(client, "/analytics/summary")
             assert summary["total"] == 1
             group = summary["groups"][0]
-            assert (group["account"], group["symbol"], group["venue"], group["side"]) == ("ACC1", "XYZ", "XNAS", "BUY")
+            assert (group["account"], group["symbol"], group["venue"], group["side"], group["currency"]) == (
+                "ACC1", "XYZ", "XNAS", "BUY", "USD")
             f, o = group["fills"], group["orders"]
-            assert f["count"] == 2 and f["notional"] == "80050" and f["fees"] == "4"
+            assert f["count"] == 2 and f["notional"] == "80050" and f["fees"] == "4" and f["fees_other"] == {}
             assert f["slippage_bps"] == {"count": 2, "mean": "7.5", "median": "10", "p95": "10",
                                          "notional_weighted": "6.25", "cost": "50"}
             assert f["effective_spread_bps"] == {"count": 2, "mean": "6.99700156"}
@@ -261,7 +264,7 @@ EXPECTED_AMENDED_ORDER_ROW = {
     "amendments": 3,
 }
 EXPECTED_AMENDED_SUMMARY = {
-    "fills": {"count": 2, "qty": "750", "notional": "75042", "fees": "3.75",
+    "fills": {"count": 2, "qty": "750", "notional": "75042", "fees": "3.75", "fees_other": {},
               "slippage_bps": {"count": 2, "mean": "6.5", "median": "8", "p95": "8", "notional_weighted": "5.6",
                                "cost": "42"},
               "effective_spread_bps": {"count": 2, "mean": "4.99820084"},
@@ -597,7 +600,9 @@ async def test_summary_sql_matches_a_python_reference(chdb_location):
     notional-weighted mean exactly, from the per-minute rollup (whole-minute buckets
     and bounds) and from the fills table (anything else) alike. Some fills are busted
     at their newest version (counted nowhere), some were first written on the other
-    side (a correction moved them: their old group must not keep them in the rollup)."""
+    side (a correction moved them: their old group must not keep them in the rollup).
+    Two symbols are in two currencies, and some fees are charged in a third: every
+    group is in one currency, its fees in another one summed apart."""
     import random
 
     from posttrade.agents.execution import FILL_COLUMNS, FILLS_TABLE, ExecutionStore, arrow_table, row_version
@@ -613,6 +618,9 @@ async def test_summary_sql_matches_a_python_reference(chdb_location):
         rows, fills = [], []
         for i in range(400):
             account, side = rng.choice(["A", "B", "C"]), rng.choice(["BUY", "SELL"])
+            symbol, currency = rng.choice([("S", "USD"), ("J", "JPY")])
+            fee = D(rng.randrange(-50, 300)) / 100
+            fee_currency = currency if rng.random() < 0.7 else rng.choice(["USD", "EUR"])
             ts = T0 + rng.randrange(0, 180) * 1_000_000_000 + rng.randrange(0, 1000) * 1_000_000
             qty, price = D(rng.randrange(1, 500)), D(rng.randrange(9900, 10100)) / 100
             mid = None if i % 7 == 0 else D(rng.randrange(9900, 10100)) / 100
@@ -620,8 +628,9 @@ async def test_summary_sql_matches_a_python_reference(chdb_location):
             cost = slippage_cost(side, qty, price, mid) if mid is not None else None
             row = dict.fromkeys(c.name for c in FILL_COLUMNS)
             busted, moved = i % 11 == 0, i % 13 == 0
-            row.update(fill_id=f"f{i}", account=account, symbol="S", venue="V", side=side, liquidity="", ts=ts,
-                       qty=qty, price=price, fee=D(0), notional=qty * price, arrival_mid=mid,
+            row.update(fill_id=f"f{i}", account=account, symbol=symbol, currency=currency, venue="V", side=side,
+                       liquidity="", ts=ts, qty=qty, price=price, fee=fee, fee_currency=fee_currency,
+                       notional=qty * price, arrival_mid=mid,
                        arrival_notional=qty * mid if mid is not None else None, slippage_bps=bps,
                        slippage_cost=cost, complete=1, amendments=int(busted or moved), busted=int(busted),
                        progress=31, version=row_version(2, int(busted or moved), True))
@@ -644,22 +653,31 @@ async def test_summary_sql_matches_a_python_reference(chdb_location):
             if not busted:
                 fills.append(row)
         rows = [tuple(first.values()) for first, _ in alone] + rows + [tuple(last.values()) for _, last in alone]
+        at = [c.name for c in FILL_COLUMNS].index("ts")
         for start in range(0, len(rows), 200):  # several parts, so FINAL has work to do
             chunk = rows[start:start + 200]
             await tables.insert(FILLS_TABLE, arrow_table(FILL_COLUMNS, chunk))
-            await tables.refresh_minutes({r[7] - r[7] % 60_000_000_000 for r in chunk}, time.time_ns())
+            await tables.refresh_minutes({r[at] - r[at] % 60_000_000_000 for r in chunk}, time.time_ns())
 
         def reference(bucket_ns, keep=lambda r: True):
             groups = {}
             for r in fills:
                 if keep(r):
-                    groups.setdefault((r["account"], r["side"], r["ts"] - r["ts"] % bucket_ns), []).append(r)
+                    key = (r["account"], r["side"], r["currency"], r["ts"] - r["ts"] % bucket_ns)
+                    groups.setdefault(key, []).append(r)
             return groups
 
         def check(groups, expected_groups):
             assert len(groups) == len(expected_groups)
             for g in groups:
-                expected = expected_groups[(g["account"], g["side"], g["bucket_start"])]
+                expected = expected_groups[(g["account"], g["side"], g["currency"], g["bucket_start"])]
+                assert g["fills"]["fees"] == format_decimal(
+                    sum((r["fee"] for r in expected if r["fee_currency"] == g["currency"]), D(0)))
+                other: dict[str, D] = {}
+                for r in expected:
+                    if r["fee_currency"] != g["currency"]:
+                        other[r["fee_currency"]] = other.get(r["fee_currency"], D(0)) + r["fee"]
+                assert g["fills"]["fees_other"] == {c: format_decimal(other[c]) for c in sorted(other)}
                 values = sorted(r["slippage_bps"] for r in expected if r["slippage_bps"] is not None)
                 n = len(values)
                 slip = g["fills"]["slippage_bps"]
@@ -674,7 +692,7 @@ async def test_summary_sql_matches_a_python_reference(chdb_location):
                                   sum(r["arrival_notional"] for r in expected if r["arrival_notional"] is not None))
                 assert slip["notional_weighted"] == format_decimal(weighted)
                 assert g["fills"]["notional"] == format_decimal(sum(r["notional"] for r in expected))
-            assert groups == sorted(groups, key=lambda g: (g["account"], g["side"], g["bucket_start"]))
+            assert groups == sorted(groups, key=lambda g: (g["account"], g["side"], g["currency"], g["bucket_start"]))
 
         queries = eq.ExecutionQueries(database, lambda: store)
         minute = 60_000_000_000
@@ -689,11 +707,12 @@ async def test_summary_sql_matches_a_python_reference(chdb_location):
         only = await queries.summary(window, (), None)
         assert only == await queries.summary(window, (), None, use_rollup=False)
         expected = [r for r in fills if r["account"] == "A" and r["side"] == "SELL" and T0 <= r["ts"] < T0 + minute]
-        assert only[0]["fills"]["count"] == len(expected)
+        assert [g["currency"] for g in only] == ["JPY", "USD"]  # no key: one group per currency
+        assert sum(g["fills"]["count"] for g in only) == len(expected)
         off_minute = eq.Filters(from_ns=T0 + 30_000_000_000)
         assert eq.whole_minutes(window, minute) and not eq.whole_minutes(off_minute, None)
         late = await queries.summary(off_minute, (), None)
-        assert late[0]["fills"]["count"] == sum(r["ts"] >= T0 + 30_000_000_000 for r in fills)
+        assert sum(g["fills"]["count"] for g in late) == sum(r["ts"] >= T0 + 30_000_000_000 for r in fills)
     finally:
         await store.command(f"DROP DATABASE IF EXISTS {database}")
         await store.close()
@@ -710,7 +729,7 @@ async def test_tables_of_the_older_layout_are_migrated(chdb_location):
     store = open_clickhouse(f"chdb://{chdb_location}")
     try:
         await store.command(f"CREATE DATABASE {database}")
-        added = ("progress", "amendments", "busted")
+        added = ("progress", "amendments", "busted", "currency", "fee_currency", "fees_other")
         old = lambda cols: ", ".join(f"{c.name} {c.clickhouse}" for c in cols if c.name not in added)  # noqa: E731
         await store.command(
             f"CREATE TABLE {database}.execution_fills ({old(FILL_COLUMNS)}) ENGINE = ReplacingMergeTree(version) "
@@ -730,7 +749,7 @@ async def test_tables_of_the_older_layout_are_migrated(chdb_location):
         keys = dict((await store.query(
             "SELECT name, sorting_key FROM system.tables WHERE database = {d:String}", {"d": database})).rows)
         assert keys == {"execution_fills": "ts, fill_id", "execution_orders": "arrival_ts, order_id",
-                        "execution_fill_minutes": "minute, account, symbol, venue, side",
+                        "execution_fill_minutes": "minute, account, symbol, venue, side, currency",
                         "execution_fill_ids": "fill_id"}
         rows = (await store.query(
             f"SELECT fill_id, progress, amendments, busted, version FROM {database}.execution_fills FINAL "

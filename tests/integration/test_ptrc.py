@@ -21,7 +21,7 @@ from posttrade.stores.questdb import QuestDBClient
 from posttrade.streams.events import Fill, Quote, encode
 from posttrade.streams.subjects import fill_subject, quote_subject
 
-from .service_process import REPO, ServiceProcess
+from .service_process import REPO, ServiceProcess, reference_setting
 
 MULTIPLIERS = {"FUT": "50"}
 
@@ -29,8 +29,8 @@ MULTIPLIERS = {"FUT": "50"}
 def ptrc_config(restricted: str) -> str:
     base = (REPO / "config/backend/ptrc/config.yaml").read_text()
     return base + (
-        "instruments:\n  FUT: {multiplier: 50}\n"
-        f"compliance:\n  restricted_symbols: [{restricted}]\n  max_position: 1000000\n"
+        reference_setting("instruments:\n  FUT: {multiplier: 50}\n")
+        + f"compliance:\n  restricted_symbols: [{restricted}]\n  max_position: 1000000\n"
     )
 
 

@@ -6,6 +6,10 @@ names: the QuestDB server is shared) — then `POST /reports` generates the day,
 /reports` lists it and every file is downloaded and checked: the blotter's CSV and
 Parquet carry exactly the stored fills of that day, the P&L report the close from the
 roll snapshots, the compliance report the day's alerts.
+
+The snapshots of the first tests are in a table of the layout from before the
+base-currency columns (what an upgraded ptrc finds); a multi-currency day is stored
+through ptrc_storage's own layout and read back at the rates of its rolls.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from datetime import date, datetime, timezone
 from decimal import Decimal as D
 
 import httpx
+import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -28,7 +33,12 @@ import pytest
 from posttrade.agents.reports import ReportsSection, install_reports
 from posttrade.app import App
 from posttrade.agents import ptrc_storage
-from posttrade.core.positions import PositionState
+from posttrade.agents.positions import position_update
+from posttrade.core.fx import FxRates
+from posttrade.core.positions import Position, PositionState
+from posttrade.core.reference import FxPair, Instrument, Reference
+from posttrade.streams.events import Fill
+from posttrade.streams.stream import EventRecord
 from posttrade.core.reports import NS, TradingDay, iso_ns
 from posttrade.stores import clickhouse as clickhouse_store
 from posttrade.stores.clickhouse import open_clickhouse
@@ -39,7 +49,7 @@ from posttrade.web.server import build_web_app
 
 DEC = "DECIMAL(38, 12)"
 TRADES_COLUMNS = ptrc_storage.TRADES.table_columns  # ptrc's ptrc_trades (the contract)
-SNAPSHOT_COLUMNS = {  # ptrc's position_snapshots
+SNAPSHOT_COLUMNS = {  # ptrc's position_snapshots, as stored before the base-currency columns
     "ts": "TIMESTAMP_NS", "account": "SYMBOL", "symbol": "SYMBOL", "reason": "SYMBOL", "net_qty": DEC,
     "avg_open_price": DEC, "realized_pnl_gross": DEC, "fees": DEC, "realized_pnl_net": DEC, "mark": DEC,
     "unrealized_pnl": DEC, "day_pnl": DEC,
@@ -192,6 +202,9 @@ async def test_a_days_reports_are_generated_listed_and_downloaded(stored_day, cl
             xyz["day_pnl"]) == ("-5", "95", "146", "-25", "121", "121")  # first traded that day
     assert (abc["total_pnl"], abc["day_pnl"]) == ("5", "3")  # worth 2 at the open, 5 at the close
     assert (total["realized_pnl_net"], total["total_pnl"], total["day_pnl"]) == ("146", "126", "124")
+    # Stored before the base columns, in USD like its account: at the rate 1.
+    assert (xyz["currency"], xyz["base_currency"], xyz["fx_rate"], xyz["day_pnl_base"]) == ("USD", "USD", "1", "121")
+    assert (total["currency"], total["day_pnl_base"], total["missing_rates"]) == ("USD", "124", "")
     assert xyz["valued_at"] == iso_ns(SNAPSHOTS[4]["ts"])
     positions_table = pq.read_table(io.BytesIO(files[f"{prefix}/positions.parquet"].content))
     assert positions_table.column("net_qty").to_pylist() == [D(1), D(-5)]
@@ -429,3 +442,78 @@ async def test_a_spooled_chunk_that_cannot_be_read_costs_an_export_not_the_repor
         generation = await reports.generate(DAY, ["trade_blotter"])
     assert generation.blotter["rows"] == 80 and generation.blotter["chunks_from_spool"] == 0
     assert blotter_files(tmp_path / "objects") == await cold_blotter(t, tmp_path)
+
+
+# -- a multi-currency day: the rates of the roll, stored with it ---------------------------------
+
+REFERENCE = Reference(
+    {"TOYOTA": Instrument(currency="JPY"), "USDJPY": Instrument(fx=FxPair("USD", "JPY")),
+     "NESN": Instrument(currency="CHF")},
+)
+
+
+def fx_at(usdjpy: str | None) -> FxRates:
+    return FxRates(REFERENCE, lambda s: (D(usdjpy), "quote_mid", START) if s == "USDJPY" and usdjpy else None)
+
+
+def rolled(position: Position, mark: str, ts: int, fx: FxRates):
+    """ptrc's roll update of `position` with the rates of that moment (as its keeper sends it)."""
+    position.roll_day(D(mark))
+    update = position_update(position, D(mark), "roll", ts)
+    base = REFERENCE.base_currency(position.account)
+    rates = {c: r.rate for c in (position.currency, *position.foreign_fees) if (r := fx.rate(c, base)) is not None}
+    return msgspec.structs.replace(update, base_currency=base, fx_rates=rates)
+
+
+async def test_a_past_multi_currency_day_is_reported_at_the_rates_of_its_roll(stack, tmp_path):
+    """TOYOTA (JPY) held into DAY at USDJPY 150, 40 of 100 sold on DAY, rolled into the
+    next day at USDJPY 160: DAY's P&L of 6940 JPY is 43.375 USD, whatever USDJPY is when
+    the report is made (170 here). NESN (CHF) has no rate: its base figures and the
+    account's totals are null, with CHF in missing_rates."""
+    toyota = Position("ACC1", "TOYOTA", currency="JPY")
+    toyota.apply(Fill(ts=START - HOUR, fill_id="t1", account="ACC1", symbol="TOYOTA", side="BUY", qty=D(100),
+                      price=D(2000)))
+    nesn = Position("ACC1", "NESN", currency="CHF")
+    nesn.apply(Fill(ts=START - HOUR, fill_id="n1", account="ACC1", symbol="NESN", side="BUY", qty=D(5), price=D(100)))
+    updates = [rolled(toyota, "2000", START + 5, fx_at("150")), rolled(nesn, "100", START + 5, fx_at("150"))]
+    toyota.apply(Fill(ts=START + 9 * HOUR, fill_id="t2", account="ACC1", symbol="TOYOTA", side="SELL", qty=D(40),
+                      price=D(2100), fee=D(60)))
+    updates += [rolled(toyota, "2050", END + 5, fx_at("160")), rolled(nesn, "101", END + 5, fx_at("160"))]
+
+    table = f"rept_{uuid.uuid4().hex[:8]}_snapshots"
+    questdb = QuestDBClient(host=stack.questdb_host, port=stack.questdb_http_port)
+    writer = QuestDBWriter(host=stack.questdb_host, port=stack.questdb_http_port)
+    layout = ptrc_storage.SNAPSHOTS
+    try:
+        await questdb.create_table(table, layout.table_columns, dedup_keys=("ts", "account", "symbol", "reason"))
+        records = [EventRecord(ptrc_storage.snapshot_record(u, REFERENCE), "POSITIONS", i, "s", 0, 1, None)
+                   for i, u in enumerate(updates)]
+        await writer.write_batch(table, layout.build_columns(records), symbols=layout.symbols, at="ts")
+        await questdb.wait_visible(table, len(records))
+        app = App("ptrc", MemoryTransport())
+        positions = app.table("positions", value_type=PositionState, key_type=tuple[str, str])
+        reports = install_reports(
+            app, positions=positions, mark_of=lambda symbol: None, fx=fx_at("170"),
+            object_store=LocalObjectStore(tmp_path), questdb=questdb, clickhouse=None,
+            settings=ReportsSection(trades_table=f"{table}_none", snapshots_table=table, spool=False),
+        )
+        async with app:
+            await reports.generate(DAY, ["daily_pnl", "positions"])
+    finally:
+        await questdb.execute(f"DROP TABLE IF EXISTS {table}")
+        await writer.close()
+        await questdb.close()
+    folder = tmp_path / "reports" / DAY.isoformat()
+    pnl = {(r["level"], r["symbol"]): r for r in csv.DictReader(io.StringIO((folder / "daily_pnl.csv").read_text()))}
+    t = pnl[("position", "TOYOTA")]
+    assert (t["currency"], t["day_pnl"], t["base_currency"], t["fx_rate"]) == ("JPY", "6940", "USD", "0.00625")
+    assert (t["day_pnl_base"], t["total_pnl_base"], t["unrealized_pnl_base"], t["fees_base"]) == (
+        "43.375", "43.375", "18.75", "0.375")
+    n = pnl[("position", "NESN")]
+    assert (n["currency"], n["day_pnl"], n["fx_rate"], n["day_pnl_base"], n["missing_rates"]) == ("CHF", "5", "", "", "CHF")
+    total = pnl[("account", "")]
+    assert (total["currency"], total["day_pnl"], total["day_pnl_base"], total["missing_rates"]) == ("USD", "", "", "CHF")
+    held = pq.read_table(folder / "positions.parquet")
+    assert held.column("symbol").to_pylist() == ["NESN", "TOYOTA"]
+    assert held.column("market_value_base").to_pylist() == [None, D("768.75")]  # 60 x 2050 / 160
+    assert held.column("fx_rate").to_pylist() == [None, D("0.00625")]

@@ -18,7 +18,7 @@ import pytest
 
 from posttrade.app import App
 from posttrade.streams.nats import NatsTransport
-from posttrade.streams.transport import StartPosition
+from posttrade.streams.transport import ConsumerSpec, StartPosition, StreamSpec
 
 from .counter_worker import Tick, Totals, build
 
@@ -281,3 +281,37 @@ def test_forget_command_lists_then_deletes_with_yes(stack, names, capsys):
     assert f"deleted consumer {stream}/{app_name}-count" in capsys.readouterr().out
     assert main(["forget", app_name, "--nats", stack.nats_url]) == 0
     assert "nothing on NATS belongs to" in capsys.readouterr().out
+
+
+async def test_a_consumer_starting_at_the_last_message_per_subject_gets_every_subject(stack, names):
+    # More than one pull's worth of bytes: the server must not drop any subject's last
+    # message on the way (a byte-bounded pull ending early once did, in this mode).
+    stream, _ = names
+    subjects = 2_000
+    transport = NatsTransport(stack.nats_url)
+    await transport.connect()
+    try:
+        await transport.ensure_stream(StreamSpec(stream, (f"{stream.lower()}.>",)))
+        nc = await nats.connect(stack.nats_url)
+        js = nc.jetstream()
+        payload = b"x" * 12_000  # 1,000 of them are more than a pull's 8 MiB bound
+        acks = [await js.publish_async(f"{stream.lower()}.k{i}", payload) for i in range(subjects)]
+        await asyncio.gather(*acks)
+        await nc.close()
+        consumer = await transport.open_consumer(
+            ConsumerSpec(stream, None, start=StartPosition(last_per_subject=True))
+        )
+        seen: set[str] = set()
+        deadline = time.monotonic() + 30
+        while len(seen) < subjects and time.monotonic() < deadline:
+            batch = await consumer.next_batch(1_000, timeout=1.0)
+            seen.update(d.subject for d in batch)
+            if batch:
+                await consumer.ack_through(batch[-1])
+        await consumer.close()
+        assert len(seen) == subjects
+    finally:
+        nc = await nats.connect(stack.nats_url)
+        await nc.jetstream().delete_stream(stream)
+        await nc.close()
+        await transport.close()

@@ -29,7 +29,7 @@ from posttrade.core.positions import PositionBook, position_row
 from posttrade.streams.events import Fill, Quote, encode
 from posttrade.streams.subjects import fill_subject, quote_subject
 
-from .service_process import REPO, ServiceProcess
+from .service_process import REPO, ServiceProcess, reference_setting
 
 MULTIPLIERS = {"FUT": Decimal(50)}
 MARKS = {"AAA": Decimal("100.25"), "FUT": Decimal("101")}
@@ -147,7 +147,7 @@ def settle(read, expected: dict, fields, what: str, timeout: float = 90) -> dict
 
 
 def ptrc_config() -> str:
-    return (REPO / "config/backend/ptrc/config.yaml").read_text() + "instruments:\n  FUT: {multiplier: 50}\n"
+    return (REPO / "config/backend/ptrc/config.yaml").read_text() + reference_setting("instruments:\n  FUT: {multiplier: 50}\n")
 
 
 def cli_rows(tmp_path: Path, messages: list[Fill]) -> dict:

@@ -49,8 +49,11 @@ def test_the_gate_passes_against_services_it_starts(stack, tmp_path: Path):
     failing = [c["name"] for c in result["checks"] if c["status"] != "PASS"]
     assert failing == [], shown
     names = {c["name"] for c in result["checks"]}
-    # Every part of the gate ran, including the multiplier scenario --start configures.
+    # Every part of the gate ran, including the multiplier and multi-currency scenarios
+    # of the reference data --start writes.
     assert {c["section"] for c in result["checks"]} == {1, 2, 3, 4}
-    assert {"accuracy.report", "dataflow.features_online", "performance.writer_rows_per_s",
-            "integration.logs", "integration.processes"} <= names  # fmt: skip
-    assert not any("multiplier" in note for note in result["notes"]), result["notes"]
+    assert {"accuracy.report", "accuracy.currencies", "accuracy.fx_move", "dataflow.features_online",
+            "performance.writer_rows_per_s", "integration.logs", "integration.processes"} <= names  # fmt: skip
+    assert result["notes"] == [], result["notes"]
+    written = (tmp_path / "home" / "validate" / "reference.yaml").read_text()
+    assert "VALIDATE_MULT" in written and "VALIDATE_USDXVJ" in written and f"VALIDATE-{result['run_id']}-XVE" in written

@@ -140,7 +140,7 @@ def test_daily_loss_limit_on_day_pnl():
 def test_daily_loss_not_evaluated_while_unknown():
     desk = Desk(daily_loss_limit="1")
     assert desk.fill("BUY", 10, 100) == []  # open, no mark: day P&L unknown
-    assert desk.book.day_pnl("A") is None
+    assert desk.book.account_totals("A").day_pnl is None
     alerts = desk.mark("S", "50")
     assert rules_of(alerts) == ["daily_loss_limit"]  # -500 once known
 

@@ -1,5 +1,7 @@
-"""The demo feed: deterministic, valid events; orders and fills consistent with each other
-and with the quotes they executed against; the publisher's retries never duplicate."""
+"""The demo feed: deterministic, valid events on each instrument's grid; orders and fills
+consistent with each other and with the quotes they executed against; instruments in
+several currencies that the shipped reference data values; the publisher's retries
+never duplicate."""
 
 from __future__ import annotations
 
@@ -7,8 +9,10 @@ import asyncio
 import random
 from collections import Counter, defaultdict
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
+import yaml
 
 from posttrade.demo.execution import ExecutionSimulator
 from posttrade.demo.feed import (
@@ -19,11 +23,24 @@ from posttrade.demo.feed import (
     message_id,
     subject_of,
 )
-from posttrade.demo.market import INSTRUMENTS, LOT, TICK, Instrument, SymbolBook
+from posttrade.core.positions import PositionBook
+from posttrade.core.reference import Reference
+from posttrade.demo.market import (
+    INSTRUMENTS,
+    OTHER_CURRENCIES,
+    TICK,
+    US_EQUITIES,
+    Fees,
+    Instrument,
+    SymbolBook,
+    tagged_reference,
+)
 from posttrade.streams.events import Fill, MarketTrade, Order, Quote, decode, encode
 from posttrade.streams.memory import MemoryTransport
 
 START_NS = 1_750_000_000_000_000_000
+BY_SYMBOL = {i.symbol: i for i in INSTRUMENTS}
+REFERENCE_FILE = Path(__file__).resolve().parents[2] / "config" / "backend" / "reference.yaml"
 STEPS = 600  # one minute of market time at the default 0.1 s steps
 
 
@@ -60,10 +77,10 @@ def test_the_rate_is_about_what_was_asked():
         assert abs(len(events) / 30 - rate) / rate < 0.1, (rate, len(events) / 30)
 
 
-def test_twenty_symbols_five_accounts_and_a_tag_that_keeps_them_apart():
+def test_twenty_five_symbols_five_accounts_and_a_tag_that_keeps_them_apart():
     tagged = generate(FeedSettings(seed=2, tag="X1"), 200)
     symbols = {e.symbol for e in tagged}
-    assert symbols == {f"{i.symbol}-X1" for i in INSTRUMENTS} and len(symbols) == 20
+    assert symbols == {f"{i.symbol}-X1" for i in INSTRUMENTS} and len(symbols) == 25
     assert {e.account for e in tagged if isinstance(e, Order | Fill)} == {f"{a.name}-X1" for a in ACCOUNTS}
     # A symbol with a dot is routed through its subject token, the payload keeps the name.
     brk = next(e for e in tagged if isinstance(e, Quote) and e.symbol == "BRK.B-X1")
@@ -76,9 +93,10 @@ def test_quotes_walk_on_the_tick_grid_and_trades_print_inside_them(events):
     mids: dict[str, set] = defaultdict(set)
     for event in events:
         if isinstance(event, Quote):
+            instrument = BY_SYMBOL[event.symbol]
             assert event.bid < event.ask
-            assert event.bid % TICK == 0 and event.ask % TICK == 0
-            assert event.bid_size % LOT == 0 and event.ask_size % LOT == 0
+            assert event.bid % instrument.tick == 0 and event.ask % instrument.tick == 0
+            assert event.bid_size % instrument.lot == 0 and event.ask_size % instrument.lot == 0
             assert event.ts > last_ts.get(event.symbol, 0) or event.ts == START_NS
             last_ts[event.symbol] = event.ts
             current[event.symbol] = event
@@ -87,6 +105,8 @@ def test_quotes_walk_on_the_tick_grid_and_trades_print_inside_them(events):
             quote = current[event.symbol]
             assert quote.bid <= event.price <= quote.ask
             assert event.aggressor in ("BUY", "SELL")
+            assert event.size % BY_SYMBOL[event.symbol].qty_step == 0
+            assert event.venue in BY_SYMBOL[event.symbol].trade_venues
     assert all(len(m) > 5 for m in mids.values())  # every price moved during the minute
 
 
@@ -148,20 +168,25 @@ def test_fill_prices_against_the_quotes(events):
             arrival_quote[event.order_id] = quote[event.symbol]
         elif isinstance(event, Fill):
             order = orders[event.order_id]
+            instrument = BY_SYMBOL[event.symbol]
             buy = event.side == "BUY"
             liquidity[event.liquidity] += 1
+            assert event.price % instrument.tick == 0 and event.qty % instrument.qty_step == 0
             if order.limit_price is not None:
                 assert event.price <= order.limit_price if buy else event.price >= order.limit_price
             if event.liquidity == "TAKER":
                 # Takes at or beyond the touch of the quote it arrived on, within the book's depth.
                 touch = arrival_quote[event.order_id].ask if buy else arrival_quote[event.order_id].bid
                 beyond = (event.price - touch) if buy else (touch - event.price)
-                assert 0 <= beyond <= depth_ticks * TICK, (event, touch)
+                assert 0 <= beyond <= depth_ticks * instrument.tick, (event, touch)
                 slipped += beyond > 0
-                assert event.fee == Decimal("0.0030") * event.qty
             else:
                 assert event.price == order.limit_price  # a maker fill is at its resting price
-                assert event.fee == Decimal("-0.0020") * event.qty
+            assert event.fee == instrument.fees.fee(event.liquidity, event.qty, event.price)
+            assert event.fee_currency == instrument.fees.currency
+            if instrument in US_EQUITIES:
+                per_share = Decimal("0.0030") if event.liquidity == "TAKER" else Decimal("-0.0020")
+                assert event.fee == per_share * event.qty
     assert slipped > 0  # some takers paid more than the touch
     assert liquidity["TAKER"] > 0 and liquidity["MAKER"] > 0
 
@@ -173,6 +198,106 @@ def test_message_ids_are_unique_and_stable(events):
     assert message_id(fill) == fill.fill_id
     order = next(e for e in events if isinstance(e, Order))
     assert message_id(order) == f"{order.order_id}:{order.status}"
+
+
+# -- instruments in other currencies -------------------------------------------------------
+
+
+def test_the_future_the_fx_pairs_the_crypto_pair_and_the_eur_stock_are_quoted_and_traded(events):
+    seen: dict[str, Counter] = defaultdict(Counter)
+    for event in events:
+        kind = type(event).__name__ if not isinstance(event, Order) or event.status == "NEW" else "end"
+        seen[event.symbol][kind] += 1
+    for instrument in OTHER_CURRENCIES:
+        counts = seen[instrument.symbol]
+        assert counts["Quote"] > 50 and counts["MarketTrade"] > 0 and counts["Order"] > 0 and counts["Fill"] > 0, (
+            instrument.symbol, counts)  # fmt: skip
+    fills = defaultdict(list)
+    for event in events:
+        if isinstance(event, Fill):
+            fills[event.symbol].append(event)
+    # Quantities as each market trades them: whole contracts, fractions of a bitcoin,
+    # thousands of dollars; the FX commission charged in USD, not in JPY.
+    assert all(f.qty == f.qty.to_integral_value() for f in fills["ESU4"])
+    assert any(f.qty != f.qty.to_integral_value() for f in fills["BTCUSDT"])
+    assert all(f.qty % 1000 == 0 for f in fills["USDJPY"] + fills["EURUSD"])
+    assert {f.fee_currency for f in fills["USDJPY"]} == {"USD"}
+    assert {f.fee_currency for f in fills["SAP"] + fills["BTCUSDT"] + fills["AAPL"]} == {None}
+    # The FX quotes that give the rates: JPY per USD about 155, USD per EUR about 1.085.
+    last = {e.symbol: e for e in events if isinstance(e, Quote)}
+    assert Decimal(150) < last["USDJPY"].mid < Decimal(160) and last["USDJPY"].bid % Decimal("0.001") == 0
+    assert Decimal("1.05") < last["EURUSD"].mid < Decimal("1.12") and last["EURUSD"].bid % Decimal("0.00001") == 0
+
+
+def test_the_shipped_reference_data_values_every_demo_position_in_its_base(events):
+    """What `make up` shows: every account's totals in its base currency (USD; EUR for
+    BRAVO-PASSIVE), none missing a rate, with JPY, EUR and USDT positions converted at
+    the feed's own FX quotes (through USD for the euro account)."""
+    reference = Reference.load(REFERENCE_FILE)
+    assert all(reference.currency(i.symbol) == "USD" and reference.multiplier(i.symbol) == 1 for i in US_EQUITIES)
+    assert {i.symbol: (reference.currency(i.symbol), reference.multiplier(i.symbol)) for i in OTHER_CURRENCIES} == {
+        "ESU4": ("USD", 50), "USDJPY": ("JPY", 1), "EURUSD": ("USD", 1), "BTCUSDT": ("USDT", 1), "SAP": ("EUR", 1),
+    }  # fmt: skip
+    assert reference.fx_instrument("USD", "JPY") == ("USDJPY", False)
+    assert reference.fx_instrument("EUR", "USD") == ("EURUSD", False)
+    book = PositionBook(reference=reference)
+    for event in events:
+        if isinstance(event, Fill):
+            book.apply(event)
+        elif isinstance(event, Quote):
+            book.set_mark(event.symbol, event.mid)
+    rates = {}
+    for row in book.rows():
+        assert row["missing_rates"] == [] and row["total_pnl_base"] is not None, row
+        rates[(row["currency"], row["base_currency"])] = Decimal(row["fx_rate"])
+    assert rates[("USD", "USD")] == 1 and rates[("USDT", "USD")] == 1
+    assert rates[("JPY", "USD")] * book.marks["USDJPY"] == pytest.approx(1, abs=Decimal("1e-15"))
+    assert rates[("EUR", "USD")] == book.marks["EURUSD"] and rates[("EUR", "EUR")] == 1
+    assert rates[("USD", "EUR")] * book.marks["EURUSD"] == pytest.approx(1, abs=Decimal("1e-15"))
+    for totals in book.totals():
+        base = "EUR" if totals.account == "BRAVO-PASSIVE" else "USD"
+        assert totals.base_currency == base and totals.missing_rates == [] and totals.total_pnl is not None
+
+
+def test_a_tagged_feed_gets_reference_data_under_its_own_names():
+    data = yaml.safe_load(REFERENCE_FILE.read_text())
+    assert tagged_reference(data, INSTRUMENTS, None) == data
+    tagged = Reference.from_data(tagged_reference(data, INSTRUMENTS, "T1"))
+    assert tagged.multiplier("ESU4-T1") == 50 and tagged.currency("SAP-T1") == "EUR"
+    assert tagged.currency("USDJPY-T1") == "JPY" and tagged.fx_instrument("USD", "JPY") == ("USDJPY-T1", False)
+    assert "ESU4" not in tagged.instruments and "USDJPY" not in tagged.instruments  # one instrument per pair
+    assert tagged.fixed == {("USDT", "USD"): 1}
+
+
+def test_fees_per_quantity_or_per_notional_rounded_where_the_venue_rounds():
+    crypto = Fees(Decimal("0.0010"), Decimal("0.0002"), per="notional", places=8)
+    assert crypto.fee("TAKER", Decimal("0.123"), Decimal("64250.01")) == Decimal("7.90275123")
+    assert crypto.fee("MAKER", Decimal("0.001"), Decimal("64250.05")) == Decimal("0.01285001")
+    fx = Fees(Decimal("0.00001"), Decimal("0.000005"), currency="USD", places=2)
+    assert fx.fee("TAKER", Decimal(1_234_000), Decimal("155.25")) == Decimal("12.34")
+    assert fx.fee("MAKER", Decimal(1000), Decimal("155.25")) == Decimal("0.00")  # half-even
+    assert Fees(Decimal("0.0030"), Decimal("-0.0020")).fee("MAKER", Decimal(32), Decimal("1")) == Decimal("-0.064")
+
+
+def test_an_instrument_must_start_on_its_grid():
+    with pytest.raises(ValueError, match="not on its 0.25 grid"):
+        Instrument("ESZ5", Decimal("5512.10"), "XCME", 1, 1.0, tick=Decimal("0.25"))
+    with pytest.raises(ValueError, match="lot"):
+        Instrument("BTC", Decimal("1"), "X", 1, 1.0, lot=Decimal("0.1"), qty_step=Decimal("0.03"))
+
+
+def test_a_bitcoin_market_order_walks_the_book_in_fractions_on_the_grids():
+    rng = random.Random(7)
+    btc = next(i for i in OTHER_CURRENCIES if i.symbol == "BTCUSDT")
+    book = SymbolBook(btc, rng)
+    book.make_quote(START_NS)
+    sim = simulator(rng)
+    order = Order(ts=START_NS + 1, order_id="O9", account="A", symbol="BTCUSDT", side="SELL", qty=Decimal("12.345"))
+    new, *fills, end = sim.submit(order, book, ttl_ns=10**9)
+    assert [f.price for f in fills] == [book.quote.bid - k * btc.tick for k in range(len(fills))]
+    assert fills[0].qty == book.quote.bid_size and all(f.qty % btc.qty_step == 0 for f in fills)
+    assert sum(f.qty for f in fills) <= order.qty and end.status in ("FILLED", "CANCELED")
+    assert all(f.fee == (Decimal("0.0010") * f.qty * f.price).quantize(Decimal("1e-8")) for f in fills)
 
 
 # -- the execution simulator on its own --------------------------------------------------

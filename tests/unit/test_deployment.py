@@ -161,12 +161,14 @@ def test_the_documented_ports(configs):
     }
 
 
-def test_each_service_mounts_its_own_config_read_only(compose):
+def test_each_service_mounts_its_own_config_and_the_reference_data_read_only(compose):
+    reference = "../config/backend/reference.yaml:/app/config/backend/reference.yaml:ro"
     for name in SERVICES:
         mounts = [v for v in compose["services"][name]["volumes"] if isinstance(v, str) and ":/app/config/" in v]
-        assert mounts == [f"../config/backend/{name}:/app/config/backend/{name}:ro"], name
+        assert mounts == [f"../config/backend/{name}:/app/config/backend/{name}:ro", reference], name
         source = (DOCKER / mounts[0].split(":")[0]).resolve()
         assert (source / "config.yaml").is_file(), f"{name}: nothing to mount at {source}"
+    assert (DOCKER / reference.split(":")[0]).resolve().is_file()
 
 
 def test_depends_on_covers_every_server_a_service_uses(compose, configs):

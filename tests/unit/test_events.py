@@ -65,6 +65,6 @@ def test_a_bad_value_is_refused_with_its_reason(event_type, changes, reason):
 
 
 def test_decimals_stay_exact():
-    fill = decode(Fill, raw(Fill, price="100.123456789012345678"))
-    assert fill.price == Decimal("100.123456789012345678")
-    assert b'"100.123456789012345678"' in encode(fill)
+    fill = decode(Fill, raw(Fill, price="100.123456789012"))
+    assert fill.price == Decimal("100.123456789012")
+    assert b'"100.123456789012"' in encode(fill)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal as D
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -636,12 +637,21 @@ def test_orders_seen_only_through_their_terminal_event():
     assert tracker.order_row(state, 1) is None  # never written: its arrival is unknown
 
 
+def unchecked(event, **changes):
+    """A copy of `event` with `changes`, skipping the validation: what no service decodes
+    (core.bounds), to test the columns' own defence."""
+    copy = msgspec.structs.replace(event)
+    for name, value in changes.items():
+        msgspec.structs.force_setattr(copy, name, value)
+    return copy
+
+
 def test_unstorable_numbers_are_named():
     ok = Fill(ts=T0, fill_id="F", account="A", symbol="S", side="BUY", qty=D("1"), price=D("1.5"))
     assert unstorable_reason(ok) is None
-    fine = Fill(ts=T0, fill_id="F", account="A", symbol="S", side="BUY", qty=D("1"), price=D("0.0000000000000000001"))
+    fine = unchecked(ok, price=D("0.0000000000000000001"))
     assert "decimal places" in unstorable_reason(fine)
-    huge = Order(ts=T0, order_id="O", account="A", symbol="S", side="BUY", qty=D("1E+21"))
+    huge = unchecked(Order(ts=T0, order_id="O", account="A", symbol="S", side="BUY", qty=D(1)), qty=D("1E+21"))
     assert "too large" in unstorable_reason(huge)
 
 
@@ -1093,14 +1103,15 @@ async def test_unstorable_fill_is_dead_lettered():
     transport = MemoryTransport()
     store = RecordingStore({}, {})
     app, tracker, sink = make_service_app(transport, store)
-    bad = Fill(ts=T0, fill_id="BAD", account="A", symbol="XYZ", side="BUY", qty=D("1"),
-               price=D("1.0000000000000000001"))
+    bad = unchecked(Fill(ts=T0, fill_id="BAD", account="A", symbol="XYZ", side="BUY", qty=D("1"), price=D(1)),
+                    price=D("1.0000000000000000001"))
     async with app:
         await transport.publish(SUBJECTS["fills"], encode(bad))
         await transport.publish(SUBJECTS["fills"], b'{"not": "a fill"}')
         await wait_until(lambda: len(transport.streams["DLQ"].messages) == 2)
     reasons = {m[2]["Posttrade-Seq"]: m[2]["Posttrade-Reason"] for m in transport.streams["DLQ"].messages}
-    assert "more than 18 decimal places" in reasons["1"] and "invalid Fill" in reasons["2"]
+    # Refused when decoded, as by every service (core.bounds: at most 12 places).
+    assert "price must have at most 12 decimal places" in reasons["1"] and "invalid Fill" in reasons["2"]
     assert "BAD" not in tracker.fills
 
 
@@ -1111,8 +1122,11 @@ def test_values_finer_than_the_columns_are_rounded_and_overflow_is_rejected():
     # column holds 18, so it is rounded half to even there (and nowhere else).
     tracker.on_fill(Fill(ts=T0, fill_id="FINE", account="A", symbol="S", side="BUY",
                          qty=D("0.123456789"), price=D("1.1234567891")), 1)
-    tracker.on_fill(Fill(ts=T0, fill_id="HUGE", account="A", symbol="S", side="BUY",
-                         qty=D("10000000000"), price=D("100000000000")), 2)  # notional 1e21: too large
+    # Notional 1e21: too large (no service decodes such a fill: core.bounds; the columns
+    # still refuse one that reaches them).
+    huge = unchecked(Fill(ts=T0, fill_id="HUGE", account="A", symbol="S", side="BUY", qty=D(1), price=D(1)),
+                     qty=D("10000000000"), price=D("100000000000"))
+    tracker.on_fill(huge, 2)
     rows = [tracker.fill_row(tracker.fills["FINE"], 1), tracker.fill_row(tracker.fills["HUGE"], 1)]
     table = sink.rows_to_arrow(FILL_COLUMNS, rows)
     assert table.column("fill_id").to_pylist() == ["FINE"]

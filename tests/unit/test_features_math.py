@@ -11,7 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from posttrade.agents.positions import position_update
+from posttrade.core.fx import FxRates
 from posttrade.core.history import ExecutionBook
+from posttrade.core.reference import FxPair, Instrument, Reference
 from posttrade.features.math import (
     DAY_NS,
     MINUTE_NS,
@@ -36,6 +38,7 @@ from posttrade.features.math import (
     position_exposure,
     quote_features,
     realized_today,
+    realized_today_base,
     recount,
     spread_bps,
     take_update,
@@ -166,7 +169,8 @@ T0 = 20_000 * DAY_NS + 36_000 * S  # 10:00 UTC on day 20,000
 
 
 def ptrc_position(symbol, net_qty, open_cost, *, realized="0", fees="0", sod_realized="0", multiplier="1",
-                  mark=None, revision=1, ts=T0, account="ACC1") -> PositionUpdate:
+                  mark=None, revision=1, ts=T0, account="ACC1", currency=None, foreign_fees=None,
+                  sod_foreign_fees=None) -> PositionUpdate:
     """A position as ptrc publishes it, from hand-computed figures. Every example here
     holds one lot, so its FIFO figures equal the average-cost ones."""
     net_qty, open_cost, realized, fees = D(net_qty), D(open_cost), D(realized), D(fees)
@@ -176,7 +180,9 @@ def ptrc_position(symbol, net_qty, open_cost, *, realized="0", fees="0", sod_rea
         realized_pnl_gross=realized, fees=fees, realized_pnl_net=realized - fees,
         fifo_open_cost=open_cost, fifo_realized_pnl_gross=realized,
         sod_realized_pnl_net=D(sod_realized), sod_unrealized_pnl=D(0),
-        mark=None if mark is None else D(mark), revision=revision,
+        mark=None if mark is None else D(mark), revision=revision, currency=currency,
+        foreign_fees={c: D(v) for c, v in (foreign_fees or {}).items()},
+        sod_foreign_fees={c: D(v) for c, v in (sod_foreign_fees or {}).items()},
     )
 
 
@@ -223,6 +229,61 @@ def test_realized_today_is_ptrcs_since_its_start_of_day():
     values = account_features([traded, closed_yesterday], {"ACME": D("99")}, 0)
     assert values["realized_pnl_today"] == 58.5
     assert values["gross_exposure"] == 3960.0  # the flat one is worth 0 at any mark
+
+
+# -- accounts: money in the account's base currency -------------------------------------------
+
+DESK = Reference(
+    {"TOYOTA": Instrument(currency="JPY"), "USDJPY": Instrument(fx=FxPair("USD", "JPY")),
+     "EURUSD": Instrument(fx=FxPair("EUR", "USD")), "NESN": Instrument(currency="CHF")},
+    base_currencies={"EU": "EUR"},
+)
+
+
+def desk_rates(**marks: str) -> FxRates:
+    return FxRates(DESK, lambda s: (D(marks[s]), "quote_mid", T0) if s in marks else None)
+
+
+def test_account_features_are_in_the_base_currency_at_the_current_rate():
+    """ACC1 (based in USD): 100 TOYOTA bought @ 2000 JPY, 40 sold @ 2100 today (fee 60 JPY),
+    printed last at 2050; 10 ACME long at 99 USD. USDJPY at 150: TOYOTA's exposure is
+    60 x 2050 = 123,000 JPY = 820 USD, its realized today 3940 JPY = 26.266666666667 USD."""
+    toyota = ptrc_position("TOYOTA", "60", "120000", realized="4000", fees="60", currency="JPY")
+    acme = ptrc_position("ACME", "10", "1000")
+    values = account_features([toyota, acme], {"TOYOTA": D(2050), "ACME": D(99)}, 2, desk_rates(USDJPY="150"))
+    assert values == {
+        "gross_exposure": 1810.0,  # 820 + 990: never 123,000 JPY + 990 USD
+        "net_exposure": 1810.0,
+        "realized_pnl_today": 26.266666666667,  # 3940 / 150, rounded half-even at 12 places
+        "fills_today": 2,
+    }
+    short = ptrc_position("TOYOTA", "-60", "-120000", currency="JPY")
+    assert account_features([short, acme], {"TOYOTA": D(2050)}, 0, desk_rates(USDJPY="150"))["net_exposure"] == -820.0 + 1000.0
+
+
+def test_a_feature_that_needs_an_unknown_rate_is_null():
+    toyota = ptrc_position("TOYOTA", "60", "120000", realized="4000", currency="JPY")
+    acme = ptrc_position("ACME", "10", "1000", realized="5")
+    values = account_features([toyota, acme], {"TOYOTA": D(2050)}, 1, desk_rates())  # no USDJPY yet
+    assert values == {"gross_exposure": None, "net_exposure": None, "realized_pnl_today": None, "fills_today": 1}
+    # A figure of 0 needs no rate: a JPY position closed before today realized 0 today and is worth 0.
+    closed = ptrc_position("TOYOTA", "0", "0", realized="4000", sod_realized="4000", currency="JPY")
+    values = account_features([closed, acme], {"ACME": D(99)}, 1, desk_rates())
+    assert (values["gross_exposure"], values["realized_pnl_today"]) == (990.0, 5.0)
+    nesn = ptrc_position("NESN", "1", "100", currency="CHF")  # nothing quotes CHF
+    values = account_features([nesn, acme], {"ACME": D(99)}, 1, desk_rates(USDJPY="150"))
+    assert values["gross_exposure"] is None and values["realized_pnl_today"] == 5.0
+
+
+def test_an_account_based_in_eur_and_fees_charged_in_another_currency():
+    """EU is based in EUR; EURUSD at 1.08. ACME (USD) realized 108 USD today, less a fee
+    of 2.16 EUR charged today in EUR (1 EUR of it before today): 100 - 1.16 EUR."""
+    acme = ptrc_position("ACME", "10", "1000", realized="108", account="EU", currency="USD",
+                         foreign_fees={"EUR": "3.16"}, sod_foreign_fees={"EUR": "1"})
+    values = account_features([acme], {"ACME": D("108")}, 1, desk_rates(EURUSD="1.08"))
+    assert values["gross_exposure"] == 1000.0  # 1080 USD / 1.08
+    assert values["realized_pnl_today"] == pytest.approx(97.84)  # 108 / 1.08 - 2.16
+    assert realized_today_base(acme, D(1) / D("1.08"), "EUR", desk_rates(EURUSD="1.08")) == D("97.840000000000")
 
 
 def test_the_highest_revision_wins_not_the_newest_time():

@@ -419,3 +419,53 @@ def test_a_redelivered_update_makes_only_the_changes_that_did_not_become_durable
     assert receive(event(3, correction)) == (True, True)
     assert receive(event(4, arrival)) == (False, False)  # a lower revision than the one held
     assert agents._fills_days["A"] == FillsDay(day=utc_day(at(1)), fills=1, filled_qty=D(4))
+
+
+def test_account_rows_are_in_the_base_currency_at_the_rates_of_the_fx_marks_seen():
+    """The agents read an FX rate from the FX instrument's last quote mid, else its last
+    print, else ptrc's mark of it; until one is seen, money in another currency is null."""
+    from posttrade.core.reference import FxPair, Instrument, Reference
+
+    reference = Reference({"TOYOTA": Instrument(currency="JPY"), "USDJPY": Instrument(fx=FxPair("USD", "JPY"))})
+    app = App("feast_pipeline", MemoryTransport())
+    agents = FeatureAgents(app, batch_size=10, batch_interval_s=0.05, window_grace_s=5, reference=reference)
+    seq = iter(range(1, 100))
+
+    def handle(stream: str, subject: str, event, fold) -> None:
+        record = EventRecord(value=event, stream=stream, seq=next(seq), subject=subject, ts=0, delivered=1,
+                             delivery=None)
+        token = current_event.set(record)
+        try:
+            fold(event)
+        finally:
+            current_event.reset(token)
+
+    ptrc = PtrcPositions()
+    toyota = ptrc.receive(fill(at(1), "t1", "A", "TOYOTA", "BUY", "100", "2000"))
+    toyota = msgspec.structs.replace(toyota, currency="JPY")  # ptrc's reference data says so
+    handle("POSITIONS", "posttrade.positions.A.TOYOTA", toyota, agents.hold_update)
+    handle("TRADES", "md.trades.TOYOTA", MarketTrade(ts=at(2), symbol="TOYOTA", price=D(2050), size=D(1)),
+           agents.fold_trade)
+    day = utc_day(at(2))
+    assert agents.fx_mark("USDJPY") is None
+    assert agents.account_values("A", day)["gross_exposure"] is None  # no rate yet: null, not 205,000
+    handle("TRADES", "md.trades.USDJPY", MarketTrade(ts=at(3), symbol="USDJPY", price=D(160), size=D(1)),
+           agents.fold_trade)
+    assert agents.fx_mark("USDJPY") == (D(160), "last_trade", at(3))
+    assert agents.account_values("A", day)["gross_exposure"] == 1281.25  # 100 x 2050 / 160
+    handle("QUOTES", "md.quotes.USDJPY", Quote(ts=at(4), symbol="USDJPY", bid=D("149.9"), ask=D("150.1")),
+           agents.fold_quote)
+    assert agents.fx_mark("USDJPY") == (D(150), "quote_mid", at(4))  # a quote mid comes first
+    assert agents.account_values("A", day)["gross_exposure"] == pytest.approx(1366.666666666667)
+    # Without market data of its own, ptrc's mark of a USDJPY position gives the rate.
+    fresh = FeatureAgents(App("feast_pipeline", MemoryTransport()), batch_size=10, batch_interval_s=0.05,
+                          window_grace_s=5, reference=reference)
+    fx_position = ptrc.receive(fill(at(5), "u1", "B", "USDJPY", "BUY", "1000", "155"))
+    fx_position = msgspec.structs.replace(fx_position, mark=D(155), currency="JPY")
+    for update in (toyota, fx_position):
+        handle("POSITIONS", f"posttrade.positions.{update.account}.{update.symbol}", update, fresh.hold_update)
+    assert fresh.fx_mark("USDJPY") == (D(155), "ptrc_mark", at(5))
+    fresh.recover_accounts()  # rebuilt from its table
+    assert fresh.fx_mark("USDJPY") == (D(155), "ptrc_mark", at(5))
+    # A (USD) holds 100 TOYOTA at ptrc's published mark or cost: 200,000 JPY / 155.
+    assert fresh.account_values("A", day)["gross_exposure"] == pytest.approx(1290.322580645161)

@@ -225,7 +225,7 @@ def web():
         ("/bars/XYZ?interval=1m&limit=0", "limit"),
         ("/bars/XYZ?limit=abc", "limit"),
         ("/bars/XYZ?limit=201", "limit"),  # more than bars_kept
-        ("/bars/X%20Y", "symbol"),
+        ("/bars/%20XY", "symbol"),  # whitespace at an end (inside a name it is fine, as in events)
         ("/quotes/X%09Y", "symbol"),
         ("/positions/" + "A" * 129, "account"),
     ],

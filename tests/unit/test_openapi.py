@@ -49,9 +49,10 @@ async def close_clients(apps) -> None:
                 pass
 
 
-async def fetch_document(app: App, auth_token: str | None = None) -> dict:
-    web = build_web_app(app, auth_token=auth_token)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=web), base_url="http://svc") as http:
+async def fetch_document(app: App, auth_token: str | None = None, **tokens) -> dict:
+    web = build_web_app(app, auth_token=auth_token, **tokens)
+    headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=web), base_url="http://svc", headers=headers) as http:
         response = await http.get(OPENAPI_PATH)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/json")
@@ -111,23 +112,35 @@ async def test_path_parameters_come_from_the_route(services):
     bars = document["paths"]["/bars/{symbol}"]["get"]
     symbol = next(p for p in bars["parameters"] if p["in"] == "path")
     assert symbol["name"] == "symbol" and symbol["required"] is True
-    assert symbol["schema"] == {"type": "string"}
+    assert symbol["schema"] == {"$ref": "#/components/schemas/Name"}  # the shared rule of names
+    assert document["components"]["schemas"]["Name"]["maxLength"] == 128
+    limit = next(p for p in bars["parameters"] if p["name"] == "limit")
+    assert limit["schema"]["maximum"] == 200  # hot_cache.bars_kept, as configured
     assert {"404", "502", "503"} <= set(bars["responses"])
 
 
-async def test_state_changing_routes_say_they_need_the_token_when_one_is_set(services):
+async def test_protected_routes_say_they_need_the_token_when_one_is_set(services):
     app = services["ptrc"]
     open_document = await fetch_document(app)
     assert "securitySchemes" not in open_document["components"]
-    document = await fetch_document(app, auth_token="secret")
+    for item in open_document["paths"].values():
+        assert all("security" not in op and "401" not in op["responses"] for op in item.values())
+    document = await fetch_document(app, auth_token="secret", read_token="reader")
     validate(document)
     assert document["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
+    # Open: the service's own routes and the pages registered public (counters only).
+    public = {("/health", "get"), ("/metrics", "get"), (OPENAPI_PATH, "get"), ("/stats", "get")}
     for path, item in document["paths"].items():
         for method, operation in item.items():
-            needs_token = method != "get"
+            needs_token = (path, method) not in public
             assert ("security" in operation) == needs_token, (path, method)
             assert ("401" in operation["responses"]) == needs_token, (path, method)
+            # The read-only token reads everything and changes nothing.
+            assert ("403" in operation["responses"]) == (method != "get"), (path, method)
     assert document["paths"]["/reconciliation"]["post"]["responses"]["202"]["description"]
+    assert "409" in document["paths"]["/reconciliation"]["post"]["responses"]
+    health_guarded = await fetch_document(app, auth_token="secret", protect_health=True)
+    assert all("security" in op for item in health_guarded["paths"].values() for op in item.values())
 
 
 def route(path: str, handler, methods=("GET",)) -> Route:
@@ -144,7 +157,7 @@ def test_a_route_without_a_docstring_gets_a_summary_from_its_name():
     assert operation["summary"] == "List open orders"
     assert operation["operationId"] == "get_orders_order_id"
     assert operation["parameters"] == [{"name": "order_id", "in": "path", "schema": {"type": "integer"}, "required": True}]
-    assert set(operation["responses"]) == {"200", "400", "500"}
+    assert set(operation["responses"]) == {"200", "400", "500", "503"}
 
 
 def test_a_docstring_that_does_not_parse_names_the_route():
@@ -193,6 +206,6 @@ def test_a_declared_success_status_replaces_the_default_200():
     document = openapi_document("svc", [route("/items", create, methods=("POST",))], auth=True)
     validate(document)
     operation = document["paths"]["/items"]["post"]
-    assert set(operation["responses"]) == {"201", "400", "401", "409", "500"}
+    assert set(operation["responses"]) == {"201", "400", "401", "409", "500", "503"}
     assert operation["requestBody"]["required"] is True
     assert operation["responses"]["409"]["content"]["application/json"]["schema"]["$ref"].endswith("/Error")

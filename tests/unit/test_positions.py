@@ -129,6 +129,23 @@ class TestWorkedExample:
                 "unrealized_pnl": "-25",
                 "fifo_realized_pnl_gross": "150",
                 "fifo_unrealized_pnl": "-25",
+                # A book without reference data: USD, converted at 1 into the USD base.
+                "currency": "USD",
+                "base_currency": "USD",
+                "fx_rate": "1",
+                "fx_legs": [{"from": "USD", "to": "USD", "rate": "1", "source": "identity", "instrument": None,
+                             "inverse": False, "ts": None}],
+                "foreign_fees": {},
+                "realized_pnl_gross_base": "150",
+                "fees_base": "4",
+                "realized_pnl_net_base": "146",
+                "unrealized_pnl_base": "-25",
+                "total_pnl_base": "121",
+                "day_pnl_base": "121",
+                "gross_notional_base": "475",
+                "fifo_realized_pnl_gross_base": "150",
+                "fifo_unrealized_pnl_base": "-25",
+                "missing_rates": [],
             }
         ]
         assert tuple(book.rows()[0]) == ROW_FIELDS
@@ -368,7 +385,7 @@ def test_day_pnl_against_start_of_day():
     # now: realized net 18 + 15 - 0.5 = 32.5, flat; start: 28 -> day 4.5
     same(p.day_pnl(D(101)), "4.5")
     same(p.day_realized_pnl_net, "14.5")
-    same(b.day_pnl("ACC"), "4.5")
+    same(b.account_totals("ACC").day_pnl, "4.5")
 
 
 def test_day_pnl_unknown_without_a_start_of_day_mark():
@@ -401,7 +418,7 @@ def test_account_totals():
     same(t.total_pnl, "167.5")
     same(t.day_pnl, "167.5")
     same(t.gross_notional, "5530")  # 6 x 105 + 2 x 49 x 50
-    same(b.gross_notional("ACC"), "5530")
+    same(b.account_totals("ACC").gross_notional, "5530")
     other = b.account_totals("OTHER")
     assert other.unrealized_pnl is None and other.total_pnl is None  # Z has no mark
     same(other.gross_notional, "10")  # valued at cost without a mark

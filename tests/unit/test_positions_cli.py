@@ -33,6 +33,29 @@ WORKED_ROW = {
     "fifo_realized_pnl_gross": "150",
     "fifo_unrealized_pnl": "-25",
 }
+# Without reference data everything is in USD: the base figures are the local ones.
+WORKED_BASE = {
+    "currency": "USD",
+    "base_currency": "USD",
+    "fx_rate": "1",
+    "fx_legs": [{"from": "USD", "to": "USD", "rate": "1", "source": "identity", "instrument": None, "inverse": False, "ts": None}],
+    "foreign_fees": {},
+    "realized_pnl_gross_base": "150",
+    "fees_base": "4",
+    "realized_pnl_net_base": "146",
+    "unrealized_pnl_base": "-25",
+    "total_pnl_base": "121",
+    "day_pnl_base": "121",
+    "gross_notional_base": "475",
+    "fifo_realized_pnl_gross_base": "150",
+    "fifo_unrealized_pnl_base": "-25",
+    "missing_rates": [],
+}
+
+
+def local(rows: list[dict]) -> list[dict]:
+    """The rows' local figures (the base ones are checked where the test is about them)."""
+    return [{k: v for k, v in row.items() if k not in WORKED_BASE} for row in rows]
 
 
 def write_lines(path: Path, lines) -> Path:
@@ -62,8 +85,8 @@ def test_worked_example(tmp_path, marks, capsys):
     fills = write_lines(tmp_path / "fills.jsonl", WORKED)
     code, out, err = compute(capsys, fills, "--marks", marks)
     assert code == 0, err
-    assert json.loads(out) == {"positions": [WORKED_ROW]}
-    assert list(json.loads(out)["positions"][0]) == list(WORKED_ROW)  # field order
+    assert json.loads(out) == {"positions": [{**WORKED_ROW, **WORKED_BASE}]}
+    assert list(json.loads(out)["positions"][0]) == [*WORKED_ROW, *WORKED_BASE]  # field order
 
 
 def test_methods(tmp_path, marks, capsys):
@@ -72,7 +95,7 @@ def test_methods(tmp_path, marks, capsys):
     for method in ("avg", "fifo", "both"):
         code, out, _ = compute(capsys, fills, "--marks", marks, "--method", method)
         assert code == 0
-        rows[method] = json.loads(out)["positions"][0]
+        rows[method] = local(json.loads(out)["positions"])[0]
     assert rows["both"] == {
         **WORKED_ROW,
         "net_qty": "5",
@@ -237,7 +260,7 @@ def test_subprocess_good_and_bad(tmp_path, marks):
     cmd = [sys.executable, "-m", "posttrade.cli", "positions", "compute"]
     good = subprocess.run([*cmd, str(fills), "--marks", str(marks)], capture_output=True, text=True, cwd=ROOT)
     assert good.returncode == 0, good.stderr
-    assert json.loads(good.stdout) == {"positions": [WORKED_ROW]}
+    assert local(json.loads(good.stdout)["positions"]) == [WORKED_ROW]
     bad = write_lines(tmp_path / "bad.jsonl", [WORKED[0], '{"ts": 1}'])
     failed = subprocess.run([*cmd, str(bad)], capture_output=True, text=True, cwd=ROOT)
     assert failed.returncode == 3
@@ -268,7 +291,7 @@ def amend(fill_id, ref, ts, exec_type, **economics):
 def rows_of(capsys, tmp_path, lines, *options, name="f.jsonl"):
     (tmp_path / "marks.json").write_text(json.dumps({"XYZ": "95"}))
     code, out, err = compute(capsys, write_lines(tmp_path / name, lines), "--marks", tmp_path / "marks.json", *options)
-    return code, (json.loads(out)["positions"] if out else None), err
+    return code, (local(json.loads(out)["positions"]) if out else None), err
 
 
 def test_a_resend_is_dropped_as_a_duplicate(tmp_path, capsys):
@@ -395,7 +418,7 @@ def test_a_whole_feed_worked_through(tmp_path, capsys):
     path = write_lines(tmp_path / "mixed.jsonl", MIXED)
     code, out, err = compute(capsys, path, "--marks", tmp_path / "m.json")
     assert code == 3
-    assert json.loads(out)["positions"] == [{
+    assert local(json.loads(out)["positions"]) == [{
         "account": "ACC", "symbol": "XYZ", "net_qty": "10", "avg_open_price": "95", "realized_pnl_gross": "300",
         "fees": "3", "realized_pnl_net": "297", "mark": "100", "unrealized_pnl": "50",
         "fifo_realized_pnl_gross": "250", "fifo_unrealized_pnl": "100",
@@ -430,7 +453,7 @@ def test_compute_function_keeps_its_signature_for_the_validate_gate():
     fills = [Fill(**{**f, "qty": Decimal(f["qty"]), "price": Decimal(f["price"]), "fee": Decimal(f["fee"])})
              for f in WORKED]
     book = compute_book(list(reversed(fills)), {"XYZ": Decimal(95)}, {})
-    assert book.rows() == [WORKED_ROW]
+    assert local(book.rows()) == [WORKED_ROW]
 
 
 # -- positions load --------------------------------------------------------------------
@@ -671,3 +694,47 @@ def test_load_a_failed_publish_says_how_far_it_got(tmp_path, capsys, monkeypatch
     assert "B S BUY 1 @ 2 -> open:" in out and ": stored (stream FILLS, seq 7)" in out
     assert "A S SELL 1 @ 2 -> open:" in out and ": not published" in out
     assert "failed after 1 of 2 opening(s)" in err and "running the same load again is safe" in err
+
+
+# -- currencies ------------------------------------------------------------------------
+
+
+def test_currencies_from_the_reference_files(tmp_path, capsys):
+    lines = [
+        {"ts": T0, "fill_id": "j1", "account": "A", "symbol": "TOYOTA", "side": "BUY", "qty": "100", "price": "2500"},
+        {"ts": T0 + 1, "fill_id": "j2", "account": "A", "symbol": "TOYOTA", "side": "SELL", "qty": "40", "price": "2600",
+         "fee": "2", "fee_currency": "USD"},
+        {"ts": T0 + 2, "fill_id": "e1", "account": "EU", "symbol": "ES", "side": "BUY", "qty": "1", "price": "5000"},
+    ]
+    (tmp_path / "i.json").write_text(json.dumps({
+        "TOYOTA": {"currency": "JPY"}, "ES": {"multiplier": 50, "currency": "USD"},
+        "USDJPY": {"currency": "JPY", "fx": {"base": "USD", "quote": "JPY"}},
+    }))
+    (tmp_path / "a.json").write_text(json.dumps({"default_base_currency": "USD", "EU": {"base_currency": "EUR"}}))
+    (tmp_path / "fx.json").write_text(json.dumps({"fixed": {"EUR": {"USD": "1.25"}}, "pivot": "USD"}))
+    (tmp_path / "m.json").write_text(json.dumps({"TOYOTA": "2550", "USDJPY": "150", "ES": "5010"}))
+    code, out, err = compute(
+        capsys, write_lines(tmp_path / "f.jsonl", lines), "--marks", tmp_path / "m.json",
+        "--instruments", tmp_path / "i.json", "--accounts", tmp_path / "a.json", "--fx", tmp_path / "fx.json",
+    )
+    assert code == 0, err
+    jpy, es = json.loads(out)["positions"]
+    assert (jpy["currency"], jpy["base_currency"], jpy["fx_rate"]) == ("JPY", "USD", "0.0066666666666666666667")
+    assert jpy["fx_legs"] == [{"from": "JPY", "to": "USD", "rate": "0.0066666666666666666667", "source": "mark",
+                               "instrument": "USDJPY", "inverse": True, "ts": None}]  # fmt: skip
+    assert jpy["fees"] == "0" and jpy["foreign_fees"] == {"USD": "2"}
+    assert jpy["realized_pnl_gross_base"] == "26.666666666667" and jpy["fees_base"] == "2"
+    assert jpy["total_pnl_base"] == "44.666666666667"  # 7000 JPY / 150 - 2 USD
+    # EU's base is EUR: USD -> EUR is the inverse of the fixed EUR -> USD rate.
+    assert (es["base_currency"], es["fx_rate"], es["unrealized_pnl"]) == ("EUR", "0.8", "500")
+    assert es["unrealized_pnl_base"] == "400" and es["fx_legs"][0]["source"] == "fixed"
+
+
+def test_bad_reference_files(tmp_path, capsys):
+    fills = write_lines(tmp_path / "f.jsonl", WORKED)
+    (tmp_path / "i.json").write_text('{"X": {"currency": "usd"}}')
+    code, out, err = compute(capsys, fills, "--instruments", tmp_path / "i.json")
+    assert code == 1 and out == "" and "currency code" in err
+    (tmp_path / "i.json").write_text("{")
+    code, out, err = compute(capsys, fills, "--instruments", tmp_path / "i.json")
+    assert code == 1 and "malformed JSON" in err

@@ -12,6 +12,7 @@ import msgspec
 from posttrade.agents.positions import ComplianceAlert, PositionKeeper
 from posttrade.app import App
 from posttrade.core.positions import PositionBook
+from posttrade.core.reference import Instrument, Reference
 from posttrade.streams import subjects
 from posttrade.streams.events import Fill, PositionUpdate, encode
 from posttrade.streams.memory import MemoryTransport
@@ -52,7 +53,7 @@ def new_keeper(transport: MemoryTransport) -> tuple[App, PositionKeeper]:
     app = App("ptrc_books", transport)
     app.runtime.poll_timeout_s = 0.02
     app.runtime.batch_size = 3
-    keeper = PositionKeeper(app, multipliers={"ES": D(50)})
+    keeper = PositionKeeper(app, reference=Reference({"ES": Instrument(multiplier=D(50))}))
     return app, keeper
 
 

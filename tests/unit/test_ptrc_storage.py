@@ -12,7 +12,6 @@ import pytest
 from posttrade.agents.positions import position_update
 from posttrade.agents.ptrc_storage import SNAPSHOTS, TRADES, trade_rows
 from posttrade.core.history import ExecutionBook
-from posttrade.agents.questdb_sink import BadRows
 from posttrade.core.positions import Position
 from posttrade.streams.events import Fill
 from posttrade.streams.stream import EventRecord
@@ -61,9 +60,9 @@ def test_derived_values_round_at_12_places_but_inputs_that_do_not_fit_are_refuse
     updates = updates_after(("BUY", "1", "1"), ("BUY", "1", "1"), ("BUY", "1", "2"))
     snapshots = SNAPSHOTS.build_columns([record(updates[-1])])
     assert column(snapshots, "avg_open_price") == [D("1.333333333333")]
-    too_fine = updates_after(("BUY", "0.0000000000001", "100"))  # a quantity of 13 places
-    with pytest.raises(BadRows, match="qty"):
-        TRADES.build_columns(trades_of(too_fine))
+    # A quantity of 13 places never becomes a Fill (core.bounds): every service refuses it.
+    with pytest.raises(ValueError, match="qty must have at most 12 decimal places"):
+        updates_after(("BUY", "0.0000000000001", "100"))
 
 
 def test_a_batch_snapshots_each_position_once_as_its_last_fill_left_it_and_every_roll():

@@ -121,10 +121,20 @@ def test_decimals_are_exact_and_a_value_that_does_not_fit_is_refused_not_rounded
     layout = LAYOUTS["quotes"]
     built = layout.build_columns([record(quote(1, bid="0.000000000001"), 1)])
     assert column_values(built["bid"]) == [Decimal("0.000000000001")]
+    # Values beyond the bound never decode (core.bounds); the sink still refuses, never
+    # rounds, one that reaches it.
     with pytest.raises(BadRows, match="bid"):
-        layout.build_columns([record(quote(1, bid="0.0000000000001"), 1)])  # 13 places
+        layout.build_columns([record(unchecked(quote(1), bid=Decimal("0.0000000000001")), 1)])  # 13 places
     with pytest.raises(BadRows, match="bid"):
-        layout.build_columns([record(quote(1, bid="1" + "0" * 26), 1)])  # 27 integer digits
+        layout.build_columns([record(unchecked(quote(1), bid=Decimal("1" + "0" * 26)), 1)])  # 27 integer digits
+
+
+def unchecked(event, **changes):
+    """A copy of `event` with `changes`, skipping the validation (what decoding refuses)."""
+    copy = msgspec.structs.replace(event)
+    for name, value in changes.items():
+        msgspec.structs.force_setattr(copy, name, value)
+    return copy
 
 
 def test_bar_vwap_is_rounded_half_even_to_the_column_scale():
@@ -453,12 +463,13 @@ async def test_a_value_that_cannot_be_built_is_dead_lettered_without_asking_ques
     app, transport, db = make_writer()
     async with app:
         await publish_quotes(transport, [1, 2])
-        await transport.publish("md.quotes.X", encode(quote(3, bid="1.0000000000001")))
+        await transport.publish("md.quotes.X", encode(unchecked(quote(3), bid=Decimal("1.0000000000001"))))
         await publish_quotes(transport, [4])
         await wait_for(lambda: ack_floor(transport) == 4)
     assert sorted(row["stream_seq"] for row in db.tables["t_quotes"].values()) == [1, 2, 4]
     (dead,) = transport.streams["DLQ"].messages
-    assert dead[2]["Posttrade-Seq"] == "3" and "column bid" in dead[2]["Posttrade-Reason"]
+    # Refused when decoded (core.bounds), before the sink sees it.
+    assert dead[2]["Posttrade-Seq"] == "3" and "bid must have at most 12 decimal places" in dead[2]["Posttrade-Reason"]
 
 
 async def test_stopping_while_questdb_is_away_leaves_the_batch_for_the_next_run():

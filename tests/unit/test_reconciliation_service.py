@@ -301,7 +301,8 @@ async def test_statement_paths_are_read_inside_the_statement_directory_only(tmp_
         ({"from_time": "yesterday"}, "ISO-8601"),
         ({"statement": "x", "statement_path": "y"}, "not both"),
         ({"tolerance": {"qty": "-1"}}, "tolerance"),
-        ({"tolerance": {"qty": "abc"}}, "Invalid decimal"),
+        ({"tolerance": {"qty": "abc"}}, "must be a decimal"),
+        ({"tolerance": {"qty": 1.5}}, "Expected `str | null`"),  # a plain decimal string, as documented
         ({"tolerance": {"quantity": "1"}}, "unknown field"),
         ({"from": 1}, "unknown field"),
         ({"statement_path": "a.csv"}, "statement paths are disabled"),

@@ -182,8 +182,10 @@ def test_csv_uses_canonical_decimals_iso_timestamps_and_empty_nulls():
     text = csv_bytes(COLUMNS["daily_pnl"], rows).decode()
     header, line = text.splitlines()
     assert header == ("date,level,account,symbol,net_qty,mark,realized_pnl_gross,fees,realized_pnl_net,"
-                      "unrealized_pnl,total_pnl,day_pnl,valued_at")
-    assert line == f'2026-11-23,account,"A,B",,,,225,0.1,224.9,0,,100,{iso_ns(T0 + 1)}'
+                      "unrealized_pnl,total_pnl,day_pnl,valued_at,currency,base_currency,fx_rate,"
+                      "realized_pnl_gross_base,fees_base,realized_pnl_net_base,unrealized_pnl_base,total_pnl_base,"
+                      "day_pnl_base,missing_rates")
+    assert line == f'2026-11-23,account,"A,B",,,,225,0.1,224.9,0,,100,{iso_ns(T0 + 1)},,,,,,,,,,'
 
 
 def test_arrow_and_parquet_keep_every_decimal_exactly():
@@ -244,7 +246,9 @@ def test_a_live_valuation_carries_the_core_valuation_of_the_position():
             value = value_position(position, mark)
             line = Valuation.of(value, valued_at=T0)
             assert line.valued_at == T0
-            assert all(getattr(line, f.name) == getattr(value, f.name) for f in fields(Valuation) if f.name != "valued_at")
+            own = {"valued_at", "market_value_base"}  # the report's own: market value in base
+            assert all(getattr(line, f.name) == getattr(value, f.name) for f in fields(Valuation) if f.name not in own)
+            assert line.market_value_base == (None if value.market_value is None else value.market_value)  # all USD
 
 
 def test_a_stored_flat_position_needs_no_mark():

@@ -307,7 +307,9 @@ texts = st.one_of(st.none(), st.text(max_size=8))
     "date": st.just("2026-11-20"), "level": st.sampled_from(["position", "account"]), "account": texts,
     "symbol": texts, "net_qty": money, "mark": money, "realized_pnl_gross": money, "fees": money,
     "realized_pnl_net": money, "unrealized_pnl": money, "total_pnl": money, "day_pnl": money,
-    "valued_at": st.integers(0, 4_102_444_800 * 10**9),
+    "valued_at": st.integers(0, 4_102_444_800 * 10**9), "currency": texts, "base_currency": texts,
+    "fx_rate": money, "realized_pnl_gross_base": money, "fees_base": money, "realized_pnl_net_base": money,
+    "unrealized_pnl_base": money, "total_pnl_base": money, "day_pnl_base": money, "missing_rates": texts,
 }), max_size=12))
 @settings(max_examples=150, deadline=None)
 def test_report_files_are_what_the_former_encoder_wrote(rows):

@@ -136,8 +136,10 @@ async def test_names_that_leave_the_reports_folder_are_400(tmp_path, path):
 @pytest.mark.parametrize(
     ("body", "needle"),
     [
-        ({"date": "2026-02-30"}, "not a date"),
-        ({"date": "2999-01-01"}, "has not started yet"),
+        ({"date": "2026-02-30"}, "must be a day"),
+        ({"date": "0347-09-13"}, "must be a day"),  # before any event: QuestDB must not see it
+        ({"date": "2999-01-01"}, "must be a day"),
+        ({"date": "2199-01-01"}, "has not started yet"),
         ({"kinds": ["pnl"]}, "choose from"),
         ({"kinds": []}, "choose from"),
         ({"day": "2026-11-23"}, "unknown field"),

@@ -13,7 +13,11 @@ import pytest
 from posttrade.cli import build_parser, main
 from posttrade.config import SERVICES
 from posttrade.stack import endpoints as stack_endpoints
-from posttrade.services.ptrc import InstrumentSection
+import yaml
+
+from posttrade.core.exact import EXACT
+from posttrade.core.fx import invert
+from posttrade.core.reference import Reference
 from posttrade.validate.context import GateError, parse_url_overrides, service_urls
 from posttrade.validate.dataflow import MD_TRADES, expected_bars
 from posttrade.validate.expected import (
@@ -22,14 +26,26 @@ from posttrade.validate.expected import (
     accuracy_fills,
     canonical,
     compare,
+    currency_plan,
     multiplier_instrument,
     pinned_differences,
+    rate_legs,
     scenarios,
+    validation_reference,
+    with_validation,
 )
-from posttrade.validate.integration import Health, LogWatch, error_lines, health_checks, is_error_line, log_check
+from posttrade.validate.integration import (
+    Health,
+    LogWatch,
+    error_lines,
+    health_checks,
+    is_error_line,
+    lagging,
+    log_check,
+)
 from posttrade.validate.performance import percentile, process_cpu_s, read_pattern, writer_load
 from posttrade.validate.report import FAIL, PASS, Check, GateReport
-from posttrade.validate.runner import GateOptions, _fleet_ports, log_files
+from posttrade.validate.runner import REFERENCE_ENV, GateOptions, _fleet_ports, log_files, ptrc_settings, write_reference
 from posttrade.streams.events import Bar, MarketTrade, decode
 
 T0 = 1_800_000_000_000_000_000
@@ -120,11 +136,12 @@ def test_fills_are_unique_ordered_and_in_the_run_account():
         ({"ESZ5": {"multiplier": 50}}, None),  # a real instrument is never traded
         ({"validate_one": {"multiplier": 1}}, None),
         ({"ESZ5": {"multiplier": 50}, "validate_mult": {"multiplier": "50"}}, ("validate_mult", Decimal(50))),
-        ({"VALIDATE-X": InstrumentSection(multiplier=Decimal("0.1"))}, ("VALIDATE-X", Decimal("0.1"))),
+        ({"VALIDATE-X": {"multiplier": "0.1"}}, ("VALIDATE-X", Decimal("0.1"))),
+        ({"VALIDATE_EUR": {"multiplier": 10, "currency": "EUR"}}, None),  # its totals would need a rate
     ],
 )
 def test_multiplier_instrument(instruments, chosen):
-    assert multiplier_instrument(instruments) == chosen
+    assert multiplier_instrument(Reference.from_data({"instruments": instruments})) == chosen
 
 
 def test_compare_is_exact_on_values_not_spelling():
@@ -134,6 +151,149 @@ def test_compare_is_exact_on_values_not_spelling():
     differences = compare("x", want, {"a": "121.0000000000001", "c": 0.1, "d": 4}, "abcd")
     assert [(d.field, d.actual) for d in differences] == [("a", "121.0000000000001"), ("b", "(missing)"), ("c", "float 0.1")]
     assert str(differences[0]) == "x a: expected 121, got 121.0000000000001"
+
+
+def test_compare_spells_out_lists_fees_by_currency_and_rate_legs():
+    expected, _ = book(multiplier=False)
+    values = Expected.of(ACCOUNT, [], [], None).account_values() | {"foreign_fees": {"USD": Decimal("1.25")}}
+    assert values["missing_rates"] == [] and values["base_currency"] == "USD"
+    json_like = {"missing_rates": [], "base_currency": "USD", "foreign_fees": {"USD": "1.250"}}
+    assert compare("x", values, json_like, ("missing_rates", "base_currency", "foreign_fees")) == []
+    [difference] = compare("x", {"missing_rates": ("XVN",)}, {"missing_rates": []}, ("missing_rates",))
+    assert (difference.expected, difference.actual) == ("['XVN']", "[]")
+    # A leg's mark source is the surface's own word, its time is not compared; the rest is.
+    legs = expected.position_values(f"VAL{RUN}-WX")["fx_legs"]
+    assert canonical(rate_legs(legs)) == "[{from: 'USD', instrument: None, inverse: False, rate: 1, source: 'identity', to: 'USD'}]"
+    ours = {"fx_legs": [{"from": "XVJ", "to": "USD", "rate": "0.0066666666666666666667", "source": "mark",
+                         "instrument": "VALIDATE_USDXVJ", "inverse": True, "ts": None}]}  # fmt: skip
+    theirs = {"fx_legs": [dict(ours["fx_legs"][0], source="quote_mid", ts=1_800_000_000_000_000_000)]}
+    assert compare("x", ours, theirs, ("fx_legs",)) == []
+    theirs["fx_legs"][0]["inverse"] = False
+    assert [d.field for d in compare("x", ours, theirs, ("fx_legs",))] == ["fx_legs"]
+
+
+# -- money in several currencies ---------------------------------------------------------------
+
+REFERENCE_FILE = Path(__file__).resolve().parents[2] / "config" / "backend" / "reference.yaml"
+
+
+def validation(account: str | None = ACCOUNT) -> Reference:
+    shipped = yaml.safe_load(REFERENCE_FILE.read_text())
+    return Reference.from_data(with_validation(shipped, validation_reference("USD", account)))
+
+
+def test_the_validation_instruments_fit_beside_the_shipped_reference_data_which_wins():
+    reference = validation()
+    assert reference.multiplier("ESU4") == 50 and reference.fx_instrument("USD", "JPY") == ("USDJPY", False)
+    assert reference.fx_instrument("USD", "XVJ") == ("VALIDATE_USDXVJ", False)
+    assert reference.fx_instrument("XVE", "USD") == ("VALIDATE_XVEUSD", False)
+    assert reference.fixed[("XVT", "USD")] == Decimal("0.9985") and reference.fixed[("USDT", "USD")] == 1
+    assert reference.base_currency(f"{ACCOUNT}-XVE") == "XVE" and reference.base_currency(ACCOUNT) == "USD"
+    assert multiplier_instrument(reference) == ("VALIDATE_MULT", Decimal(50))
+    # The deployment's own entries win over the gate's.
+    theirs = {"instruments": {"VALIDATE_XVJ": {"currency": "XVQ"}}, "fx": {"fixed": {"USD": {"XVT": "1"}}, "pivot": "USD"}}
+    merged = with_validation(theirs, validation_reference("USD"))
+    assert merged["instruments"]["VALIDATE_XVJ"] == {"currency": "XVQ"} and "VALIDATE_XVN" in merged["instruments"]
+    assert merged["fx"] == {"fixed": {"USD": {"XVT": "1"}}, "pivot": "USD"}  # the pair is fixed already
+    assert theirs["instruments"] == {"VALIDATE_XVJ": {"currency": "XVQ"}}  # not changed in place
+
+
+def test_the_currency_plan_trades_what_the_gate_controls_in_three_accounts():
+    plan = currency_plan(validation(), ACCOUNT)
+    assert plan.notes == []
+    held = {(p.account.removeprefix(ACCOUNT), p.symbol) for p in plan.positions}
+    assert held == {
+        ("-CCY", "VALIDATE_USDXVJ"), ("-CCY", "VALIDATE_XVE"), ("-CCY", "VALIDATE_XVJ"), ("-CCY", "VALIDATE_XVT"),
+        ("-NORATE", "VALIDATE_XVN"), ("-NORATE", "VALIDATE_USDXVJ"),
+        ("-XVE", "VALIDATE_MULT"), ("-XVE", "VALIDATE_USDXVJ"), ("-XVE", "VALIDATE_XVEUSD"), ("-XVE", "VALIDATE_XVJ"),
+        ("-XVE", "VALIDATE_XVT"),
+    }  # fmt: skip
+    assert plan.fx == {"VALIDATE_USDXVJ": (Decimal(150), Decimal("152.5")),
+                       "VALIDATE_XVEUSD": (Decimal("1.085"), Decimal("1.0935"))}  # fmt: skip
+    first = {q.symbol: q for q in plan.quotes(T0)}
+    assert set(first) == {"VALIDATE_MULT", "VALIDATE_XVE", "VALIDATE_XVJ", "VALIDATE_XVN", "VALIDATE_XVT",
+                          "VALIDATE_USDXVJ", "VALIDATE_XVEUSD"}  # fmt: skip
+    # The multiplier scenario's instrument is its own: neither traded nor quoted here.
+    mine = currency_plan(validation(), ACCOUNT, taken=["VALIDATE_MULT"])
+    assert {p.symbol for p in mine.positions} == {p.symbol for p in plan.positions} - {"VALIDATE_MULT"}
+    assert "VALIDATE_MULT" not in {q.symbol for q in mine.quotes(T0)}
+    assert first["VALIDATE_USDXVJ"].mid == 150 and first["VALIDATE_XVJ"].mid == Decimal("100.7475")
+    assert {q.symbol: q.mid for q in plan.quotes(T0, moved=True)} == {"VALIDATE_USDXVJ": Decimal("152.5"),
+                                                                       "VALIDATE_XVEUSD": Decimal("1.0935")}  # fmt: skip
+    fills = plan.fills(RUN, T0)
+    assert len(fills) == 3 * len(plan.positions) and len({f.fill_id for f in fills}) == len(fills)
+    assert {f.fee_currency for f in fills} == {None, "USD"}
+
+
+def test_the_currency_plan_needs_validation_instruments_and_never_quotes_a_real_one():
+    shipped = Reference.load(REFERENCE_FILE)
+    plan = currency_plan(shipped, ACCOUNT)
+    assert plan.positions == [] and "no multi-currency scenario" in plan.notes[0]
+    # Its rate would read the real EURUSD: left out, and said so.
+    reference = Reference.from_data({"instruments": {"EURUSD": {"fx": {"base": "EUR", "quote": "USD"}},
+                                                     "VALIDATE_EUR": {"currency": "EUR"},
+                                                     "VALIDATE_XVT": {"currency": "XVT"}},
+                                     "fx": {"fixed": {"XVT": {"USD": "2"}}}})  # fmt: skip
+    plan = currency_plan(reference, ACCOUNT)
+    assert [p.symbol for p in plan.positions] == ["VALIDATE_XVT"] and plan.fx == {}
+    assert any("EURUSD" in note for note in plan.notes)
+    assert any("no missing-rate case" in note for note in plan.notes)
+    assert any("only with --start" in note for note in plan.notes)
+
+
+def test_currency_expected_values_by_hand():
+    """VALIDATE_XVJ (level 99.75): BUY 300 @ 99.75 (fee 2.5), SELL 100 @ 101.745 (fee 1.25
+    USD), BUY 50 @ 98.7525 (rebate 0.5); marked at 100.7475. In XVJ: realized 199.5,
+    fees 2, long 250 at a cost of 24887.625, unrealized 299.25, total 496.75. In USD at
+    1/150 (the inverse of VALIDATE_USDXVJ's mid), less the USD fee: 496.75 / 150 - 1.25."""
+    plan = currency_plan(validation(), ACCOUNT)
+    fills = plan.fills(RUN, T0)
+    ccy = plan.expected(fills)[f"{ACCOUNT}-CCY"]
+    xvj = text(ccy.position_values("VALIDATE_XVJ"))
+    assert (xvj["currency"], xvj["base_currency"], xvj["fx_rate"]) == ("'XVJ'", "'USD'", "0.0066666666666666666667")
+    assert (xvj["realized_pnl_gross"], xvj["fees"], xvj["unrealized_pnl"], xvj["total_pnl"]) == ("199.5", "2", "299.25", "496.75")
+    assert xvj["foreign_fees"] == "{USD: 1.25}" and xvj["missing_rates"] == "[]"
+    assert (xvj["realized_pnl_gross_base"], xvj["unrealized_pnl_base"], xvj["fees_base"]) == ("1.33", "1.995", "1.263333333333")
+    assert xvj["total_pnl_base"] == "2.061666666667" and xvj["realized_pnl_net_base"] == "0.066666666667"
+    xvt = text(ccy.position_values("VALIDATE_XVT"))  # the fixed rate
+    assert (xvt["fx_rate"], xvt["total_pnl"], xvt["total_pnl_base"]) == ("0.9985", "210.5", "208.93425")
+    totals = ccy.account_values()
+    assert totals["base_currency"] == "USD" and totals["missing_rates"] == [] and canonical(totals["total_pnl"]) == "1188.025083333334"
+    # The FX quote moves to 152.5: the local figures stay, the base ones follow.
+    moved = text(plan.expected(fills, moved=True)[f"{ACCOUNT}-CCY"].position_values("VALIDATE_XVJ"))
+    assert moved["total_pnl"] == "496.75" and moved["fx_rate"] == "0.0065573770491803278689"
+    assert moved["total_pnl_base"] == "2.00737704918"  # 496.75 / 152.5 - 1.25
+    # No rate for XVN: its base figures and the account's totals are unknown, and say why.
+    norate = plan.expected(fills)[f"{ACCOUNT}-NORATE"]
+    xvn = norate.position_values("VALIDATE_XVN")
+    assert xvn["fx_rate"] is None and xvn["total_pnl_base"] is None and xvn["missing_rates"] == ("XVN",)
+    assert norate.position_values("VALIDATE_USDXVJ")["total_pnl_base"] is not None
+    assert norate.account_values()["total_pnl"] is None and norate.account_values()["missing_rates"] == ["XVN"]
+    # Based in XVE, XVJ crosses the pivot: XVJ -> USD -> XVE, both legs inverted marks.
+    cross = plan.expected(fills)[f"{ACCOUNT}-XVE"].position_values("VALIDATE_XVJ")
+    assert [(leg.from_, leg.to, leg.instrument) for leg in cross["fx_legs"]] == [
+        ("XVJ", "USD", "VALIDATE_USDXVJ"), ("USD", "XVE", "VALIDATE_XVEUSD")]
+    assert cross["fx_rate"] == EXACT.multiply(invert(Decimal(150)), invert(Decimal("1.085")))  # exact product
+
+
+def test_start_writes_the_deployments_reference_data_plus_the_validation_instruments(tmp_path: Path):
+    environ = {"POSTTRADE_HOME": str(tmp_path)}
+    path = write_reference(tmp_path / "home", "R1", environ)
+    assert path == (tmp_path / "home" / "validate" / "reference.yaml").absolute()
+    written = Reference.load(path)
+    assert written.multiplier("ESU4") == 50 and written.currency("VALIDATE_XVJ") == "XVJ"
+    assert written.base_currency("VALIDATE-R1-XVE") == "XVE"
+    reference, trades_table, problem = ptrc_settings({**environ, REFERENCE_ENV: str(path)})
+    assert problem is None and trades_table == "ptrc_trades" and multiplier_instrument(reference) == ("VALIDATE_MULT", 50)
+    # A deployment's own file (the services' reference_file) is the one extended.
+    own = tmp_path / "own.yaml"
+    own.write_text("accounts: {default_base_currency: EUR}\n")
+    extended = Reference.load(write_reference(tmp_path / "h2", "R2", {REFERENCE_ENV: str(own)}))
+    assert extended.default_base_currency == "EUR" and extended.fx_instrument("EUR", "XVJ") == ("VALIDATE_EURXVJ", False)
+    assert "ESU4" not in extended.instruments
+    own.write_text("instruments: {VALIDATE_PAIR: {fx: {base: XVE, quote: USD}}}\n")  # takes the gate's pair
+    with pytest.raises(GateError, match="do not fit"):
+        write_reference(tmp_path / "h3", "R3", {REFERENCE_ENV: str(own)})
 
 
 # -- data flow and performance helpers ---------------------------------------------------------
@@ -236,6 +396,17 @@ def test_log_watch_reads_only_what_the_run_appended(tmp_path: Path):
     assert missing == ["gone"]
     check = log_check(watch, tmp_path)
     assert not check.passed and check.value == 2 and "missing: gone" in check.measured
+
+
+def test_lagging_names_the_agents_still_reading_their_streams_history():
+    healths = [
+        Health("pnl", 200, {"nats": {"ok": True}, "agent:value_positions": {"ok": True, "lag": 52_000},
+                            "agent:mark_quotes": {"ok": True, "lag": 3}}),
+        Health("ptrc", 200, {"agent:fills": {"ok": True, "lag_error": "timeout"}}),
+        Health("hot_cache", None, {}, "ConnectError"),
+    ]  # fmt: skip
+    assert lagging(healths, 1000) == {"pnl value_positions": 52_000}
+    assert lagging(healths, 100_000) == {}
 
 
 def test_health_checks_name_what_is_not_ok():
