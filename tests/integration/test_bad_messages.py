@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,8 +27,8 @@ import nats.js.errors
 import pytest
 
 from posttrade import stack as local_stack
-from posttrade.streams.events import Fill, Quote, encode
-from posttrade.streams.subjects import fill_subject, quote_subject
+from posttrade.streams.events import Bar, Fill, MarketTrade, Order, Quote, encode, subject_token
+from posttrade.streams.subjects import bar_subject, fill_subject, order_subject, quote_subject, trade_subject
 from posttrade.streams.transport import message_size
 
 from .service_process import ServiceProcess, free_port
@@ -286,3 +287,114 @@ async def test_ten_thousand_bad_messages_leave_memory_flat_and_health_degraded(p
         assert again - after < 32 * 2**20
     finally:
         await asyncio.to_thread(writer.stop)
+
+
+#: Each input stream: its subjects' prefix, and the decimal field its bad values go in.
+STREAMS = {"FILLS": ("trading.fills.", "qty"), "ORDERS": ("trading.orders.", "qty"), "QUOTES": ("md.quotes.", "bid"),
+           "TRADES": ("md.trades.", "price"), "BARS": ("md.bars.", "close")}  # fmt: skip
+#: What each bad value must be refused for (a word of the reason).
+BAD_VALUES = {"1E+400000": "below", "1E+30": "below", "NaN": "finite"}
+
+
+def bad_versions(subject: str, event) -> list[tuple[str, bytes]]:
+    """`event` with its decimal field out of bounds, or not a number, and as broken JSON."""
+    field = next(f for prefix, f in STREAMS.values() if subject.startswith(prefix))
+    data = json.loads(encode(event))
+    out = [(subject, json.dumps({**data, field: value}).encode()) for value in BAD_VALUES]
+    return out + [(subject, encode(event)[:-7])]  # cut short: not JSON
+
+
+async def publish_everywhere(url: str, messages: list[tuple[str, bytes]]) -> None:
+    """Plain NATS publishes on every input stream, confirmed stored."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        streams = {name: prefix for name, (prefix, _) in STREAMS.items()}
+        before = {name: (await js.stream_info(name)).state.messages for name in streams}
+        for subject, data in messages:
+            await nc.publish(subject, data)
+        await nc.flush()
+        deadline = time.monotonic() + 60
+        for name, prefix in streams.items():
+            want = before[name] + sum(1 for subject, _ in messages if subject.startswith(prefix))
+            while (await js.stream_info(name)).state.messages < want:
+                assert time.monotonic() < deadline, f"{name} did not store what was published"
+                await asyncio.sleep(0.05)
+    finally:
+        await nc.close()
+
+
+async def test_out_of_bound_numbers_and_broken_json_on_every_input_subject(private, tmp_path):
+    """qty 1E+400000 (ptrc once crash-looped on its 1.2 MB table write), 1E+30 (once in
+    ptrc's positions but refused by the stores), NaN and broken JSON, on fills, orders,
+    quotes, trades and bars, then good messages: every service refuses every bad one
+    with its reason, and every good one reaches every service and store."""
+    suffix = uuid.uuid4().hex[:8]
+    account, symbol = f"BV{suffix}", f"V{suffix}".upper()
+    t0 = time.time_ns()
+    good = [
+        *((order_subject(account, symbol), Order(ts=t0 + i, order_id=f"o{suffix}{i}", account=account, symbol=symbol,
+                                                side="BUY", qty=Decimal(10))) for i in range(5)),
+        *((quote_subject(symbol), Quote(ts=t0 + 10 + i, symbol=symbol, bid=Decimal(100 + i), ask=Decimal(101 + i)))
+          for i in range(5)),
+        *((trade_subject(symbol), MarketTrade(ts=t0 + 20 + i, symbol=symbol, price=Decimal(100 + i), size=Decimal(3),
+                                              trade_id=f"t{suffix}{i}")) for i in range(5)),
+        *((bar_subject("1m", symbol), Bar(ts=t0 - (60 - i) * 60_000_000_000, symbol=symbol, interval="1m",
+                                          open=Decimal(100), high=Decimal(102), low=Decimal(99), close=Decimal(101),
+                                          volume=Decimal(7))) for i in range(2)),
+        *((fill_subject(account, symbol), Fill(ts=t0 + 30 + i, fill_id=f"f{suffix}{i}", account=account, symbol=symbol,
+                                               side="BUY", qty=Decimal(10), price=Decimal("100.5"), order_id=f"o{suffix}{i}"))
+          for i in range(5)),
+    ]  # fmt: skip
+    bad = [message for subject, event in good[::5] for message in bad_versions(subject, event)]
+    assert len(bad) == 4 * len(STREAMS)
+
+    writer_routes = {
+        f"POSTTRADE_QUESTDB_WRITER__WRITER__ROUTES__{route.upper()}__TABLE": f"bv_{route}_{suffix}"
+        for route in ("fills", "orders", "quotes", "market_trades", "bars")
+    }
+    ptrc = ServiceProcess("ptrc", private, tmp_path)
+    writer = ServiceProcess("questdb_writer", private, tmp_path, env=writer_routes)
+    quality = ServiceProcess("execution_quality", private, tmp_path)
+    services = (ptrc, writer, quality)
+    try:
+        for service in services:
+            await asyncio.to_thread(service.start)
+        await publish_everywhere(private.nats_url, [*bad, *((subject, encode(event)) for subject, event in good)])
+
+        def position():
+            rows = ptrc.get("/positions", account=account).json()["positions"]
+            return rows if rows and rows[0]["fill_count"] == 5 else None
+
+        await eventually(position, 60, "ptrc's position from the 5 good fills")
+        tables = {"fills": 5, "orders": 5, "quotes": 5, "market_trades": 5, "bars": 2}
+        for route, rows in tables.items():
+            await eventually(lambda: table_rows(writer, f"bv_{route}_{suffix}") == rows, 60, f"the writer's {route}")
+
+        def joined():
+            body = quality.get("/metrics/execution", account=account, level="order").json()
+            return body if body["total"] == 5 and all(r["fills"] == 1 for r in body["rows"]) else None
+
+        await eventually(joined, 90, "execution_quality's 5 orders, each joined to its fill")
+
+        # Every bad message is in each consumer's dead letters, with why.
+        consumed = {ptrc: {"FILLS", "QUOTES", "TRADES", "BARS"}, writer: set(STREAMS),
+                    quality: {"FILLS", "ORDERS", "QUOTES", "TRADES"}}  # fmt: skip
+        for service, streams in consumed.items():
+            records = [r for r in await dead_letters(private.nats_url, service.name)
+                       if r.headers["Posttrade-Subject"].endswith(subject_token(symbol))]  # fmt: skip
+            by_stream: dict[str, list[str]] = {}
+            for record in records:
+                by_stream.setdefault(record.headers["Posttrade-Stream"], []).append(record.headers["Posttrade-Reason"])
+            assert set(by_stream) == streams, (service.name, sorted(by_stream))
+            for stream, reasons in by_stream.items():
+                assert len(reasons) == 4, (service.name, stream, reasons)
+                for value, word in BAD_VALUES.items():
+                    assert any(word in r and (value in r or value == "NaN") for r in reasons), (service.name, value, reasons)
+            health = service.get("/health")
+            assert health.status_code == 200, health.text
+            agents = [v for k, v in health.json()["checks"].items() if k.startswith("agent:")]
+            assert all(check["crashes"] == 0 for check in agents), (service.name, agents)
+    finally:
+        for service in services:
+            await asyncio.to_thread(service.stop)
