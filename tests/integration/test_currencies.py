@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 
 import nats
@@ -29,6 +29,7 @@ from posttrade.streams.events import Fill, Quote, encode
 from posttrade.streams.subjects import fill_subject, quote_subject
 
 from .service_process import REPO, ServiceProcess, reference_setting
+from .test_trusted_books import differences, same, settle
 
 LOCAL = ("net_qty", "avg_open_price", "realized_pnl_gross", "fees", "realized_pnl_net", "mark", "unrealized_pnl")
 BASE = ("currency", "base_currency", "fx_rate", "realized_pnl_gross_base", "fees_base", "realized_pnl_net_base",
@@ -104,21 +105,6 @@ def cli_rows(tmp_path: Path, desk: Desk, fills: list[Fill]) -> dict:
     return {(r["account"], r["symbol"]): r for r in json.loads(out.stdout)["positions"]}
 
 
-def same(a, b) -> bool:
-    if a is None or b is None or isinstance(a, list) or isinstance(a, str) and not a[:1].isdigit() and a[:1] != "-":
-        return a == b
-    try:
-        return Decimal(str(a)) == Decimal(str(b))
-    except InvalidOperation:
-        return a == b
-
-
-def differences(rows: dict, expected: dict, fields) -> list:
-    if rows.keys() != expected.keys():
-        return [("keys", sorted(rows), sorted(expected))]
-    return [(k, f, rows[k].get(f), e[f]) for k, e in expected.items() for f in fields if not same(rows[k].get(f), e[f])]
-
-
 def expected_totals(expected: dict, account: str) -> dict:
     """An account's totals: the sums of its positions' base figures (null if one is)."""
     mine = [r for k, r in expected.items() if k[0] == account]
@@ -127,18 +113,6 @@ def expected_totals(expected: dict, account: str) -> dict:
         terms = [r[f"{field}_base"] for r in mine]
         totals[field] = None if any(t is None for t in terms) else str(sum(Decimal(t) for t in terms))
     return totals
-
-
-def settle(read, expected: dict, fields, what: str, timeout: float = 90) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = read()
-        found = differences(rows, expected, fields)
-        if not found:
-            return rows
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: {len(found)} differences, e.g. {found[:5]}")
-        time.sleep(0.5)
 
 
 def test_base_currency_figures_follow_the_fx_quotes(stack, tmp_path):
