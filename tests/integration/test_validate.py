@@ -21,20 +21,28 @@ from posttrade.streams.nats import forget_apps
 REPO = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports: each socket stays bound until all are picked (a port
+    picked and released can come back at the next pick)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def test_the_gate_passes_against_services_it_starts(stack, tmp_path: Path):
     tag = uuid.uuid4().hex[:6]
     env = {**os.environ, "POSTTRADE__RUNTIME__START_FROM": "new", "PYTHONPATH": str(REPO)}
     urls = []
-    for service in SERVICES:
+    *ports, metrics_port = free_ports(len(SERVICES) + 1)
+    for service, port in zip(SERVICES, ports):
         env[f"POSTTRADE_{service.upper()}__SERVICE__NAME"] = f"{service}_val_{tag}"
-        urls += ["--url", f"{service}=http://127.0.0.1:{free_port()}"]
-    env["POSTTRADE_PTRC__SERVICE__METRICS_PORT"] = str(free_port())
+        urls += ["--url", f"{service}=http://127.0.0.1:{port}"]
+    env["POSTTRADE_PTRC__SERVICE__METRICS_PORT"] = str(metrics_port)
     result_path = tmp_path / "validate.json"
     done = subprocess.run(
         [sys.executable, "-m", "posttrade.cli", "validate", "--start", "--home", str(tmp_path / "home"),
