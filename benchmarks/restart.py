@@ -211,9 +211,8 @@ async def recovery_steps(url: str, app_name: str) -> dict:
         tables: dict[str, Table] = {
             "positions": Table("positions", bucket=f"{app_name}-positions", value_type=PositionState,
                                key_type=tuple[str, str]),
-            "histories": Table("histories", bucket=f"{app_name}-histories", value_type=HistoryRecord,
-                               key_type=tuple[str, str]),
-            "fill_ids": Table("fill_ids", bucket=f"{app_name}-fill_ids", value_type=IdRecord),
+            "book": Table("book", bucket=f"{app_name}-book", value_type=IdRecord | HistoryRecord,
+                          key_type=str | tuple[str, str]),
         }
         for name, table in tables.items():
             started = time.perf_counter()
@@ -222,7 +221,12 @@ async def recovery_steps(url: str, app_name: str) -> dict:
             steps[f"{name}_keys"] = len(table)
         book = ExecutionBook()
         started = time.perf_counter()
-        book.restore(tables["histories"].values(), tables["fill_ids"], tables["positions"].values())  # type: ignore[arg-type]
+        records = tables["book"]
+        book.restore(
+            [r for r in records.values() if isinstance(r, HistoryRecord)],
+            {k: r for k, r in records.items() if isinstance(r, IdRecord)},
+            tables["positions"].values(),  # type: ignore[arg-type]
+        )
         steps["restore_book_s"] = round(time.perf_counter() - started, 3)
     finally:
         await transport.close()

@@ -2,13 +2,17 @@
 
 The book (`ExecutionBook`, pure and exact: `core.history`) keeps every position equal
 to a fresh book over its effective history: resends dropped, corrections and busts
-applied, late fills placed in time, openings first. Its durable truth is three tables,
+applied, late fills placed in time, openings first. Its durable truth is two tables,
 rebuilt into the book whenever the agent (re)starts:
 
-- `positions`: (account, symbol) → `PositionState`, the figures every reader uses;
-- `histories`: (account, symbol) → `HistoryRecord`, the base the history folds into
-  (only for keys with executions older than the horizon);
-- `fill_ids`: fill_id → `IdRecord`, one per execution or amendment within the horizon.
+- `book`: the book's records, in one table so that they are written in the order the
+  book gives (`ExecutionBook.records_changed`; a crash mid-write leaves a prefix of it):
+  fill_id → `IdRecord`, one per execution or amendment within the horizon, and
+  (account, symbol) → `HistoryRecord`, the base the history folds into (only for keys
+  with executions older than the horizon);
+- `positions`: (account, symbol) → `PositionState`, the figures every reader uses. What
+  the book derives is derived again at a restart; only the start of day and the
+  revision are taken from it.
 
 Per message:
 
@@ -159,6 +163,8 @@ class PositionKeeper:
         # correction, bust, opening), else duplicate / conflict / pending / refused.
         self.outcomes: collections.Counter[str] = collections.Counter()
         self._marks_changed: set[str] = set()
+        # Book records to delete once the writes before them are durable: (write mark, key).
+        self._deletions: collections.deque[tuple[int, str | tuple[str, str]]] = collections.deque()
 
         self.fills = subjects.fills(app)
         self.quotes = subjects.quotes(app)
@@ -168,8 +174,7 @@ class PositionKeeper:
         self.alerts = subjects.output(app, "alerts", "ALERTS", "posttrade.alerts.>", ComplianceAlert)
 
         self.positions = app.table("positions", value_type=PositionState, key_type=tuple[str, str])
-        self.histories = app.table("histories", value_type=HistoryRecord, key_type=tuple[str, str])
-        self.fill_ids = app.table("fill_ids", value_type=IdRecord)
+        self.records = app.table("book", value_type=IdRecord | HistoryRecord, key_type=str | tuple[str, str])
         self.marks = app.table("marks", value_type=MarkState, default=MarkState)
         # One key ("state"): the wash-trade memory and which limits are in breach.
         self.compliance = app.table("compliance", value_type=ComplianceState)
@@ -207,8 +212,11 @@ class PositionKeeper:
         state = self.compliance.get("state")
         self.evaluator = ComplianceEvaluator(self.rules, msgspec.convert(msgspec.to_builtins(state), ComplianceState) if state else None)
         self.executions = self.new_book()
+        self._deletions.clear()
+        ids = {key: record for key, record in self.records.items() if isinstance(record, IdRecord)}
+        histories = [record for record in self.records.values() if isinstance(record, HistoryRecord)]
         with recovering():
-            self.executions.restore(self.histories.values(), self.fill_ids, self.positions.values())
+            self.executions.restore(histories, ids, self.positions.values())
         self.book = self.executions.positions
         for symbol, state in self.marks.items():
             chosen = state.mark(self.mark_priority)
@@ -232,7 +240,7 @@ class PositionKeeper:
             if status == "applied":
                 await self._publish(result, fill)
             elif status == "duplicate":
-                continue
+                pass
             elif status == "conflict":
                 await self._feed_alert("conflicting_duplicate", fill, [result.first, fill], (
                     f"{fill.fill_id} arrived again with other contents; the first arrival stands"
@@ -250,22 +258,20 @@ class PositionKeeper:
                 await self._refuse_amendment(amendment, event)
 
     def _store_changes(self) -> None:
-        """Write what the book changed to the `fill_ids` and `histories` tables."""
-        executions = self.executions
-        ids, keys = executions.take_changes()
-        fill_ids = self.fill_ids
-        for fill_id in ids:
-            record = executions.id_record(fill_id)
-            if record is None:
-                fill_ids.pop(fill_id, None)
-            else:
-                fill_ids[fill_id] = record
-        for key in keys:
-            record = executions.history_record(key)
-            if record is None:
-                self.histories.pop(key, None)
-            else:
-                self.histories[key] = record
+        """Write what the book changed to the `book` table, in the book's order; its
+        deletions wait until what was written before them is durable."""
+        records = self.records
+        writes, deletes = self.executions.records_changed()
+        for key, record in writes:
+            records[key] = record
+        if deletes:
+            mark = records.write_mark()
+            self._deletions.extend((mark, key) for key in deletes)
+        deletions = self._deletions
+        while deletions and records.written_after(deletions[0][0]):
+            _, key = deletions.popleft()
+            if self.executions.record(key) is None:  # (an id can be used again)
+                records.pop(key, None)
 
     async def _publish(self, result: Result, fill: Fill) -> None:
         position = result.position

@@ -17,7 +17,8 @@ arrival order.
 
 The rules, message by message (`receive`):
 
-- **Duplicates.** A `fill_id` the book knows is never applied again. A resend equal to
+- **Duplicates.** A `fill_id` the book knows is never applied again, and a message
+  with the arrival sequence of the one that introduced its id is that message again. A resend equal to
   the first arrival is counted and dropped (`duplicate`); any other message with a known
   id (other economics, time or key) is dropped as a `conflict`, with the version that won.
 - **NEW.** Placed in time order. One later than everything of its key is applied to the
@@ -64,6 +65,26 @@ today's day P&L carries an adjustment to earlier days.
 Persistence: the book reports what changed (`take_changes`); `id_record(fill_id)` and
 `history_record(key)` give the msgspec structs to store, and `restore` rebuilds the book
 from them and the positions (checkpoints are rebuilt on first use).
+
+The stored records need not come from one moment: a process killed while it writes
+leaves some records of the messages it had not acknowledged written and others not,
+and those messages are delivered again. `restore` therefore trusts only what each
+message writes in one record: an execution's record is written once, when it arrives,
+and never changes; an amendment's record says whether it applied, so an execution's
+economics, bust and the key's correction and bust counts are derived from the applied
+amendments, in arrival order. A record that depends on one that is missing is taken
+back to where the message that wrote it will be delivered again: an applied amendment
+whose execution has no record waits for it again, and an execution that a pending
+amendment still waits for is forgotten until it is redelivered. What the caller
+guarantees: records are written at the place of their first change since the last
+write (each message's in the order `records_changed` gives them), a write cut short
+leaves a prefix of that order, and a deletion is written only once everything changed
+before it is durable. So an execution never survives without those that arrived
+before it, and a fold's ids are never deleted before its record is written. A fold's
+record can be newer than the executions written: what it folded is in its base
+(`folded_through`; `restore` drops the ids it covers), a redelivered execution it
+folded is refused as past the horizon, and the key's newest time is taken from the
+executions and `folded_through`, never from the record alone.
 """
 
 from __future__ import annotations
@@ -79,7 +100,7 @@ from posttrade.core.bounds import MAX_AMENDMENTS, step_problem
 from posttrade.core.exact import EXACT, ONE, ZERO, parse_decimal
 from posttrade.core.positions import Position, PositionBook, PositionState
 from posttrade.core.reference import Reference
-from posttrade.streams.events import Fill
+from posttrade.streams.events import Fill, encode
 
 Key = tuple[str, str]
 DEFAULT_HORIZON_NS = 7 * 86_400 * 1_000_000_000
@@ -118,6 +139,15 @@ class Execution:
 
 def _sort_key(execution: Execution) -> tuple[int, int]:
     return (execution.first.ts, execution.seq)
+
+
+def _amend(execution: Execution, amendment: Fill) -> None:
+    """Apply one CORRECT or BUST to the state of `execution`."""
+    if amendment.exec_type == "BUST":
+        execution.busted = True
+    else:
+        execution.fill = execution.fill.corrected_by(amendment)
+    execution.amendments = [*execution.amendments, amendment.fill_id]
 
 
 @dataclass(slots=True, eq=False)
@@ -166,7 +196,9 @@ class _Undo:
     for it): the message adds at most its own execution and removes at most the one it
     busts, and `restore` undoes exactly that."""
 
-    __slots__ = ("book", "history", "fill_id", "prior_id", "lists", "amendments", "waiting", "target", "counters")
+    __slots__ = (
+        "book", "history", "fill_id", "prior_id", "lists", "amendments", "waiting", "target", "busted", "counters",
+    )
 
     def __init__(self, book: ExecutionBook, history: History, fill: Fill):
         self.book = book
@@ -187,8 +219,8 @@ class _Undo:
         ]
         target = book._resolve(fill.ref_fill_id) if fill.ref_fill_id is not None else None
         self.target = (target, target.fill, target.busted, target.amendments) if isinstance(target, Execution) else None
-        position = book.positions.get(history.account, history.symbol)
-        self.counters = (position, position.busts, position.corrections) if position is not None else None
+        self.busted = list(history.busted)
+        self.counters = (history.corrections, history.busts)
 
     def restore(self) -> None:
         book, entries = self.book, self.history.entries
@@ -214,9 +246,8 @@ class _Undo:
             if target.busted and not busted and not target.opening:  # this BUST took it out
                 bisect.insort(entries, target, key=_sort_key)
             target.fill, target.busted, target.amendments = fill, busted, amendments
-            book._changed_ids.add(target.fill_id)
-        if self.counters is not None:
-            position, position.busts, position.corrections = self.counters
+        self.history.busted = self.busted
+        self.history.corrections, self.history.busts = self.counters
 
 
 class Result:
@@ -256,8 +287,9 @@ class History:
     """One key's effective history (see the module doc)."""
 
     __slots__ = (
-        "account", "symbol", "key", "multiplier", "currency", "position", "openings", "entries", "checkpoints", "folded",
-        "newest", "pending", "refused",
+        "account", "symbol", "key", "multiplier", "currency", "position", "openings", "entries", "busted", "checkpoints",
+        "folded", "folded_through", "folded_corrections", "folded_busts", "newest", "pending", "refused",
+        "corrections", "busts",
     )
 
     def __init__(self, account: str, symbol: str, multiplier: Decimal, currency: str | None = None):
@@ -269,14 +301,23 @@ class History:
         self.position: Position | None = None  # the key's position in the book, once it has one
         self.openings: list[Execution] = []  # arrival order; busted ones removed
         self.entries: list[Execution] = []  # live executions by (ts, seq); busted removed
+        self.busted: list[Execution] = []  # busted executions (not openings) by (ts, seq)
         # checkpoints[j]: the fold before entries[j * every]; [0] is the base (openings
         # and folded executions). Valid for j < len(checkpoints), rebuilt on demand;
         # empty until first needed (most keys never need one: see `base_checkpoint`).
         self.checkpoints: list[Position] = []
         self.folded = 0  # executions folded into the base
+        # The (ts, seq) of the last execution folded: everything up to it, busted ones
+        # included, is in the base and its counts, and its ids are forgotten.
+        self.folded_through: tuple[int, int] | None = None
+        self.folded_corrections = 0  # the amendments of the executions forgotten
+        self.folded_busts = 0
         self.newest: int | None = None  # highest ts of any execution ever applied
         self.pending: list[Amendment] = []  # amendments waiting for their original
         self.refused: list[Amendment] = []  # amendments refused (kept for the record)
+        # Amendments applied to the key's executions, ever (the position shows them).
+        self.corrections = 0
+        self.busts = 0
 
     def base_checkpoint(self, check: bool = False) -> list[Position]:
         """The checkpoints, with the base built if it was not: the fold of the openings
@@ -302,30 +343,35 @@ class History:
         return self.folded > 0 or bool(self.entries) and self.beyond_horizon(self.entries[0].ts, horizon)
 
 
-class HistoryRecord(msgspec.Struct, kw_only=True):
-    """What a key's executions cannot tell once some were folded (stored per such key):
-    a key with nothing folded has its base in its openings and its newest time in its
-    executions, so it needs no record."""
+class HistoryRecord(msgspec.Struct, kw_only=True, tag=True):
+    """What a key's executions cannot tell once some were folded (stored per such key,
+    written when it folds): a key with nothing folded has its base in its openings and
+    its newest time in its executions, so it needs no record."""
 
     account: str
     symbol: str
     base: PositionState  # the fold of the openings and the folded executions
     folded: int
-    newest: int | None
+    folded_through: tuple[int, int] | None = None  # see `History.folded_through`
+    # The amendments of the executions forgotten (busted ones included).
+    folded_corrections: int = 0
+    folded_busts: int = 0
 
 
-class IdRecord(msgspec.Struct, kw_only=True):
-    """One known `fill_id` (stored per id): an execution, or an amendment."""
+class IdRecord(msgspec.Struct, kw_only=True, tag=True):
+    """One known `fill_id` (stored per id): an execution, or an amendment.
+
+    An execution's record never changes: what its amendments did is derived from
+    theirs (see the module doc)."""
 
     seq: int
     message: Fill  # the first arrival of the id
-    # An execution: the economics in force, when a CORRECT changed them.
-    current: Fill | None = None
-    busted: bool = False
-    amendments: list[str] = []
     # An amendment.
     status: Literal["applied", "pending", "refused"] | None = None
     root: str | None = None
+    # Applied to an execution that is not an opening: that execution's (ts, seq), so
+    # that `restore` can tell a folded execution from one whose record is missing.
+    root_at: tuple[int, int] | None = None
     reason: str | None = None
     raw: bytes | None = None
     waits_on: str | None = None
@@ -360,6 +406,9 @@ class ExecutionBook:
         self._waiting: dict[str, list[Amendment]] = {}  # unknown id -> amendments naming it
         self._changed_ids: set[str] = set()
         self._changed_keys: set[Key] = set()
+        # Pending amendments a restore found past their horizon: reported (refused) with
+        # the next message, as if that message had expired them.
+        self._expired_at_restore: list[Amendment] = []
         self.duplicates = 0
         self.conflicts = 0
 
@@ -370,9 +419,12 @@ class ExecutionBook:
         saved = getcontext()
         setcontext(EXACT)
         try:
-            return self._receive(fill, seq, raw)
+            result = self._receive(fill, seq, raw)
         finally:
             setcontext(saved)
+        if self._expired_at_restore:
+            self._report_expired_at_restore(result)
+        return result
 
     def receive_many(self, messages: Iterable[tuple[Fill, int, bytes | None]]) -> list[Result]:
         """`receive` for each (fill, seq, raw) in order; the exact context is set once."""
@@ -380,9 +432,16 @@ class ExecutionBook:
         setcontext(EXACT)
         try:
             receive = self._receive
-            return [receive(fill, seq, raw) for fill, seq, raw in messages]
+            results = [receive(fill, seq, raw) for fill, seq, raw in messages]
         finally:
             setcontext(saved)
+        if self._expired_at_restore and results:
+            self._report_expired_at_restore(results[0])
+        return results
+
+    def _report_expired_at_restore(self, result: Result) -> None:
+        result.expired = [*self._expired_at_restore, *result.expired]
+        self._expired_at_restore = []
 
     def _receive(self, fill: Fill, seq: int, raw: bytes | None) -> Result:
         fill_id = fill.fill_id
@@ -392,8 +451,14 @@ class ExecutionBook:
                 result = self._append(history, fill, seq)
                 if result is not None:
                     return result
+        recorded = self._ids.get(fill_id)
+        if recorded is not None and recorded.seq == seq:
+            # This very message delivered again (after a restart): whatever it did is
+            # recorded, however far the horizon has moved since.
+            self.duplicates += 1
+            return Result("duplicate")
         known = self._known(fill_id)
-        if known is None and fill_id in self._ids:
+        if known is None and recorded is not None:
             self._retire(fill_id)  # known once, now past its horizon: the id is free again
         if known is not None:
             first = known.first if isinstance(known, Execution) else known.message
@@ -419,7 +484,7 @@ class ExecutionBook:
             why = f"the position would not fit the bounds{at}: {unfit.reason}"
             if exec_type == "NEW" or exec_type == "OPENING":
                 result = Result("refused", why)
-                result.settled = self._refuse_waiting(fill)
+                result.settled = self._refuse_waiting(fill, seq)
                 return result
             return self._refuse_amendment(history, fill, seq, raw, why)
 
@@ -435,6 +500,8 @@ class ExecutionBook:
                 return None
         newest = history.newest
         if newest is not None and ts < newest - self.horizon:
+            return None
+        if history.folded_through is not None and (ts, seq) <= history.folded_through:
             return None
         position = history.position
         execution = Execution(fill, seq)
@@ -460,8 +527,9 @@ class ExecutionBook:
         return result
 
     def _new(self, history: History, fill: Fill, seq: int) -> Result:
-        if history.beyond_horizon(fill.ts, self.horizon):
-            return self._refused_new(history, fill, "an execution older than the horizon")
+        if history.beyond_horizon(fill.ts, self.horizon) or _is_folded(history, (fill.ts, seq)):
+            # (folded: only a redelivery after a torn write, whose execution the base holds)
+            return self._refused_new(history, fill, seq, "an execution older than the horizon")
         execution = Execution(fill, seq)
         self._index(execution)
         entries = history.entries
@@ -482,7 +550,7 @@ class ExecutionBook:
 
     def _opening(self, history: History, fill: Fill, seq: int) -> Result:
         if history.reaches_past_horizon(self.horizon):
-            return self._refused_new(history, fill, "an opening after the key's history reaches past the horizon")
+            return self._refused_new(history, fill, seq, "an opening after the key's history reaches past the horizon")
         execution = Execution(fill, seq)
         self._index(execution)
         history.openings.append(execution)
@@ -553,21 +621,16 @@ class ExecutionBook:
         (None: the openings, so everything)."""
         fill = amendment.message
         place = None if target.opening else self._place_of(history, target)
-        position = self.positions.get(history.account, history.symbol)
         if fill.exec_type == "BUST":
-            target.busted = True
             if place is None:
                 history.openings.remove(target)
             else:
                 del history.entries[place]
-            if position is not None:
-                position.busts += 1
+                bisect.insort(history.busted, target, key=_sort_key)
+            history.busts += 1
         else:
-            target.fill = target.fill.corrected_by(fill)
-            if position is not None:
-                position.corrections += 1
-        target.amendments = [*target.amendments, fill.fill_id]
-        self._changed_ids.add(target.fill_id)
+            history.corrections += 1
+        _amend(target, fill)
         return place
 
     def _place_of(self, history: History, target: Execution) -> int:
@@ -606,11 +669,11 @@ class ExecutionBook:
     def _settle_waiting(self, history: History, execution: Execution) -> list[Settled]:
         """Decide the amendments that were waiting for `execution` (now known), in
         arrival order, changing its state but not re-deriving (the caller does)."""
-        waiting = self._waiting.pop(execution.fill_id, None)
+        waiting = self._take_waiting(execution.fill_id, execution.seq)
         if not waiting:
             return []
         settled = []
-        for amendment in sorted(waiting, key=lambda a: a.seq):
+        for amendment in waiting:
             owner = self._history(amendment.message.account, amendment.message.symbol)
             owner.pending.remove(amendment)
             target = self._resolve(amendment.message.ref_fill_id)  # type: ignore[arg-type]
@@ -629,10 +692,22 @@ class ExecutionBook:
                 settled.append(Settled(amendment, False))
         return settled
 
-    def _refuse_waiting(self, fill: Fill) -> list[Settled]:
+    def _take_waiting(self, fill_id: str, seq: int) -> list[Amendment]:
+        """The amendments waiting for `fill_id` that arrived before the message with
+        `seq`, in arrival order. (Live, that is all of them; a message delivered again
+        after a restart leaves the ones that arrived after it the first time.)"""
+        waiting = self._waiting.pop(fill_id, None)
+        if not waiting:
+            return []
+        taken = sorted((a for a in waiting if a.seq < seq), key=lambda a: a.seq)
+        if len(taken) < len(waiting):
+            self._waiting[fill_id] = [a for a in waiting if a.seq > seq]
+        return taken
+
+    def _refuse_waiting(self, fill: Fill, seq: int) -> list[Settled]:
         """The original `fill` was refused: so are the amendments waiting for it."""
         settled = []
-        for amendment in sorted(self._waiting.pop(fill.fill_id, ()), key=lambda a: a.seq):
+        for amendment in self._take_waiting(fill.fill_id, seq):
             owner = self._history(amendment.message.account, amendment.message.symbol)
             owner.pending.remove(amendment)
             self._mark_refused(owner, amendment, f"its original {fill.fill_id} was refused")
@@ -654,12 +729,12 @@ class ExecutionBook:
         self._changed_ids.add(fill.fill_id)
         return Result("refused", why)
 
-    def _refused_new(self, history: History, fill: Fill, why: str) -> Result:
+    def _refused_new(self, history: History, fill: Fill, seq: int, why: str) -> Result:
         newest = history.newest
         result = Result(
             "refused", f"{why}: ts {fill.ts} < newest {newest} of {fill.account}/{fill.symbol} - horizon {self.horizon} ns"
         )
-        result.settled = self._refuse_waiting(fill)
+        result.settled = self._refuse_waiting(fill, seq)
         return result
 
     # -- deriving ------------------------------------------------------------------------
@@ -685,6 +760,7 @@ class ExecutionBook:
             realized_before = old.realized_pnl_gross
             for name in _CARRIED:
                 setattr(fresh, name, getattr(old, name))
+        fresh.corrections, fresh.busts = history.corrections, history.busts
         self.positions.restore(fresh)
         history.position = fresh
         return Result("applied", reason, fresh, fresh.realized_pnl_gross - realized_before)
@@ -717,8 +793,6 @@ class ExecutionBook:
         if history.newest is not None and ts <= history.newest:
             return
         history.newest = ts
-        if history.folded:  # only a folded key has a record to keep (`history_record`)
-            self._changed_keys.add(history.key)
         if history.pending or history.refused:
             self._expire(history, result)
         entries, every = history.entries, self.every
@@ -760,26 +834,27 @@ class ExecutionBook:
         if not blocks:
             return
         count = blocks * every
-        for execution in entries[:count]:
-            self._forget(execution)
+        folded = entries[:count]
         del entries[:count]
         del checkpoints[:blocks]
-        history.folded += count
-        self._changed_keys.add(history.key)
+        self._folded(history, folded, _sort_key(folded[-1]))
 
     def _retire(self, fill_id: str) -> None:
         """Drop the record of an id past its horizon before the id is used again. An
-        execution still in its key's entries is folded into the base with everything
-        before it (all of it is past the horizon too: entries are in time order), so
-        that every live entry keeps a record of its own."""
+        execution (or the execution an applied amendment changed: its state lives in
+        its amendments' records) is folded into the base with everything before it
+        (all of it is past the horizon too: entries are in time order), so that every
+        live entry keeps its records."""
         record = self._ids[fill_id]
+        if isinstance(record, Amendment) and record.status == "applied":
+            root = self._ids.get(record.root)  # type: ignore[arg-type]
+            if isinstance(root, Execution) and not root.opening:
+                record = root
         if isinstance(record, Execution):  # (openings never pass the horizon)
             first = record.first
             history = self._histories[(first.account, first.symbol)]
-            if record.busted:
-                self._forget(record)  # its amendments go with it: they name its id too
-            else:
-                self._fold_through(history, self._place_of(history, record))
+            place = bisect.bisect_right(history.entries, _sort_key(record), key=_sort_key) - 1
+            self._fold_through(history, place, _sort_key(record))
         else:
             history = self._histories[(record.message.account, record.message.symbol)]
             if record in history.refused:
@@ -787,8 +862,9 @@ class ExecutionBook:
         if self._ids.pop(fill_id, None) is not None:
             self._changed_ids.add(fill_id)
 
-    def _fold_through(self, history: History, place: int) -> None:
-        """Fold entries[0..place] into the base (they are all past the horizon)."""
+    def _fold_through(self, history: History, place: int, through: tuple[int, int]) -> None:
+        """Fold entries[0..place] (-1: none) and the busted executions up to `through`
+        into the base (they are all past the horizon)."""
         every = self.every
         checkpoints = history.base_checkpoint()
         start = min((place + 1) // every, len(checkpoints) - 1) * every
@@ -796,11 +872,26 @@ class ExecutionBook:
         entries = history.entries
         for index in range(start, place + 1):
             base._apply(entries[index].fill)
-        for execution in entries[: place + 1]:
-            self._forget(execution)
+        folded = entries[: place + 1]
         del entries[: place + 1]
         history.checkpoints = [base]
-        history.folded += place + 1
+        self._folded(history, folded, through)
+
+    def _folded(self, history: History, folded: list[Execution], through: tuple[int, int]) -> None:
+        """`folded` (the first entries, now in `history`'s new base) and the busted
+        executions up to `through` leave the history: their ids are forgotten, their
+        amendments counted."""
+        busted = history.busted
+        cut = bisect.bisect_right(busted, through, key=_sort_key)
+        gone = [*folded, *busted[:cut]]
+        del busted[:cut]
+        for execution in gone:
+            self._forget(execution)
+            history.folded_busts += execution.busted
+            history.folded_corrections += len(execution.amendments) - execution.busted
+        history.folded += len(folded)
+        if history.folded_through is None or through > history.folded_through:
+            history.folded_through = through
         self._changed_keys.add(history.key)
 
     def _forget(self, execution: Execution) -> None:
@@ -893,35 +984,63 @@ class ExecutionBook:
         self._changed_ids, self._changed_keys = set(), set()
         return ids, keys
 
+    def records_changed(self) -> tuple[list[tuple[str | Key, IdRecord | HistoryRecord]], list[str | Key]]:
+        """What changed since the last call: the (id or key, record) to write, in the
+        order to write them, and the ids and keys whose records to delete once those
+        writes are durable (module doc), unless `record` has one for them again."""
+        ids, keys = self.take_changes()
+        puts: list[tuple[str | Key, IdRecord | HistoryRecord]] = []
+        deletes: list[str | Key] = []
+        for fill_id in ids:
+            record = self.id_record(fill_id)
+            if record is None:
+                deletes.append(fill_id)
+            else:
+                puts.append((fill_id, record))
+        for key in keys:
+            history = self.history_record(key)
+            if history is None:
+                deletes.append(key)
+            else:
+                puts.append((key, history))
+        return puts, deletes
+
+    def record(self, key: str | Key) -> IdRecord | HistoryRecord | None:
+        """The record to store for a fill_id or an (account, symbol) key now."""
+        if isinstance(key, str):
+            return self.id_record(key)
+        return self.history_record(key) if key in self._histories else None
+
     def id_record(self, fill_id: str) -> IdRecord | None:
         """What to store for `fill_id` (None: delete it)."""
         known = self._ids.get(fill_id)
         if known is None:
             return None
         if isinstance(known, Execution):
-            return IdRecord(
-                seq=known.seq,
-                message=known.first,
-                current=known.fill if known.fill is not known.first else None,
-                busted=known.busted,
-                amendments=list(known.amendments),
-            )
+            return IdRecord(seq=known.seq, message=known.first)
+        root_at = None
+        if known.status == "applied":
+            root = self._ids.get(known.root)  # type: ignore[arg-type]
+            if isinstance(root, Execution) and not root.opening:
+                root_at = _sort_key(root)
         return IdRecord(
-            seq=known.seq, message=known.message, status=known.status, root=known.root,
+            seq=known.seq, message=known.message, status=known.status, root=known.root, root_at=root_at,
             reason=known.reason, raw=known.raw, waits_on=known.waits_on if known.status == "pending" else None,
         )
 
     def history_record(self, key: Key) -> HistoryRecord | None:
         """What to store for `key` (None: nothing, delete any)."""
         history = self._histories[key]
-        if not history.folded:
+        if history.folded_through is None:
             return None
         return HistoryRecord(
             account=history.account,
             symbol=history.symbol,
             base=history.checkpoints[0].to_state(),
             folded=history.folded,
-            newest=history.newest,
+            folded_through=history.folded_through,
+            folded_corrections=history.folded_corrections,
+            folded_busts=history.folded_busts,
         )
 
     def restore(
@@ -930,64 +1049,119 @@ class ExecutionBook:
         ids: Mapping[str, IdRecord],
         positions: Iterable[PositionState],
     ) -> None:
-        """Rebuild the book from stored records (it must be empty)."""
+        """Rebuild the book from stored records (it must be empty); they may be torn
+        between the messages not yet acknowledged (see the module doc)."""
         if self._histories or self._ids:
             raise RuntimeError("restore needs an empty book")
-        for state in positions:
-            self.positions.restore(state)
+        stored = {(state.account, state.symbol): state for state in positions}
         for record in histories:
             history = self._history(record.account, record.symbol)
             history.checkpoints = [Position.from_state(record.base)]
             history.folded = record.folded
-            history.newest = record.newest
+            history.folded_through = record.folded_through
+            if record.folded_through is not None:
+                history.newest = record.folded_through[0]
+            history.corrections = history.folded_corrections = record.folded_corrections
+            history.busts = history.folded_busts = record.folded_busts
+        amendments: list[Amendment] = []
         for fill_id, record in sorted(ids.items(), key=lambda item: item[1].seq):
             message = record.message
             history = self._history(message.account, message.symbol)
             if record.status is None:
                 execution = Execution(message, record.seq)
-                if record.current is not None:
-                    execution.fill = record.current
-                if record.busted:
-                    execution.busted = True
-                if record.amendments:
-                    execution.amendments = list(record.amendments)
+                if not execution.opening and _is_folded(history, _sort_key(execution)):
+                    self._changed_ids.add(fill_id)  # in the base already: its deletion was not written
+                    continue
                 self._ids[fill_id] = execution
-                if not execution.opening and not history.folded:
+                if not execution.opening:
                     newest = history.newest
                     if newest is None or message.ts > newest:
                         history.newest = message.ts
-                if not execution.busted:
-                    (history.openings if execution.opening else history.entries).append(execution)
             else:
                 amendment = Amendment(
                     message, record.seq, record.status, record.root, record.reason, record.raw, record.waits_on
                 )
+                if amendment.status == "applied" and record.root_at is not None and record.root not in self._ids:
+                    owner = self._histories.get((message.account, message.symbol))
+                    if owner is not None and _is_folded(owner, record.root_at):
+                        self._changed_ids.add(fill_id)  # went with its execution into the base
+                        continue
                 self._ids[fill_id] = amendment
-                if record.status == "pending":
-                    history.pending.append(amendment)
-                elif record.status == "refused":
-                    history.refused.append(amendment)
+                amendments.append(amendment)
+        self._untear(amendments)
+        for amendment in amendments:  # in arrival order: the order they applied in
+            if amendment.status == "applied":
+                execution = self._ids[amendment.root]  # type: ignore[index]
+                _amend(execution, amendment.message)  # type: ignore[arg-type]
+                owner = self._histories[(amendment.message.account, amendment.message.symbol)]
+                if amendment.message.exec_type == "BUST":
+                    owner.busts += 1
+                else:
+                    owner.corrections += 1
+            else:
+                owner = self._histories[(amendment.message.account, amendment.message.symbol)]
+                (owner.pending if amendment.status == "pending" else owner.refused).append(amendment)
+        for known in self._ids.values():
+            if isinstance(known, Execution):
+                history = self._histories[(known.first.account, known.first.symbol)]
+                if known.opening:
+                    if not known.busted:
+                        history.openings.append(known)
+                else:
+                    (history.busted if known.busted else history.entries).append(known)
         saved = getcontext()
         setcontext(EXACT)
         try:
             for history in self._histories.values():
                 history.entries.sort(key=_sort_key)
-                history.position = self.positions.get(history.account, history.symbol)
-                if history.entries or history.openings or history.folded:
-                    # The tables are committed one after another, so a crash can leave a
-                    # stored position ahead of or behind its executions: the executions
-                    # (and the base) decide; the position keeps only what is not derived.
+                history.busted.sort(key=_sort_key)
+                if history.entries or history.openings or history.folded or history.busted or history.busts or history.corrections:
+                    # The executions (and the base) decide; the stored position keeps
+                    # only what is not derived (start of day, revision). A stored
+                    # position without them is one a torn write left behind.
+                    state = stored.get(history.key)
+                    history.position = self.positions.restore(state) if state is not None else None
                     self._rederive(history, None if not history.folded else 0, "fill", check=False)
         finally:
             setcontext(saved)
         for amendment in sorted((a for h in self._histories.values() for a in h.pending), key=lambda a: a.seq):
             self._wait(amendment)
+        # A torn write can hold an execution that moved the key's newest time and not
+        # the expiry that went with it.
+        expired = Result("applied")
+        for history in self._histories.values():
+            if history.pending:
+                self._expire(history, expired)
+        self._expired_at_restore = sorted(expired.expired, key=lambda a: a.seq)
 
+    def _untear(self, amendments: list[Amendment]) -> None:
+        """Take records torn by a crash back to where redelivery completes them (module
+        doc): an applied amendment whose execution has no record waits for it again; an
+        execution a pending amendment waits for is forgotten (it is delivered again), and
+        so, in turn, are the amendments applied to it."""
+        changed = True
+        while changed:
+            changed = False
+            for amendment in amendments:
+                if amendment.status == "applied" and not isinstance(self._ids.get(amendment.root), Execution):  # type: ignore[arg-type]
+                    amendment.status, amendment.waits_on, amendment.root = "pending", amendment.root, None
+                    amendment.raw = encode(amendment.message)
+                    self._changed_ids.add(amendment.message.fill_id)
+                    changed = True
+                elif amendment.status == "pending" and amendment.waits_on is not None:
+                    execution = self._ids.get(amendment.waits_on)
+                    if isinstance(execution, Execution) and self._known(execution.fill_id) is execution:
+                        del self._ids[execution.fill_id]
+                        self._changed_ids.add(execution.fill_id)
+                        changed = True
+
+
+def _is_folded(history: History, at: tuple[int, int]) -> bool:
+    return history.folded_through is not None and at <= history.folded_through
 
 #: Position fields a re-derivation keeps from the position it replaces.
 _CARRIED = (
     "sod_realized_pnl_gross", "sod_fees", "sod_foreign_fees", "sod_unrealized_pnl", "sod_mark", "revision",
-    "corrections", "busts",
 )
 
 

@@ -10,7 +10,12 @@ changelog flush half-way: the keys that were written skip the event, the rest ap
 The changelog is a JetStream key-value bucket holding the last value of each key
 (msgpack of `[value, {stream: seq}]`); recovery reads it back whole on start.
 Changes are buffered and written by `flush()`, which the stream's commit calls
-before acknowledging the input.
+before acknowledging the input. A flush writes the changed keys on one connection, in
+the order they were first changed since the last flush; the server stores what it
+receives in that order, so a flush cut short by a crash leaves a prefix of it written.
+`write_mark()` and `written_after(mark)` tell when everything changed before a moment
+is durable. State whose keys depend on one another orders its writes by these (ptrc's
+book: `core.history`, "Persistence").
 
 One key's value is one message to the server, so it must fit the server's
 `max_payload`: a flush with a value over `core.bounds.payload_bound(max_payload)` raises
@@ -58,7 +63,8 @@ class Table(Generic[V]):
         self.default = default
         self._data: dict[Any, V] = {}
         self._seqs: dict[Any, dict[str, int]] = {}
-        self._dirty: set = set()
+        # Changed since the last flush, in the write order (module doc).
+        self._dirty: dict[Any, None] = {}
         self._undo: dict[Any, tuple[Any, dict[str, int] | None, str | None]] = {}
         self._kv: KeyValueStore | None = None
         self._flush_lock = asyncio.Lock()
@@ -67,6 +73,8 @@ class Table(Generic[V]):
         self._value_encoder = msgspec.msgpack.Encoder(decimal_format="string")
         self._entry_decoder = msgspec.msgpack.Decoder(tuple[value_type, dict[str, int]])
         self.max_payload = DEFAULT_MAX_PAYLOAD  # the server's, once opened
+        self._flushes_started = 0
+        self._durable_through = 0  # the last flush started whose changes are all durable
 
     # -- reading -----------------------------------------------------------------------
 
@@ -138,13 +146,13 @@ class Table(Generic[V]):
                 self._seqs[key] = {event.stream: event.seq}
             else:
                 seqs[event.stream] = max(seqs.get(event.stream, 0), event.seq)
-        self._dirty.add(key)
+        self._dirty[key] = None
 
     def __delitem__(self, key) -> None:
         self._remember_undo(key)
         del self._data[key]
         self._seqs.pop(key, None)
-        self._dirty.add(key)
+        self._dirty[key] = None
 
     def pop(self, key, default=_MISSING):
         if key in self._data:
@@ -182,7 +190,7 @@ class Table(Generic[V]):
             else:
                 self._seqs[key] = seqs
             del self._undo[key]
-            self._dirty.discard(key)
+            self._dirty.pop(key, None)
 
     # -- durability ------------------------------------------------------------------------
 
@@ -208,6 +216,15 @@ class Table(Generic[V]):
     def dirty(self) -> int:
         return len(self._dirty)
 
+    def write_mark(self) -> int:
+        """A mark for `written_after`: the flushes started so far."""
+        return self._flushes_started
+
+    def written_after(self, mark: int) -> bool:
+        """Whether every change made before `mark` was taken is durable (a flush started
+        after it has completed, and with it every earlier one)."""
+        return self._durable_through > mark
+
     async def flush(self) -> None:
         """Write every changed key to the changelog; returns when all are durable."""
         if not self._dirty:
@@ -230,15 +247,19 @@ class Table(Generic[V]):
                         )
                 else:
                     items[self._kv_key(key)] = None
-            dirty, self._dirty = self._dirty, set()
+            dirty, self._dirty = self._dirty, {}
             self._undo.clear()
             if self._kv is None:
                 raise RuntimeError(f"table {self.name} was written before it was opened")
+            self._flushes_started += 1
+            started = self._flushes_started
             try:
                 await self._kv.put_many(items)
             except BaseException:
-                self._dirty |= dirty  # try again at the next commit
+                self._dirty = {**dirty, **self._dirty}  # try again at the next commit
                 raise
+            # (the changes of an earlier flush that failed were put back, and went with this one)
+            self._durable_through = started
 
     async def clear(self) -> None:
         """Delete every key, durably (used by resets and tests)."""
