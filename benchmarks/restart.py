@@ -49,6 +49,7 @@ import httpx
 import nats
 
 from posttrade import stack
+from posttrade.agents.positions import BOOK_MARK, BookMark
 from posttrade.core.history import ExecutionBook, HistoryRecord, IdRecord
 from posttrade.core.positions import PositionState
 from posttrade.streams.events import Fill, encode
@@ -211,8 +212,8 @@ async def recovery_steps(url: str, app_name: str) -> dict:
         tables: dict[str, Table] = {
             "positions": Table("positions", bucket=f"{app_name}-positions", value_type=PositionState,
                                key_type=tuple[str, str]),
-            "book": Table("book", bucket=f"{app_name}-book", value_type=IdRecord | HistoryRecord,
-                          key_type=str | tuple[str, str]),
+            "book": Table("book", bucket=f"{app_name}-book", value_type=IdRecord | HistoryRecord | BookMark,
+                          key_type=str | tuple[str, str], atomic=True),
         }
         for name, table in tables.items():
             started = time.perf_counter()
@@ -226,6 +227,7 @@ async def recovery_steps(url: str, app_name: str) -> dict:
             [r for r in records.values() if isinstance(r, HistoryRecord)],
             {k: r for k, r in records.items() if isinstance(r, IdRecord)},
             tables["positions"].values(),  # type: ignore[arg-type]
+            records[BOOK_MARK].received_through if BOOK_MARK in records else 0,
         )
         steps["restore_book_s"] = round(time.perf_counter() - started, 3)
     finally:

@@ -546,10 +546,14 @@ class App:
         value_type: Any = Any,
         key_type: Any = str,
         default: Callable[[], Any] | None = None,
+        atomic: bool = False,
     ) -> Table:
+        """A table (`tables.table`); `atomic`: one whose keys must agree with one another."""
         if name in self.tables:
             raise ValueError(f"table {name} is declared twice")
-        table = Table(name, bucket=f"{self.name}-{name}", value_type=value_type, key_type=key_type, default=default)
+        table = Table(
+            name, bucket=f"{self.name}-{name}", value_type=value_type, key_type=key_type, default=default, atomic=atomic
+        )
         self.tables[name] = table
         return table
 

@@ -5,11 +5,12 @@ to a fresh book over its effective history: resends dropped, corrections and bus
 applied, late fills placed in time, openings first. Its durable truth is two tables,
 rebuilt into the book whenever the agent (re)starts:
 
-- `book`: the book's records, in one table so that they are written in the order the
-  book gives (`ExecutionBook.records_changed`; a crash mid-write leaves a prefix of it):
-  fill_id → `IdRecord`, one per execution or amendment within the horizon, and
-  (account, symbol) → `HistoryRecord`, the base the history folds into (only for keys
-  with executions older than the horizon);
+- `book`: the book's records, in one atomic table (a crash mid-write leaves it as after
+  the last commit, never half of one: `tables.table`): fill_id → `IdRecord`, one per
+  execution or amendment within the horizon; (account, symbol) → `HistoryRecord`, the
+  base the history folds into (only for keys with executions older than the horizon);
+  and "" → `BookMark`, the sequence of the last message the records hold, so that a
+  message delivered again after a restart is known for one;
 - `positions`: (account, symbol) → `PositionState`, the figures every reader uses. What
   the book derives is derived again at a restart; only the start of day and the
   revision are taken from it.
@@ -129,6 +130,15 @@ def position_update(position: Position, mark: Decimal | None, reason: str, ts: i
     )
 
 
+class BookMark(msgspec.Struct, kw_only=True, tag=True):
+    """The arrival sequence of the last message the `book` table's records hold."""
+
+    received_through: int
+
+
+BOOK_MARK = ""  # its key in the `book` table (never a fill_id: those are not empty)
+
+
 class PositionKeeper:
     """Declares ptrc's channels, tables, agents and timers on `app`, and serves reads."""
 
@@ -163,8 +173,6 @@ class PositionKeeper:
         # correction, bust, opening), else duplicate / conflict / pending / refused.
         self.outcomes: collections.Counter[str] = collections.Counter()
         self._marks_changed: set[str] = set()
-        # Book records to delete once the writes before them are durable: (write mark, key).
-        self._deletions: collections.deque[tuple[int, str | tuple[str, str]]] = collections.deque()
 
         self.fills = subjects.fills(app)
         self.quotes = subjects.quotes(app)
@@ -174,7 +182,9 @@ class PositionKeeper:
         self.alerts = subjects.output(app, "alerts", "ALERTS", "posttrade.alerts.>", ComplianceAlert)
 
         self.positions = app.table("positions", value_type=PositionState, key_type=tuple[str, str])
-        self.records = app.table("book", value_type=IdRecord | HistoryRecord, key_type=str | tuple[str, str])
+        self.records = app.table(
+            "book", value_type=IdRecord | HistoryRecord | BookMark, key_type=str | tuple[str, str], atomic=True
+        )
         self.marks = app.table("marks", value_type=MarkState, default=MarkState)
         # One key ("state"): the wash-trade memory and which limits are in breach.
         self.compliance = app.table("compliance", value_type=ComplianceState)
@@ -212,11 +222,13 @@ class PositionKeeper:
         state = self.compliance.get("state")
         self.evaluator = ComplianceEvaluator(self.rules, msgspec.convert(msgspec.to_builtins(state), ComplianceState) if state else None)
         self.executions = self.new_book()
-        self._deletions.clear()
         ids = {key: record for key, record in self.records.items() if isinstance(record, IdRecord)}
         histories = [record for record in self.records.values() if isinstance(record, HistoryRecord)]
+        mark = self.records.get(BOOK_MARK)
         with recovering():
-            self.executions.restore(histories, ids, self.positions.values())
+            self.executions.restore(
+                histories, ids, self.positions.values(), mark.received_through if isinstance(mark, BookMark) else 0
+            )
         self.book = self.executions.positions
         for symbol, state in self.marks.items():
             chosen = state.mark(self.mark_priority)
@@ -258,20 +270,15 @@ class PositionKeeper:
                 await self._refuse_amendment(amendment, event)
 
     def _store_changes(self) -> None:
-        """Write what the book changed to the `book` table, in the book's order; its
-        deletions wait until what was written before them is durable."""
+        """Write what the book changed, and the message it has received through, to the
+        `book` table."""
         records = self.records
-        writes, deletes = self.executions.records_changed()
-        for key, record in writes:
-            records[key] = record
-        if deletes:
-            mark = records.write_mark()
-            self._deletions.extend((mark, key) for key in deletes)
-        deletions = self._deletions
-        while deletions and records.written_after(deletions[0][0]):
-            _, key = deletions.popleft()
-            if self.executions.record(key) is None:  # (an id can be used again)
+        for key, record in self.executions.records_changed():
+            if record is None:
                 records.pop(key, None)
+            else:
+                records[key] = record
+        records[BOOK_MARK] = BookMark(received_through=self.executions.received_through)
 
     async def _publish(self, result: Result, fill: Fill) -> None:
         position = result.position

@@ -18,7 +18,7 @@ arrival order.
 The rules, message by message (`receive`):
 
 - **Duplicates.** A `fill_id` the book knows is never applied again, and a message
-  with the arrival sequence of the one that introduced its id is that message again. A resend equal to
+  whose arrival sequence is not above every one received is that message again. A resend equal to
   the first arrival is counted and dropped (`duplicate`); any other message with a known
   id (other economics, time or key) is dropped as a `conflict`, with the version that won.
 - **NEW.** Placed in time order. One later than everything of its key is applied to the
@@ -66,25 +66,12 @@ Persistence: the book reports what changed (`take_changes`); `id_record(fill_id)
 `history_record(key)` give the msgspec structs to store, and `restore` rebuilds the book
 from them and the positions (checkpoints are rebuilt on first use).
 
-The stored records need not come from one moment: a process killed while it writes
-leaves some records of the messages it had not acknowledged written and others not,
-and those messages are delivered again. `restore` therefore trusts only what each
-message writes in one record: an execution's record is written once, when it arrives,
-and never changes; an amendment's record says whether it applied, so an execution's
-economics, bust and the key's correction and bust counts are derived from the applied
-amendments, in arrival order. A record that depends on one that is missing is taken
-back to where the message that wrote it will be delivered again: an applied amendment
-whose execution has no record waits for it again, and an execution that a pending
-amendment still waits for is forgotten until it is redelivered. What the caller
-guarantees: records are written at the place of their first change since the last
-write (each message's in the order `records_changed` gives them), a write cut short
-leaves a prefix of that order, and a deletion is written only once everything changed
-before it is durable. So an execution never survives without those that arrived
-before it, and a fold's ids are never deleted before its record is written. A fold's
-record can be newer than the executions written: what it folded is in its base
-(`folded_through`; `restore` drops the ids it covers), a redelivered execution it
-folded is refused as past the horizon, and the key's newest time is taken from the
-executions and `folded_through`, never from the record alone.
+What is stored is a consistent state of the book after some message (the caller
+writes the records of a batch atomically, with `received_through`): an execution's
+record is written once and never changes, and what its amendments did (its economics,
+its bust, the key's correction and bust counts) is derived from their records. A
+message whose arrival sequence is not above `received_through` is one delivered
+again, and is a duplicate: what it did is in the book already.
 """
 
 from __future__ import annotations
@@ -100,7 +87,7 @@ from posttrade.core.bounds import MAX_AMENDMENTS, step_problem
 from posttrade.core.exact import EXACT, ONE, ZERO, parse_decimal
 from posttrade.core.positions import Position, PositionBook, PositionState
 from posttrade.core.reference import Reference
-from posttrade.streams.events import Fill, encode
+from posttrade.streams.events import Fill
 
 Key = tuple[str, str]
 DEFAULT_HORIZON_NS = 7 * 86_400 * 1_000_000_000
@@ -369,9 +356,6 @@ class IdRecord(msgspec.Struct, kw_only=True, tag=True):
     # An amendment.
     status: Literal["applied", "pending", "refused"] | None = None
     root: str | None = None
-    # Applied to an execution that is not an opening: that execution's (ts, seq), so
-    # that `restore` can tell a folded execution from one whose record is missing.
-    root_at: tuple[int, int] | None = None
     reason: str | None = None
     raw: bytes | None = None
     waits_on: str | None = None
@@ -380,8 +364,9 @@ class IdRecord(msgspec.Struct, kw_only=True, tag=True):
 class ExecutionBook:
     """Positions of a whole feed, each a fresh book over its effective history.
 
-    `receive(fill, seq, raw)` takes one message in arrival order (`seq` increasing: the
-    stream sequence live, the line number in a file) and returns a `Result`. The
+    `receive(fill, seq, raw)` takes one message in arrival order (`seq` increasing from
+    1: the stream sequence live, the line number in a file; one not above the highest
+    received is that message delivered again) and returns a `Result`. The
     positions, marks and account totals are read through `positions`
     (a `core.positions.PositionBook`).
     """
@@ -406,9 +391,7 @@ class ExecutionBook:
         self._waiting: dict[str, list[Amendment]] = {}  # unknown id -> amendments naming it
         self._changed_ids: set[str] = set()
         self._changed_keys: set[Key] = set()
-        # Pending amendments a restore found past their horizon: reported (refused) with
-        # the next message, as if that message had expired them.
-        self._expired_at_restore: list[Amendment] = []
+        self.received_through = 0  # the highest arrival sequence received
         self.duplicates = 0
         self.conflicts = 0
 
@@ -419,12 +402,9 @@ class ExecutionBook:
         saved = getcontext()
         setcontext(EXACT)
         try:
-            result = self._receive(fill, seq, raw)
+            return self._receive(fill, seq, raw)
         finally:
             setcontext(saved)
-        if self._expired_at_restore:
-            self._report_expired_at_restore(result)
-        return result
 
     def receive_many(self, messages: Iterable[tuple[Fill, int, bytes | None]]) -> list[Result]:
         """`receive` for each (fill, seq, raw) in order; the exact context is set once."""
@@ -432,18 +412,16 @@ class ExecutionBook:
         setcontext(EXACT)
         try:
             receive = self._receive
-            results = [receive(fill, seq, raw) for fill, seq, raw in messages]
+            return [receive(fill, seq, raw) for fill, seq, raw in messages]
         finally:
             setcontext(saved)
-        if self._expired_at_restore and results:
-            self._report_expired_at_restore(results[0])
-        return results
-
-    def _report_expired_at_restore(self, result: Result) -> None:
-        result.expired = [*self._expired_at_restore, *result.expired]
-        self._expired_at_restore = []
 
     def _receive(self, fill: Fill, seq: int, raw: bytes | None) -> Result:
+        if seq <= self.received_through:
+            # This very message delivered again: what it did is in the book already.
+            self.duplicates += 1
+            return Result("duplicate")
+        self.received_through = seq
         fill_id = fill.fill_id
         if fill.exec_type == "NEW" and fill_id not in self._ids and fill_id not in self._waiting:
             history = self._histories.get((fill.account, fill.symbol))
@@ -451,14 +429,8 @@ class ExecutionBook:
                 result = self._append(history, fill, seq)
                 if result is not None:
                     return result
-        recorded = self._ids.get(fill_id)
-        if recorded is not None and recorded.seq == seq:
-            # This very message delivered again (after a restart): whatever it did is
-            # recorded, however far the horizon has moved since.
-            self.duplicates += 1
-            return Result("duplicate")
         known = self._known(fill_id)
-        if known is None and recorded is not None:
+        if known is None and fill_id in self._ids:
             self._retire(fill_id)  # known once, now past its horizon: the id is free again
         if known is not None:
             first = known.first if isinstance(known, Execution) else known.message
@@ -484,7 +456,7 @@ class ExecutionBook:
             why = f"the position would not fit the bounds{at}: {unfit.reason}"
             if exec_type == "NEW" or exec_type == "OPENING":
                 result = Result("refused", why)
-                result.settled = self._refuse_waiting(fill, seq)
+                result.settled = self._refuse_waiting(fill)
                 return result
             return self._refuse_amendment(history, fill, seq, raw, why)
 
@@ -500,8 +472,6 @@ class ExecutionBook:
                 return None
         newest = history.newest
         if newest is not None and ts < newest - self.horizon:
-            return None
-        if history.folded_through is not None and (ts, seq) <= history.folded_through:
             return None
         position = history.position
         execution = Execution(fill, seq)
@@ -527,9 +497,8 @@ class ExecutionBook:
         return result
 
     def _new(self, history: History, fill: Fill, seq: int) -> Result:
-        if history.beyond_horizon(fill.ts, self.horizon) or _is_folded(history, (fill.ts, seq)):
-            # (folded: only a redelivery after a torn write, whose execution the base holds)
-            return self._refused_new(history, fill, seq, "an execution older than the horizon")
+        if history.beyond_horizon(fill.ts, self.horizon):
+            return self._refused_new(history, fill, "an execution older than the horizon")
         execution = Execution(fill, seq)
         self._index(execution)
         entries = history.entries
@@ -550,7 +519,7 @@ class ExecutionBook:
 
     def _opening(self, history: History, fill: Fill, seq: int) -> Result:
         if history.reaches_past_horizon(self.horizon):
-            return self._refused_new(history, fill, seq, "an opening after the key's history reaches past the horizon")
+            return self._refused_new(history, fill, "an opening after the key's history reaches past the horizon")
         execution = Execution(fill, seq)
         self._index(execution)
         history.openings.append(execution)
@@ -669,11 +638,11 @@ class ExecutionBook:
     def _settle_waiting(self, history: History, execution: Execution) -> list[Settled]:
         """Decide the amendments that were waiting for `execution` (now known), in
         arrival order, changing its state but not re-deriving (the caller does)."""
-        waiting = self._take_waiting(execution.fill_id, execution.seq)
+        waiting = self._waiting.pop(execution.fill_id, None)
         if not waiting:
             return []
         settled = []
-        for amendment in waiting:
+        for amendment in sorted(waiting, key=lambda a: a.seq):
             owner = self._history(amendment.message.account, amendment.message.symbol)
             owner.pending.remove(amendment)
             target = self._resolve(amendment.message.ref_fill_id)  # type: ignore[arg-type]
@@ -692,22 +661,10 @@ class ExecutionBook:
                 settled.append(Settled(amendment, False))
         return settled
 
-    def _take_waiting(self, fill_id: str, seq: int) -> list[Amendment]:
-        """The amendments waiting for `fill_id` that arrived before the message with
-        `seq`, in arrival order. (Live, that is all of them; a message delivered again
-        after a restart leaves the ones that arrived after it the first time.)"""
-        waiting = self._waiting.pop(fill_id, None)
-        if not waiting:
-            return []
-        taken = sorted((a for a in waiting if a.seq < seq), key=lambda a: a.seq)
-        if len(taken) < len(waiting):
-            self._waiting[fill_id] = [a for a in waiting if a.seq > seq]
-        return taken
-
-    def _refuse_waiting(self, fill: Fill, seq: int) -> list[Settled]:
+    def _refuse_waiting(self, fill: Fill) -> list[Settled]:
         """The original `fill` was refused: so are the amendments waiting for it."""
         settled = []
-        for amendment in self._take_waiting(fill.fill_id, seq):
+        for amendment in sorted(self._waiting.pop(fill.fill_id, ()), key=lambda a: a.seq):
             owner = self._history(amendment.message.account, amendment.message.symbol)
             owner.pending.remove(amendment)
             self._mark_refused(owner, amendment, f"its original {fill.fill_id} was refused")
@@ -729,12 +686,12 @@ class ExecutionBook:
         self._changed_ids.add(fill.fill_id)
         return Result("refused", why)
 
-    def _refused_new(self, history: History, fill: Fill, seq: int, why: str) -> Result:
+    def _refused_new(self, history: History, fill: Fill, why: str) -> Result:
         newest = history.newest
         result = Result(
             "refused", f"{why}: ts {fill.ts} < newest {newest} of {fill.account}/{fill.symbol} - horizon {self.horizon} ns"
         )
-        result.settled = self._refuse_waiting(fill, seq)
+        result.settled = self._refuse_waiting(fill)
         return result
 
     # -- deriving ------------------------------------------------------------------------
@@ -984,32 +941,12 @@ class ExecutionBook:
         self._changed_ids, self._changed_keys = set(), set()
         return ids, keys
 
-    def records_changed(self) -> tuple[list[tuple[str | Key, IdRecord | HistoryRecord]], list[str | Key]]:
-        """What changed since the last call: the (id or key, record) to write, in the
-        order to write them, and the ids and keys whose records to delete once those
-        writes are durable (module doc), unless `record` has one for them again."""
+    def records_changed(self) -> list[tuple[str | Key, IdRecord | HistoryRecord | None]]:
+        """What changed since the last call: (fill_id or key, its record; None: delete it)."""
         ids, keys = self.take_changes()
-        puts: list[tuple[str | Key, IdRecord | HistoryRecord]] = []
-        deletes: list[str | Key] = []
-        for fill_id in ids:
-            record = self.id_record(fill_id)
-            if record is None:
-                deletes.append(fill_id)
-            else:
-                puts.append((fill_id, record))
-        for key in keys:
-            history = self.history_record(key)
-            if history is None:
-                deletes.append(key)
-            else:
-                puts.append((key, history))
-        return puts, deletes
-
-    def record(self, key: str | Key) -> IdRecord | HistoryRecord | None:
-        """The record to store for a fill_id or an (account, symbol) key now."""
-        if isinstance(key, str):
-            return self.id_record(key)
-        return self.history_record(key) if key in self._histories else None
+        changed: list[tuple[str | Key, IdRecord | HistoryRecord | None]] = [(i, self.id_record(i)) for i in ids]
+        changed.extend((key, self.history_record(key)) for key in keys)
+        return changed
 
     def id_record(self, fill_id: str) -> IdRecord | None:
         """What to store for `fill_id` (None: delete it)."""
@@ -1018,13 +955,8 @@ class ExecutionBook:
             return None
         if isinstance(known, Execution):
             return IdRecord(seq=known.seq, message=known.first)
-        root_at = None
-        if known.status == "applied":
-            root = self._ids.get(known.root)  # type: ignore[arg-type]
-            if isinstance(root, Execution) and not root.opening:
-                root_at = _sort_key(root)
         return IdRecord(
-            seq=known.seq, message=known.message, status=known.status, root=known.root, root_at=root_at,
+            seq=known.seq, message=known.message, status=known.status, root=known.root,
             reason=known.reason, raw=known.raw, waits_on=known.waits_on if known.status == "pending" else None,
         )
 
@@ -1048,11 +980,14 @@ class ExecutionBook:
         histories: Iterable[HistoryRecord],
         ids: Mapping[str, IdRecord],
         positions: Iterable[PositionState],
+        received_through: int = 0,
     ) -> None:
-        """Rebuild the book from stored records (it must be empty); they may be torn
-        between the messages not yet acknowledged (see the module doc)."""
+        """Rebuild the book (it must be empty) from the records stored after the message
+        with sequence `received_through`, and the positions stored (taken for what is not
+        derived: the start of day and the revision)."""
         if self._histories or self._ids:
             raise RuntimeError("restore needs an empty book")
+        self.received_through = received_through
         stored = {(state.account, state.symbol): state for state in positions}
         for record in histories:
             history = self._history(record.account, record.symbol)
@@ -1068,38 +1003,24 @@ class ExecutionBook:
             message = record.message
             history = self._history(message.account, message.symbol)
             if record.status is None:
-                execution = Execution(message, record.seq)
-                if not execution.opening and _is_folded(history, _sort_key(execution)):
-                    self._changed_ids.add(fill_id)  # in the base already: its deletion was not written
-                    continue
-                self._ids[fill_id] = execution
-                if not execution.opening:
-                    newest = history.newest
-                    if newest is None or message.ts > newest:
-                        history.newest = message.ts
+                execution = self._ids[fill_id] = Execution(message, record.seq)
+                if not execution.opening and (history.newest is None or message.ts > history.newest):
+                    history.newest = message.ts
             else:
                 amendment = Amendment(
                     message, record.seq, record.status, record.root, record.reason, record.raw, record.waits_on
                 )
-                if amendment.status == "applied" and record.root_at is not None and record.root not in self._ids:
-                    owner = self._histories.get((message.account, message.symbol))
-                    if owner is not None and _is_folded(owner, record.root_at):
-                        self._changed_ids.add(fill_id)  # went with its execution into the base
-                        continue
                 self._ids[fill_id] = amendment
                 amendments.append(amendment)
-        self._untear(amendments)
         for amendment in amendments:  # in arrival order: the order they applied in
+            owner = self._histories[(amendment.message.account, amendment.message.symbol)]
             if amendment.status == "applied":
-                execution = self._ids[amendment.root]  # type: ignore[index]
-                _amend(execution, amendment.message)  # type: ignore[arg-type]
-                owner = self._histories[(amendment.message.account, amendment.message.symbol)]
+                _amend(self._ids[amendment.root], amendment.message)  # type: ignore[index, arg-type]
                 if amendment.message.exec_type == "BUST":
                     owner.busts += 1
                 else:
                     owner.corrections += 1
             else:
-                owner = self._histories[(amendment.message.account, amendment.message.symbol)]
                 (owner.pending if amendment.status == "pending" else owner.refused).append(amendment)
         for known in self._ids.values():
             if isinstance(known, Execution):
@@ -1115,10 +1036,8 @@ class ExecutionBook:
             for history in self._histories.values():
                 history.entries.sort(key=_sort_key)
                 history.busted.sort(key=_sort_key)
-                if history.entries or history.openings or history.folded or history.busted or history.busts or history.corrections:
-                    # The executions (and the base) decide; the stored position keeps
-                    # only what is not derived (start of day, revision). A stored
-                    # position without them is one a torn write left behind.
+                if history.entries or history.openings or history.folded or history.busted or history.busts:
+                    # (a position stored for a key without records is one written ahead of them)
                     state = stored.get(history.key)
                     history.position = self.positions.restore(state) if state is not None else None
                     self._rederive(history, None if not history.folded else 0, "fill", check=False)
@@ -1126,38 +1045,7 @@ class ExecutionBook:
             setcontext(saved)
         for amendment in sorted((a for h in self._histories.values() for a in h.pending), key=lambda a: a.seq):
             self._wait(amendment)
-        # A torn write can hold an execution that moved the key's newest time and not
-        # the expiry that went with it.
-        expired = Result("applied")
-        for history in self._histories.values():
-            if history.pending:
-                self._expire(history, expired)
-        self._expired_at_restore = sorted(expired.expired, key=lambda a: a.seq)
 
-    def _untear(self, amendments: list[Amendment]) -> None:
-        """Take records torn by a crash back to where redelivery completes them (module
-        doc): an applied amendment whose execution has no record waits for it again; an
-        execution a pending amendment waits for is forgotten (it is delivered again), and
-        so, in turn, are the amendments applied to it."""
-        changed = True
-        while changed:
-            changed = False
-            for amendment in amendments:
-                if amendment.status == "applied" and not isinstance(self._ids.get(amendment.root), Execution):  # type: ignore[arg-type]
-                    amendment.status, amendment.waits_on, amendment.root = "pending", amendment.root, None
-                    amendment.raw = encode(amendment.message)
-                    self._changed_ids.add(amendment.message.fill_id)
-                    changed = True
-                elif amendment.status == "pending" and amendment.waits_on is not None:
-                    execution = self._ids.get(amendment.waits_on)
-                    if isinstance(execution, Execution) and self._known(execution.fill_id) is execution:
-                        del self._ids[execution.fill_id]
-                        self._changed_ids.add(execution.fill_id)
-                        changed = True
-
-
-def _is_folded(history: History, at: tuple[int, int]) -> bool:
-    return history.folded_through is not None and at <= history.folded_through
 
 #: Position fields a re-derivation keeps from the position it replaces.
 _CARRIED = (

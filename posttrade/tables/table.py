@@ -10,12 +10,15 @@ changelog flush half-way: the keys that were written skip the event, the rest ap
 The changelog is a JetStream key-value bucket holding the last value of each key
 (msgpack of `[value, {stream: seq}]`); recovery reads it back whole on start.
 Changes are buffered and written by `flush()`, which the stream's commit calls
-before acknowledging the input. A flush writes the changed keys on one connection, in
-the order they were first changed since the last flush; the server stores what it
-receives in that order, so a flush cut short by a crash leaves a prefix of it written.
-`write_mark()` and `written_after(mark)` tell when everything changed before a moment
-is durable. State whose keys depend on one another orders its writes by these (ptrc's
-book: `core.history`, "Persistence").
+before acknowledging the input.
+
+One flush is many messages to the server, and a crash can stop it half-way. For most
+tables that is harmless (each key is exact on its own, above). A table whose keys must
+agree with one another (ptrc's book: an execution and its amendments) is `atomic`: its
+flush first writes the whole batch as one record (`__batch__`, or parts it names when
+the batch is over one message), then the keys, and a load applies that last batch over
+what it reads. So it reads back as after some flush, never half of one, for one more
+write per flush.
 
 One key's value is one message to the server, so it must fit the server's
 `max_payload`: a flush with a value over `core.bounds.payload_bound(max_payload)` raises
@@ -44,6 +47,14 @@ _MISSING = object()
 _BUCKET_SAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
+#: The KV key of an atomic table's last batch (never a key's: those are base64, whose
+#: length is a multiple of four, and hold no ".").
+_BATCH_KEY = "__batch__"
+_BATCH_ENCODER = msgspec.msgpack.Encoder()
+_BATCH_DECODER = msgspec.msgpack.Decoder(tuple[int, list[tuple[str, bytes | None]], list[str]])
+_PART_DECODER = msgspec.msgpack.Decoder(list[tuple[str, bytes | None]])
+
+
 class ValueTooLarge(ValueError):
     """A table value whose changelog write the server would refuse for its size."""
 
@@ -57,14 +68,17 @@ class Table(Generic[V]):
         value_type: Any = Any,
         key_type: Any = str,
         default: Callable[[], V] | None = None,
+        atomic: bool = False,
     ):
         self.name = name
+        self.atomic = atomic
+        self._batch = 0  # the number of the last atomic batch
+        self._batch_parts: list[str] = []  # the KV keys of its parts, when it has parts
         self.bucket = _BUCKET_SAFE.sub("_", bucket)
         self.default = default
         self._data: dict[Any, V] = {}
         self._seqs: dict[Any, dict[str, int]] = {}
-        # Changed since the last flush, in the write order (module doc).
-        self._dirty: dict[Any, None] = {}
+        self._dirty: set = set()
         self._undo: dict[Any, tuple[Any, dict[str, int] | None, str | None]] = {}
         self._kv: KeyValueStore | None = None
         self._flush_lock = asyncio.Lock()
@@ -73,8 +87,6 @@ class Table(Generic[V]):
         self._value_encoder = msgspec.msgpack.Encoder(decimal_format="string")
         self._entry_decoder = msgspec.msgpack.Decoder(tuple[value_type, dict[str, int]])
         self.max_payload = DEFAULT_MAX_PAYLOAD  # the server's, once opened
-        self._flushes_started = 0
-        self._durable_through = 0  # the last flush started whose changes are all durable
 
     # -- reading -----------------------------------------------------------------------
 
@@ -146,13 +158,13 @@ class Table(Generic[V]):
                 self._seqs[key] = {event.stream: event.seq}
             else:
                 seqs[event.stream] = max(seqs.get(event.stream, 0), event.seq)
-        self._dirty[key] = None
+        self._dirty.add(key)
 
     def __delitem__(self, key) -> None:
         self._remember_undo(key)
         del self._data[key]
         self._seqs.pop(key, None)
-        self._dirty[key] = None
+        self._dirty.add(key)
 
     def pop(self, key, default=_MISSING):
         if key in self._data:
@@ -190,7 +202,7 @@ class Table(Generic[V]):
             else:
                 self._seqs[key] = seqs
             del self._undo[key]
-            self._dirty.pop(key, None)
+            self._dirty.discard(key)
 
     # -- durability ------------------------------------------------------------------------
 
@@ -202,6 +214,7 @@ class Table(Generic[V]):
         self._kv = await transport.key_value(self.bucket)
         self.max_payload = transport.max_payload
         entries = await self._kv.load_all()
+        replayed = self._apply_last_batch(entries)
         self._data.clear()
         self._seqs.clear()
         for kv_key, raw in entries.items():
@@ -211,19 +224,13 @@ class Table(Generic[V]):
             self._seqs[key] = seqs
         self._dirty.clear()
         self._undo.clear()
+        # The keys may not all have been written: the next batch writes them again,
+        # before this one's record is replaced.
+        self._dirty.update(self._key_decoder.decode(base64.urlsafe_b64decode(kv_key)) for kv_key in replayed)
 
     @property
     def dirty(self) -> int:
         return len(self._dirty)
-
-    def write_mark(self) -> int:
-        """A mark for `written_after`: the flushes started so far."""
-        return self._flushes_started
-
-    def written_after(self, mark: int) -> bool:
-        """Whether every change made before `mark` was taken is durable (a flush started
-        after it has completed, and with it every earlier one)."""
-        return self._durable_through > mark
 
     async def flush(self) -> None:
         """Write every changed key to the changelog; returns when all are durable."""
@@ -247,19 +254,65 @@ class Table(Generic[V]):
                         )
                 else:
                     items[self._kv_key(key)] = None
-            dirty, self._dirty = self._dirty, {}
+            dirty, self._dirty = self._dirty, set()
             self._undo.clear()
             if self._kv is None:
                 raise RuntimeError(f"table {self.name} was written before it was opened")
-            self._flushes_started += 1
-            started = self._flushes_started
             try:
-                await self._kv.put_many(items)
+                if self.atomic:
+                    await self._write_atomically(items, bound)
+                else:
+                    await self._kv.put_many(items)
             except BaseException:
-                self._dirty = {**dirty, **self._dirty}  # try again at the next commit
+                self._dirty |= dirty  # try again at the next commit
                 raise
-            # (the changes of an earlier flush that failed were put back, and went with this one)
-            self._durable_through = started
+
+    async def _write_atomically(self, items: dict[str, bytes | None], bound: int) -> None:
+        """The batch's record first (it is durable when that is), then the keys."""
+        kv = self._kv
+        assert kv is not None
+        self._batch += 1
+        entries = list(items.items())
+        record = _BATCH_ENCODER.encode((self._batch, entries, []))
+        if len(record) > bound:
+            parts: list[list[tuple[str, bytes | None]]] = [[]]
+            size = 0
+            for entry in entries:
+                entry_size = len(entry[0]) + len(entry[1] or b"") + 16
+                if size + entry_size > bound and parts[-1]:
+                    parts.append([])
+                    size = 0
+                parts[-1].append(entry)
+                size += entry_size
+            names = [f"{_BATCH_KEY}.{self._batch}.{i}" for i in range(len(parts))]
+            await kv.put_many({name: _BATCH_ENCODER.encode(part) for name, part in zip(names, parts)})
+            record = _BATCH_ENCODER.encode((self._batch, [], names))
+        else:
+            names = []
+        await kv.put_many({_BATCH_KEY: record})
+        stale, self._batch_parts = self._batch_parts, names
+        await kv.put_many({**items, **{name: None for name in stale}})
+
+    def _apply_last_batch(self, entries: dict[str, bytes]) -> list[str]:
+        """Take the batch records out of `entries` and apply the last batch over the
+        keys (an atomic table; nothing for the others); returns the keys it applied."""
+        record = entries.pop(_BATCH_KEY, None)
+        parts = {key: entries.pop(key) for key in [k for k in entries if k.startswith(_BATCH_KEY + ".")]}
+        if record is None:
+            return []
+        number, batch, names = _BATCH_DECODER.decode(record)
+        for name in names:
+            if name not in parts:
+                raise RuntimeError(f"table {self.name}: batch {number} names part {name}, which is not in the bucket")
+            batch.extend(_PART_DECODER.decode(parts[name]))
+        for key, value in batch:
+            if value is None:
+                entries.pop(key, None)
+            else:
+                entries[key] = value
+        self._batch = number
+        self._batch_parts = list(parts)  # the last batch's, and any left over: deleted at the next flush
+        return [key for key, _ in batch]
 
     async def clear(self) -> None:
         """Delete every key, durably (used by resets and tests)."""

@@ -315,3 +315,47 @@ async def test_a_consumer_starting_at_the_last_message_per_subject_gets_every_su
         await nc.jetstream().delete_stream(stream)
         await nc.close()
         await transport.close()
+
+
+async def test_an_atomic_table_over_one_message_reads_back_whole_on_the_server(stack, names):
+    """A batch too big for one message goes in parts, and a load applies the last batch
+    over the keys (which a crash may have left half-written: here, none of them)."""
+    from posttrade.tables.table import Table
+
+    _, app_name = names
+    transport = NatsTransport(stack.nats_url)
+    await transport.connect()
+    try:
+        table = Table("t", bucket=f"{app_name}-t", value_type=str, atomic=True)
+        await table.open(transport)
+        values = {f"key{i}": f"{i}" * 20_000 for i in range(200)}  # ~4 MB: several parts
+        for key, value in values.items():
+            table[key] = value
+        kv = table._kv
+        original = kv.put_many
+        calls = []
+
+        async def put_many(items):
+            calls.append(list(items))
+            if len(calls) == 3:  # the keys themselves: lost to a crash
+                raise ConnectionError("killed")
+            await original(items)
+
+        kv.put_many = put_many
+        with pytest.raises(ConnectionError):
+            await table.flush()
+        assert len(calls[0]) > 1 and all(name.startswith("__batch__.") for name in calls[0])
+        again = Table("t", bucket=f"{app_name}-t", value_type=str, atomic=True)
+        await again.open(transport)
+        assert dict(again.items()) == values
+        await again.flush()  # writes the keys the crash lost, then forgets the parts
+        raw = await (await transport.key_value(f"{app_name}-t")).load_all()
+        assert len([k for k in raw if not k.startswith("__batch__")]) == len(values)
+        parts = [k for k in raw if k.startswith("__batch__.")]
+        assert parts and all(k.startswith(f"__batch__.{again._batch}.") for k in parts)  # the first batch's are gone
+        last = Table("t", bucket=f"{app_name}-t", value_type=str, atomic=True)
+        await last.open(transport)
+        assert dict(last.items()) == values
+        await transport.forget_app(app_name)
+    finally:
+        await transport.close()

@@ -48,7 +48,7 @@ DESK = Reference(
 
 def book(*fills: Fill, marks: dict[str, str] | None = None) -> PositionBook:
     executions = ExecutionBook(reference=DESK)
-    for seq, f in enumerate(fills):
+    for seq, f in enumerate(fills, 1):
         assert executions.receive(f, seq).status == "applied"
     positions = executions.positions
     for symbol, price in (marks or {}).items():

@@ -88,7 +88,7 @@ def live_book() -> PositionBook:
         fill(3, "ACC", "XYZ", "BUY", "10", "100"),  # USD
         fill(4, "ACC2", "NESN", "BUY", "5", "100"),  # CHF: no rate
         fill(5, "ACC2", "XYZ", "BUY", "1", "100"),
-    ]):
+    ], 1):
         assert executions.receive(f, seq).status == "applied"
     return executions.positions
 

@@ -12,6 +12,7 @@ from posttrade.app import App
 from posttrade.streams.events import Fill, encode
 from posttrade.streams.memory import MemoryTransport, subject_matches
 from posttrade.streams.transport import StartPosition
+from posttrade.tables.table import Table
 
 T0 = 1_700_000_000_000_000_000
 
@@ -79,6 +80,73 @@ async def test_each_event_applied_once_and_acknowledged_after_commit():
     assert totals["A"] == 50 and totals["B"] == 50
     kv = transport.buckets["svc-totals"]
     assert len(kv) == 2  # the changelog holds both keys
+
+
+class _CrashingTransport(MemoryTransport):
+    """Key-value writes that stop for good after `allowed` messages (a killed process)."""
+
+    def __init__(self, allowed: int | None = None):
+        super().__init__()
+        self.allowed = allowed
+
+    async def key_value(self, bucket):
+        store = await super().key_value(bucket)
+        original = store.put_many
+        transport = self
+
+        async def put_many(items):
+            for key, value in items.items():
+                if transport.allowed is not None:
+                    if transport.allowed == 0:
+                        raise ConnectionError("killed")
+                    transport.allowed -= 1
+                await original({key: value})
+
+        store.put_many = put_many
+        return store
+
+
+async def _atomic_table(transport) -> Table:
+    table = Table("t", bucket="t", value_type=str, atomic=True)
+    await table.open(transport)
+    table.max_payload = 64 * 1024  # a small bound (56 KiB a message): the second batch needs parts
+    return table
+
+
+async def test_an_atomic_table_reads_back_as_after_a_whole_flush_wherever_a_crash_cuts_it():
+    """Every cut of two flushes' writes (the second one big enough to need parts)
+    reads back as after the first or after the second, and the flush after that
+    leaves the keys themselves right."""
+    first = {f"k{i}": str(i) for i in range(5)}
+    second = {**{f"k{i}": str(100 + i) for i in range(3, 8)}, **{f"big{i}": str(i) * 4000 for i in range(40)}}
+    deleted = {"k0"}
+    total = None
+    cut = 0
+    while total is None or cut <= total:
+        transport = _CrashingTransport()
+        table = await _atomic_table(transport)
+        for key, value in first.items():
+            table[key] = value
+        await table.flush()
+        transport.allowed = cut
+        for key, value in second.items():
+            table[key] = value
+        for key in deleted:
+            del table[key]
+        try:
+            await table.flush()
+            total = total if total is not None else cut
+        except ConnectionError:
+            pass
+        transport.allowed = None
+        again = await _atomic_table(transport)
+        after_first, after_second = dict(first), {k: v for k, v in {**first, **second}.items() if k not in deleted}
+        assert dict(again.items()) in (after_first, after_second), cut
+        again["late"] = "1"
+        await again.flush()
+        settled = await _atomic_table(transport)
+        assert dict(settled.items()) == {**dict(again.items())}, cut
+        cut += 1
 
 
 async def test_restart_recovers_table_and_redelivery_is_a_no_op():
