@@ -8,13 +8,13 @@ On the local stack's NATS (no servers of its own beyond ptrc):
 2. `--positions` fills, one per (account, symbol) over `--accounts` accounts of this run
    alone (`trading.fills.RS<tag>A<n>.<symbol>`), then `--extra` (a fraction) more fills on
    randomly chosen keys, are published to the FILLS stream; ptrc applies them (its
-   `positions`, `histories` and `fill_ids` tables fill up) until every agent is caught
-   up (/health lag 0) and /stats shows the positions.
+   `positions` and `book` tables fill up) until every agent is caught up (/health lag 0)
+   and /stats shows the positions.
 3. ptrc is stopped (SIGTERM: it commits and flushes) and started again `--restarts`
    times. A restart is timed from just before the process is started to the first
    /health 200 (the web server starts once every table is recovered and the book rebuilt),
    and to /stats showing every position; ptrc's CPU seconds at /health 200 are recorded.
-4. Where the time goes: this process then opens the same three tables from their
+4. Where the time goes: this process then opens the same two tables from their
    changelog buckets and rebuilds an `ExecutionBook` from them, timing each step
    (what ptrc's start-up does, without the imports and the web server).
 
@@ -283,7 +283,7 @@ def main() -> None:
     print(f"restart median {result['restart_s_median']} s (goal < {GOAL_S} s); "
           f"CPU {result['restart_cpu_s_median']} s; stop {result['stop_s']} s")
     print("recovery in this process: " + ", ".join(
-        f"open {t} {steps[f'open_{t}_s']} s ({steps[f'{t}_keys']:,} keys)" for t in ("positions", "histories", "fill_ids")
+        f"open {t} {steps[f'open_{t}_s']} s ({steps[f'{t}_keys']:,} keys)" for t in ("positions", "book")
     ) + f", restore the book {steps['restore_book_s']} s")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

@@ -18,9 +18,10 @@ arrival order.
 The rules, message by message (`receive`):
 
 - **Duplicates.** A `fill_id` the book knows is never applied again, and a message
-  whose arrival sequence is not above every one received is that message again. A resend equal to
-  the first arrival is counted and dropped (`duplicate`); any other message with a known
-  id (other economics, time or key) is dropped as a `conflict`, with the version that won.
+  whose arrival sequence is not above every one received is that message again. A
+  resend equal to the first arrival is counted and dropped (`duplicate`); any other
+  message with a known id (other economics, time or key) is dropped as a `conflict`,
+  with the version that won.
 - **NEW.** Placed in time order. One later than everything of its key is applied to the
   position directly; an earlier one (a late fill) re-derives the key from its place.
 - **CORRECT / BUST.** `ref_fill_id` names the original or an earlier amendment of it
