@@ -50,6 +50,7 @@ from ..core.fx import FxRates
 from ..core.history import (
     DEFAULT_CHECKPOINT_EVERY,
     DEFAULT_HORIZON_NS,
+    DEFAULT_MAX_RECORDS,
     Amendment,
     ExecutionBook,
     HistoryRecord,
@@ -154,11 +155,13 @@ class PositionKeeper:
         day_roll_at: dtime = dtime(0, 0),
         horizon_ns: int = DEFAULT_HORIZON_NS,
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+        max_records: int = DEFAULT_MAX_RECORDS,
     ):
         self.app = app
         self.reference = reference or Reference()
         self.horizon_ns = horizon_ns
         self.checkpoint_every = checkpoint_every
+        self.max_records = max_records
         self.mark_priority = mark_priority
         self.rules = rules or ComplianceRules()
         self.fx = FxRates(self.reference, self.mark_reading)
@@ -204,7 +207,10 @@ class PositionKeeper:
     # -- recovery ------------------------------------------------------------------------
 
     def new_book(self) -> ExecutionBook:
-        book = ExecutionBook(reference=self.reference, horizon_ns=self.horizon_ns, checkpoint_every=self.checkpoint_every)
+        book = ExecutionBook(
+            reference=self.reference, horizon_ns=self.horizon_ns, checkpoint_every=self.checkpoint_every,
+            max_records=self.max_records,
+        )
         # Rates from the marks table, so that each leg shows its mark's source and time.
         book.positions.fx = self.fx
         return book

@@ -78,6 +78,7 @@ again, and is a duplicate: what it did is in the book already.
 from __future__ import annotations
 
 import bisect
+import heapq
 from dataclasses import dataclass
 from decimal import Decimal, getcontext, setcontext
 from typing import Iterable, Literal, Mapping, Sequence
@@ -93,6 +94,7 @@ from posttrade.streams.events import Fill
 Key = tuple[str, str]
 DEFAULT_HORIZON_NS = 7 * 86_400 * 1_000_000_000
 DEFAULT_CHECKPOINT_EVERY = 64
+DEFAULT_MAX_RECORDS = 1_000_000
 
 #: What a message did: `applied` changed its key's position; the others did not.
 Status = Literal["applied", "duplicate", "conflict", "pending", "refused"]
@@ -379,11 +381,15 @@ class ExecutionBook:
         reference: Reference | None = None,
         horizon_ns: int = DEFAULT_HORIZON_NS,
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+        max_records: int = DEFAULT_MAX_RECORDS,
     ):
         if horizon_ns < 0:
             raise ValueError("horizon_ns must be >= 0")
         if checkpoint_every < 1:
             raise ValueError("checkpoint_every must be >= 1")
+        if max_records < 2 * checkpoint_every:
+            raise ValueError(f"max_records must be at least twice checkpoint_every ({2 * checkpoint_every})")
+        self.max_records = max_records
         self.positions = PositionBook(multipliers, reference=reference)
         self.horizon = horizon_ns
         self.every = checkpoint_every
@@ -393,6 +399,7 @@ class ExecutionBook:
         self._changed_ids: set[str] = set()
         self._changed_keys: set[Key] = set()
         self.received_through = 0  # the highest arrival sequence received
+        self.shed = 0  # executions folded within the horizon to stay within max_records
         self.duplicates = 0
         self.conflicts = 0
 
@@ -403,7 +410,10 @@ class ExecutionBook:
         saved = getcontext()
         setcontext(EXACT)
         try:
-            return self._receive(fill, seq, raw)
+            result = self._receive(fill, seq, raw)
+            if len(self._ids) > self.max_records:
+                self._shed()
+            return result
         finally:
             setcontext(saved)
 
@@ -412,8 +422,13 @@ class ExecutionBook:
         saved = getcontext()
         setcontext(EXACT)
         try:
-            receive = self._receive
-            return [receive(fill, seq, raw) for fill, seq, raw in messages]
+            results = []
+            receive, ids, most = self._receive, self._ids, self.max_records
+            for fill, seq, raw in messages:
+                results.append(receive(fill, seq, raw))
+                if len(ids) > most:
+                    self._shed()
+            return results
         finally:
             setcontext(saved)
 
@@ -474,6 +489,8 @@ class ExecutionBook:
         newest = history.newest
         if newest is not None and ts < newest - self.horizon:
             return None
+        if history.folded_through is not None and ts < history.folded_through[0]:
+            return None
         position = history.position
         execution = Execution(fill, seq)
         self._ids[fill.fill_id] = execution
@@ -500,6 +517,12 @@ class ExecutionBook:
     def _new(self, history: History, fill: Fill, seq: int) -> Result:
         if history.beyond_horizon(fill.ts, self.horizon):
             return self._refused_new(history, fill, "an execution older than the horizon")
+        if history.folded_through is not None and fill.ts < history.folded_through[0]:
+            # (only after `_shed`: what the horizon folds is beyond it)
+            return self._refused_new(history, fill, (
+                f"an execution older than the oldest the book still holds for the key, ts "
+                f"{history.folded_through[0]} (it holds at most {self.max_records} records: books.max_records)"
+            ))
         execution = Execution(fill, seq)
         self._index(execution)
         entries = history.entries
@@ -776,6 +799,23 @@ class ExecutionBook:
                 del self._ids[amendment.message.fill_id]
                 self._changed_ids.add(amendment.message.fill_id)
 
+    def _shed(self) -> None:
+        """Over `max_records`: fold whole blocks of executions into their keys' bases,
+        the key whose oldest execution is oldest first, until 1/64 of the bound is free.
+        What is folded can no longer change: a late fill older than it is refused, an
+        amendment of it waits as for an unknown id (then expires)."""
+        target = self.max_records - max(1, self.max_records // 64)
+        oldest = [(h.entries[0].first.ts, key) for key, h in self._histories.items() if h.entries]
+        heapq.heapify(oldest)
+        while len(self._ids) > target and oldest:
+            _, key = heapq.heappop(oldest)
+            history = self._histories[key]
+            place = min(self.every, len(history.entries)) - 1
+            self._fold_through(history, place, _sort_key(history.entries[place]))
+            self.shed += place + 1
+            if history.entries:
+                heapq.heappush(oldest, (history.entries[0].first.ts, key))
+
     def _fold(self, history: History) -> None:
         """Fold whole checkpoint blocks older than the horizon into the base, and forget
         their ids (they already count as unknown: see `_known`)."""
@@ -1046,6 +1086,12 @@ class ExecutionBook:
             setcontext(saved)
         for amendment in sorted((a for h in self._histories.values() for a in h.pending), key=lambda a: a.seq):
             self._wait(amendment)
+        if len(self._ids) > self.max_records:  # (a lower bound than the records were kept under)
+            setcontext(EXACT)
+            try:
+                self._shed()
+            finally:
+                setcontext(saved)
 
 
 #: Position fields a re-derivation keeps from the position it replaces.

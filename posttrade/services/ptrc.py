@@ -19,7 +19,7 @@ from ..agents.reports import ReportsSection, install_reports
 from ..app import App
 from ..config import ServiceConfig, _Section
 from ..core.compliance import ComplianceRules
-from ..core.history import DEFAULT_CHECKPOINT_EVERY, Amendment, parse_horizon
+from ..core.history import DEFAULT_CHECKPOINT_EVERY, DEFAULT_MAX_RECORDS, Amendment, parse_horizon
 from ..core.marks import DEFAULT_PRIORITY, MarkSource
 from ..core.positions import position_row
 from ..core.valuation import PositionValue, sum_known, value_position
@@ -42,6 +42,9 @@ class BooksSection(_Section):
 
     horizon: str = "7d"  # how far back in event time a fill or amendment may still land
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY  # re-derivation replays at most this many extra
+    # Executions and amendments held within the horizon, at most (memory: docs/ptrc.md);
+    # past it the oldest are folded early, and nothing older than them can land.
+    max_records: int = DEFAULT_MAX_RECORDS
 
     def horizon_ns(self) -> int:
         return parse_horizon(self.horizon)
@@ -83,6 +86,7 @@ def build(config: PtrcConfig) -> App:
         day_roll_at=config.trading_day.roll_time(),
         horizon_ns=config.books.horizon_ns(),
         checkpoint_every=config.books.checkpoint_every,
+        max_records=config.books.max_records,
     )
     app.metrics.registry.register(_BooksCollector(keeper))
     qdb = config.databases.questdb
@@ -341,5 +345,9 @@ class _BooksCollector:
         yield GaugeMetricFamily(
             "posttrade_ptrc_pending_amendments", "Corrections and busts waiting for their original",
             value=len(self.keeper.executions.pending()),
+        )
+        yield CounterMetricFamily(
+            "posttrade_ptrc_executions_shed", "Executions folded within the horizon to keep at most "
+            "books.max_records records", value=self.keeper.executions.shed,
         )
 

@@ -998,3 +998,72 @@ def test_an_amendment_of_a_busted_execution_past_the_horizon_is_forgotten_when_i
     assert r.status == "applied", (r.status, "b1 was taken as known through the new n0")
     same(feed.position().net_qty, "1")  # the old n0 busted, the new one too: only n1 is left
     _agrees_with_reference([*before, b1, *after, b1], 3)
+
+
+# -- the bound on records held (books.max_records) ---------------------------------------------
+
+
+def test_over_its_record_bound_the_book_folds_the_oldest_blocks_and_refuses_what_is_older():
+    feed = Feed(horizon_ns=10**15, checkpoint_every=4, max_records=20)
+    fills = [new(f"a{i}", "BUY", 1, 100 + i, ts=i * 10) for i in range(30)]
+    fills += [new(f"b{i}", "SELL", 1, 50, ts=i * 10, symbol="ABC") for i in range(10)]
+    for f in fills:
+        assert feed(f).status == "applied"
+        assert len(feed.book._ids) <= 20
+    assert feed.book.shed > 0
+    # Nothing it holds is lost: each position is still the fold of all of its fills.
+    assert folded(feed.position()) == fresh(fills[:30])
+    assert folded(feed.position(symbol="ABC"), symbol="ABC") == fresh(fills[30:], symbol="ABC")
+    shed_through = feed.book.history("ACC", "XYZ").folded_through[0] - T0
+    # Older than what it folded: refused, and says why; newer: placed in time as usual.
+    refused = feed(new("late-old", "BUY", 1, 1, ts=shed_through - 5))
+    assert refused.status == "refused" and "books.max_records" in refused.reason
+    late = new("late-new", "BUY", 1, 1, ts=shed_through + 5)
+    assert feed(late).status == "applied"
+    assert folded(feed.position()) == fresh(sorted([*fills[:30], late], key=lambda f: f.ts))
+    # An opening can no longer change the key's base.
+    assert feed(opening("o1", "BUY", 1, 1)).status == "refused"
+
+
+def test_a_restore_under_a_lower_record_bound_folds_at_once():
+    feed = Feed(checkpoint_every=2)
+    fills = [new(f"a{i}", "BUY", 1, 100 + i, ts=i) for i in range(40)]
+    for f in fills:
+        feed(f)
+    ids, keys = feed.book.take_changes()
+    book = ExecutionBook(checkpoint_every=2, max_records=10)
+    book.restore(
+        [_stored(feed.book.history_record(k), HistoryRecord) for k in keys if feed.book.history_record(k)],
+        {i: _stored(feed.book.id_record(i), IdRecord) for i in ids},
+        [p.to_state() for p in feed.book.positions],
+        feed.book.received_through,
+    )
+    assert len(book._ids) <= 10 and book.shed >= 30
+    assert folded(book.positions.get("ACC", "XYZ")) == fresh(fills)
+
+
+@PROPERTY
+@given(st.data(), st.integers(1, 4), st.sampled_from([3, 15, 10**15]), st.integers(8, 24))
+def test_property_a_bounded_book_restores_to_the_book_it_was(data, every, horizon, max_records):
+    """Under its record bound the book decides differently from an unbounded one (by
+    design); it still restores to exactly what it was, and holds at most the bound."""
+    feed = data.draw(feeds(ts_span=40))
+    max_records = max(max_records, 2 * every)
+    book = ExecutionBook(MULTIPLIERS, horizon_ns=horizon, checkpoint_every=every, max_records=max_records)
+    stored: dict = {}
+    for seq, m in enumerate(feed, 1):
+        book.receive(m, seq)
+        _write(stored, book.records_changed())
+        # (past the bound only with nothing left to fold: openings and amendments)
+        assert len(book._ids) <= max_records or all(not h.entries for h in book._histories.values())
+        if data.draw(st.booleans(), label=f"restart after {seq}"):
+            again = ExecutionBook(MULTIPLIERS, horizon_ns=horizon, checkpoint_every=every, max_records=max_records)
+            again.restore(
+                [r for r in stored.values() if isinstance(r, HistoryRecord)],
+                {k: r for k, r in stored.items() if isinstance(r, IdRecord)},
+                [p.to_state() for p in book.positions],
+                book.received_through,
+            )
+            for key in {(p.account, p.symbol) for p in book.positions}:
+                assert folded(again.positions.get(*key), *key) == folded(book.positions.get(*key), *key), key
+            book = again
