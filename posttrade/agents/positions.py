@@ -258,7 +258,7 @@ class PositionKeeper:
             if status == "applied":
                 await self._publish(result, fill)
             elif status == "duplicate":
-                pass
+                continue
             elif status == "conflict":
                 await self._feed_alert("conflicting_duplicate", fill, [result.first, fill], (
                     f"{fill.fill_id} arrived again with other contents; the first arrival stands"
