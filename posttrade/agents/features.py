@@ -7,7 +7,8 @@
 | quote_features   | QUOTES (`md.quotes.>`)                | quote_minutes (1 m windows), quote_tops     | symbol_quote_features         |
 | account_features | POSITIONS (`posttrade.positions.>`)   | ptrc_positions (ptrc's newest update per    | account_features,             |
 |                  |                                       | (account, symbol)), counted_fills (the      | account_order_features        |
-|                  |                                       | executions of each account's latest day)    |                               |
+|                  |                                       | newest executions of each account's latest  |                               |
+|                  |                                       | day, at most `max_fills_per_account`)       |                               |
 | order_features   | ORDERS (`trading.orders.>`)           | order_days                                  | account_order_features        |
 
 Everything per account that comes from executions is ptrc's: the project has one
@@ -43,6 +44,7 @@ between two rows.
 from __future__ import annotations
 
 import asyncio
+import heapq
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -68,6 +70,7 @@ from ..features.math import (
     execution_change,
     fill_rate_features,
     fills_day,
+    fold_fill,
     next_tick,
     next_top,
     order_flow_term,
@@ -92,6 +95,11 @@ from ..streams.events import PositionUpdate
 
 
 TWO = Decimal(2)
+#: The fill_id under which `counted_fills` keeps an account's folded record (a fill's
+#: id is never empty: `streams.events.Fill`).
+FOLDED = ""
+#: Executions `counted_fills` holds one by one per account, by default.
+MAX_FILLS_PER_ACCOUNT = 10_000
 
 
 def _none() -> None:
@@ -129,8 +137,12 @@ class FeatureAgents:
         window_grace_s: float,
         channels: FeatureChannels | None = None,
         reference: Reference | None = None,
+        max_fills_per_account: int = MAX_FILLS_PER_ACCOUNT,
     ):
+        if max_fills_per_account < 1:
+            raise ValueError("max_fills_per_account must be >= 1")
         self.app = app
+        self.max_fills_per_account = max_fills_per_account
         # Account money in each account's base currency, at the rates of the marks seen here.
         self.reference = reference or Reference()
         self.fx = FxRates(self.reference, self.fx_mark)
@@ -157,19 +169,23 @@ class FeatureAgents:
         self.ptrc_positions = app.table("ptrc_positions", value_type=PositionUpdate, key_type=tuple[str, str])
         # (account, fill_id) -> CountedFill. Bounded: when an account's first execution
         # of a later UTC day arrives, its executions of earlier days are deleted, so it
-        # holds the executions of each account's latest day.
-        self.counted_fills = app.table("counted_fills", value_type=CountedFill, key_type=tuple[str, str])
+        # holds the executions of each account's latest day; and past
+        # `max_fills_per_account` of them the oldest are folded into the account's
+        # record (account, FOLDED) (`_fold_oldest`). Atomic: a fold deletes executions
+        # and rewrites the record, which a crash must not tear apart (the counts are
+        # rebuilt from this table).
+        self.counted_fills = app.table("counted_fills", value_type=CountedFill, key_type=tuple[str, str], atomic=True)
         self.order_days = app.table("order_days", value_type=OrdersDay, key_type=str, default=_none)
 
         # Derived from the two tables and rebuilt from them (`recover_accounts`) at start
         # and whenever the positions agent restarts, since a crash rolls the tables back:
-        # the positions and the fill counts by account, and the counted fill_ids by
-        # account (what an eviction deletes).
+        # the positions and the fill counts by account, and the executions held one by
+        # one by account, a heap of (ts, fill_id) (what a fold or an eviction deletes).
         self._positions_by_account: dict[str, dict[str, PositionUpdate]] = {}
         # symbol -> (mark, event time) ptrc published last with an update held here (`fx_mark`).
         self._ptrc_marks: dict[str, tuple[Decimal, int]] = {}
         self._fills_days: dict[str, FillsDay] = {}
-        self._counted_ids: dict[str, set[str]] = {}
+        self._counted_ids: dict[str, list[tuple[int, str]]] = {}
         # The event time of each account's newest row (see `stamp`). It only moves on: a
         # crash that rolls a table back leaves it ahead, which costs nothing.
         self._account_clock: dict[str, int] = {}
@@ -258,7 +274,11 @@ class FeatureAgents:
         self._counted_ids = {}
         for (account, fill_id), execution in self.counted_fills.items():
             executions.setdefault(account, []).append(execution)
-            self._counted_ids.setdefault(account, set()).add(fill_id)
+            ids = self._counted_ids.setdefault(account, [])
+            if fill_id != FOLDED:
+                ids.append((execution.ts, fill_id))
+        for ids in self._counted_ids.values():
+            heapq.heapify(ids)
         self._fills_days = {account: fills_day(held) for account, held in executions.items()}
 
     def _raise_clock(self, account: str, ts: int) -> None:
@@ -346,12 +366,15 @@ class FeatureAgents:
         positions = self.ptrc_positions
         taken = False
         if not positions.already_applied(key):
-            if not take_update(positions.get(key), update):
+            held = positions.get(key)
+            if not take_update(held, update):
                 return False, False
             positions[key] = update
             self._positions_by_account.setdefault(update.account, {})[update.symbol] = update
             self._note_ptrc_mark(update)
             taken = True
+            if held is not None and update.revision and held.revision == update.revision:
+                return taken, False  # the same state published again: its execution counted once
         return taken, self.count_execution(update)
 
     def count_execution(self, update: PositionUpdate) -> bool:
@@ -370,20 +393,46 @@ class FeatureAgents:
         if execution is None:
             return False
         executions[key] = execution
-        self._counted_ids.setdefault(account, set()).add(change.fill_id)
+        ids = self._counted_ids.setdefault(account, [])
+        if held is None:
+            heapq.heappush(ids, (execution.ts, change.fill_id))
         recounted = recount(counts, held, execution)
         if counts is not None and recounted.day > counts.day:
             self._evict_before(account, recounted.day)
+        if len(ids) > self.max_fills_per_account:
+            self._fold_oldest(account)
         self._fills_days[account] = recounted
         return recounted != counts
 
     def _evict_before(self, account: str, day: int) -> None:
-        """Delete the account's executions of days before `day`: its counts are of `day`
-        now, and an amendment of an earlier day's execution no longer changes them."""
+        """Delete the account's executions (and folded record) of days before `day`: its
+        counts are of `day` now, and an amendment of an earlier day's execution no
+        longer changes them."""
+        executions = self.counted_fills
+        folded = executions.get((account, FOLDED))
+        if folded is not None and folded.day < day:
+            del executions[(account, FOLDED)]
         ids = self._counted_ids[account]
-        for fill_id in [i for i in ids if self.counted_fills[(account, i)].day < day]:
-            del self.counted_fills[(account, fill_id)]
-            ids.discard(fill_id)
+        kept = []
+        for ts, fill_id in ids:
+            if executions[(account, fill_id)].day < day:
+                del executions[(account, fill_id)]
+            else:
+                kept.append((ts, fill_id))
+        ids[:] = kept
+        heapq.heapify(ids)
+
+    def _fold_oldest(self, account: str) -> None:
+        """Fold the account's oldest executions into its record until it holds
+        `max_fills_per_account` one by one. The counts do not move; what is lost is an
+        amendment of a folded execution (it changes nothing)."""
+        executions = self.counted_fills
+        ids = self._counted_ids[account]
+        folded = executions.get((account, FOLDED))
+        while len(ids) > self.max_fills_per_account:
+            _, fill_id = heapq.heappop(ids)
+            folded = fold_fill(folded, executions.pop((account, fill_id)))
+        executions[(account, FOLDED)] = folded
 
     # -- orders: fill rate ---------------------------------------------------------------------
 

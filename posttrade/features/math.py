@@ -441,11 +441,15 @@ def execution_change(update: PositionUpdate) -> ExecutionChange | None:
 
 class CountedFill(msgspec.Struct, kw_only=True, frozen=True):
     """An execution of an account as its fill counts hold it: its time (the UTC day it
-    counts on), the quantity in force, whether it is busted."""
+    counts on), the quantity in force, whether it is busted.
+
+    Also the account's folded record (`fold_fill`): the executions it no longer holds
+    one by one, `fills` of them counting with `qty` together, `ts` the newest one's."""
 
     ts: int
     qty: Decimal
     busted: bool = False
+    fills: int = 1  # how many executions it counts for
 
     @property
     def day(self) -> int:
@@ -472,8 +476,10 @@ def counted_fill(change: ExecutionChange, held: CountedFill | None, day: int | N
 
     - An arrival is held once: one already held is ptrc's update published again. An
       execution of a day before `day` arriving late is not held: today's counts stay.
+      (ptrc's state published again, a folded execution's too, is told by its revision:
+      `FeatureAgents.hold_update`.)
     - An amendment changes a held execution's quantity or busts it; one of an execution
-      not held (of an earlier day) changes nothing today.
+      not held (of an earlier day, or folded) changes nothing today.
     """
     if change.arrived:
         if held is not None or (day is not None and utc_day(change.ts) < day):
@@ -499,9 +505,24 @@ def recount(counts: FillsDay | None, before: CountedFill | None, after: CountedF
     return FillsDay(day=counts.day, fills=fills, filled_qty=filled)
 
 
+def fold_fill(folded: CountedFill | None, execution: CountedFill) -> CountedFill:
+    """An account's folded record after `execution` joins it. Executions are folded
+    oldest first and all of the counts' day, so the record keeps that day's count and
+    quantity of those in force, and the newest one's time."""
+    if folded is None:
+        fills, qty, ts = 0, ZERO, execution.ts
+    else:
+        fills, qty, ts = folded.fills, folded.qty, max(folded.ts, execution.ts)
+    if not execution.busted:
+        fills += execution.fills
+        qty = _add(qty, execution.qty)
+    return CountedFill(ts=ts, qty=qty, fills=fills)
+
+
 def fills_day(executions: Iterable[CountedFill]) -> FillsDay | None:
-    """An account's counts from the executions held, the ones `recount` keeps up: the
-    day of its newest execution, and that day's executions in force."""
+    """An account's counts from the executions held (and its folded record), the ones
+    `recount` keeps up: the day of its newest execution, and that day's executions in
+    force."""
     held = list(executions)
     if not held:
         return None
@@ -509,7 +530,7 @@ def fills_day(executions: Iterable[CountedFill]) -> FillsDay | None:
     fills, filled = 0, ZERO
     for e in held:
         if e.counts_on(day):
-            fills += 1
+            fills += e.fills
             filled = _add(filled, e.qty)
     return FillsDay(day=day, fills=fills, filled_qty=filled)
 

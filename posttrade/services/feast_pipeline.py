@@ -28,7 +28,7 @@ from typing import Literal
 
 import msgspec
 
-from ..agents.features import FeatureAgents, FeatureChannels
+from ..agents.features import MAX_FILLS_PER_ACCOUNT, FeatureAgents, FeatureChannels
 from ..app import App
 from ..config import ConfigError, ServiceConfig, _Section
 from ..features.views import VIEWS, resolve_features
@@ -71,11 +71,16 @@ class FeaturesSection(_Section):
     materialize_views: list[str] = msgspec.field(default_factory=lambda: ["symbol_hourly_features"])
     compact_interval_s: float = 600.0
     compact_after_parts: int = 200  # merge a view's Parquet parts when it has more
+    # Executions of the day the fill counts hold one by one per account (amendable);
+    # older ones are folded into one record per account (docs/feast_pipeline.md, "Accounts").
+    max_fills_per_account: int = MAX_FILLS_PER_ACCOUNT
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.materialize_views if v not in VIEWS]
         if unknown:
             raise ValueError(f"unknown feature views {unknown}; the views are {sorted(VIEWS)}")
+        if self.max_fills_per_account < 1:
+            raise ValueError("max_fills_per_account must be >= 1")
         if self.window_grace_s < 0 or self.batch_interval_s <= 0 or self.compact_interval_s <= 0:
             raise ValueError("window_grace_s must be >= 0 and the intervals > 0")
 
@@ -257,6 +262,7 @@ def assemble(app: App, config: FeastPipelineConfig, channels: FeatureChannels | 
         window_grace_s=config.features.window_grace_s,
         channels=channels,
         reference=config.reference(),
+        max_fills_per_account=config.features.max_fills_per_account,
     )
     runtime = FeastRuntime(config, agents)
     app.feast = runtime  # type: ignore[attr-defined]  # for tests and operators

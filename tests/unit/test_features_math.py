@@ -33,6 +33,7 @@ from posttrade.features.math import (
     execution_change,
     fill_rate_features,
     fills_day,
+    fold_fill,
     next_tick,
     order_flow_term,
     position_exposure,
@@ -508,3 +509,14 @@ def test_resolve_feature_names():
     with pytest.raises(KeyError):
         resolve_features("symbol", ["account_features:gross_exposure"])
     assert all(v.entity in ("symbol", "account") for v in VIEWS.values())
+
+
+def test_folded_executions_count_together():
+    """`fold_fill`: an account's oldest executions, no longer held one by one, keep their
+    count and quantity (a busted one neither)."""
+    folded = fold_fill(None, CountedFill(ts=T0, qty=D(5)))
+    folded = fold_fill(folded, CountedFill(ts=T0 + S, qty=D(9), busted=True))
+    folded = fold_fill(folded, CountedFill(ts=T0 + 2 * S, qty=D(2)))
+    assert folded == CountedFill(ts=T0 + 2 * S, qty=D(7), fills=2)
+    held = [folded, CountedFill(ts=T0 + 3 * S, qty=D(1))]
+    assert fills_day(held) == FillsDay(day=utc_day(T0), fills=3, filled_qty=D(8))

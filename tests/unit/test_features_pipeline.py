@@ -469,3 +469,71 @@ def test_account_rows_are_in_the_base_currency_at_the_rates_of_the_fx_marks_seen
     assert fresh.fx_mark("USDJPY") == (D(155), "ptrc_mark", at(5))
     # A (USD) holds 100 TOYOTA at ptrc's published mark or cost: 200,000 JPY / 155.
     assert fresh.account_values("A", day)["gross_exposure"] == pytest.approx(1290.322580645161)
+
+
+async def test_counted_fills_hold_at_most_max_fills_per_account_and_fold_the_rest():
+    """An account's executions of the day are held one by one up to the bound; the
+    oldest beyond it are folded into one record: the table stays bounded, the counts
+    stay exact (also rebuilt from the table after a restart), a folded execution's
+    update published again counts once, and an amendment of it changes nothing."""
+    from posttrade.agents.features import FOLDED
+
+    from .test_features_math import T0, correct, execution
+
+    transport = MemoryTransport()
+    app = App("feast_pipeline", transport)
+    agents = FeatureAgents(app, batch_size=10, batch_interval_s=0.05, window_grace_s=5, max_fills_per_account=3)
+    for table in (agents.ptrc_positions, agents.counted_fills):
+        await table.open(transport)
+    ptrc = PtrcPositions()
+    seq = iter(range(1, 10_000))
+
+    def receive(update: PositionUpdate) -> tuple[bool, bool]:
+        record = EventRecord(value=update, stream="POSITIONS", seq=next(seq),
+                             subject=f"posttrade.positions.{update.account}.{update.symbol}", ts=0, delivered=1,
+                             delivery=None)
+        token = current_event.set(record)
+        try:
+            return agents.hold_update(record.value)
+        finally:
+            current_event.reset(token)
+
+    day = utc_day(T0)
+    first = ptrc.receive(execution("x0", T0, "7", symbol="XYZ"))  # XYZ's only update
+    assert receive(first) == (True, True)
+    for n in range(1, 200):
+        receive(ptrc.receive(execution(f"e{n}", T0 + n * S, "1")))
+    assert len(agents.counted_fills) == 3 + 1  # the 3 newest and the account's folded record
+    assert len(agents._counted_ids["ACC1"]) == 3
+    assert sorted(fill_id for _, fill_id in agents.counted_fills) == [FOLDED, "e197", "e198", "e199"]
+    expected = FillsDay(day=day, fills=200, filled_qty=D(7 + 199))
+    assert agents._fills_days["ACC1"] == expected
+
+    # ptrc's state of XYZ published again: its execution x0 is folded, and counts once.
+    assert receive(first) == (True, False)
+    # An amendment of a folded execution changes nothing; of a held one, its quantity.
+    assert receive(ptrc.receive(correct("x0-c", "x0", "1", T0 + 300 * S, symbol="XYZ"))) == (True, False)
+    assert receive(ptrc.receive(correct("e199-c", "e199", "3", T0 + 301 * S))) == (True, True)
+    expected = FillsDay(day=day, fills=200, filled_qty=D(7 + 199 + 2))
+    assert agents._fills_days["ACC1"] == expected
+    # A late execution is counted, older than folded ones too; the oldest held is folded.
+    assert receive(ptrc.receive(execution("late", T0 + 198 * S + 1, "5"))) == (True, True)
+    assert receive(ptrc.receive(execution("later", T0 + 5 * S, "4"))) == (True, True)
+    expected = FillsDay(day=day, fills=202, filled_qty=D(7 + 199 + 2 + 5 + 4))
+    assert agents._fills_days["ACC1"] == expected
+    assert len(agents.counted_fills) == 3 + 1
+
+    # Rebuilt from the durable table after a restart: the same counts.
+    await app.flush_tables()
+    app2 = App("feast_pipeline", transport)
+    agents2 = FeatureAgents(app2, batch_size=10, batch_interval_s=0.05, window_grace_s=5, max_fills_per_account=3)
+    for table in (agents2.ptrc_positions, agents2.counted_fills):
+        await table.open(transport)
+    agents2.recover_accounts()
+    assert agents2._fills_days["ACC1"] == expected
+    assert sorted(agents2._counted_ids["ACC1"]) == sorted(agents._counted_ids["ACC1"])
+
+    # The next day's first execution: the day before, folded record and all, is forgotten.
+    assert receive(ptrc.receive(execution("d2", T0 + DAY_NS, "2"))) == (True, True)
+    assert dict(agents.counted_fills.items()) == {("ACC1", "d2"): agents.counted_fills[("ACC1", "d2")]}
+    assert agents._fills_days["ACC1"] == FillsDay(day=day + 1, fills=1, filled_qty=D(2))
