@@ -187,7 +187,7 @@ class _Undo:
     busts, and `restore` undoes exactly that."""
 
     __slots__ = (
-        "book", "history", "fill_id", "prior_id", "lists", "amendments", "waiting", "target", "busted", "counters",
+        "book", "history", "fill_id", "prior_id", "lists", "amendments", "waiting", "target", "counters",
     )
 
     def __init__(self, book: ExecutionBook, history: History, fill: Fill):
@@ -209,7 +209,6 @@ class _Undo:
         ]
         target = book._resolve(fill.ref_fill_id) if fill.ref_fill_id is not None else None
         self.target = (target, target.fill, target.busted, target.amendments) if isinstance(target, Execution) else None
-        self.busted = list(history.busted)
         self.counters = (history.corrections, history.busts)
 
     def restore(self) -> None:
@@ -217,8 +216,10 @@ class _Undo:
         created = book._ids.get(self.fill_id)
         if isinstance(created, Execution) and created is not self.prior_id and not created.opening:
             place = bisect.bisect_left(entries, _sort_key(created), key=_sort_key)
-            if place < len(entries) and entries[place] is created:  # (a BUST waiting for it took it out)
+            if place < len(entries) and entries[place] is created:
                 del entries[place]
+            else:  # a BUST waiting for it took it out
+                self.history.busted.remove(created)
         if self.prior_id is None:
             book._ids.pop(self.fill_id, None)
         else:
@@ -234,9 +235,9 @@ class _Undo:
         if self.target is not None:
             target, fill, busted, amendments = self.target
             if target.busted and not busted and not target.opening:  # this BUST took it out
+                self.history.busted.remove(target)
                 bisect.insort(entries, target, key=_sort_key)
             target.fill, target.busted, target.amendments = fill, busted, amendments
-        self.history.busted = self.busted
         self.history.corrections, self.history.busts = self.counters
 
 
