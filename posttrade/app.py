@@ -188,6 +188,9 @@ class Page:
     # Public: reads need no token even when the service has one (counters without account
     # data). Everything else is confidential, so a new page is protected by default.
     public: bool = False
+    # Undocumented: left out of /openapi.json (a dashboard's HTML, its scripts and live
+    # streams are for the browser, not for API clients or fuzzers).
+    documented: bool = True
 
 
 @dataclass
@@ -591,12 +594,15 @@ class App:
 
         return register
 
-    def page(self, path: str, *, methods: tuple[str, ...] = ("GET",), public: bool = False):
+    def page(
+        self, path: str, *, methods: tuple[str, ...] = ("GET",), public: bool = False, documented: bool = True
+    ):
         """Register a web page. With a token configured (web/auth.py), reads of a page need
-        one unless it is `public`; a state-changing method always needs the full token."""
+        one unless it is `public`; a state-changing method always needs the full token.
+        `documented=False` leaves it out of /openapi.json."""
 
         def register(fn):
-            self.pages.append(Page(path, fn, tuple(methods), public))
+            self.pages.append(Page(path, fn, tuple(methods), public, documented))
             return fn
 
         return register

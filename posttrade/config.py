@@ -190,6 +190,13 @@ class DeadLetterSection(_Section):
             raise ValueError("dead_letter.max_age_s and dead_letter.max_bytes must be positive")
 
 
+class DashboardSection(_Section):
+    # Where each service's page is, for the pages' navigation bar: service -> URL
+    # (`POSTTRADE__DASHBOARD__LINKS__PNL=http://desk-host:8100`). A service not listed
+    # is on the page's own host, at the port its config file gives.
+    links: dict[str, str] = msgspec.field(default_factory=dict)
+
+
 class ServiceConfig(_Section):
     """The sections every service shares; services subclass it with their own."""
 
@@ -201,6 +208,7 @@ class ServiceConfig(_Section):
     batch: BatchSection = msgspec.field(default_factory=BatchSection)
     runtime: RuntimeSection = msgspec.field(default_factory=RuntimeSection)
     dead_letter: DeadLetterSection = msgspec.field(default_factory=DeadLetterSection)
+    dashboard: DashboardSection = msgspec.field(default_factory=DashboardSection)
     # The reference data every service values money by (`core.reference`); None:
     # `reference.yaml` in the config folder, or the defaults when there is none.
     reference_file: str | None = None

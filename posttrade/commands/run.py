@@ -154,7 +154,7 @@ def run_up(args: argparse.Namespace) -> int:
         # naming them (ESU4-<tag> with ESU4's multiplier, USDJPY-<tag> quoting USD/JPY).
         fleet_env = {}
         if feed is not None and feed.tag:
-            fleet_env["POSTTRADE__REFERENCE_FILE"] = str(_tagged_reference(ep.home, feed.tag))
+            fleet_env["POSTTRADE__REFERENCE_FILE"] = str(tagged_reference_file(ep.home, feed.tag))
     except (ValueError, OSError) as exc:
         print(f"posttrade up: {exc}", file=sys.stderr)
         return 2
@@ -216,7 +216,7 @@ def run_up(args: argparse.Namespace) -> int:
     return status
 
 
-def _tagged_reference(home: Path, tag: str) -> Path:
+def tagged_reference_file(home: Path, tag: str) -> Path:
     """The reference data the services would read, with the demo's symbols renamed with
     the feed's tag (`posttrade.demo.market.tagged_reference`), written under the home."""
     import yaml

@@ -28,6 +28,7 @@ import msgspec
 
 from ..agents.questdb_sink import LAYOUTS, QuestDBSink, RetryPolicy, WriterMetrics
 from ..app import App
+from ..web.live import History
 from ..config import ConfigError, QuestDBSection, ServiceConfig, _Section
 from ..stores.questdb import QuestDBClient, QuestDBUnavailableError, QuestDBWriter, check_identifier
 from ..streams import subjects as bus
@@ -207,14 +208,7 @@ def wire(app: App, config: QuestDBWriterConfig, *, writer: QuestDBWriter, client
                 }
         return True, detail
 
-    @app.page("/stats", public=True)  # counters, no account data
-    async def stats(request):
-        """Rows, batches, errors, retries, dead letters, resends, lag, throughput and flush latency per table.
-
-        ---
-        responses:
-          200: {description: "`totals` and `tables` (one entry per route)", schema: {type: object}}
-        """
+    async def current_stats() -> tuple[dict, dict]:
         tables = {}
         totals = {"rows": 0, "batches": 0, "errors": 0, "retries": 0, "dead_lettered": 0, "resends": 0, "lag": 0}
         rate10 = rate60 = 0.0
@@ -243,6 +237,17 @@ def wire(app: App, config: QuestDBWriterConfig, *, writer: QuestDBWriter, client
             rate10 += snapshot["rows_per_s"]["10s"]
             rate60 += snapshot["rows_per_s"]["60s"]
         totals["rows_per_s"] = {"10s": round(rate10, 1), "60s": round(rate60, 1)}
+        return totals, tables
+
+    @app.page("/stats", public=True)  # counters, no account data
+    async def stats(request):
+        """Rows, batches, errors, retries, dead letters, resends, lag, throughput and flush latency per table.
+
+        ---
+        responses:
+          200: {description: "`totals` and `tables` (one entry per route)", schema: {type: object}}
+        """
+        totals, tables = await current_stats()
         return JSON(
             {
                 "service": app.name,
@@ -252,6 +257,20 @@ def wire(app: App, config: QuestDBWriterConfig, *, writer: QuestDBWriter, client
                 "tables": tables,
             }
         )
+
+    async def sample() -> dict[str, float | None]:
+        _, tables = await current_stats()
+        figures: dict[str, float | None] = {}
+        for table, snapshot in tables.items():
+            figures[f"{table}.rows_per_s"] = snapshot["rows_per_s"]["10s"]
+            figures[f"{table}.flush_p99_ms"] = snapshot["flush_latency_ms"]["p99"]
+            figures[f"{table}.lag"] = snapshot["lag"]
+            figures[f"{table}.retries"] = snapshot["retries"]
+            figures[f"{table}.dead_lettered"] = snapshot["dead_lettered"] + snapshot["dead_lettered_undecodable"]
+        return figures
+
+    # The page's charts over time (the last hour).
+    History(sample).serve(app, "/dashboard/history", public=True)
 
     return app
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..app import App, RuntimeSettings
 from ..config import ServiceConfig
 from ..streams.nats import NatsTransport
+from ..web.dashboard import install_dashboard
 
 
 def nats_transport(config: ServiceConfig) -> NatsTransport:
@@ -22,8 +23,10 @@ def nats_transport(config: ServiceConfig) -> NatsTransport:
 
 
 def new_app(config: ServiceConfig) -> App:
-    """An App on NATS with the runtime settings of `config`."""
-    return App(config.service.name, nats_transport(config), RuntimeSettings.from_config(config))
+    """An App on NATS with the runtime settings of `config`, serving its page at `/`."""
+    app = App(config.service.name, nats_transport(config), RuntimeSettings.from_config(config))
+    install_dashboard(app, config)
+    return app
 
 
 def chdb_dsn_for(dsn: str | None, service: str) -> str | None:

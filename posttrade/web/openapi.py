@@ -148,6 +148,8 @@ def openapi_document(
     for route in routes:
         if not isinstance(route, Route):
             continue  # mounts and websockets: no service has one
+        if not route.include_in_schema:
+            continue  # dashboard pages and live streams
         methods = [m for m in _DOCUMENTED_METHODS if m in (route.methods or {"GET"})]
         doc = route_doc(route.endpoint, route.path)
         item = paths.setdefault(openapi_path(route.path), {})

@@ -35,16 +35,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+GRACEFUL_SHUTDOWN_S = 3.0
+
 class JSON(JSONResponse):
     """JSON that accepts msgspec structs and renders every Decimal as its canonical
     exact string (plain notation, no trailing zeros: `"121"`, `"-0.5"`), so the same
     number always reads the same in every answer."""
 
     def render(self, content: Any) -> bytes:
-        return _json.encode(_canonical(msgspec.to_builtins(content, builtin_types=(Decimal,))))
+        return encode_json(content)
 
 
 _json = msgspec.json.Encoder()
+
+
+def encode_json(content: Any) -> bytes:
+    """`content` as the services' JSON: structs as objects, every Decimal canonical."""
+    return _json.encode(_canonical(msgspec.to_builtins(content, builtin_types=(Decimal,))))
 
 
 def _canonical(value: Any) -> Any:
@@ -189,7 +196,7 @@ def build_web_app(
     # unless registered public (web/auth.py).
     public: list[BaseRoute] = list(routes)
     for page in app.pages:
-        route = Route(page.path, page.handler, methods=list(page.methods))
+        route = Route(page.path, page.handler, methods=list(page.methods), include_in_schema=page.documented)
         routes.append(route)
         if page.public:
             public.append(route)
@@ -224,7 +231,13 @@ class WebServer(uvicorn.Server):
     """uvicorn without its signal handling: the App owns SIGINT/SIGTERM."""
 
     def __init__(self, web: Starlette, host: str, port: int):
-        super().__init__(uvicorn.Config(web, host=host, port=port, log_level="warning", lifespan="off", access_log=False))
+        # A dashboard's live stream never ends by itself: at a stop, open ones are cut
+        # after a grace period instead of holding the stop for ever.
+        config = uvicorn.Config(
+            web, host=host, port=port, log_level="warning", lifespan="off", access_log=False,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )  # fmt: skip
+        super().__init__(config)
 
     @contextlib.contextmanager
     def capture_signals(self):

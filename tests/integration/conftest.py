@@ -14,6 +14,8 @@ import pytest
 
 from posttrade import stack as local_stack
 
+from .desk import Desk, running_desk
+
 HERE = Path(__file__).parent
 
 
@@ -32,3 +34,20 @@ def stack() -> Iterator[local_stack.Endpoints]:
     started = [state.server.name for state in states if state.started]
     if started:
         local_stack.down(endpoints, names=started)
+
+
+@pytest.fixture(scope="session")
+def desk(stack, tmp_path_factory) -> Iterator[Desk]:
+    """The six services with tokens (token_fleet), their pages linked to each other, and
+    the demo feed running under a tag of its own for as long as the session needs them:
+    what the dashboard tests look at."""
+    with running_desk(stack, tmp_path_factory.mktemp("desk")) as desk:
+        yield desk
+
+
+@pytest.fixture(scope="session")
+def browser():
+    from .browser import chromium
+
+    with chromium() as browser:
+        yield browser

@@ -48,12 +48,21 @@ def token_fleet(
     *,
     tokens: Tokens | None = None,
     on_ready: Callable[[str, ServiceProcess, float], None] | None = None,
+    link_pages: bool = False,
+    env: dict[str, str] | None = None,
 ) -> Iterator[tuple[dict[str, ServiceProcess], Tokens]]:
     """Start `services`, yield them once all are healthy, stop them at the end.
-    `on_ready(name, process, seconds to start)` is called (from a thread) as each one is."""
+    `on_ready(name, process, seconds to start)` is called (from a thread) as each one is.
+    `link_pages`: each page's navigation bar points at these services' ports. `env`: more
+    environment for every service."""
     tokens = tokens or Tokens()
     tmp.mkdir(parents=True, exist_ok=True)
     procs = {name: ServiceProcess(name, stack, tmp, env=service_env(name, tokens, tmp)) for name in services}
+    extra = dict(env or {})
+    if link_pages:
+        extra |= {f"POSTTRADE__DASHBOARD__LINKS__{name.upper()}": proc.url for name, proc in procs.items()}
+    for proc in procs.values():
+        proc.env.update(extra)
 
     def start(name: str) -> None:
         began = time.monotonic()
