@@ -3,7 +3,8 @@
 #
 #   make setup   .venv with posttrade and its dev tools, plus the pinned QuestDB jar
 #   make up      everything locally: the servers, the six services, a demo feed (Ctrl-C stops); `make down` stops all
-#   make test    unit tests, then integration tests and the validation gate against a stack it starts and stops
+#   make test    unit tests, then integration tests (the dashboards in a real chromium, installed with apt
+#                when missing) and the validation gate against a stack it starts and stops
 #   make bench   every benchmarks/*.py against the stack; results in benchmarks/results/
 
 SHELL := /bin/bash
@@ -38,6 +39,7 @@ down:
 # path per process: the integration tests' must not decide the unit tests'); then the
 # integration tests, the validation gate among them, against the stack.
 test: setup
+	@scripts/install-chromium.sh
 	@$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS) tests/unit
 	@scripts/with-stack.sh $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS) tests/integration
 
