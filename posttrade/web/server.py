@@ -210,6 +210,7 @@ def build_metrics_app(
     app: App, *, auth_token: str | None = None, read_token: str | None = None, protect_health: bool = False
 ) -> Starlette:
     async def metrics(request: Request) -> Response:
+        await app.health()  # refreshes the lag and table gauges, as the main port's /metrics does
         return Response(generate_latest(app.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     routes: list[BaseRoute] = [Route("/metrics", metrics), Route("/", metrics)]
