@@ -219,6 +219,8 @@ class ExecutionQualityService:
         app.health_check("clickhouse")(self._clickhouse_health)
         app.page("/metrics/execution")(self.metrics_execution)
         app.page("/analytics/summary")(self.analytics_summary)
+        # For the page only (docs/execution_quality.md, "The page"): not in /openapi.json.
+        app.page("/dashboard/slippage_histogram", documented=False)(self.slippage_histogram)
         app.metrics.registry.register(_ExecutionCollector(self))
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -323,6 +325,7 @@ class ExecutionQualityService:
           venue: {$ref: Name, description: only this venue}
           side: {enum: [BUY, SELL], description: only this side (lower case is taken too)}
           order_id: {$ref: Id, description: only this order's rows}
+          sort: {enum: [newest, worst], default: newest, description: "newest first, or worst first: orders by implementation_shortfall_bps, fills by slippage_bps, highest (costliest) first, rows without one last"}
           from: {$ref: Time, description: "event time from, inclusive (before `to`)"}
           to: {$ref: Time, description: event time to, exclusive}
           limit: {type: integer, minimum: 1, maximum: 1000, default: 100}
@@ -332,17 +335,21 @@ class ExecutionQualityService:
           503: ClickHouse is not connected or the query failed
         """
         params = request.query_params
-        _reject_unknown(params, {"level", "limit", "offset", "order_id", *Filters.PARAMETERS})
+        _reject_unknown(params, {"level", "limit", "offset", "order_id", "sort", *Filters.PARAMETERS})
         level = params.get("level", "fill")
         if level not in ("fill", "order"):
             raise BadRequest({"parameter": "level", "error": f"must be fill or order, got {level!r}"})
+        sort = params.get("sort", "newest")
+        if sort not in ("newest", "worst"):
+            raise BadRequest({"parameter": "sort", "error": f"must be newest or worst, got {sort!r}"})
         filters = Filters.parse(request)
         limit = query_int(request, "limit", 100, minimum=1, maximum=1000)
         offset = query_int(request, "offset", 0, minimum=0, maximum=10_000_000)
-        total, rows = await self._query(self.queries.rows(level, filters, limit, offset))
+        total, rows = await self._query(self.queries.rows(level, filters, limit, offset, worst=sort == "worst"))
         return JSON(
             {
                 "level": level,
+                "sort": sort,
                 "filters": filters.describe(),
                 "limit": limit,
                 "offset": offset,
@@ -398,6 +405,23 @@ class ExecutionQualityService:
                 "groups": page,
             }
         )
+
+    async def slippage_histogram(self, request: Request) -> JSON:
+        """The distribution of fills' slippage vs arrival (bps) broken down by each key of
+        `by` (comma-separated out of account, symbol, venue, side; default venue), for the
+        page. One set of bins for every breakdown: `bins` (5-200, default 30) bins of a
+        round width (1, 2 or 5 × 10^k bps) over the 1st-99th percentile of the filtered
+        fills; a group's fills outside are counted in its `below` / `above`. Same filters
+        and the same 400s as /analytics/summary; read from the per-minute rollup when
+        `from` / `to` are whole minutes, else from the fills table."""
+        params = request.query_params
+        _reject_unknown(params, {"by", "bins", "limit", *Filters.PARAMETERS})
+        by = _parse_by(params.get("by"))
+        bins = query_int(request, "bins", 30, minimum=5, maximum=200)
+        limit = query_int(request, "limit", 50, minimum=1, maximum=1000)
+        filters = Filters.parse(request)
+        answer = await self._query(self.queries.slippage_histogram(filters, by, bins, limit))
+        return JSON({"filters": filters.describe(), **answer})
 
     async def _query(self, coroutine):
         if self.store is None:
@@ -524,6 +548,17 @@ def _parse_group_by(raw: str | None) -> tuple[str, ...]:
             {"parameter": "group_by", "error": f"comma-separated keys out of {', '.join(_GROUP_KEYS)}, each at most once; got {raw!r}"}
         )
     return tuple(raw.split(",")) if raw else ()
+
+
+def _parse_by(raw: str | None) -> tuple[str, ...]:
+    """`by` of the slippage histogram: one or more breakdowns, each key at most once."""
+    if raw is None:
+        return ("venue",)
+    if not raw or not _group_by.fullmatch(raw):
+        raise BadRequest(
+            {"parameter": "by", "error": f"comma-separated keys out of {', '.join(_GROUP_KEYS)}, each at most once; got {raw!r}"}
+        )
+    return tuple(raw.split(","))
 
 
 def _parse_bucket(raw: str) -> int:
@@ -698,13 +733,21 @@ class ExecutionQueries:
             raise ClickHouseError("ClickHouse is not connected")
         return store
 
-    async def rows(self, level: str, filters: Filters, limit: int, offset: int) -> tuple[int, list[dict]]:
+    async def rows(
+        self, level: str, filters: Filters, limit: int, offset: int, *, worst: bool = False
+    ) -> tuple[int, list[dict]]:
+        """Newest first, or with `worst` the costliest first (orders by shortfall bps,
+        fills by slippage bps; rows without one last, then newest first)."""
         if level == "fill":
             table, fields, order = FILLS_TABLE, _FILL_FIELDS, "ts DESC, fill_id"
             where, params = filters.where("ts", _LIVE_FILLS)
+            if worst:
+                order = "slippage_bps DESC NULLS LAST, " + order
         else:
             table, fields, order = ORDERS_TABLE, _ORDER_FIELDS, "arrival_ts DESC, order_id"
             where, params = filters.where("arrival_ts")
+            if worst:
+                order = "implementation_shortfall_bps DESC NULLS LAST, " + order
         source = f"{self.database}.{table} FINAL{where}"
         total = (await self.store.query(f"SELECT count() FROM {source}", params)).scalar()
         select = ", ".join(f"{expr} AS out_{name}" for name, expr, _ in fields)
@@ -849,6 +892,98 @@ class ExecutionQueries:
                 "time_to_last_fill_ns": {"count": last_n, "mean": last_sum // last_n if last_n else None},
             }
         return groups
+
+
+    async def slippage_histogram(self, filters: Filters, by: tuple[str, ...], bins: int, limit: int) -> dict:
+        """Counts of fills' slippage bps per bin, per group of each key of `by`.
+
+        The bins are chosen once over all filtered fills (`histogram_bins`) and counted
+        in ClickHouse with integer arithmetic on the values in units of 10^-8 bps (their
+        exact scale), so a value on an edge falls in the bin it starts, never beside it."""
+        if whole_minutes(filters, None):
+            where, params = filters.where("minute")
+            values = (
+                f"SELECT account, symbol, venue, side, arrayJoin(slippage_values) AS v "
+                f"FROM {self.database}.{MINUTES_TABLE} FINAL{where}"
+            )
+        else:
+            where, params = filters.where("ts", _LIVE_FILLS, "slippage_bps IS NOT NULL")
+            values = (
+                f"SELECT account, symbol, venue, side, assumeNotNull(slippage_bps) AS v "
+                f"FROM {self.database}.{FILLS_TABLE} FINAL{where}"
+            )
+        stats = await self.store.query(f"SELECT count(), quantilesExact(0.01, 0.5, 0.99)(v) FROM ({values})", params)
+        count, (p01, median, p99) = stats.rows[0]
+        answer: dict[str, Any] = {"count": int(count), "bin_bps": None, "edges": [], "quantiles": None, "by": {}}
+        if not count:
+            answer["by"] = {key: [] for key in by}
+            return answer
+        width, first, last = histogram_bins(Decimal(p01), Decimal(p99), bins)
+        units = int(width * BPS_UNITS)
+        answer.update(
+            bin_bps=format_decimal(width),
+            edges=[format_decimal(k * width) for k in range(first, last + 2)],
+            quantiles={"p1": format_decimal(p01), "median": format_decimal(median), "p99": format_decimal(p99)},
+        )
+        # One pass over the values, grouped by every key asked for and the bin; each
+        # breakdown is then summed here (a few thousand rows: keys × bins).
+        k = bin_sql("v", units)
+        keys = ", ".join(by)
+        result = await self.store.query(
+            f"SELECT {keys}, greatest(least({k}, {last + 1}), {first - 1}) AS b, count() "
+            f"FROM ({values}) GROUP BY {keys}, b",
+            params,
+        )
+        breakdowns: dict[str, dict[str, dict]] = {key: {} for key in by}
+        for row in result.rows:
+            b, n = row[-2], row[-1]
+            for key, g in zip(by, row):
+                group = breakdowns[key].setdefault(
+                    g, {"key": g, "count": 0, "counts": [0] * (last - first + 1), "below": 0, "above": 0}
+                )
+                group["count"] += n
+                if b < first:
+                    group["below"] += n
+                elif b > last:
+                    group["above"] += n
+                else:
+                    group["counts"][b - first] += n
+        for key, groups in breakdowns.items():
+            answer["by"][key] = sorted(groups.values(), key=lambda grp: (-grp["count"], grp["key"]))[:limit]
+        return answer
+
+
+BPS_UNITS = 10**8  # slippage bps are stored with 8 decimals (Decimal(38, 8))
+
+
+def bin_sql(value: str, units: int) -> str:
+    """ClickHouse: the index of the bin of `units` × 10^-8 bps that the bps `value` falls
+    in, floor(value / width), in integers (exact; `intDiv` truncates toward zero)."""
+    a = f"toInt128({value} * {BPS_UNITS})"
+    return f"(intDiv({a}, {units}) - if({a} % {units} < 0, 1, 0))"
+
+
+_NICE = (1, 2, 5)  # bin widths are these × 10^k bps
+
+
+def histogram_bins(low: Decimal, high: Decimal, bins: int) -> tuple[Decimal, int, int]:
+    """A round bin width (1, 2 or 5 × 10^k bps, at least 10^-8) giving at most about
+    `bins` bins over [low, high], and the first and last bin index (bin k is
+    [k × width, (k + 1) × width)), so that low and high both fall in a bin."""
+    span = max(high - low, Decimal(0))
+    target = span / bins if span else Decimal(1)
+    width = None
+    exponent = max(target.adjusted(), -8)
+    while width is None:
+        for nice in _NICE:
+            candidate = Decimal(nice).scaleb(exponent)
+            if candidate >= target:
+                width = candidate
+                break
+        exponent += 1
+    return width, int((low / width).to_integral_value(rounding="ROUND_FLOOR")), int(
+        (high / width).to_integral_value(rounding="ROUND_FLOOR")
+    )
 
 
 def whole_minutes(filters: Filters, bucket_ns: int | None) -> bool:

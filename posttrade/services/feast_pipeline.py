@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -32,6 +33,7 @@ from ..agents.features import MAX_FILLS_PER_ACCOUNT, FeatureAgents, FeatureChann
 from ..app import App
 from ..config import ConfigError, ServiceConfig, _Section
 from ..features.views import VIEWS, resolve_features
+from ..web.live import History
 from ..web.params import BadRequest, check_name
 from ..web.server import JSON
 from .wiring import new_app
@@ -45,6 +47,8 @@ FEATURES_PATTERN = f"^(?:{_FEATURE}(?:,{_FEATURE})*)?$"
 FEATURES = re.compile(FEATURES_PATTERN)
 
 log = logging.getLogger(__name__)
+
+DASHBOARD_ENTITIES = 2000  # symbols and accounts the page's pickers list at most (each)
 
 
 class FeastSection(_Section):
@@ -249,6 +253,44 @@ class FeastRuntime:
         return merged
 
 
+class FreshnessSampler:
+    """One sample of what the page draws over time (a `History` ring, `/dashboard/history`):
+    each view's freshness (`freshness.<view>`, s, as /features/status) and rows pushed per
+    second since the last sample (`rows_per_s.<view>`). Counters already in memory: costs
+    nothing on the agents' path. Before Feast is up: an empty sample (a gap)."""
+
+    def __init__(self, runtime: FeastRuntime, *, clock: Callable[[], float] = time.monotonic):
+        self.runtime = runtime
+        self.clock = clock
+        self._last: tuple[float, dict[str, int]] | None = None  # (clock time, rows pushed per view)
+
+    def __call__(self) -> dict[str, float | None]:
+        publisher = self.runtime.publisher
+        if publisher is None:
+            return {}
+        now = self.clock()
+        views = publisher.snapshot()["views"]
+        sample: dict[str, float | None] = {f"freshness.{name}": view["freshness_s"] for name, view in views.items()}
+        rows = {name: view["rows_pushed"] for name, view in views.items()}
+        if self._last is not None and now > self._last[0]:
+            then, before = self._last
+            for name, count in rows.items():
+                # A view's counter only grows; one missing before (new view) is a gap.
+                if name in before:
+                    sample[f"rows_per_s.{name}"] = round((count - before[name]) / (now - then), 3)
+        self._last = (now, rows)
+        return sample
+
+
+def known_entities(agents: FeatureAgents, limit: int) -> dict[str, list[str]]:
+    """The symbols and accounts the agents hold state for (the page's pickers), sorted,
+    at most `limit` of each: symbols with trades or quotes, accounts with positions or
+    orders."""
+    symbols = set(agents.trade_history.keys()) | set(agents.quote_tops.keys())
+    accounts = {account for account, _ in agents.ptrc_positions.keys()} | set(agents.order_days.keys())
+    return {"symbols": sorted(symbols)[:limit], "accounts": sorted(accounts)[:limit]}
+
+
 def build(config: FeastPipelineConfig) -> App:
     return assemble(new_app(config), config)
 
@@ -365,6 +407,22 @@ def assemble(app: App, config: FeastPipelineConfig, channels: FeatureChannels | 
         return JSON(
             {"entity": entity, entity: value, "features": values, "read_ms": round((time.perf_counter() - started) * 1e3, 3)}
         )
+
+    # -- the page's own reads (undocumented; web/dashboard) --------------------------------
+
+    @app.page("/dashboard/entities", documented=False)  # account names: behind the token
+    async def dashboard_entities(request):
+        # The pickers of the online-values panel; the features of each entity kind.
+        entities = known_entities(agents, DASHBOARD_ENTITIES)
+        features = {
+            kind: sorted(f"{v.name}:{f}" for v in VIEWS.values() if v.entity == kind for f in v.feature_names)
+            for kind in ("symbol", "account")
+        }
+        return JSON({**entities, "limit": DASHBOARD_ENTITIES, "features": features})
+
+    # Freshness and rows/s per view over the last hour at one sample per 2 s (1,800
+    # samples of ten figures: a few hundred KB at most).
+    History(FreshnessSampler(runtime)).serve(app, "/dashboard/history", public=True)
 
     # The document names every feature (the views are fixed in code).
     features_online.__doc__ = (features_online.__doc__ or "").replace("FEATURES_PATTERN", FEATURES_PATTERN)

@@ -93,6 +93,7 @@ from ..stores.questdb import (
     sql_literal,
 )
 from ..stores.valkey import ValkeyLoss, ValkeyStore, ValkeyWatch, open_valkey
+from ..web.live import History
 from ..web.params import BadRequest, check_interval, path_name, query_int
 from ..web.server import JSON
 from .wiring import new_app
@@ -100,6 +101,7 @@ from .wiring import new_app
 log = logging.getLogger(__name__)
 
 FAMILIES = ("bars", "quotes", "positions")
+DASHBOARD_SYMBOLS = 2000  # symbols the page's picker lists at most
 # The marker member / field of a key filled from its source (QuestDB, or for positions
 # the POSITIONS stream): the key holds everything there is.
 COMPLETE = b"#complete"
@@ -621,19 +623,45 @@ class ValkeyCache:
         }
 
     async def count_keys(self) -> dict[str, int]:
-        """Keys per family: a SCAN over the database (cheap at hot-cache sizes; the
-        database may hold other services' keys, so DBSIZE alone would not tell)."""
+        """Keys per family: one SCAN of the prefix over the database (the database may
+        hold other services' keys, so DBSIZE alone would not tell; one pass, not one per
+        family: a SCAN walks the whole database whatever its pattern)."""
+        families = {"bars": "bars", "quote": "quotes", "pos": "positions"}
+        start = len(self.keys.prefix) + 1
 
         async def scan() -> dict[str, int]:
-            counts = {}
-            for family in FAMILIES:
-                n = 0
-                async for _ in self.redis.scan_iter(match=self.keys.pattern(family), count=1000):
-                    n += 1
-                counts[family] = n
+            counts = dict.fromkeys(FAMILIES, 0)
+            async for key in self.redis.scan_iter(match=f"{self.keys.prefix}:*", count=1000):
+                family = families.get(key[start:key.find(b":", start)].decode(errors="replace"))
+                if family is not None:
+                    counts[family] += 1
             return counts
 
         return await self._call(scan)
+
+    async def bar_series(self, limit: int) -> dict[str, list[str]]:
+        """symbol -> intervals of the bars keys held (the page's symbol picker): a SCAN of
+        the bars keys, at most `limit` symbols (alphabetically first)."""
+        prefix = f"{self.keys.prefix}:bars:"
+
+        async def scan() -> dict[str, set[str]]:
+            series: dict[str, set[str]] = {}
+            async for key in self.redis.scan_iter(match=self.keys.pattern("bars"), count=1000):
+                # The interval (`30s`, `1m`) has no ':'; a symbol may.
+                symbol, _, interval = key.decode(errors="replace")[len(prefix):].rpartition(":")
+                if symbol:
+                    series.setdefault(symbol, set()).add(interval)
+            return series
+
+        series = await self._call(scan)
+        return {symbol: sorted(series[symbol], key=_interval_order) for symbol in sorted(series)[:limit]}
+
+
+def _interval_order(interval: str) -> tuple[float, str]:
+    try:
+        return interval_seconds(interval), interval
+    except ValueError:
+        return float("inf"), interval
 
 
 # -- QuestDB read-through ---------------------------------------------------------------------
@@ -1155,7 +1183,9 @@ class HotCache:
 
     # -- bars -----------------------------------------------------------------------------------
 
-    async def bars(self, symbol: str, interval: str, limit: int) -> dict[str, Any]:
+    async def bars(self, symbol: str, interval: str, limit: int, *, counted: bool = True) -> dict[str, Any]:
+        """The answer of /bars. `counted=False` only for the dashboard's own reads
+        (`/dashboard/bars`): the hit rate is the desk's, a page looking must not move it."""
         answer = {"symbol": symbol, "interval": interval}
         try:
             members, answered = await self.cache.read_bars(symbol, interval, limit)
@@ -1163,9 +1193,11 @@ class HotCache:
             self.counters.cache_errors += 1
             members, answered = None, False
         if answered:
-            self._hit("bars")
+            if counted:
+                self._hit("bars")
             return {**answer, "hit": True, "source": "cache", "bars": _raw(members[::-1])}
-        self._miss("bars")
+        if counted:
+            self._miss("bars")
         cache_up = members is not None
         try:
             bars = await self.fill_bars(symbol, interval, cache_up=cache_up)
@@ -1350,6 +1382,50 @@ class HotCache:
         body.update(server)
         body["valkey"] = {"ok": True, "location": self.cache.store.location}
         return body
+
+
+# -- the page's figures over time ------------------------------------------------------------------
+
+
+class StatsSampler:
+    """One sample of what the page draws over time (a `History` ring, `/dashboard/history`):
+    the hit rate since the start (as /cache/stats) and over the last interval, reads per
+    second, the freshness lag per family and overall, Valkey's memory.
+
+    Cheap, since it runs every few seconds whether a page is open or not: the counters
+    are in memory and Valkey is asked once (the pipeline of INFO and the newest-event
+    set /cache/stats also reads), never the SCAN of the keys (/cache/stats, polled by an
+    open page, gives those). Valkey away: the counters alone (the lag is a gap)."""
+
+    def __init__(self, service: HotCache, *, clock: Callable[[], float] = time.monotonic,
+                 wall_ns: Callable[[], int] = time.time_ns):
+        self.service = service
+        self.clock, self.wall_ns = clock, wall_ns
+        self._last: tuple[float, int, int] | None = None  # (clock time, hits, misses)
+
+    async def __call__(self) -> dict[str, float | None]:
+        counters = self.service.counters
+        hits, misses = sum(counters.hits.values()), sum(counters.misses.values())
+        now = self.clock()
+        sample: dict[str, float | None] = {"hit_rate": _rate(hits, misses)}
+        if self._last is not None:
+            then, hits_then, misses_then = self._last
+            recent_hits, recent_misses = hits - hits_then, misses - misses_then
+            sample["hit_rate_recent"] = _rate(recent_hits, recent_misses)
+            sample["reads_per_s"] = round((recent_hits + recent_misses) / (now - then), 3) if now > then else None
+        self._last = (now, hits, misses)
+        try:
+            server = await self.service.cache.server_stats()
+        except SinkUnavailable:
+            return sample
+        now_ns = self.wall_ns()
+        newest = server["newest_event_ts"]
+        for family in FAMILIES:
+            ts = newest.get(family)
+            sample[f"lag.{family}"] = round((now_ns - ts) / NS_PER_S, 3) if ts else None
+        sample["lag"] = round((now_ns - max(newest.values())) / NS_PER_S, 3) if newest else None
+        sample["memory_bytes"] = server["memory"]["used_bytes"]
+        return sample
 
 
 # -- Valkey lost the keys: the rebuild -----------------------------------------------------------
@@ -1651,6 +1727,13 @@ def build(config: HotCacheConfig, *, channels: Callable[[App], HotCacheChannels]
           502: "QuestDB's answer cannot be used"
           503: QuestDB is needed for a miss and cannot be reached
         """
+        return CachedJSON(await service.bars(*bars_query(request)))
+
+    # The documented maximum is this service's configured one.
+    get_bars.__doc__ = (get_bars.__doc__ or "").replace("BARS_KEPT", str(section.bars_kept))
+
+    def bars_query(request: Request) -> tuple[str, str, int]:
+        """(symbol, interval, limit) of a bars read, or the 400 of /bars."""
         symbol = _name(request, "symbol")
         interval = check_interval("interval", request.query_params.get("interval", section.default_bar_interval))
         try:
@@ -1658,10 +1741,33 @@ def build(config: HotCacheConfig, *, channels: Callable[[App], HotCacheChannels]
         except ValueError as exc:
             raise BadRequest({"parameter": "interval", "error": str(exc)}) from None
         limit = query_int(request, "limit", section.default_bar_limit, minimum=1, maximum=section.bars_kept)
-        return CachedJSON(await service.bars(symbol, interval, limit))
+        return symbol, interval, limit
 
-    # The documented maximum is this service's configured one.
-    get_bars.__doc__ = (get_bars.__doc__ or "").replace("BARS_KEPT", str(section.bars_kept))
+    # -- the page's own reads (undocumented; web/dashboard). A separate path, not a flag
+    # on /bars: an API client cannot skip the count by accident (a header or a parameter
+    # copied along would silently take its reads out of the hit rate), and the path says
+    # in every access log which reads were the page's.
+
+    @app.page("/dashboard/bars/{symbol:path}", documented=False)
+    async def dashboard_bars(request: Request) -> CachedJSON:
+        # /bars exactly (answer, errors, read-through and fill), not counted as a hit or
+        # a miss: a page looking at the cache must not move the desk's hit rate.
+        return CachedJSON(await service.bars(*bars_query(request), counted=False))
+
+    @app.page("/dashboard/symbols", documented=False)
+    async def dashboard_symbols(request: Request) -> JSON:
+        # The picker: symbol -> intervals of the bars keys held, and the built intervals.
+        try:
+            series = await cache.bar_series(DASHBOARD_SYMBOLS)
+        except SinkUnavailable as exc:
+            raise HTTPException(503, detail={"error": "Valkey unavailable", "valkey": str(exc)}) from None
+        return JSON({"symbols": series, "limit": DASHBOARD_SYMBOLS, "built_intervals": list(section.bar_intervals),
+                     "default_interval": section.default_bar_interval, "default_limit": section.default_bar_limit,
+                     "bars_kept": section.bars_kept})
+
+    # The page's charts over time: the last hour at one sample per 2 s (1,800 samples of
+    # nine figures, a few hundred KB at most).
+    History(StatsSampler(service)).serve(app, "/dashboard/history", public=True)
 
     @app.page("/quotes/{symbol:path}")
     async def get_quote(request: Request) -> CachedJSON:

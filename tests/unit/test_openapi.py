@@ -65,7 +65,8 @@ def operations(document: dict) -> set[tuple[str, str]]:
 
 def registered_routes(app: App) -> set[tuple[str, str]]:
     routes = {("/health", "GET"), ("/metrics", "GET"), (OPENAPI_PATH, "GET")}
-    routes |= {(openapi_path(page.path), method) for page in app.pages for method in page.methods}
+    # Every page but the dashboard's own (its HTML, scripts, live streams), which are for the browser.
+    routes |= {(openapi_path(page.path), method) for page in app.pages if page.documented for method in page.methods}
     return routes
 
 

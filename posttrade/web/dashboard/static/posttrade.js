@@ -106,6 +106,29 @@ const PT = (() => {
     return data;
   }
 
+  // Saves the file at `path` as `filename`: fetched with the token (a plain link cannot
+  // send it), then handed to the browser through an object URL. Throws ApiError like `api`.
+  async function download(path, filename) {
+    if (waiting()) throw new ApiError(401, { error: "unauthorized", detail: "enter the token first" });
+    let response;
+    try {
+      response = await fetch(path, { headers: headers() });
+    } catch (exc) {
+      throw new ApiError(0, { error: "service unreachable", detail: String(exc) });
+    }
+    if (response.status === 401) askForToken("the token is missing or wrong");
+    if (!response.ok) {
+      const body = await response.json().catch(() => ({ error: response.statusText }));
+      throw new ApiError(response.status, body);
+    }
+    const url = URL.createObjectURL(await response.blob());
+    const link = el("a", { href: url, download: filename || path.split("/").pop(), hidden: true });
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60000);
+  }
+
   // `fn` now and every `ms` while the tab is visible; its failure is shown under `where`
   // and cleared by its next success.
   function every(ms, where, fn) {
@@ -257,19 +280,22 @@ const PT = (() => {
     return String(a).localeCompare(String(b));
   }
 
-  function signClass(value) {
+  function signClass(value, cost = false) {
+    if (cost) return { "pt-pos": "pt-neg", "pt-neg": "pt-pos" }[signClass(value)] || "";
     if (typeof value === "number") return value < 0 ? "pt-neg" : value > 0 ? "pt-pos" : "";
     if (isDecimal(value)) return value.startsWith("-") ? "pt-neg" : /[1-9]/.test(value) ? "pt-pos" : "";
     return "";
   }
 
   // -- tables -------------------------------------------------------------------------------
-  // columns: [{key, label, numeric?: true (right-aligned, exact), signed?: true (green/red),
+  // columns: [{key, label, numeric?: true (right-aligned, exact), signed?: true (green/red;
+  //            "cost": a cost, red when positive),
   //            value?: row => shown value, link?: row => href}]
   // options: {key: row => id, filter: true (a text box filtering every column),
   //           sort: {key, desc}, limit: rows shown (the rest are counted), empty: text}
-  // Returns {setRows(rows), upsert(rows), remove(ids), rows()}; rows changed by upsert
-  // flash briefly. Rendering is batched to one per animation frame.
+  // Returns {setRows(rows), upsert(rows, {flash}), remove(ids), rows()}; rows changed by
+  // upsert flash briefly (unless flash: false, e.g. a value moving with the market).
+  // Rendering is batched to one per animation frame.
   function table(parent, columns, options = {}) {
     const rowKey = options.key || ((row) => JSON.stringify(row));
     const data = new Map();
@@ -313,7 +339,13 @@ const PT = (() => {
       }
       if (sort) {
         const column = columns.find((c) => c.key === sort.key);
-        rows.sort(([, a], [, b]) => (sort.desc ? -1 : 1) * compareValues(shown(column, a), shown(column, b)));
+        // Unknown values (null, "—") go last whichever way the column is sorted.
+        const unknown = (v) => v === null || v === undefined;
+        rows.sort(([, a], [, b]) => {
+          const x = shown(column, a), y = shown(column, b);
+          if (unknown(x) || unknown(y)) return unknown(x) - unknown(y);
+          return (sort.desc ? -1 : 1) * compareValues(x, y);
+        });
       }
       const limit = options.limit || 1000;
       const total = rows.length;
@@ -325,7 +357,7 @@ const PT = (() => {
               for (const column of columns) {
                 const value = shown(column, row);
                 const text = value === null || value === undefined ? "—" : String(value);
-                const cls = [column.numeric ? "pt-num" : "", column.signed ? signClass(value) : ""].join(" ").trim();
+                const cls = [column.numeric ? "pt-num" : "", column.signed ? signClass(value, column.signed === "cost") : ""].join(" ").trim();
                 const href = column.link && column.link(row);
                 tr.append(el("td", { class: cls }, href ? el("a", { href }, text) : text));
               }
@@ -346,11 +378,11 @@ const PT = (() => {
         for (const row of rows) data.set(rowKey(row), row);
         schedule();
       },
-      upsert(rows) {
+      upsert(rows, { flash = true } = {}) {
         for (const row of rows) {
           const id = rowKey(row);
           data.set(id, row);
-          changed.add(id);
+          if (flash) changed.add(id);
         }
         schedule();
       },
@@ -407,6 +439,46 @@ const PT = (() => {
     return timeChart(parent, series, { ...options, bars: true });
   }
 
+  // Lines over an x that is not time (a distribution's bins, a few horizons): `series`
+  // [{label, stroke?}], data [[x...], [y...], ...]. `ticks` {x: label} puts labels on
+  // those x values only (categories such as {0: "+1 s"}); `stepped` draws each y flat
+  // from its x to the next (histograms that overlay); `points` marks every point.
+  function xyChart(parent, series, { height = 220, xLabel = "", yLabel = "", ticks = null, stepped = false, points = false } = {}) {
+    const box = el("div", { class: "pt-chart" });
+    parent.append(box);
+    const xAxis = { stroke: "#aab", grid: { stroke: "#2a2f3a" }, label: xLabel };
+    if (ticks) {
+      xAxis.splits = () => Object.keys(ticks).map(Number);
+      xAxis.values = (u, splits) => splits.map((v) => ticks[v] ?? "");
+    }
+    const plot = new uPlot({
+      width: Math.max(300, box.clientWidth || parent.clientWidth || 600),
+      height,
+      series: [
+        { label: xLabel || "x" },
+        ...series.map((s, i) => {
+          const stroke = s.stroke || PALETTE[i % PALETTE.length];
+          return {
+            label: s.label, stroke, width: 1.5, spanGaps: false,
+            points: { show: points, size: 6 },
+            ...(stepped ? { paths: uPlot.paths.stepped({ align: 1 }), fill: stroke + "1c" } : {}),
+          };
+        }),
+      ],
+      axes: [xAxis, { stroke: "#aab", grid: { stroke: "#2a2f3a" }, label: yLabel, size: 70 }],
+      scales: { x: { time: false } },
+      legend: { live: true },
+    }, [[], ...series.map(() => [])], box);
+    new ResizeObserver(() => plot.setSize({ width: Math.max(300, box.clientWidth), height })).observe(box);
+    return {
+      plot,
+      set(data) {
+        plot.setData(data);
+        box.dataset.points = String(data[0].length);
+      },
+    };
+  }
+
   function number(value) {
     return value === null || value === undefined || value === "" ? null : Number(value);
   }
@@ -418,7 +490,7 @@ const PT = (() => {
   document.title = `${config.title} · posttrade`;
   nav();
   return {
-    config, api, every, follow, el, panel, figures, table, timeChart, histogram, showError, clearError,
+    config, api, download, every, follow, el, panel, figures, table, timeChart, histogram, xyChart, showError, clearError,
     compareDecimals, number, fmtTime, ApiError,
   };
 })();
