@@ -22,9 +22,15 @@ EUR, S0 in USD; the accounts' base is USD) and every tick also moves an FX quote
 runs the plain case and then that one against the same service settings, and reports
 the ratio of their p99s (what FX costs the P&L path).
 
-Writes benchmarks/results/pnl.json (with `--both`: pnl_fx.json) and prints a table.
+With `--pages N` it measures what an open dashboard costs the P&L path: `--pairs` runs
+without a page and with N pages open, alternating, each on a fresh service. A page does
+what pages/pnl.js does: it follows `/live/accounts` and polls `/dashboard/history` and
+`/dashboard/movers` every 2 s. The result is the ratio of the median latencies.
 
-    python benchmarks/pnl.py [--rate 1000] [--seconds 10] [--keys 200] [--currencies | --both]
+Writes benchmarks/results/pnl.json (with `--both`: pnl_fx.json, with `--pages`:
+pnl_pages.json) and prints a table.
+
+    python benchmarks/pnl.py [--rate 1000] [--seconds 10] [--keys 200] [--currencies | --both] [--pages N [--pairs 3]]
 
 Run with the stack's environment (`eval "$(posttrade stack env)"`).
 """
@@ -126,6 +132,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+PAGE_POLL_S = 2.0  # how often pnl's page polls its history ring and movers
+
+
 def update_of(position: Position, ts: int) -> PositionUpdate:
     return position_update(position, None, "fill", ts)
 
@@ -165,7 +174,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def run(rate: int, seconds: float, key_count: int, port: int, names: BenchNames, pid: int,
-              currencies: bool = False) -> dict:  # fmt: skip
+              currencies: bool = False, pages: int = 0) -> dict:  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient(base_url=base, timeout=10) as http:
         deadline = time.monotonic() + 60
@@ -231,6 +240,8 @@ async def run(rate: int, seconds: float, key_count: int, port: int, names: Bench
                     return
 
         poller = asyncio.create_task(poll())
+        page_lines = [0]
+        readers = [asyncio.create_task(open_page(base, page_lines, stop)) for _ in range(pages)]
         per_tick = max(1, rate * T_MS // 1000)
         ticks = int(seconds * 1000 / T_MS)
         sent = 0
@@ -275,6 +286,9 @@ async def run(rate: int, seconds: float, key_count: int, port: int, names: Bench
         stop_at[0] = time.perf_counter()
         stop.set()
         await poller
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
         text = (await http.get("/metrics")).text
         metrics_after = histogram(text, "pnl_position_visible_seconds")
         commits_after = histogram(text, "posttrade_commit_seconds", 'agent="value_positions",')
@@ -312,7 +326,33 @@ async def run(rate: int, seconds: float, key_count: int, port: int, names: Bench
         "positions_commit_ms_p50_bucket": _ms(bucket_quantile(commits_before, commits_after, 0.50)),
         "positions_commit_ms_p99_bucket": _ms(bucket_quantile(commits_before, commits_after, 0.99)),
         "goal_pnl_latency_ms_p99": 10,
+        "pages_open": pages,
+        "page_stream_lines": page_lines[0],
     }
+
+
+async def open_page(base: str, lines: list[int], stop: asyncio.Event) -> None:
+    """What pnl's page does while open (pages/pnl.js): follow the live account figures
+    and poll the history ring and the movers every 2 s. Counts the stream's lines."""
+    async with httpx.AsyncClient(base_url=base, timeout=None) as http:
+
+        async def follow() -> None:
+            async with http.stream("GET", "/live/accounts") as answer:
+                async for _ in answer.aiter_lines():
+                    lines[0] += 1
+
+        follower = asyncio.create_task(follow())
+        try:
+            while not stop.is_set():
+                await http.get("/dashboard/history")
+                await http.get("/dashboard/movers")
+                try:
+                    await asyncio.wait_for(stop.wait(), PAGE_POLL_S)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -345,7 +385,7 @@ async def cleanup(names: BenchNames) -> None:
     await qdb.close()
 
 
-def measure(args: argparse.Namespace, currencies: bool) -> dict:
+def measure(args: argparse.Namespace, currencies: bool, pages: int = 0) -> dict:
     """One run against a fresh pnl process on streams of its own."""
     names = BenchNames(uuid.uuid4().hex[:8])
     port = free_port()
@@ -357,7 +397,7 @@ def measure(args: argparse.Namespace, currencies: bool) -> dict:
     process = multiprocessing.get_context("spawn").Process(target=serve, args=(names.suffix, port, reference), daemon=True)
     process.start()
     try:
-        return asyncio.run(run(args.rate, args.seconds, args.keys, port, names, process.pid, currencies))
+        return asyncio.run(run(args.rate, args.seconds, args.keys, port, names, process.pid, currencies, pages))
     finally:
         process.terminate()  # SIGTERM: the app stops cleanly
         process.join(15)
@@ -391,8 +431,15 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=200, help="positions the updates spread over")
     parser.add_argument("--currencies", action="store_true", help="positions in three currencies, FX quotes moving")
     parser.add_argument("--both", action="store_true", help="one currency, then three: the ratio of the p99s")
+    parser.add_argument("--pages", type=int, default=0, metavar="N",
+                        help="runs without and with N open dashboard pages, --pairs times each, alternating: "
+                             "the ratio of the medians (what an open page costs the P&L path)")
+    parser.add_argument("--pairs", type=int, default=3)
     args = parser.parse_args()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    if args.pages:
+        compare_pages(args)
+        return
     if not args.both:
         result = measure(args, args.currencies)
         RESULTS.write_text(json.dumps(result, indent=2) + "\n")
@@ -405,6 +452,30 @@ def main() -> None:
     show(plain, path)
     show(fx, path)
     print(f"three currencies with FX moving / one currency: p50 x{ratio['p50']}, p99 x{ratio['p99']}")
+
+
+def compare_pages(args: argparse.Namespace) -> None:
+    """Alternating runs without and with `args.pages` open pages on fresh services."""
+    runs: dict[str, list[dict]] = {"without": [], "with": []}
+    for _ in range(args.pairs):
+        runs["without"].append(measure(args, args.currencies))
+        runs["with"].append(measure(args, args.currencies, args.pages))
+    med = {
+        side: {q: statistics.median(r[f"pnl_latency_ms_{q}"] for r in results) for q in ("p50", "p99")}
+        for side, results in runs.items()
+    }
+    cpu = {side: statistics.median(r["service_cpu_percent_of_a_core"] for r in results) for side, results in runs.items()}
+    ratio = {q: round(med["with"][q] / med["without"][q], 2) for q in ("p50", "p99")}
+    path = RESULTS.with_name("pnl_pages.json")
+    path.write_text(json.dumps({"pages": args.pages, "pairs": args.pairs, "median_ms": med, "service_cpu_percent": cpu,
+                                "ratio_with_over_without": ratio, "runs": runs}, indent=2) + "\n")  # fmt: skip
+    print(f"{'P&L latency (upper bound), median of ' + str(args.pairs) + ' runs':<52}{'p50 ms':>9}{'p99 ms':>9}{'CPU %':>8}")
+    for side in ("without", "with"):
+        label = "no page open" if side == "without" else f"{args.pages} pnl pages open (live + polls)"
+        print(f"  {label:<50}{med[side]['p50']:>9}{med[side]['p99']:>9}{cpu[side]:>8}")
+    lines = statistics.median(r["page_stream_lines"] for r in runs["with"])
+    print(f"with / without: p50 x{ratio['p50']}, p99 x{ratio['p99']}; the pages read {lines:g} live lines per run "
+          f"(median); load average {os.getloadavg()[0]:.1f} -> {path}")
 
 
 if __name__ == "__main__":

@@ -229,6 +229,9 @@ class PnlBook:
         self.cache_price_changes = Changes()
         self.snapshot_changes = Changes()  # for the QuestDB snapshots
         self.on_change: Callable[[], None] | None = None  # wakes the Valkey writer
+        # Told the key of every revalued row (the page's live account figures and top
+        # movers, services/pnl.py: a set insert or two, nothing more).
+        self.on_row_change: Callable[[Key], None] | None = None
         self.revaluations = 0  # rows valued (after position updates and mark changes)
         self._rows: dict[Key, PositionPnl] = {}
         self._json: dict[Key, bytes] = {}
@@ -350,6 +353,8 @@ class PnlBook:
         self.snapshot_changes.accounts.add(account)
         if cache is self.cache_changes and self.on_change is not None:
             self.on_change()
+        if self.on_row_change is not None:
+            self.on_row_change(key)
 
     def refresh(self, symbols: Iterable[str] | None = None, *, limit: int | None = None) -> bool:
         """Revalue the positions in every symbol whose mark moved (each once), or
