@@ -75,6 +75,9 @@ class FeaturesSection(_Section):
     materialize_views: list[str] = msgspec.field(default_factory=lambda: ["symbol_hourly_features"])
     compact_interval_s: float = 600.0
     compact_after_parts: int = 200  # merge a view's Parquet parts when it has more
+    # ...but only those smaller than this on disk: larger ones are left alone, so a
+    # compaction reads about this much plus the newer parts, however long the history.
+    compact_part_bytes: int = 16 * 2**20
     # Executions of the day the fill counts hold one by one per account (amendable);
     # older ones are folded into one record per account (docs/feast_pipeline.md, "Accounts").
     max_fills_per_account: int = MAX_FILLS_PER_ACCOUNT
@@ -87,6 +90,8 @@ class FeaturesSection(_Section):
             raise ValueError("max_fills_per_account must be >= 1")
         if self.window_grace_s < 0 or self.batch_interval_s <= 0 or self.compact_interval_s <= 0:
             raise ValueError("window_grace_s must be >= 0 and the intervals > 0")
+        if self.compact_part_bytes < 1:
+            raise ValueError("compact_part_bytes must be >= 1")
 
 
 class FeastPipelineConfig(ServiceConfig):
@@ -244,9 +249,10 @@ class FeastRuntime:
 
     async def compact(self) -> dict[str, int]:
         limit = self.config.features.compact_after_parts
+        part_bytes = self.config.features.compact_part_bytes
         merged = {}
         for view in self.repository.views.values():
-            count = await asyncio.to_thread(self.repository.offline.compact, view, limit)
+            count = await asyncio.to_thread(self.repository.offline.compact, view, limit, part_bytes)
             if count:
                 merged[view.name] = count
                 log.info("compacted %d parts of %s", count, view.name)
