@@ -37,6 +37,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Callable
 from datetime import date, datetime, time as dtime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
@@ -64,6 +65,7 @@ from ..streams import subjects
 from ..streams.events import Bar, Fill, MarketTrade, PositionUpdate, Quote, encode
 from ..streams.stream import EventRecord, Stream
 from ..streams.transport import StartPosition
+from ..web.live import LiveLog, LiveTopic
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +158,17 @@ class PositionKeeper:
         horizon_ns: int = DEFAULT_HORIZON_NS,
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
         max_records: int = DEFAULT_MAX_RECORDS,
+        live_positions: LiveTopic | None = None,
+        live_alerts: LiveLog | None = None,
     ):
         self.app = app
+        # What the page follows (web/live.py): a changed position's key is marked, a
+        # raised alert appended. Both cost nothing while no page is open.
+        self.live_positions = live_positions or LiveTopic("positions", lookup=lambda key: None, snapshot=list)
+        self.live_alerts = live_alerts or LiveLog("alerts")
+        # Told (once per compliance check) which symbols' marks moved since the last one:
+        # the service re-sends the valuations its page shows.
+        self.on_marks_moved: Callable[[set[str]], None] | None = None
         self.reference = reference or Reference()
         self.horizon_ns = horizon_ns
         self.checkpoint_every = checkpoint_every
@@ -292,6 +303,7 @@ class PositionKeeper:
         position.revision += 1
         key = (position.account, position.symbol)
         self.positions[key] = position.to_state()
+        self.live_positions.mark(key)
         mark = self.book.mark(position.symbol)
         update = position_update(position, mark, result.reason or "fill", fill.ts, fill, result)
         await self.app.send(
@@ -344,6 +356,7 @@ class PositionKeeper:
     async def _raise(self, alert: Alert) -> None:
         payload = alert if isinstance(alert, ComplianceAlert) else ComplianceAlert(**msgspec.structs.asdict(alert))
         await self.app.send(subjects.alert_subject(alert.rule), payload, msg_id=f"alert:{alert.alert_id}")
+        self.live_alerts.append(payload)
         self.alerts_raised += 1
         log.warning("compliance alert %s: %s", alert.rule, alert.message)
 
@@ -379,6 +392,8 @@ class PositionKeeper:
         if not self._marks_changed:
             return
         symbols, self._marks_changed = self._marks_changed, set()
+        if self.on_marks_moved is not None:
+            self.on_marks_moved(symbols)
         alerts = self.evaluator.check_marks(self.book, time.time_ns(), symbols)
         if alerts:
             self.compliance["state"] = self.evaluator.state
@@ -408,6 +423,7 @@ class PositionKeeper:
             position.revision += 1
             key = (position.account, position.symbol)
             self.positions[key] = position.to_state()
+            self.live_positions.mark(key)
             try:
                 update = position_update(position, mark, "roll", ts)
             except ValueError as exc:  # a state from before the bounds (core.bounds): rolled, not publishable

@@ -51,7 +51,11 @@ UP_STOP_WAIT_S = STOP_TIMEOUT + 60.0
 
 # What to look at first, per service: (path, what it shows).
 FIRST_LOOKS = {
-    "ptrc": [("/positions", "positions per account and symbol"), ("/pnl/summary", "P&L by account and symbol")],
+    "ptrc": [
+        ("/", "the desk's pages: the live blotter here, the other five in its navigation bar"),
+        ("/positions", "positions per account and symbol"),
+        ("/pnl/summary", "P&L by account and symbol"),
+    ],
     "pnl": [("/pnl/realtime", "P&L valued at the market, as it moves")],
     "hot_cache": [("/cache/stats", "hits, keys, freshness"), ("/quotes/{symbol}", "the last quote, from Valkey")],
     "questdb_writer": [("/stats", "rows batched into QuestDB")],

@@ -7,6 +7,9 @@ in ClickHouse, reconciliation and reports. See docs/ptrc.md.
 
 from __future__ import annotations
 
+import heapq
+import time
+from collections import OrderedDict
 from datetime import time as dtime
 
 import msgspec
@@ -21,9 +24,10 @@ from ..config import ServiceConfig, _Section
 from ..core.compliance import ComplianceRules
 from ..core.history import DEFAULT_CHECKPOINT_EVERY, DEFAULT_MAX_RECORDS, Amendment, parse_horizon
 from ..core.marks import DEFAULT_PRIORITY, MarkSource
-from ..core.positions import position_row
+from ..core.positions import Position, position_row
 from ..core.valuation import PositionValue, sum_known, value_position
 from ..stores.questdb import QuestDBClient, QuestDBWriter
+from ..web.live import History, LiveLog, LiveTopic, Sample
 from ..web.params import query_choice, query_int, query_name
 from ..web.server import JSON
 from .wiring import clickhouse_store, new_app, object_store
@@ -71,11 +75,18 @@ CONFIG = PtrcConfig
 
 METHODS = ("avg", "fifo", "both")
 
+# The page (docs/ptrc.md, "The page"): what it follows live, and the bounds of what is
+# kept for it.
+LIVE_FIRST_ROWS = 500  # a page starts from the positions filled last, at most this many
+LIVE_REVALUED = 500  # re-sent when their mark moves: the positions last sent to a page
+ALERTS_KEPT = 500  # the last alerts raised, which a page gets when it opens
+
 
 def build(config: PtrcConfig) -> App:
     app = new_app(config)
     rules = ComplianceRules(**{f: getattr(config.compliance, f) for f in ComplianceRules.__struct_fields__})
     reference = config.reference()
+    live_alerts = LiveLog("alerts", keep=ALERTS_KEPT)
     keeper = PositionKeeper(
         app,
         reference=reference,
@@ -87,8 +98,15 @@ def build(config: PtrcConfig) -> App:
         horizon_ns=config.books.horizon_ns(),
         checkpoint_every=config.books.checkpoint_every,
         max_records=config.books.max_records,
+        live_alerts=live_alerts,
     )
     app.metrics.registry.register(_BooksCollector(keeper))
+    blotter = LivePositions(keeper)
+    keeper.live_positions = blotter.topic
+    keeper.on_marks_moved = blotter.marks_moved
+    blotter.topic.serve(app, "/live/positions")
+    live_alerts.serve(app, "/live/alerts")
+    History(FlowSample(keeper)).serve(app, "/dashboard/history", public=True)  # counts only, like /stats
     qdb = config.databases.questdb
     questdb = QuestDBClient(host=qdb.host, port=qdb.port, username=qdb.user, password=qdb.password, tls=qdb.tls)
     writer = QuestDBWriter(host=qdb.host, port=qdb.port, username=qdb.user, password=qdb.password, tls=qdb.tls)
@@ -158,19 +176,7 @@ def build(config: PtrcConfig) -> App:
         method = query_choice(request, "method", METHODS, "both")
         account = query_name(request, "account")
         symbol = query_name(request, "symbol")
-        rows = []
-        for position in keeper.book.positions(account, symbol):
-            mark = keeper.mark_of(position.symbol)
-            row = position_row(position, mark, method, keeper.fx)  # type: ignore[arg-type]
-            row["multiplier"] = position.multiplier
-            row["day_pnl"] = position.day_pnl(mark)
-            row["fill_count"] = position.fill_count
-            row["corrections"] = position.corrections
-            row["busts"] = position.busts
-            row["revision"] = position.revision
-            row["last_fill_ts"] = position.last_ts
-            row["mark_source"] = (keeper.mark_detail(position.symbol) or {}).get("source")
-            rows.append(row)
+        rows = [position_view(keeper, position, method) for position in keeper.book.positions(account, symbol)]
         return JSON({"positions": rows, "count": len(rows), "method": method})
 
     @app.page("/amendments")
@@ -290,6 +296,100 @@ def build(config: PtrcConfig) -> App:
         return True, {"fills": dict(keeper.outcomes), "pending_amendments": len(keeper.executions.pending())}
 
     return app
+
+
+def position_view(keeper: PositionKeeper, position: Position, method: str = "both") -> dict:
+    """One row of `/positions` (and of the page's blotter): `position_row` at the current
+    mark and rates, with the day's and the total P&L and the book's counts."""
+    mark = keeper.mark_of(position.symbol)
+    row = position_row(position, mark, method, keeper.fx)  # type: ignore[arg-type]
+    row["total_pnl"] = position.total_pnl(mark)
+    row["multiplier"] = position.multiplier
+    row["day_pnl"] = position.day_pnl(mark)
+    row["fill_count"] = position.fill_count
+    row["corrections"] = position.corrections
+    row["busts"] = position.busts
+    row["revision"] = position.revision
+    row["last_fill_ts"] = position.last_ts
+    row["mark_source"] = (keeper.mark_detail(position.symbol) or {}).get("source")
+    return row
+
+
+class LivePositions:
+    """The blotter a page follows (`/live/positions`, web/live.py): one `/positions` row
+    per (account, symbol), sent when a fill, an amendment or the day's roll changes the
+    position (the keeper marks its key) and when its mark moves.
+
+    A page starts from the `first_rows` positions filled last (not a whole book of tens of
+    thousands: `/positions?account=` lists an account's). Mark moves re-send the positions
+    last sent to a page, at most `revalued` of them: the keys are remembered in sending
+    order, bounded, and nothing is done while no page is open."""
+
+    def __init__(self, keeper: PositionKeeper, *, first_rows: int = LIVE_FIRST_ROWS, revalued: int = LIVE_REVALUED):
+        self.keeper = keeper
+        self.first_rows = first_rows
+        self.revalued = revalued
+        self.sent: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self.topic = LiveTopic("positions", lookup=self.lookup, snapshot=self.snapshot)
+
+    def lookup(self, key: tuple[str, str]) -> dict | None:
+        position = self.keeper.book.get(*key)
+        if position is None:
+            self.sent.pop(key, None)
+            return None
+        self._sent(key)
+        return position_view(self.keeper, position)
+
+    def snapshot(self) -> list[dict]:
+        latest = heapq.nlargest(self.first_rows, self.keeper.book, key=lambda p: p.last_ts or 0)
+        for position in reversed(latest):  # the newest remembered last
+            self._sent((position.account, position.symbol))
+        return [position_view(self.keeper, position) for position in latest]
+
+    def _sent(self, key: tuple[str, str]) -> None:
+        sent = self.sent
+        sent[key] = None
+        sent.move_to_end(key)
+        if len(sent) > self.revalued:
+            sent.popitem(last=False)
+
+    def marks_moved(self, symbols: set[str]) -> None:
+        if not self.topic.followed:
+            return
+        for key in [k for k in self.sent if k[1] in symbols]:
+            self.topic.mark(key)
+
+
+class FlowSample:
+    """What the page charts over time (`/dashboard/history`): fills per second by outcome,
+    alerts per second, pending amendments and positions. Counts only."""
+
+    GROUPS = {
+        "fills_per_s": ("fill", "opening"),
+        "late_per_s": ("late",),
+        "amendments_per_s": ("correction", "bust"),
+        "resends_per_s": ("duplicate", "conflict"),
+        "refused_per_s": ("refused",),
+    }
+
+    def __init__(self, keeper: PositionKeeper):
+        self.keeper = keeper
+        self.last: tuple[float, dict[str, int]] | None = None
+
+    def counts(self) -> dict[str, int]:
+        outcomes = self.keeper.outcomes
+        counts = {name: sum(outcomes[o] for o in group) for name, group in self.GROUPS.items()}
+        counts["alerts_per_s"] = self.keeper.alerts_raised
+        return counts
+
+    def __call__(self) -> Sample:
+        now, counts = time.monotonic(), self.counts()
+        sample: Sample = {"positions": len(self.keeper.positions), "pending_amendments": len(self.keeper.executions.pending())}
+        if self.last is not None and now > self.last[0]:
+            elapsed = now - self.last[0]
+            sample.update({name: (count - self.last[1][name]) / elapsed for name, count in counts.items()})
+        self.last = (now, counts)
+        return sample
 
 
 def symbol_totals(symbol: str, values: list[PositionValue]) -> dict:
