@@ -588,6 +588,10 @@ class TrackerStats:
     pruned_orders: int = 0
     pruned_fills_capacity: int = 0  # ...of which before their retention was up (max_fills / max_orders)
     pruned_orders_capacity: int = 0
+    # ...of which placeholders whose NEW never came, with their fills (no arrival values):
+    # the bounds' second tier, see `ExecutionTracker._over_capacity`.
+    pruned_unjoined_orders: int = 0
+    pruned_unjoined_fills: int = 0
     rows_rejected: int = 0
 
 
@@ -1544,17 +1548,30 @@ class ExecutionTracker:
         stale_minutes: set[int],
     ) -> tuple[list[str], list[str]]:
         """More than `max_fills` fills or `max_orders` orders would stay: the oldest
-        finished ones go before their retention is up, until both bounds hold (or nothing
-        finished is left). An order goes with its executions (an amendment recomputes an
-        order from all of them), oldest last event first; a fill without a held order on
-        its own, by its `ts`. Finished: a final order whose fills are all complete or
-        busted, a complete or busted fill; written, and its rollup minute refreshed. What
-        is not finished (open orders, fills waiting for quotes) is never cut short."""
+        finished ones go before their retention is up, until both bounds hold. An order
+        goes with its executions (an amendment recomputes an order from all of them),
+        oldest last event first; a fill without a held order on its own, by its `ts`.
+        Finished: a final order whose fills are all complete or busted, a complete or
+        busted fill; written, and its rollup minute refreshed. Open orders and fills
+        waiting for quotes are never cut short.
 
-        def finished(fill_id: str) -> bool:
+        Only when the finished ones are not enough, *unjoined* orders go next, oldest
+        last event first, with their executions: placeholders whose NEW has not been
+        seen, whose fills have every value decided but the arrival (which only that NEW
+        can bring) and are written. Without this tier the bounds did not hold when the
+        orders stream ran ahead of the fills stream (one agent lagging): orders were
+        forgotten as finished before their fills came, each late fill then made a
+        placeholder that waited `retention_s` for a NEW already gone, and at 3,000
+        events/s the state grew by ~25 MB a minute for the whole hour (300,000 fills
+        held with max_fills at 10,000). Cut, such a placeholder's fills keep their rows
+        as written (no arrival values); should its NEW still come, the order starts
+        again without them. Counted in `pruned_unjoined_orders` / `_fills`."""
+
+        def settled(fill_id: str, missing: int = 0) -> bool:
+            """Every value but `missing` decided (or busted), written, minute refreshed."""
             state = self.fills[fill_id]
             return (
-                (state.complete or state.busted)
+                (state.resolved | missing == FILL_ALL or state.busted)
                 and fill_id not in unwritten_fills
                 and not (stale_minutes and minute_of(state.fill.ts) in stale_minutes)
             )
@@ -1562,24 +1579,31 @@ class ExecutionTracker:
         held_orders = self.orders.keys() - gone_orders
         by_order: dict[str, list[str]] = {}  # held order -> the held fills that name it
         units: list[tuple[int, str | None, list[str]]] = []  # (time, order or None, fills)
+        unjoined: list[tuple[int, str, list[str]]] = []  # the second tier, same shape
         for fill_id, state in self.fills.items():
             if fill_id in gone_fills:
                 continue
             order_id = state.fill.order_id
             if order_id in held_orders:
                 by_order.setdefault(order_id, []).append(fill_id)
-            elif finished(fill_id):
+            elif settled(fill_id):
                 units.append((state.fill.ts, None, [fill_id]))
         for order_id in held_orders:
             state = self.orders[order_id]
-            if order_id in unwritten_orders or not state.final:
+            if order_id in unwritten_orders:
                 continue
             members = by_order.get(order_id, [])
-            if all(finished(f) for f in members):
-                units.append((state.last_event_ts, order_id, members))
+            if state.final:
+                if all(settled(f) for f in members):
+                    units.append((state.last_event_ts, order_id, members))
+            elif state.arrival_ts is None and all(settled(f, FILL_ARRIVAL) for f in members):
+                unjoined.append((state.last_event_ts, order_id, members))
         more_orders: list[str] = []
         more_fills: list[str] = []
-        for _, order_id, members in sorted(units, key=lambda unit: unit[0]):
+        unjoined_orders = unjoined_fills = 0
+        units.sort(key=lambda unit: unit[0])
+        unjoined.sort(key=lambda unit: unit[0])
+        for tier, (_, order_id, members) in [(0, u) for u in units] + [(1, u) for u in unjoined]:
             if over_fills <= 0 and over_orders <= 0:
                 break
             if order_id is not None:
@@ -1587,6 +1611,11 @@ class ExecutionTracker:
                 over_orders -= 1
             more_fills += members
             over_fills -= len(members)
+            if tier:
+                unjoined_orders += 1
+                unjoined_fills += len(members)
+        self.stats.pruned_unjoined_orders += unjoined_orders
+        self.stats.pruned_unjoined_fills += unjoined_fills
         return more_orders, more_fills
 
     def _prune_history(self) -> None:

@@ -505,6 +505,16 @@ class _ExecutionCollector:
         pruned.add_metric(["order", "retention"], t.pruned_orders - t.pruned_orders_capacity)
         pruned.add_metric(["order", "capacity"], t.pruned_orders_capacity)
         yield pruned
+        # Of the capacity ones: orders whose NEW was never seen, with their fills (rows
+        # without arrival values). Rising: the orders stream runs ahead of the fills
+        # stream by more than max_orders covers (docs/execution_quality.md, "Bounded state").
+        unjoined = CounterMetricFamily(
+            "posttrade_execution_pruned_unjoined",
+            "Of the capacity prunes: orders whose NEW was never seen, and their fills", labels=["kind"],
+        )
+        unjoined.add_metric(["fill"], t.pruned_unjoined_fills)
+        unjoined.add_metric(["order"], t.pruned_unjoined_orders)
+        yield unjoined
         history = GaugeMetricFamily("posttrade_execution_history_points", "Series points kept in memory", labels=["series"])
         history.add_metric(["quotes"], tracker.quotes.total_points())
         history.add_metric(["market_trades"], tracker.trades.total_points())
