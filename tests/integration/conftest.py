@@ -14,8 +14,6 @@ import pytest
 
 from posttrade import stack as local_stack
 
-from .desk import Desk, running_desk
-
 HERE = Path(__file__).parent
 
 
@@ -35,19 +33,3 @@ def stack() -> Iterator[local_stack.Endpoints]:
     if started:
         local_stack.down(endpoints, names=started)
 
-
-@pytest.fixture(scope="session")
-def desk(stack, tmp_path_factory) -> Iterator[Desk]:
-    """The six services with tokens (token_fleet), their pages linked to each other, and
-    the demo feed running under a tag of its own for as long as the session needs them:
-    what the dashboard tests look at."""
-    with running_desk(stack, tmp_path_factory.mktemp("desk")) as desk:
-        yield desk
-
-
-@pytest.fixture(scope="session")
-def browser():
-    from .browser import chromium
-
-    with chromium() as browser:
-        yield browser

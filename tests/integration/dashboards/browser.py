@@ -17,7 +17,8 @@ from pathlib import Path
 
 from playwright.sync_api import Browser, Page, sync_playwright
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
+TIMEOUT_MS = 30_000  # how long a test waits for a page to show something
 SCREENSHOTS = Path(os.environ.get("POSTTRADE_HOME", REPO / ".posttrade")) / "screenshots"
 # Without the background-networking flags chromium keeps trying to reach Google's hosts,
 # which this machine's closed network refuses.
@@ -81,3 +82,15 @@ def open_page(browser: Browser, url: str, *, token: str | None = None) -> Iterat
         yield opened
     finally:
         context.close()
+
+
+def points(page: Page, selector: str) -> int:
+    """How many points the chart at `selector` draws (the `data-points` the page's
+    charts set when they draw)."""
+    return int(page.get_attribute(selector, "data-points") or 0)
+
+
+def every_chart_points(page: Page, scope: str = "#pt-main") -> list[int]:
+    """The points of every chart inside `scope`, drawn or not (0)."""
+    charts = f"{scope} .pt-chart, {scope} [data-points]"
+    return page.eval_on_selector_all(charts, "els => els.map(e => Number(e.dataset.points || 0))")

@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import httpx
 
-from .browser import open_page
+from .browser import TIMEOUT_MS, open_page, points
 
-TIMEOUT_MS = 30_000
 SERVICE = "hot_cache"
 FAMILY_ROWS = "#pt-main .pt-table tbody tr[data-id]"
 
-
-def points(page, selector: str) -> int:
-    return int(page.get_attribute(selector, "data-points") or 0)
 
 
 def reads(url: str) -> int:
@@ -107,18 +103,3 @@ def test_the_page_shows_the_cache_and_a_symbols_bars_live(desk, browser):
         assert points(page, "#pt-candles") == 0  # not the previous selection's bars
         # The browser logs each refused request; nothing else went wrong.
         assert all("status of 400" in error for error in opened.errors), opened.errors
-
-
-def test_without_a_token_the_page_asks_for_it_and_shows_nothing(desk, browser):
-    with open_page(browser, desk.url(SERVICE)) as opened:
-        page = opened.page
-        page.wait_for_selector("#pt-token-form", state="visible", timeout=TIMEOUT_MS)
-        page.wait_for_function(
-            "() => document.getElementById('pt-error').innerText.includes('unauthorized')", timeout=TIMEOUT_MS
-        )
-        assert page.locator(FAMILY_ROWS).count() == 0
-        assert points(page, "#pt-candles") == 0
-        assert all(
-            n == 0 for n in page.eval_on_selector_all(".pt-chart", "els => els.map(e => Number(e.dataset.points || 0))")
-        )
-        assert opened.errors == [], opened.errors

@@ -21,16 +21,12 @@ import nats
 from posttrade.streams.events import Fill, encode
 from posttrade.streams.subjects import fill_subject
 
-from .browser import open_page
+from .browser import TIMEOUT_MS, open_page, points
 
-TIMEOUT_MS = 30_000
 SERVICE = "ptrc"
 POSITION_ROWS = "#ptrc-positions tbody tr[data-id]"
 DECIMAL = re.compile(r"^-?\d+(\.\d+)?$")
 
-
-def points(page, selector: str) -> int:
-    return int(page.get_attribute(selector, "data-points") or 0)
 
 
 def table_rows(page, table: str) -> list[dict[str, str]]:
@@ -210,16 +206,3 @@ def test_the_page_shows_the_desks_positions_live(desk, browser, stack):
         assert page.locator(POSITION_ROWS).count() == 0
         # The browser logs each refused request; nothing else went wrong.
         assert all("status of 400" in error for error in opened.errors), opened.errors
-
-
-def test_without_a_token_the_page_asks_for_it_and_shows_nothing(desk, browser):
-    with open_page(browser, desk.url(SERVICE)) as opened:
-        page = opened.page
-        page.wait_for_selector("#pt-token-form", state="visible", timeout=TIMEOUT_MS)
-        page.wait_for_function(
-            "() => document.getElementById('pt-error').innerText.includes('unauthorized')", timeout=TIMEOUT_MS
-        )
-        for table in ("#ptrc-positions", "#ptrc-accounts", "#ptrc-alerts", "#ptrc-reports", "#ptrc-reconciliation"):
-            assert page.locator(f"{table} tbody tr[data-id]").count() == 0, table
-        assert points(page, "#ptrc-flow .pt-chart") == 0
-        assert opened.errors == [], opened.errors

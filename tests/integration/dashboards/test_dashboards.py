@@ -1,6 +1,7 @@
 """The six pages as one desk, in a real browser: one navigation bar across them that
 leads to each service's own page, the token asked for once per service and sent, no
-console error anywhere. What each page shows is tested in test_dashboard_<service>.py."""
+console error anywhere; without the token a page asks for it and reads nothing. What each
+page shows is tested in test_dashboard_<service>.py."""
 
 from __future__ import annotations
 
@@ -9,9 +10,7 @@ import pytest
 
 from posttrade.config import SERVICES
 
-from .browser import open_page
-
-TIMEOUT_MS = 30_000
+from .browser import TIMEOUT_MS, every_chart_points, open_page
 
 
 def test_the_navigation_bar_leads_from_every_page_to_every_other(desk, browser):
@@ -32,6 +31,20 @@ def test_the_navigation_bar_leads_from_every_page_to_every_other(desk, browser):
             opened.page.click('#pt-nav a[data-service="pnl"]')
         assert opened.page.url.rstrip("/") == desk.url("pnl")
         assert opened.page.is_visible("#pt-token-form")
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_without_the_token_a_page_asks_for_it_and_shows_nothing(desk, browser, service):
+    with open_page(browser, desk.url(service)) as opened:
+        page = opened.page
+        page.wait_for_selector("#pt-token-form", state="visible", timeout=TIMEOUT_MS)
+        page.wait_for_function(
+            "() => document.getElementById('pt-error').innerText.includes('unauthorized')", timeout=TIMEOUT_MS
+        )
+        assert page.locator("#pt-main tbody tr[data-id]").count() == 0
+        assert all(points == 0 for points in every_chart_points(page))
+        # It asked instead of reading: no request was refused.
+        assert opened.errors == [], opened.errors
 
 
 @pytest.mark.parametrize("service", SERVICES)

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import httpx
 
-from .browser import open_page
+from .browser import TIMEOUT_MS, open_page, points
 
-TIMEOUT_MS = 30_000
 SERVICE = "feast_pipeline"
 VIEWS = ("symbol_trade_features", "symbol_quote_features", "account_features", "account_order_features",
          "symbol_hourly_features")
@@ -18,7 +17,7 @@ VALUES = "#pt-online tbody tr[data-id]"
 
 
 def chart_points(page, chart: str) -> int:
-    return int(page.get_attribute(f'.pt-chart[data-chart="{chart}"]', "data-points") or 0)
+    return points(page, f'.pt-chart[data-chart="{chart}"]')
 
 
 def test_the_page_shows_the_feature_views_and_online_values_live(desk, browser):
@@ -88,17 +87,3 @@ def test_the_page_shows_the_feature_views_and_online_values_live(desk, browser):
         assert page.locator(VALUES).count() == 0
         # The browser logs each refused request; nothing else went wrong.
         assert all("status of 400" in error for error in opened.errors), opened.errors
-
-
-def test_without_a_token_the_page_asks_for_it_and_shows_nothing(desk, browser):
-    with open_page(browser, desk.url(SERVICE)) as opened:
-        page = opened.page
-        page.wait_for_selector("#pt-token-form", state="visible", timeout=TIMEOUT_MS)
-        page.wait_for_function(
-            "() => document.getElementById('pt-error').innerText.includes('unauthorized')", timeout=TIMEOUT_MS
-        )
-        assert page.locator("#pt-main tbody tr[data-id]").count() == 0
-        assert all(
-            n == 0 for n in page.eval_on_selector_all(".pt-chart", "els => els.map(e => Number(e.dataset.points || 0))")
-        )
-        assert opened.errors == [], opened.errors

@@ -10,16 +10,12 @@ import re
 
 import httpx
 
-from .browser import open_page
+from .browser import TIMEOUT_MS, open_page, points
 
-TIMEOUT_MS = 30_000
 SERVICE = "pnl"
 ACCOUNT_ROWS = "#pnl-accounts tbody tr[data-id]"
 DECIMAL = re.compile(r"^-?\d+(\.\d+)?$")
 
-
-def points(page, selector: str) -> int:
-    return int(page.get_attribute(selector, "data-points") or 0)
 
 
 def row_cells(page, table: str, row_id: str) -> dict[str, str]:
@@ -142,15 +138,3 @@ def test_the_page_shows_the_desks_pnl_live(desk, browser):
     url = desk.url(SERVICE)
     account = charted_account(url, desk.tokens.read, desk.accounts)
     check_page(url, desk.tokens.read, desk.tag, account, opened_by=opened_by)
-
-
-def test_without_a_token_the_page_asks_for_it_and_shows_nothing(desk, browser):
-    with open_page(browser, desk.url(SERVICE)) as opened:
-        page = opened.page
-        page.wait_for_selector("#pt-token-form", state="visible", timeout=TIMEOUT_MS)
-        page.wait_for_function(
-            "() => document.getElementById('pt-error').innerText.includes('unauthorized')", timeout=TIMEOUT_MS
-        )
-        assert page.locator(ACCOUNT_ROWS).count() == 0
-        assert page.locator("#pnl-movers tbody tr[data-id]").count() == 0
-        assert page.locator("#pnl-desk-history .pt-chart").count() == 0

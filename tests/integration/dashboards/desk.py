@@ -18,8 +18,8 @@ from posttrade.commands.run import tagged_reference_file
 from posttrade.demo.feed import ACCOUNTS, INSTRUMENTS, DemoFeed, FeedSettings
 from posttrade.streams.nats import NatsTransport
 
-from .service_process import ServiceProcess
-from .token_fleet import Tokens, token_fleet
+from ..service_process import ServiceProcess
+from ..token_fleet import Tokens, token_fleet
 
 FEED_RATE = 60.0  # events/s: enough for every page to move within a second or two
 
@@ -47,24 +47,31 @@ class _Feed(threading.Thread):
         super().__init__(name="desk-feed", daemon=True)
         self.nats_url = nats_url
         self.settings = FeedSettings(rate=FEED_RATE, seed=7, tag=tag)
-        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.stop_event: asyncio.Event | None = None
         self.failure: BaseException | None = None
 
     def run(self) -> None:
         async def main() -> None:
-            self.stop_event = asyncio.Event()
-            await DemoFeed(NatsTransport(self.nats_url, name=f"desk-feed-{self.settings.tag}"), self.settings).run(
-                stop=self.stop_event
-            )
+            self.loop, self.stop_event = asyncio.get_running_loop(), asyncio.Event()
+            self.ready.set()
+            transport = NatsTransport(self.nats_url, name=f"desk-feed-{self.settings.tag}")
+            try:
+                await DemoFeed(transport, self.settings).run(stop=self.stop_event)
+            finally:
+                await transport.close()
 
         try:
-            self.loop.run_until_complete(main())
+            asyncio.run(main())  # cancels and awaits whatever the client left running
         except BaseException as exc:  # noqa: BLE001 - reported by stop()
             self.failure = exc
+        finally:
+            self.ready.set()
 
     def stop(self) -> None:
-        if self.stop_event is not None:
+        self.ready.wait(30)
+        if self.loop is not None and self.stop_event is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self.stop_event.set)
         self.join(timeout=30)
         if self.failure is not None:
