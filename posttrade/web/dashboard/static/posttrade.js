@@ -395,36 +395,18 @@ const PT = (() => {
   }
 
   // -- charts -------------------------------------------------------------------------------
-  // A uPlot time series: `series` is [{label, stroke?}], data [[t (s)], [y...], ...].
-  // Sized to its panel, redrawn on resize. Returns {set(data), plot}.
   const PALETTE = ["#4ea1ff", "#f5a623", "#50e3c2", "#e86a92", "#b8e986", "#bd10e0", "#9b9b9b", "#ffd166"];
+  const GRID = { stroke: "#aab", grid: { stroke: "#2a2f3a" } };
 
-  function timeChart(parent, series, { height = 220, yLabel = "", bars = false } = {}) {
+  // A uPlot in a box of its own under `parent`, sized to it and redrawn on resize.
+  // `set(data)` draws and records the number of points (`data-points`: the tests read it).
+  function chart(parent, height, options) {
     const box = el("div", { class: "pt-chart" });
     parent.append(box);
-    const opts = {
-      width: Math.max(300, box.clientWidth || parent.clientWidth || 600),
-      height,
-      series: [
-        {},
-        ...series.map((s, i) => ({
-          label: s.label,
-          stroke: s.stroke || PALETTE[i % PALETTE.length],
-          width: 1.5,
-          spanGaps: false,
-          ...(bars ? { paths: uPlot.paths.bars({ size: [0.8, 40] }), fill: (s.stroke || PALETTE[i % PALETTE.length]) + "88" } : {}),
-        })),
-      ],
-      axes: [
-        { stroke: "#aab", grid: { stroke: "#2a2f3a" } },
-        { stroke: "#aab", grid: { stroke: "#2a2f3a" }, label: yLabel, size: 70 },
-      ],
-      scales: bars ? { x: { time: false } } : {},
-      legend: { live: true },
-    };
-    const empty = [[], ...series.map(() => [])];
-    const plot = new uPlot(opts, empty, box);
-    new ResizeObserver(() => plot.setSize({ width: Math.max(300, box.clientWidth), height })).observe(box);
+    const width = () => Math.max(300, box.clientWidth || parent.clientWidth || 600);
+    const empty = options.series.map(() => []);
+    const plot = new uPlot({ width: width(), height, legend: { live: true }, ...options }, empty, box);
+    new ResizeObserver(() => plot.setSize({ width: width(), height })).observe(box);
     return {
       plot,
       set(data) {
@@ -434,9 +416,16 @@ const PT = (() => {
     };
   }
 
-  // A histogram: `edges` (bin lower bounds) and one count list per series, drawn as bars.
-  function histogram(parent, series, options = {}) {
-    return timeChart(parent, series, { ...options, bars: true });
+  function line(s, i, extra = {}) {
+    return { label: s.label, stroke: s.stroke || PALETTE[i % PALETTE.length], width: 1.5, spanGaps: false, ...extra };
+  }
+
+  // A time series: `series` is [{label, stroke?}], data [[t (s)], [y...], ...].
+  function timeChart(parent, series, { height = 220, yLabel = "" } = {}) {
+    return chart(parent, height, {
+      series: [{}, ...series.map((s, i) => line(s, i))],
+      axes: [GRID, { ...GRID, label: yLabel, size: 70 }],
+    });
   }
 
   // Lines over an x that is not time (a distribution's bins, a few horizons): `series`
@@ -444,39 +433,23 @@ const PT = (() => {
   // those x values only (categories such as {0: "+1 s"}); `stepped` draws each y flat
   // from its x to the next (histograms that overlay); `points` marks every point.
   function xyChart(parent, series, { height = 220, xLabel = "", yLabel = "", ticks = null, stepped = false, points = false } = {}) {
-    const box = el("div", { class: "pt-chart" });
-    parent.append(box);
-    const xAxis = { stroke: "#aab", grid: { stroke: "#2a2f3a" }, label: xLabel };
+    const xAxis = { ...GRID, label: xLabel };
     if (ticks) {
       xAxis.splits = () => Object.keys(ticks).map(Number);
       xAxis.values = (u, splits) => splits.map((v) => ticks[v] ?? "");
     }
-    const plot = new uPlot({
-      width: Math.max(300, box.clientWidth || parent.clientWidth || 600),
-      height,
+    return chart(parent, height, {
       series: [
         { label: xLabel || "x" },
         ...series.map((s, i) => {
           const stroke = s.stroke || PALETTE[i % PALETTE.length];
-          return {
-            label: s.label, stroke, width: 1.5, spanGaps: false,
-            points: { show: points, size: 6 },
-            ...(stepped ? { paths: uPlot.paths.stepped({ align: 1 }), fill: stroke + "1c" } : {}),
-          };
+          const steps = stepped ? { paths: uPlot.paths.stepped({ align: 1 }), fill: stroke + "1c" } : {};
+          return line(s, i, { points: { show: points, size: 6 }, ...steps });
         }),
       ],
-      axes: [xAxis, { stroke: "#aab", grid: { stroke: "#2a2f3a" }, label: yLabel, size: 70 }],
+      axes: [xAxis, { ...GRID, label: yLabel, size: 70 }],
       scales: { x: { time: false } },
-      legend: { live: true },
-    }, [[], ...series.map(() => [])], box);
-    new ResizeObserver(() => plot.setSize({ width: Math.max(300, box.clientWidth), height })).observe(box);
-    return {
-      plot,
-      set(data) {
-        plot.setData(data);
-        box.dataset.points = String(data[0].length);
-      },
-    };
+    });
   }
 
   function number(value) {
@@ -490,7 +463,7 @@ const PT = (() => {
   document.title = `${config.title} · posttrade`;
   nav();
   return {
-    config, api, download, every, follow, el, panel, figures, table, timeChart, histogram, xyChart, showError, clearError,
+    config, api, download, every, follow, el, panel, figures, table, timeChart, xyChart, showError, clearError,
     compareDecimals, number, fmtTime, ApiError,
   };
 })();
