@@ -46,7 +46,7 @@ import pandas as pd
 import questdb
 
 from posttrade import stack
-from posttrade.agents.questdb_sink import LAYOUTS
+from posttrade.stores.questdb.sink import LAYOUTS
 from posttrade.app import App
 from posttrade.stores.questdb import QuestDBClient, QuestDBWriter
 from posttrade.streams.events import Quote, decode, encode

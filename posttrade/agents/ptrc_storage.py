@@ -33,7 +33,7 @@ from ..stores.clickhouse import ClickHouseStore
 from ..stores.questdb import QuestDBClient, QuestDBWriteError, QuestDBWriter
 from ..streams.events import Fill, PositionUpdate
 from .positions import PositionKeeper
-from .questdb_sink import TS, BadRows, Column, TableLayout
+from ..stores.questdb.sink import TS, BadRows, Column, TableLayout
 from .retry import until_done
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 One agent per route (a bus channel written to one table, see `writer.routes` in
 config/backend/questdb_writer/config.yaml). Each agent takes batches of up to
 `batch.size` events or whatever arrived within `batch.interval_sec`, and hands them to
-its `QuestDBSink` (posttrade/agents/questdb_sink.py), which writes the batch in one
+its `QuestDBSink` (posttrade/stores/questdb/sink.py), which writes the batch in one
 ILP/HTTP request and returns only when QuestDB has every row (or a row QuestDB can
 never take is dead-lettered). The agent acknowledges a batch only once its write
 returned, in order, while the next batch is already being pulled and decoded; the
@@ -26,7 +26,7 @@ from typing import Literal
 
 import msgspec
 
-from ..agents.questdb_sink import LAYOUTS, QuestDBSink, RetryPolicy, WriterMetrics
+from ..stores.questdb.sink import LAYOUTS, QuestDBSink, RetryPolicy, WriterMetrics
 from ..app import App
 from ..web.live import History
 from ..config import ConfigError, QuestDBSection, ServiceConfig, _Section

@@ -26,7 +26,7 @@ import nats.js.errors
 import pytest
 
 from posttrade import stack as local_stack
-from posttrade.agents.questdb_sink import LAYOUTS
+from posttrade.stores.questdb.sink import LAYOUTS
 from posttrade.app import App
 from posttrade.config import load_config
 from posttrade.services import questdb_writer as service

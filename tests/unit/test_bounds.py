@@ -21,7 +21,7 @@ import msgspec
 import pytest
 
 from posttrade.agents.positions import position_update
-from posttrade.agents.questdb_sink import LAYOUTS
+from posttrade.stores.questdb.sink import LAYOUTS
 from posttrade.core import bounds
 from posttrade.core.bounds import EVENT_BYTES, FIGURE_LIMIT, NAME_CHARS, VALUE_LIMIT
 from posttrade.core.exact import EXACT
@@ -233,7 +233,7 @@ def test_ptrc_storage_writes_a_position_near_the_bounds_without_rescaling_errors
 
 def test_the_store_columns_are_built_from_the_shared_constants():
     from posttrade.agents.execution import STORE_PLACES, storable_row, unstorable_reason, FILL_COLUMNS
-    from posttrade.agents.questdb_sink import DECIMAL_SQL
+    from posttrade.stores.questdb.sink import DECIMAL_SQL
     from posttrade.services.pnl import DECIMAL_SQL as PNL_SQL, snapshot_decimal
 
     assert DECIMAL_SQL == PNL_SQL == bounds.QUESTDB_DECIMAL == "DECIMAL(38, 12)"

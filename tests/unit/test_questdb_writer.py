@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from posttrade.agents import questdb_sink
-from posttrade.agents.questdb_sink import (
+from posttrade.stores.questdb import sink as questdb_sink
+from posttrade.stores.questdb.sink import (
     DECIMAL_SQL,
     LAYOUTS,
     BadRows,

@@ -64,7 +64,7 @@ import pandas as pd
 import pyarrow as pa
 import questdb as _qdb
 
-from ..core.bounds import QUESTDB_PRECISION, QUESTDB_SCALE
+from ...core.bounds import QUESTDB_PRECISION, QUESTDB_SCALE
 
 log = logging.getLogger(__name__)
 

@@ -50,14 +50,14 @@ import numpy as np
 import pandas as pd
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ..core.bounds import QUESTDB_DECIMAL, QUESTDB_PRECISION, QUESTDB_SCALE
-from ..core.exact import EXACT
-from ..streams.events import Bar, Fill, MarketTrade, Order, Quote
-from ..stores.questdb import QuestDBError, QuestDBWriteError, decimal_column, sql_literal
+from ...core.bounds import QUESTDB_DECIMAL, QUESTDB_PRECISION, QUESTDB_SCALE
+from ...core.exact import EXACT
+from ...streams.events import Bar, Fill, MarketTrade, Order, Quote
+from . import QuestDBError, QuestDBWriteError, decimal_column, sql_literal
 
 if TYPE_CHECKING:
-    from ..stores.questdb import QuestDBClient, QuestDBWriter
-    from ..streams.stream import EventRecord, Stream
+    from . import QuestDBClient, QuestDBWriter
+    from ...streams.stream import EventRecord, Stream
 
 log = logging.getLogger(__name__)
 
