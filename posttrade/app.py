@@ -38,11 +38,13 @@ import logging
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .sinks import Sink
 from .streams.channel import Channel
 from .streams.events import InvalidEvent, decode, encode
 from .streams.stream import EventRecord, MessageFailed, Stream, current_agent, current_event
@@ -62,6 +64,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+NAMESPACE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 DLQ_STREAM_NAME = "DLQ"
 DLQ_SUBJECTS = ("posttrade.dlq.>",)
 # The reason header carries at most this many bytes (an exception's text can be long).
@@ -261,6 +264,7 @@ class AgentRunner:
         name: str,
         batch_size: int,
         start: StartPosition,
+        sinks: tuple[Sink, ...] = (),
     ):
         self.app = app
         self.fn = fn
@@ -268,6 +272,8 @@ class AgentRunner:
         self.name = name
         self.batch_size = batch_size
         self.start = start
+        # Flushed at each commit, before the tables and the acknowledgement (`posttrade.sinks`).
+        self.sinks = sinks
         self.current: EventRecord | None = None
         self.stream: Stream | None = None
         self.consumer = None
@@ -288,7 +294,7 @@ class AgentRunner:
 
     @property
     def durable(self) -> str:
-        return f"{self.app.name}-{self.name}".replace(".", "_")
+        return self.app.namespaced(f"{self.app.name}-{self.name}", "-").replace(".", "_")
 
     def consumer_spec(self) -> ConsumerSpec:
         runtime = self.app.runtime
@@ -336,6 +342,10 @@ class AgentRunner:
         first = self.crash_times[-count]
         return now - first <= runtime.health_window_s and self.last_progress < first
 
+    async def flush_sinks(self, stream: Stream) -> None:
+        for sink in self.sinks:
+            await sink.flush(stream)
+
     def metrics_batch(self, size: int) -> None:
         metrics = self.app.metrics
         metrics.batches.labels(self.name).inc()
@@ -368,6 +378,8 @@ class AgentRunner:
             except Exception as exc:
                 self.crashed(exc)
                 self.app.rollback_tables(self.name)
+                for sink in self.sinks:
+                    sink.discard()
             finally:
                 self.running = False
                 self.current = None
@@ -486,8 +498,15 @@ class App:
     name: str
     transport: Transport
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    # Set: every stream, subject, durable consumer and table bucket the app declares or
+    # publishes to carries it, so apps on one bus with different namespaces never meet
+    # (tests, a second desk on a shared server). None: the bus layout as it is.
+    namespace: str | None = None
 
     def __post_init__(self) -> None:
+        if self.namespace is not None and not NAMESPACE.fullmatch(self.namespace):
+            raise ValueError(f"namespace {self.namespace!r}: use letters, digits, '-' and '_' only")
+        self.sinks: dict[str, Sink] = {}
         self.channels: dict[str, Channel] = {}
         self.agents: dict[str, AgentRunner] = {}
         self.tables: dict[str, Table | WindowedTable] = {}
@@ -516,8 +535,12 @@ class App:
         consume: list[str] | tuple[str, ...] = (),
         max_age_s: float | None = None,
     ) -> Channel:
-        spec = StreamSpec(name=stream, subjects=tuple(subjects), max_age_s=max_age_s)
-        channel = Channel(name=name, stream=spec, value_type=value_type, subjects=tuple(consume))
+        spec = StreamSpec(
+            name=self.stream_name(stream), subjects=tuple(map(self.subject, subjects)), max_age_s=max_age_s
+        )
+        channel = Channel(
+            name=name, stream=spec, value_type=value_type, subjects=tuple(map(self.subject, consume))
+        )
         self.channels[name] = channel
         return channel
 
@@ -528,15 +551,26 @@ class App:
         name: str | None = None,
         batch_size: int | None = None,
         start: StartPosition | None = None,
+        sinks: list[Sink] | tuple[Sink, ...] = (),
     ) -> Callable[[AgentFn], AgentFn]:
+        """Declare an agent over `channel`. `sinks` are flushed whenever its batch is
+        committed, before anything is acknowledged (`posttrade.sinks`)."""
+
         def register(fn: AgentFn) -> AgentFn:
             agent_name = name or fn.__name__
             if agent_name in self.agents:
                 raise ValueError(f"agent {agent_name} is declared twice")
             self.channels.setdefault(channel.name, channel)
             default_start = StartPosition(new_only=self.runtime.start_from == "new")
+            for sink in sinks:
+                # What a crashed batch added is discarded: another agent's would go with it.
+                owner = next((r.name for r in self.agents.values() if sink in r.sinks), None)
+                if owner is not None:
+                    raise ValueError(f"sink {sink.name} already belongs to agent {owner}")
+                self.sink(sink)
             self.agents[agent_name] = AgentRunner(
-                self, fn, channel, agent_name, batch_size or self.runtime.batch_size, start or default_start
+                self, fn, channel, agent_name, batch_size or self.runtime.batch_size, start or default_start,
+                tuple(sinks),
             )
             return fn
 
@@ -555,7 +589,7 @@ class App:
         if name in self.tables:
             raise ValueError(f"table {name} is declared twice")
         table = Table(
-            name, bucket=f"{self.name}-{name}", value_type=value_type, key_type=key_type, default=default, atomic=atomic
+            name, bucket=self.bucket(name), value_type=value_type, key_type=key_type, default=default, atomic=atomic
         )
         self.tables[name] = table
         return table
@@ -576,15 +610,42 @@ class App:
             raise ValueError(f"table {name} is declared twice")
         inner = Table(
             name,
-            bucket=f"{self.name}-{name}",
+            bucket=self.bucket(name),
             value_type=value_type,
             key_type=tuple[key_type, int],
             default=default,
         )
-        meta = Table(f"{name}.meta", bucket=f"{self.name}-{name}-meta", value_type=int)
+        meta = Table(f"{name}.meta", bucket=self.bucket(f"{name}-meta"), value_type=int)
         table = WindowedTable(inner, meta, size_s=size_s, step_s=step_s, grace_s=grace_s)
         self.tables[name] = table
         return table
+
+    def sink(self, sink: Sink) -> Sink:
+        """Register a sink: its metrics, its /health check, its `stats()`."""
+        known = self.sinks.get(sink.name)
+        if known is sink:
+            return sink
+        if known is not None:
+            raise ValueError(f"sink {sink.name} is declared twice")
+        self.sinks[sink.name] = sink
+        sink.attach(self)
+        return sink
+
+    # -- names on the bus -----------------------------------------------------------------
+
+    def namespaced(self, name: str, separator: str) -> str:
+        return name if self.namespace is None else f"{self.namespace}{separator}{name}"
+
+    def stream_name(self, stream: str) -> str:
+        """A JetStream stream's name in this app's namespace."""
+        return stream if self.namespace is None else f"{self.namespace.upper().replace('-', '_')}_{stream}"
+
+    def subject(self, subject: str) -> str:
+        """A subject in this app's namespace (what `send` publishes to, what channels hold)."""
+        return self.namespaced(subject, ".")
+
+    def bucket(self, table: str) -> str:
+        return self.namespaced(f"{self.name}-{table}", "-")
 
     def timer(self, interval: float, *, name: str | None = None):
         def register(fn):
@@ -627,6 +688,7 @@ class App:
         data = value if isinstance(value, bytes) else encode(value)
         event = current_event.get()
         runner_stream = self._stream_of(event)
+        subject = self.subject(subject)
         if event is None or runner_stream is None:
             await self.transport.publish(subject, data, headers=headers, msg_id=msg_id)
             return
@@ -656,7 +718,7 @@ class App:
             "Posttrade-Seq": str(seq),
         }
         kept, headers = dead_letter_record(data, headers, msg_id=msg_id, max_payload=self.transport.max_payload)
-        await self.transport.publish(f"posttrade.dlq.{self.name}", kept, headers=headers, msg_id=msg_id)
+        await self.transport.publish(self.subject(f"posttrade.dlq.{self.name}"), kept, headers=headers, msg_id=msg_id)
         self.metrics.dead_letters.labels(agent).inc()
         self._bad_input_of(agent).add()
         cut = ""
@@ -766,7 +828,10 @@ class App:
     async def _declare_and_recover(self) -> None:
         """The streams declared and the tables read back (both can be done again)."""
         # Updated to the configured limits when it exists (with other ones, or none).
-        await self.transport.ensure_stream(self.runtime.dead_letter_stream())
+        dlq = self.runtime.dead_letter_stream()
+        await self.transport.ensure_stream(
+            replace(dlq, name=self.stream_name(dlq.name), subjects=tuple(map(self.subject, dlq.subjects)))
+        )
         for channel in self.channels.values():
             await self.transport.ensure_stream(channel.stream)
         with recovering():

@@ -64,6 +64,10 @@ class ServiceSection(_Section, kw_only=True):
     read_token: str | None = None  # reads only: a change with it is a 403
     protect_health: bool = False  # true: /health, /metrics, /openapi.json and public pages need a token too
     log_level: str = "INFO"
+    # Prefixes every stream, subject, consumer and table bucket the service uses (App's
+    # `namespace`): services on one bus with different namespaces never meet. Tests set
+    # it; a deployment leaves it unset.
+    namespace: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("auth_token", "read_token"):
@@ -142,9 +146,21 @@ class CacheSection(_Section):
 
 
 class BatchSection(_Section):
+    """How sinks batch and retry (`posttrade.sinks`): up to `size` items or `interval_sec`
+    a batch; a write a store does not take is tried `max_retry` times a cycle, the pauses
+    doubling from `retry_initial_s` up to `retry_max_s`, cycles going on until it answers."""
+
     size: int = 1000
     interval_sec: float = 1.0
     max_retry: int = 3
+    retry_initial_s: float = 0.25
+    retry_max_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.size < 1 or self.interval_sec <= 0 or self.max_retry < 1:
+            raise ValueError("batch: size >= 1, interval_sec > 0 and max_retry >= 1")
+        if self.retry_initial_s <= 0 or self.retry_max_s < self.retry_initial_s:
+            raise ValueError("batch: retry_initial_s > 0 and retry_max_s >= retry_initial_s")
 
 
 class RuntimeSection(_Section):

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     )
     # Per-request client logs would drown the service's own.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    app = module.build(config)
+    app = module.build(config).app
     asyncio.run(
         app.run(
             host=config.service.host,

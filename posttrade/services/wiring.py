@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..app import App, RuntimeSettings
 from ..config import ServiceConfig
 from ..streams.nats import NatsTransport
+from ..streams.transport import Transport
 from ..web.dashboard import install_dashboard
 
 
@@ -22,9 +23,15 @@ def nats_transport(config: ServiceConfig) -> NatsTransport:
     )
 
 
-def new_app(config: ServiceConfig) -> App:
-    """An App on NATS with the runtime settings of `config`, serving its page at `/`."""
-    app = App(config.service.name, nats_transport(config), RuntimeSettings.from_config(config))
+def new_app(config: ServiceConfig, transport: Transport | None = None) -> App:
+    """An App with the runtime settings and namespace of `config`, serving its page at
+    `/`: on NATS as configured, or on `transport` (tests: the memory transport)."""
+    app = App(
+        config.service.name,
+        transport or nats_transport(config),
+        RuntimeSettings.from_config(config),
+        namespace=config.service.namespace,
+    )
     install_dashboard(app, config)
     return app
 

@@ -262,10 +262,12 @@ class Stream:
 
     async def commit_to(self, delivery: Delivery | None) -> None:
         """Make what is in hand durable and acknowledge it up to `delivery` (a `mark()`);
-        later deliveries stay in hand, unacknowledged."""
+        later deliveries stay in hand, unacknowledged. The order: the agent's sinks, the
+        tables' changelogs, what the batch published, then the acknowledgement."""
         if delivery is None and not self._outbox:
             return
         started = time.perf_counter()
+        await self.runner.flush_sinks(self)
         await self.runner.app.flush_tables()
         if self._outbox:
             outbox, self._outbox = self._outbox, []
