@@ -120,7 +120,7 @@ class FeatureChannels:
         return cls(
             trades=subjects.market_trades(app),
             quotes=subjects.quotes(app),
-            positions=subjects.output(app, "positions", "POSITIONS", "posttrade.positions.>", PositionUpdate),
+            positions=subjects.positions(app),
             orders=subjects.orders(app),
         )
 

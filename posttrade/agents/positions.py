@@ -62,21 +62,12 @@ from ..core.marks import DEFAULT_PRIORITY, MarkSource, MarkState
 from ..core.positions import Position, PositionState
 from ..core.reference import Reference
 from ..streams import subjects
-from ..streams.events import Bar, Fill, MarketTrade, PositionUpdate, Quote, encode
+from ..streams.events import Bar, ComplianceAlert, Fill, MarketTrade, PositionUpdate, Quote, encode
 from ..streams.stream import EventRecord, Stream
 from ..streams.transport import StartPosition
 from ..web.live import LiveLog, LiveTopic
 
 log = logging.getLogger(__name__)
-
-
-class ComplianceAlert(Alert, frozen=True):
-    """An `Alert` as published on `posttrade.alerts.<rule>`; the feed's own alerts
-    (`conflicting_duplicate`, `pending_amendment`, `refused_execution`) carry the
-    messages concerned in `versions` (for a conflict: the version that won, then the
-    resend)."""
-
-    versions: list[Fill] = []
 
 
 def _valued(value: Decimal | None) -> Decimal | None:
@@ -192,8 +183,8 @@ class PositionKeeper:
         self.quotes = subjects.quotes(app)
         self.trades = subjects.market_trades(app)
         self.bars = subjects.bars(app)
-        self.position_updates = subjects.output(app, "positions", "POSITIONS", "posttrade.positions.>", PositionUpdate)
-        self.alerts = subjects.output(app, "alerts", "ALERTS", "posttrade.alerts.>", ComplianceAlert)
+        self.position_updates = subjects.positions(app)
+        self.alerts = subjects.alerts(app)
 
         self.positions = app.table("positions", value_type=PositionState, key_type=tuple[str, str])
         self.records = app.table(

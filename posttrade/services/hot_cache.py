@@ -1639,7 +1639,7 @@ def bus_channels(app: App) -> HotCacheChannels:
         trades=subjects.market_trades(app),
         bars=subjects.bars(app),
         quotes=subjects.quotes(app),
-        positions=subjects.output(app, "positions", "POSITIONS", "posttrade.positions.>", PositionUpdate),
+        positions=subjects.positions(app),
     )
 
 

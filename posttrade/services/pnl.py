@@ -1253,7 +1253,7 @@ _raw_json = msgspec.json.Encoder()
 def bus_channels(app: App) -> PnlChannels:
     """The platform's streams (posttrade.streams.subjects)."""
     return PnlChannels(
-        positions=subjects.output(app, "positions", "POSITIONS", "posttrade.positions.>", PositionUpdate),
+        positions=subjects.positions(app),
         quotes=subjects.quotes(app),
         trades=subjects.market_trades(app),
         bars=subjects.bars(app),

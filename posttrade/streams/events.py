@@ -34,6 +34,7 @@ from posttrade.core.bounds import (
     notional_problem,
     show,
 )
+from posttrade.core.compliance import Alert
 from posttrade.core.reference import check_currency
 
 Side = Literal["BUY", "SELL"]
@@ -475,3 +476,85 @@ _UPDATE_FIGURES = tuple(
     if kind.type in (Decimal, Decimal | None)
 )
 _update_figures = attrgetter(*_UPDATE_FIGURES)
+
+
+class ComplianceAlert(Alert, frozen=True):
+    """A compliance `Alert` as ptrc publishes it on `posttrade.alerts.<rule>`; the
+    feed's own alerts (`conflicting_duplicate`, `pending_amendment`,
+    `refused_execution`) carry the messages concerned in `versions` (for a conflict:
+    the version that won, then the resend)."""
+
+    versions: list[Fill] = []
+
+
+# -- pnl's history --------------------------------------------------------------------
+
+
+class PnlPositionRow(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One position in a pnl snapshot, as `pnl_snapshots` stores it: money rounded half
+    to even at 12 places (`core.bounds`), in the instrument's `currency`, the `_base`
+    figures in the account's `base_currency` at `fx_rate`. `as_of`: the event time of
+    the values (epoch ns)."""
+
+    account: str
+    symbol: str
+    as_of: int
+    currency: str | None = None
+    base_currency: str | None = None
+    mark_source: str | None = None
+    fill_count: int = 0
+    fx_rate: str | None = None  # exact text: a cross rate has more places than a column keeps
+    net_qty: Decimal | None = None
+    avg_open_price: Decimal | None = None
+    multiplier: Decimal | None = None
+    mark: Decimal | None = None
+    realized_pnl_gross: Decimal | None = None
+    fees: Decimal | None = None
+    realized_pnl_net: Decimal | None = None
+    unrealized_pnl: Decimal | None = None
+    fifo_realized_pnl_gross: Decimal | None = None
+    fifo_unrealized_pnl: Decimal | None = None
+    total_pnl: Decimal | None = None
+    day_pnl: Decimal | None = None
+    sod_realized_pnl_net: Decimal | None = None
+    sod_unrealized_pnl: Decimal | None = None
+    gross_notional: Decimal | None = None
+    realized_pnl_gross_base: Decimal | None = None
+    fees_base: Decimal | None = None
+    realized_pnl_net_base: Decimal | None = None
+    unrealized_pnl_base: Decimal | None = None
+    total_pnl_base: Decimal | None = None
+    day_pnl_base: Decimal | None = None
+    gross_notional_base: Decimal | None = None
+
+
+class PnlAccountRow(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One account's totals in a pnl snapshot (`pnl_account_snapshots`), every money
+    figure in `base_currency`; `missing_rates`: currencies left out for want of a rate."""
+
+    account: str
+    as_of: int
+    base_currency: str | None = None
+    positions: int = 0
+    open_positions: int = 0
+    missing_rates: str | None = None  # comma-separated; None when none
+    realized_pnl_gross: Decimal | None = None
+    fees: Decimal | None = None
+    realized_pnl_net: Decimal | None = None
+    unrealized_pnl: Decimal | None = None
+    fifo_realized_pnl_gross: Decimal | None = None
+    fifo_unrealized_pnl: Decimal | None = None
+    total_pnl: Decimal | None = None
+    day_pnl: Decimal | None = None
+    gross_notional: Decimal | None = None
+
+
+class PnlSnapshot(Event, frozen=True):
+    """pnl's output on `posttrade.pnl.snapshots`: part `part` of the snapshot taken at
+    `ts` (whole microseconds, strictly increasing per pnl), a few hundred rows a message.
+    questdb_writer stores the rows (`pnl_snapshots`, `pnl_account_snapshots`), deduplicated
+    on (ts, account[, symbol]), so a message published or written twice is one row each."""
+
+    part: int = 0
+    positions: list[PnlPositionRow] = []
+    accounts: list[PnlAccountRow] = []

@@ -13,7 +13,7 @@ the payload always carries the exact value.
 | TRADES     | md.trades.<symbol>                              | MarketTrade   |
 | BARS       | md.bars.<interval>.<symbol>                     | Bar           |
 | POSITIONS  | posttrade.positions.<account>.<symbol>          | (ptrc output) |
-| PNL        | posttrade.pnl.<account>.<symbol>                | (pnl output)  |
+| PNL        | posttrade.pnl.snapshots                         | PnlSnapshot   |
 | ALERTS     | posttrade.alerts.<rule>                         | (ptrc output) |
 | DLQ        | posttrade.dlq.<service>                         | original bytes|
 """
@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .channel import Channel
-from .events import Bar, Fill, MarketTrade, Order, Quote, subject_token
+from .events import Bar, ComplianceAlert, Fill, MarketTrade, Order, PnlSnapshot, PositionUpdate, Quote, subject_token
 
 if TYPE_CHECKING:
     from ..app import App
@@ -56,8 +56,10 @@ def position_subject(account: str, symbol: str) -> str:
     return f"posttrade.positions.{subject_token(account)}.{subject_token(symbol)}"
 
 
-def pnl_subject(account: str, symbol: str) -> str:
-    return f"posttrade.pnl.{subject_token(account)}.{subject_token(symbol)}"
+PNL_SNAPSHOT_SUBJECT = "posttrade.pnl.snapshots"
+# pnl's history lives in QuestDB (questdb_writer writes it); the stream only has to hold
+# it until then, and long enough for the writer to be down for a weekend.
+PNL_MAX_AGE_S = 3 * 24 * 3600.0
 
 
 def alert_subject(rule: str) -> str:
@@ -93,6 +95,23 @@ def bars(app: App, consume: tuple[str, ...] = ()) -> Channel:
     )
 
 
-def output(app: App, name: str, stream: str, subjects: str, value_type: type) -> Channel:
-    """A stream a service publishes (POSITIONS, PNL, ALERTS) and others may consume."""
-    return app.channel(name, stream=stream, subjects=[subjects], value_type=value_type)
+# The services' own outputs.
+
+
+def positions(app: App, consume: tuple[str, ...] = ()) -> Channel:
+    """ptrc's position updates (pnl, hot_cache, feast_pipeline and questdb_writer read them)."""
+    return app.channel(
+        "positions", stream="POSITIONS", subjects=["posttrade.positions.>"], value_type=PositionUpdate,
+        consume=consume,
+    )
+
+
+def alerts(app: App) -> Channel:
+    return app.channel("alerts", stream="ALERTS", subjects=["posttrade.alerts.>"], value_type=ComplianceAlert)
+
+
+def pnl_snapshots(app: App) -> Channel:
+    """pnl's history, on its way to QuestDB through questdb_writer."""
+    return app.channel(
+        "pnl_snapshots", stream="PNL", subjects=["posttrade.pnl.>"], value_type=PnlSnapshot, max_age_s=PNL_MAX_AGE_S
+    )

@@ -432,7 +432,8 @@ def test_the_payload_bound_leaves_room_for_headers():
 
 
 def test_ptrc_dead_letters_what_does_not_fit_and_keeps_going():
-    from posttrade.agents.positions import ComplianceAlert, PositionKeeper
+    from posttrade.agents.positions import PositionKeeper
+    from posttrade.streams.events import ComplianceAlert
     from posttrade.app import App
     from posttrade.core.reference import Reference
     from posttrade.streams import subjects

@@ -9,7 +9,8 @@ from decimal import Decimal as D
 
 import msgspec
 
-from posttrade.agents.positions import ComplianceAlert, PositionKeeper
+from posttrade.agents.positions import PositionKeeper
+from posttrade.streams.events import ComplianceAlert
 from posttrade.app import App
 from posttrade.core.positions import PositionBook
 from posttrade.core.reference import Instrument, Reference
