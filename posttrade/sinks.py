@@ -4,13 +4,16 @@ object storage) goes through one.
 A sink is told what to write (`add`) and writes it when told (`flush`): one attempt is
 the subclass's `write(batch)`, and everything around it is here, once:
 
-* **Retry.** `write` raises `SinkUnavailable` (or any error that is not `SinkRefused`)
-  when the store is away or pushes back; the batch is tried again under the service's one
+* **Retry.** `write` raises `SinkUnavailable` when the store is away or pushes back (an
+  `OSError`, a connection refused or a timeout, counts the same; a subclass says which of
+  its client's errors do in `unavailable`); the batch is tried again under the service's one
   `RetryPolicy` (`batch.max_retry` attempts a cycle, then a longer pause, for as long as
   it takes), honouring a `retry_after` the store asked for. While it waits, JetStream is
   told the batch in hand is still being worked on, so nothing is redelivered meanwhile.
 * **Refusal.** `SinkRefused` means the data itself can never be written: it is raised to
-  the caller at once (which dead-letters the input it came from); never retried.
+  the caller at once (which dead-letters the input it came from); never retried. Any other
+  error is a bug: it is raised too, and the runtime's crash handling takes over (the
+  batch is redelivered, a message that keeps failing is dead-lettered).
 * **Order.** A sink declared with an agent (`@app.agent(channel, sinks=[sink])`) is
   flushed when the agent's batch is committed, before the tables' changelogs and before
   the acknowledgement: the checkpoint order of Quix Streams (sinks, then state, then
@@ -25,10 +28,12 @@ the subclass's `write(batch)`, and everything around it is here, once:
 from __future__ import annotations
 
 import asyncio
+import datetime as _dt
 import logging
+import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -100,12 +105,12 @@ class RetryPolicy:
 
 
 class RateWindow:
-    """Items per second over the last minutes, in one-second buckets."""
+    """Items per second over the last N seconds, from one-second buckets."""
 
     def __init__(self, horizon_s: int = 60, clock: Callable[[], float] = time.monotonic):
         self.horizon_s = horizon_s
         self.clock = clock
-        self._buckets: deque[list[int]] = deque()  # [second, items]
+        self._buckets: deque[list[int]] = deque()  # [second, items], oldest first
 
     def add(self, items: int) -> None:
         second = int(self.clock())
@@ -120,76 +125,93 @@ class RateWindow:
             self._buckets.popleft()
 
     def rate(self, window_s: int) -> float:
-        """Items per second over the last `window_s` whole seconds."""
+        """Items added in the last `window_s` whole seconds (this one included) / window_s."""
+        if window_s > self.horizon_s:
+            raise ValueError(f"window {window_s}s is beyond the {self.horizon_s}s kept")
         now = int(self.clock())
         self._trim(now)
-        total = sum(n for second, n in self._buckets if now - window_s <= second < now)
-        return total / window_s
+        items = sum(count for second, count in self._buckets if second > now - window_s)
+        return items / window_s
 
 
-def percentile(sorted_values: list[float], q: float) -> float | None:
+def percentile(sorted_values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile `q` (0-100) of already sorted values (None when empty)."""
     if not sorted_values:
         return None
-    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
-    return sorted_values[index]
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
 
 
-def _iso(epoch_s: float | None) -> str | None:
+def iso(epoch_s: float | None) -> str | None:
     if epoch_s is None:
         return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch_s)) + f".{int(epoch_s % 1 * 1000):03d}Z"
+    return _dt.datetime.fromtimestamp(epoch_s, _dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 class SinkStats:
-    """What a sink did, for `/stats`-like pages and `/health`."""
+    """What a sink did, for the service's pages and `/health`. Engines with more to say
+    (questdb_writer's per-table `/stats`) subclass it."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic, latency_window: int = 2048):
         self.clock = clock
-        self.rows = 0
-        self.batches = 0
-        self.retries = 0
-        self.errors = 0  # failed attempts, the store's fault
-        self.refused = 0  # batches or rows the store can never take
-        self.dead_lettered = 0
+        self.rows = 0  # rows (items) the store accepted
+        self.flushes = 0  # accepted write requests
+        self.retries = 0  # attempts repeated because the store was away or failing
+        self.errors = 0  # failed attempts, any cause
+        self.refused = 0  # requests the store refused for their data
         self.last_error: str | None = None
         self.last_error_at: float | None = None  # epoch s
         self.last_flush_at: float | None = None  # epoch s
-        self.failing_since: float | None = None  # monotonic; None while the store answers
-        self.flush_seconds: deque[float] = deque(maxlen=1000)
-        self.throughput = RateWindow(clock=clock)
+        self.failing_since: float | None = None  # epoch s of the first failure in a row; None while it answers
+        self.latencies: deque[float] = deque(maxlen=latency_window)
+        self.rate = RateWindow(60, clock)
 
     def written(self, rows: int, seconds: float) -> None:
         self.rows += rows
-        self.batches += 1
-        self.flush_seconds.append(seconds)
-        self.throughput.add(rows)
+        self.flushes += 1
+        self.latencies.append(seconds)
+        self.rate.add(rows)
         self.last_flush_at = time.time()
+        self.failing_since = None
 
-    def failed(self, error: str) -> None:
+    def reached(self) -> None:
+        """The store did what was asked (a write or a look-up): it is not failing."""
+        self.failing_since = None
+
+    def failed(self, error: str, *, unavailable: bool = True) -> None:
+        """A failed attempt; `unavailable`: the store's fault (retried), not the data's."""
         self.errors += 1
         self.last_error = error
         self.last_error_at = time.time()
-        if self.failing_since is None:
-            self.failing_since = self.clock()
+        if unavailable and self.failing_since is None:
+            self.failing_since = self.last_error_at
+
+    def failing_for(self) -> float | None:
+        return None if self.failing_since is None else max(0.0, time.time() - self.failing_since)
+
+    def latency_ms(self) -> dict[str, Any]:
+        ordered = sorted(self.latencies)
+        p50, p99 = percentile(ordered, 50), percentile(ordered, 99)
+        return {
+            "p50": None if p50 is None else round(p50 * 1000, 3),
+            "p99": None if p99 is None else round(p99 * 1000, 3),
+            "max": round(ordered[-1] * 1000, 3) if ordered else None,
+            "over_last_flushes": len(ordered),
+        }
 
     def snapshot(self) -> dict[str, Any]:
-        latencies = sorted(self.flush_seconds)
-        p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
         return {
             "rows": self.rows,
-            "batches": self.batches,
-            "retries": self.retries,
+            "flushes": self.flushes,
+            "flush_latency_ms": self.latency_ms(),
+            "rows_per_s": {"10s": round(self.rate.rate(10), 1), "60s": round(self.rate.rate(60), 1)},
             "errors": self.errors,
+            "retries": self.retries,
             "refused": self.refused,
-            "dead_lettered": self.dead_lettered,
-            "failing_for_s": None if self.failing_since is None else round(self.clock() - self.failing_since, 3),
+            "last_flush_at": iso(self.last_flush_at),
             "last_error": self.last_error,
-            "last_error_at": _iso(self.last_error_at),
-            "last_flush_at": _iso(self.last_flush_at),
-            "flush_ms_p50": None if p50 is None else round(p50 * 1000, 3),
-            "flush_ms_p99": None if p99 is None else round(p99 * 1000, 3),
-            "rows_per_s_10s": round(self.throughput.rate(10), 1),
-            "rows_per_s_60s": round(self.throughput.rate(60), 1),
+            "last_error_at": iso(self.last_error_at),
+            "writes_failing_since": iso(self.failing_since),
         }
 
 
@@ -230,8 +252,9 @@ def sink_metrics(registry: CollectorRegistry) -> SinkMetrics:
 class Sink(Generic[T]):
     """Buffered writes to one store with the one retry loop (see the module doc).
 
-    Subclasses implement `write(batch)`: one attempt, raising `SinkUnavailable` (or any
-    other error) to be retried, `SinkRefused` when the data can never be written. Those
+    Subclasses implement `write(batch)`: one attempt, raising `SinkUnavailable` (or an
+    error `unavailable` accepts) to be retried, `SinkRefused` when the data can never be
+    written. Those
     with more than one kind of request (a look-up before a write, a split batch) call
     `retrying(...)` themselves around each.
     """
@@ -240,10 +263,10 @@ class Sink(Generic[T]):
     # the service keeps serving what it has, and nothing is lost while it waits).
     DEGRADED_AFTER_S = 5.0
 
-    def __init__(self, name: str, retry: RetryPolicy | None = None, *, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, name: str, retry: RetryPolicy | None = None, *, stats: SinkStats | None = None):
         self.name = name
         self.retry = retry or RetryPolicy()
-        self.stats = SinkStats(clock)
+        self.stats = stats or SinkStats()
         self.metrics: SinkMetrics | None = None
         self.stopping: Callable[[], bool] = lambda: False
         self._buffer: list[T] = []
@@ -258,8 +281,8 @@ class Sink(Generic[T]):
 
     async def health(self) -> tuple[bool | str, Any]:
         detail = {"pending": len(self._buffer), **self.stats.snapshot()}
-        failing = self.stats.failing_since
-        if failing is not None and self.stats.clock() - failing >= self.DEGRADED_AFTER_S:
+        failing = self.stats.failing_for()
+        if failing is not None and failing >= self.DEGRADED_AFTER_S:
             return "degraded", detail
         return True, detail
 
@@ -300,6 +323,11 @@ class Sink(Generic[T]):
         """One attempt at writing `batch`."""
         raise NotImplementedError
 
+    def unavailable(self, exc: Exception) -> bool:
+        """Whether `exc` means the store is away (retry) rather than a bug (raise).
+        Subclasses add their client's connection errors."""
+        return isinstance(exc, (SinkUnavailable, OSError, asyncio.TimeoutError))
+
     # -- the one retry loop ------------------------------------------------------------------
 
     async def retrying(
@@ -326,10 +354,13 @@ class Sink(Generic[T]):
                 raise
             except SinkRefused as exc:
                 self.stats.refused += 1
+                self.stats.failed(exc.reason, unavailable=False)
                 self._count_error("refused")
                 log.warning("%s: %s refused: %s", self.name, what, exc.reason)
                 raise
             except Exception as exc:
+                if not self.unavailable(exc):
+                    raise
                 error = exc.reason if isinstance(exc, SinkUnavailable) else f"{type(exc).__name__}: {exc}"
                 asked = exc.retry_after if isinstance(exc, SinkUnavailable) else None
             else:
@@ -357,7 +388,7 @@ class Sink(Generic[T]):
                 self.metrics.retries.labels(self.name).inc()
 
     def _reached(self, rows: int, seconds: float) -> None:
-        self.stats.failing_since = None
+        self.stats.reached()
         if rows:
             self.stats.written(rows, seconds)
         if self.metrics is not None:

@@ -383,7 +383,7 @@ class SnapshotRow:
     """One row of ptrc's `position_snapshots` table.
 
     The base-currency part (`currency` ... `missing_rates`) is what ptrc stored with the
-    snapshot (`posttrade.agents.ptrc_storage`): the rates of its moment and the figures
+    snapshot (`posttrade.stores.questdb.rows`): the rates of its moment and the figures
     at them. `base_currency` None: the row was stored before those columns existed."""
 
     ts: int

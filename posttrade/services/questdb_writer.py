@@ -22,39 +22,53 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Literal
 
 import msgspec
 
-from ..stores.questdb.sink import LAYOUTS, QuestDBSink, RetryPolicy, WriterMetrics
 from ..app import App
-from ..web.live import History
 from ..config import ConfigError, QuestDBSection, ServiceConfig, _Section
+from ..sinks import RetryPolicy
 from ..stores.questdb import QuestDBClient, QuestDBUnavailableError, QuestDBWriter, check_identifier
+from ..stores.questdb.layouts import LAYOUTS
+from ..stores.questdb.sink import QuestDBSink, WriterMetrics
 from ..streams import subjects as bus
 from ..streams.channel import Channel
 from ..streams.stream import Stream
+from ..streams.transport import Transport
+from ..web.live import History
 from ..web.server import JSON
+from .base import Service
 from .wiring import new_app
 
 log = logging.getLogger(__name__)
 
-ChannelName = Literal["market_trades", "quotes", "bars", "fills", "orders"]
+ChannelName = Literal[
+    "market_trades", "quotes", "bars", "fills", "orders",
+    "ptrc_trades", "position_snapshots", "pnl_snapshots", "pnl_account_snapshots",
+]
 
-# The bus layout's declaration of each channel (same stream config as every service).
+# Where each layout's events come from: the bus layout's declaration of the channel (the
+# same stream config as every service). ptrc's position updates make two tables, pnl's
+# snapshots two more: QuestDB is written by this service alone.
 BUS_CHANNELS = {
     "market_trades": bus.market_trades,
     "quotes": bus.quotes,
     "bars": bus.bars,
     "fills": bus.fills,
     "orders": bus.orders,
+    "ptrc_trades": bus.positions,
+    "position_snapshots": bus.positions,
+    "pnl_snapshots": bus.pnl_snapshots,
+    "pnl_account_snapshots": bus.pnl_snapshots,
 }
 
 
 class RouteSection(_Section):
     """One channel written to one table."""
 
-    channel: ChannelName  # which events (and so which columns and dedup keys)
+    channel: ChannelName  # which layout: which events, and so which columns and dedup keys
     table: str
     enabled: bool = True
     # Both unset: the bus layout's stream (posttrade/streams/subjects.py). Set both to read
@@ -76,8 +90,6 @@ def _default_routes() -> dict[str, RouteSection]:
 
 class WriterSection(_Section):
     routes: dict[str, RouteSection] = msgspec.field(default_factory=_default_routes)
-    retry_initial_s: float = 0.25  # first pause after a failed write; doubles
-    retry_max_s: float = 5.0  # longest pause between attempts while QuestDB is away
     request_timeout_s: float = 30.0  # one ILP/HTTP request, QuestDB's answer included
 
 
@@ -118,13 +130,27 @@ def route_channel(app: App, name: str, route: RouteSection) -> Channel:
     )
 
 
-def build(config: QuestDBWriterConfig) -> App:
-    """The service on NATS and QuestDB as configured (what `posttrade worker` runs)."""
+@dataclass
+class QuestDBWriterService(Service):
+    sinks: dict[str, QuestDBSink]  # by route
+    writer: QuestDBWriter
+    client: QuestDBClient
+
+
+def build(
+    config: QuestDBWriterConfig,
+    *,
+    transport: Transport | None = None,
+    writer: QuestDBWriter | None = None,
+    client: QuestDBClient | None = None,
+) -> QuestDBWriterService:
+    """The service on NATS (or `transport`) and QuestDB as configured (or `writer` for
+    the rows and `client` for SQL)."""
     routes = enabled_routes(config)
     qdb = config.databases.questdb or QuestDBSection()
     auth = dict(username=qdb.user, password=qdb.password, tls=qdb.tls)
-    client = QuestDBClient(host=qdb.host, port=qdb.port, timeout=10.0, **auth)
-    writer = QuestDBWriter(
+    client = client or QuestDBClient(host=qdb.host, port=qdb.port, timeout=10.0, **auth)
+    writer = writer or QuestDBWriter(
         host=qdb.host,
         port=qdb.port,
         # The sink does the retrying (with keep-alives and /stats); the client must not
@@ -134,40 +160,40 @@ def build(config: QuestDBWriterConfig) -> App:
         connections=len(routes),  # the routes' agents flush concurrently
         **auth,
     )
-    return wire(new_app(config), config, writer=writer, client=client)
-
-
-def wire(app: App, config: QuestDBWriterConfig, *, writer: QuestDBWriter, client: QuestDBClient) -> App:
-    """Declare the routes' agents, the table creation, /stats and the QuestDB health check
-    on `app`, writing through `writer` and creating tables through `client`."""
-    routes = enabled_routes(config)
-    if config.batch.size < 1 or config.batch.interval_sec <= 0 or config.batch.max_retry < 1:
-        raise ConfigError("questdb_writer config, key `batch`: size >= 1, interval_sec > 0, max_retry >= 1")
+    app = new_app(config, transport)
+    retry = RetryPolicy.from_config(config.batch)
     retry = RetryPolicy(
-        attempts=config.batch.max_retry,
-        initial_s=config.writer.retry_initial_s,
-        max_s=max(config.writer.retry_max_s, config.writer.retry_initial_s),
+        attempts=retry.attempts, initial_s=retry.initial_s, max_s=retry.max_s,
         keep_alive_s=max(1.0, min(5.0, config.runtime.ack_wait_s / 4)),
-    )
+    )  # fmt: skip
     metrics = WriterMetrics(app.metrics.registry)
+    reference = config.reference()
     sinks: dict[str, QuestDBSink] = {}
     agent_names: dict[str, str] = {}
     for name, route in routes.items():
-        sink = QuestDBSink(
-            table=route.table,
-            layout=LAYOUTS[route.channel],
-            writer=writer,
-            client=client,
-            retry=retry,
-            metrics=metrics,
-            stopping=lambda: app.stopping,
-        )
+        sink = app.sink(QuestDBSink(
+            table=route.table, layout=LAYOUTS[route.channel], writer=writer, client=client, retry=retry,
+            metrics=metrics, reference=reference,
+        ))  # fmt: skip
         sinks[name] = sink
         agent_names[name] = f"write_{name}"
         channel = route_channel(app, name, route)
         app.agent(channel, name=agent_names[name], batch_size=config.batch.size)(
             _sink_agent(sink, config.batch.size, config.batch.interval_sec)
         )
+    _serve(app, config, sinks, agent_names, client, writer)
+    return QuestDBWriterService(app, config, sinks, writer, client)
+
+
+def _serve(
+    app: App,
+    config: QuestDBWriterConfig,
+    sinks: dict[str, QuestDBSink],
+    agent_names: dict[str, str],
+    client: QuestDBClient,
+    writer: QuestDBWriter,
+) -> None:
+    """Table creation, /health's QuestDB check, /stats and the page's history."""
 
     async def create_tables() -> None:
         # Up front, so the tables (with their dedup keys) exist before any row; if QuestDB
@@ -272,8 +298,6 @@ def wire(app: App, config: QuestDBWriterConfig, *, writer: QuestDBWriter, client
     # The page's charts over time (the last hour).
     History(sample).serve(app, "/dashboard/history", public=True)
 
-    return app
-
 
 def _sample(app: App, metric: str, agent: str) -> float:
     return app.metrics.registry.get_sample_value(metric, {"agent": agent}) or 0.0
@@ -304,11 +328,11 @@ def _sink_agent(sink: QuestDBSink, size: int, interval_s: float):
             async for records in stream.take_events(size, within=interval_s, auto_commit=False):
                 mark = stream.mark()
                 if writing is not None:
-                    await writing  # raises (e.g. WriterStopping): nothing after it is acknowledged
+                    await writing  # raises (e.g. SinkStopping): nothing after it is acknowledged
                     writing = None
                     await stream.commit_to(written_mark)
                 if records:
-                    writing = asyncio.ensure_future(sink.write(records, stream))
+                    writing = asyncio.ensure_future(sink.write_records(records, stream))
                     written_mark = mark
                 elif mark is not None:  # only dead letters came: acknowledge them
                     await stream.commit_to(mark)

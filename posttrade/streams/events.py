@@ -432,7 +432,7 @@ class PositionUpdate(Event, frozen=True):
     sod_foreign_fees: dict[str, Decimal] = {}
     # On a roll: the account's base currency and the rate to it of each currency of the
     # position (its own, its foreign fees') at the roll, where known. The roll's snapshot,
-    # and so the past day's reports, are valued at them (agents/ptrc_storage.py).
+    # and so the past day's reports, are valued at them (stores/questdb/rows.py).
     base_currency: str | None = None
     fx_rates: dict[str, Decimal] = {}
     # Counts up by one with every update of the key: a reader keeps the highest

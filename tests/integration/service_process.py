@@ -118,3 +118,18 @@ class ServiceProcess:
 
     def post(self, path: str, **kwargs) -> httpx.Response:
         return httpx.post(f"{self.url}{path}", timeout=60, **kwargs)
+
+
+# questdb_writer's routes (config/backend/questdb_writer/config.yaml).
+WRITER_ROUTES = (
+    "market_trades", "quotes", "bars", "fills", "orders",
+    "ptrc_trades", "position_snapshots", "pnl_snapshots", "pnl_account_snapshots",
+)
+
+
+def questdb_writer(stack, tmp_path: Path, routes: tuple[str, ...]) -> ServiceProcess:
+    """A questdb_writer that writes only `routes` (QuestDB is written by it alone: ptrc's
+    blotter and snapshots and pnl's history reach QuestDB through it)."""
+    prefix = "POSTTRADE_QUESTDB_WRITER__WRITER__ROUTES__"
+    env = {f"{prefix}{route.upper()}__ENABLED": "false" for route in WRITER_ROUTES if route not in routes}
+    return ServiceProcess("questdb_writer", stack, tmp_path, env=env)

@@ -21,7 +21,7 @@ from posttrade.stores.questdb import QuestDBClient
 from posttrade.streams.events import Fill, Quote, encode
 from posttrade.streams.subjects import fill_subject, quote_subject
 
-from .service_process import REPO, ServiceProcess, reference_setting
+from .service_process import REPO, ServiceProcess, questdb_writer, reference_setting
 
 MULTIPLIERS = {"FUT": "50"}
 
@@ -150,6 +150,8 @@ def test_fills_to_positions_and_pnl_match_the_cli_through_a_sigkill(stack, tmp_p
     fills = random_fills(accounts, symbols, 3000, seed=7)
     ptrc = ServiceProcess("ptrc", stack, tmp_path, ptrc_config("NOPE"))
     pnl = ServiceProcess("pnl", stack, tmp_path)
+    writer = questdb_writer(stack, tmp_path, ("ptrc_trades",))
+    writer.start()
     ptrc.start()
     pnl.start()
     try:
@@ -176,23 +178,23 @@ def test_fills_to_positions_and_pnl_match_the_cli_through_a_sigkill(stack, tmp_p
         # pnl values ptrc's positions at market: the same numbers as the CLI.
         cli = cli_positions(tmp_path, fills, marks)
         assert_same_numbers(wait_realtime(pnl, accounts, cli), cli)
+        # Every fill reached QuestDB's trade blotter exactly once, through questdb_writer.
+        assert asyncio.run(count_trades(stack, accounts, len(fills))) == len(fills), writer.tail()
     finally:
         ptrc.stop()
         pnl.stop()
+        writer.stop()
 
-    # Every fill reached QuestDB's trade blotter exactly once.
-    async def count_trades() -> int:
-        async with QuestDBClient(host=stack.questdb_host, port=stack.questdb_http_port) as qdb:
-            for _ in range(100):
-                result = await qdb.query(
-                    f"SELECT count() FROM ptrc_trades WHERE account IN ('{accounts[0]}', '{accounts[1]}')"
-                )
-                if result.scalar() >= len(fills):
-                    break
-                await asyncio.sleep(0.2)
-            return result.scalar()
 
-    assert asyncio.run(count_trades()) == len(fills)
+async def count_trades(stack, accounts: list[str], expected: int) -> int:
+    """Rows of `accounts` in ptrc_trades, once there are `expected` or 20 s passed."""
+    async with QuestDBClient(host=stack.questdb_host, port=stack.questdb_http_port) as qdb:
+        for _ in range(100):
+            result = await qdb.query(f"SELECT count() FROM ptrc_trades WHERE account IN ('{accounts[0]}', '{accounts[1]}')")
+            if result.scalar() >= expected:
+                break
+            await asyncio.sleep(0.2)
+        return result.scalar()
 
 
 def test_restricted_symbol_raises_a_stored_alert(stack, tmp_path, accounts):

@@ -9,7 +9,7 @@ roll snapshots, the compliance report the day's alerts.
 
 The snapshots of the first tests are in a table of the layout from before the
 base-currency columns (what an upgraded ptrc finds); a multi-currency day is stored
-through ptrc_storage's own layout and read back at the rates of its rolls.
+through questdb_writer's own layout and read back at the rates of its rolls.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ import pytest
 
 from posttrade.agents.reports import ReportsSection, install_reports
 from posttrade.app import App
-from posttrade.agents import ptrc_storage
+from posttrade.stores.questdb import rows as ptrc_rows
+from posttrade.stores.questdb.layouts import LAYOUTS
 from posttrade.agents.positions import position_update
 from posttrade.core.fx import FxRates
 from posttrade.core.positions import Position, PositionState
@@ -48,7 +49,7 @@ from posttrade.streams.memory import MemoryTransport
 from posttrade.web.server import build_web_app
 
 DEC = "DECIMAL(38, 12)"
-TRADES_COLUMNS = ptrc_storage.TRADES.table_columns  # ptrc's ptrc_trades (the contract)
+TRADES_COLUMNS = LAYOUTS["ptrc_trades"].table_columns  # ptrc's ptrc_trades (the contract)
 SNAPSHOT_COLUMNS = {  # ptrc's position_snapshots, as stored before the base-currency columns
     "ts": "TIMESTAMP_NS", "account": "SYMBOL", "symbol": "SYMBOL", "reason": "SYMBOL", "net_qty": DEC,
     "avg_open_price": DEC, "realized_pnl_gross": DEC, "fees": DEC, "realized_pnl_net": DEC, "mark": DEC,
@@ -127,7 +128,7 @@ async def stored_day(stack, clickhouse):
     try:
         await questdb.create_table(trades, TRADES_COLUMNS, dedup_keys=("ts", "fill_id"))
         await questdb.create_table(snapshots, SNAPSHOT_COLUMNS, dedup_keys=("ts", "account", "symbol", "reason"))
-        await writer.write_batch(trades, TRADES, symbols=ptrc_storage.TRADES.symbols)
+        await writer.write_batch(trades, TRADES, symbols=LAYOUTS["ptrc_trades"].symbols)
         await writer.write_batch(snapshots, SNAPSHOTS, symbols=("account", "symbol", "reason"))
         await questdb.wait_visible(trades, len(TRADES))
         await questdb.wait_visible(snapshots, len(SNAPSHOTS))
@@ -283,7 +284,7 @@ async def trades_table(stack):
     stored: list[dict] = []
 
     async def store(rows: list[dict]) -> None:
-        await writer.write_batch(table, rows, symbols=ptrc_storage.TRADES.symbols)
+        await writer.write_batch(table, rows, symbols=LAYOUTS["ptrc_trades"].symbols)
         stored.extend(r for r in rows if not any(s["ts"] == r["ts"] and s["fill_id"] == r["fill_id"] for s in stored))
         await questdb.wait_visible(table, len(stored))
 
@@ -483,10 +484,10 @@ async def test_a_past_multi_currency_day_is_reported_at_the_rates_of_its_roll(st
     table = f"rept_{uuid.uuid4().hex[:8]}_snapshots"
     questdb = QuestDBClient(host=stack.questdb_host, port=stack.questdb_http_port)
     writer = QuestDBWriter(host=stack.questdb_host, port=stack.questdb_http_port)
-    layout = ptrc_storage.SNAPSHOTS
+    layout = LAYOUTS["position_snapshots"]
     try:
         await questdb.create_table(table, layout.table_columns, dedup_keys=("ts", "account", "symbol", "reason"))
-        records = [EventRecord(ptrc_storage.snapshot_record(u, REFERENCE), "POSITIONS", i, "s", 0, 1, None)
+        records = [EventRecord(ptrc_rows.snapshot_record(u, REFERENCE), "POSITIONS", i, "s", 0, 1, None)
                    for i, u in enumerate(updates)]
         await writer.write_batch(table, layout.build_columns(records), symbols=layout.symbols, at="ts")
         await questdb.wait_visible(table, len(records))

@@ -13,7 +13,7 @@ import pytest
 from posttrade.agents.positions import PositionKeeper
 from posttrade.app import App
 from posttrade.core.positions import position_row
-from posttrade.services.ptrc import FlowSample, LivePositions, position_view
+from posttrade.web.ptrc import FlowSample, LivePositions, position_view
 from posttrade.streams import subjects
 from posttrade.streams.events import Fill, encode
 from posttrade.streams.memory import MemoryTransport

@@ -10,11 +10,14 @@ import pyarrow as pa
 import pytest
 
 from posttrade.agents.positions import position_update
-from posttrade.agents.ptrc_storage import SNAPSHOTS, TRADES, trade_rows
 from posttrade.core.history import ExecutionBook
 from posttrade.core.positions import Position
+from posttrade.stores.questdb.layouts import LAYOUTS
+from posttrade.stores.questdb.rows import trade_rows
 from posttrade.streams.events import Fill
 from posttrade.streams.stream import EventRecord
+
+TRADES, SNAPSHOTS = LAYOUTS["ptrc_trades"], LAYOUTS["position_snapshots"]
 
 D = Decimal
 T0 = 1_700_000_000_000_000_000
@@ -49,7 +52,7 @@ def test_a_fill_becomes_one_trade_row_and_one_snapshot_row_with_its_exact_values
     assert column(trades, "realized_pnl_fill") == [D(0), D(0), D(225)]
     assert column(trades, "net_qty_after") == [D("10.000000000000"), D("20.000000000000"), D("5.000000000000")]
     assert column(trades, "order_id") == [None, None, None]  # not given: NULL, not ""
-    snapshots = SNAPSHOTS.build_columns([record(updates[-1])])
+    snapshots = SNAPSHOTS.build_columns(SNAPSHOTS.rows([record(updates[-1])], None))
     assert column(snapshots, "avg_open_price") == [D("105.000000000000")]
     assert column(snapshots, "realized_pnl_net") == [D("223.500000000000")]
     assert all(pa.types.is_decimal(trades[name].dtype.pyarrow_dtype) for name in ("qty", "price", "fee"))
@@ -58,7 +61,7 @@ def test_a_fill_becomes_one_trade_row_and_one_snapshot_row_with_its_exact_values
 def test_derived_values_round_at_12_places_but_inputs_that_do_not_fit_are_refused():
     # 1 @ 1/3-ish prices: the average of 3 fills has more than 12 places.
     updates = updates_after(("BUY", "1", "1"), ("BUY", "1", "1"), ("BUY", "1", "2"))
-    snapshots = SNAPSHOTS.build_columns([record(updates[-1])])
+    snapshots = SNAPSHOTS.build_columns(SNAPSHOTS.rows([record(updates[-1])], None))
     assert column(snapshots, "avg_open_price") == [D("1.333333333333")]
     # A quantity of 13 places never becomes a Fill (core.bounds): every service refuses it.
     with pytest.raises(ValueError, match="qty must have at most 12 decimal places"):
@@ -66,7 +69,7 @@ def test_derived_values_round_at_12_places_but_inputs_that_do_not_fit_are_refuse
 
 
 def test_a_batch_snapshots_each_position_once_as_its_last_fill_left_it_and_every_roll():
-    from posttrade.agents.ptrc_storage import latest_per_position
+    from posttrade.stores.questdb.rows import latest_per_position
 
     a = updates_after(("BUY", "10", "100"), ("BUY", "10", "110"))
     position = Position("A2", "XYZ")

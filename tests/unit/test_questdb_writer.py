@@ -20,22 +20,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from posttrade.stores.questdb import sink as questdb_sink
-from posttrade.stores.questdb.sink import (
-    DECIMAL_SQL,
-    LAYOUTS,
-    BadRows,
-    RateWindow,
-    RetryPolicy,
-    TableStats,
-    in_lists,
-    percentile,
-)
+from posttrade.sinks import RateWindow, RetryPolicy, percentile
+from posttrade.stores.questdb import first_arrivals
+from posttrade.stores.questdb.first_arrivals import in_lists
+from posttrade.stores.questdb.layouts import DECIMAL_SQL, LAYOUTS, BadRows
+from posttrade.stores.questdb.sink import TableStats
 from posttrade.app import App
 from posttrade.config import ConfigError, load_config
 from posttrade.services import questdb_writer as service
 from posttrade.stores.questdb import QuestDBUnavailableError, QuestDBWriteError, SqlResult
-from posttrade.streams.events import Bar, Fill, MarketTrade, Order, Quote, encode
+from posttrade.streams.events import (
+    Bar, Fill, MarketTrade, Order, PnlAccountRow, PnlPositionRow, PnlSnapshot, Quote, encode,
+)  # fmt: skip
 from posttrade.streams.memory import MemoryConsumer, MemoryTransport
 from posttrade.streams.stream import EventRecord
 from posttrade.web.server import build_web_app
@@ -90,7 +86,7 @@ SAMPLES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(LAYOUTS))
+@pytest.mark.parametrize("name", sorted(SAMPLES))
 def test_layout_columns_match_the_event_and_the_table(name):
     layout = LAYOUTS[name]
     event = SAMPLES[name]
@@ -115,6 +111,31 @@ def test_layout_columns_match_the_event_and_the_table(name):
             assert got == expected, column.name
         if column.kind in ("decimal", "rounded_decimal"):
             assert table[column.name] == DECIMAL_SQL
+
+
+def test_the_bus_channels_and_the_services_outputs_have_a_layout_each():
+    assert set(LAYOUTS) == set(SAMPLES) | {"ptrc_trades", "position_snapshots", "pnl_snapshots", "pnl_account_snapshots"}
+
+
+def test_a_pnl_snapshot_becomes_a_row_per_position_and_per_account_at_the_snapshot_time():
+    position = PnlPositionRow(
+        account="ACC1", symbol="AAPL", as_of=T0 - 5, currency="USD", base_currency="EUR", mark_source="quote_mid",
+        fill_count=3, fx_rate="0.9", net_qty=Decimal(10), total_pnl=Decimal("12.5"), total_pnl_base=Decimal("11.25"),
+    )  # fmt: skip
+    account = PnlAccountRow(account="ACC1", as_of=T0 - 5, base_currency="EUR", positions=2, open_positions=1,
+                            total_pnl=Decimal("11.25"))
+    snapshot = PnlSnapshot(ts=T0, part=0, positions=[position, position], accounts=[account])
+    for name, expected in (("pnl_snapshots", position), ("pnl_account_snapshots", account)):
+        layout = LAYOUTS[name]
+        assert layout.timestamp_columns == ("as_of",)
+        rows = layout.rows([record(snapshot, 7)], None)
+        assert len(rows) == (2 if name == "pnl_snapshots" else 1)
+        assert all(r.seq == 7 for r in rows)  # a row keeps its message, to dead-letter it
+        built = layout.build_columns(rows)
+        assert set(built) == {"ts"} | set(msgspec.structs.asdict(expected)) - {"part"}
+        assert column_values(built["ts"])[0] == T0 and column_values(built["as_of"])[0] == T0 - 5
+        assert column_values(built["total_pnl"])[0] == expected.total_pnl
+        assert column_values(built["account"])[0] == "ACC1"
 
 
 def test_decimals_are_exact_and_a_value_that_does_not_fit_is_refused_not_rounded():
@@ -155,6 +176,7 @@ def test_dedup_keys_identify_a_row_per_message():
     # Only fills keep the first arrival of a key: a resent fill_id is never written.
     assert {name: layout.first_arrival for name, layout in LAYOUTS.items()} == {
         "market_trades": None, "quotes": None, "bars": None, "fills": "fill_id", "orders": None,
+        "ptrc_trades": None, "position_snapshots": None, "pnl_snapshots": None, "pnl_account_snapshots": None,
     }  # fmt: skip
 
 
@@ -211,7 +233,7 @@ def test_percentile_and_table_stats_snapshot():
     stats = TableStats("t")
     stats.batch_taken(10)
     stats.batch_taken(30)
-    stats.flushed(40, 0.010)
+    stats.written(40, 0.010)
     snap = stats.snapshot()
     assert snap["batch_size"] == {"mean": 20.0, "max": 30}
     assert snap["rows"] == 40 and snap["flush_latency_ms"]["p50"] == 10.0
@@ -283,7 +305,7 @@ class TableDouble:
         definitions = re.split(r",\s*(?![^()]*\))", added)  # commas outside DECIMAL(p, s)
         self.columns[table] += [definition.split()[0] for definition in definitions]
 
-    async def write_batch(self, table, columns, *, symbols, at):
+    async def write_batch(self, table, columns, *, symbols, at, timestamp_columns=()):
         self.requests += 1
         if self.down:
             raise QuestDBWriteError("cannot connect", bad_data=False)
@@ -317,8 +339,9 @@ def writer_config(route: str = "quotes", **batch) -> service.QuestDBWriterConfig
     return msgspec.convert(
         {
             "service": {"name": "qw", "port": 0},
-            "batch": {"size": 100, "interval_sec": 0.05, "max_retry": 2, **batch},
-            "writer": {"routes": routes, "retry_initial_s": 0.01, "retry_max_s": 0.05},
+            "batch": {"size": 100, "interval_sec": 0.05, "max_retry": 2, "retry_initial_s": 0.01, "retry_max_s": 0.05,
+                      **batch},
+            "writer": {"routes": routes},
         },
         service.QuestDBWriterConfig,
     )
@@ -327,10 +350,9 @@ def writer_config(route: str = "quotes", **batch) -> service.QuestDBWriterConfig
 def make_writer(config=None):
     transport = MemoryTransport()
     config = config or writer_config()
-    app = App("qw", transport)
-    app.runtime.poll_timeout_s = 0.05
     db = TableDouble()
-    service.wire(app, config, writer=db, client=db)
+    app = service.build(config, transport=transport, writer=db, client=db).app
+    app.runtime.poll_timeout_s = 0.05
     return app, transport, db
 
 
@@ -483,9 +505,8 @@ async def test_stopping_while_questdb_is_away_leaves_the_batch_for_the_next_run(
     assert "DLQ" not in transport.streams or not transport.streams["DLQ"].messages
     db.down = False
     # The next run (same durable consumer) gets the batch again and writes it.
-    app2 = App("qw", transport)
+    app2 = service.build(writer_config(), transport=transport, writer=db, client=db).app
     app2.runtime.poll_timeout_s = 0.05
-    service.wire(app2, writer_config(), writer=db, client=db)
     async with app2:
         await wait_for(lambda: ack_floor(transport) == 20)
     assert len(db.tables["t_quotes"]) == 20
@@ -497,7 +518,7 @@ async def test_the_next_batch_is_taken_while_one_is_written_but_acknowledged_onl
     taken_while_writing = []
     write_batch = db.write_batch
 
-    async def slow_write(table, columns, *, symbols, at):
+    async def slow_write(table, columns, *, symbols, at, timestamp_columns=()):
         if db.requests == 0:  # the first batch: QuestDB takes its time
             await wait_for(lambda: app.agents["write_quotes"].stream.mark().seq > 100)
             taken_while_writing.append(app.agents["write_quotes"].stream.mark().seq)
@@ -547,9 +568,8 @@ async def test_a_redelivered_batch_lands_on_the_rows_it_already_made():
         await publish_quotes(transport, range(1, 31))
         await wait_for(lambda: ack_floor(transport) == 30)
     transport.ack_floors[("QUOTES", "qw-write_quotes")] = 0  # as if no ack had reached the server
-    app2 = App("qw", transport)
+    app2 = service.build(writer_config(), transport=transport, writer=db, client=db).app
     app2.runtime.poll_timeout_s = 0.05
-    service.wire(app2, writer_config(), writer=db, client=db)
     async with app2:
         await wait_for(lambda: ack_floor(transport) == 30)
     assert len(db.tables["t_quotes"]) == 30
@@ -581,15 +601,14 @@ def fill_rows(db) -> dict[str, tuple]:
 
 def restarted(transport, db) -> App:
     """The writer again, on the same durable consumer and QuestDB: a restart."""
-    app = App("qw", transport)
+    app = service.build(writer_config("fills"), transport=transport, writer=db, client=db).app
     app.runtime.poll_timeout_s = 0.05
-    service.wire(app, writer_config("fills"), writer=db, client=db)
     return app
 
 
 @pytest.mark.parametrize("resent_ts", [T0 + 1, T0 + 3_600_000_000_000], ids=["same ts", "another ts"])
 async def test_a_resent_fill_id_never_changes_or_adds_a_row(resent_ts, monkeypatch):
-    monkeypatch.setattr(questdb_sink, "ADDED_HASHES_MERGED_AT", 2)  # F-1 is found in the sorted array
+    monkeypatch.setattr(first_arrivals, "ADDED_HASHES_MERGED_AT", 2)  # F-1 is found in the sorted array
     app, transport, db = make_writer(writer_config("fills"))
     async with app:
         await publish_fills(transport, [fill("F-1", T0 + 1, "100"), fill("F-2", T0 + 2)])
@@ -614,7 +633,7 @@ async def test_a_fill_id_twice_in_one_batch_is_written_once_the_first_time():
 
 
 async def test_a_fill_resent_after_a_restart_is_found_in_questdb(monkeypatch):
-    monkeypatch.setattr(questdb_sink, "READ_PAGE_ROWS", 2)  # the table is read in pages
+    monkeypatch.setattr(first_arrivals, "READ_PAGE_ROWS", 2)  # the table is read in pages
     app, transport, db = make_writer(writer_config("fills"))
     async with app:
         await publish_fills(transport, [fill(f"F-{i}", T0 + i, "100") for i in range(1, 6)])
@@ -629,8 +648,8 @@ async def test_a_fill_resent_after_a_restart_is_found_in_questdb(monkeypatch):
 
 
 async def test_questdb_decides_when_another_fill_id_has_the_same_hash(monkeypatch):
-    monkeypatch.setattr(questdb_sink, "hash", lambda key: 42, raising=False)  # every fill id collides
-    monkeypatch.setattr(questdb_sink, "ADDED_HASHES_MERGED_AT", 1)  # the written hashes go into the array at once
+    monkeypatch.setattr(first_arrivals, "hash", lambda key: 42, raising=False)  # every fill id collides
+    monkeypatch.setattr(first_arrivals, "ADDED_HASHES_MERGED_AT", 1)  # the written hashes go into the array at once
     app, transport, db = make_writer(writer_config("fills"))
     async with app:
         await publish_fills(transport, [fill("F-1", T0 + 1, "100")])
@@ -642,7 +661,7 @@ async def test_questdb_decides_when_another_fill_id_has_the_same_hash(monkeypatc
 
 
 async def test_nothing_is_looked_up_before_questdb_shows_every_commit(monkeypatch):
-    monkeypatch.setattr(questdb_sink, "WAL_WAIT_S", 0.05)
+    monkeypatch.setattr(first_arrivals, "WAL_WAIT_S", 0.05)
     app, transport, db = make_writer(writer_config("fills"))
     db.hold_wal = True  # QuestDB accepts writes but SQL does not show them until apply()
     async with app:
@@ -725,9 +744,9 @@ def test_the_shipped_config_routes_every_bus_channel():
     assert {r.channel for r in routes.values()} == set(LAYOUTS)
     assert config.service.port == 8090
     assert config.batch.size == 10_000 and config.batch.interval_sec == 1 and config.batch.max_retry == 3
-    app = service.build(config)
+    app = service.build(config).app
     streams = sorted(runner.channel.stream.name for runner in app.agents.values())
-    assert streams == ["BARS", "FILLS", "ORDERS", "QUOTES", "TRADES"]
+    assert streams == ["BARS", "FILLS", "ORDERS", "PNL", "PNL", "POSITIONS", "POSITIONS", "QUOTES", "TRADES"]
 
 
 def test_routes_can_be_pointed_elsewhere_from_the_environment():
@@ -742,7 +761,7 @@ def test_routes_can_be_pointed_elsewhere_from_the_environment():
     routes = service.enabled_routes(config)
     assert "fills" not in routes
     assert routes["quotes"].stream_subjects() == ["test.q.>", "test.q2.>"]
-    app = service.build(config)
+    app = service.build(config).app
     channel = app.agents["write_quotes"].channel
     assert channel.stream.name == "TEST_Q" and channel.stream.subjects == ("test.q.>", "test.q2.>")
 

@@ -4,7 +4,7 @@ A position's report line is in its instrument's currency and, beside it, in its
 account's base currency; account totals are in the base only; a rate that is not known
 makes the figures that need it null and names the currency in `missing_rates`. The
 current day is valued at the current FX marks; a past day at the rates ptrc put in the
-roll into the next day, which its snapshot stores (`ptrc_storage.snapshot_record`) and
+roll into the next day, which its snapshot stores (`stores/questdb/rows.py`, `snapshot_record`) and
 the report reads back (`core.reports.snapshot_rows`): never at today's.
 
 Worked example (hand-computed below): ACC, based in USD, holds TOYOTA (in JPY) and XYZ
@@ -23,7 +23,10 @@ import msgspec
 import pyarrow.parquet as pq
 
 from posttrade.agents.positions import PositionKeeper, position_update
-from posttrade.agents.ptrc_storage import SNAPSHOTS, SnapshotRecord, snapshot_record
+from posttrade.stores.questdb.layouts import LAYOUTS
+from posttrade.stores.questdb.rows import SnapshotRecord, snapshot_record
+
+SNAPSHOTS = LAYOUTS["position_snapshots"]
 from posttrade.agents.reports import ReportsSection, install_reports
 from posttrade.app import App
 from posttrade.core.fx import FxRates, invert
