@@ -159,7 +159,7 @@ def services(tmp_path_factory) -> Iterator[dict[str, App]]:
     apps = {}
     for name in SERVICES:
         module = service_module(name)
-        apps[name] = module.build(load_config(name, module.CONFIG, env=env))
+        apps[name] = module.build(load_config(name, module.CONFIG, env=env)).app
     yield apps
     for app in apps.values():
         for hook in app.on_shutdown:

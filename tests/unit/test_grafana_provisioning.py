@@ -346,7 +346,7 @@ def services(tmp_path_factory) -> Iterator[dict]:
     for name in SERVICES:
         module = service_module(name)
         config = load_config(name, module.CONFIG, env=env)
-        app = module.build(config)
+        app = module.build(config).app
         if name == "feast_pipeline":
             # FeastRuntime.start creates the publisher (and so its metrics) once Feast is
             # applied; create it the same way, on the same registry, with nothing applied.

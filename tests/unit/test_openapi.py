@@ -34,7 +34,7 @@ def services(tmp_path_factory) -> Iterator[dict[str, App]]:
     apps = {}
     for name in SERVICES:
         module = service_module(name)
-        apps[name] = module.build(load_config(name, module.CONFIG, env=env))
+        apps[name] = module.build(load_config(name, module.CONFIG, env=env)).app
     yield apps
     asyncio.run(close_clients(apps.values()))
 
