@@ -265,6 +265,7 @@ class AgentRunner:
         batch_size: int,
         start: StartPosition,
         sinks: tuple[Sink, ...] = (),
+        on_rollback: Callable[[], None] | None = None,
     ):
         self.app = app
         self.fn = fn
@@ -274,6 +275,9 @@ class AgentRunner:
         self.start = start
         # Flushed at each commit, before the tables and the acknowledgement (`posttrade.sinks`).
         self.sinks = sinks
+        # Called after a crash rolled back the agent's tables and discarded its sinks'
+        # batch: state derived from the tables (a book, caches) is brought back to them.
+        self.on_rollback = on_rollback
         self.current: EventRecord | None = None
         self.stream: Stream | None = None
         self.consumer = None
@@ -380,6 +384,8 @@ class AgentRunner:
                 self.app.rollback_tables(self.name)
                 for sink in self.sinks:
                     sink.discard()
+                if self.on_rollback is not None:
+                    self.on_rollback()
             finally:
                 self.running = False
                 self.current = None
@@ -552,9 +558,12 @@ class App:
         batch_size: int | None = None,
         start: StartPosition | None = None,
         sinks: list[Sink] | tuple[Sink, ...] = (),
+        on_rollback: Callable[[], None] | None = None,
     ) -> Callable[[AgentFn], AgentFn]:
         """Declare an agent over `channel`. `sinks` are flushed whenever its batch is
-        committed, before anything is acknowledged (`posttrade.sinks`)."""
+        committed, before anything is acknowledged (`posttrade.sinks`). `on_rollback` is
+        called after a crash rolled back what the agent changed, before it restarts: for
+        state kept beside the tables (a book, derived totals) to follow them back."""
 
         def register(fn: AgentFn) -> AgentFn:
             agent_name = name or fn.__name__
@@ -570,7 +579,7 @@ class App:
                 self.sink(sink)
             self.agents[agent_name] = AgentRunner(
                 self, fn, channel, agent_name, batch_size or self.runtime.batch_size, start or default_start,
-                tuple(sinks),
+                tuple(sinks), on_rollback,
             )
             return fn
 

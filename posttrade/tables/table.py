@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import re
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
@@ -57,6 +58,20 @@ _PART_DECODER = msgspec.msgpack.Decoder(list[tuple[str, bytes | None]])
 
 class ValueTooLarge(ValueError):
     """A table value whose changelog write the server would refuse for its size."""
+
+
+@contextlib.contextmanager
+def outside_batch() -> Iterator[None]:
+    """Table writes that belong to no agent's batch: a crashed agent's rollback leaves
+    them, and they record no input sequence. For state that records a fact already
+    durable elsewhere (rows a sink wrote): undoing it would make the next batch write
+    them again. The next commit of any agent makes them durable."""
+    agent, event = current_agent.set(None), current_event.set(None)
+    try:
+        yield
+    finally:
+        current_event.reset(event)
+        current_agent.reset(agent)
 
 
 class Table(Generic[V]):
