@@ -2,10 +2,12 @@
 
 Reads every service's config exactly as the service does (file + environment
 overrides), and for each distinct (endpoint, bucket) of `storage.seaweedfs` — skipped
-when `storage.local_dir` is set — creates the bucket if it is missing, retrying while
-the S3 gateway is still starting. The services would create it on their first write
-too; doing it here makes a fresh stack complete before anything is written, and a
-wrong endpoint or credential fails loudly, once, at `docker compose up`.
+when `storage.local_dir` is set — creates the bucket if it is missing and writes and
+removes a probe object, retrying while the S3 gateway is still starting: SeaweedFS
+answers its health check and lists buckets some seconds before a write gets through.
+The services would create the bucket on their first write too; doing it here makes a
+fresh stack complete and writable before anything is written, and a wrong endpoint or
+credential fails loudly, once, at `docker compose up`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from posttrade.services import service_module
 from posttrade.services.wiring import object_store
 
 DEADLINE_S = 120.0
+PROBE_OBJECT = "posttrade-stack/health-probe"
 
 
 def wanted_buckets() -> dict[tuple[str, str], ServiceConfig]:
@@ -45,6 +48,8 @@ def main() -> int:
         while True:
             try:
                 store.ensure_bucket_sync()
+                store.put_sync(PROBE_OBJECT, b"ok", "text/plain")
+                store.delete_sync(PROBE_OBJECT)
                 break
             except Exception as exc:  # noqa: BLE001 - botocore raises many kinds while the gateway starts
                 if time.monotonic() > deadline:
@@ -52,7 +57,7 @@ def main() -> int:
                     return 1
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        print(f"bucket ready: {endpoint}/{bucket}")
+        print(f"bucket ready and writable: {endpoint}/{bucket}")
     return 0
 
 

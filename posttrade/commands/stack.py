@@ -1,4 +1,4 @@
-"""`posttrade stack`: the local servers (NATS JetStream, Valkey, QuestDB) on 127.0.0.1."""
+"""`posttrade stack`: the local servers (NATS JetStream, Valkey, QuestDB, SeaweedFS) on 127.0.0.1."""
 
 from __future__ import annotations
 

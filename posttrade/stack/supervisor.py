@@ -223,7 +223,7 @@ def up(ep: Endpoints | None = None, names: Iterable[str] | None = None) -> list[
     """
     ep = ep or endpoints()
     require_proc()
-    for folder in (ep.home, ep.chdb_dir, ep.objects_dir):
+    for folder in (ep.home, ep.chdb_dir):
         folder.mkdir(parents=True, exist_ok=True)
     servers = _selected(ep, names)
     with _locked(ep):

@@ -23,7 +23,8 @@ Unlike S3, a directory cannot be a file: the local store refuses `a/b` when `a` 
 object and vice versa (ValueError). The local store does not keep content types (`put` accepts one for interface parity);
 serve files with a type guessed from the extension (`mimetypes.guess_type`).
 Credentials are used only when given: an S3 store without keys sends unsigned
-(anonymous) requests, which SeaweedFS accepts when it runs without an identity config.
+(anonymous) requests, which SeaweedFS accepts only when it runs without an identity
+config (the local stack's and the compose file's SeaweedFS have one, and refuse them).
 """
 
 from __future__ import annotations
@@ -258,6 +259,8 @@ class S3ObjectStore(ObjectStore):
         create_bucket: bool = True,
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
+        max_attempts: int = 3,
+        list_page_size: int = 1000,
     ):
         import boto3
         from botocore import UNSIGNED
@@ -272,7 +275,7 @@ class S3ObjectStore(ObjectStore):
             signature_version=UNSIGNED if access_key is None else "s3v4",
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
-            retries={"max_attempts": 3, "mode": "standard"},
+            retries={"max_attempts": max_attempts, "mode": "standard"},
         )
         # A session per store: boto3 clients are thread-safe, sessions are not.
         session = boto3.session.Session()
@@ -289,6 +292,7 @@ class S3ObjectStore(ObjectStore):
         self.region = region
         self.location = f"{endpoint.rstrip('/')}/{bucket}"
         self._create_bucket = create_bucket
+        self._list_page_size = list_page_size  # keys per ListObjectsV2 request (S3's maximum: 1000)
         self._bucket_ready = False
         self._bucket_lock = threading.Lock()
 
@@ -360,7 +364,10 @@ class S3ObjectStore(ObjectStore):
         found: list[ObjectInfo] = []
         paginator = self._s3.get_paginator("list_objects_v2")
         try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            pages = paginator.paginate(
+                Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": self._list_page_size}
+            )
+            for page in pages:
                 for item in page.get("Contents", []):
                     modified = item["LastModified"]
                     if modified.tzinfo is None:

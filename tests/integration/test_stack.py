@@ -17,6 +17,7 @@ import redis
 
 from posttrade import stack as local_stack
 from posttrade.stack.supervisor import port_in_use
+from posttrade.stores.objects import S3ObjectStore
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -60,6 +61,50 @@ def test_chdb_select_1_through_clickhouse_connect(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[(1,)]"
+
+
+def test_seaweedfs_takes_signed_writes_into_the_services_bucket(stack: local_stack.Endpoints) -> None:
+    env = stack.service_env()
+    store = S3ObjectStore(
+        endpoint=env["POSTTRADE__STORAGE__SEAWEEDFS__ENDPOINT"], bucket=env["POSTTRADE__STORAGE__SEAWEEDFS__BUCKET"],
+        access_key=env["POSTTRADE__STORAGE__SEAWEEDFS__ACCESS_KEY"],
+        secret_key=env["POSTTRADE__STORAGE__SEAWEEDFS__SECRET_KEY"],
+    )  # fmt: skip
+    name = f"posttrade-test/{uuid.uuid4().hex}"
+    try:
+        store.put_sync(name, b"42")
+        assert store.get_sync(name) == b"42"
+    finally:
+        store.delete_sync(name)
+        store.close_sync()
+    # Its identity is the home's own, in a file no other user can read.
+    assert stack.seaweedfs_identity_file.is_relative_to(stack.home)
+    assert stack.seaweedfs_identity_file.stat().st_mode & 0o077 == 0
+
+
+def test_a_restarted_seaweedfs_keeps_its_objects_and_its_identity(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    names = [field for field in local_stack.PORT_ENV if field.startswith("seaweedfs_")]
+    ep = local_stack.endpoints({local_stack.HOME_ENV: str(home)}, **dict(zip(names, _free_ports(len(names)))))
+    try:
+        [state] = local_stack.up(ep, names=["seaweedfs"])
+        assert state.started and state.healthy  # healthy: the probe object was written
+        credentials = ep.seaweedfs_credentials()
+        store = S3ObjectStore(endpoint=ep.seaweedfs_url, bucket=local_stack.SEAWEEDFS_BUCKET,
+                              access_key=credentials[0], secret_key=credentials[1])  # fmt: skip
+        store.put_sync("kept/across-restarts.csv", b"a,b\n1,2\n", "text/csv")
+        [stopped] = local_stack.down(ep, names=["seaweedfs"])
+        assert stopped.outcome == "stopped", stopped  # SeaweedFS's own shutdown, in time
+
+        [state] = local_stack.up(ep, names=["seaweedfs"])
+        assert state.started and state.healthy
+        assert ep.seaweedfs_credentials() == credentials
+        assert store.get_sync("kept/across-restarts.csv") == b"a,b\n1,2\n"
+        assert [info.name for info in store.list_sync("")] == ["kept/across-restarts.csv"]  # no probe left over
+        store.close_sync()
+    finally:
+        local_stack.down(ep, names=["seaweedfs"])
+    assert _processes_under(home) == []
 
 
 def _free_ports(count: int) -> list[int]:
@@ -117,14 +162,14 @@ def test_lifecycle_of_an_isolated_stack(tmp_path: Path, stack: local_stack.Endpo
         started = cli("up")
         assert started.returncode == 0, started.stdout + started.stderr
         pids = _pids(home)
-        assert sorted(pids) == ["nats", "questdb", "valkey"]
-        assert started.stdout.count(" started ") == 3
+        assert sorted(pids) == ["nats", "questdb", "seaweedfs", "valkey"]
+        assert started.stdout.count(" started ") == 4
 
         assert cli("status").returncode == 0
 
         again = cli("up")
         assert again.returncode == 0, again.stdout + again.stderr
-        assert again.stdout.count("already running") == 3
+        assert again.stdout.count("already running") == 4
         assert _pids(home) == pids
 
         stopped = cli("down")
@@ -162,7 +207,7 @@ def test_a_clustered_stack_is_found_by_env_status_and_down_without_the_flag(tmp_
     try:
         started = cli("up", "--nats-cluster", "3")
         assert started.returncode == 0, started.stdout + started.stderr
-        assert sorted(_pids(home)) == ["nats-1", "nats-2", "nats-3", "questdb", "valkey"]
+        assert sorted(_pids(home)) == ["nats-1", "nats-2", "nats-3", "questdb", "seaweedfs", "valkey"]
         assert cli("status").returncode == 0
         exports = cli("env").stdout
         client = int(env["POSTTRADE_STACK_NATS_PORT"])

@@ -201,8 +201,8 @@ def test_every_host_a_config_names_is_a_compose_service(compose, configs):
 
 
 def test_services_in_containers_use_the_servers_not_the_local_fallbacks(compose, configs):
-    """Embedded chdb and a local object directory are for local runs (`posttrade stack env`
-    sets them); the config files name the servers and compose sets nothing else."""
+    """Embedded chdb (`posttrade stack env` sets it) and a local object directory are for
+    local runs; the config files name the servers and compose sets nothing else."""
     for name in SERVICES:
         environment = compose["services"][name].get("environment") or {}
         assert not {"POSTTRADE__DATABASES__CLICKHOUSE__DSN", "POSTTRADE__STORAGE__LOCAL_DIR"} & set(environment)
@@ -261,10 +261,30 @@ def test_the_bucket_the_configs_name_is_created_before_ptrc_starts(compose, conf
     assert ptrc["create-buckets"] == {"condition": "service_completed_successfully"}
 
 
+def test_seaweedfs_knows_one_identity_and_its_clients_sign_with_it():
+    """No anonymous S3: SeaweedFS reads an identity file, and ptrc and the bucket job get
+    that identity's keys, from the same environment variables."""
+    env = {**os.environ, "SEAWEEDFS_ACCESS_KEY": "AKCHECK", "SEAWEEDFS_SECRET_KEY": "sk-check"}
+    rendered = subprocess.run(
+        [str(compose_binary()), "-f", str(COMPOSE_FILE), "config", "--format", "json"],
+        capture_output=True, text=True, timeout=60, check=True, env=env,
+    )  # fmt: skip
+    normalized = json.loads(rendered.stdout)
+    seaweedfs = normalized["services"]["seaweedfs"]
+    [config_path] = [arg.split("=", 1)[1] for arg in seaweedfs["command"] if arg.startswith("-s3.config=")]
+    [mounted] = [c["source"] for c in seaweedfs["configs"] if c["target"] == config_path]
+    [identity] = json.loads(normalized["configs"][mounted]["content"])["identities"]
+    assert identity["credentials"] == [{"accessKey": "AKCHECK", "secretKey": "sk-check"}]
+    for client in ("ptrc", "create-buckets"):
+        environment = normalized["services"][client]["environment"]
+        assert environment["POSTTRADE__STORAGE__SEAWEEDFS__ACCESS_KEY"] == "AKCHECK", client
+        assert environment["POSTTRADE__STORAGE__SEAWEEDFS__SECRET_KEY"] == "sk-check", client
+
+
 def test_the_bucket_job_reads_the_bucket_from_the_configs(monkeypatch):
     create_buckets = load_docker_module("create_buckets")
     for name in [n for n in os.environ if n.startswith("POSTTRADE")]:
-        monkeypatch.delenv(name)  # a local stack's env points storage at a directory
+        monkeypatch.delenv(name)  # a local stack's env points storage at its own SeaweedFS
     monkeypatch.setenv("POSTTRADE_CONFIG_DIR", str(ROOT / "config/backend"))
     wanted = create_buckets.wanted_buckets()
     assert set(wanted) == {("http://seaweedfs:8333", "trader2025")}

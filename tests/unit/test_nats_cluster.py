@@ -124,8 +124,9 @@ def test_a_clustered_stack_gives_each_node_its_ports_and_folder_and_the_services
     assert [(n.name, n.client_port, n.monitor_port, n.cluster_port) for n in ep.nats_nodes] == [
         ("nats-1", 4222, 8222, 6222), ("nats-2", 4223, 8223, 6223), ("nats-3", 4224, 8224, 6224),
     ]  # fmt: skip
-    assert [server.name for server in stack_servers(ep)] == ["questdb", "nats-1", "nats-2", "nats-3", "valkey"]
-    assert len({server.data_dir(ep) for server in stack_servers(ep)}) == 5
+    assert [server.name for server in stack_servers(ep)] == [
+        "questdb", "seaweedfs", "nats-1", "nats-2", "nats-3", "valkey"]
+    assert len({server.data_dir(ep) for server in stack_servers(ep)}) == 6
     env = ep.service_env()
     assert env["POSTTRADE__NATS__URL"] == "nats://127.0.0.1:4222,nats://127.0.0.1:4223,nats://127.0.0.1:4224"
     assert env["POSTTRADE__NATS__REPLICAS"] == "3"

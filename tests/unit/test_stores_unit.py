@@ -1,5 +1,7 @@
-"""posttrade.stores without servers: the local object store, S3 against a stubbed
-client, the QuestDB SQL helpers and batch preparation, and the chdb dsn rules."""
+"""posttrade.stores without servers: the local object store, the S3 store's client
+settings and name checks (its requests are tested against the stack's real SeaweedFS in
+tests/integration/test_objects.py), the QuestDB SQL helpers and batch preparation, and
+the chdb dsn rules."""
 
 from __future__ import annotations
 
@@ -246,7 +248,7 @@ def test_open_object_store_chooses_by_endpoint(tmp_path):
         open_object_store()
 
 
-# --- S3ObjectStore against botocore's Stubber -------------------------------------
+# --- S3ObjectStore without a server ------------------------------------------------
 
 
 def _s3(**kwargs) -> tuple[S3ObjectStore, Stubber]:
@@ -272,52 +274,6 @@ def test_s3_uses_path_style_and_unsigned_without_keys():
     assert config.signature_version is UNSIGNED
     signed = S3ObjectStore(endpoint="http://s3.invalid:8333", bucket="b", access_key="k", secret_key="s")
     assert signed._s3.meta.config.signature_version == "s3v4"
-
-
-def test_s3_put_creates_missing_bucket_once():
-    store, stub = _s3(access_key="k", secret_key="s")
-    stub.add_client_error("head_bucket", service_error_code="404", http_status_code=404)
-    stub.add_response("create_bucket", {}, {"Bucket": "trader2025"})
-    stub.add_response(
-        "put_object", {}, {"Bucket": "trader2025", "Key": "r/a.csv", "Body": b"1,2", "ContentType": "text/csv"}
-    )
-    stub.add_response(
-        "put_object", {}, {"Bucket": "trader2025", "Key": "r/b.csv", "Body": b"3", "ContentType": "text/csv"}
-    )
-    store.put_sync("r/a.csv", b"1,2", "text/csv")
-    store.put_sync("r/b.csv", b"3", "text/csv")
-    stub.assert_no_pending_responses()
-
-
-def test_s3_get_missing_is_not_found_and_exists_false():
-    store, stub = _s3()
-    stub.add_client_error("get_object", service_error_code="NoSuchKey", http_status_code=404)
-    stub.add_client_error("head_object", service_error_code="404", http_status_code=404)
-    with pytest.raises(ObjectNotFoundError):
-        store.get_sync("r/missing.csv")
-    assert store.exists_sync("r/missing.csv") is False
-    stub.assert_no_pending_responses()
-
-
-def test_s3_list_pages_and_sorts():
-    store, stub = _s3()
-    when = dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc)
-    stub.add_response(
-        "list_objects_v2",
-        {
-            "IsTruncated": True,
-            "NextContinuationToken": "t1",
-            "Contents": [{"Key": "r/b", "Size": 2, "LastModified": when}],
-        },
-        {"Bucket": "trader2025", "Prefix": "r/"},
-    )
-    stub.add_response(
-        "list_objects_v2",
-        {"IsTruncated": False, "Contents": [{"Key": "r/a", "Size": 1, "LastModified": when}]},
-        {"Bucket": "trader2025", "Prefix": "r/", "ContinuationToken": "t1"},
-    )
-    infos = store.list_sync("r/")
-    assert [(i.name, i.size, i.last_modified) for i in infos] == [("r/a", 1, when), ("r/b", 2, when)]
 
 
 def test_s3_rejects_bad_names_before_any_request():
