@@ -1,4 +1,7 @@
-"""The runtime on the real NATS JetStream server of the local stack."""
+"""The runtime on the real NATS JetStream server of the local stack: what only a real
+server and real processes show (a worker killed with SIGKILL, `forget`, the last message
+per subject). The guarantees shared with the in-memory transport are
+tests/integration/test_runtime_guarantees.py."""
 
 from __future__ import annotations
 
@@ -9,14 +12,12 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 
 import msgspec
 import nats
 import pytest
 
-from posttrade.app import App
 from posttrade.streams.nats import NatsTransport
 from posttrade.streams.transport import ConsumerSpec, StartPosition, StreamSpec
 
@@ -114,17 +115,6 @@ def names():
     return f"ITEST_{suffix}", f"itest{suffix.lower()}"
 
 
-async def test_every_event_applied_exactly_once(stack, names):
-    stream, app_name = names
-    n = 5000
-    app, totals = build(stack.nats_url, stream, app_name, batch_size=250)
-    async with app:
-        await publish_ticks(stack.nats_url, stream, range(1, n + 1))
-        await wait_floor(stack.nats_url, stream, f"{app_name}-count", n)
-        assert dict(totals.items()) == expected_totals(n)
-    assert await read_totals(stack.nats_url, stream, app_name) == expected_totals(n)
-
-
 async def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(stack, names, tmp_path):
     stream, app_name = names
     n = 30_000
@@ -153,87 +143,6 @@ async def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(stack,
             worker.kill()
     assert kills == 2
     assert await read_totals(stack.nats_url, stream, app_name) == expected_totals(n)
-
-
-async def test_malformed_message_goes_to_dead_letter_and_stream_continues(stack, names):
-    stream, app_name = names
-    bad = {3: b"{this is not json", 5: b'{"key": "k1", "value": "not an int"}'}
-    nc = await nats.connect(stack.nats_url)
-    js = nc.jetstream()
-    app, totals = build(stack.nats_url, stream, app_name)
-    async with app:
-        dlq_before = (await js.stream_info("DLQ")).state.last_seq
-        await publish_ticks(stack.nats_url, stream, range(1, 11), extra=bad)
-        await wait_floor(stack.nats_url, stream, f"{app_name}-count", 10)
-    good = [i for i in range(1, 11) if i not in bad]
-    assert sum(t.count for t in totals.values()) == len(good)
-    assert sum(t.total for t in totals.values()) == sum(good)
-
-    dead = []
-    for seq in range(dlq_before + 1, (await js.stream_info("DLQ")).state.last_seq + 1):
-        msg = await js.get_msg("DLQ", seq)
-        if msg.subject == f"posttrade.dlq.{app_name}":
-            dead.append(msg)
-    await nc.close()
-    assert [m.data for m in dead] == [bad[3], bad[5]]
-    assert "malformed JSON" in dead[0].headers["Posttrade-Reason"]
-    assert "Expected `int`" in dead[1].headers["Posttrade-Reason"]
-    assert dead[1].headers["Posttrade-Stream"] == stream
-    assert app.metrics.dead_letters.labels("count")._value.get() == 2
-
-
-async def test_replay_from_sequence_and_from_time(stack, names):
-    stream, app_name = names
-    app, _ = build(stack.nats_url, stream, app_name)
-    ticks = app.channels["ticks"]
-    await app.transport.connect()
-    try:
-        await app.transport.ensure_stream(ticks.stream)
-        await publish_ticks(stack.nats_url, stream, range(1, 21))
-        await asyncio.sleep(0.05)
-        middle = datetime.now(timezone.utc)
-        await asyncio.sleep(0.05)
-        await publish_ticks(stack.nats_url, stream, range(21, 31))
-
-        from_seq = [(r.seq, r.value.value) async for r in app.replay(ticks, StartPosition(seq=25))]
-        assert from_seq == [(s, s) for s in range(25, 31)]
-
-        from_time = [r.value.value async for r in app.replay(ticks, StartPosition(time=middle))]
-        assert from_time == list(range(21, 31))
-
-        everything = [r.value.value async for r in app.replay(ticks, StartPosition())]
-        assert everything == list(range(1, 31))
-    finally:
-        await app.transport.close()
-
-
-async def test_agent_restart_with_unacked_deliveries_resumes_in_order(stack, names):
-    """A consumer that delivered messages it never acknowledged comes back at its ack
-    floor at once, instead of after the ack wait with later messages first."""
-    stream, app_name = names
-    transport = NatsTransport(stack.nats_url)
-    await transport.connect()
-    app = App(app_name, transport)
-    ticks = app.channel("ticks", stream=stream, subjects=[f"{stream.lower()}.>"], value_type=Tick)
-    await transport.ensure_stream(ticks.stream)
-    await publish_ticks(stack.nats_url, stream, range(1, 11))
-    from posttrade.streams.transport import ConsumerSpec
-
-    spec = ConsumerSpec(stream=stream, durable="orderly")
-    first = await transport.open_consumer(spec)
-    batch = await first.next_batch(4, timeout=5)
-    await first.ack_through(batch[1])  # seq 2 done; 3 and 4 in flight when we "crash"
-    await transport.nc.flush()
-    await first.close()
-    second = await transport.open_consumer(spec)
-    again: list = []
-    while len(again) < 8:  # a pull's messages may arrive over more than one read
-        more = await second.next_batch(10 - len(again), timeout=5)
-        assert more, [d.seq for d in again]
-        again += more
-    assert [d.seq for d in again] == list(range(3, 11))
-    await second.close()
-    await transport.close()
 
 
 async def test_forget_deletes_an_apps_consumers_and_tables_and_nothing_of_another(stack, names):
@@ -314,48 +223,4 @@ async def test_a_consumer_starting_at_the_last_message_per_subject_gets_every_su
         nc = await nats.connect(stack.nats_url)
         await nc.jetstream().delete_stream(stream)
         await nc.close()
-        await transport.close()
-
-
-async def test_an_atomic_table_over_one_message_reads_back_whole_on_the_server(stack, names):
-    """A batch too big for one message goes in parts, and a load applies the last batch
-    over the keys (which a crash may have left half-written: here, none of them)."""
-    from posttrade.tables.table import Table
-
-    _, app_name = names
-    transport = NatsTransport(stack.nats_url)
-    await transport.connect()
-    try:
-        table = Table("t", bucket=f"{app_name}-t", value_type=str, atomic=True)
-        await table.open(transport)
-        values = {f"key{i}": f"{i}" * 20_000 for i in range(200)}  # ~4 MB: several parts
-        for key, value in values.items():
-            table[key] = value
-        kv = table._kv
-        original = kv.put_many
-        calls = []
-
-        async def put_many(items):
-            calls.append(list(items))
-            if len(calls) == 3:  # the keys themselves: lost to a crash
-                raise ConnectionError("killed")
-            await original(items)
-
-        kv.put_many = put_many
-        with pytest.raises(ConnectionError):
-            await table.flush()
-        assert len(calls[0]) > 1 and all(name.startswith("__batch__.") for name in calls[0])
-        again = Table("t", bucket=f"{app_name}-t", value_type=str, atomic=True)
-        await again.open(transport)
-        assert dict(again.items()) == values
-        await again.flush()  # writes the keys the crash lost, then forgets the parts
-        raw = await (await transport.key_value(f"{app_name}-t")).load_all()
-        assert len([k for k in raw if not k.startswith("__batch__")]) == len(values)
-        parts = [k for k in raw if k.startswith("__batch__.")]
-        assert parts and all(k.startswith(f"__batch__.{again._batch}.") for k in parts)  # the first batch's are gone
-        last = Table("t", bucket=f"{app_name}-t", value_type=str, atomic=True)
-        await last.open(transport)
-        assert dict(last.items()) == values
-        await transport.forget_app(app_name)
-    finally:
         await transport.close()

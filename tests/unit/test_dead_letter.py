@@ -1,7 +1,9 @@
 """Dead-lettering cannot fail, every crash is charged to a message, /health tells the truth.
 
 On the in-memory transport, which refuses a message over its `max_payload` as a NATS
-server would (headers, the `Nats-Msg-Id` header and the payload together).
+server would (headers, the `Nats-Msg-Id` header and the payload together). How crashes
+are charged and what cannot be dead-lettered is terminated, on both transports:
+tests/runtime_guarantees.py.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pytest
 from posttrade.app import App, RecentCount, dead_letter_record
 from posttrade.streams.events import Fill, encode
 from posttrade.streams.memory import MemoryTransport
-from posttrade.streams.transport import PayloadTooLarge, PublishFailed, message_size
+from posttrade.streams.transport import PayloadTooLarge, message_size
 from posttrade.web.server import build_web_app
 
 T0 = 1_700_000_000_000_000_000
@@ -157,119 +159,6 @@ async def test_garbage_near_max_payload_is_dead_lettered_cut_and_the_stream_goes
     assert message_size(data, {**headers, "Nats-Msg-Id": "dlq:svc:add:FILLS:1"}) <= 4096
     assert app.metrics.dead_letters_truncated.labels("add")._value.get() == 1
     assert app.agents["add"].crashes == 0
-
-
-async def test_a_crash_in_the_commit_is_narrowed_down_to_its_message_and_dead_lettered():
-    """A failure outside the handler (here: making the tables durable) used to be
-    "crashed on seq None", never charged: the agent looped forever."""
-    transport = MemoryTransport()
-    app, fills, totals = make_app(transport, batch_size=8)
-    flush = app.flush_tables
-
-    async def flush_refusing_poison():
-        if "POISON" in dict(totals.items()):
-            raise RuntimeError("the changelog refused the POISON key")
-        await flush()
-
-    app.flush_tables = flush_refusing_poison
-
-    @app.agent(fills)
-    async def add(stream):
-        async for f in stream:
-            totals.apply(f.account, lambda t: t + 1)
-
-    fast_restarts(app)
-    async with app:
-        for i in range(1, 17):
-            await transport.publish("trading.fills.A", fill(i, "POISON" if i == 6 else "A"))
-        await wait_for(lambda: floor(transport) == 16)
-    runner = app.agents["add"]
-    assert totals["A"] == 15 and "POISON" not in dict(totals.items())
-    [(_, data, headers, _)] = dlq(transport)
-    assert headers["Posttrade-Seq"] == "6" and data == fill(6, "POISON")
-    assert "failed on this event 2 times" in headers["Posttrade-Reason"]
-    assert "changelog refused" in headers["Posttrade-Reason"]
-    # 8 in hand -> 4 -> 2 -> 1, then charged twice: a bounded number of crashes.
-    assert runner.crashes <= 3 + 2
-    assert runner.batch_limit(1000) == 1000  # back to whole batches once past it
-
-
-async def test_a_sink_batch_that_fails_without_saying_which_event_is_bisected():
-    transport = MemoryTransport()
-    app, fills, totals = make_app(transport, batch_size=20)
-    written: list[str] = []
-
-    @app.agent(fills)
-    async def add(stream):
-        async for records in stream.take_events(20, within=0.05):
-            if any(r.value.account == "BAD" for r in records):
-                raise ValueError("the store refused the batch")
-            written.extend(r.value.fill_id for r in records)
-
-    fast_restarts(app)
-    async with app:
-        for i in range(1, 21):
-            await transport.publish("trading.fills.A", fill(i, "BAD" if i == 13 else "A"))
-        await wait_for(lambda: floor(transport) == 20)
-    assert sorted(written, key=lambda f: int(f[1:])) == [f"f{i}" for i in range(1, 21) if i != 13]
-    assert len(written) == len(set(written))  # a failed batch was not written, the others once
-    [(_, _, headers, _)] = dlq(transport)
-    assert headers["Posttrade-Seq"] == "13" and "refused the batch" in headers["Posttrade-Reason"]
-
-
-async def test_an_output_the_server_refuses_is_charged_to_the_event_that_published_it():
-    transport = MemoryTransport()
-    app, fills, _ = make_app(transport)
-    await transport.ensure_stream(app.channel("out", stream="OUT", subjects=["out.>"], value_type=Fill).stream)
-
-    @app.agent(fills)
-    async def forward(stream):
-        async for event in stream.events():
-            # seq 3 publishes where no stream listens: the commit fails on its PubAck.
-            subject = "nowhere.x" if event.seq == 3 else "out.x"
-            await app.send(subject, event.value, msg_id=f"fwd:{event.seq}")
-
-    fast_restarts(app)
-    async with app:
-        for i in range(1, 6):
-            await transport.publish("trading.fills.A", fill(i))
-        await wait_for(lambda: floor(transport, "svc-forward") == 5)
-    [(_, _, headers, _)] = dlq(transport)
-    assert headers["Posttrade-Seq"] == "3"
-    assert len(transport.streams["OUT"].messages) == 4
-    assert app.agents["forward"].crashes == 2
-
-
-class DeadLetterRefusingTransport(MemoryTransport):
-    """A bus whose dead-letter subject takes nothing."""
-
-    async def publish(self, subject, data, headers=None, msg_id=None) -> int:
-        if subject.startswith("posttrade.dlq."):
-            raise PublishFailed("the DLQ stream refused the message")
-        return await super().publish(subject, data, headers, msg_id)
-
-
-async def test_a_message_that_cannot_even_be_dead_lettered_is_terminated_logged_and_counted(caplog):
-    transport = DeadLetterRefusingTransport()
-    app, fills, totals = make_app(transport, poison_attempts=2)
-
-    @app.agent(fills)
-    async def add(stream):
-        async for f in stream:
-            totals.apply(f.account, lambda t: t + 1)
-
-    fast_restarts(app)
-    async with app:
-        await transport.publish("trading.fills.A", fill(1))
-        await transport.publish("trading.fills.A", b"not json")
-        await transport.publish("trading.fills.A", fill(3))
-        await wait_for(lambda: floor(transport) == 3)
-    [(stream, seq, reason)] = transport.terminated
-    assert (stream, seq) == ("FILLS", 2) and "DLQ stream refused" in reason
-    assert totals["A"] == 2
-    assert app.metrics.terminated.labels("add")._value.get() == 1
-    assert app.agents["add"].crashes == 4  # 2 x poison_attempts, then terminated
-    assert any("terminated FILLS seq 2" in r.getMessage() for r in caplog.records)
 
 
 async def test_the_dead_letter_stream_has_the_configured_limits_also_when_it_existed_without():
