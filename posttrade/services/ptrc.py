@@ -154,6 +154,8 @@ def build(config: PtrcConfig, *, transport: Transport | None = None) -> PtrcServ
         # are reported here and alerted, and never make the service unhealthy.
         return True, {"fills": dict(keeper.outcomes), "pending_amendments": len(keeper.executions.pending())}
 
+    app.on_startup.append(alert_sink.create_table)
+
     async def close_stores() -> None:
         await questdb.close()
         await clickhouse.close()

@@ -12,7 +12,7 @@ from typing import Any
 
 from ...sinks import RetryPolicy, Sink
 from ...streams.events import ComplianceAlert
-from . import ClickHouseStore
+from . import ClickHouseError, ClickHouseStore
 
 ALERTS_TABLE = "compliance_alerts"
 ALERTS_DDL = f"""
@@ -46,18 +46,31 @@ def alert_row(alert: ComplianceAlert) -> list[Any]:
 
 
 class AlertSink(Sink[ComplianceAlert]):
-    """Alerts → `compliance_alerts`, one insert a batch; the table is made on first use."""
+    """Alerts → `compliance_alerts`, one insert a batch."""
 
     def __init__(self, clickhouse: ClickHouseStore, retry: RetryPolicy):
         super().__init__("clickhouse:compliance_alerts", retry)
         self.clickhouse = clickhouse
         self._table_ready = False
 
-    async def write(self, batch: list[ComplianceAlert]) -> None:
+    async def create_table(self) -> None:
+        """The table, made at start (retried until ClickHouse answers): the reports and
+        `/compliance/alerts` read it before any alert is raised."""
+        await self.retrying(self._create, what="creating compliance_alerts", rows=0, counts=False)
+
+    async def _create(self) -> None:
         if not self._table_ready:
             await self.clickhouse.command(ALERTS_DDL)
             self._table_ready = True
+
+    async def write(self, batch: list[ComplianceAlert]) -> None:
+        await self._create()
         await self.clickhouse.insert(ALERTS_TABLE, [alert_row(a) for a in batch], column_names=ALERT_COLUMNS)
+
+    def unavailable(self, exc: Exception) -> bool:
+        # A server away and a query it refuses are both clickhouse-connect errors; the
+        # rows are plain text and a timestamp, so a refusal is the server's state, not theirs.
+        return super().unavailable(exc) or isinstance(exc, ClickHouseError)
 
 
 async def stored_alerts(
