@@ -1,9 +1,10 @@
 """pnl latency: a PositionUpdate published on NATS → its P&L visible at /pnl/realtime.
 
 The pnl service runs in its own process (as `posttrade worker pnl` would, with its
-Valkey cache and QuestDB snapshots on) against the local stack, on uniquely named
-streams. This process publishes ptrc-shaped PositionUpdates at `--rate` per second
-over `--keys` positions (plus a quote every 10 ms so prices move too), and among them,
+Valkey cache and its snapshots on the PNL stream) against the local stack, in a
+namespace of its own (its streams, consumers and buckets). This process publishes
+ptrc-shaped PositionUpdates at `--rate` per second over `--keys` positions (plus a
+quote every 10 ms so prices move too), and among them,
 every 20 ms, an update of one *probe* position with a rising `fill_count`. While a probe
 is unseen, a poller asks `/pnl/realtime?account=PROBE&symbol=XYZ` back to back (only
 then: constant polling would load the service more than the updates do); its latency is the
@@ -55,14 +56,13 @@ import httpx
 import nats
 
 from posttrade import stack
-from posttrade.agents.pnl import PnlChannels
 from posttrade.agents.positions import position_update
 from posttrade.config import load_config
 from posttrade.core.positions import Position
 from posttrade.services import pnl
-from posttrade.stores.questdb import QuestDBClient
 from posttrade.stores.valkey import open_valkey
-from posttrade.streams.events import Bar, Fill, MarketTrade, PositionUpdate, Quote, encode
+from posttrade.streams.events import Fill, PositionUpdate, Quote, encode
+from posttrade.streams.nats import forget_apps
 
 from _proc_cpu import cpu_seconds  # benchmarks/_proc_cpu.py (the script's folder is on sys.path)
 
@@ -80,49 +80,41 @@ CURRENCIES_REFERENCE = {
 }
 
 
+# The platform's subjects (posttrade.streams.subjects) per stream, before the namespace.
+SUBJECTS = {"POSITIONS": "posttrade.positions", "QUOTES": "md.quotes"}
+STREAMS = ("POSITIONS", "QUOTES", "TRADES", "BARS", "PNL", "DLQ")  # what the service declares
+
+
 class BenchNames:
     def __init__(self, suffix: str):
         self.suffix = suffix
         self.app = f"pnl_bench_{suffix}"
+        self.namespace = f"pnlb{suffix}"
         self.prefix = f"ptbench{suffix}"
-        self.table = f"pnl_bench_snap_{suffix}"
-        self.account_table = f"pnl_bench_acct_{suffix}"
 
     def stream(self, kind: str) -> str:
-        return f"PNLB_{kind}_{self.suffix.upper()}"
+        return f"{self.namespace.upper()}_{kind}"
 
     def subject(self, kind: str, *tokens: str) -> str:
-        return ".".join([f"pnlb{self.suffix}", kind, *tokens])
-
-    def channels(self, app) -> PnlChannels:
-        def channel(name, kind, value_type):
-            return app.channel(name, stream=self.stream(kind), subjects=[self.subject(kind, ">")], value_type=value_type)
-
-        return PnlChannels(
-            positions=channel("positions", "POSITIONS", PositionUpdate),
-            quotes=channel("quotes", "QUOTES", Quote),
-            trades=channel("market_trades", "TRADES", MarketTrade),
-            bars=channel("bars", "BARS", Bar),
-        )
+        return ".".join([self.namespace, SUBJECTS[kind], *tokens])
 
     def env(self, port: int, reference: str | None = None) -> dict[str, str]:
         return {
             **stack.endpoints().service_env(),
             **({"POSTTRADE_PNL__REFERENCE_FILE": reference} if reference else {}),
             "POSTTRADE_PNL__SERVICE__NAME": self.app,
+            "POSTTRADE_PNL__SERVICE__NAMESPACE": self.namespace,
             "POSTTRADE_PNL__SERVICE__PORT": str(port),
             "POSTTRADE_PNL__PNL__KEY_PREFIX": self.prefix,
-            "POSTTRADE_PNL__PNL__SNAPSHOTS__TABLE": self.table,
-            "POSTTRADE_PNL__PNL__SNAPSHOTS__ACCOUNT_TABLE": self.account_table,
         }
 
 
 def serve(suffix: str, port: int, reference: str | None = None) -> None:
-    """The service process: pnl.build on the benchmark's streams, run until SIGTERM."""
+    """The service process: pnl.build in the benchmark's namespace, run until SIGTERM."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     names = BenchNames(suffix)
     config = load_config("pnl", pnl.CONFIG, env={**os.environ, **names.env(port, reference)})
-    app = pnl.build(config, channels=names.channels)
+    app = pnl.build(config).app
     asyncio.run(app.run(host="127.0.0.1", port=port))
 
 
@@ -361,16 +353,12 @@ def _ms(seconds: float | None) -> float | None:
 
 async def cleanup(names: BenchNames) -> None:
     endpoints = stack.endpoints()
+    await forget_apps(endpoints.nats_url, [f"{names.namespace}-{names.app}"])  # consumers, changelog buckets
     nc = await nats.connect(endpoints.nats_url)
     js = nc.jetstream()
-    for kind in ("POSITIONS", "QUOTES", "TRADES", "BARS"):
+    for kind in STREAMS:
         try:
             await js.delete_stream(names.stream(kind))
-        except nats.js.errors.NotFoundError:
-            pass
-    for table in ("positions", "marks"):
-        try:
-            await js.delete_key_value(f"{names.app}-{table}")
         except nats.js.errors.NotFoundError:
             pass
     await nc.close()
@@ -379,10 +367,6 @@ async def cleanup(names: BenchNames) -> None:
     if keys:
         await valkey.redis.delete(*keys)
     await valkey.close()
-    qdb = QuestDBClient(host=endpoints.questdb_host, port=endpoints.questdb_http_port)
-    await qdb.drop_table(names.table)
-    await qdb.drop_table(names.account_table)
-    await qdb.close()
 
 
 def measure(args: argparse.Namespace, currencies: bool, pages: int = 0) -> dict:

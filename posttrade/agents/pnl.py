@@ -28,7 +28,7 @@ Revaluation is lazy, which is what coalesces price ticks: a mark change only mar
 symbol stale (the price is compared first: a tick that leaves the mark unchanged costs
 nothing more). Stale symbols are revalued, each once, by `refresh()`, which every
 reader calls first: the web page (for the symbols it answers), the Valkey writer, the
-QuestDB snapshots. A position update is valued at once (one row). Readers learn what
+snapshots. A position update is valued at once (one row). Readers learn what
 changed from `Changes` sets (one per consumer; the Valkey writer has one for position
 updates and one for price moves, written on different cadences), so each writes every
 changed row once however many ticks moved it.
@@ -38,19 +38,25 @@ values: the position update's `ts` or the `ts` of the market data that set the c
 mark price (for a bar, its end: open time + interval). The update of a late fill has
 the late fill's time, so a row's `as_of` can move back. An account's `as_of` is the
 newest of its rows' (so it is what the tables give again after a restart).
+
+pnl's history leaves the process on the bus: `PnlSnapshots` publishes the changed rows
+(and now and then every row) on the PNL stream, from which questdb_writer stores them
+in QuestDB; `/pnl/history` reads them back (`stores/questdb/pnl_history.py`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import msgspec
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..app import App
 from ..core.bars import NS_PER_S, interval_seconds
@@ -59,10 +65,22 @@ from ..core.fx import FxRates
 from ..core.marks import DEFAULT_PRIORITY, MarkSource, MarkState
 from ..core.reference import Reference
 from ..core.valuation import AccountSums, AccountValue, PositionValue, value_position
+from ..sinks import RetryPolicy, Sink, SinkStopping
+from ..stores.questdb.pnl_history import Unfit, snapshot_decimal
 from ..streams.channel import Channel
-from ..streams.events import Bar, MarketTrade, PositionUpdate, Quote
+from ..streams.events import (
+    Bar,
+    MarketTrade,
+    PnlAccountRow,
+    PnlPositionRow,
+    PnlSnapshot,
+    PositionUpdate,
+    Quote,
+    encode,
+)
 from ..streams.stream import Stream
-from ..streams.transport import StartPosition
+from ..streams.subjects import PNL_SNAPSHOT_SUBJECT
+from ..streams.transport import StartPosition, message_size
 from ..tables.table import Table
 
 log = logging.getLogger(__name__)
@@ -227,10 +245,10 @@ class PnlBook:
         # move rewrites every position in the symbol).
         self.cache_changes = Changes()
         self.cache_price_changes = Changes()
-        self.snapshot_changes = Changes()  # for the QuestDB snapshots
+        self.snapshot_changes = Changes()  # for the snapshots (`PnlSnapshots`)
         self.on_change: Callable[[], None] | None = None  # wakes the Valkey writer
         # Told the key of every revalued row (the page's live account figures and top
-        # movers, services/pnl.py: a set insert or two, nothing more).
+        # movers, web/pnl.py: a set insert or two, nothing more).
         self.on_row_change: Callable[[Key], None] | None = None
         self.revaluations = 0  # rows valued (after position updates and mark changes)
         self._rows: dict[Key, PositionPnl] = {}
@@ -531,3 +549,308 @@ def add_pnl_agents(app: App, channels: PnlChannels, book: PnlBook) -> PnlAgentMe
     market_agent(channels.trades, "trades", book.on_trade)
     market_agent(channels.bars, "bars", book.on_bar)
     return metrics
+
+
+# -- background readers ------------------------------------------------------------------
+
+#: Rows a background reader (the Valkey writer, the snapshots, the page) handles before
+#: it yields to the event loop: a position update waiting behind it waits at most about
+#: this much work (~64 rows x 30-50 us), not a whole flush or snapshot.
+SLICE = 64
+
+
+async def refresh_in_slices(book: PnlBook) -> None:
+    """`book.refresh()`, a slice at a time, yielding to the agents in between."""
+    while book.refresh(limit=SLICE):
+        await asyncio.sleep(0)
+
+
+# -- snapshots: pnl's history, on its way to QuestDB -------------------------------------
+
+#: Rows per PnlSnapshot message. A position row is a few hundred bytes of JSON (2 KB at
+#: the very most), so a message stays well under NATS's 1 MB max_payload; one that
+#: would not (a server with a smaller one) is split.
+ROWS_PER_MESSAGE = 200
+#: Messages published in one go (pipelined, every PubAck awaited): what one failed
+#: attempt publishes again.
+PUBLISH_WINDOW = 64
+_MSG_ID_HEADER = "Nats-Msg-Id"
+
+POSITION_MONEY = (
+    "net_qty", "avg_open_price", "multiplier", "mark", "realized_pnl_gross", "fees", "realized_pnl_net",
+    "unrealized_pnl", "fifo_realized_pnl_gross", "fifo_unrealized_pnl", "total_pnl", "day_pnl",
+    "sod_realized_pnl_net", "sod_unrealized_pnl", "gross_notional",
+    # In the account's base currency (`core.valuation`, "Base currency").
+    "realized_pnl_gross_base", "fees_base", "realized_pnl_net_base", "unrealized_pnl_base", "total_pnl_base",
+    "day_pnl_base", "gross_notional_base",
+)
+ACCOUNT_MONEY = (
+    "realized_pnl_gross", "fees", "realized_pnl_net", "unrealized_pnl", "fifo_realized_pnl_gross",
+    "fifo_unrealized_pnl", "total_pnl", "day_pnl", "gross_notional",
+)
+
+
+def position_row(row: PositionPnl) -> PnlPositionRow:
+    """A position as its snapshot row: money as QuestDB stores it (`snapshot_decimal`).
+    Raises Unfit (or InvalidOperation) for a figure the table cannot hold."""
+    value = row.value
+    return PnlPositionRow(
+        account=value.account, symbol=value.symbol, as_of=row.as_of, currency=value.currency,
+        base_currency=value.base_currency, mark_source=row.mark_source, fill_count=value.fill_count,
+        fx_rate=None if value.fx_rate is None else format_decimal(value.fx_rate),
+        **{name: snapshot_decimal(getattr(value, name)) for name in POSITION_MONEY},
+    )  # fmt: skip
+
+
+def account_row(totals: AccountPnl) -> PnlAccountRow:
+    """An account's totals as their snapshot row (see `position_row`)."""
+    value = totals.value
+    return PnlAccountRow(
+        account=value.account, as_of=totals.as_of, base_currency=value.base_currency, positions=value.positions,
+        open_positions=value.open_positions, missing_rates=",".join(value.missing_rates) or None,
+        **{name: snapshot_decimal(getattr(value, name)) for name in ACCOUNT_MONEY},
+    )  # fmt: skip
+
+
+async def snapshot_rows(rows: list, convert: Callable[[Any], Any]) -> tuple[list, list[tuple[Any, str]]]:
+    """`rows` converted (`position_row` or `account_row`), and the rows left out as
+    unwritable (with why). A slice at a time, yielding to the agents."""
+    out: list = []
+    dropped: list[tuple[Any, str]] = []
+    for done, row in enumerate(rows, 1):
+        try:
+            out.append(convert(row))
+        except (Unfit, InvalidOperation) as exc:
+            dropped.append((row, str(exc)))
+        if not done % SLICE:
+            await asyncio.sleep(0)
+    return out, dropped
+
+
+@dataclass(frozen=True)
+class SnapshotMessage:
+    """One PnlSnapshot as published: its bytes, and the id JetStream drops a second
+    publish of it by."""
+
+    event: PnlSnapshot
+    data: bytes
+    msg_id: str
+
+    @property
+    def rows(self) -> int:
+        return len(self.event.positions) + len(self.event.accounts)
+
+
+class PnlSnapshotMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.rows = Counter(
+            "pnl_snapshot_rows_total", "Snapshot rows published on the PNL stream, by the table they are for",
+            ["table"], registry=registry,
+        )  # fmt: skip
+        self.errors = Counter("pnl_snapshot_errors_total", "Snapshot publishes that failed", ["kind"], registry=registry)
+        self.dropped = Counter(
+            "pnl_snapshot_rows_dropped_total", "Snapshot rows given up (over max_pending_rows, or unwritable)",
+            ["reason"], registry=registry,
+        )  # fmt: skip
+        self.pending = Gauge("pnl_snapshot_pending_rows", "Snapshot rows waiting to be published", registry=registry)
+
+
+class PnlSnapshots(Sink[SnapshotMessage]):
+    """Periodic snapshots of the book, published on the PNL stream for questdb_writer,
+    which stores them in `tables` (position rows, account rows).
+
+    Every tick (`take`, the service's timer): one row per position whose P&L changed
+    since the last snapshot and one per account whose totals did, all stamped with the
+    snapshot's time `ts`; every `full_every`-th tick (and the first) every position and
+    account, so history has a point at least that often for positions that do not move.
+    Rows carry `as_of` (the event time of the values) beside `ts`. A snapshot goes out as
+    `ROWS_PER_MESSAGE`-row messages numbered by `part`, each with the id `pnl:{ts}:{part}`.
+
+    Messages queue in memory and a task publishes them in order, `PUBLISH_WINDOW` at a
+    time, waiting for the server's acknowledgements; NATS away, the window is published
+    again under the retry policy (JetStream drops the messages it already has by their
+    id; questdb_writer's dedup keys make a row stored twice one row) and new snapshots
+    queue behind it, up to `max_pending_rows` (then the oldest are dropped, counted and
+    logged). The agents never wait for any of it.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        book: PnlBook,
+        *,
+        tables: tuple[str, str],
+        full_every: int,
+        max_pending_rows: int,
+        retry: RetryPolicy | None = None,
+    ):
+        super().__init__("snapshots", retry)
+        self.app = app
+        self.book = book
+        self.tables = tables
+        self.full_every = full_every
+        self.max_pending_rows = max_pending_rows
+        self.snapshot_metrics = PnlSnapshotMetrics(app.metrics.registry)
+        self.queue: deque[SnapshotMessage] = deque()  # taken, waiting for their window
+        self.queued_rows = 0
+        self._window_rows = 0  # in the window being published
+        self.ticks = 0
+        self.last_ts = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows taken and not yet published: queued, and in the window in hand."""
+        return self.queued_rows + self._window_rows
+
+    async def health(self) -> tuple[bool | str, Any]:
+        ok, detail = await super().health()
+        detail["pending_rows"] = self.pending_rows
+        return ok, detail
+
+    # -- taking snapshots --------------------------------------------------------------
+
+    async def take(self, now_ns: int | None = None) -> list[SnapshotMessage]:
+        """Snapshot what changed (everything on a full tick) and queue its messages."""
+        book = self.book
+        await refresh_in_slices(book)
+        full = self.ticks % self.full_every == 0
+        self.ticks += 1
+        changes = book.snapshot_changes
+        if full:
+            changes.take()
+            keys: Iterable[Key] = book.keys()
+            accounts: Iterable[str] = book.accounts()
+        else:
+            keys, accounts = changes.take()
+        # Whole microseconds (the column's unit), strictly increasing: one snapshot, one ts.
+        now = (time.time_ns() if now_ns is None else now_ns) // 1000 * 1000
+        ts = self.last_ts = max(now, self.last_ts + 1000)
+        position_rows = [row for row in map(book.row, sorted(keys)) if row is not None]
+        account_rows = [t for t in map(book.totals, sorted(accounts)) if t is not None]
+        positions, dropped = await snapshot_rows(position_rows, position_row)
+        totals, dropped_totals = await snapshot_rows(account_rows, account_row)
+        for table, left_out in zip(self.tables, (dropped, dropped_totals)):
+            if left_out:
+                await self._dead_letter(table, ts, left_out)
+        messages = self._messages(ts, "positions", positions)
+        messages += self._messages(ts, "accounts", totals, first=len(messages))
+        for message in messages:
+            self.queue.append(message)
+            self.queued_rows += message.rows
+        self._trim()
+        if messages:
+            self._wake.set()
+        return messages
+
+    def _messages(self, ts: int, kind: str, rows: list, *, first: int = 0) -> list[SnapshotMessage]:
+        """`rows` in messages of `ROWS_PER_MESSAGE` rows (smaller where one would be over
+        the server's max_payload), numbered from part `first`."""
+        limit = self.app.transport.max_payload
+        chunks = deque(rows[start : start + ROWS_PER_MESSAGE] for start in range(0, len(rows), ROWS_PER_MESSAGE))
+        out: list[SnapshotMessage] = []
+        while chunks:
+            chunk = chunks.popleft()
+            part = first + len(out)
+            event = PnlSnapshot(ts=ts, part=part, **{kind: chunk})
+            msg_id = f"pnl:{ts}:{part}"
+            data = encode(event)
+            if message_size(data, {_MSG_ID_HEADER: msg_id}) > limit:
+                if len(chunk) > 1:
+                    half = len(chunk) // 2
+                    chunks.extendleft((chunk[half:], chunk[:half]))
+                else:  # one row over the server's limit: no message can carry it
+                    self.snapshot_metrics.dropped.labels("unwritable").inc()
+                    log.error("pnl: a snapshot row of %d bytes is over NATS's max_payload of %d: %s",
+                              len(data), limit, chunk[0].account)
+                continue
+            out.append(SnapshotMessage(event, data, msg_id))
+        return out
+
+    def _trim(self) -> None:
+        # The newest message always stays; the window in hand is not in the queue.
+        dropped = 0
+        while self.queued_rows > self.max_pending_rows and len(self.queue) > 1:
+            oldest = self.queue.popleft()
+            self.queued_rows -= oldest.rows
+            dropped += oldest.rows
+        if dropped:
+            self.snapshot_metrics.dropped.labels("backlog").inc(dropped)
+            log.error("pnl: snapshot backlog over %d rows: dropped the oldest %d rows", self.max_pending_rows, dropped)
+        self.snapshot_metrics.pending.set(self.pending_rows)
+
+    async def _dead_letter(self, table: str, ts: int, left_out: list[tuple[Any, str]]) -> None:
+        rows = [plain_data(row) for row, _ in left_out]
+        self.snapshot_metrics.dropped.labels("unwritable").inc(len(rows))
+        reason = "; ".join(sorted({why for _, why in left_out}))
+        log.error("pnl: %d snapshot rows for %s cannot be written: %s", len(rows), table, reason)
+        try:
+            await self.app.dead_letter(
+                encode({"table": table, "ts": ts, "rows": rows}), reason=reason[:4000], agent="snapshots",
+                stream=table, subject=table, seq=ts // 1000,
+            )  # fmt: skip
+        except Exception:  # noqa: BLE001 - the log above keeps the rows' story
+            log.exception("pnl: could not dead-letter unwritable snapshot rows")
+
+    # -- publishing them -----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stopping = False
+        self._task = asyncio.create_task(self._run(), name="pnl:snapshots")
+
+    async def stop(self) -> None:
+        """Take a last snapshot and give the publisher a few seconds to send the queue."""
+        await self.take()
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, timeout=5)
+            except asyncio.TimeoutError:
+                self._task.cancel()
+                log.warning("pnl: %d snapshot rows not published at shutdown", self.pending_rows)
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            if not self.queue:
+                if self._stopping:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                await self.publish_next()
+            except SinkStopping:
+                log.warning("pnl: NATS unavailable at shutdown, %d snapshot rows not published", self.pending_rows)
+                return
+
+    async def publish_next(self) -> None:
+        """Publish the oldest `PUBLISH_WINDOW` queued messages; they leave the queue once
+        the server has every one (back at its front if the service stops first)."""
+        window = [self.queue.popleft() for _ in range(min(PUBLISH_WINDOW, len(self.queue)))]
+        self._window_rows = sum(message.rows for message in window)
+        self.queued_rows -= self._window_rows
+        self.extend(window)
+        try:
+            await self.flush()
+        finally:
+            self._window_rows = 0
+            if self._buffer:  # not published: keep it, in order
+                self.queue.extendleft(reversed(self._buffer))
+                self.queued_rows += sum(message.rows for message in self._buffer)
+                self.discard()
+            self.snapshot_metrics.pending.set(self.pending_rows)
+
+    async def write(self, batch: list[SnapshotMessage]) -> None:
+        subject = self.app.subject(PNL_SNAPSHOT_SUBJECT)
+        try:
+            await self.app.transport.publish_many([(subject, m.data, None, m.msg_id) for m in batch])
+        except Exception:
+            self.snapshot_metrics.errors.labels("unavailable").inc()
+            raise
+        positions, accounts = self.tables
+        self.snapshot_metrics.rows.labels(positions).inc(sum(len(m.event.positions) for m in batch))
+        self.snapshot_metrics.rows.labels(accounts).inc(sum(len(m.event.accounts) for m in batch))

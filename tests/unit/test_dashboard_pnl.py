@@ -1,5 +1,5 @@
 """pnl's page data: the live account figures, the desk history ring and the top movers
-(posttrade/services/pnl.py, "the page"), in memory."""
+(posttrade/web/pnl.py), in memory."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import httpx
 
 from posttrade.agents.positions import position_update
 from posttrade.core.positions import Position
-from posttrade.services.pnl import SymbolSums, desk_sample, rank_movers, sum_by_symbol
+from posttrade.web.pnl import SymbolSums, desk_sample, rank_movers, sum_by_symbol
 from posttrade.web.live import History
 from posttrade.web.server import build_web_app
 
@@ -103,7 +103,7 @@ async def test_movers_endpoint_desk_account_and_bad_input():
             assert response.json()["detail"]["parameter"] == parameter
         # The desk's sums are shared for MOVERS_MAX_AGE_S: a second page asking at once
         # gets the same pass.
-        movers = svc.app.pnl_page[2]
+        movers = svc.service.page.movers
         movers.max_age_s = 0
         first, again = await asyncio.gather(movers.desk(), movers.desk())
         assert first[1] == again[1]
@@ -132,7 +132,7 @@ async def test_live_accounts_start_with_every_account_then_send_the_revalued_one
         await svc.publish_position(long_position("A1", "XYZ", "10", "100"))
         await svc.publish_position(long_position("A2", "ABC", "1", "100"))
         await svc.settle()
-        topic = svc.app.pnl_page[0]
+        topic = svc.service.page.accounts
         assert not topic.followed
         lines = topic._lines(_Request())
         first = await anext(lines)
@@ -170,7 +170,7 @@ async def test_the_page_routes_stay_out_of_openapi_and_need_the_token():
     async with MemoryService() as svc:
         await svc.publish_position(long_position("A1", "XYZ", "10", "100"))
         await svc.settle()
-        history = svc.app.pnl_page[1]
+        history = svc.service.page.desk_history
         await history.take()
         web = build_web_app(svc.app, auth_token="secret", read_token="reader")
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=web), base_url="http://t") as http:

@@ -1,5 +1,6 @@
 """pnl without servers: valuation of ptrc's PositionUpdates at market, the book, the
-service on the in-memory transport, snapshots, request validation, config."""
+service on the in-memory transport, snapshots on the PNL stream, request validation,
+config."""
 
 from __future__ import annotations
 
@@ -11,9 +12,20 @@ import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry
 
-from posttrade.agents.pnl import AccountPnl, Changes, PnlBook, bar_end, canonical, plain_data, value_update
+from posttrade.agents import pnl as agents_pnl
+from posttrade.agents.pnl import (
+    AccountPnl,
+    Changes,
+    PnlBook,
+    account_row,
+    bar_end,
+    canonical,
+    plain_data,
+    position_row,
+    snapshot_rows,
+    value_update,
+)
 from posttrade.config import ConfigError, load_config
 from posttrade.core.exact import format_decimal
 from posttrade.core.marks import MarkState
@@ -21,19 +33,13 @@ from posttrade.agents.positions import position_update
 from posttrade.core.positions import Position
 from posttrade.core.valuation import account_value
 from posttrade.services import pnl
-from posttrade.services.pnl import (
-    PendingSnapshot,
-    PnlKeys,
-    PnlSnapshots,
-    key_part,
-    snapshot_rows,
-    snapshot_decimal,
-)
-from posttrade.stores.questdb import QuestDBWriteError
+from posttrade.stores.questdb.pnl_history import HistoryTables, history_sql, snapshot_decimal
+from posttrade.stores.valkey.pnl import PnlKeys, key_part
 from posttrade.streams import subjects
-from posttrade.streams.events import Bar, Fill, MarketTrade, PositionUpdate, Quote, encode
+from posttrade.streams.events import Bar, Fill, MarketTrade, PnlSnapshot, PositionUpdate, Quote, decode, encode
 from posttrade.streams.memory import MemoryTransport
 from posttrade.tables.table import Table
+from posttrade.web import pnl as pnl_pages
 from posttrade.web.server import build_web_app
 
 D = Decimal
@@ -410,7 +416,8 @@ async def wait_for(predicate, timeout: float = 5.0) -> None:
 class MemoryService:
     def __init__(self, transport: MemoryTransport | None = None, **env: str):
         self.transport = transport or MemoryTransport()
-        self.app = pnl.build(memory_config(**env), transport=self.transport)
+        self.service = pnl.build(memory_config(**env), transport=self.transport)
+        self.app = self.service.app
         self.app.runtime.poll_timeout_s = 0.02
         self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_web_app(self.app)), base_url="http://t")
 
@@ -582,16 +589,17 @@ def test_history_sql_and_time_parsing():
         return Request({"type": "http", "query_string": query.encode(), "headers": []})
 
     section = pnl.HistorySection()
-    q = pnl.history_query(request("account=A'1&symbol=XYZ&from=2024-01-01T00:00:00%2B01:00&to=1704067200000000000&interval=5m"), section)
+    q = pnl_pages.history_query(request("account=A'1&symbol=XYZ&from=2024-01-01T00:00:00%2B01:00&to=1704067200000000000&interval=5m"), section)
     assert (q.start, q.end) == (1704063600 * S, 1704067200 * S)
     assert not q.account_level
-    sql = pnl.history_sql(q, pnl.SnapshotSection(), 1001)
+    sql = history_sql(q, HistoryTables(), 1001)
     assert "FROM pnl_snapshots" in sql and "account = 'A''1'" in sql and "SAMPLE BY 5m ALIGN TO CALENDAR" in sql
     assert "ts >= '2023-12-31T23:00:00.000000Z'" in sql and "LIMIT 1001" in sql
-    q = pnl.history_query(request(""), section, now_ns=T0)
+    q = pnl_pages.history_query(request(""), section, now_ns=T0)
     assert (q.start, q.end, q.interval, q.account_level) == (T0 - 3600 * S, T0, "1m", True)
-    assert "FROM pnl_account_snapshots" in pnl.history_sql(q, pnl.SnapshotSection(), 10)
-    assert pnl.parse_time("from", "2024-01-01T00:00:00.123456") == 1704067200123456000
+    assert "FROM pnl_account_snapshots" in history_sql(q, HistoryTables(), 10)
+    assert "FROM t2" in history_sql(q, HistoryTables("t1", "t2"), 10)
+    assert pnl_pages.parse_time("from", "2024-01-01T00:00:00.123456") == 1704067200123456000
 
 
 # -- Valkey key scheme -----------------------------------------------------------------------
@@ -608,7 +616,7 @@ def test_key_scheme_escapes_what_would_make_keys_ambiguous():
     assert key_part("ÄÖ") == "ÄÖ"
 
 
-# -- QuestDB snapshots -----------------------------------------------------------------------
+# -- snapshots on the PNL stream -----------------------------------------------------------
 
 
 async def test_snapshot_values_round_only_beyond_12_places_and_refuse_what_cannot_fit():
@@ -617,139 +625,166 @@ async def test_snapshot_values_round_only_beyond_12_places_and_refuse_what_canno
     assert snapshot_decimal(D("0.0000000000005")) == D(0)  # half to even
     assert snapshot_decimal(D(10) ** 26 - 1) == D(10) ** 26 - 1
     assert snapshot_decimal(None) is None
+    assert str(snapshot_decimal(D("225.000"))) == "225" and str(snapshot_decimal(D("-0.00"))) == "0"
     with pytest.raises(ValueError, match="does not fit"):
         snapshot_decimal(-(D(10) ** 26))
     rows = [value_update(u, MARK_95) for u in worked_example_updates()]
     huge = msgspec.structs.replace(rows[0], value=msgspec.structs.replace(rows[0].value, total_pnl=D(10) ** 26))
-    prepared, dropped = await snapshot_rows(PendingSnapshot("t", T0, [*rows, huge], account_level=False))
-    assert len(prepared) == 4 and [row for row, _ in dropped] == [huge] and "does not fit" in dropped[0][1]
-    last = prepared[3]
-    assert (last["ts"], last["account"], last["symbol"], last["mark_source"], last["as_of"]) == (
-        T0, "A1", "XYZ", "quote_mid", T0 + 10 * S,
+    converted, dropped = await snapshot_rows([*rows, huge], position_row)
+    assert len(converted) == 4 and [row for row, _ in dropped] == [huge] and "does not fit" in dropped[0][1]
+    last = converted[3]
+    assert (last.account, last.symbol, last.mark_source, last.as_of, last.currency) == (
+        "A1", "XYZ", "quote_mid", T0 + 10 * S, "USD",
     )
-    assert (last["total_pnl"], last["unrealized_pnl"], last["fill_count"]) == (D(121), D(-25), 4)
-    unmarked, _ = await snapshot_rows(PendingSnapshot("t", T0, [value_update(u, None) for u in worked_example_updates()], False))
-    assert all("mark_source" not in r and "total_pnl" not in r and "mark" not in r for r in unmarked)  # NULLs
+    assert (last.total_pnl, last.unrealized_pnl, last.fill_count) == (D(121), D(-25), 4)
+    unmarked, _ = await snapshot_rows([value_update(u, None) for u in worked_example_updates()], position_row)
+    assert all(r.mark_source is None and r.total_pnl is None and r.mark is None for r in unmarked)  # NULLs
+    wire = msgspec.json.decode(encode(unmarked[0]))
+    assert "total_pnl" not in wire and wire["realized_pnl_net"] == "-1"  # absent: NULL; decimals exact strings
     account = AccountPnl(value=account_value("A1", [rows[-1].value]), as_of=rows[-1].as_of)
-    totals, _ = await snapshot_rows(PendingSnapshot("t", T0, [account], account_level=True))
-    assert (totals[0]["positions"], totals[0]["day_pnl"]) == (1, D(121)) and "symbol" not in totals[0]
+    (totals,), _ = await snapshot_rows([account], account_row)
+    assert (totals.positions, totals.day_pnl, totals.missing_rates) == (1, D(121), None)
 
 
-async def test_large_snapshots_are_prepared_in_slices_with_the_same_result():
+async def test_large_snapshots_are_converted_in_slices_with_the_same_result():
     rows = [value_update(u, MARK_95) for u in worked_example_updates()] * 50  # 200 rows: 4 slices
     huge = msgspec.structs.replace(rows[0], value=msgspec.structs.replace(rows[0].value, day_pnl=D(-(10**27))))
-    prepared, dropped = await snapshot_rows(PendingSnapshot("t", T0, [*rows[:130], huge, *rows[130:]], False))
-    assert [r["total_pnl"] for r in prepared] == [r.value.total_pnl for r in rows] and [r for r, _ in dropped] == [huge]
+    converted, dropped = await snapshot_rows([*rows[:130], huge, *rows[130:]], position_row)
+    assert [r.total_pnl for r in converted] == [r.value.total_pnl for r in rows] and [r for r, _ in dropped] == [huge]
 
 
-class FlakyQuestDB:
-    """Stands in for QuestDB's client and writer to test the retry bookkeeping only
-    (the real thing is in tests/integration/test_pnl.py)."""
+def published(transport: MemoryTransport) -> list[tuple[str | None, PnlSnapshot]]:
+    """The PNL stream: each message's id and snapshot."""
+    stream = transport.streams["PNL"]
+    ids = {seq: msg_id for msg_id, seq in stream.msg_ids.items()}
+    return [(ids.get(seq), decode(PnlSnapshot, data)) for seq, (_, data, _, _) in enumerate(stream.messages, 1)]
 
-    def __init__(self, failures: int):
+
+class Flaky:
+    """Makes the transport's pipelined publishes fail: the first `failures` calls publish
+    `get_through` messages of their batch, then raise (NATS went away mid-window)."""
+
+    def __init__(self, transport: MemoryTransport, failures: int, get_through: int = 0):
         self.failures = failures
-        self.batches: list[tuple[str, int, list]] = []
+        self.get_through = get_through
         self.calls = 0
+        real = transport.publish_many
 
-    async def create_table(self, *args, **kwargs) -> None:
-        pass
+        async def publish_many(messages):
+            self.calls += 1
+            if self.failures:
+                self.failures -= 1
+                await real(messages[: self.get_through])
+                raise ConnectionError("nats: connection closed")
+            return await real(messages)
 
-    async def write_batch(self, table, rows, **kwargs) -> int:
-        self.calls += 1
-        if self.failures:
-            self.failures -= 1
-            raise QuestDBWriteError("connection refused", bad_data=False)
-        columns = rows  # column-wise, as PnlSnapshots sends them
-        self.batches.append((table, int(columns["ts"][0]), list(columns["account"])))
-        return len(columns["ts"])
+        transport.publish_many = publish_many
 
 
-async def test_snapshots_wait_for_questdb_without_losing_any(monkeypatch):
-    monkeypatch.setattr(pnl, "RETRY_DELAYS_S", (0.01,))
-    svc = MemoryService()
-    book = svc.app.pnl_book
-    await svc.app.start()
-    try:
-        flaky = FlakyQuestDB(failures=3)
-        section = pnl.SnapshotSection(interval_s=1, full_every=3)
-        snapshots = PnlSnapshots(svc.app, book, flaky, flaky, section, pnl.PnlMetrics(fresh_registry()))
+FAST_RETRY = {"POSTTRADE_PNL__BATCH__RETRY_INITIAL_S": "0.01", "POSTTRADE_PNL__BATCH__RETRY_MAX_S": "0.02"}
+
+
+async def test_snapshots_are_published_in_order_and_wait_for_nats_without_losing_any():
+    svc = MemoryService(**FAST_RETRY, POSTTRADE_PNL__PNL__SNAPSHOTS__FULL_EVERY="3",
+                        POSTTRADE_PNL__PNL__SNAPSHOTS__INTERVAL_S="3600")
+    snapshots = svc.service.snapshots
+    async with svc:
+        flaky = Flaky(svc.transport, failures=3)
         await svc.publish_position(worked_example_updates("A1")[-1])
         await svc.publish_position(worked_example_updates("A2")[-1])
         await svc.settle()
         taken = await snapshots.take(now_ns=T0)  # the first one is full
-        assert [(s.table, len(s.rows)) for s in taken] == [("pnl_snapshots", 2), ("pnl_account_snapshots", 2)]
+        assert [(len(m.event.positions), len(m.event.accounts), m.msg_id) for m in taken] == [
+            (2, 0, f"pnl:{T0}:0"), (0, 2, f"pnl:{T0}:1"),
+        ]
         assert await snapshots.take(now_ns=T0) == []  # nothing changed (and ts would not repeat)
         await svc.publish_quote(quote("XYZ", "95", "95", T0 + 10 * S))
         await svc.settle()
         await svc.publish_position(worked_example_updates("A3")[0])
         await svc.settle()
         taken = await snapshots.take(now_ns=T0)
-        assert [len(s.rows) for s in taken] == [3, 3]  # the quote moved A1 and A2; A3 is new
-        assert taken[0].ts == T0 + 2000  # strictly increasing, whole microseconds
+        assert [m.rows for m in taken] == [3, 3]  # the quote moved A1 and A2; A3 is new
+        assert taken[0].event.ts == T0 + 2000  # strictly increasing, whole microseconds
         full = await snapshots.take(now_ns=T0 + S)  # the third: full again
-        assert [len(s.rows) for s in full] == [3, 3]
-        snapshots.start()
-        await wait_for(lambda: not snapshots.pending)
-        await snapshots.stop()
-        assert [(t[0], t[1]) for t in flaky.batches] == [
-            ("pnl_snapshots", T0), ("pnl_account_snapshots", T0),
-            ("pnl_snapshots", T0 + 2000), ("pnl_account_snapshots", T0 + 2000),
-            ("pnl_snapshots", T0 + S), ("pnl_account_snapshots", T0 + S),
-        ]
-        assert snapshots.rows_written == 16 and snapshots.pending_rows == 0
-    finally:
-        await svc.http.aclose()
-        await svc.app.stop()
+        assert [m.rows for m in full] == [3, 3]
+        await wait_for(lambda: snapshots.pending_rows == 0)
+        assert flaky.calls > 3 and snapshots.stats.retries >= 3
+    stream = published(svc.transport)
+    # The last one is stop()'s own snapshot: nothing changed since, so there is none.
+    assert [(msg_id, s.ts, s.part, len(s.positions), len(s.accounts)) for msg_id, s in stream] == [
+        (f"pnl:{T0}:0", T0, 0, 2, 0), (f"pnl:{T0}:1", T0, 1, 0, 2),
+        (f"pnl:{T0 + 2000}:0", T0 + 2000, 0, 3, 0), (f"pnl:{T0 + 2000}:1", T0 + 2000, 1, 0, 3),
+        (f"pnl:{T0 + S}:0", T0 + S, 0, 3, 0), (f"pnl:{T0 + S}:1", T0 + S, 1, 0, 3),
+    ]
+    a1 = next(row for row in stream[2][1].positions if row.account == "A1")
+    assert (a1.symbol, a1.mark, a1.mark_source, a1.unrealized_pnl, a1.total_pnl) == ("XYZ", D(95), "quote_mid", D(-25), D(121))
+    assert [row.account for row in stream[3][1].accounts] == ["A1", "A2", "A3"]
 
 
-async def test_a_large_snapshot_goes_in_chunks_and_a_retry_resumes_at_the_failed_one(monkeypatch):
-    monkeypatch.setattr(pnl, "WRITE_ROWS", 3)
-    book = make_book()
-    for i in range(7):
-        book.on_position(worked_example_updates(f"A{i}")[-1])
-    flaky = FlakyQuestDB(failures=0)
-    snapshots = PnlSnapshots(None, book, flaky, flaky, pnl.SnapshotSection(), pnl.PnlMetrics(fresh_registry()))
-    await snapshots.take(now_ns=T0)
-    position_snapshot = snapshots.pending[0]
-    flaky.failures = 0
-    original = flaky.write_batch
+async def test_a_window_published_again_after_a_failure_is_stored_once(monkeypatch):
+    monkeypatch.setattr(agents_pnl, "ROWS_PER_MESSAGE", 3)
+    svc = MemoryService(**FAST_RETRY, POSTTRADE_PNL__PNL__SNAPSHOTS__INTERVAL_S="3600")
+    async with svc:
+        for i in range(7):
+            await svc.publish_position(worked_example_updates(f"A{i}")[-1])
+        await svc.settle()
+        flaky = Flaky(svc.transport, failures=1, get_through=2)  # two messages got there, then NATS went
+        taken = await svc.service.snapshots.take(now_ns=T0)
+        assert [(m.event.part, m.rows) for m in taken] == [(0, 3), (1, 3), (2, 1), (3, 3), (4, 3), (5, 1)]
+        await wait_for(lambda: svc.service.snapshots.pending_rows == 0)
+        assert flaky.calls == 2
+    stream = published(svc.transport)
+    assert [s.part for _, s in stream] == [0, 1, 2, 3, 4, 5]  # the server dropped the resent 0 and 1
+    assert [row.account for _, s in stream for row in s.positions] == [f"A{i}" for i in range(7)]
+    assert [row.account for _, s in stream for row in s.accounts] == [f"A{i}" for i in range(7)]
 
-    async def fail_the_second_chunk_once(table, rows, **kwargs):
-        if flaky.calls == 1 and not getattr(flaky, "failed", False):
-            flaky.failed = True
-            flaky.calls += 1
-            raise QuestDBWriteError("connection reset", bad_data=False)
-        return await original(table, rows, **kwargs)
 
-    flaky.write_batch = fail_the_second_chunk_once
-    with pytest.raises(QuestDBWriteError):
-        await snapshots.write_next()
-    assert snapshots.pending[0] is position_snapshot and position_snapshot.written == 3
-    await snapshots.write_next()
-    await snapshots.write_next()
-    assert [len(accounts) for table, _, accounts in flaky.batches if table == "pnl_snapshots"] == [3, 3, 1]
-    assert [a for table, _, accounts in flaky.batches if table == "pnl_snapshots" for a in accounts] == [f"A{i}" for i in range(7)]
-    assert not snapshots.pending and snapshots.pending_rows == 0
+async def test_a_message_over_the_servers_max_payload_is_split():
+    transport = MemoryTransport(max_payload=4000)
+    svc = MemoryService(transport, POSTTRADE_PNL__PNL__SNAPSHOTS__INTERVAL_S="3600")
+    async with svc:
+        for i in range(12):
+            await svc.publish_position(worked_example_updates(f"A{i:02d}")[-1])
+        await svc.settle()
+        taken = await svc.service.snapshots.take(now_ns=T0)
+        await wait_for(lambda: svc.service.snapshots.pending_rows == 0)
+    assert len(taken) > 2 and [m.event.part for m in taken] == list(range(len(taken)))
+    assert all(len(m.data) < 4000 for m in taken)
+    stream = published(transport)
+    assert [row.account for _, s in stream for row in s.positions] == [f"A{i:02d}" for i in range(12)]
+
+
+async def test_a_row_that_does_not_fit_is_dead_lettered_and_the_rest_published():
+    svc = MemoryService(POSTTRADE_PNL__PNL__SNAPSHOTS__INTERVAL_S="3600")
+    async with svc:
+        await svc.publish_position(worked_example_updates("A1")[-1])
+        big = Position("A2", "BIG")
+        big.apply(fill(1, "BUY", "5E+18", "19", fee="0", account="A2", symbol="BIG"))
+        await svc.publish_position(update_of(big, T0 + S))
+        await svc.publish_quote(quote("BIG", "9E+19", "9E+19", T0 + 2 * S))  # notional 4.5E+38
+        await svc.settle()
+        taken = await svc.service.snapshots.take(now_ns=T0)
+        assert [row.account for m in taken for row in m.event.positions] == ["A1"]
+        assert [row.account for m in taken for row in m.event.accounts] == ["A1"]  # A2's totals are as big
+        position, totals = [(headers, msgspec.json.decode(data)) for _, data, headers, _ in transport_dlq(svc.transport)
+                            if headers["Posttrade-Agent"] == "snapshots"]
+        assert "does not fit" in position[0]["Posttrade-Reason"] and position[0]["Posttrade-Stream"] == "pnl_snapshots"
+        assert [(row["account"], row["symbol"]) for row in position[1]["rows"]] == [("A2", "BIG")]
+        assert totals[0]["Posttrade-Stream"] == "pnl_account_snapshots" and totals[1]["rows"][0]["account"] == "A2"
 
 
 async def test_the_snapshot_backlog_is_bounded():
-    book = make_book()
+    svc = MemoryService(POSTTRADE_PNL__PNL__SNAPSHOTS__FULL_EVERY="1",
+                        POSTTRADE_PNL__PNL__SNAPSHOTS__MAX_PENDING_ROWS="7")
+    book = svc.service.book
     for account in ("A1", "A2", "A3"):
         book.on_position(worked_example_updates(account)[-1])
-    flaky = FlakyQuestDB(failures=0)
-    section = pnl.SnapshotSection(full_every=1, max_pending_rows=7)
-    snapshots = PnlSnapshots(None, book, flaky, flaky, section, pnl.PnlMetrics(fresh_registry()))
+    snapshots = svc.service.snapshots  # not started: nothing is published
     for i in range(3):
         await snapshots.take(now_ns=T0 + i * S)
     # 3 snapshots x (3 position + 3 account rows) = 18 > 7: the oldest went, the newest stays.
-    assert [(s.table, s.ts) for s in snapshots.pending] == [
-        ("pnl_snapshots", T0 + 2 * S), ("pnl_account_snapshots", T0 + 2 * S),
-    ]
+    assert [(m.event.ts, m.event.part) for m in snapshots.queue] == [(T0 + 2 * S, 0), (T0 + 2 * S, 1)]
     assert snapshots.pending_rows == 6
-
-
-def fresh_registry() -> CollectorRegistry:
-    return CollectorRegistry()
 
 
 # -- config ---------------------------------------------------------------------------------
