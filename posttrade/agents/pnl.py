@@ -520,16 +520,14 @@ def add_pnl_agents(app: App, channels: PnlChannels, book: PnlBook) -> PnlAgentMe
     metrics = PnlAgentMetrics(app.metrics.registry)
     visible = metrics.visible_seconds
 
-    def resync_after_crash(stream: Stream) -> None:
-        # A crash rolled the tables back: derived values may be ahead of them.
-        if stream.runner.crashes:
-            book.resync()
-            book.mark_all_changed(book.cache_changes)
-            book.mark_all_changed(book.snapshot_changes)
+    def follow_the_tables_back() -> None:
+        # A crash rolled the tables back: values derived from them may be ahead.
+        book.resync()
+        book.mark_all_changed(book.cache_changes)
+        book.mark_all_changed(book.snapshot_changes)
 
-    @app.agent(channels.positions, name="value_positions", start=START)
+    @app.agent(channels.positions, name="value_positions", start=START, on_rollback=follow_the_tables_back)
     async def value_positions(stream: Stream) -> None:
-        resync_after_crash(stream)
         on_position = book.on_position
         async for record in stream.events():
             if on_position(record.value):
@@ -538,9 +536,8 @@ def add_pnl_agents(app: App, channels: PnlChannels, book: PnlBook) -> PnlAgentMe
     def market_agent(channel: Channel, name: str, take: Callable[[Any], None]) -> None:
         counter = metrics.mark_inputs.labels(name)
 
-        @app.agent(channel, name=f"mark_{name}", start=START)
+        @app.agent(channel, name=f"mark_{name}", start=START, on_rollback=follow_the_tables_back)
         async def take_marks(stream: Stream) -> None:
-            resync_after_crash(stream)
             async for event in stream:
                 take(event)
                 counter.inc()
