@@ -41,10 +41,10 @@ from pathlib import Path
 import redis
 
 from posttrade import stack
-from posttrade.features.online import FeastRedisWriter, RespConnection, newest_per_entity
-from posttrade.features.repo import FeastSettings
-from posttrade.features.store import FeatureRepository
 from posttrade.features.views import FeatureSpec, ViewSpec
+from posttrade.stores.feast.client import FeastSettings
+from posttrade.stores.feast.online import FeastRedisWriter, RespConnection, newest_per_entity
+from posttrade.stores.feast.store import FeatureRepository
 
 RESULTS = Path(__file__).parent / "results" / "features.json"
 VALKEY_DB = 6

@@ -25,33 +25,41 @@ update of a position in it. A feature that needs a rate nobody has given yet is 
 
 Each agent takes events in batches (`batch.size` events or `batch.interval_sec`
 seconds), folds every event into its tables with `apply` (a redelivered event changes
-nothing), turns the windows that closed into feature rows, and pushes the batch's rows
-before asking for the next batch — so a batch is acknowledged only once Feast's online
-and offline stores have its rows. Windows are event time: a minute closes once an event
-more than `grace` past its end has been seen on that stream (any symbol); later events
-for it are counted as late and dropped.
+nothing), turns the windows that closed into feature rows and adds them to its sinks
+(`posttrade.stores.feast.sink`), which are flushed before the batch is acknowledged —
+so a batch is acknowledged only once Feast's online and offline stores have its rows.
+Windows are event time: a minute closes once an event more than `grace` past its end
+has been seen on that stream (any symbol); later events for it are counted as late and
+dropped.
 
 An account's `account_order_features` rows come from two agents (positions, orders),
 each computed from everything the service knows of the account at that moment. Their
-pushes take turns in the order the rows were computed (`_account_push`), so the online
-store ends with the newest state. Every account row is stamped by one clock per account
-(`stamp`): an account's rows never go back in event time (ptrc's update of a late fill
-is older than the state it carries) and never share a stored time, so a
-point-in-time join never sees a state computed from later events nor has to pick
-between two rows.
+online writes take turns in the order the rows were computed (`FeatureSinks`, `Turns`),
+so the online store ends with the newest state. Every account row is stamped by one
+clock per account (`stamp`): an account's rows never go back in event time (ptrc's
+update of a late fill is older than the state it carries) and never share a stored
+time, so a point-in-time join never sees a state computed from later events nor has
+to pick between two rows.
+
+`HourlyBatch` is the batch view's job (a timer of the service): the closed hours from
+the offline minute rows, then Feast's materialization.
 """
 
 from __future__ import annotations
 
 import asyncio
 import heapq
+import logging
+import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from decimal import Decimal
 
 from ..app import App
 from ..core.exact import EXACT, divide
 from ..core.fx import FxRates
 from ..core.reference import Reference
+from ..features.batch import HOUR_NS, first_hour, hour_closed, hourly_rows
 from ..features.math import (
     MINUTE_NS,
     CountedFill,
@@ -86,13 +94,18 @@ from ..features.views import (
     ACCOUNT_FEATURES,
     ACCOUNT_ORDER_FEATURES,
     EVENT_TIME_RESOLUTION_NS,
+    SYMBOL_HOURLY_FEATURES,
     SYMBOL_QUOTE_FEATURES,
     SYMBOL_TRADE_FEATURES,
 )
+from ..sinks import RetryPolicy, Sink
+from ..stores.feast.client import FeastClient
+from ..stores.feast.sink import FeastPushSink, Turns
+from ..stores.feast.status import FeatureStatus
 from ..streams import subjects
-from ..streams.channel import Channel
 from ..streams.events import PositionUpdate
 
+log = logging.getLogger(__name__)
 
 TWO = Decimal(2)
 #: The fill_id under which `counted_fills` keeps an account's folded record (a fill's
@@ -108,34 +121,45 @@ def _none() -> None:
 
 
 @dataclass(frozen=True)
-class FeatureChannels:
-    trades: Channel
-    quotes: Channel
-    positions: Channel
-    orders: Channel
+class FeatureSinks:
+    """Where each agent's rows go: a sink per agent and view, since a crashed batch
+    discards what its own agent added and nothing else."""
+
+    trades: Sink  # symbol_trade_features, from trade_features
+    quotes: Sink  # symbol_quote_features, from quote_features
+    accounts: Sink  # account_features, from account_features
+    account_rates: Sink  # account_order_features, from account_features
+    order_rates: Sink  # account_order_features, from order_features
 
     @classmethod
-    def standard(cls, app: App) -> FeatureChannels:
-        """The bus layout of `posttrade.streams.subjects` (tests pass their own streams)."""
+    def to_feast(cls, feast: FeastClient, status: FeatureStatus, retry: RetryPolicy) -> FeatureSinks:
+        # The two writers of account_order_features reach the online store in the order
+        # their rows were computed.
+        turns = Turns()
+
+        def push(view, writer: str, turns: Turns | None = None) -> FeastPushSink:
+            return FeastPushSink(view, feast, status, retry, writer=writer, turns=turns)
+
         return cls(
-            trades=subjects.market_trades(app),
-            quotes=subjects.quotes(app),
-            positions=subjects.positions(app),
-            orders=subjects.orders(app),
+            trades=push(SYMBOL_TRADE_FEATURES, "trade_features"),
+            quotes=push(SYMBOL_QUOTE_FEATURES, "quote_features"),
+            accounts=push(ACCOUNT_FEATURES, "account_features"),
+            account_rates=push(ACCOUNT_ORDER_FEATURES, "account_features", turns),
+            order_rates=push(ACCOUNT_ORDER_FEATURES, "order_features", turns),
         )
 
 
 class FeatureAgents:
-    """Declares the channels, tables and agents on `app`; `publisher` is set at start."""
+    """Declares the channels, tables and agents on `app`, each agent with its sinks."""
 
     def __init__(
         self,
         app: App,
+        sinks: FeatureSinks,
         *,
         batch_size: int,
         batch_interval_s: float,
         window_grace_s: float,
-        channels: FeatureChannels | None = None,
         reference: Reference | None = None,
         max_fills_per_account: int = MAX_FILLS_PER_ACCOUNT,
     ):
@@ -148,13 +172,12 @@ class FeatureAgents:
         self.fx = FxRates(self.reference, self.fx_mark)
         self.batch_size = batch_size
         self.batch_interval_s = batch_interval_s
-        self.publisher = None  # a features.publisher.FeaturePublisher, created when Feast is up
+        self.sinks = sinks
 
-        channels = channels or FeatureChannels.standard(app)
-        self.trades = channels.trades
-        self.quotes = channels.quotes
-        self.positions = channels.positions
-        self.orders = channels.orders
+        self.trades = subjects.market_trades(app)
+        self.quotes = subjects.quotes(app)
+        self.positions = subjects.positions(app)
+        self.orders = subjects.orders(app)
 
         self.trade_minutes = app.windowed_table(
             "trade_minutes", size_s=60, grace_s=window_grace_s, value_type=TradeMinute, key_type=str, default=TradeMinute
@@ -189,26 +212,14 @@ class FeatureAgents:
         # The event time of each account's newest row (see `stamp`). It only moves on: a
         # crash that rolls a table back leaves it ahead, which costs nothing.
         self._account_clock: dict[str, int] = {}
-        self._account_push = asyncio.Lock()
 
         app.on_startup.append(self._recover_accounts)
-        app.agent(self.trades, name="trade_features")(self.trade_agent)
-        app.agent(self.quotes, name="quote_features")(self.quote_agent)
-        app.agent(self.positions, name="account_features")(self.position_agent)
-        app.agent(self.orders, name="order_features")(self.order_agent)
-
-    async def _push(self, stream, view, rows: list[tuple]) -> None:
-        if rows:
-            await self.publisher.push(view.name, rows, stream.keep_alive)
-
-    async def _push_accounts(self, stream, account_rows: list[tuple], rate_rows: list[tuple]) -> None:
-        """Push account rows in the order they were computed: the lock is asked for in
-        the same step that computed them (no await in between) and serves in turn."""
-        if not (account_rows or rate_rows):
-            return
-        async with self._account_push:
-            await self._push(stream, ACCOUNT_FEATURES, account_rows)
-            await self._push(stream, ACCOUNT_ORDER_FEATURES, rate_rows)
+        app.agent(self.trades, name="trade_features", sinks=[sinks.trades])(self.trade_agent)
+        app.agent(self.quotes, name="quote_features", sinks=[sinks.quotes])(self.quote_agent)
+        app.agent(self.positions, name="account_features", sinks=[sinks.accounts, sinks.account_rates])(
+            self.position_agent
+        )
+        app.agent(self.orders, name="order_features", sinks=[sinks.order_rates])(self.order_agent)
 
     def batches(self, stream):
         return stream.take_events(self.batch_size, self.batch_interval_s)
@@ -226,7 +237,7 @@ class FeatureAgents:
                 values, history = trade_features(start, minute, self.trade_history[symbol])
                 self.trade_history[symbol] = history
                 rows.append(row(symbol, start + MINUTE_NS, values, names))
-            await self._push(stream, SYMBOL_TRADE_FEATURES, rows)
+            self.sinks.trades.extend(rows)
 
     def fold_trade(self, trade) -> None:
         previous = self.trade_ticks.get(trade.symbol)
@@ -246,7 +257,7 @@ class FeatureAgents:
                 row(symbol, start + MINUTE_NS, quote_features(minute), names)
                 for symbol, start, minute in self.quote_minutes.pop_closed()
             ]
-            await self._push(stream, SYMBOL_QUOTE_FEATURES, rows)
+            self.sinks.quotes.extend(rows)
 
     def fold_quote(self, quote) -> None:
         top = QuoteTop(ts=quote.ts, bid=quote.bid, ask=quote.ask, bid_size=quote.bid_size, ask_size=quote.ask_size)
@@ -355,7 +366,9 @@ class FeatureAgents:
                     account_rows.append(row(account, ts, self.account_values(account, day), account_names))
                     if counted:
                         rate_rows.append(row(account, ts, self.rate_values(account, day), rate_names))
-            await self._push_accounts(stream, account_rows, rate_rows)
+            # In the same step that computed them: their turn among the account rows.
+            self.sinks.accounts.extend(account_rows)
+            self.sinks.account_rates.extend(rate_rows)
 
     def hold_update(self, update: PositionUpdate) -> tuple[bool, bool]:
         """Take one of ptrc's updates: (whether it is now its key's position, whether it
@@ -448,4 +461,122 @@ class FeatureAgents:
                     self.order_days.apply(order.account, lambda d: add_order_to_day(d, order.ts, order.qty))
                 ts = self.stamp(order.account, order.ts)
                 rows.append(row(order.account, ts, self.rate_values(order.account, utc_day(ts)), names))
-            await self._push_accounts(stream, [], rows)
+            self.sinks.order_rates.extend(rows)
+
+
+def known_entities(agents: FeatureAgents, limit: int) -> dict[str, list[str]]:
+    """The symbols and accounts the agents hold state for (the page's pickers), sorted,
+    at most `limit` of each: symbols with trades or quotes, accounts with positions or
+    orders."""
+    symbols = set(agents.trade_history.keys()) | set(agents.quote_tops.keys())
+    accounts = {account for account, _ in agents.ptrc_positions.keys()} | set(agents.order_days.keys())
+    return {"symbols": sorted(symbols)[:limit], "accounts": sorted(accounts)[:limit]}
+
+
+# -- the batch view -----------------------------------------------------------------------------
+
+
+class HourlyBatch:
+    """`symbol_hourly_features` (`posttrade.features.batch`) and materialization.
+
+    A run computes the closed hours not computed yet from the offline minute rows (at
+    most `max_hours_per_run`), writes each hour's rows offline through `sink` (one part
+    per hour: an hour computed again lands on the same part), then materializes the
+    `materialize_views` online up to their newest offline row — not the wall clock, so
+    rows computed late for earlier hours are never skipped. A failed materialization is
+    recorded, not retried: it holds no rows of ours, and the next run continues from the
+    last interval Feast materialized. One run at a time.
+    """
+
+    def __init__(
+        self,
+        feast: FeastClient,
+        status: FeatureStatus,
+        sink: Sink,
+        *,
+        max_hours_per_run: int,
+        materialize_views: list[str],
+    ):
+        self.feast = feast
+        self.status = status
+        self.sink = sink
+        self.max_hours_per_run = max_hours_per_run
+        self.materialize_views = materialize_views
+        self.source = SYMBOL_TRADE_FEATURES
+        self.target = SYMBOL_HOURLY_FEATURES
+        self.next_hour: int | None = None  # kept in memory, so that runs of empty hours move on
+        self.runs = 0
+        self.errors = 0
+        self.last_error: str | None = None
+        self.last_run: dict | None = None
+        self._lock = asyncio.Lock()
+
+    async def run(self) -> dict:
+        """Compute the closed hours offline, then materialize; what `batch.last_run` says."""
+        async with self._lock:
+            started = time.perf_counter()
+            try:
+                hours, rows = await self._compute()
+            except Exception as exc:
+                self.errors += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.status[self.target.name].error(f"batch: {self.last_error}")
+                raise
+            computed_s = time.perf_counter() - started
+            materialized = {}
+            for view in self.materialize_views:
+                newest = self.status[view].newest_event_ts
+                if newest is None:
+                    continue  # nothing offline yet
+                end = datetime.fromtimestamp(newest / 1e9 + 1, tz=timezone.utc)
+                materialized[view] = await self._materialize(view, end)
+            self.runs += 1
+            self.last_run = {
+                "hours_computed": hours,
+                "rows": rows,
+                "duration_s": round(computed_s, 4),
+                "materialized_s": materialized,
+                "finished_at": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+            }
+            return self.last_run
+
+    async def _compute(self) -> tuple[int, int]:
+        """(hours computed, rows written)."""
+        offline = self.feast.repository_or_fail().offline
+        source_range = await asyncio.to_thread(offline.event_time_range, self.source)
+        if source_range is None:
+            return 0, 0
+        oldest, newest = source_range
+        hour = self.next_hour
+        if hour is None:  # after a start: after the newest computed hour, or at the first one
+            done = await asyncio.to_thread(offline.event_time_range, self.target)
+            hour = self.next_hour = first_hour(oldest, done[1] if done is not None else None)
+        hours = rows = 0
+        while hour_closed(hour, newest) and hours < self.max_hours_per_run:
+            hour_rows = await asyncio.to_thread(self._hour_rows, offline, hour)
+            if hour_rows:
+                self.sink.extend(hour_rows)
+                try:
+                    await self.sink.flush()
+                except BaseException:
+                    self.sink.discard()  # the next run computes this hour again
+                    raise
+                rows += len(hour_rows)
+            hours += 1
+            hour = self.next_hour = hour + HOUR_NS
+        return hours, rows
+
+    def _hour_rows(self, offline, hour: int) -> list[tuple]:
+        """The rows of the hour starting at `hour`, from its minute rows (blocking)."""
+        return hourly_rows(offline.read(self.source, hour + 1_000, hour + HOUR_NS + 1_000), hour, self.source)
+
+    async def _materialize(self, view: str, end: datetime) -> float | None:
+        """`materialize_incremental` of `view` up to `end`: its duration, None if it failed."""
+        try:
+            result = await self.feast.materialize(view, end)
+        except Exception as exc:
+            self.status.materialize_failed(view, f"{type(exc).__name__}: {exc}")
+            log.exception("materializing %s failed", view)
+            return None
+        self.status.materialized(view, result)
+        return round(result.duration_s, 4)

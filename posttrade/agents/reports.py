@@ -31,7 +31,7 @@ fingerprint of every cell (row count and exact sums of the decimal columns — o
 aggregate query), uses every chunk whose cells still match, exports the rest (the
 unfinished cell, cells whose rows changed: a late fill, a rewrite, a restart's
 catch-up), and assembles: the CSV is QuestDB's bytes, concatenated; the Parquet file is
-the chunks' row groups joined without re-encoding (`posttrade.core.reports.stitch_parquet`).
+the chunks' row groups joined without re-encoding (`posttrade.stores.parquet.stitch_parquet`).
 Without the spool (`spool: false`, a fresh disk) the same code exports the whole day.
 
 QuestDB's own Parquet export is not used: QuestDB 9.3.1 aborts (the whole server) on
@@ -42,11 +42,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.client
+import json
 import logging
 import os
 import shutil
-import ssl
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -54,10 +53,9 @@ from datetime import date, datetime, time as dtime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Callable, Mapping
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
-import httpx
 import msgspec
 from prometheus_client import Counter, Histogram
 from starlette.requests import Request
@@ -87,28 +85,25 @@ from ..core.reports import (
     blotter_from_questdb_csv,
     blotter_parquet,
     cell_bounds,
-    chunk_head_size,
     daily_pnl_rows,
-    decode_chunk_head,
     empty_blotter,
-    encode_chunk,
     encode_report,
     fingerprint_of,
-    parquet_layout,
     parse_iso_ns,
     parse_report_name,
     plan_blotter,
     positions_rows,
     report_name,
     snapshot_rows,
-    stitch_parquet,
     to_ns,
     valuations_from_live,
     valuations_from_snapshots,
 )
 from ..stores.clickhouse import ClickHouseStore, ClickHouseUnavailableError
 from ..stores.objects import ObjectNotFoundError, ObjectStore, check_object_name
+from ..stores.parquet import ParquetLayout, parquet_layout, stitch_parquet
 from ..stores.questdb import QuestDBClient, QuestDBError, QuestDBUnavailableError, check_identifier, sql_literal
+from ..stores.questdb.export import QuestDBExporter
 from ..tables.table import Table
 from ..web import params
 from ..web.params import BadRequest
@@ -756,7 +751,7 @@ class ReportService:
 
     async def _export_csv(self, sql: str) -> bytes:
         """The CSV QuestDB's `/exp` gives for `sql` (b"" when the table does not exist)."""
-        return await asyncio.to_thread(self._exporter.export_csv, sql)
+        return await self._exporter.export_csv_async(sql)
 
 
 @dataclass
@@ -796,6 +791,48 @@ class SpooledChunk:
 
 class SpoolReadError(Exception):
     """A spooled chunk could not be read while assembling a blotter."""
+
+
+# -- the spool's chunk file -------------------------------------------------------------------
+#
+# A chunk file: magic, head length, a small JSON head (`ChunkHead`), QuestDB's CSV rows,
+# the Parquet file of the same rows.
+
+CHUNK_MAGIC = b"PTBLOT01"
+
+
+def encode_chunk(head: ChunkHead, csv_rows: bytes | memoryview, parquet: bytes | memoryview) -> list[bytes | memoryview]:
+    """The parts of a chunk file: magic, head length, JSON head, CSV rows, Parquet file."""
+    meta = json.dumps(
+        {
+            "lo": head.lo, "hi": head.hi, "fingerprint": head.fingerprint.to_json(), "csv_size": head.csv_size,
+            "parquet_size": head.parquet_size, "layout": head.layout.to_json(), "exported_at": head.exported_at,
+        },
+        separators=(",", ":"),
+    ).encode()
+    return [CHUNK_MAGIC, len(meta).to_bytes(4, "little"), meta, csv_rows, parquet]
+
+
+def chunk_head_size(prefix: bytes) -> int:
+    """Bytes of magic + length + JSON head, from a file's first 12 bytes (ValueError if not a chunk)."""
+    if len(prefix) < 12 or prefix[:8] != CHUNK_MAGIC:
+        raise ValueError("not a blotter chunk file")
+    return 12 + int.from_bytes(prefix[8:12], "little")
+
+
+def decode_chunk_head(head_bytes: bytes, file_size: int) -> ChunkHead:
+    """The head of a chunk file (its first `chunk_head_size` bytes); ValueError when the
+    file is not a whole chunk (cut short, or not one at all)."""
+    size = chunk_head_size(head_bytes)
+    meta = json.loads(head_bytes[12:size])
+    head = ChunkHead(
+        lo=int(meta["lo"]), hi=int(meta["hi"]), fingerprint=Fingerprint.from_json(meta["fingerprint"]),
+        csv_size=int(meta["csv_size"]), parquet_size=int(meta["parquet_size"]),
+        layout=ParquetLayout.from_json(meta["layout"]), exported_at=int(meta["exported_at"]),
+    )
+    if size + head.csv_size + head.parquet_size != file_size:
+        raise ValueError(f"chunk file is {file_size} bytes, its head describes {size + head.csv_size + head.parquet_size}")
+    return head
 
 
 class BlotterSpool:
@@ -903,73 +940,6 @@ class BlotterSpool:
                     self._forget(self.root / name)
             except ValueError:
                 continue
-
-
-class QuestDBExporter:
-    """Reads QuestDB's `/exp` CSV export in full, from a worker thread.
-
-    `http.client` rather than the QuestDBClient's httpx client: for a 200 MB export,
-    httpx's pure-Python HTTP/1.1 parsing costs about 0.7 CPU-seconds, `http.client`
-    0.2, and on a 2-core machine CPU is what report generation waits for. The address
-    and credentials are the QuestDBClient's (`base_url`, its headers and auth).
-    QuestDB answers 429 while it serves its maximum of concurrent exports (2 by
-    default): that is retried for `retry_s`.
-    """
-
-    def __init__(self, questdb: QuestDBClient, *, retry_s: float, timeout_s: float = 300.0):
-        url = urlsplit(questdb.base_url)
-        self.tls = url.scheme == "https"
-        self.host = url.hostname or "127.0.0.1"
-        self.port = url.port or (443 if self.tls else 80)
-        self.retry_s = retry_s
-        self.timeout_s = timeout_s
-        # QuestDBClient has no public export (see docs/ptrc_reconciliation_and_reports.md):
-        # its pooled client carries the credentials.
-        self.headers = _auth_headers(questdb._http)
-
-    def export_csv(self, sql: str) -> bytes:
-        deadline = time.monotonic() + self.retry_s
-        delay = 0.05
-        path = "/exp?" + urlencode({"query": sql})
-        while True:
-            if self.tls:
-                conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout_s,
-                                                   context=ssl.create_default_context())
-            else:
-                conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
-            try:
-                conn.request("GET", path, headers=self.headers)
-                response = conn.getresponse()
-                body = response.read()  # raises IncompleteRead if the export is cut short
-                status = response.status
-            except (OSError, http.client.HTTPException) as exc:
-                raise QuestDBUnavailableError(f"QuestDB export from {self.host}:{self.port} failed: {exc!r}",
-                                              query=sql) from exc
-            finally:
-                conn.close()
-            if status == 200:
-                return body
-            text = body.decode("utf-8", "replace")
-            if status == 429 and time.monotonic() < deadline:
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
-                continue
-            if status == 400 and "does not exist" in text:
-                return b""
-            error = QuestDBUnavailableError if status >= 429 else QuestDBError
-            raise error(f"export failed (HTTP {status}): {text[:500]}", query=sql, status=status)
-
-
-def _auth_headers(client: httpx.AsyncClient) -> dict[str, str]:
-    """The Authorization header an httpx client would send (its default headers or auth)."""
-    headers = {}
-    if "authorization" in client.headers:
-        headers["Authorization"] = client.headers["authorization"]
-    if client.auth is not None:
-        request = next(client.auth.sync_auth_flow(httpx.Request("GET", str(client.base_url))))
-        if "authorization" in request.headers:
-            headers["Authorization"] = request.headers["authorization"]
-    return headers
 
 
 def _ts(ns: int) -> str:

@@ -1,10 +1,10 @@
 """The batch-computed view: `symbol_hourly_features` from the offline 1-minute rows.
 
-Every run (a timer of the service) computes each closed UTC hour not computed yet from
-the `symbol_trade_features` rows in the offline store, appends the hourly rows to the
-hourly view's offline store, and then materializes that view online with Feast's
-`materialize_incremental`. So the online hourly values come from the offline store,
-the way Feast's batch features do.
+Every run (`posttrade.agents.features.HourlyBatch`, a timer of the service) computes
+each closed UTC hour not computed yet from the `symbol_trade_features` rows in the
+offline store, appends the hourly rows to the hourly view's offline store, and then
+materializes that view online with Feast's `materialize_incremental`. So the online
+hourly values come from the offline store, the way Feast's batch features do.
 
 An hour [H, H + 1 h) holds the minute rows whose event time (the minute's end) is in
 (H, H + 1 h]. It is closed once a minute row newer than H + 1 h exists: windows close
@@ -15,8 +15,6 @@ event time H + 1 h.
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass
 
 import pyarrow as pa
 
@@ -62,46 +60,14 @@ def hourly_rows(table: pa.Table, hour_start_ns: int, source: ViewSpec = SYMBOL_T
     return out
 
 
-@dataclass
-class BatchRun:
-    hours: int
-    rows: int
-    newest_ts: int | None
-    duration_s: float
+def first_hour(oldest_minute_ns: int, newest_computed_ns: int | None) -> int:
+    """The start of the first hour to compute: the one after the newest computed hour
+    (whose rows' event time is its end), else the hour of the oldest minute row."""
+    if newest_computed_ns is not None:
+        return newest_computed_ns
+    return ((oldest_minute_ns - 1) // HOUR_NS) * HOUR_NS
 
 
-class HourlyBatchJob:
-    """Computes closed hours from the offline store (synchronous; run it in a thread)."""
-
-    def __init__(self, repository, *, max_hours_per_run: int = 48):
-        self.repository = repository
-        self.offline = repository.offline
-        self.max_hours_per_run = max_hours_per_run
-        self.source = SYMBOL_TRADE_FEATURES
-        self.target = SYMBOL_HOURLY_FEATURES
-        self.next_hour: int | None = None  # start of the next hour to compute
-
-    def run(self) -> BatchRun:
-        started = time.perf_counter()
-        source_range = self.offline.event_time_range(self.source)
-        if source_range is None:
-            return BatchRun(0, 0, None, time.perf_counter() - started)
-        oldest, newest = source_range
-        done = self.offline.event_time_range(self.target)
-        newest_written = done[1] if done is not None else None
-        next_hour = self.next_hour
-        if next_hour is None:
-            # After a start: continue after the newest computed hour, or at the first one.
-            next_hour = done[1] if done is not None else ((oldest - 1) // HOUR_NS) * HOUR_NS
-        hours = rows = 0
-        while next_hour + HOUR_NS < newest and hours < self.max_hours_per_run:
-            table = self.offline.read(self.source, next_hour + 1_000, next_hour + HOUR_NS + 1_000)
-            hour_rows = hourly_rows(table, next_hour, self.source)
-            if hour_rows:
-                self.offline.write(self.target, hour_rows)
-                rows += len(hour_rows)
-                newest_written = next_hour + HOUR_NS
-            hours += 1
-            next_hour += HOUR_NS
-        self.next_hour = next_hour  # kept in memory so that runs of empty hours move on
-        return BatchRun(hours, rows, newest_written, time.perf_counter() - started)
+def hour_closed(hour_start_ns: int, newest_minute_ns: int) -> bool:
+    """Whether every minute row of the hour is in: a newer minute row exists."""
+    return hour_start_ns + HOUR_NS < newest_minute_ns

@@ -167,6 +167,14 @@ VIEWS: dict[str, ViewSpec] = {
 }
 
 
+# What `features` of /features/online may be: comma-separated names out of every view's
+# features, bare or `view:feature` (the entity's own are checked once it is known).
+_FEATURE = "(?:" + "|".join(
+    sorted({f for v in VIEWS.values() for f in v.feature_names} | {f"{v.name}:{f}" for v in VIEWS.values() for f in v.feature_names})
+) + ")"
+FEATURES_PATTERN = f"^(?:{_FEATURE}(?:,{_FEATURE})*)?$"
+
+
 def views_of(entity: EntityName) -> list[ViewSpec]:
     return [v for v in VIEWS.values() if v.entity == entity]
 

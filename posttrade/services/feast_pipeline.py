@@ -2,11 +2,11 @@
 
 Stream agents (`posttrade.agents.features`) compute per-symbol features in event-time
 windows from the market data, and per-account features from ptrc's position updates
-(stream POSITIONS) and the orders, and push them to Feast's online store (Valkey by
-default, SQLite as the local option) and offline store (Parquet). A timer computes the
-hourly batch view from the offline store and materializes it online with
-`materialize_incremental`.
-The Feast feature repository (`posttrade.features.repo`) is applied at start.
+(stream POSITIONS) and the orders; their sinks (`posttrade.stores.feast.sink`) write the
+rows to Feast's online store (Valkey by default, SQLite as the local option) and offline
+store (Parquet) before each batch is acknowledged. A timer computes the hourly batch
+view from the offline store and materializes it online (`HourlyBatch`). The Feast
+feature repository (`posttrade.stores.feast.repo`) is applied at start.
 
 Feast is imported only when the service starts, so the rest of posttrade works without
 it installed (`pip install -e '.[features]'` brings it).
@@ -17,37 +17,30 @@ Endpoints (docs/feast_pipeline.md): `/health`, `/metrics`, `/features/status`,
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
 import re
 import time
-from collections.abc import Callable
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import msgspec
 
-from ..agents.features import MAX_FILLS_PER_ACCOUNT, FeatureAgents, FeatureChannels
-from ..app import App
+from ..agents.features import MAX_FILLS_PER_ACCOUNT, FeatureAgents, FeatureSinks, HourlyBatch, known_entities
 from ..config import ConfigError, ServiceConfig, _Section
-from ..features.views import VIEWS, resolve_features
+from ..features.views import FEATURES_PATTERN, SYMBOL_HOURLY_FEATURES, VIEWS, resolve_features
+from ..sinks import RetryPolicy
+from ..stores.feast.client import FeastClient, FeastSettings, repository_for
+from ..stores.feast.sink import FeastPushSink, FeastRegistrySink
+from ..stores.feast.status import FeatureStatus, FreshnessSampler
+from ..streams.transport import Transport
 from ..web.live import History
 from ..web.params import BadRequest, check_name
 from ..web.server import JSON
+from .base import Service
 from .wiring import new_app
 
-# `features` of /features/online: comma-separated names out of every view's features,
-# bare or `view:feature` (the entity's own are checked once the entity is known).
-_FEATURE = "(?:" + "|".join(
-    sorted({f for v in VIEWS.values() for f in v.feature_names} | {f"{v.name}:{f}" for v in VIEWS.values() for f in v.feature_names})
-) + ")"
-FEATURES_PATTERN = f"^(?:{_FEATURE}(?:,{_FEATURE})*)?$"
 FEATURES = re.compile(FEATURES_PATTERN)
-
-log = logging.getLogger(__name__)
-
 DASHBOARD_ENTITIES = 2000  # symbols and accounts the page's pickers list at most (each)
 
 
@@ -109,9 +102,7 @@ def data_dir(config: FeastPipelineConfig) -> Path:
     return (Path(home).expanduser() / "feast").absolute()
 
 
-def feast_settings(config: FeastPipelineConfig):
-    from ..features.repo import FeastSettings
-
+def feast_settings(config: FeastPipelineConfig) -> FeastSettings:
     redis = config.cache.redis
     if config.feast.online_store == "valkey" and redis is None:
         raise ConfigError("feast_pipeline: feast.online_store is valkey but cache.redis is not configured")
@@ -134,210 +125,69 @@ def feast_settings(config: FeastPipelineConfig):
     )
 
 
-class FeastRuntime:
-    """What exists once Feast is up: repository, publisher, batch job (set at start)."""
-
-    def __init__(self, config: FeastPipelineConfig, agents: FeatureAgents):
-        self.config = config
-        self.agents = agents
-        self.settings = None
-        self.repository = None
-        self.publisher = None
-        self.batch_job = None
-        self.valkey = None  # a RespConnection for /health
-        self.writer = None  # the direct FeastRedisWriter, when used
-        self.last_batch: dict | None = None
-        self.batch_runs = 0
-        self.batch_errors = 0
-        self.last_batch_error: str | None = None
-        self._batch_lock = asyncio.Lock()
-
-    async def start(self, app: App) -> None:
-        try:
-            from ..features.batch import HourlyBatchJob
-            from ..features.online import FeastRedisWriter, RespConnection
-            from ..features.publisher import FeaturePublisher
-            from ..features.store import FeatureRepository
-        except ModuleNotFoundError as exc:
-            raise RuntimeError(
-                f"feast_pipeline needs Feast ({exc.name} is missing): pip install -e '.[features]'"
-            ) from exc
-
-        self.settings = feast_settings(self.config)
-        repository = FeatureRepository(self.settings)
-        deadline = time.monotonic() + self.config.feast.startup_timeout_s
-        delay = 0.5
-        while True:
-            try:
-                await asyncio.to_thread(repository.apply)
-                break
-            except Exception as exc:  # a store not up yet: Feast raises many kinds
-                if time.monotonic() > deadline:
-                    raise
-                log.warning("applying the feature repository failed (%s); retrying in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-        direct = None
-        if self.settings.online_store == "valkey":
-
-            def connection() -> RespConnection:
-                return RespConnection(
-                    self.settings.redis_host,
-                    self.settings.redis_port,
-                    db=self.settings.redis_db,
-                    username=self.settings.redis_username,
-                    password=self.settings.redis_password,
-                    ssl=self.settings.redis_ssl,
-                )
-
-            # Its own connection: a health check must not queue behind a large write.
-            self.valkey = connection()
-            if self.config.feast.online_writer == "direct":
-                self.writer = FeastRedisWriter(
-                    connection(), self.settings.project, repository.views.values(), key_ttl_s=self.settings.key_ttl_s
-                )
-                direct = self.writer
-        self.repository = repository
-        self.publisher = FeaturePublisher(repository, direct_writer=direct, registry=app.metrics.registry)
-        await self.publisher.recover()
-        self.batch_job = HourlyBatchJob(repository, max_hours_per_run=self.config.features.max_hours_per_run)
-        self.agents.publisher = self.publisher
-
-    async def stop(self) -> None:
-        for connection in (self.valkey, self.writer):
-            if connection is not None:
-                await connection.close()
-
-    async def run_batch(self) -> dict:
-        """Compute closed hours offline, then materialize the configured views online."""
-        async with self._batch_lock:
-            publisher = self.publisher
-            try:
-                run = await asyncio.to_thread(self.batch_job.run)
-            except Exception as exc:
-                self.batch_errors += 1
-                self.last_batch_error = f"{type(exc).__name__}: {exc}"
-                publisher.status[self.batch_job.target.name].error(f"batch: {self.last_batch_error}")
-                raise
-            target = publisher.status[self.batch_job.target.name]
-            if run.rows:
-                target.rows_pushed += run.rows
-                target.pushes += 1
-                target.last_push_at = time.time()
-                publisher.rows_pushed.labels(target.name).inc(run.rows)
-            if run.newest_ts is not None and (target.newest_event_ts or 0) < run.newest_ts:
-                target.newest_event_ts = run.newest_ts
-            materialized = {}
-            for view in self.config.features.materialize_views:
-                status = publisher.status[view]
-                if status.newest_event_ts is None:
-                    continue  # nothing offline yet
-                # Up to the newest offline row (not the wall clock): rows computed later
-                # for earlier event times would otherwise fall behind the materialized end.
-                end = datetime.fromtimestamp(status.newest_event_ts / 1e9 + 1, tz=timezone.utc)
-                result = await publisher.materialize(view, end)
-                materialized[view] = None if result is None else round(result.duration_s, 4)
-            self.batch_runs += 1
-            self.last_batch = {
-                "hours_computed": run.hours,
-                "rows": run.rows,
-                "duration_s": round(run.duration_s, 4),
-                "materialized_s": materialized,
-                "finished_at": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
-            }
-            return self.last_batch
-
-    async def compact(self) -> dict[str, int]:
-        limit = self.config.features.compact_after_parts
-        part_bytes = self.config.features.compact_part_bytes
-        merged = {}
-        for view in self.repository.views.values():
-            count = await asyncio.to_thread(self.repository.offline.compact, view, limit, part_bytes)
-            if count:
-                merged[view.name] = count
-                log.info("compacted %d parts of %s", count, view.name)
-        return merged
+@dataclass
+class FeastPipelineService(Service):
+    agents: FeatureAgents  # the stream agents, their tables and sinks
+    feast: FeastClient  # the repository and the online writer, once started
+    status: FeatureStatus  # per view: rows, freshness, materializations, errors
+    batch: HourlyBatch  # the hourly view and materialization
 
 
-class FreshnessSampler:
-    """One sample of what the page draws over time (a `History` ring, `/dashboard/history`):
-    each view's freshness (`freshness.<view>`, s, as /features/status) and rows pushed per
-    second since the last sample (`rows_per_s.<view>`). Counters already in memory: costs
-    nothing on the agents' path. Before Feast is up: an empty sample (a gap)."""
-
-    def __init__(self, runtime: FeastRuntime, *, clock: Callable[[], float] = time.monotonic):
-        self.runtime = runtime
-        self.clock = clock
-        self._last: tuple[float, dict[str, int]] | None = None  # (clock time, rows pushed per view)
-
-    def __call__(self) -> dict[str, float | None]:
-        publisher = self.runtime.publisher
-        if publisher is None:
-            return {}
-        now = self.clock()
-        views = publisher.snapshot()["views"]
-        sample: dict[str, float | None] = {f"freshness.{name}": view["freshness_s"] for name, view in views.items()}
-        rows = {name: view["rows_pushed"] for name, view in views.items()}
-        if self._last is not None and now > self._last[0]:
-            then, before = self._last
-            for name, count in rows.items():
-                # A view's counter only grows; one missing before (new view) is a gap.
-                if name in before:
-                    sample[f"rows_per_s.{name}"] = round((count - before[name]) / (now - then), 3)
-        self._last = (now, rows)
-        return sample
-
-
-def known_entities(agents: FeatureAgents, limit: int) -> dict[str, list[str]]:
-    """The symbols and accounts the agents hold state for (the page's pickers), sorted,
-    at most `limit` of each: symbols with trades or quotes, accounts with positions or
-    orders."""
-    symbols = set(agents.trade_history.keys()) | set(agents.quote_tops.keys())
-    accounts = {account for account, _ in agents.ptrc_positions.keys()} | set(agents.order_days.keys())
-    return {"symbols": sorted(symbols)[:limit], "accounts": sorted(accounts)[:limit]}
-
-
-def build(config: FeastPipelineConfig) -> App:
-    return assemble(new_app(config), config)
-
-
-def assemble(app: App, config: FeastPipelineConfig, channels: FeatureChannels | None = None) -> App:
-    """Declare the service on `app` (tests bring their own transport and streams)."""
+def build(config: FeastPipelineConfig, *, transport: Transport | None = None) -> FeastPipelineService:
+    """The service on NATS (or `transport`); Feast is opened when it starts."""
+    app = new_app(config, transport)
+    retry = RetryPolicy.from_config(config.batch)
+    feast = FeastClient(config.feast.online_writer)
+    status = FeatureStatus(app.metrics.registry)
     agents = FeatureAgents(
         app,
+        FeatureSinks.to_feast(feast, status, retry),
         batch_size=config.batch.size,
         batch_interval_s=config.batch.interval_sec,
         window_grace_s=config.features.window_grace_s,
-        channels=channels,
         reference=config.reference(),
         max_fills_per_account=config.features.max_fills_per_account,
     )
-    runtime = FeastRuntime(config, agents)
-    app.feast = runtime  # type: ignore[attr-defined]  # for tests and operators
+    hourly_rows = FeastPushSink(SYMBOL_HOURLY_FEATURES, feast, status, retry, writer="hourly_batch", online=False)
+    batch = HourlyBatch(
+        feast,
+        status,
+        app.sink(hourly_rows),
+        max_hours_per_run=config.features.max_hours_per_run,
+        materialize_views=config.features.materialize_views,
+    )
+    registry = app.sink(FeastRegistrySink(retry))  # applies the repository at start
+    service = FeastPipelineService(app, config, agents, feast, status, batch)
 
     async def start_feast() -> None:
-        await runtime.start(app)
+        repository = repository_for(feast_settings(config))
+        await registry.apply(repository, config.feast.startup_timeout_s)
+        await feast.open(repository)
+        await status.recover(repository)
 
     app.on_startup.append(start_feast)
-    app.on_shutdown.append(runtime.stop)
+    app.on_shutdown.append(feast.close)
 
     @app.timer(config.features.batch_interval_s, name="hourly_batch")
     async def hourly_batch() -> None:
-        await runtime.run_batch()
+        await batch.run()
 
     @app.timer(config.features.compact_interval_s, name="compact_offline")
     async def compact_offline() -> None:
-        await runtime.compact()
+        await feast.compact(config.features.compact_after_parts, config.features.compact_part_bytes)
+
+    install_pages(service)
+    return service
+
+
+def install_pages(service: FeastPipelineService) -> None:
+    app, config, feast, status, agents = service.app, service.config, service.feast, service.status, service.agents
 
     @app.health_check("feast")
     async def feast_health():
-        if runtime.repository is None:
+        if not feast.ready:
             return False, "feature repository not applied yet"
-        detail = {"project": runtime.settings.project, "online_store": runtime.settings.online_store}
-        if runtime.valkey is not None:
-            await runtime.valkey.ping()
-            detail["valkey"] = runtime.valkey.location
-        return True, detail
+        return True, await feast.health()
 
     @app.page("/features/status", public=True)  # pipeline health: views, counts, errors
     async def features_status(request):
@@ -348,26 +198,27 @@ def assemble(app: App, config: FeastPipelineConfig, channels: FeatureChannels | 
           200: {description: "`views`, `late_events`, `batch`", schema: {type: object}}
           503: the feature repository is not applied yet
         """
-        if runtime.publisher is None:
+        if not feast.ready:
             raise BadRequest({"error": "the feature repository is not applied yet"}, status_code=503)
-        snapshot = runtime.publisher.snapshot()
+        batch = service.batch
         return JSON(
             {
                 "service": app.name,
-                "project": runtime.settings.project,
-                "data_dir": str(runtime.settings.data_dir),
-                **snapshot,
-                "views": list(snapshot["views"].values()),
+                "project": feast.settings.project,
+                "data_dir": str(feast.settings.data_dir),
+                "online_store": feast.settings.online_store,
+                "online_writer": feast.online_path,
+                "views": list(status.snapshot().values()),
                 "late_events": {
                     "trade_minutes": agents.trade_minutes.late_events,
                     "quote_minutes": agents.quote_minutes.late_events,
                 },
                 "batch": {
                     "interval_s": config.features.batch_interval_s,
-                    "runs": runtime.batch_runs,
-                    "errors": runtime.batch_errors,
-                    "last_error": runtime.last_batch_error,
-                    "last_run": runtime.last_batch,
+                    "runs": batch.runs,
+                    "errors": batch.errors,
+                    "last_error": batch.last_error,
+                    "last_run": batch.last_run,
                     "materialize_views": config.features.materialize_views,
                 },
             }
@@ -405,10 +256,10 @@ def assemble(app: App, config: FeastPipelineConfig, channels: FeatureChannels | 
             raise BadRequest({"parameter": "features", "error": f"unknown {entity} feature {exc.args[0]!r}"}) from None
         except ValueError as exc:
             raise BadRequest({"parameter": "features", "error": str(exc)}) from None
-        if runtime.repository is None:
+        if not feast.ready:
             raise BadRequest({"error": "the feature repository is not applied yet"}, status_code=503)
         started = time.perf_counter()
-        rows = await asyncio.to_thread(runtime.repository.online_features, entity, [value], refs)
+        rows = await feast.online_features(entity, [value], refs)
         values = {ref: rows[0][ref] for ref in refs}
         return JSON(
             {"entity": entity, entity: value, "features": values, "read_ms": round((time.perf_counter() - started) * 1e3, 3)}
@@ -428,7 +279,7 @@ def assemble(app: App, config: FeastPipelineConfig, channels: FeatureChannels | 
 
     # Freshness and rows/s per view over the last hour at one sample per 2 s (1,800
     # samples of ten figures: a few hundred KB at most).
-    History(FreshnessSampler(runtime)).serve(app, "/dashboard/history", public=True)
+    History(FreshnessSampler(status, lambda: feast.ready)).serve(app, "/dashboard/history", public=True)
 
     # The document names every feature (the views are fixed in code).
     features_online.__doc__ = (features_online.__doc__ or "").replace("FEATURES_PATTERN", FEATURES_PATTERN)
@@ -442,8 +293,6 @@ def assemble(app: App, config: FeastPipelineConfig, channels: FeatureChannels | 
           200: {description: "the run: hours computed, rows, durations", schema: {type: object}}
           503: the feature repository is not applied yet
         """
-        if runtime.repository is None:
+        if not feast.ready:
             raise BadRequest({"error": "the feature repository is not applied yet"}, status_code=503)
-        return JSON(await runtime.run_batch())
-
-    return app
+        return JSON(await service.batch.run())

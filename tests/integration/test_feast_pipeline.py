@@ -1,26 +1,30 @@
 """feast_pipeline on the real servers: NATS JetStream and Valkey (Feast's Redis online store).
 
-Streams, buckets, the Feast project and Valkey keys are unique per test and removed
-afterwards (the dev stack is shared).
+Each test has its own namespace (streams, subjects, consumers, buckets) and Feast
+project (Valkey keys), removed afterwards (the dev stack is shared).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 
 import nats
 import pytest
 import redis.asyncio as redis_asyncio
+from prometheus_client import CollectorRegistry
 
-from posttrade.agents.features import FeatureChannels
 from posttrade.app import App
-from posttrade.features.online import FeastRedisWriter, RespConnection
 from posttrade.features.views import ACCOUNT_FEATURES, SYMBOL_TRADE_FEATURES
-from posttrade.services.feast_pipeline import assemble
-from posttrade.streams.events import MarketTrade, Order, PositionUpdate, Quote
+from posttrade.services.feast_pipeline import build
+from posttrade.sinks import RetryPolicy
+from posttrade.stores.feast.client import FeastClient, FeastSettings
+from posttrade.stores.feast.online import FeastRedisWriter, RespConnection
+from posttrade.stores.feast.sink import FeastPushSink
+from posttrade.stores.feast.status import FeatureStatus
 from posttrade.streams.nats import NatsTransport
 
 from ..unit.test_features_pipeline import at, run_scenario, scenario_config
@@ -34,41 +38,16 @@ pytestmark = [
 ]
 
 
-class Names:
-    def __init__(self) -> None:
-        self.suffix = uuid.uuid4().hex[:8]
-        self.app = f"feast_it_{self.suffix}"
-        self.prefix = f"fit{self.suffix}"  # subject prefix: keeps clear of the real md.* / trading.*
-        self.project = f"fit_{self.suffix}"
-
-    def stream(self, kind: str) -> str:
-        return f"FIT_{self.suffix.upper()}_{kind}"
-
-
-@pytest.fixture
-def names():
-    return Names()
-
-
-def channels(app: App, names: Names) -> FeatureChannels:
-    def channel(kind, value_type, subject):
-        return app.channel(kind, stream=names.stream(kind.upper()), subjects=[f"{names.prefix}.{subject}.>"], value_type=value_type)
-
-    return FeatureChannels(
-        trades=channel("trades", MarketTrade, "md.trades"),
-        quotes=channel("quotes", Quote, "md.quotes"),
-        positions=channel("positions", PositionUpdate, "posttrade.positions"),
-        orders=channel("orders", Order, "trading.orders"),
-    )
-
-
-async def cleanup(url: str, names: Names, app: App) -> None:
+async def cleanup(url: str, app: App) -> None:
+    """Delete the streams (the dead-letter one too) and buckets of `app`'s namespace."""
     nc = await nats.connect(url)
     js = nc.jetstream()
+    streams = {channel.stream.name for channel in app.channels.values()}
+    streams.add(app.stream_name(app.runtime.dead_letter_stream().name))
     try:
-        for kind in ("TRADES", "QUOTES", "POSITIONS", "ORDERS"):
+        for stream in streams:
             with contextlib.suppress(Exception):
-                await js.delete_stream(names.stream(kind))
+                await js.delete_stream(stream)
         for table in app.tables.values():
             # A windowed table has two buckets: its windows and its watermark.
             buckets = [table.table.bucket, table.meta.bucket] if hasattr(table, "table") else [table.bucket]
@@ -92,31 +71,33 @@ def redis_section(stack) -> dict:
     return {"host": stack.valkey_host, "port": stack.valkey_port, "db": VALKEY_DB}
 
 
-async def test_known_sequence_on_nats_and_valkey(stack, names, tmp_path):
-    config = scenario_config(tmp_path / "feast", online_store="valkey", redis=redis_section(stack), project=names.project)
+async def test_known_sequence_on_nats_and_valkey(stack, tmp_path):
+    suffix = uuid.uuid4().hex[:8]
+    project = f"fit_{suffix}"
+    config = scenario_config(
+        tmp_path / "feast", online_store="valkey", redis=redis_section(stack), project=project, namespace=f"fit{suffix}"
+    )
     assert config.feast.online_writer == "direct"
-    app = App(names.app, NatsTransport(stack.nats_url))
-    app.runtime.poll_timeout_s = 0.1
-    assemble(app, config, channels(app, names))
+    service = build(config, transport=NatsTransport(stack.nats_url))
+    service.app.runtime.poll_timeout_s = 0.1
     nc = await nats.connect(stack.nats_url)
     js = nc.jetstream()
 
     async def publish(subject: str, data: bytes) -> None:
-        await js.publish(f"{names.prefix}.{subject}", data)
+        await js.publish(service.app.subject(subject), data)
 
     try:
-        async with app:
-            await run_scenario(app, publish)
+        async with service.app:
+            await run_scenario(service, publish)
     finally:
         await nc.close()
-        await cleanup(stack.nats_url, names, app)
-        await delete_project_keys(stack, names.project)
+        await cleanup(stack.nats_url, service.app)
+        await delete_project_keys(stack, project)
 
 
 async def test_direct_writer_stores_what_feast_itself_stores(stack, tmp_path):
     """Row for row, the direct writer's hashes equal those of Feast's own online write."""
-    from posttrade.features.repo import FeastSettings
-    from posttrade.features.store import FeatureRepository
+    from posttrade.stores.feast.store import FeatureRepository
 
     suffix = uuid.uuid4().hex[:8]
     ours, feasts = f"fdw_{suffix}", f"ffw_{suffix}"
@@ -171,13 +152,12 @@ async def test_direct_writer_stores_what_feast_itself_stores(stack, tmp_path):
 
 
 async def test_push_waits_for_valkey_to_come_back(stack, tmp_path):
-    """Valkey unreachable: the push is retried (errors counted) and completes once it is back.
+    """Valkey unreachable: the push sink retries (the view's errors counted, the batch in
+    hand kept alive) and completes once it is back.
 
     The writer talks to a local TCP relay in front of Valkey that is down at first.
     """
-    from posttrade.features.publisher import FeaturePublisher
-    from posttrade.features.repo import FeastSettings
-    from posttrade.features.store import FeatureRepository
+    from posttrade.stores.feast.store import FeatureRepository
 
     project = f"fre_{uuid.uuid4().hex[:8]}"
     settings = FeastSettings(
@@ -204,30 +184,36 @@ async def test_push_waits_for_valkey_to_come_back(stack, tmp_path):
     probe.close()
     await probe.wait_closed()  # the port is free now: connections are refused
 
-    connection = RespConnection("127.0.0.1", port, db=VALKEY_DB, timeout_s=2)
-    publisher = FeaturePublisher(repository, direct_writer=FeastRedisWriter(connection, project, repository.views.values()))
+    # The same repository, its online store reached through the relay.
+    feast = FeastClient("direct")
+    await feast.open(FeatureRepository(dataclasses.replace(settings, redis_host="127.0.0.1", redis_port=port)))
+    status = FeatureStatus(CollectorRegistry())
+    sink = FeastPushSink(ACCOUNT_FEATURES, feast, status, RetryPolicy(), writer="test")
     kept_alive = []
 
-    async def keep_alive():
-        kept_alive.append(time.monotonic())
+    class BatchInHand:
+        """What the sink tells, while it retries, that the batch is still being worked on."""
 
-    row = ("ACC9", at(3), 1.0, 2.0, 3.0, 4)
-    push = asyncio.create_task(publisher.push(ACCOUNT_FEATURES.name, [row], keep_alive))
+        async def keep_alive(self):
+            kept_alive.append(time.monotonic())
+
+    sink.add(("ACC9", at(3), 1.0, 2.0, 3.0, 4))
+    push = asyncio.create_task(sink.flush(BatchInHand()))
     try:
         await asyncio.sleep(2.0)
         assert not push.done()
-        status = publisher.status[ACCOUNT_FEATURES.name]
-        assert status.errors >= 2 and "ConnectionRefusedError" in status.last_error
+        view = status[ACCOUNT_FEATURES.name]
+        assert view.errors >= 2 and "ConnectionRefusedError" in view.last_error
         assert kept_alive
         server = await asyncio.start_server(relay, "127.0.0.1", port)
         try:
             await asyncio.wait_for(push, 30)
         finally:
             server.close()
-        assert status.rows_pushed == 1
+        assert view.rows_pushed == 1 and view.entities_written_online == 1
         [values] = await asyncio.to_thread(repository.online_features, "account", ["ACC9"], ["account_features:fills_today"])
         assert values["account_features:fills_today"] == 4
     finally:
         push.cancel()
-        await connection.close()
+        await feast.close()
         await delete_project_keys(stack, project)

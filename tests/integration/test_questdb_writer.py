@@ -26,7 +26,7 @@ import nats.js.errors
 import pytest
 
 from posttrade import stack as local_stack
-from posttrade.stores.questdb.sink import LAYOUTS
+from posttrade.stores.questdb.layouts import LAYOUTS
 from posttrade.app import App
 from posttrade.config import load_config
 from posttrade.services import questdb_writer as service
@@ -66,9 +66,10 @@ class Names:
 def writer_env(ep: local_stack.Endpoints, names: Names, routes=ROUTES, **settings: object) -> dict[str, str]:
     """Config overrides: the servers of `ep`, this test's names, only `routes` enabled."""
     env = {**ep.service_env(), "POSTTRADE_QUESTDB_WRITER__SERVICE__NAME": names.service}
+    for route in LAYOUTS:  # the routes of the services' outputs too: off unless asked
+        env[f"POSTTRADE_QUESTDB_WRITER__WRITER__ROUTES__{route.upper()}__ENABLED"] = str(route in routes).lower()
     for route in ROUTES:
         prefix = f"POSTTRADE_QUESTDB_WRITER__WRITER__ROUTES__{route.upper()}__"
-        env[prefix + "ENABLED"] = "true" if route in routes else "false"
         env[prefix + "STREAM"] = names.stream(route)
         env[prefix + "SUBJECTS"] = f"qw{names.suffix}.{route}.>"
         env[prefix + "TABLE"] = names.table(route)
@@ -79,7 +80,7 @@ def writer_env(ep: local_stack.Endpoints, names: Names, routes=ROUTES, **setting
 
 def writer_app(ep, names, routes=ROUTES, **settings) -> App:
     config = load_config("questdb_writer", service.CONFIG, path=CONFIG_FILE, env=writer_env(ep, names, routes, **settings))
-    return service.build(config)
+    return service.build(config).app
 
 
 async def get_json(app: App, path: str) -> tuple[int, dict]:

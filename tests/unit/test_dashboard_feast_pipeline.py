@@ -4,40 +4,39 @@ the API document."""
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import httpx
+from prometheus_client import CollectorRegistry
 
-from posttrade.app import App
-from posttrade.services.feast_pipeline import FreshnessSampler, assemble, known_entities
+from posttrade.agents.features import known_entities
+from posttrade.features.views import SYMBOL_HOURLY_FEATURES, SYMBOL_TRADE_FEATURES
+from posttrade.services.feast_pipeline import build
+from posttrade.stores.feast.status import FeatureStatus, FreshnessSampler
 from posttrade.streams.memory import MemoryTransport
 from posttrade.web.server import build_web_app
 
 from .test_features_pipeline import scenario_config
 
-
-class Publisher:
-    def __init__(self):
-        self.views = {
-            "symbol_trade_features": {"freshness_s": 4.2, "rows_pushed": 10},
-            "symbol_hourly_features": {"freshness_s": None, "rows_pushed": 0},
-        }
-
-    def snapshot(self):
-        return {"views": self.views}
+S = 1_000_000_000
 
 
 def test_a_sample_has_each_views_freshness_and_rows_per_second():
-    runtime = SimpleNamespace(publisher=None)
+    status = FeatureStatus(CollectorRegistry(), [SYMBOL_TRADE_FEATURES, SYMBOL_HOURLY_FEATURES])
+    up = False
     clock = iter([10.0, 12.0])
-    sampler = FreshnessSampler(runtime, clock=lambda: next(clock))
+    sampler = FreshnessSampler(status, lambda: up, clock=lambda: next(clock))
     assert sampler() == {}  # Feast not up yet: a gap
-    runtime.publisher = Publisher()
+    up = True
+    trades = status["symbol_trade_features"]
+    trades.rows_pushed, trades.newest_event_ts = 10, time.time_ns() - 4 * S
     first = sampler()
-    assert first == {"freshness.symbol_trade_features": 4.2, "freshness.symbol_hourly_features": None}
-    runtime.publisher.views["symbol_trade_features"] = {"freshness_s": 0.5, "rows_pushed": 30}
+    assert first.keys() == {"freshness.symbol_trade_features", "freshness.symbol_hourly_features"}
+    assert 4.0 <= first["freshness.symbol_trade_features"] < 5 and first["freshness.symbol_hourly_features"] is None
+    trades.rows_pushed, trades.newest_event_ts = 30, time.time_ns()
     second = sampler()
-    assert second["freshness.symbol_trade_features"] == 0.5
+    assert 0 <= second["freshness.symbol_trade_features"] < 1
     assert second["rows_per_s.symbol_trade_features"] == 10.0  # 20 rows in 2 s
     assert second["rows_per_s.symbol_hourly_features"] == 0.0
 
@@ -54,9 +53,8 @@ def test_the_pickers_list_the_symbols_and_accounts_the_agents_hold_sorted_and_bo
 
 
 async def test_the_pages_routes_answer_but_are_not_in_the_api_document(tmp_path):
-    app = App("feast_pipeline", MemoryTransport())
-    assemble(app, scenario_config(tmp_path / "feast", online_store="sqlite"))  # not started: no Feast
-    web = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_web_app(app)), base_url="http://t")
+    service = build(scenario_config(tmp_path / "feast", online_store="sqlite"), transport=MemoryTransport())  # not started: no Feast
+    web = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_web_app(service.app)), base_url="http://t")
     async with web:
         paths = (await web.get("/openapi.json")).json()["paths"]
         entities = (await web.get("/dashboard/entities")).json()

@@ -21,10 +21,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from posttrade.features import offline as offline_module
-from posttrade.features.offline import COMPACT_PART_BYTES, OfflineParts, arrow_schema, rows_to_table
 from posttrade.features.views import ACCOUNT_FEATURES, SYMBOL_TRADE_FEATURES, TIMESTAMP_FIELD
-from posttrade.services.feast_pipeline import FeastPipelineConfig, FeastRuntime, FeaturesSection
+from posttrade.services.feast_pipeline import FeastPipelineConfig, FeaturesSection, build
+from posttrade.stores.feast import offline as offline_module
+from posttrade.stores.feast.offline import COMPACT_PART_BYTES, OfflineParts, arrow_schema, rows_to_table
+from posttrade.streams.memory import MemoryTransport
 
 S = 1_000_000_000
 T = 1_763_800_020 * S
@@ -236,16 +237,17 @@ def test_compact_part_bytes_is_configured_and_passed_on():
     )
     calls = []
     offline = SimpleNamespace(compact=lambda view, limit, part_bytes: calls.append((view.name, limit, part_bytes)) or 0)
-    runtime = FeastRuntime(config, agents=None)
-    runtime.repository = SimpleNamespace(views={ACCOUNT_FEATURES.name: ACCOUNT_FEATURES}, offline=offline)
-    assert asyncio.run(runtime.compact()) == {}
+    service = build(config, transport=MemoryTransport())
+    service.feast.repository = SimpleNamespace(views={ACCOUNT_FEATURES.name: ACCOUNT_FEATURES}, offline=offline)
+    asyncio.run(service.app.timers["compact_offline"].fn())
     assert calls == [(ACCOUNT_FEATURES.name, 7, 1234)]
+    assert asyncio.run(service.feast.compact(7, 1234)) == {}  # nothing merged: no view listed
 
 
 def test_feasts_duckdb_read_views_are_dropped(tmp_path):
     import ibis
 
-    from posttrade.features.store import drop_read_views
+    from posttrade.stores.feast.store import drop_read_views
 
     pq.write_table(rows_to_table(ACCOUNT_FEATURES, account_rows(T, 3)), tmp_path / "x.parquet")
     connection = ibis.get_backend().con

@@ -25,10 +25,13 @@ import msgspec
 import pandas as pd
 import pytest
 
-from posttrade.agents.features import FeatureAgents
+from posttrade.agents.features import FeatureAgents, FeatureSinks
 from posttrade.app import App
 from posttrade.features.math import DAY_NS, MINUTE_NS, NS_PER_S, FillsDay, utc_day
-from posttrade.services.feast_pipeline import FeastPipelineConfig, assemble
+from posttrade.services.feast_pipeline import FeastPipelineConfig, FeastPipelineService, build
+from posttrade.sinks import RetryPolicy
+from posttrade.stores.feast.client import FeastClient
+from posttrade.stores.feast.status import FeatureStatus
 from posttrade.streams import subjects
 from posttrade.streams.events import Fill, MarketTrade, Order, PositionUpdate, Quote, encode
 from posttrade.streams.memory import MemoryTransport
@@ -175,9 +178,11 @@ def assert_features(actual: dict, expected: dict) -> None:
             assert actual[name] == value, name
 
 
-def scenario_config(data_dir, *, online_store: str, redis: dict | None = None, project: str | None = None) -> FeastPipelineConfig:
+def scenario_config(
+    data_dir, *, online_store: str, redis: dict | None = None, project: str | None = None, namespace: str | None = None
+) -> FeastPipelineConfig:
     raw = {
-        "service": {"name": "feast_pipeline", "port": 8104},
+        "service": {"name": "feast_pipeline", "port": 8104, "namespace": namespace},
         "feast": {
             "project": project or f"t{uuid.uuid4().hex[:10]}",
             "data_dir": str(data_dir),
@@ -201,11 +206,17 @@ async def wait_for(predicate, timeout: float = 30.0, what: str = "condition") ->
         await asyncio.sleep(0.02)
 
 
-def pushed(app, view: str) -> int:
-    return app.feast.publisher.status[view].rows_pushed
+def agents_on(app: App, **kwargs) -> FeatureAgents:
+    """The agents alone, their sinks to a Feast never opened (these tests never flush)."""
+    sinks = FeatureSinks.to_feast(FeastClient(), FeatureStatus(app.metrics.registry), RetryPolicy())
+    return FeatureAgents(app, sinks, batch_size=10, batch_interval_s=0.05, window_grace_s=5, **kwargs)
 
 
-async def publish_scenario(app, publish) -> None:
+def pushed(service: FeastPipelineService, view: str) -> int:
+    return service.status[view].rows_pushed
+
+
+async def publish_scenario(service: FeastPipelineService, publish) -> None:
     """Publish the scenario in the order that makes its marks and fill rates deterministic:
     the market data, the orders, then ptrc's update for each fill. Before the last one,
     an earlier update of the same position arrives again: a lower revision than the one
@@ -213,14 +224,14 @@ async def publish_scenario(app, publish) -> None:
     for ts, symbol, price, size, aggressor in TRADES:
         event = MarketTrade(ts=ts, symbol=symbol, price=D(price), size=D(size), aggressor=aggressor)
         await publish(subjects.trade_subject(symbol), encode(event))
-    await wait_for(lambda: pushed(app, "symbol_trade_features") >= TRADE_ROWS, what="trade features")
+    await wait_for(lambda: pushed(service, "symbol_trade_features") >= TRADE_ROWS, what="trade features")
     for ts, symbol, bid, ask, bid_size, ask_size in QUOTES:
         event = Quote(ts=ts, symbol=symbol, bid=D(bid), ask=D(ask), bid_size=D(bid_size), ask_size=D(ask_size))
         await publish(subjects.quote_subject(symbol), encode(event))
     for ts, order_id, account, symbol, side, qty in ORDERS:
         event = Order(ts=ts, order_id=order_id, account=account, symbol=symbol, side=side, qty=D(qty))
         await publish(subjects.order_subject(account, symbol), encode(event))
-    await wait_for(lambda: pushed(app, "account_order_features") >= len(ORDERS), what="order features")
+    await wait_for(lambda: pushed(service, "account_order_features") >= len(ORDERS), what="order features")
 
     ptrc = PtrcPositions(MULTIPLIERS)
     published: dict[str, PositionUpdate] = {}  # ptrc's updates by the fill that caused them
@@ -238,11 +249,11 @@ async def publish_scenario(app, publish) -> None:
         account_rows, rate_rows = account_rows + 1, rate_rows + counts
 
         def reached(account_rows=account_rows, rate_rows=rate_rows) -> bool:
-            return pushed(app, "account_features") >= account_rows and pushed(app, "account_order_features") >= rate_rows
+            return pushed(service, "account_features") >= account_rows and pushed(service, "account_order_features") >= rate_rows
 
         await wait_for(reached, what=f"the rows of ptrc's update for {message.fill_id}")
     assert len(published) == PTRC_UPDATES and published["f7"].reason == "late"
-    await wait_for(lambda: pushed(app, "symbol_quote_features") >= QUOTE_ROWS, what="quote features")
+    await wait_for(lambda: pushed(service, "symbol_quote_features") >= QUOTE_ROWS, what="quote features")
 
 
 def training_entities() -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -296,8 +307,8 @@ def check_training_set(repository) -> None:
     assert realized[2] == pytest.approx(58.5)
 
 
-async def check_web(app) -> None:
-    web = build_web_app(app)
+async def check_web(service: FeastPipelineService) -> None:
+    web = build_web_app(service.app)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=web), base_url="http://test") as http:
         body = (await http.get("/features/online", params={"symbol": "ACME"})).json()
         assert_features(body["features"], ONLINE_SYMBOL | HOURLY_ACME)
@@ -331,37 +342,35 @@ async def check_web(app) -> None:
         assert health.status_code == 200, health.json()
 
 
-async def run_scenario(app, publish) -> None:
-    await publish_scenario(app, publish)
-    run = await app.feast.run_batch()
+async def run_scenario(service: FeastPipelineService, publish) -> None:
+    await publish_scenario(service, publish)
+    run = await service.batch.run()
     assert run["hours_computed"] == 1 and run["rows"] == HOURLY_ROWS
     assert run["materialized_s"]["symbol_hourly_features"] is not None
-    repository = app.feast.repository
+    repository = service.feast.repository
     online = await asyncio.to_thread(repository.online_features, "symbol", ["ACME"], list(ONLINE_SYMBOL) + list(HOURLY_ACME))
     assert_features(online[0], ONLINE_SYMBOL | HOURLY_ACME)
     online = await asyncio.to_thread(repository.online_features, "account", [ACCOUNT, FUTURES], list(ONLINE_ACCOUNT))
     assert_features(online[0], ONLINE_ACCOUNT)
     assert_features(online[1], ONLINE_FUTURES)
     await asyncio.to_thread(check_training_set, repository)
-    await check_web(app)
+    await check_web(service)
 
 
 async def test_known_sequence_gives_hand_computed_features_sqlite(tmp_path):
     transport = MemoryTransport()
     config = scenario_config(tmp_path / "feast", online_store="sqlite")
-    app = App("feast_pipeline", transport)
-    app.runtime.poll_timeout_s = 0.05
-    assemble(app, config)
-    async with app:
-        await run_scenario(app, transport.publish)
+    service = build(config, transport=transport)
+    service.app.runtime.poll_timeout_s = 0.05
+    async with service.app:
+        await run_scenario(service, transport.publish)
         # A second run finds no new closed hour and materializes nothing new.
-        again = await app.feast.run_batch()
+        again = await service.batch.run()
         assert again["hours_computed"] == 0 and again["rows"] == 0
     # Restart: the status recovers the newest event time and the last materialization.
-    app2 = App("feast_pipeline", transport)
-    assemble(app2, config)
-    async with app2:
-        status = app2.feast.publisher.status
+    restarted = build(config, transport=transport)
+    async with restarted.app:
+        status = restarted.status
         assert status["symbol_trade_features"].newest_event_ts == at(61)
         assert status["symbol_hourly_features"].last_materialization["recovered_from_registry"] is True
 
@@ -370,7 +379,7 @@ async def test_feature_repository_cli_config_has_no_secret(tmp_path):
     config = scenario_config(
         tmp_path / "feast", online_store="valkey", redis={"host": "127.0.0.1", "port": 1, "db": 3, "password": "s3cret"}
     )
-    from posttrade.features.repo import write_cli_config
+    from posttrade.stores.feast.repo import write_cli_config
     from posttrade.services.feast_pipeline import feast_settings
 
     settings = feast_settings(config)
@@ -383,8 +392,7 @@ async def test_feature_repository_cli_config_has_no_secret(tmp_path):
 def test_a_redelivered_update_makes_only_the_changes_that_did_not_become_durable():
     """A crash while a batch's table changes were being written leaves some keys with
     the event and some without; its redelivery must make exactly the missing ones."""
-    app = App("feast_pipeline", MemoryTransport())
-    agents = FeatureAgents(app, batch_size=10, batch_interval_s=0.05, window_grace_s=5)
+    agents = agents_on(App("feast_pipeline", MemoryTransport()))
     ptrc = PtrcPositions()
     arrival = ptrc.receive(fill(at(1), "a", "A", "ES", "BUY", "5", "100"))
 
@@ -427,8 +435,7 @@ def test_account_rows_are_in_the_base_currency_at_the_rates_of_the_fx_marks_seen
     from posttrade.core.reference import FxPair, Instrument, Reference
 
     reference = Reference({"TOYOTA": Instrument(currency="JPY"), "USDJPY": Instrument(fx=FxPair("USD", "JPY"))})
-    app = App("feast_pipeline", MemoryTransport())
-    agents = FeatureAgents(app, batch_size=10, batch_interval_s=0.05, window_grace_s=5, reference=reference)
+    agents = agents_on(App("feast_pipeline", MemoryTransport()), reference=reference)
     seq = iter(range(1, 100))
 
     def handle(stream: str, subject: str, event, fold) -> None:
@@ -458,8 +465,7 @@ def test_account_rows_are_in_the_base_currency_at_the_rates_of_the_fx_marks_seen
     assert agents.fx_mark("USDJPY") == (D(150), "quote_mid", at(4))  # a quote mid comes first
     assert agents.account_values("A", day)["gross_exposure"] == pytest.approx(1366.666666666667)
     # Without market data of its own, ptrc's mark of a USDJPY position gives the rate.
-    fresh = FeatureAgents(App("feast_pipeline", MemoryTransport()), batch_size=10, batch_interval_s=0.05,
-                          window_grace_s=5, reference=reference)
+    fresh = agents_on(App("feast_pipeline", MemoryTransport()), reference=reference)
     fx_position = ptrc.receive(fill(at(5), "u1", "B", "USDJPY", "BUY", "1000", "155"))
     fx_position = msgspec.structs.replace(fx_position, mark=D(155), currency="JPY")
     for update in (toyota, fx_position):
@@ -482,7 +488,7 @@ async def test_counted_fills_hold_at_most_max_fills_per_account_and_fold_the_res
 
     transport = MemoryTransport()
     app = App("feast_pipeline", transport)
-    agents = FeatureAgents(app, batch_size=10, batch_interval_s=0.05, window_grace_s=5, max_fills_per_account=3)
+    agents = agents_on(app, max_fills_per_account=3)
     for table in (agents.ptrc_positions, agents.counted_fills):
         await table.open(transport)
     ptrc = PtrcPositions()
@@ -526,7 +532,7 @@ async def test_counted_fills_hold_at_most_max_fills_per_account_and_fold_the_res
     # Rebuilt from the durable table after a restart: the same counts.
     await app.flush_tables()
     app2 = App("feast_pipeline", transport)
-    agents2 = FeatureAgents(app2, batch_size=10, batch_interval_s=0.05, window_grace_s=5, max_fills_per_account=3)
+    agents2 = agents_on(app2, max_fills_per_account=3)
     for table in (agents2.ptrc_positions, agents2.counted_fills):
         await table.open(transport)
     agents2.recover_accounts()

@@ -14,9 +14,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import given
 from hypothesis import strategies as st
 
-from posttrade.features.batch import HOUR_NS, hourly_rows
-from posttrade.features.offline import SCHEMA_PART, OfflineParts, rows_to_table
-from posttrade.features.online import (
+from posttrade.features.batch import HOUR_NS, first_hour, hour_closed, hourly_rows
+from posttrade.features.views import ACCOUNT_FEATURES, SYMBOL_HOURLY_FEATURES, SYMBOL_TRADE_FEATURES, TIMESTAMP_FIELD
+from posttrade.stores.feast.offline import SCHEMA_PART, OfflineParts, rows_to_table
+from posttrade.stores.feast.online import (
     FeastRedisWriter,
     RedisLayout,
     double_value,
@@ -25,7 +26,6 @@ from posttrade.features.online import (
     newest_per_entity,
     timestamp_bytes,
 )
-from posttrade.features.views import ACCOUNT_FEATURES, SYMBOL_HOURLY_FEATURES, SYMBOL_TRADE_FEATURES, TIMESTAMP_FIELD
 
 S = 1_000_000_000
 T = 1_763_800_020 * S
@@ -181,3 +181,12 @@ def test_hourly_rows_from_minute_rows_count_duplicates_once():
     assert ret == pytest.approx(1.01 * 0.98 - 1)
     assert vol == pytest.approx(math.hypot(math.log(1.01), math.log(0.98)))
     assert len(out) == len(SYMBOL_HOURLY_FEATURES.columns)
+
+
+def test_the_first_hour_follows_the_newest_computed_one_and_closes_with_a_newer_minute():
+    hour = (T // HOUR_NS) * HOUR_NS
+    assert first_hour(hour + 60 * S, None) == hour  # the hour of the oldest minute row
+    assert first_hour(hour, None) == hour - HOUR_NS  # a minute ending at H is in the hour before H
+    assert first_hour(hour + 60 * S, hour + HOUR_NS) == hour + HOUR_NS  # after the newest computed hour
+    assert not hour_closed(hour, hour + HOUR_NS)  # its last minute is in, but nothing newer yet
+    assert hour_closed(hour, hour + HOUR_NS + 60 * S)

@@ -10,9 +10,8 @@ Where the metric names come from: each service's App is built as `posttrade work
 builds it (`build(load_config(name, module.CONFIG))`) and never started, so nothing is
 connected; as in tests/unit/test_openapi.py, ptrc gets the embedded chdb engine and a
 local object directory (it opens its ClickHouse store while it is built). Building
-registers every metric but feast_pipeline's `FeaturePublisher` ones, which its start
-creates after `feast apply` has reached Valkey; the test creates that publisher the way
-the start does, on the built App's registry, without applying or connecting anything.
+registers every metric, feast_pipeline's feature metrics and every service's sinks'
+included.
 No scrape: labelled series appear only once used, and custom collectors only yield what
 they hold, so the exposed names are derived from each family's name and type (a counter
 `x` exposes `x_total` and `x_created`, a histogram `h` exposes `h_bucket`, `h_sum`,
@@ -347,14 +346,6 @@ def services(tmp_path_factory) -> Iterator[dict]:
         module = service_module(name)
         config = load_config(name, module.CONFIG, env=env)
         app = module.build(config).app
-        if name == "feast_pipeline":
-            # FeastRuntime.start creates the publisher (and so its metrics) once Feast is
-            # applied; create it the same way, on the same registry, with nothing applied.
-            from posttrade.features.publisher import FeaturePublisher
-            from posttrade.features.store import FeatureRepository
-
-            FeaturePublisher(FeatureRepository(module.feast_settings(config)), direct_writer=None,
-                             registry=app.metrics.registry)
         built[name] = (app, exposed(app.metrics.registry))
     yield built
     import asyncio

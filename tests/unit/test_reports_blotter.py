@@ -1,5 +1,6 @@
-"""The trade blotter kept during the day: fingerprints, cells, plans, chunk files, and
-Parquet files joined by their row groups (`posttrade.core.reports`). No servers."""
+"""The trade blotter kept during the day: fingerprints, cells, plans (`posttrade.core.reports`),
+chunk files (`posttrade.agents.reports`), and Parquet files joined by their row groups
+(`posttrade.stores.parquet`). No servers."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from posttrade.agents.reports import chunk_head_size, decode_chunk_head, encode_chunk
 from posttrade.core.exact import EXACT, format_decimal
 from posttrade.core.reports import (
     BLOTTER_CSV_HEADER,
@@ -28,18 +30,14 @@ from posttrade.core.reports import (
     blotter_parquet,
     canonical_decimal,
     cell_bounds,
-    chunk_head_size,
     csv_bytes,
-    decode_chunk_head,
     empty_blotter,
-    encode_chunk,
     encode_report,
     fingerprint_of,
     iso_ns,
-    parquet_layout,
     plan_blotter,
-    stitch_parquet,
 )
+from posttrade.stores.parquet import parquet_layout, stitch_parquet
 
 T0 = 1_795_132_800_000_000_000  # 2026-11-20T00:00:00Z
 MINUTE = 60_000_000_000

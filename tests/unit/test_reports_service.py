@@ -17,7 +17,7 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from posttrade.agents.reports import BlotterSpool, ExportedChunk, QuestDBExporter, ReportsSection, install_reports
+from posttrade.agents.reports import BlotterSpool, ExportedChunk, ReportsSection, install_reports
 from posttrade.app import App
 from posttrade.core.positions import PositionState
 from posttrade.core.reports import (
@@ -27,10 +27,11 @@ from posttrade.core.reports import (
     TradingDay,
     blotter_parquet,
     fingerprint_of,
-    parquet_layout,
 )
 from posttrade.stores.objects import LocalObjectStore
+from posttrade.stores.parquet import parquet_layout
 from posttrade.stores.questdb import QuestDBClient, QuestDBError
+from posttrade.stores.questdb.export import QuestDBExporter
 from posttrade.streams.memory import MemoryTransport
 from posttrade.web.server import build_web_app
 from tests.unit.test_reports import worked_example_book

@@ -40,7 +40,7 @@ from typing import Iterable, Sequence
 import mmh3
 import numpy as np
 
-from .views import ViewSpec
+from ...features.views import ViewSpec
 
 _STRING = 2  # feast.types.ValueType.STRING
 _U32 = struct.Struct("<I")

@@ -18,9 +18,10 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 from feast import FeatureStore
 
+from ...features.views import TIMESTAMP_FIELD, VIEWS, ViewSpec
+from .client import FeastSettings
 from .offline import OfflineParts
-from .repo import FeastSettings, feast_objects, repo_config, write_cli_config
-from .views import TIMESTAMP_FIELD, VIEWS, ViewSpec
+from .repo import feast_objects, repo_config, write_cli_config
 
 log = logging.getLogger(__name__)
 

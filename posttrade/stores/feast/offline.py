@@ -46,7 +46,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from .views import TIMESTAMP_FIELD, ViewSpec
+from ...features.views import TIMESTAMP_FIELD, ViewSpec
 
 SCHEMA_PART = "part-00000000000000000000-schema.parquet"
 _TYPES = {"float64": pa.float64(), "int64": pa.int64()}

@@ -1,4 +1,4 @@
-"""The Feast feature repository of posttrade, built from `views`.
+"""The Feast feature repository of posttrade, built from `posttrade.features.views`.
 
 Entities `symbol` and `account` (string join keys of the same names). Every view reads
 its offline rows from Parquet parts (`offline.OfflineParts`) through a `FileSource`;
@@ -20,10 +20,9 @@ local Parquet, Valkey or SQLite; `FEAST_USAGE=False` is set before Feast is impo
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Iterable
 
 os.environ.setdefault("FEAST_USAGE", "False")
 
@@ -35,8 +34,9 @@ from feast.infra.online_stores.sqlite import SqliteOnlineStoreConfig  # noqa: E4
 from feast.repo_config import RegistryConfig, RepoConfig  # noqa: E402
 from feast.types import Float64, Int64  # noqa: E402
 
+from ...features.views import TIMESTAMP_FIELD, ViewSpec  # noqa: E402
+from .client import FeastSettings  # noqa: E402
 from .offline import OfflineParts  # noqa: E402
-from .views import TIMESTAMP_FIELD, ViewSpec  # noqa: E402
 
 _DTYPES = {"float64": Float64, "int64": Int64}
 
@@ -44,42 +44,6 @@ ENTITY_DESCRIPTIONS = {
     "symbol": "An instrument, as spelled in the market data and fill events.",
     "account": "A trading account, as spelled in the order and fill events.",
 }
-
-
-@dataclass(frozen=True)
-class FeastSettings:
-    project: str
-    data_dir: Path
-    online_store: Literal["valkey", "sqlite"] = "valkey"
-    redis_host: str = "127.0.0.1"
-    redis_port: int = 6379
-    redis_db: int = 0
-    redis_username: str | None = None
-    redis_password: str | None = None
-    redis_ssl: bool = False
-    key_ttl_s: int | None = None
-
-    @property
-    def registry_path(self) -> Path:
-        return self.data_dir / "registry.db"
-
-    @property
-    def sqlite_path(self) -> Path:
-        return self.data_dir / "online.db"
-
-    @property
-    def offline_dir(self) -> Path:
-        return self.data_dir / "offline"
-
-    def redis_connection_string(self, *, with_secrets: bool = True) -> str:
-        parts = [f"{self.redis_host}:{self.redis_port}", f"db={self.redis_db}"]
-        if self.redis_ssl:
-            parts.append("ssl=true")
-        if with_secrets and self.redis_username:
-            parts.append(f"username={self.redis_username}")
-        if with_secrets and self.redis_password:
-            parts.append(f"password={self.redis_password}")
-        return ",".join(parts)
 
 
 def entities() -> dict[str, Entity]:
