@@ -50,39 +50,32 @@ import numpy as np
 from posttrade import stack
 from posttrade.config import load_config
 from posttrade.services import hot_cache
-from posttrade.services.hot_cache import CacheKeys, HotCacheChannels, ValkeyCache
+from posttrade.stores.valkey.hot_cache import CacheKeys, ValkeyCache
 from posttrade.stores.questdb import QuestDBClient, QuestDBWriter
 from posttrade.stores.valkey import open_valkey
-from posttrade.streams.events import Bar, MarketTrade, PositionUpdate, Quote, encode
+from posttrade.streams.events import Bar, MarketTrade, Quote, encode
+from posttrade.streams.subjects import quote_subject, trade_subject
 
 RESULTS = Path(__file__).parent / "results" / "cache.json"
 S = 1_000_000_000
 
 
 class Names:
+    """The run's names: its namespace (streams `<NS>_TRADES`, ... on `<ns>.md.trades.>`,
+    ..., as App.namespace makes them), app, key prefix and QuestDB table."""
+
     def __init__(self, suffix: str):
         self.suffix = suffix
         self.app = f"hcbench_{suffix}"
+        self.namespace = f"hcbench{suffix}"
         self.prefix = f"ptbench{suffix}"
         self.trades_table = f"hcbench_trades_{suffix}"
 
     def stream(self, kind: str) -> str:
-        return f"HCBENCH_{kind}_{self.suffix.upper()}"
+        return f"{self.namespace.upper()}_{kind}"
 
-    def subject(self, kind: str, token: str) -> str:
-        return f"hcbench{self.suffix}.{kind}.{token}"
-
-    def channels(self, app) -> HotCacheChannels:
-        def channel(name, kind, value_type):
-            subjects = [self.subject(kind, ">")]
-            return app.channel(name, stream=self.stream(kind), subjects=subjects, value_type=value_type)
-
-        return HotCacheChannels(
-            trades=channel("market_trades", "TRADES", MarketTrade),
-            bars=channel("bars", "BARS", Bar),
-            quotes=channel("quotes", "QUOTES", Quote),
-            positions=channel("positions", "POSITIONS", PositionUpdate),
-        )
+    def subject(self, subject: str) -> str:
+        return f"{self.namespace}.{subject}"
 
 
 def service_config(names: Names, endpoints: stack.Endpoints, port: int, role: str):
@@ -90,6 +83,7 @@ def service_config(names: Names, endpoints: stack.Endpoints, port: int, role: st
         "POSTTRADE_HOT_CACHE__HOT_CACHE__CONSUME": "true" if role == "worker" else "false",
         **endpoints.service_env(),
         "POSTTRADE_HOT_CACHE__SERVICE__NAME": names.app,
+        "POSTTRADE_HOT_CACHE__SERVICE__NAMESPACE": names.namespace,
         "POSTTRADE_HOT_CACHE__SERVICE__PORT": str(port),
         "POSTTRADE_HOT_CACHE__SERVICE__HOST": "127.0.0.1",
         "POSTTRADE_HOT_CACHE__HOT_CACHE__KEY_PREFIX": names.prefix,
@@ -103,7 +97,7 @@ def serve(suffix: str, port: int, role: str) -> None:
     alone (`api`)."""
     names = Names(suffix)
     config = service_config(names, stack.endpoints(), port, role)
-    app = hot_cache.build(config, channels=names.channels)
+    app = hot_cache.build(config).app
     asyncio.run(app.run(host="127.0.0.1", port=port))
 
 
@@ -195,12 +189,12 @@ async def feed(js_nc, names: Names, syms: list[str], rate: int, stop: asyncio.Ev
             prices[symbol] = max(1.0, prices[symbol] + rng.choice((-0.01, 0, 0.01)))
             price = Decimal(f"{prices[symbol]:.2f}")
             trade = MarketTrade(ts=now_ns + i, symbol=symbol, price=price, size=Decimal(rng.randint(1, 500)))
-            await js_nc.publish(names.subject("TRADES", symbol), encode(trade))
+            await js_nc.publish(names.subject(trade_subject(symbol)), encode(trade))
             counts["trades"] += 1
             if i % 4 == 0:
                 quote = Quote(ts=now_ns + i, symbol=symbol, bid=price - Decimal("0.01"), ask=price + Decimal("0.01"),
                               bid_size=Decimal(100), ask_size=Decimal(100))
-                await js_nc.publish(names.subject("QUOTES", symbol), encode(quote))
+                await js_nc.publish(names.subject(quote_subject(symbol)), encode(quote))
                 counts["quotes"] += 1
         next_at += tick
         await asyncio.sleep(max(0.0, next_at - time.monotonic()))
@@ -361,13 +355,14 @@ async def valkey_updates_per_s(
 async def cleanup(endpoints: stack.Endpoints, names: Names) -> None:
     nc = await nats.connect(endpoints.nats_url)
     js = nc.jetstream()
-    for kind in ("TRADES", "BARS", "QUOTES", "POSITIONS"):
+    for kind in ("TRADES", "BARS", "QUOTES", "POSITIONS", "DLQ"):
         try:
             await js.delete_stream(names.stream(kind))
         except nats.js.errors.NotFoundError:
             pass
+    tables = f"{names.namespace}-{names.app}"  # App.bucket in the namespace
     for interval in ("1s", "1m", "5m"):
-        for bucket in (f"{names.app}-bars_{interval}", f"{names.app}-bars_{interval}-meta"):
+        for bucket in (f"{tables}-bars_{interval}", f"{tables}-bars_{interval}-meta"):
             try:
                 await js.delete_key_value(bucket)
             except nats.js.errors.NotFoundError:

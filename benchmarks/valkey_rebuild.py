@@ -49,13 +49,10 @@ import nats
 import redis.asyncio as redis_asyncio
 
 from posttrade import stack
-from posttrade.agents.pnl import PnlChannels
 from posttrade.config import load_config
 from posttrade.services import hot_cache, pnl
-from posttrade.services.hot_cache import HotCacheChannels
 from posttrade.stack.servers import _valkey_binary
-from posttrade.stores.questdb import QuestDBClient
-from posttrade.streams.events import Bar, MarketTrade, PositionUpdate, Quote, encode, subject_token
+from posttrade.streams.events import PositionUpdate, encode, subject_token
 from posttrade.streams.nats import forget_apps
 
 RESULTS = Path(__file__).parent / "results" / "valkey_rebuild.json"
@@ -108,9 +105,17 @@ class PrivateValkey:
             self.proc.wait(timeout=10)
 
 
-def channel(app, suffix: str, name: str, kind: str, value_type):
-    return app.channel(name, stream=f"VRB_{kind}_{suffix.upper()}", subjects=[f"vrb{suffix}.{kind}.>"],
-                       value_type=value_type)
+# The run's namespace is `vrb<suffix>`: streams `VRB<SUFFIX>_POSITIONS`, ... on
+# `vrb<suffix>.posttrade.positions.>`, ... (as App.namespace makes them).
+SUBJECTS = {"POSITIONS": "posttrade.positions", "QUOTES": "md.quotes", "TRADES": "md.trades", "BARS": "md.bars"}
+
+
+def namespace(suffix: str) -> str:
+    return f"vrb{suffix}"
+
+
+def stream(suffix: str, kind: str) -> str:
+    return f"{namespace(suffix).upper()}_{kind}"
 
 
 def position(account: str, symbol: str) -> PositionUpdate:
@@ -152,47 +157,39 @@ class Subject:
         if kind == "pnl":
             env.update({
                 "POSTTRADE_PNL__SERVICE__NAME": self.name,
+                "POSTTRADE_PNL__SERVICE__NAMESPACE": namespace(suffix),
                 "POSTTRADE_PNL__PNL__KEY_PREFIX": self.prefix,
                 "POSTTRADE_PNL__PNL__VALKEY_CHECK_S": str(args.check_s),
-                # The snapshots would write 50,000 rows to QuestDB: not what is measured.
+                # The snapshots would publish 50,000 rows at once: not what is measured.
                 "POSTTRADE_PNL__PNL__SNAPSHOTS__INTERVAL_S": "3600",
-                "POSTTRADE_PNL__PNL__SNAPSHOTS__TABLE": f"vrb_pnl_{suffix}",
-                "POSTTRADE_PNL__PNL__SNAPSHOTS__ACCOUNT_TABLE": f"vrb_pnl_acct_{suffix}",
             })
             config = load_config("pnl", pnl.CONFIG, env=env)
-            self.app = pnl.build(config, channels=lambda app: PnlChannels(
-                positions=channel(app, suffix, "positions", "POSITIONS", PositionUpdate),
-                quotes=channel(app, suffix, "quotes", "QUOTES", Quote),
-                trades=channel(app, suffix, "market_trades", "TRADES", MarketTrade),
-                bars=channel(app, suffix, "bars", "BARS", Bar),
-            ))
+            self.service = pnl.build(config)
+            self.app = self.service.app
         else:
             env.update({
                 "POSTTRADE_HOT_CACHE__SERVICE__NAME": self.name,
+                "POSTTRADE_HOT_CACHE__SERVICE__NAMESPACE": namespace(suffix),
                 "POSTTRADE_HOT_CACHE__HOT_CACHE__KEY_PREFIX": self.prefix,
                 "POSTTRADE_HOT_CACHE__HOT_CACHE__VALKEY_CHECK_S": str(args.check_s),
                 "POSTTRADE_HOT_CACHE__HOT_CACHE__WARM_CONCURRENCY": "0",
             })
             config = load_config("hot_cache", hot_cache.CONFIG, env=env)
-            self.app = hot_cache.build(config, channels=lambda app: HotCacheChannels(
-                trades=channel(app, suffix, "market_trades", "TRADES", MarketTrade),
-                bars=channel(app, suffix, "bars", "BARS", Bar),
-                quotes=channel(app, suffix, "quotes", "QUOTES", Quote),
-                positions=channel(app, suffix, "positions", "POSITIONS", PositionUpdate),
-            ))
+            self.service = hot_cache.build(config)
+            self.app = self.service.app
 
     @property
     def loss(self):
-        return (self.app.pnl_cache if self.kind == "pnl" else self.app.hot_cache_rebuilder).rebuilding
+        return (self.service.cache if self.kind == "pnl" else self.service.rebuilder).rebuilding
 
     @property
     def last_rebuild(self) -> dict | None:
-        return (self.app.pnl_cache if self.kind == "pnl" else self.app.hot_cache_rebuilder).last_rebuild
+        return (self.service.cache if self.kind == "pnl" else self.service.rebuilder).last_rebuild
 
     async def taken_in(self, js, count: int) -> bool:
         if self.kind == "pnl":
-            return len(self.app.pnl_book) >= count and not self.app.pnl_cache.pending and self.loss is None
-        info = await js.consumer_info(f"VRB_POSITIONS_{self.suffix.upper()}", f"{self.name}-take_positions")
+            return len(self.service.book) >= count and not self.service.cache.pending and self.loss is None
+        info = await js.consumer_info(self.app.stream_name("POSITIONS"), self.app.agents["take_positions"].durable)
         return info.ack_floor.stream_seq >= count and self.loss is None
 
     async def holds_all(self, redis, accounts: list[str], symbols: list[str]) -> bool:
@@ -208,17 +205,14 @@ class Subject:
         lengths = await pipe.execute()
         return all(n == len(symbols) + 1 for n in lengths)  # + the #complete field
 
-    async def close(self, nats_url: str, js, qdb: QuestDBClient) -> None:
+    async def close(self, nats_url: str, js) -> None:
         await self.app.stop()
-        await forget_apps(nats_url, [self.name])
-        for kind in ("POSITIONS", "QUOTES", "TRADES", "BARS"):
+        await forget_apps(nats_url, [self.app.namespaced(self.name, "-")])
+        for kind in ("POSITIONS", "QUOTES", "TRADES", "BARS", "PNL", "DLQ"):
             try:
-                await js.delete_stream(f"VRB_{kind}_{self.suffix.upper()}")
+                await js.delete_stream(stream(self.suffix, kind))
             except nats.js.errors.NotFoundError:
                 pass
-        if self.kind == "pnl":
-            for table in (f"vrb_pnl_{self.suffix}", f"vrb_pnl_acct_{self.suffix}"):
-                await qdb.drop_table(table)
 
 
 async def measure(kind: str, args, endpoints) -> dict:
@@ -229,7 +223,6 @@ async def measure(kind: str, args, endpoints) -> dict:
     nc = await nats.connect(endpoints.nats_url)
     js = nc.jetstream()
     redis = redis_asyncio.Redis(host="127.0.0.1", port=valkey.port, db=4)
-    qdb = QuestDBClient(host=endpoints.questdb_host, port=endpoints.questdb_http_port)
     subject = Subject(kind, args, endpoints, valkey, suffix)
     per_account = max(1, args.positions // args.accounts)
     accounts = [f"ACC{i:05d}" for i in range(args.accounts)]
@@ -244,8 +237,8 @@ async def measure(kind: str, args, endpoints) -> dict:
         for account in accounts:
             for symbol in symbols:
                 update = position(account, symbol)
-                pending.append(js.publish(f"vrb{suffix}.POSITIONS.{subject_token(account)}.{subject_token(symbol)}",
-                                          encode(update)))
+                subject = f"{namespace(suffix)}.{SUBJECTS['POSITIONS']}.{subject_token(account)}.{subject_token(symbol)}"
+                pending.append(js.publish(subject, encode(update)))
                 if len(pending) >= 1000:
                     await asyncio.gather(*pending)
                     pending = []
@@ -284,9 +277,8 @@ async def measure(kind: str, args, endpoints) -> dict:
                   f"rebuilt {done - noticed:.3f} s later, CPU {cpu:.2f} s, whole: {whole}", flush=True)
             await asyncio.sleep(1)
     finally:
-        await subject.close(endpoints.nats_url, js, qdb)
+        await subject.close(endpoints.nats_url, js)
         await redis.aclose()
-        await qdb.close()
         await nc.close()
         valkey.stop()
         shutil.rmtree(folder, ignore_errors=True)

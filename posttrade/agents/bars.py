@@ -8,10 +8,11 @@ table's `late_events` and dropped. Closed windows are removed from the table (th
 final bar was already written when their last trade arrived).
 
 Each batch of trades is folded into the windows first, then every window the batch
-changed is written whole, in one call, to a `BarSink` (the hot cache's Valkey). The
-write happens before the runtime commits the batch, so nothing is acknowledged before
-the cache has it. A redelivered trade is skipped by the window's per-key sequence, and
-the sink receives whole bars (never increments), so replays cannot double a bar.
+changed is added whole to a `BarSink` (the hot cache's Valkey), declared with the agent:
+the runtime flushes it, retrying while the store is away, before the tables' changelogs
+and the acknowledgement, so nothing is acknowledged before the cache has it. A
+redelivered trade is skipped by the window's per-key sequence, and the sink receives
+whole bars (never increments), so replays cannot double a bar.
 
 Bar messages are written as they come, except for intervals this service builds from
 trades itself: two writers of one window would overwrite each other, so for those
@@ -23,48 +24,29 @@ so it is dead-lettered.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol, TypeVar
+from collections.abc import Sequence
+from typing import Protocol
 
 from ..app import App
 from ..core.bars import SECONDS_PER_DAY, BarState, empty_bar_state, interval_seconds, plain_decimals
 from ..streams.channel import Channel
 from ..streams.events import Bar
 from ..streams.stream import EventRecord, Stream
-from .retry import until_done
 from ..tables.windowed import WindowedTable
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-
-
-class SinkUnavailable(ConnectionError):
-    """The store behind a sink is away for now; the same write can be retried."""
-
 
 class BarSink(Protocol):
-    async def write_bars(self, bars: Sequence[Bar], newest_event_ts: int) -> None:
-        """Store whole bars (replacing any bar of the same window); raise
-        SinkUnavailable when the store is unreachable. `newest_event_ts` is the newest
-        input event time the bars include (for freshness)."""
+    """Where the bar agents put bars: a `posttrade.sinks.Sink` (declared with the agent,
+    so flushed before the batch is acknowledged) storing whole bars, each replacing any
+    bar of the same window (e.g. `posttrade.stores.valkey.hot_cache.ValkeyBarsSink`)."""
 
+    name: str
 
-RETRY_FIRST_DELAY_S = 0.1  # doubling up to 10 s while Valkey is away
-
-
-async def write_until_done(stream: Stream, write: Callable[[], Awaitable[T]], *, what: str) -> T:
-    """Run `write` until it succeeds, backing off while Valkey is unavailable (the batch
-    stays unacknowledged). Other errors propagate: the runtime restarts the agent and
-    eventually dead-letters an event that keeps failing."""
-    return await until_done(
-        stream,
-        write,
-        what=what,
-        permanent=lambda exc: not isinstance(exc, SinkUnavailable),
-        first_delay=RETRY_FIRST_DELAY_S,
-    )
+    def add_bars(self, bars: Sequence[Bar], newest_event_ts: int) -> None:
+        """Bars to store at the next flush; `newest_event_ts` is the newest input event
+        time they include (freshness)."""
 
 
 def check_built_interval(interval: str) -> int:
@@ -147,13 +129,12 @@ def add_trade_bar_agent(
 ) -> None:
     """Register the agent that builds bars from `trades` (MarketTrade events)."""
 
-    @app.agent(trades, name=name)
+    @app.agent(trades, name=name, sinks=[sink])
     async def build_bars(stream: Stream) -> None:
         async for records in stream.take_events(max_events, within_s):
             bars = builder.fold(stream, records)
             if bars:
-                newest = builder.newest_trade_ts
-                await write_until_done(stream, lambda: sink.write_bars(bars, newest), what="built bars")
+                sink.add_bars(bars, builder.newest_trade_ts)
 
 
 class BarMessageCounters:
@@ -177,7 +158,7 @@ def add_bar_message_agent(
     counters = BarMessageCounters()
     built = frozenset(built_intervals)
 
-    @app.agent(bars, name=name)
+    @app.agent(bars, name=name, sinks=[sink])
     async def take_bars(stream: Stream) -> None:
         async for records in stream.take_events(max_events, within_s):
             newest_per_window: dict[tuple[str, str, int], Bar] = {}
@@ -197,8 +178,7 @@ def add_bar_message_agent(
                 newest_per_window[(bar.symbol, bar.interval, bar.ts)] = plain_decimals(bar)
                 newest_ts = max(newest_ts, bar.ts)
             if newest_per_window:
-                batch = list(newest_per_window.values())
-                await write_until_done(stream, lambda: sink.write_bars(batch, newest_ts), what="bar messages")
-                counters.written += len(batch)
+                sink.add_bars(list(newest_per_window.values()), newest_ts)
+                counters.written += len(newest_per_window)
 
     return counters

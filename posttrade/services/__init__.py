@@ -1,8 +1,8 @@
-"""The six services: each module here wires agents, tables and pages into an App.
+"""The six services: each module here wires agents, tables, sinks and pages into an App.
 
 A service module exposes `CONFIG` (its config schema, a `ServiceConfig` subclass) and
-`build(config) -> App`. `posttrade worker NAME` loads the config and runs the App on
-the service's port.
+`build(config, *, transport=None)`, returning its `Service` (base.py): the App and typed
+handles. `posttrade worker NAME` loads the config and runs the App on the service's port.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """hot_cache on the real servers: NATS JetStream, Valkey and QuestDB of the local stack.
 
-Every test gets its own streams, QuestDB tables, Valkey key prefix and app name (uuid
-suffixes), and removes them afterwards: the stack is shared.
+Every test gets its own namespace (streams `<NS>_TRADES`, ... on `<ns>.md.trades.>`, ...),
+QuestDB tables, Valkey key prefix and app name (uuid suffixes), and removes them
+afterwards: the stack is shared.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ import pytest
 
 from posttrade.config import load_config
 from posttrade.services import hot_cache
-from posttrade.services.hot_cache import HotCacheChannels
+from posttrade.services.hot_cache import HotCacheService
 from posttrade.stores.questdb import QuestDBClient
 from posttrade.stores.valkey import open_valkey
-from posttrade.streams.events import Bar, MarketTrade, PositionUpdate, Quote, decode, encode, subject_token
+from posttrade.streams.events import Bar, PositionUpdate, Quote, decode, encode, subject_token
 from posttrade.web.server import build_web_app
 from tests.unit.test_bars import BASE, FIRST_MINUTE, FIVE_MINUTES, S, SECOND_MINUTE, TAPE, trade
 
@@ -34,6 +35,11 @@ D = Decimal
 
 def as_json(event) -> dict:
     return json.loads(encode(event))
+
+
+# The platform's subjects (posttrade.streams.subjects) per stream, before the namespace.
+SUBJECTS = {"TRADES": "md.trades", "BARS": "md.bars", "QUOTES": "md.quotes", "POSITIONS": "posttrade.positions"}
+STREAMS = (*SUBJECTS, "DLQ")
 
 
 @dataclass
@@ -45,53 +51,44 @@ class Names:
         return f"hc_{self.suffix}"
 
     @property
+    def namespace(self) -> str:
+        return f"hct{self.suffix}"
+
+    @property
     def prefix(self) -> str:
         return f"pt{self.suffix}"
-
-    def stream(self, kind: str) -> str:
-        return f"HCT_{kind}_{self.suffix.upper()}"
-
-    def subject(self, kind: str, *tokens: str) -> str:
-        return ".".join([f"hct{self.suffix}", kind, *tokens])
 
     def table(self, kind: str) -> str:
         return f"hct_{kind}_{self.suffix}"
 
-    def channels(self, app) -> HotCacheChannels:
-        def channel(name, kind, value_type):
-            subjects = [self.subject(kind, ">")]
-            return app.channel(name, stream=self.stream(kind), subjects=subjects, value_type=value_type)
-
-        return HotCacheChannels(
-            trades=channel("market_trades", "TRADES", MarketTrade),
-            bars=channel("bars", "BARS", Bar),
-            quotes=channel("quotes", "QUOTES", Quote),
-            positions=channel("positions", "POSITIONS", PositionUpdate),
-        )
-
 
 @dataclass
-class Service:
+class Running:
     names: Names
-    app: object
+    service: HotCacheService
     http: httpx.AsyncClient
     js: object
     valkey: object
     qdb: QuestDBClient
 
+    @property
+    def app(self):
+        return self.service.app
+
     async def publish(self, kind: str, key: str, event) -> None:
-        await self.js.publish(self.names.subject(kind, key), encode(event))
+        """On the namespaced subject of stream `kind` (TRADES, BARS, QUOTES, POSITIONS)."""
+        await self.js.publish(self.app.subject(f"{SUBJECTS[kind]}.{key}"), encode(event))
 
     async def publish_position(self, update: PositionUpdate) -> None:
-        """On `<prefix>.POSITIONS.<account>.<symbol>`, tokens as ptrc makes them."""
+        """On `<ns>.posttrade.positions.<account>.<symbol>`, tokens as ptrc makes them."""
         await self.publish("POSITIONS", f"{subject_token(update.account)}.{subject_token(update.symbol)}", update)
 
     async def wait_processed(self, agent: str, kind: str, count: int, timeout: float = 20.0) -> None:
-        durable = f"{self.names.app}-{agent}"
+        durable = self.app.agents[agent].durable
         deadline = time.monotonic() + timeout
         while True:
             try:
-                info = await self.js.consumer_info(self.names.stream(kind), durable)
+                info = await self.js.consumer_info(self.app.stream_name(kind), durable)
                 if info.ack_floor.stream_seq >= count:
                     return
             except nats.js.errors.NotFoundError:
@@ -114,11 +111,12 @@ async def service_factory(stack) -> AsyncIterator:
     valkey = open_valkey(host=stack.valkey_host, port=stack.valkey_port, db=4)
     qdb = QuestDBClient(host=stack.questdb_host, port=stack.questdb_http_port)
 
-    async def start(**overrides: str) -> Service:
+    async def start(**overrides: str) -> Running:
         names = Names(uuid.uuid4().hex[:10])
         env = {
             **stack.service_env(),
             "POSTTRADE_HOT_CACHE__SERVICE__NAME": names.app,
+            "POSTTRADE_HOT_CACHE__SERVICE__NAMESPACE": names.namespace,
             "POSTTRADE_HOT_CACHE__HOT_CACHE__KEY_PREFIX": names.prefix,
             "POSTTRADE_HOT_CACHE__HOT_CACHE__WRITE_WITHIN_S": "0.02",
             "POSTTRADE_HOT_CACHE__RUNTIME__BATCH_SIZE": "3",
@@ -129,21 +127,22 @@ async def service_factory(stack) -> AsyncIterator:
             env[f"POSTTRADE_HOT_CACHE__HOT_CACHE__READ_THROUGH__TABLES__{kind.upper()}"] = names.table(kind)
         env.update({f"POSTTRADE_HOT_CACHE__{k.upper()}": v for k, v in overrides.items()})
         config = load_config("hot_cache", hot_cache.CONFIG, env=env)
-        app = hot_cache.build(config, channels=names.channels)
+        service = hot_cache.build(config)
+        app = service.app
         app.runtime.poll_timeout_s = 0.05
         await app.start()
         http = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_web_app(app)), base_url="http://test")
         started.append((names, app, http))
-        return Service(names, app, http, js, valkey, qdb)
+        return Running(names, service, http, js, valkey, qdb)
 
     yield start
 
     for names, app, http in started:
         await http.aclose()
         await app.stop()
-        for kind in ("TRADES", "BARS", "QUOTES", "POSITIONS"):
+        for kind in STREAMS:
             try:
-                await js.delete_stream(names.stream(kind))
+                await js.delete_stream(app.stream_name(kind))
             except nats.js.errors.NotFoundError:
                 pass
         for windowed in app.tables.values():
@@ -197,7 +196,7 @@ async def test_bars_built_from_trades_are_served_from_valkey(service_factory):
     assert stats["families"]["bars"]["newest_event_ts"] == BASE + 70 * S
 
 
-async def create_market_data_tables(svc: Service) -> None:
+async def create_market_data_tables(svc: Running) -> None:
     qdb, names = svc.qdb, svc.names
     await qdb.create_table(
         names.table("market_trades"),
@@ -365,7 +364,7 @@ XYZ_CORRECTED = position(2, BASE + 3 * S, account=ACCOUNT, symbol="XYZ", reason=
                          exec_type="CORRECT", fill_count=1)
 
 
-async def positions_of(svc: Service, account: str) -> tuple[int, dict, list[PositionUpdate]]:
+async def positions_of(svc: Running, account: str) -> tuple[int, dict, list[PositionUpdate]]:
     status, body = await svc.get(f"/positions/{account}")
     served = [decode(PositionUpdate, json.dumps(p).encode()) for p in body.get("positions", [])]
     return status, body, served
@@ -406,7 +405,7 @@ async def test_positions_are_ptrcs_updates_kept_by_revision_on_a_hit_and_a_miss(
 
 async def test_the_valkey_write_is_compare_and_set_on_revision(service_factory):
     svc = await service_factory()
-    cache = svc.app.hot_cache.cache
+    cache = svc.service.cache
     hash_key = f"{svc.names.prefix}:pos:{ACCOUNT}"
 
     async def stored() -> PositionUpdate:

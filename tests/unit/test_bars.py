@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from posttrade.agents.bars import SinkUnavailable, TradeBarBuilder, add_bar_message_agent, add_trade_bar_agent
+from posttrade.agents.bars import TradeBarBuilder, add_bar_message_agent, add_trade_bar_agent
 from posttrade.app import App
 from posttrade.core.bars import BarState, bar_from_totals, interval_seconds, plain_decimals, window_start
+from posttrade.sinks import RetryPolicy, Sink, SinkUnavailable
 from posttrade.streams.events import Bar, MarketTrade, encode
 from posttrade.streams.memory import MemoryTransport
 
@@ -135,22 +136,29 @@ def test_a_bar_does_not_depend_on_arrival_order(trades, rnd):
 # -- the agent on the in-memory transport -----------------------------------------------------
 
 
-class MemoryBarSink:
-    """Keeps what a Valkey sink would: the last whole bar per window."""
+class MemoryBarSink(Sink[Bar]):
+    """Keeps what a Valkey sink would: the last whole bar per window. The first
+    `failures` writes find the store away (retried quickly)."""
 
     def __init__(self, failures: int = 0):
+        super().__init__("memory-bars", RetryPolicy(attempts=2, initial_s=0.01, max_s=0.02))
         self.bars: dict[tuple[str, str, int], Bar] = {}
         self.calls = 0
         self.failures = failures
         self.newest_event_ts = 0
+        self.before_write = lambda: None
 
-    async def write_bars(self, bars, newest_event_ts):
+    def add_bars(self, bars, newest_event_ts):
+        self.extend(list(bars))
+        self.newest_event_ts = max(self.newest_event_ts, newest_event_ts)
+
+    async def write(self, batch):
+        self.before_write()
+        self.calls += 1
         if self.failures:
             self.failures -= 1
             raise SinkUnavailable("down for the test")
-        self.calls += 1
-        self.newest_event_ts = newest_event_ts
-        for bar in bars:
+        for bar in batch:
             self.bars[(bar.symbol, bar.interval, bar.ts)] = bar
 
 
@@ -241,18 +249,14 @@ async def test_the_batch_waits_for_the_sink_and_is_written_once_it_is_back():
     transport = MemoryTransport()
     sink = MemoryBarSink(failures=2)
     app, _ = bar_app(transport, sink, batch_size=10)
-    import posttrade.agents.bars as bars_module
-
-    delays = bars_module.RETRY_FIRST_DELAY_S
-    bars_module.RETRY_FIRST_DELAY_S = 0.01
-    try:
-        async with app:
-            await publish_tape(transport, TAPE[:2])
-            await wait_for(lambda: sink.calls >= 1)
-            await wait_for(lambda: floor(transport) == 2)
-    finally:
-        bars_module.RETRY_FIRST_DELAY_S = delays
-    assert sink.failures == 0
+    floors_at_writes = []
+    sink.before_write = lambda: floors_at_writes.append(floor(transport))
+    async with app:
+        await publish_tape(transport, TAPE[:2])
+        await wait_for(lambda: floor(transport) == 2)
+    # The first batch: nothing acknowledged until its third attempt landed.
+    assert floors_at_writes[:3] == [0, 0, 0]
+    assert sink.failures == 0 and sink.stats.retries == 2
     assert sink.bars[("XYZ", "1m", BASE)].count == 2
 
 

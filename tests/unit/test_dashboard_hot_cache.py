@@ -9,10 +9,11 @@ import httpx
 import msgspec
 import pytest
 
-from posttrade.agents.bars import SinkUnavailable
+from posttrade.agents.hot_cache import ReadCounters, StatsSampler
 from posttrade.config import load_config
 from posttrade.services import hot_cache
-from posttrade.services.hot_cache import CacheKeys, ReadCounters, StatsSampler, ValkeyCache
+from posttrade.sinks import SinkUnavailable
+from posttrade.stores.valkey.hot_cache import CacheKeys, ValkeyCache
 from posttrade.web.server import build_web_app
 
 T0 = 1_700_000_000_000_000_000
@@ -26,7 +27,7 @@ def _bar(ts: int) -> bytes:
 
 
 class FakeCache:
-    """What HotCache.bars reads: `held` bars (newest first) and whether they answer."""
+    """What HotCacheReads.bars reads: `held` bars (newest first) and whether they answer."""
 
     def __init__(self, held: list[bytes], answers: bool):
         self.held, self.answers = held, answers
@@ -43,10 +44,11 @@ class EmptyQuestDB:
 @pytest.fixture
 def service():
     config = load_config("hot_cache", hot_cache.CONFIG, env={})
-    app = hot_cache.build(config)  # not started: the cache and QuestDB are replaced below
-    app.hot_cache.questdb = EmptyQuestDB()
-    app.hot_cache.web = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_web_app(app)), base_url="http://t")
-    return app.hot_cache
+    built = hot_cache.build(config)  # not started: the cache and QuestDB are replaced below
+    reads = built.reads
+    reads.questdb = EmptyQuestDB()
+    reads.web = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_web_app(built.app)), base_url="http://t")
+    return reads
 
 
 def _counted(service) -> tuple[int, int]:

@@ -1,7 +1,8 @@
 """hot_cache without servers: config, ptrc's positions kept by revision (the batch
-reduction, the take_positions agent, the POSITIONS read-through on the in-memory
-transport), QuestDB value parsing, request validation. The Valkey scripts' half of the
-revision rule runs on a real Valkey: tests/integration/test_hot_cache.py."""
+reduction, the take_positions agent and its sink, the POSITIONS read-through on the
+in-memory transport, in the service's namespace), QuestDB value parsing, request
+validation. The Valkey scripts' half of the revision rule runs on a real Valkey:
+tests/integration/test_hot_cache.py."""
 
 from __future__ import annotations
 
@@ -12,19 +13,15 @@ import httpx
 import msgspec
 import pytest
 
+from redis.exceptions import ResponseError
+
+from posttrade.agents.hot_cache import PositionsUnusable, PublishedPositions, add_position_agent, highest_revisions
 from posttrade.app import App
 from posttrade.config import ConfigError, load_config
 from posttrade.services import hot_cache
-from posttrade.services.hot_cache import (
-    CacheKeys,
-    PositionsUnusable,
-    PublishedPositions,
-    ReadThroughError,
-    add_position_agent,
-    highest_revisions,
-    iso_to_ns,
-    to_decimal,
-)
+from posttrade.sinks import RetryPolicy, SinkRefused, SinkUnavailable
+from posttrade.stores.questdb.read_through import ReadThroughError, iso_to_ns, to_decimal
+from posttrade.stores.valkey.hot_cache import CacheKeys, ValkeyPositionsSink
 from posttrade.streams import subjects
 from posttrade.streams.events import PositionUpdate, encode
 from posttrade.streams.memory import MemoryTransport
@@ -134,13 +131,24 @@ def test_each_position_keeps_its_own_highest_revision():
 
 
 class RecordingPositionCache:
-    """What take_positions writes, batch by batch (the Valkey side is integration tested)."""
+    """What take_positions writes, batch by batch (the Valkey side is integration tested);
+    the first `failures` writes find Valkey away."""
 
-    def __init__(self) -> None:
+    def __init__(self, failures: int = 0, error: Exception | None = None) -> None:
         self.batches: list[list[PositionUpdate]] = []
+        self.failures = failures
+        self.error = error
 
     async def write_positions(self, updates) -> None:
+        if self.error is not None:
+            raise self.error
+        if self.failures:
+            self.failures -= 1
+            raise SinkUnavailable("Valkey away for the test")
         self.batches.append(list(updates))
+
+
+FAST_RETRY = RetryPolicy(attempts=2, initial_s=0.01, max_s=0.02)
 
 
 async def wait_for(predicate, timeout: float = 5.0) -> None:
@@ -155,9 +163,9 @@ async def test_the_position_agent_writes_the_highest_revision_of_a_batch_not_the
     transport = MemoryTransport()
     app = App("hc", transport)
     app.runtime.poll_timeout_s = 0.02
-    positions = subjects.output(app, "positions", "POSITIONS", "posttrade.positions.>", PositionUpdate)
+    positions = subjects.positions(app)
     cache = RecordingPositionCache()
-    add_position_agent(app, positions, cache, max_events=10, within_s=0.05)
+    add_position_agent(app, positions, ValkeyPositionsSink("valkey-positions", cache), max_events=10, within_s=0.05)
     published = [update(1, T0 + 10, net_qty="2"), update(2, T0 + 5, net_qty="3", reason="late"),
                  update(1, T0 + 20, symbol="NQZ5")]
     # On the stream before the agent starts: its first batch takes all three.
@@ -169,10 +177,47 @@ async def test_the_position_agent_writes_the_highest_revision_of_a_batch_not_the
     assert cache.batches == [[published[1], published[2]]]  # the late fill's update, not the newer ts
 
 
+async def test_a_batch_is_acknowledged_only_once_valkey_has_it():
+    transport = MemoryTransport()
+    app = App("hc", transport)
+    app.runtime.poll_timeout_s = 0.02
+    positions = subjects.positions(app)
+    cache = RecordingPositionCache(failures=3)
+    sink = ValkeyPositionsSink("valkey-positions", cache, FAST_RETRY)
+    add_position_agent(app, positions, sink, max_events=10, within_s=0.02)
+    await transport.ensure_stream(positions.stream)
+    acked_while_away = []
+
+    async def watch_floor() -> None:
+        while cache.failures:
+            acked_while_away.append(transport.ack_floors.get(("POSITIONS", "hc-take_positions"), 0))
+            await asyncio.sleep(0.005)
+
+    published = update(1, T0)
+    await transport.publish(subjects.position_subject(published.account, published.symbol), encode(published))
+    async with app:
+        watcher = asyncio.create_task(watch_floor())
+        await wait_for(lambda: transport.ack_floors.get(("POSITIONS", "hc-take_positions"), 0) == 1)
+        await watcher
+    assert cache.batches == [[published]]
+    assert acked_while_away and set(acked_while_away) == {0}
+    assert (sink.stats.errors, sink.stats.retries, sink.stats.rows) == (3, 3, 1)
+
+
+async def test_valkey_refusing_the_command_itself_is_not_retried():
+    cache = RecordingPositionCache(error=ResponseError("WRONGTYPE Operation against a key holding the wrong kind"))
+    sink = ValkeyPositionsSink("valkey-positions", cache, FAST_RETRY)
+    sink.add(update(1, T0))
+    with pytest.raises(SinkRefused, match="WRONGTYPE"):
+        await sink.flush()
+    assert sink.stats.refused == 1 and sink.stats.retries == 0
+    assert sink.pending == 1  # kept: the batch is discarded with the agent's crash
+
+
 async def positions_stream(*updates: PositionUpdate, raw: list[tuple[str, bytes]] = ()) -> tuple[App, PublishedPositions]:
     transport = MemoryTransport()
     app = App("hc", transport)
-    channel = subjects.output(app, "positions", "POSITIONS", "posttrade.positions.>", PositionUpdate)
+    channel = subjects.positions(app)
     await transport.ensure_stream(channel.stream)
     for u in updates:
         await transport.publish(subjects.position_subject(u.account, u.symbol), encode(u))
@@ -203,6 +248,23 @@ async def test_a_miss_refuses_what_is_not_a_position_of_the_account():
         await published.positions("A1")
 
 
+async def test_the_service_reads_positions_on_its_namespaced_stream():
+    config = load_config("hot_cache", hot_cache.CONFIG, env={"POSTTRADE_HOT_CACHE__SERVICE__NAMESPACE": "t1a2b"})
+    transport = MemoryTransport()
+    service = hot_cache.build(config, transport=transport)
+    positions = service.channels.positions
+    assert positions.stream.name == "T1A2B_POSITIONS"
+    assert positions.stream.subjects == ("t1a2b.posttrade.positions.>",)
+    published = PublishedPositions(transport, positions, timeout_s=0.5)
+    assert published.account_subjects("A1") == "t1a2b.posttrade.positions.A1.>"
+    await transport.ensure_stream(positions.stream)
+    mine, outside = update(3, T0), update(9, T0, net_qty="7")
+    await transport.publish(service.app.subject(subjects.position_subject("A1", "ESZ5")), encode(mine))
+    await transport.ensure_stream(subjects.positions(App("other", transport)).stream)  # no namespace
+    await transport.publish(subjects.position_subject("A1", "ESZ5"), encode(outside))
+    assert await service.reads.published.positions("A1") == [mine]
+
+
 def test_key_scheme():
     keys = CacheKeys("pt")
     assert keys.bars("BRK.B", "1m") == "pt:bars:BRK.B:1m"
@@ -214,8 +276,8 @@ def test_key_scheme():
 @pytest.fixture
 def web():
     config = load_config("hot_cache", hot_cache.CONFIG, env={})
-    app = hot_cache.build(config)  # not started: these requests are refused before any I/O
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=build_web_app(app)), base_url="http://test")
+    service = hot_cache.build(config)  # not started: these requests are refused before any I/O
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=build_web_app(service.app)), base_url="http://test")
 
 
 @pytest.mark.parametrize(

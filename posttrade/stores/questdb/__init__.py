@@ -46,6 +46,7 @@ QuestDB rules this module encodes:
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as _dt
 import json
 import logging
@@ -263,6 +264,16 @@ def _auth_kwargs(username: str | None, password: str | None, token: str | None) 
     return {}
 
 
+def _auth_headers(username: str | None, password: str | None, token: str | None) -> dict[str, str]:
+    """The Authorization header `_auth_kwargs` makes httpx send."""
+    if token is not None:
+        return {"Authorization": f"Bearer {token}"}
+    if username is not None:
+        credentials = base64.b64encode(f"{username}:{password}".encode()).decode()
+        return {"Authorization": f"Basic {credentials}"}
+    return {}
+
+
 class QuestDBClient:
     """SQL over QuestDB's HTTP `/exec` endpoint (async; one pooled httpx client)."""
 
@@ -282,6 +293,9 @@ class QuestDBClient:
     ):
         verify: Any = tls_ca_file if (tls and tls_ca_file) else tls_verify
         self.base_url = _base_url(host, port, tls)
+        # What a request needs to be let in: for clients of other endpoints of the same
+        # server (the CSV export streams `/exp` outside this pool).
+        self.auth_headers = _auth_headers(username, password, token)
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=timeout,

@@ -22,7 +22,6 @@ import ssl
 import time
 from urllib.parse import urlencode, urlsplit
 
-import httpx
 
 from . import QuestDBClient, QuestDBError, QuestDBUnavailableError
 
@@ -35,8 +34,7 @@ class QuestDBExporter:
         self.port = url.port or (443 if self.tls else 80)
         self.retry_s = retry_s
         self.timeout_s = timeout_s
-        # The client's pooled httpx client carries its credentials; this package owns both.
-        self.headers = _auth_headers(questdb._http)
+        self.headers = questdb.auth_headers
 
     async def export_csv_async(self, sql: str) -> bytes:
         return await asyncio.to_thread(self.export_csv, sql)
@@ -74,15 +72,3 @@ class QuestDBExporter:
                 return b""
             error = QuestDBUnavailableError if status >= 429 else QuestDBError
             raise error(f"export failed (HTTP {status}): {text[:500]}", query=sql, status=status)
-
-
-def _auth_headers(client: httpx.AsyncClient) -> dict[str, str]:
-    """The Authorization header an httpx client would send (its default headers or auth)."""
-    headers = {}
-    if "authorization" in client.headers:
-        headers["Authorization"] = client.headers["authorization"]
-    if client.auth is not None:
-        request = next(client.auth.sync_auth_flow(httpx.Request("GET", str(client.base_url))))
-        if "authorization" in request.headers:
-            headers["Authorization"] = request.headers["authorization"]
-    return headers
