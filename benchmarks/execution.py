@@ -60,21 +60,20 @@ import numpy as np
 import pyarrow as pa
 
 from posttrade import stack
-from posttrade.agents.execution import (
-    FILL_ALL,
+from posttrade.agents.execution.state import FILL_ALL, MINUTE_NS, ORDER_ALL
+from posttrade.config import load_config
+from posttrade.services import execution_quality as eq
+from posttrade.stores.clickhouse import open_clickhouse
+from posttrade.stores.clickhouse.execution import (
     FILL_COLUMNS,
     FILLS_TABLE,
-    MINUTE_NS,
     MINUTES_TABLE,
-    ORDER_ALL,
     ORDER_COLUMNS,
     ORDERS_TABLE,
     SETTLED,
     ExecutionStore,
 )
-from posttrade.config import load_config
-from posttrade.services import execution_quality as eq
-from posttrade.stores.clickhouse import open_clickhouse
+from posttrade.stores.clickhouse.execution_queries import ExecutionQueries, Filters
 from posttrade.streams.events import Fill, MarketTrade, Order, Quote, encode
 
 from _proc_cpu import cpu_seconds  # benchmarks/_proc_cpu.py (the script's folder is on sys.path)
@@ -237,10 +236,10 @@ async def load_summary_data(engine: Path, database: str, n_fills: int) -> dict:
             "SELECT table, count() FROM system.parts WHERE database = {d:String} AND active GROUP BY table",
             {"d": database},
         )).rows)
-        queries = eq.ExecutionQueries(database, lambda: store)
+        queries = ExecutionQueries(database, lambda: store)
         group_by = ("account", "symbol", "venue", "side")
-        from_rollup = await queries.summary(eq.Filters(), group_by, HOUR_NS)
-        from_fills = await queries.summary(eq.Filters(), group_by, HOUR_NS, use_rollup=False)
+        from_rollup = await queries.summary(Filters(), group_by, HOUR_NS)
+        from_fills = await queries.summary(Filters(), group_by, HOUR_NS, use_rollup=False)
         assert from_rollup == from_fills, "the rollup and the fills table disagree"
         rollup_rows = (await store.query(f"SELECT count() FROM {database}.{MINUTES_TABLE} FINAL")).scalar()
         return {
@@ -286,7 +285,7 @@ class ServiceProcess:
             f"{p}SERVICE__NAME": self.service,
             f"{p}SERVICE__HOST": "127.0.0.1",
             f"{p}SERVICE__PORT": str(self.port),
-            f"{p}EXECUTION__NAMESPACE": self.namespace,
+            f"{p}SERVICE__NAMESPACE": self.namespace,
         }
         self.proc: subprocess.Popen | None = None
 
@@ -302,7 +301,8 @@ class ServiceProcess:
                     raise RuntimeError(f"the service exited: {self.proc.stderr.read().decode()[-2000:]}")
                 try:
                     health = (await client.get("/health")).json()
-                    if health["checks"].get("clickhouse", {}).get("ok"):
+                    clickhouse = health["checks"].get("sink:clickhouse", {})
+                    if clickhouse.get("ok") and not clickhouse.get("degraded"):  # connected, answering
                         return self
                 except httpx.TransportError:
                     pass
@@ -430,14 +430,14 @@ async def preload(url: str, namespace: str, workload) -> int:
 async def cleanup(url: str, namespace: str, service: str) -> None:
     nc = await nats.connect(url)
     js = nc.jetstream()
-    for stream in ("ORDERS", "FILLS", "QUOTES", "TRADES"):
+    for stream in ("ORDERS", "FILLS", "QUOTES", "TRADES", "DLQ"):
         try:
             await js.delete_stream(f"{namespace.upper()}_{stream}")
         except nats.js.errors.NotFoundError:
             pass
-    for table in ("fills", "orders", "quote_book", "tape"):
+    for table in ("fills", "orders", "quote_book", "tape", "amendments"):
         try:
-            await js.delete_key_value(f"{service}-{table}")
+            await js.delete_key_value(f"{namespace}-{service}-{table}")  # the App's namespaced bucket
         except nats.js.errors.NotFoundError:
             pass
     await nc.close()
@@ -454,9 +454,9 @@ async def bench_ingest(url: str, engine: Path, n_fills: int) -> dict:
         "POSTTRADE__DATABASES__CLICKHOUSE__DSN": f"chdb://{engine}",
         f"{p}SERVICE__NAME": service_name,
         f"{p}DATABASES__CLICKHOUSE__DATABASE": database,
-        f"{p}EXECUTION__NAMESPACE": namespace,
+        f"{p}SERVICE__NAMESPACE": namespace,
     })
-    service = eq.build_service(config)
+    service = eq.build(config)
     try:
         started, cpu = time.perf_counter(), time.process_time()
         await service.app.start()
@@ -471,7 +471,7 @@ async def bench_ingest(url: str, engine: Path, n_fills: int) -> dict:
             if complete == n_fills:
                 break
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
-        stats = service.sink.stats
+        writes = service.sink.writes
         await service.app.stop()
         scratch = open_clickhouse(f"chdb://{engine}")
         await scratch.command(f"DROP DATABASE {database}")
@@ -486,9 +486,9 @@ async def bench_ingest(url: str, engine: Path, n_fills: int) -> dict:
         "ingest_seconds": round(elapsed, 2),
         "ingest_cpu_seconds": round(cpu, 2),
         "ingest_fills_per_cpu_second": round(n_fills / cpu),
-        "ingest_fill_rows_written_per_fill": round(stats.fill_rows / n_fills, 2),
-        "ingest_order_rows_written": stats.order_rows,
-        "ingest_clickhouse_writes": stats.writes,
+        "ingest_fill_rows_written_per_fill": round(writes.fill_rows / n_fills, 2),
+        "ingest_order_rows_written": writes.order_rows,
+        "ingest_clickhouse_writes": writes.inserts + writes.refreshes,
     }
 
 

@@ -11,9 +11,10 @@ per fill and order, the summary's two sources (per-minute rollup, fills table) a
 with a Python reference (busted and corrected fills included), an older table layout is
 migrated, and `posttrade worker execution_quality` serves it all as a process.
 
-Every test uses its own namespace (streams `<NS>_FILLS`, ... on `<ns>.trading.fills.>`,
-...), service name (changelog buckets) and ClickHouse database, and removes its streams
-and buckets at the end: the NATS server is shared.
+Every test uses its own `service.namespace` (streams `<NS>_FILLS`, ... on
+`<ns>.trading.fills.>`, ..., consumers and changelog buckets `<ns>-<service>-...`),
+service name and ClickHouse database, and removes its streams and buckets at the end:
+the NATS server is shared.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ import httpx
 import nats
 import pytest
 
-from posttrade.agents.execution import SETTLED
 from posttrade.config import load_config
 from posttrade.services import execution_quality as eq
 from posttrade.stores import clickhouse as clickhouse_store
 from posttrade.stores.clickhouse import open_clickhouse
+from posttrade.stores.clickhouse.execution import SETTLED
+from posttrade.stores.clickhouse.execution_queries import ExecutionQueries, Filters, whole_minutes
 from posttrade.streams.events import Fill, Quote, encode
 from posttrade.web.server import build_web_app
 from tests.unit.test_execution_tracker import T0, amended_events, example_events, msgspec_replace
@@ -80,7 +82,7 @@ class Names:
             "POSTTRADE__DATABASES__CLICKHOUSE__DSN": dsn,
             f"{p}SERVICE__NAME": self.service,
             f"{p}DATABASES__CLICKHOUSE__DATABASE": self.database,
-            f"{p}EXECUTION__NAMESPACE": self.namespace,
+            f"{p}SERVICE__NAMESPACE": self.namespace,
             f"{p}BATCH__INTERVAL_SEC": "0.1",
             f"{p}EXECUTION__OPEN_ORDER_MARK_INTERVAL_S": "0.5",
             **extra,
@@ -88,6 +90,13 @@ class Names:
 
     def subject(self, stream: str) -> str:
         return f"{self.namespace}.{SUBJECTS[stream]}"
+
+    def bucket(self, service: str, table: str) -> str:
+        """A changelog table's bucket: the App prefixes it with the namespace."""
+        return f"{self.namespace}-{service}-{table}"
+
+    def durable(self, service: str, agent: str) -> str:
+        return f"{self.namespace}-{service}-{agent}"
 
 
 async def publish(nats_url: str, names: Names, events: dict[str, list], streams=("fills", "orders", "trades", "quotes")):
@@ -105,7 +114,7 @@ async def cleanup(nats_url: str, names: Names, services: list[str]) -> None:
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     try:
-        for stream in ("ORDERS", "FILLS", "QUOTES", "TRADES"):
+        for stream in ("ORDERS", "FILLS", "QUOTES", "TRADES", "DLQ"):
             try:
                 await js.delete_stream(f"{names.namespace.upper()}_{stream}")
             except nats.js.errors.NotFoundError:
@@ -113,7 +122,7 @@ async def cleanup(nats_url: str, names: Names, services: list[str]) -> None:
         for service in services:
             for table in BUCKETS:
                 try:
-                    await js.delete_key_value(f"{service}-{table}")
+                    await js.delete_key_value(names.bucket(service, table))
                 except nats.js.errors.NotFoundError:
                     pass
     finally:
@@ -191,7 +200,7 @@ def assert_example_rows(fills: dict, orders: dict) -> None:
 async def test_worked_example_end_to_end(stack, chdb_location):
     names = Names()
     config = load_config("execution_quality", eq.CONFIG, env=names.env(stack.nats_url, f"chdb://{chdb_location}"))
-    service = eq.build_service(config)
+    service = eq.build(config)
     try:
         async with service.app, web_client(service.app) as client:
             await connected(service)
@@ -240,7 +249,9 @@ async def test_worked_example_end_to_end(stack, chdb_location):
             assert (await get_json(client, "/analytics/summary?side=SELL"))["total"] == 0
 
             health = await get_json(client, "/health")
-            assert health["status"] == "ok" and health["checks"]["clickhouse"]["ok"]
+            clickhouse = health["checks"]["sink:clickhouse"]
+            assert health["status"] == "ok" and clickhouse["ok"] and not clickhouse.get("degraded")
+            assert clickhouse["detail"]["connected"] and clickhouse["detail"]["rows_written"]["fills"] >= 2
             metrics = (await client.get("/metrics")).text
             assert 'posttrade_execution_events_total{kind="fill"} 2.0' in metrics
             assert 'posttrade_execution_rows_written_total{table="execution_fills"}' in metrics
@@ -288,7 +299,7 @@ async def test_corrections_busts_resends_and_openings_end_to_end(stack, chdb_loc
     env = names.env(stack.nats_url, f"chdb://{chdb_location}",
                     POSTTRADE_EXECUTION_QUALITY__EXECUTION__PRUNE_INTERVAL_S="0.2")
     events = amended_events()
-    service = eq.build_service(load_config("execution_quality", eq.CONFIG, env=env))
+    service = eq.build(load_config("execution_quality", eq.CONFIG, env=env))
     try:
         async with service.app, web_client(service.app) as client:
             await connected(service)
@@ -366,13 +377,13 @@ async def test_corrections_busts_resends_and_openings_end_to_end(stack, chdb_loc
         await cleanup(stack.nats_url, names, [names.service])
 
 
-async def changelog_snapshot(nats_url: str, service: str) -> dict[str, dict[str, bytes]]:
+async def changelog_snapshot(nats_url: str, names: Names) -> dict[str, dict[str, bytes]]:
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     snapshot: dict[str, dict[str, bytes]] = {}
     try:
         for table in BUCKETS:
-            kv = await js.key_value(f"{service}-{table}")
+            kv = await js.key_value(names.bucket(names.service, table))
             try:
                 keys = await kv.keys()
             except nats.js.errors.NoKeysError:
@@ -383,13 +394,13 @@ async def changelog_snapshot(nats_url: str, service: str) -> dict[str, dict[str,
     return snapshot
 
 
-async def restore_changelog(nats_url: str, service: str, snapshot: dict[str, dict[str, bytes]]) -> None:
+async def restore_changelog(nats_url: str, names: Names, snapshot: dict[str, dict[str, bytes]]) -> None:
     """Put the changelog back as it was at `snapshot` (what a crash can leave behind)."""
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     try:
         for table, entries in snapshot.items():
-            kv = await js.key_value(f"{service}-{table}")
+            kv = await js.key_value(names.bucket(names.service, table))
             try:
                 keys = await kv.keys()
             except nats.js.errors.NoKeysError:
@@ -409,8 +420,8 @@ async def redeliver_market_data(nats_url: str, names: Names) -> None:
     js = nc.jetstream()
     try:
         prefix = names.namespace.upper()
-        await js.delete_consumer(f"{prefix}_QUOTES", f"{names.service}-quotes")
-        await js.delete_consumer(f"{prefix}_TRADES", f"{names.service}-market_trades")
+        await js.delete_consumer(f"{prefix}_QUOTES", names.durable(names.service, "quotes"))
+        await js.delete_consumer(f"{prefix}_TRADES", names.durable(names.service, "market_trades"))
     finally:
         await nc.close()
 
@@ -462,7 +473,7 @@ async def test_restart_behind_clickhouse_never_unsettles_a_row_and_a_replay_leav
     replay_name = names.service + "r"
     events = example_events()
     try:
-        service = eq.build_service(load_config("execution_quality", eq.CONFIG, env=env))
+        service = eq.build(load_config("execution_quality", eq.CONFIG, env=env))
         async with service.app, web_client(service.app) as client:
             await connected(service)
             # Orders and fills first: their rows are written, unsettled (no market data yet).
@@ -473,7 +484,7 @@ async def test_restart_behind_clickhouse_never_unsettles_a_row_and_a_replay_leav
             )
             await eventually(lambda: get_json(client, "/metrics/execution"), lambda b: b["total"] == 2)
             await eventually(lambda: asyncio.sleep(0, service.sink.unwritten()), lambda n: n == 0)
-            before_market_data = await changelog_snapshot(stack.nats_url, names.service)
+            before_market_data = await changelog_snapshot(stack.nats_url, names)
             # The market data settles every row.
             await publish(stack.nats_url, names, events, streams=("trades", "quotes"))
             first_orders = await eventually(lambda: get_json(client, "/metrics/execution?level=order"), order_final)
@@ -482,9 +493,9 @@ async def test_restart_behind_clickhouse_never_unsettles_a_row_and_a_replay_leav
         # A crash lost every changelog entry written since the market data came: the
         # restart starts with unsettled states while ClickHouse has the settled rows
         # (and, here, no market data to settle them again). It must write none of them.
-        await restore_changelog(stack.nats_url, names.service, before_market_data)
+        await restore_changelog(stack.nats_url, names, before_market_data)
         restart_clock = time.time_ns()
-        service = eq.build_service(load_config("execution_quality", eq.CONFIG, env=env))
+        service = eq.build(load_config("execution_quality", eq.CONFIG, env=env))
         async with service.app, web_client(service.app) as client:
             assert not service.tracker.orders["O1"].final and not service.tracker.fills["F2"].complete
             watcher = RowWatcher(client)
@@ -501,7 +512,7 @@ async def test_restart_behind_clickhouse_never_unsettles_a_row_and_a_replay_leav
         # settles batch by batch, and only settled rows reach ClickHouse on the way.
         await redeliver_market_data(stack.nats_url, names)
         restart_clock = time.time_ns()
-        service = eq.build_service(load_config("execution_quality", eq.CONFIG, env=env))
+        service = eq.build(load_config("execution_quality", eq.CONFIG, env=env))
         async with service.app, web_client(service.app) as client:
             watcher = RowWatcher(client)
             try:
@@ -526,7 +537,7 @@ async def test_restart_behind_clickhouse_never_unsettles_a_row_and_a_replay_leav
         # settled row was written over with an unsettled one on the way.
         replay_env = {**env, "POSTTRADE_EXECUTION_QUALITY__SERVICE__NAME": replay_name}
         replay_clock = time.time_ns()
-        replay = eq.build_service(load_config("execution_quality", eq.CONFIG, env=replay_env))
+        replay = eq.build(load_config("execution_quality", eq.CONFIG, env=replay_env))
         async with replay.app, web_client(replay.app) as client:
             await connected(replay)
             await eventually(
@@ -605,7 +616,7 @@ async def test_summary_sql_matches_a_python_reference(chdb_location):
     group is in one currency, its fees in another one summed apart."""
     import random
 
-    from posttrade.agents.execution import FILL_COLUMNS, FILLS_TABLE, ExecutionStore, arrow_table, row_version
+    from posttrade.stores.clickhouse.execution import FILL_COLUMNS, FILLS_TABLE, ExecutionStore, arrow_table, row_version
     from posttrade.core.exact import format_decimal, round_quotient
     from posttrade.core.execution import slippage_bps, slippage_cost, to_bps
 
@@ -694,23 +705,23 @@ async def test_summary_sql_matches_a_python_reference(chdb_location):
                 assert g["fills"]["notional"] == format_decimal(sum(r["notional"] for r in expected))
             assert groups == sorted(groups, key=lambda g: (g["account"], g["side"], g["currency"], g["bucket_start"]))
 
-        queries = eq.ExecutionQueries(database, lambda: store)
+        queries = ExecutionQueries(database, lambda: store)
         minute = 60_000_000_000
-        from_rollup = await queries.summary(eq.Filters(), ("account", "side"), minute)
+        from_rollup = await queries.summary(Filters(), ("account", "side"), minute)
         check(from_rollup, reference(minute))
-        assert await queries.summary(eq.Filters(), ("account", "side"), minute, use_rollup=False) == from_rollup
-        by_20s = await queries.summary(eq.Filters(), ("account", "side"), 20_000_000_000)  # not whole minutes
+        assert await queries.summary(Filters(), ("account", "side"), minute, use_rollup=False) == from_rollup
+        by_20s = await queries.summary(Filters(), ("account", "side"), 20_000_000_000)  # not whole minutes
         check(by_20s, reference(20_000_000_000))
 
         # Filters narrow the same query, on both sources.
-        window = eq.Filters(account="A", side="SELL", from_ns=T0, to_ns=T0 + minute)
+        window = Filters(account="A", side="SELL", from_ns=T0, to_ns=T0 + minute)
         only = await queries.summary(window, (), None)
         assert only == await queries.summary(window, (), None, use_rollup=False)
         expected = [r for r in fills if r["account"] == "A" and r["side"] == "SELL" and T0 <= r["ts"] < T0 + minute]
         assert [g["currency"] for g in only] == ["JPY", "USD"]  # no key: one group per currency
         assert sum(g["fills"]["count"] for g in only) == len(expected)
-        off_minute = eq.Filters(from_ns=T0 + 30_000_000_000)
-        assert eq.whole_minutes(window, minute) and not eq.whole_minutes(off_minute, None)
+        off_minute = Filters(from_ns=T0 + 30_000_000_000)
+        assert whole_minutes(window, minute) and not whole_minutes(off_minute, None)
         late = await queries.summary(off_minute, (), None)
         assert sum(g["fills"]["count"] for g in late) == sum(r["ts"] >= T0 + 30_000_000_000 for r in fills)
     finally:
@@ -723,7 +734,8 @@ async def test_tables_of_the_older_layout_are_migrated(chdb_location):
     the progress, amendments and busted columns or the SETTLED bit, and no rollup: the
     start migrates them (no row amended or busted) and fills the rollup from what they
     hold."""
-    from posttrade.agents.execution import FILL_ALL, FILL_COLUMNS, ORDER_COLUMNS, ExecutionStore
+    from posttrade.agents.execution.state import FILL_ALL
+    from posttrade.stores.clickhouse.execution import FILL_COLUMNS, ORDER_COLUMNS, ExecutionStore
 
     database = f"eqt_{uuid.uuid4().hex[:8]}"
     store = open_clickhouse(f"chdb://{chdb_location}")
@@ -760,7 +772,7 @@ async def test_tables_of_the_older_layout_are_migrated(chdb_location):
                 "SELECT name FROM system.columns WHERE database = {d:String} AND table = {t:String} ORDER BY position",
                 {"d": database, "t": table})).rows]
             assert names == [c.name for c in columns], table
-        summary = await eq.ExecutionQueries(database, lambda: store).summary(eq.Filters(), (), None)
+        summary = await ExecutionQueries(database, lambda: store).summary(Filters(), (), None)
         assert summary[0]["fills"]["count"] == 2 and summary[0]["fills"]["notional"] == "30"
         assert summary[0]["fills"]["slippage_bps"]["median"] == "5"
         await ExecutionStore(store, database).create_schema()  # the next start changes nothing

@@ -299,7 +299,7 @@ def test_names_integers_and_object_names():
 
 async def test_published_patterns_are_the_parsers(services):
     """Where a page keeps its own rule, the document says exactly it."""
-    from posttrade.services import execution_quality as eq
+    from posttrade.web import execution_quality as eq
 
     web = build_web_app(services["execution_quality"])
     async with client(web) as http:

@@ -21,7 +21,7 @@ import msgspec
 import pytest
 
 from posttrade.agents.positions import position_update
-from posttrade.stores.questdb.sink import LAYOUTS
+from posttrade.stores.questdb.layouts import LAYOUTS
 from posttrade.core import bounds
 from posttrade.core.bounds import EVENT_BYTES, FIGURE_LIMIT, NAME_CHARS, VALUE_LIMIT
 from posttrade.core.exact import EXACT
@@ -199,8 +199,9 @@ def test_values_at_the_bound_decode_unchanged():
             assert decode(type(event), encode(event)) == event
 
 
-@pytest.mark.parametrize("table", sorted(LAYOUTS))
+@pytest.mark.parametrize("table", sorted(name for name, layout in LAYOUTS.items() if layout.rows is None))
 def test_values_at_the_bound_are_written_exactly_by_the_questdb_encoder(table):
+    """The bus tables; the services' own outputs (rows built from their events) below."""
     layout = LAYOUTS[table]
     events = at_the_bound()[layout.event_type]
     records = [EventRecord(e, "S", i, "subject", TS, 1, None) for i, e in enumerate(events, 1)]
@@ -215,7 +216,10 @@ def test_values_at_the_bound_are_written_exactly_by_the_questdb_encoder(table):
 
 
 def test_ptrc_storage_writes_a_position_near_the_bounds_without_rescaling_errors():
-    from posttrade.agents.ptrc_storage import SNAPSHOTS, TRADES, trade_rows
+    from posttrade.stores.questdb.layouts import LAYOUTS
+    from posttrade.stores.questdb.rows import snapshot_record, trade_rows
+
+    TRADES, SNAPSHOTS = LAYOUTS["ptrc_trades"], LAYOUTS["position_snapshots"]
 
     feed = Feed()
     updates = []
@@ -227,14 +231,14 @@ def test_ptrc_storage_writes_a_position_near_the_bounds_without_rescaling_errors
     assert abs(updates[1].realized_pnl_gross) > D("9E+25")  # near the bound of a figure
     rows = [EventRecord(row, "POSITIONS", 1, "s", TS, 1, None) for u in updates for row in trade_rows(u)]
     TRADES.build_columns(rows)
-    built = SNAPSHOTS.build_columns([EventRecord(u, "POSITIONS", 1, "s", TS, 1, None) for u in updates])
+    built = SNAPSHOTS.build_columns([EventRecord(snapshot_record(u), "POSITIONS", 1, "s", TS, 1, None) for u in updates])
     assert D(str(built["realized_pnl_gross"].tolist()[1])) == updates[1].realized_pnl_gross.quantize(TINY, context=EXACT)
 
 
 def test_the_store_columns_are_built_from_the_shared_constants():
-    from posttrade.agents.execution import STORE_PLACES, storable_row, unstorable_reason, FILL_COLUMNS
-    from posttrade.stores.questdb.sink import DECIMAL_SQL
-    from posttrade.services.pnl import DECIMAL_SQL as PNL_SQL, snapshot_decimal
+    from posttrade.stores.clickhouse.execution import STORE_PLACES, storable_row, unstorable_reason, FILL_COLUMNS
+    from posttrade.stores.questdb.layouts import DECIMAL_SQL
+    from posttrade.stores.questdb.pnl_history import DECIMAL_SQL as PNL_SQL, snapshot_decimal
 
     assert DECIMAL_SQL == PNL_SQL == bounds.QUESTDB_DECIMAL == "DECIMAL(38, 12)"
     assert STORE_PLACES == bounds.CLICKHOUSE_SCALE

@@ -18,28 +18,25 @@ from decimal import Decimal as D
 import msgspec
 import pytest
 
-from posttrade.agents.execution import (
+from posttrade.agents.execution.state import BookEntry, FillState, OrderState, TapeEntry, WaitingAmendment, minute_of
+from posttrade.agents.execution.tracker import ExecutionTables, ExecutionTracker
+from posttrade.config import load_config
+from posttrade.core.reference import FxPair, Instrument, Reference
+from posttrade.services import execution_quality as eq
+from posttrade.stores import clickhouse as clickhouse_store
+from posttrade.stores.clickhouse import ClickHouseStore, open_clickhouse
+from posttrade.stores.clickhouse.execution import (
     FILL_COLUMNS,
     FILLS_TABLE,
     MINUTES_TABLE,
     ORDER_COLUMNS,
     ORDERS_TABLE,
     ExecutionStore,
-    ExecutionTables,
-    ExecutionTracker,
-    FillState,
-    OrderState,
-    BookEntry,
-    TapeEntry,
-    WaitingAmendment,
     arrow_table,
-    minute_of,
+    fill_row,
+    order_row,
 )
-from posttrade.config import load_config
-from posttrade.core.reference import FxPair, Instrument, Reference
-from posttrade.services import execution_quality as eq
-from posttrade.stores import clickhouse as clickhouse_store
-from posttrade.stores.clickhouse import ClickHouseStore, open_clickhouse
+from posttrade.stores.clickhouse.execution_queries import ExecutionQueries, Filters
 from posttrade.streams.events import Fill
 from posttrade.tables.table import Table
 from tests.unit.test_execution_tracker import MS, NS, T0, Feeder, by_time, example_events, fill_dict, order_dict
@@ -109,7 +106,7 @@ def test_a_correction_recomputes_the_fees_by_currency():
 
 
 def test_the_service_gives_its_reference_data_to_the_tracker():
-    service = eq.build_service(load_config("execution_quality", eq.CONFIG, env={}))
+    service = eq.build(load_config("execution_quality", eq.CONFIG, env={}))
     assert service.tracker.reference is service.reference
     assert service.reference.currency("USDJPY") == "JPY"  # config/backend/reference.yaml
 
@@ -135,8 +132,8 @@ async def database(store) -> Iterator[str]:
 
 async def write(tables: ExecutionStore, tracker: ExecutionTracker) -> None:
     """The tracker's rows, written as the sink writes them, and their rollup minutes."""
-    fills = [tracker.fill_row(state, 7) for state in tracker.fills.values()]
-    orders = [row for row in (tracker.order_row(state, 7) for state in tracker.orders.values()) if row]
+    fills = [fill_row(tracker, state, 7) for state in tracker.fills.values()]
+    orders = [row for row in (order_row(tracker, state, 7) for state in tracker.orders.values()) if row]
     await tables.insert(FILLS_TABLE, arrow_table(FILL_COLUMNS, fills))
     await tables.insert(ORDERS_TABLE, arrow_table(ORDER_COLUMNS, orders))
     await tables.refresh_minutes({minute_of(state.fill.ts) for state in tracker.fills.values()}, time.time_ns())
@@ -163,28 +160,28 @@ async def test_a_venue_trading_a_jpy_and_a_usd_symbol_gives_two_groups(store, da
     tables = ExecutionStore(store, database, REFERENCE)
     await tables.create_schema()
     await write(tables, two_currencies())
-    queries = eq.ExecutionQueries(database, lambda: store)
+    queries = ExecutionQueries(database, lambda: store)
 
-    by_venue = await queries.summary(eq.Filters(), ("venue",), None)
+    by_venue = await queries.summary(Filters(), ("venue",), None)
     assert by_venue == [
         {"venue": "XNAS", "currency": "JPY", "fills": EXPECTED_JPY_FILLS, "orders": EXPECTED_JPY_ORDERS},
         {"venue": "XNAS", "currency": "USD", "fills": EXPECTED_USD_FILLS, "orders": EXPECTED_USD_ORDERS},
     ]
     # The same from the fills table (the rollup answers whole minutes), and with no key at
     # all: one overall group per currency, never one total.
-    assert await queries.summary(eq.Filters(), ("venue",), None, use_rollup=False) == by_venue
-    overall = await queries.summary(eq.Filters(), (), 60 * NS)
+    assert await queries.summary(Filters(), ("venue",), None, use_rollup=False) == by_venue
+    overall = await queries.summary(Filters(), (), 60 * NS)
     assert [(g["currency"], g["bucket_start"], g["fills"]["notional"]) for g in overall] == [
         ("JPY", minute_of(T0), "80050"), ("USD", minute_of(T0), "80050")]
-    assert await queries.summary(eq.Filters(), (), 20 * NS, use_rollup=False) == await queries.summary(
-        eq.Filters(), (), 20 * NS)
-    only_usd = await queries.summary(eq.Filters(symbol="AAPL"), ("account", "symbol", "venue", "side"), None)
+    assert await queries.summary(Filters(), (), 20 * NS, use_rollup=False) == await queries.summary(
+        Filters(), (), 20 * NS)
+    only_usd = await queries.summary(Filters(symbol="AAPL"), ("account", "symbol", "venue", "side"), None)
     assert [(g["symbol"], g["currency"]) for g in only_usd] == [("AAPL", "USD")]
 
-    total, fills = await queries.rows("fill", eq.Filters(symbol="USDJPY"), 10, 0)
+    total, fills = await queries.rows("fill", Filters(symbol="USDJPY"), 10, 0)
     assert total == 2 and [(r["fill_id"], r["currency"], r["fee"], r["fee_currency"]) for r in fills] == [
         ("JF2", "JPY", "1", "JPY"), ("JF1", "JPY", "3", "USD")]
-    _, orders = await queries.rows("order", eq.Filters(), 10, 0)
+    _, orders = await queries.rows("order", Filters(), 10, 0)
     assert sorted((r["order_id"], r["currency"], r["fees"], r["fees_other"]) for r in orders) == [
         ("AO1", "USD", "4", {}), ("JO1", "JPY", "1", {"USD": "3"})]
 
@@ -213,8 +210,8 @@ async def test_tables_before_currencies_are_upgraded_and_the_rollup_rebuilt(stor
     # rollup row that mixes yen and dollars (the new one must not keep it).
     tracker = two_currencies()
     for table, columns, rows in (
-        (FILLS_TABLE, FILL_COLUMNS, [tracker.fill_row(s, 7) for s in tracker.fills.values()]),
-        (ORDERS_TABLE, ORDER_COLUMNS, [tracker.order_row(s, 7) for s in tracker.orders.values()]),
+        (FILLS_TABLE, FILL_COLUMNS, [fill_row(tracker, s, 7) for s in tracker.fills.values()]),
+        (ORDERS_TABLE, ORDER_COLUMNS, [order_row(tracker, s, 7) for s in tracker.orders.values()]),
     ):
         kept = [i for i, c in enumerate(columns) if c.name not in added]
         await store.insert_arrow(f"{database}.{table}", arrow_table(
@@ -243,17 +240,17 @@ async def test_tables_before_currencies_are_upgraded_and_the_rollup_rebuilt(stor
         f"SELECT order_id, currency, fees, fees_other FROM {database}.{ORDERS_TABLE} FINAL ORDER BY order_id")).rows
     assert orders == [("AO1", "USD", D(4), {}), ("JO1", "JPY", D(1), {})]
 
-    queries = eq.ExecutionQueries(database, lambda: store)
-    by_venue = await queries.summary(eq.Filters(), ("venue",), None)
+    queries = ExecutionQueries(database, lambda: store)
+    by_venue = await queries.summary(Filters(), ("venue",), None)
     assert [(g["currency"], g["fills"]["count"], g["fills"]["notional"], g["fills"]["fees"]) for g in by_venue] == [
         ("JPY", 2, "80050", "4"), ("USD", 2, "80050", "4")]
-    assert await queries.summary(eq.Filters(), ("venue",), None, use_rollup=False) == by_venue
+    assert await queries.summary(Filters(), ("venue",), None, use_rollup=False) == by_venue
 
     rollup = (await store.query(f"SELECT count() FROM {database}.{MINUTES_TABLE} FINAL")).scalar()
     await ExecutionStore(store, database, REFERENCE).create_schema()  # the next start changes nothing
     assert (await store.query(f"SELECT count() FROM {database}.{MINUTES_TABLE} FINAL")).scalar() == rollup == 2
     assert (await store.query(f"SELECT count() FROM {database}.{MINUTES_TABLE}")).scalar() == rollup
-    assert await queries.summary(eq.Filters(), ("venue",), None) == by_venue
+    assert await queries.summary(Filters(), ("venue",), None) == by_venue
 
 
 async def test_currency_of_rows_before_currencies_is_the_reference_datas_at_the_upgrade(store, database):

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import deque
 from decimal import Decimal as D
 
-from posttrade.agents.execution import FILL_ALL, FILL_ARRIVAL
+from posttrade.agents.execution.state import FILL_ALL, FILL_ARRIVAL
 from posttrade.demo.feed import FeedGenerator, FeedSettings
 from posttrade.streams.events import Fill, MarketTrade, Order, Quote
 

@@ -14,7 +14,7 @@ from decimal import Decimal as D
 import pytest
 from msgspec.structs import replace
 
-from posttrade.agents.execution import ExecutionTracker
+from posttrade.agents.execution.tracker import ExecutionTracker
 from posttrade.demo.feed import FeedGenerator, FeedSettings
 from posttrade.services.execution_quality import ExecutionSection
 from posttrade.streams.events import Fill, MarketTrade, Order, Quote

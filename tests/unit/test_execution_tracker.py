@@ -21,36 +21,37 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from posttrade.agents.execution import (
-    AMENDED,
+from posttrade.agents.execution.agents import ExecutionChannels, register_agents, start_tracker
+from posttrade.agents.execution.state import (
     FILL_ALL,
-    FILL_COLUMNS,
-    FILL_IDS_TABLE,
-    FILLS_TABLE,
     MINUTE_NS,
-    ORDER_COLUMNS,
-    ORDERS_TABLE,
-    SETTLED,
     BookEntry,
-    ExecutionSink,
-    ExecutionTables,
-    ExecutionTracker,
     FillState,
     OrderState,
     SeenFill,
     TapeEntry,
-    TrackerSettings,
     WaitingAmendment,
-    _covers,
+    covers,
+)
+from posttrade.agents.execution.tracker import ExecutionTables, ExecutionTracker, TrackerSettings, declare_tables
+from posttrade.app import App
+from posttrade.sinks import RetryPolicy
+from posttrade.stores.clickhouse import ClickHouseError
+from posttrade.stores.clickhouse.execution import (
+    AMENDED,
+    FILL_COLUMNS,
+    FILL_IDS_TABLE,
+    FILLS_TABLE,
+    ORDER_COLUMNS,
+    ORDERS_TABLE,
+    SETTLED,
     arrow_table,
-    declare_tables,
-    register_agents,
+    fill_row,
+    order_row,
     row_version,
-    start_tracker,
     unstorable_reason,
 )
-from posttrade.app import App
-from posttrade.services.execution_quality import execution_channels
+from posttrade.stores.clickhouse.execution_sink import ExecutionSink
 from posttrade.streams.events import Fill, MarketTrade, Order, Quote, encode
 from posttrade.streams.memory import MemoryTransport
 from posttrade.tables.table import Table
@@ -210,12 +211,12 @@ def written(tracker: ExecutionTracker) -> None:
 
 
 def fill_dict(tracker: ExecutionTracker, fill_id: str) -> dict:
-    row = tracker.fill_row(tracker.fills[fill_id], 1)
+    row = fill_row(tracker, tracker.fills[fill_id], 1)
     return dict(zip((c.name for c in FILL_COLUMNS), row))
 
 
 def order_dict(tracker: ExecutionTracker, order_id: str) -> dict | None:
-    row = tracker.order_row(tracker.orders[order_id], 1)
+    row = order_row(tracker, tracker.orders[order_id], 1)
     return None if row is None else dict(zip((c.name for c in ORDER_COLUMNS), row))
 
 
@@ -499,9 +500,9 @@ def test_amended_rows_outrank_every_row_before_the_amendment():
     assert row_version(later, 1, True) < row_version(later + 1000, 1, True)  # within a revision, the clock
     # A state a restart starts with can be behind a stored row of a later revision, and
     # one revision on covers every earlier row even when a bust took a fill away.
-    assert not _covers((1, FILL_ALL, 0, False), (2, 0, 0, False))
-    assert _covers((2, 0, 1, False), (1, 15, 2, True))
-    assert not _covers((1, 0, 1, False), (1, 0, 2, False))
+    assert not covers((1, FILL_ALL, 0, False), (2, 0, 0, False))
+    assert covers((2, 0, 1, False), (1, 15, 2, True))
+    assert not covers((1, 0, 1, False), (1, 0, 2, False))
 
 
 def test_rows_before_everything_is_known():
@@ -634,7 +635,7 @@ def test_orders_seen_only_through_their_terminal_event():
     tracker.on_order(Order(ts=T0, order_id="R", account="A", symbol="S", side="SELL", qty=D("5"), status="REJECTED"))
     state = tracker.orders["R"]
     assert state.end_ts == T0 and state.side == "SELL" and state.arrival_ts is None
-    assert tracker.order_row(state, 1) is None  # never written: its arrival is unknown
+    assert order_row(tracker, state, 1) is None  # never written: its arrival is unknown
 
 
 def unchecked(event, **changes):
@@ -712,8 +713,8 @@ def test_arrow_rows_match_the_columns():
     for stream, event in by_time(example_events()):
         feeder.feed(stream, event)
     tracker.resolve_due()
-    fills = arrow_table(FILL_COLUMNS, [tracker.fill_row(tracker.fills[f], 7) for f in ("F1", "F2")])
-    orders = arrow_table(ORDER_COLUMNS, [tracker.order_row(tracker.orders["O1"], 7)])
+    fills = arrow_table(FILL_COLUMNS, [fill_row(tracker, tracker.fills[f], 7) for f in ("F1", "F2")])
+    orders = arrow_table(ORDER_COLUMNS, [order_row(tracker, tracker.orders["O1"], 7)])
     assert fills.num_rows == 2 and orders.num_rows == 1
     assert fills.column("markout_60s_bps").to_pylist() == [D("6.99650175"), D("-7.99200799")]
     assert orders.column("implementation_shortfall").to_pylist() == [D("78.00")]
@@ -728,11 +729,11 @@ def test_settled_rows_outrank_any_later_unsettled_row():
     for stream, event in by_time(example_events()):
         feeder.feed(stream, event)
     tracker.resolve_due()
-    settled = tracker.fill_row(tracker.fills["F1"], 100)
-    unsettled = tracker.fill_row(msgspec_replace(tracker.fills["F1"], resolved=0), 200)
+    settled = fill_row(tracker, tracker.fills["F1"], 100)
+    unsettled = fill_row(tracker, msgspec_replace(tracker.fills["F1"], resolved=0), 200)
     assert settled[-1] == 100 | SETTLED and unsettled[-1] == 200 and settled[-1] > unsettled[-1]
-    final = tracker.order_row(tracker.orders["O1"], 100)
-    open_again = tracker.order_row(msgspec_replace(tracker.orders["O1"], resolved=0), 200)
+    final = order_row(tracker, tracker.orders["O1"], 100)
+    open_again = order_row(tracker, msgspec_replace(tracker.orders["O1"], resolved=0), 200)
     assert final[-4] == 1 and open_again[-4] == 0 and final[-1] > open_again[-1]
 
 
@@ -793,7 +794,7 @@ class RecordingStore:
     async def insert(self, table: str, data) -> int:
         if self.fail_next:
             self.fail_next -= 1
-            raise ConnectionError("ClickHouse went away")
+            raise ClickHouseError("ClickHouse went away")  # the client's error, not an OSError
         self.inserts += 1
         if table == FILL_IDS_TABLE:
             for row in data.to_pylist():
@@ -839,11 +840,11 @@ class RecordingStore:
 def make_service_app(transport: MemoryTransport, store: RecordingStore, max_unwritten: int = 100_000):
     app = App("eqtest", transport)
     app.runtime.poll_timeout_s = 0.05
-    channels = execution_channels(app, None)
+    channels = ExecutionChannels.of(app)
     tracker = ExecutionTracker(declare_tables(app))
-    sink = ExecutionSink(tracker, interval_s=0.05, batch_rows=4, max_unwritten=max_unwritten)
-    sink.attach(store)
-    sink.BACKOFF_S = (0.01,)
+    sink = app.sink(ExecutionSink(tracker, RetryPolicy(initial_s=0.01, max_s=0.01), interval_s=0.05, batch_rows=4,
+                                  max_unwritten=max_unwritten))
+    sink.use(store)
     register_agents(app, tracker, sink, channels, batch_size=3, within_s=0.05)
 
     async def start():
@@ -1049,7 +1050,7 @@ async def test_a_state_that_moves_on_during_the_comparison_is_compared_as_taken(
     tracker = make_tracker()
     feeder = Feeder(tracker)
     sink = ExecutionSink(tracker)
-    sink.attach(store)
+    sink.use(store)
     feeder.tracker.on_fill(events["fills"][0], 1, replayed=True)  # a redelivery: compared first
     read = store.stored_progress
 
@@ -1062,7 +1063,7 @@ async def test_a_state_that_moves_on_during_the_comparison_is_compared_as_taken(
     store.stored_progress = read_while_the_market_moves
     await sink.flush()
     assert not [row for _, row in store.log if row["fill_id"] == "F1"]  # the taken state was behind
-    assert sink.stats.rows_held == 1 and tracker.changed_fills == {"F1"}
+    assert sink.writes.rows_held == 1 and tracker.changed_fills == {"F1"}
     await sink.flush()  # now settled: written
     assert store.fills["F1"]["complete"] == 1 and store.fills["F1"]["version"] > 5 | SETTLED
 
@@ -1074,7 +1075,7 @@ async def test_a_failing_store_is_retried_until_written():
     async with app:
         await publish(transport, example_events(), streams=("quotes", "trades", "orders", "fills"))
         await wait_until(lambda: floors_at_end(transport) and store.fills.get("F2", {}).get("complete") == 1)
-    assert sink.stats.write_errors == 3 and "went away" in sink.stats.last_error
+    assert sink.stats.errors == 3 and "went away" in sink.stats.last_error
     assert_store_has_example(store)
 
 
@@ -1127,7 +1128,7 @@ def test_values_finer_than_the_columns_are_rounded_and_overflow_is_rejected():
     huge = unchecked(Fill(ts=T0, fill_id="HUGE", account="A", symbol="S", side="BUY", qty=D(1), price=D(1)),
                      qty=D("10000000000"), price=D("100000000000"))
     tracker.on_fill(huge, 2)
-    rows = [tracker.fill_row(tracker.fills["FINE"], 1), tracker.fill_row(tracker.fills["HUGE"], 1)]
+    rows = [fill_row(tracker, tracker.fills["FINE"], 1), fill_row(tracker, tracker.fills["HUGE"], 1)]
     table = sink.rows_to_arrow(FILL_COLUMNS, rows)
     assert table.column("fill_id").to_pylist() == ["FINE"]
     assert table.column("notional").to_pylist() == [D("0.138698367762536200")]
