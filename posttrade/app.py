@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .sinks import Sink
+from .sinks import Sink, SinkStopping
 from .streams.channel import Channel
 from .streams.events import InvalidEvent, decode, encode
 from .streams.stream import EventRecord, MessageFailed, Stream, current_agent, current_event
@@ -380,7 +380,12 @@ class AgentRunner:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.crashed(exc)
+                if isinstance(exc, SinkStopping) and self.app.stopping:
+                    # Stopping while a store is away: not a crash. What the batch changed
+                    # is undone all the same, or the stop's flush would record it as done.
+                    log.info("agent %s stops with its batch unacknowledged: %s", self.name, exc)
+                else:
+                    self.crashed(exc)
                 self.app.rollback_tables(self.name)
                 for sink in self.sinks:
                     sink.discard()
