@@ -24,13 +24,10 @@ from starlette.requests import Request
 
 from ..agents.bars import BarMessageCounters, TradeBarBuilder, add_bar_message_agent, add_trade_bar_agent
 from ..agents.hot_cache import (
-    CachedJSON,
     CacheRebuilder,
     CacheWarmer,
-    HotCacheReads,
     HotCacheSection,
     PublishedPositions,
-    StatsSampler,
     add_position_agent,
     add_quote_agent,
     valkey_health,
@@ -52,6 +49,7 @@ from ..stores.valkey.hot_cache import (
 from ..streams import subjects
 from ..streams.channel import Channel
 from ..streams.transport import Transport
+from ..web.hot_cache import CachedJSON, HotCacheReads, StatsSampler
 from ..web.live import History
 from ..web.params import BadRequest, check_interval, path_name, query_int
 from ..web.server import JSON

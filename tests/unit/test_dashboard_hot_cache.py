@@ -9,7 +9,7 @@ import httpx
 import msgspec
 import pytest
 
-from posttrade.agents.hot_cache import ReadCounters, StatsSampler
+from posttrade.web.hot_cache import ReadCounters, StatsSampler
 from posttrade.config import load_config
 from posttrade.services import hot_cache
 from posttrade.sinks import SinkUnavailable
