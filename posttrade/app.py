@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -44,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .sinks import Sink, SinkStopping
+from .sinks import Sink, SinkMetrics, SinkStopping
 from .streams.channel import Channel
 from .streams.events import InvalidEvent, decode, encode
 from .streams.stream import EventRecord, MessageFailed, Stream, current_agent, current_event
@@ -240,6 +241,11 @@ class AppMetrics:
         self.consumer_lag = Gauge("posttrade_consumer_lag", "Messages not yet acknowledged", ["agent"], registry=r)
         self.table_keys = Gauge("posttrade_table_keys", "Keys held by a table", ["table"], registry=r)
         self.timer_errors = Counter("posttrade_timer_errors_total", "Timer runs that raised", ["timer"], registry=r)
+
+    @functools.cached_property
+    def sinks(self) -> SinkMetrics:
+        """Every sink's series (`posttrade.sinks`), made with the app's first sink."""
+        return SinkMetrics(self.registry)
 
 
 class AgentRunner:

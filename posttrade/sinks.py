@@ -235,17 +235,6 @@ class SinkMetrics:
         self.pending = Gauge("posttrade_sink_pending", "Items added and not yet written", ["sink"], registry=r)
 
 
-_METRICS: dict[int, SinkMetrics] = {}
-
-
-def sink_metrics(registry: CollectorRegistry) -> SinkMetrics:
-    """The registry's one set of sink metrics (created with its first sink)."""
-    metrics = _METRICS.get(id(registry))
-    if metrics is None:
-        metrics = _METRICS[id(registry)] = SinkMetrics(registry)
-    return metrics
-
-
 # -- the sink ------------------------------------------------------------------------
 
 
@@ -274,7 +263,7 @@ class Sink(Generic[T]):
     # -- registration (App.sink) ------------------------------------------------------
 
     def attach(self, app: App) -> None:
-        self.metrics = sink_metrics(app.metrics.registry)
+        self.metrics = app.metrics.sinks
         self.metrics.up.labels(self.name).set(1)
         self.stopping = lambda: app.stopping
         app.health_check(f"sink:{self.name}")(self.health)
