@@ -224,7 +224,11 @@ class Endpoints:
         """The config overrides that point the six services at this stack.
 
         `seaweedfs`: the stack whose SeaweedFS identity the services use, when its server
-        was started from another home than this one (default: this one)."""
+        was started from another home than this one. Default: this one when its home has
+        an identity (its SeaweedFS was started from it), else the environment's stack: a
+        home made for a server of its own (a private NATS) shares the suite's SeaweedFS."""
+        if seaweedfs is None and not self.seaweedfs_identity_file.exists():
+            seaweedfs = endpoints()
         return {
             "POSTTRADE__NATS__URL": self.nats_url,
             "POSTTRADE__NATS__REPLICAS": str(self.nats_replicas),
