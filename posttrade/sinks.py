@@ -101,6 +101,19 @@ class RetryPolicy:
         return min(self.initial_s * (2**step), self.max_s)
 
 
+async def wait_set(event: asyncio.Event, seconds: float) -> bool:
+    """Whether `event` was set within `seconds`. For the loops sinks run in tasks that are
+    stopped by cancelling them: on Python 3.11, `asyncio.wait_for(event.wait(), t)` can
+    swallow a cancellation that arrives as its timeout fires, and the stop then waits
+    for ever; `asyncio.timeout` cannot."""
+    try:
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
 # -- statistics ----------------------------------------------------------------------
 
 

@@ -35,7 +35,7 @@ from redis.exceptions import RedisError
 from ..app import DEGRADED, App
 from ..config import _Section
 from ..core.bars import interval_seconds, plain_decimals
-from ..sinks import SinkRefused, SinkStopping, SinkUnavailable
+from ..sinks import SinkRefused, SinkStopping, SinkUnavailable, wait_set
 from ..stores.questdb.read_through import ReadThroughTables
 from ..stores.valkey import ValkeyLoss, ValkeyStore, ValkeyWatch
 from ..stores.valkey.hot_cache import (
@@ -456,10 +456,7 @@ class CacheRebuilder:
     async def _run(self) -> None:
         delay = 0.0  # the first look at once
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), delay)
-            except asyncio.TimeoutError:
-                pass
+            await wait_set(self._wake, delay)
             self._wake.clear()
             await self.check()
             loss = self.watch.lost

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ...agents.execution.state import SeenFill, minute_of
-from ...sinks import RetryPolicy, Sink, SinkStopping, SinkUnavailable
+from ...sinks import RetryPolicy, Sink, SinkStopping, SinkUnavailable, wait_set
 from . import ClickHouseError
 from .execution import (
     FILL_COLUMNS,
@@ -184,10 +184,7 @@ class ExecutionSink(Sink[None]):
             return
         self._wake.set()  # what changed while ClickHouse was not there yet goes now
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.interval_s)
-            except asyncio.TimeoutError:
-                pass
+            await wait_set(self._wake, self.interval_s)
             self._wake.clear()
             try:
                 await self.flush()
@@ -239,9 +236,7 @@ class ExecutionSink(Sink[None]):
             self._wake.set()
             await stream.keep_alive()
             self._written.clear()
-            try:
-                await asyncio.wait_for(self._written.wait(), timeout=self.retry.keep_alive_s)
-            except asyncio.TimeoutError:
+            if not await wait_set(self._written, self.retry.keep_alive_s):
                 if self.stopping():
                     raise SinkStopping(f"{self.name}: stopping with {self.unwritten()} rows unwritten") from None
 
@@ -263,9 +258,10 @@ class ExecutionSink(Sink[None]):
         agent's batch is told in progress every `keep_alive_s`."""
         while True:
             try:
-                await asyncio.wait_for(self._lock.acquire(), self.retry.keep_alive_s)
+                async with asyncio.timeout(self.retry.keep_alive_s):  # not wait_for: see sinks.wait_set
+                    await self._lock.acquire()
                 return
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if self.stopping():
                     raise SinkStopping(f"{self.name}: stopping while another write holds ClickHouse") from None
                 if stream is not None:

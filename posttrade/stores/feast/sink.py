@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from redis.exceptions import RedisError
 
 from ...features.views import ViewSpec
-from ...sinks import RetryPolicy, Sink, SinkRefused, SinkStopping, SinkUnavailable
+from ...sinks import RetryPolicy, Sink, SinkRefused, SinkStopping, SinkUnavailable, wait_set
 from .client import FeastClient
 from .status import FeatureStatus, ViewSinkStats
 
@@ -63,10 +63,7 @@ class Turns:
         while (first := next(iter(self._open), turn)) < turn:
             if stopping():
                 raise SinkStopping(f"stopping while waiting for the write of turn {first}")
-            try:
-                await asyncio.wait_for(self._open[first].wait(), 0.25)
-            except TimeoutError:
-                continue
+            await wait_set(self._open[first], 0.25)
 
 
 class FeastPushSink(Sink[tuple]):

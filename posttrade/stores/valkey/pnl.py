@@ -23,7 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...agents.pnl import SLICE, Key, PnlBook, refresh_in_slices
 from ...app import DEGRADED
-from ...sinks import RetryPolicy, Sink, SinkRefused, SinkStopping, SinkUnavailable
+from ...sinks import RetryPolicy, Sink, SinkRefused, SinkStopping, SinkUnavailable, wait_set
 from ...streams.stream import Stream
 from . import ValkeyLoss, ValkeyStore, ValkeyWatch
 
@@ -254,10 +254,7 @@ class PnlCacheSink(Sink[Key]):
         while True:
             if not self._stopping:
                 timeout = max(0.0, min(next_refresh, next_prices, next_check) - time.monotonic())
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout)
-                except asyncio.TimeoutError:
-                    pass
+                await wait_set(self._wake, timeout)
             self._wake.clear()
             now = time.monotonic()
             if now >= next_check and not self._stopping:
