@@ -55,7 +55,7 @@ from posttrade.streams.events import Fill, encode
 from posttrade.streams.memory import MemoryTransport, subject_matches
 from posttrade.streams.stream import current_agent
 from posttrade.streams.transport import ConsumerSpec, PublishFailed, StartPosition, Transport
-from posttrade.tables.table import Table
+from posttrade.tables.table import Table, outside_batch
 from posttrade.tables.windowed import WindowedTable
 
 T0 = 1_700_000_000_000_000_000
@@ -509,6 +509,45 @@ class RuntimeGuarantees:
         assert totals["A"] == 10
         assert await bus.read_back(totals.bucket, Decimal) == {"A": Decimal(10)}
         assert await bus.dead_letters(app) == []
+
+    async def test_a_crash_calls_the_agents_rollback_hook_and_keeps_what_was_written_outside_its_batch(
+        self, bus: Bus
+    ):
+        """State kept beside a table follows it back (`on_rollback`); a write recording a
+        fact already durable elsewhere survives the crash (`outside_batch`)."""
+        app = bus.app(batch_size=10)
+        fills = bus.fills(app)
+        totals = app.table("totals", value_type=Decimal, default=lambda: Decimal(0))
+        stored = app.table("stored", value_type=int)
+        beside = {"A": Decimal(0)}  # e.g. a book derived from the table
+        rolled_back_to: list[Decimal] = []
+        kept: list[list[str]] = []  # what `stored` held right after the rollback
+        crashed: list[int] = []
+
+        def follow_the_table_back() -> None:
+            rolled_back_to.append(totals["A"])
+            kept.append(sorted(stored))
+            beside["A"] = totals["A"]
+
+        @app.agent(fills, on_rollback=follow_the_table_back)
+        async def add(stream):
+            async for event in stream.events():
+                totals.apply("A", lambda t: t + event.value.qty)
+                beside["A"] += event.value.qty
+                with outside_batch():
+                    stored[event.value.fill_id] = event.seq
+                if event.seq == 5 and not crashed:
+                    crashed.append(event.seq)
+                    raise RuntimeError("crash in the middle of a batch")
+
+        fast_restarts(app)
+        async with app:
+            await bus.publish_fills(range(1, 11))
+            await bus.wait_floor(app, "add", 10)
+        assert crashed == [5] and rolled_back_to == [Decimal(0)]
+        assert kept == [[f"f{i}" for i in range(1, 6)]]  # written before the crash, not undone by it
+        assert beside["A"] == totals["A"] == Decimal(10)
+        assert await bus.read_back(stored.bucket, int) == {f"f{i}": i for i in range(1, 11)}
 
     async def test_take_batches_are_acknowledged_only_when_the_next_is_asked_for(self, bus: Bus):
         app = bus.app()

@@ -573,17 +573,10 @@ ROWS_PER_MESSAGE = 200
 PUBLISH_WINDOW = 64
 _MSG_ID_HEADER = "Nats-Msg-Id"
 
-POSITION_MONEY = (
-    "net_qty", "avg_open_price", "multiplier", "mark", "realized_pnl_gross", "fees", "realized_pnl_net",
-    "unrealized_pnl", "fifo_realized_pnl_gross", "fifo_unrealized_pnl", "total_pnl", "day_pnl",
-    "sod_realized_pnl_net", "sod_unrealized_pnl", "gross_notional",
-    # In the account's base currency (`core.valuation`, "Base currency").
-    "realized_pnl_gross_base", "fees_base", "realized_pnl_net_base", "unrealized_pnl_base", "total_pnl_base",
-    "day_pnl_base", "gross_notional_base",
-)
-ACCOUNT_MONEY = (
-    "realized_pnl_gross", "fees", "realized_pnl_net", "unrealized_pnl", "fifo_realized_pnl_gross",
-    "fifo_unrealized_pnl", "total_pnl", "day_pnl", "gross_notional",
+# The money of a snapshot row: its Decimal fields (the row types list them once).
+POSITION_MONEY, ACCOUNT_MONEY = (
+    tuple(f.name for f in msgspec.structs.fields(row) if f.type in (Decimal, Decimal | None))
+    for row in (PnlPositionRow, PnlAccountRow)
 )
 
 

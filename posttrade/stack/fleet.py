@@ -32,8 +32,7 @@ import yaml
 
 from ..config import ENV_PREFIX, ConfigError, apply_env_overrides, default_config_dir
 from ..services import SERVICES as REGISTERED_SERVICES
-from .endpoints import HOME_ENV, HOST, Endpoints, endpoints
-from .servers import SEAWEEDFS
+from .endpoints import HOME_ENV, HOST, endpoints
 from .supervisor import (
     STOP_TIMEOUT,
     StopResult,
@@ -43,7 +42,6 @@ from .supervisor import (
     process_is,
     read_pidfile,
     require_proc,
-    running_pid,
     terminate,
     wait_reaped,
     write_pidfile,
@@ -64,15 +62,6 @@ class FleetError(Exception):
 
 def _service_var(service: str, key: str) -> str:
     return f"{ENV_PREFIX}_{service.upper()}__SERVICE__{key}"
-
-
-def _seaweedfs_stack(fleet_stack: Endpoints) -> Endpoints:
-    """The stack whose SeaweedFS, and so whose S3 identity, the services use: the fleet's
-    own home when the server runs from there (`posttrade up`), else the environment's
-    stack, beside which a fleet with a home of its own runs (tests, the gate, soaks)."""
-    if running_pid(fleet_stack, SEAWEEDFS) is not None:
-        return fleet_stack
-    return endpoints()
 
 
 class ServiceFleet:
@@ -103,7 +92,7 @@ class ServiceFleet:
         common = {
             **os.environ,
             HOME_ENV: str(self.home),
-            **self.stack.service_env(seaweedfs=_seaweedfs_stack(self.stack)),
+            **self.stack.service_env(),
             # The services do not run in the repository: tell them where their config is.
             "POSTTRADE_CONFIG_DIR": os.environ.get("POSTTRADE_CONFIG_DIR") or str(default_config_dir().absolute()),
             "PYTHONUNBUFFERED": "1",

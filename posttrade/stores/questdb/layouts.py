@@ -23,12 +23,13 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Literal
 
+import msgspec
 import numpy as np
 import pandas as pd
 
 from ...core.bounds import QUESTDB_DECIMAL, QUESTDB_PRECISION, QUESTDB_SCALE
 from ...core.exact import EXACT
-from ...streams.events import Bar, Fill, MarketTrade, Order, PnlSnapshot, PositionUpdate, Quote
+from ...streams.events import Bar, Fill, MarketTrade, Order, PnlAccountRow, PnlPositionRow, PnlSnapshot, PositionUpdate, Quote
 from . import decimal_column, rows
 
 if TYPE_CHECKING:
@@ -175,6 +176,23 @@ def _rounded_decimal_column(name: str, items: list[Decimal | None]) -> Any:
         return decimal_column(items, DECIMAL_PRECISION, DECIMAL_SCALE)
     except ValueError:
         return _decimal_column(name, [None if v is None else _round_to_scale(v) for v in items])
+
+
+def row_columns(row_type: type, **kinds: ColumnKind) -> tuple[Column, ...]:
+    """`ts`, then a column per field of a row struct, under its name: `kinds` says what
+    its type alone does not (a timestamp, a VARCHAR rather than a SYMBOL); other text is
+    a SYMBOL, an int a LONG, a Decimal a derived figure rounded at 12 places."""
+    columns = [TS]
+    for field in msgspec.structs.fields(row_type):
+        kind = kinds.get(field.name)
+        if kind is None:
+            kind = (
+                "rounded_decimal" if field.type in (Decimal, Decimal | None)
+                else "symbol" if field.type in (str, str | None)
+                else "long"
+            )  # fmt: skip
+        columns.append(Column(field.name, kind))
+    return tuple(columns)
 
 
 _SEQ = attrgetter("seq")
@@ -336,39 +354,7 @@ LAYOUTS: dict[str, TableLayout] = {
     ),
     "pnl_snapshots": TableLayout(
         PnlSnapshot,
-        (
-            TS,
-            Column("account", "symbol"),
-            Column("symbol", "symbol"),
-            Column("as_of", "timestamp"),
-            Column("mark_source", "symbol"),
-            Column("fill_count", "long"),
-            Column("currency", "symbol"),
-            Column("base_currency", "symbol"),
-            Column("fx_rate", "varchar"),
-            Column("net_qty", "rounded_decimal"),
-            Column("avg_open_price", "rounded_decimal"),
-            Column("multiplier", "rounded_decimal"),
-            Column("mark", "rounded_decimal"),
-            Column("realized_pnl_gross", "rounded_decimal"),
-            Column("fees", "rounded_decimal"),
-            Column("realized_pnl_net", "rounded_decimal"),
-            Column("unrealized_pnl", "rounded_decimal"),
-            Column("fifo_realized_pnl_gross", "rounded_decimal"),
-            Column("fifo_unrealized_pnl", "rounded_decimal"),
-            Column("total_pnl", "rounded_decimal"),
-            Column("day_pnl", "rounded_decimal"),
-            Column("sod_realized_pnl_net", "rounded_decimal"),
-            Column("sod_unrealized_pnl", "rounded_decimal"),
-            Column("gross_notional", "rounded_decimal"),
-            Column("realized_pnl_gross_base", "rounded_decimal"),
-            Column("fees_base", "rounded_decimal"),
-            Column("realized_pnl_net_base", "rounded_decimal"),
-            Column("unrealized_pnl_base", "rounded_decimal"),
-            Column("total_pnl_base", "rounded_decimal"),
-            Column("day_pnl_base", "rounded_decimal"),
-            Column("gross_notional_base", "rounded_decimal"),
-        ),
+        row_columns(PnlPositionRow, as_of="timestamp", fx_rate="varchar"),
         dedup_keys=("account", "symbol"),
         why="one row per position per snapshot (ts is the snapshot's time); a snapshot published or "
         "written again lands on its rows",
@@ -376,24 +362,7 @@ LAYOUTS: dict[str, TableLayout] = {
     ),
     "pnl_account_snapshots": TableLayout(
         PnlSnapshot,
-        (
-            TS,
-            Column("account", "symbol"),
-            Column("as_of", "timestamp"),
-            Column("positions", "long"),
-            Column("open_positions", "long"),
-            Column("base_currency", "symbol"),
-            Column("missing_rates", "varchar"),
-            Column("realized_pnl_gross", "rounded_decimal"),
-            Column("fees", "rounded_decimal"),
-            Column("realized_pnl_net", "rounded_decimal"),
-            Column("unrealized_pnl", "rounded_decimal"),
-            Column("fifo_realized_pnl_gross", "rounded_decimal"),
-            Column("fifo_unrealized_pnl", "rounded_decimal"),
-            Column("total_pnl", "rounded_decimal"),
-            Column("day_pnl", "rounded_decimal"),
-            Column("gross_notional", "rounded_decimal"),
-        ),
+        row_columns(PnlAccountRow, as_of="timestamp", missing_rates="varchar"),
         dedup_keys=("account",),
         why="one row per account per snapshot",
         rows=rows.pnl_account_rows,
