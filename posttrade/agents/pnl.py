@@ -80,7 +80,7 @@ from ..streams.events import (
 )
 from ..streams.stream import Stream
 from ..streams.subjects import PNL_SNAPSHOT_SUBJECT
-from ..streams.transport import StartPosition, message_size
+from ..streams.transport import PublishFailed, StartPosition, message_size
 from ..tables.table import Table
 
 log = logging.getLogger(__name__)
@@ -833,6 +833,11 @@ class PnlSnapshots(Sink[SnapshotMessage]):
                 self.queued_rows += sum(message.rows for message in self._buffer)
                 self.discard()
             self.snapshot_metrics.pending.set(self.pending_rows)
+
+    def unavailable(self, exc: Exception) -> bool:
+        # No stream took it: pnl declares PNL at start, so its leader is away (a cluster
+        # electing one) or it is being recreated; the snapshot waits, like for NATS.
+        return super().unavailable(exc) or isinstance(exc, PublishFailed)
 
     async def write(self, batch: list[SnapshotMessage]) -> None:
         subject = self.app.subject(PNL_SNAPSHOT_SUBJECT)

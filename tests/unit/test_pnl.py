@@ -38,6 +38,7 @@ from posttrade.stores.valkey.pnl import PnlKeys, key_part
 from posttrade.streams import subjects
 from posttrade.streams.events import Bar, Fill, MarketTrade, PnlSnapshot, PositionUpdate, Quote, decode, encode
 from posttrade.streams.memory import MemoryTransport
+from posttrade.streams.transport import PublishFailed
 from posttrade.tables.table import Table
 from posttrade.web import pnl as pnl_pages
 from posttrade.web.server import build_web_app
@@ -662,10 +663,13 @@ def published(transport: MemoryTransport) -> list[tuple[str | None, PnlSnapshot]
 
 class Flaky:
     """Makes the transport's pipelined publishes fail: the first `failures` calls publish
-    `get_through` messages of their batch, then raise (NATS went away mid-window)."""
+    `get_through` messages of their batch, then raise `error` (NATS went away mid-window,
+    or no stream took the messages: a clustered PNL electing its leader)."""
 
-    def __init__(self, transport: MemoryTransport, failures: int, get_through: int = 0):
+    def __init__(self, transport: MemoryTransport, failures: int, get_through: int = 0,
+                 error: Exception = ConnectionError("nats: connection closed")):
         self.failures = failures
+        self.error = error
         self.get_through = get_through
         self.calls = 0
         real = transport.publish_many
@@ -675,7 +679,7 @@ class Flaky:
             if self.failures:
                 self.failures -= 1
                 await real(messages[: self.get_through])
-                raise ConnectionError("nats: connection closed")
+                raise self.error
             return await real(messages)
 
         transport.publish_many = publish_many
@@ -684,12 +688,14 @@ class Flaky:
 FAST_RETRY = {"POSTTRADE_PNL__BATCH__RETRY_INITIAL_S": "0.01", "POSTTRADE_PNL__BATCH__RETRY_MAX_S": "0.02"}
 
 
-async def test_snapshots_are_published_in_order_and_wait_for_nats_without_losing_any():
+@pytest.mark.parametrize("error", [ConnectionError("nats: connection closed"),
+                                   PublishFailed("no JetStream stream stored the message (503)")])
+async def test_snapshots_are_published_in_order_and_wait_for_nats_without_losing_any(error):
     svc = MemoryService(**FAST_RETRY, POSTTRADE_PNL__PNL__SNAPSHOTS__FULL_EVERY="3",
                         POSTTRADE_PNL__PNL__SNAPSHOTS__INTERVAL_S="3600")
     snapshots = svc.service.snapshots
     async with svc:
-        flaky = Flaky(svc.transport, failures=3)
+        flaky = Flaky(svc.transport, failures=3, error=error)
         await svc.publish_position(worked_example_updates("A1")[-1])
         await svc.publish_position(worked_example_updates("A2")[-1])
         await svc.settle()
@@ -812,3 +818,35 @@ def test_the_shipped_config_loads():
 def test_bad_config_values_stop_the_service(variable, value):
     with pytest.raises(ConfigError):
         load_config("pnl", pnl.CONFIG, env={variable: value})
+
+
+async def test_the_valkey_sink_waits_for_valkey_while_it_is_away_and_writes_every_change_once_back():
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+    from redis.exceptions import ConnectionError as RedisConnectionError, ResponseError
+
+    from posttrade.sinks import RetryPolicy
+    from posttrade.stores.valkey.pnl import PnlCacheMetrics, PnlCacheSink, PnlKeys
+
+    book = make_book()
+    book.on_position(worked_example_updates("A1")[-1])
+    store = SimpleNamespace(redis=SimpleNamespace(register_script=lambda source: None), location="valkey-double")
+    sink = PnlCacheSink(
+        book, store, PnlKeys("pt"), ttl_s=300, min_interval_s=0, price_interval_s=1, refresh_s=100,
+        metrics=PnlCacheMetrics(CollectorRegistry()), retry=RetryPolicy(attempts=2, initial_s=0.001, max_s=0.002),
+    )  # fmt: skip
+    answers = [RedisConnectionError("Connection refused"), RedisConnectionError("Connection refused"), None]
+    written = []
+
+    async def write_keys(keys, accounts):
+        answer = answers.pop(0)
+        if answer is not None:
+            raise answer
+        written.append((set(keys), set(accounts)))
+        return len(keys) + len(accounts)
+
+    sink.write_keys = write_keys
+    assert await sink.flush() == 2  # Valkey away twice: waited for, not raised
+    assert written == [({("A1", "XYZ")}, {"A1"})] and sink.stats.retries == 2
+    assert not sink.unavailable(ResponseError("WRONGTYPE")) and sink.unavailable(RedisConnectionError("x"))

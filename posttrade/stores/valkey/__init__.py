@@ -24,13 +24,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as redis_asyncio
-from redis.exceptions import RedisError
+from redis.exceptions import BusyLoadingError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["ValkeyLoss", "ValkeyStore", "ValkeyUnavailableError", "ValkeyWatch", "open_valkey"]
+__all__ = ["VALKEY_AWAY", "ValkeyLoss", "ValkeyStore", "ValkeyUnavailableError", "ValkeyWatch", "open_valkey"]
 
 
 class ValkeyUnavailableError(ConnectionError):
     """Valkey does not answer PING."""
+
+
+#: What a request raises while Valkey is away, restarting or loading its data: a sink
+#: tries again (`posttrade.sinks`); a refused command (`ResponseError`) is not among them.
+VALKEY_AWAY = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError)
 
 
 class ValkeyStore:

@@ -44,14 +44,12 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgspec
-from redis.exceptions import BusyLoadingError, NoScriptError, ResponseError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import NoScriptError, ResponseError
 
 from ...core.bars import interval_seconds
 from ...sinks import RetryPolicy, Sink, SinkRefused, SinkUnavailable
 from ...streams.events import Bar, PositionUpdate, Quote, encode
-from . import ValkeyStore
+from . import VALKEY_AWAY, ValkeyStore
 
 FAMILIES = ("bars", "quotes", "positions")
 # The marker member / field of a key filled from its source (QuestDB, or for positions
@@ -236,7 +234,6 @@ def _batches(entries, size: int = WRITE_CHUNK):
         yield batch
 
 
-_TRANSIENT = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError)
 _json = msgspec.json.Encoder()
 
 
@@ -276,7 +273,7 @@ class ValkeyCache:
                 if attempt:
                     raise
                 await self._load_scripts()
-            except _TRANSIENT as exc:
+            except VALKEY_AWAY as exc:
                 raise SinkUnavailable(f"Valkey at {self.store.location}: {exc}") from exc
             except ResponseError as exc:
                 if str(exc).startswith("OOM"):
@@ -288,13 +285,13 @@ class ValkeyCache:
         try:
             for script in (self.PUT_BARS, self.SET_IF_NEWER, self.HSET_IF_HIGHER_REVISION):
                 await self.redis.script_load(script.source)
-        except _TRANSIENT as exc:
+        except VALKEY_AWAY as exc:
             raise SinkUnavailable(f"Valkey at {self.store.location}: {exc}") from exc
 
     async def _call(self, command: Callable[[], Awaitable[Any]]) -> Any:
         try:
             return await command()
-        except _TRANSIENT as exc:
+        except VALKEY_AWAY as exc:
             raise SinkUnavailable(f"Valkey at {self.store.location}: {exc}") from exc
 
     def _queue_newest(self, pipe, family: str, newest_event_ts: int) -> None:

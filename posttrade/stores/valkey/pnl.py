@@ -17,15 +17,13 @@ from typing import Any
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from redis.exceptions import BusyLoadingError, ResponseError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import ResponseError
 
 from ...agents.pnl import SLICE, Key, PnlBook, refresh_in_slices
 from ...app import DEGRADED
 from ...sinks import RetryPolicy, Sink, SinkRefused, SinkStopping, SinkUnavailable, wait_set
 from ...streams.stream import Stream
-from . import ValkeyLoss, ValkeyStore, ValkeyWatch
+from . import VALKEY_AWAY, ValkeyLoss, ValkeyStore, ValkeyWatch
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +81,6 @@ end
 return #KEYS
 """
 CHUNK = 500  # keys per script call: bounds one call's packing and Valkey's time in it
-_VALKEY_TRANSIENT = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError)
 _members_json = msgspec.json.Encoder()
 
 
@@ -208,7 +205,7 @@ class PnlCacheSink(Sink[Key]):
             return None
         try:
             loss = await self.watch.check()
-        except _VALKEY_TRANSIENT + (ResponseError,) as exc:
+        except VALKEY_AWAY + (ResponseError,) as exc:
             self.check_error = f"{type(exc).__name__}: {exc}"
             return None
         self.check_error = None
@@ -341,6 +338,9 @@ class PnlCacheSink(Sink[Key]):
         self.cache_metrics.keys_written.labels("position").inc(len(keys))
         self.cache_metrics.keys_written.labels("account").inc(len(accounts))
         return written
+
+    def unavailable(self, exc: Exception) -> bool:
+        return super().unavailable(exc) or isinstance(exc, VALKEY_AWAY)
 
     async def _write(self, keys: set[Key], accounts: set[str]) -> int:
         book, scheme = self.book, self.keys
