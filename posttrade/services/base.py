@@ -20,7 +20,3 @@ from ..config import ServiceConfig
 class Service:
     app: App
     config: ServiceConfig
-
-    @property
-    def name(self) -> str:
-        return self.app.name

@@ -55,10 +55,6 @@ class TableStats(SinkStats):
         self.resends = 0  # messages not written: their first-arrival value was already stored
         self.table_ready = False
 
-    @property
-    def rejected_batches(self) -> int:
-        return self.refused
-
     def batch_taken(self, size: int) -> None:
         self.batches += 1
         self.batch_rows_total += size
